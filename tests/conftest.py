@@ -1,0 +1,159 @@
+"""Fixtures: the fake Edge service, servers on ephemeral ports, and protocol helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+
+from tests.fake_edge import FakeEdge
+from ttsstream.config import Config
+from ttsstream.server import STREAM_PATH, Server
+
+#: Every timeout in the tests is a multiple of this; raise
+#: TTSSTREAM_TEST_TIMEOUT_SCALE on slow machines.
+TIMEOUT = 5.0 * float(os.environ.get("TTSSTREAM_TEST_TIMEOUT_SCALE", "1"))
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeEdge]:
+    """A fake Edge service; the test fails if edge-tts broke its protocol."""
+    async with FakeEdge() as service:
+        yield service
+    assert service.violations == []
+
+
+ServerFactory = Callable[..., Awaitable[Server]]
+
+
+@pytest.fixture
+async def start_server(fake: FakeEdge) -> AsyncIterator[ServerFactory]:
+    """Start servers on 127.0.0.1 with an ephemeral port, wired to the fake; closed at the end."""
+    servers: list[Server] = []
+
+    async def start(**settings: Any) -> Server:
+        settings = {
+            "host": "127.0.0.1",
+            "port": 0,
+            "edge_wss_url": fake.wss_url,
+            "edge_voices_url": fake.voices_url,
+            "upstream_timeout": TIMEOUT,
+            **settings,
+        }
+        server = Server(Config(**settings))
+        await server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), TIMEOUT)
+
+
+@pytest.fixture
+async def server(start_server: ServerFactory) -> Server:
+    """A server with the default settings."""
+    return await start_server()
+
+
+def url_of(server: Server, path: str = STREAM_PATH) -> str:
+    return f"ws://127.0.0.1:{server.port}{path}"
+
+
+@dataclass
+class Utterance:
+    """Everything received about one utterance id."""
+
+    id: str
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    audio: bytearray = field(default_factory=bytearray)
+    #: Each frame in arrival order: a message dict, or bytes for audio.
+    frames: list[dict[str, Any] | bytes] = field(default_factory=list)
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.messages[-1]
+
+    @property
+    def words(self) -> list[dict[str, Any]]:
+        return [m for m in self.messages if m["type"] == "word"]
+
+    def of_type(self, kind: str) -> list[dict[str, Any]]:
+        return [m for m in self.messages if m["type"] == kind]
+
+
+class Client:
+    """A protocol-level test client over a real WebSocket connection."""
+
+    FINAL = ("end", "error", "cancelled")
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.hello: dict[str, Any] = {}
+        self.current: str | None = None
+        self.others: list[dict[str, Any]] = []
+
+    async def send(self, message: dict[str, Any] | str | bytes) -> None:
+        if isinstance(message, dict):
+            message = orjson.dumps(message).decode()
+        await self.ws.send(message)
+
+    async def speak(self, text: str, id: str = "u1", **fields: Any) -> None:
+        await self.send({"type": "speak", "id": id, "text": text, **fields})
+
+    async def recv(self) -> dict[str, Any] | bytes:
+        frame = await asyncio.wait_for(self.ws.recv(), TIMEOUT)
+        if isinstance(frame, bytes):
+            return frame
+        message: dict[str, Any] = orjson.loads(frame)
+        return message
+
+    async def recv_message(self) -> dict[str, Any]:
+        """The next JSON message (fails on a binary frame)."""
+        frame = await self.recv()
+        assert isinstance(frame, dict), "expected a JSON message, got audio"
+        return frame
+
+    async def until_final(self, id: str) -> Utterance:
+        """Collect frames until utterance ``id`` ends, errs or is cancelled.
+
+        Binary frames are attributed to the utterance whose ``start`` came last,
+        which is what the protocol guarantees; they must belong to ``id`` here.
+        """
+        result = Utterance(id)
+        while True:
+            frame = await self.recv()
+            if isinstance(frame, bytes):
+                assert self.current == id, f"audio for {self.current!r} while waiting for {id!r}"
+                result.audio += frame
+                result.frames.append(frame)
+                continue
+            if frame.get("id") != id:
+                self.others.append(frame)
+                if frame["type"] == "start":
+                    self.current = frame["id"]
+                continue
+            result.messages.append(frame)
+            result.frames.append(frame)
+            if frame["type"] == "start":
+                self.current = id
+            if frame["type"] in self.FINAL:
+                if self.current == id:
+                    self.current = None
+                return result
+
+
+@pytest.fixture
+async def client(server: Server) -> AsyncIterator[Client]:
+    """A client connected to ``server`` that has read the hello."""
+    async with connect(url_of(server), max_size=None, compression=None) as ws:
+        connected = Client(ws)
+        connected.hello = await connected.recv_message()
+        yield connected

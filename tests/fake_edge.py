@@ -1,0 +1,370 @@
+"""A protocol-faithful fake of Microsoft Edge's Read Aloud service, on 127.0.0.1.
+
+The real ``edge-tts`` client reaches it through ``EDGE_WSS_URL``/``EDGE_VOICES_URL``.
+It checks what edge-tts sends (``speech.config`` then ``ssml``, each a text frame of
+CRLF headers, a blank line and a body; the DRM query parameters) and answers as the
+service does (see ``edge_tts/communicate.py``):
+
+- text ``Path:turn.start``;
+- text ``Path:audio.metadata`` with one ``WordBoundary`` per word (XML-escaped text,
+  times in 100 ns ticks), each sent ahead of the audio it describes;
+- binary audio frames: 2-byte big-endian header length, CRLF-terminated headers
+  (``Path:audio`` and ``Content-Type:audio/mpeg``, not first), then MP3 bytes; a
+  last audio frame with no Content-Type and no data;
+- text ``Path:turn.end``.
+
+The audio is real MPEG-2 Layer III at 24 kHz, mono, 48 kbit/s (silent frames that
+carry a counter in their ancillary bytes, so every frame differs), so its byte
+rate matches the real service's exactly (6 bytes per millisecond).
+
+Faults for tests: refuse the handshake with any status, delay the first audio,
+pause or stall mid-stream, drop the connection mid-stream, send no audio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import http
+import itertools
+import json
+import math
+import string
+import uuid
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+from xml.sax.saxutils import escape
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+__all__ = ["FRAME_BYTES", "FRAME_MS", "FakeEdge", "SynthesisRecord", "mp3_frames", "spoken_words"]
+
+TOKEN = "6A5AA1D4EAFF4E9FB37E23D68491D6F4"
+WSS_PATH = "/consumer/speech/synthesize/readaloud/edge/v1"
+VOICES_PATH = "/consumer/speech/synthesize/readaloud/voices/list"
+TICKS_PER_MS = 10_000
+
+# MPEG-2 Layer III, 24 kHz, mono, 48 kbit/s: 576 samples (24 ms) in 144 bytes.
+FRAME_MS = 24
+FRAME_BYTES = 144
+_FRAME_HEADER = bytes([0xFF, 0xF3, 0x64, 0xC0])  # sync, MPEG-2, L3, no CRC; 48k, 24kHz; mono
+_SIDE_INFO_BYTES = 9  # all zero: no main data, so the frame decodes to silence
+
+#: Leading silence before the first word, and timing of the words, in milliseconds.
+LEAD_MS = 100
+WORD_BASE_MS = 120
+WORD_PER_CHAR_MS = 45
+WORD_GAP_MS = 30
+TAIL_MS = 250
+
+VOICES = [
+    {
+        "Name": f"Microsoft Server Speech Text to Speech Voice ({locale}, {short})",
+        "ShortName": f"{locale}-{short}",
+        "Gender": gender,
+        "Locale": locale,
+        "SuggestedCodec": "audio-24khz-48kbitrate-mono-mp3",
+        "FriendlyName": f"Microsoft {short} Online (Natural) - {locale}",
+        "Status": "GA",
+        "VoiceTag": {"ContentCategories": ["General"], "VoicePersonalities": ["Friendly"]},
+    }
+    for locale, short, gender in [
+        ("en-US", "EmmaMultilingualNeural", "Female"),
+        ("en-US", "AriaNeural", "Female"),
+        ("en-US", "GuyNeural", "Male"),
+        ("fr-FR", "DeniseNeural", "Female"),
+        ("de-DE", "ConradNeural", "Male"),
+    ]
+]
+
+
+def mp3_frames(count: int, start: int = 0) -> bytes:
+    """Return ``count`` valid silent MP3 frames, numbered from ``start`` in their padding."""
+    frames = bytearray()
+    for number in range(start, start + count):
+        ancillary = number.to_bytes(4, "big") * (
+            (FRAME_BYTES - len(_FRAME_HEADER) - _SIDE_INFO_BYTES) // 4
+        )
+        frame = _FRAME_HEADER + bytes(_SIDE_INFO_BYTES) + ancillary
+        frames += frame.ljust(FRAME_BYTES, b"\x00")
+    return bytes(frames)
+
+
+_STRIP = string.punctuation + "“”‘’«»…¿¡—–"
+
+
+def spoken_words(text: str) -> list[str]:
+    """The words the service reports for ``text``: whitespace-split, punctuation trimmed."""
+    return [word for token in text.split() if (word := token.strip(_STRIP))]
+
+
+@dataclass
+class SynthesisRecord:
+    """What one upstream connection asked for and was sent."""
+
+    query: dict[str, list[str]]
+    headers: Headers
+    config: dict[str, Any] = field(default_factory=dict)
+    ssml: str = ""
+    voice: str = ""
+    rate: str = ""
+    volume: str = ""
+    pitch: str = ""
+    text: str = ""
+    words: list[tuple[str, int, int]] = field(default_factory=list)
+    audio: bytearray = field(default_factory=bytearray)
+    completed: bool = False
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class FakeEdge:
+    """The fake service; an async context manager listening on 127.0.0.1.
+
+    Set the fault attributes before a request; they apply to every later connection.
+    """
+
+    def __init__(self) -> None:
+        # Faults
+        self.refuse_status: int | None = None
+        self.refuse_voices_status: int | None = None
+        self.first_audio_delay = 0.0
+        self.chunk_delay = 0.0
+        self.frames_per_chunk = 4
+        self.pause_after_chunks: int | None = None
+        self.resume = asyncio.Event()
+        self.stall_after_chunks: int | None = None
+        self.drop_after_chunks: int | None = None
+        self.drop_abruptly = False
+        self.no_audio = False
+        self.voices: list[dict[str, Any]] = list(VOICES)
+        # Records
+        self.records: list[SynthesisRecord] = []
+        self.voice_list_requests = 0
+        self.paused = asyncio.Event()
+        #: Every way the client broke the protocol; a test's fixture asserts there is none.
+        self.violations: list[str] = []
+        self._server: Server | None = None
+        self._frame_numbers = itertools.count()
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        port: int = next(iter(self._server.sockets)).getsockname()[1]
+        return port
+
+    @property
+    def wss_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}{WSS_PATH}?TrustedClientToken={TOKEN}"
+
+    @property
+    def voices_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}{VOICES_PATH}?trustedclienttoken={TOKEN}"
+
+    @property
+    def environ(self) -> dict[str, str]:
+        return {"EDGE_WSS_URL": self.wss_url, "EDGE_VOICES_URL": self.voices_url}
+
+    async def __aenter__(self) -> FakeEdge:
+        self._server = await serve(
+            self._handle, "127.0.0.1", 0, process_request=self._process_request
+        )
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.resume.set()
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        try:
+            return self._answer_handshake(connection, request)
+        except AssertionError as exc:
+            self.violations.append(f"handshake: {exc}")
+            return connection.respond(http.HTTPStatus.BAD_REQUEST, "protocol violation\n")
+
+    def _answer_handshake(self, connection: ServerConnection, request: Request) -> Response | None:
+        url = urlsplit(request.path)
+        query = parse_qs(url.query)
+        if url.path == VOICES_PATH:
+            self.voice_list_requests += 1
+            if self.refuse_voices_status is not None:
+                return connection.respond(self.refuse_voices_status, "refused\n")
+            _require_drm(query, "trustedclienttoken")
+            body = json.dumps(self.voices).encode()
+            return Response(
+                200,
+                "OK",
+                Headers(
+                    [
+                        ("Date", email.utils.formatdate(usegmt=True)),
+                        ("Content-Type", "application/json; charset=utf-8"),
+                        ("Content-Length", str(len(body))),
+                    ]
+                ),
+                body,
+            )
+        if url.path != WSS_PATH:
+            return connection.respond(http.HTTPStatus.NOT_FOUND, "not found\n")
+        _require_drm(query, "TrustedClientToken")
+        assert "ConnectionId" in query, "edge-tts sends a ConnectionId"
+        assert request.headers.get("Origin", "").startswith("chrome-extension://")
+        if self.refuse_status is not None:
+            # Like the real service, with a Date header that edge-tts uses to fix its clock.
+            return connection.respond(self.refuse_status, "refused\n")
+        return None
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        assert ws.request is not None
+        record = SynthesisRecord(
+            query=parse_qs(urlsplit(ws.request.path).query), headers=ws.request.headers
+        )
+        self.records.append(record)
+        try:
+            await self._synthesize(ws, record)
+        except AssertionError as exc:
+            self.violations.append(f"synthesis: {exc}")
+        finally:
+            record.closed.set()
+
+    async def _synthesize(self, ws: ServerConnection, record: SynthesisRecord) -> None:
+        headers, body = _split_text_message(await ws.recv())
+        assert headers["Path"] == "speech.config", headers
+        record.config = json.loads(body)
+        options = record.config["context"]["synthesis"]["audio"]["metadataoptions"]
+        word_boundaries = options["wordBoundaryEnabled"] == "true"
+        assert record.config["context"]["synthesis"]["audio"]["outputFormat"] == (
+            "audio-24khz-48kbitrate-mono-mp3"
+        )
+
+        headers, body = _split_text_message(await ws.recv())
+        assert headers["Path"] == "ssml", headers
+        assert headers["Content-Type"] == "application/ssml+xml"
+        request_id = headers["X-RequestId"]
+        record.ssml = body
+        speak = ET.fromstring(body)
+        ns = "{http://www.w3.org/2001/10/synthesis}"
+        voice = speak.find(f"{ns}voice")
+        assert voice is not None
+        prosody = voice.find(f"{ns}prosody")
+        assert prosody is not None
+        record.voice = voice.attrib["name"]
+        record.rate = prosody.attrib["rate"]
+        record.volume = prosody.attrib["volume"]
+        record.pitch = prosody.attrib["pitch"]
+        record.text = prosody.text or ""
+
+        await ws.send(_text_message(request_id, "turn.start", '{"context":{"serviceTag":"fake"}}'))
+        if self.no_audio:
+            await ws.send(_text_message(request_id, "turn.end", "{}"))
+            return
+
+        # Lay the words out in time, then the audio that covers them.
+        timeline: list[tuple[str, int, int]] = []
+        cursor_ms = LEAD_MS
+        for word in spoken_words(record.text):
+            duration_ms = WORD_BASE_MS + WORD_PER_CHAR_MS * len(word)
+            timeline.append((word, cursor_ms, duration_ms))
+            cursor_ms += duration_ms + WORD_GAP_MS
+        total_frames = math.ceil((cursor_ms + TAIL_MS) / FRAME_MS)
+        record.words = timeline if word_boundaries else []
+
+        if self.first_audio_delay:
+            await asyncio.sleep(self.first_audio_delay)
+        next_word = 0
+        chunks_sent = 0
+        frame = 0
+        while frame < total_frames:
+            count = min(self.frames_per_chunk, total_frames - frame)
+            chunk_end_ms = (frame + count) * FRAME_MS
+            # Metadata goes out ahead of the audio it describes, as the real service does.
+            while (
+                word_boundaries
+                and next_word < len(timeline)
+                and timeline[next_word][1] < chunk_end_ms
+            ):
+                word, offset_ms, duration_ms = timeline[next_word]
+                await ws.send(_metadata_message(request_id, word, offset_ms, duration_ms))
+                next_word += 1
+            if self.pause_after_chunks is not None and chunks_sent == self.pause_after_chunks:
+                self.paused.set()
+                await self.resume.wait()
+            if self.stall_after_chunks is not None and chunks_sent == self.stall_after_chunks:
+                await asyncio.Event().wait()
+            if self.drop_after_chunks is not None and chunks_sent == self.drop_after_chunks:
+                if self.drop_abruptly:
+                    ws.transport.abort()
+                else:
+                    await ws.close()
+                return
+            audio = mp3_frames(count, next(self._frame_numbers))
+            await ws.send(_audio_message(request_id, audio))
+            record.audio += audio
+            chunks_sent += 1
+            frame += count
+            if self.chunk_delay:
+                await asyncio.sleep(self.chunk_delay)
+        await ws.send(_audio_message(request_id, b""))
+        await ws.send(_text_message(request_id, "turn.end", "{}"))
+        record.completed = True
+        # The service leaves the socket open; edge-tts closes it after turn.end.
+        with contextlib.suppress(Exception):
+            await ws.wait_closed()
+
+
+def _require_drm(query: dict[str, list[str]], token_name: str) -> None:
+    assert query.get(token_name) == [TOKEN], query
+    gec = query.get("Sec-MS-GEC", [""])[0]
+    assert len(gec) == 16 + 1 + 64 and gec[16] == "-", "Sec-MS-GEC is <16 hex>-<64 hex>"
+    assert query.get("Sec-MS-GEC-Version", [""])[0].startswith("2-")
+
+
+def _split_text_message(message: str | bytes) -> tuple[dict[str, str], str]:
+    assert isinstance(message, str), "edge-tts sends requests as text frames"
+    head, _, body = message.partition("\r\n\r\n")
+    headers = dict(line.split(":", 1) for line in head.split("\r\n"))
+    return headers, body
+
+
+def _text_message(request_id: str, path: str, body: str) -> str:
+    return (
+        f"X-RequestId:{request_id}\r\n"
+        "Content-Type:application/json; charset=utf-8\r\n"
+        f"Path:{path}\r\n\r\n{body}"
+    )
+
+
+def _metadata_message(request_id: str, word: str, offset_ms: int, duration_ms: int) -> str:
+    # The service reports the word as it appears in the SSML, so XML-escaped.
+    escaped = escape(word)
+    metadata = {
+        "Metadata": [
+            {
+                "Type": "WordBoundary",
+                "Data": {
+                    "Offset": offset_ms * TICKS_PER_MS,
+                    "Duration": duration_ms * TICKS_PER_MS,
+                    "text": {
+                        "Text": escaped,
+                        "Length": len(escaped),
+                        "BoundaryType": "WordBoundary",
+                    },
+                },
+            }
+        ]
+    }
+    return _text_message(request_id, "audio.metadata", json.dumps(metadata, ensure_ascii=False))
+
+
+def _audio_message(request_id: str, audio: bytes) -> bytes:
+    headers = f"X-RequestId:{request_id}\r\n"
+    if audio:
+        headers += "Content-Type:audio/mpeg\r\n"
+    headers += f"X-StreamId:{uuid.uuid4().hex.upper()}\r\nPath:audio\r\n"
+    encoded = headers.encode()
+    return len(encoded).to_bytes(2, "big") + encoded + audio

@@ -1,0 +1,79 @@
+"""End to end: a real server, the real edge-tts client, the fake Edge service."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tests.conftest import TIMEOUT, Client
+from tests.fake_edge import FakeEdge, spoken_words
+
+
+async def test_hello_describes_the_server(client: Client) -> None:
+    """The first message on a connection is hello with the protocol version and limits."""
+    assert client.hello["type"] == "hello"
+    assert client.hello["protocol"] == 1
+    assert client.hello["server"].startswith("ttsstream/")
+    assert client.hello["default_voice"] == "en-US-EmmaMultilingualNeural"
+    assert client.hello["max_text_length"] == 5000
+
+
+async def test_utterance_streams_audio_and_words(client: Client, fake: FakeEdge) -> None:
+    """A multi-sentence text yields start, every word with its range, the exact audio, end."""
+    text = "Hello, world! The cat sat on the mat. The cat sat again: 42 times, naïve café."
+    await client.speak(text, voice="en-US-AriaNeural")
+    result = await client.until_final("u1")
+
+    start = result.messages[0]
+    assert start == {
+        "type": "start",
+        "id": "u1",
+        "voice": "en-US-AriaNeural",
+        "format": "audio/mpeg",
+        "sample_rate": 24000,
+        "cached": False,
+        "engine": "edge",
+    }
+    (record,) = fake.records
+    assert bytes(result.audio) == bytes(record.audio)
+    assert record.voice == "Microsoft Server Speech Text to Speech Voice (en-US, AriaNeural)"
+
+    words = result.words
+    assert [w["text"] for w in words] == spoken_words(text)
+    assert [w["offset_ms"] for w in words] == [offset / 1 for _, offset, _ in record.words]
+    assert [w["duration_ms"] for w in words] == [d / 1 for _, _, d in record.words]
+    for word in words:
+        assert text[word["char_start"] : word["char_end"]] == word["text"]
+    # Repeated words map to successive occurrences, not the first one again.
+    cats = [w["char_start"] for w in words if w["text"] == "cat"]
+    assert cats == [text.index("cat"), text.index("cat", text.index("cat") + 1)]
+
+    end = result.final
+    assert end["type"] == "end"
+    assert end["bytes"] == len(record.audio)
+    assert end["words"] == len(words)
+    assert end["audio_ms"] == len(record.audio) / 6
+    assert end["cached"] is False
+    assert end["ttfb_ms"] > 0
+
+
+async def test_first_audio_is_forwarded_before_upstream_finishes(
+    client: Client, fake: FakeEdge
+) -> None:
+    """Audio reaches the client while the upstream is paused mid-stream."""
+    fake.pause_after_chunks = 2
+    await client.speak("One two three four five six seven eight nine ten.")
+    first = await client.recv_message()
+    assert first["type"] == "start"
+    client.current = "u1"
+    received = bytearray()
+    while len(received) < len(fake.records[0].audio) or not received:
+        frame = await client.recv()
+        if isinstance(frame, bytes):
+            received += frame
+    await asyncio.wait_for(fake.paused.wait(), TIMEOUT)
+    assert not fake.records[0].completed
+    assert bytes(received) == bytes(fake.records[0].audio)
+    fake.resume.set()
+    rest = await client.until_final("u1")
+    assert rest.final["type"] == "end"
+    assert bytes(received + rest.audio) == bytes(fake.records[0].audio)

@@ -1,0 +1,76 @@
+"""A reference client of protocol v1: speak one text and collect what comes back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from websockets.asyncio.client import connect
+
+__all__ = ["SpeechError", "SpokenText", "speak"]
+
+
+class SpeechError(Exception):
+    """The server answered the ``speak`` with an ``error`` message."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+@dataclass
+class SpokenText:
+    """Everything the server sent about one utterance."""
+
+    audio: bytearray = field(default_factory=bytearray)
+    start: dict[str, Any] = field(default_factory=dict)
+    words: list[dict[str, Any]] = field(default_factory=list)
+    end: dict[str, Any] = field(default_factory=dict)
+
+
+async def speak(
+    url: str,
+    text: str,
+    *,
+    voice: str | None = None,
+    rate: str | None = None,
+    volume: str | None = None,
+    pitch: str | None = None,
+    # Timeouts
+    open_timeout: float | None = 10,
+) -> SpokenText:
+    """Connect to ``url``, speak ``text``, and return its audio and word events.
+
+    Raises:
+        SpeechError: The server refused or failed the utterance.
+        websockets.exceptions.WebSocketException: The connection failed.
+    """
+    request: dict[str, Any] = {"type": "speak", "id": "say", "text": text}
+    for name, value in (("voice", voice), ("rate", rate), ("volume", volume), ("pitch", pitch)):
+        if value is not None:
+            request[name] = value
+    result = SpokenText()
+    async with connect(url, open_timeout=open_timeout, max_size=None, compression=None) as ws:
+        await ws.send(orjson.dumps(request).decode())
+        async for frame in ws:
+            if isinstance(frame, bytes):
+                result.audio += frame
+                continue
+            message = orjson.loads(frame)
+            kind = message.get("type")
+            if kind == "start":
+                result.start = message
+            elif kind == "word":
+                result.words.append(message)
+            elif kind == "end":
+                result.end = message
+                return result
+            elif kind == "error":
+                raise SpeechError(message.get("code", "internal"), message.get("message", ""))
+            # Anything else (hello, future message types) is ignored, as the protocol asks.
+    raise SpeechError("closed", "the server closed the connection before the end")

@@ -1,0 +1,167 @@
+"""The one configuration object: every setting, read and validated once at start.
+
+Settings come from the environment, and from a ``.env`` file in the working
+directory for variables the environment does not set. Nothing else in ttsstream
+reads the environment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from dotenv import dotenv_values
+
+from ttsstream.exceptions import ConfigError
+
+__all__ = ["EDGE_VOICE_PATTERN", "Config", "load_config"]
+
+#: edge-tts's accepted voice forms: "en-US-AriaNeural" or its long Microsoft name.
+EDGE_VOICE_PATTERN = re.compile(
+    r"[a-z]{2,}-[A-Z]{2,}-.+Neural|Microsoft Server Speech Text to Speech Voice \(.+,.+\)"
+)
+
+_EDGE_BASE = "speech.platform.bing.com/consumer/speech/synthesize/readaloud"
+_EDGE_TOKEN = "6A5AA1D4EAFF4E9FB37E23D68491D6F4"
+DEFAULT_EDGE_WSS_URL = f"wss://{_EDGE_BASE}/edge/v1?TrustedClientToken={_EDGE_TOKEN}"
+DEFAULT_EDGE_VOICES_URL = f"https://{_EDGE_BASE}/voices/list?trustedclienttoken={_EDGE_TOKEN}"
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """Every setting of a ttsstream server. Invalid values raise :class:`ConfigError`."""
+
+    # Listening
+    host: str = "0.0.0.0"
+    port: int = 8765
+
+    # Speech
+    default_voice: str = "en-US-EmmaMultilingualNeural"
+    edge_wss_url: str = DEFAULT_EDGE_WSS_URL
+    edge_voices_url: str = DEFAULT_EDGE_VOICES_URL
+
+    # Timeouts
+    #: Seconds allowed for connect + first audio, and for any gap between upstream chunks.
+    upstream_timeout: float = 15.0
+    #: Seconds the voice list is kept before it is fetched again.
+    voices_ttl: float = 24 * 3600.0
+
+    # Limits
+    #: Most characters in one ``speak`` text.
+    max_text_length: int = 5000
+    #: Most utterances waiting on one connection behind the one being spoken.
+    queue_size: int = 16
+
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError("PORT", str(self.port), "an integer from 0 to 65535")
+        if not self.host:
+            raise ConfigError("HOST", self.host, "an IP address or host name")
+        if EDGE_VOICE_PATTERN.fullmatch(self.default_voice) is None:
+            raise ConfigError(
+                "DEFAULT_VOICE", self.default_voice, "an Edge voice such as en-US-AriaNeural"
+            )
+        _check_url("EDGE_WSS_URL", self.edge_wss_url, ("ws", "wss"))
+        _check_url("EDGE_VOICES_URL", self.edge_voices_url, ("http", "https"))
+        if not self.upstream_timeout > 0:
+            raise ConfigError("UPSTREAM_TIMEOUT", str(self.upstream_timeout), "seconds > 0")
+        if not self.voices_ttl > 0:
+            raise ConfigError("VOICES_TTL", str(self.voices_ttl), "seconds > 0")
+        if self.max_text_length < 1:
+            raise ConfigError("MAX_TEXT_LENGTH", str(self.max_text_length), "an integer >= 1")
+        if self.queue_size < 0:
+            raise ConfigError("QUEUE_SIZE", str(self.queue_size), "an integer >= 0")
+        if self.log_level not in _LOG_LEVELS:
+            raise ConfigError("LOG_LEVEL", self.log_level, "one of " + ", ".join(_LOG_LEVELS))
+
+    @property
+    def log_level_number(self) -> int:
+        """The ``logging`` level for :attr:`log_level`."""
+        return logging.getLevelNamesMapping()[self.log_level]
+
+
+def _check_url(variable: str, url: str, schemes: tuple[str, ...]) -> None:
+    expected = f"a {' or '.join(s + '://' for s in schemes)} URL with a query string"
+    parts = urlsplit(url)
+    # edge-tts appends "&ConnectionId=…" and "&Sec-MS-GEC=…", so a query must already be there.
+    if parts.scheme not in schemes or not parts.netloc or not parts.query:
+        raise ConfigError(variable, url, expected)
+
+
+T = TypeVar("T")
+
+
+def _integer(text: str) -> int:
+    return int(text.strip())
+
+
+def _seconds(text: str) -> float:
+    value = float(text.strip())
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(text)
+    return value
+
+
+# Environment variable -> (Config field, parser, accepted form for the error line).
+_VARIABLES: dict[str, tuple[str, Callable[[str], Any], str]] = {
+    "HOST": ("host", str.strip, "an IP address or host name"),
+    "PORT": ("port", _integer, "an integer from 0 to 65535"),
+    "DEFAULT_VOICE": ("default_voice", str.strip, "an Edge voice such as en-US-AriaNeural"),
+    "EDGE_WSS_URL": ("edge_wss_url", str.strip, "a ws:// or wss:// URL with a query string"),
+    "EDGE_VOICES_URL": (
+        "edge_voices_url",
+        str.strip,
+        "a http:// or https:// URL with a query string",
+    ),
+    "UPSTREAM_TIMEOUT": ("upstream_timeout", _seconds, "seconds > 0, such as 15 or 2.5"),
+    "VOICES_TTL": ("voices_ttl", _seconds, "seconds > 0, such as 86400"),
+    "MAX_TEXT_LENGTH": ("max_text_length", _integer, "an integer >= 1"),
+    "QUEUE_SIZE": ("queue_size", _integer, "an integer >= 0"),
+    "LOG_LEVEL": ("log_level", lambda s: s.strip().upper(), "one of " + ", ".join(_LOG_LEVELS)),
+}
+assert {field for field, _, _ in _VARIABLES.values()} == {f.name for f in fields(Config)}
+
+
+def load_config(
+    environ: Mapping[str, str] | None = None,
+    *,
+    env_file: Path | None = Path(".env"),
+    **overrides: Any,
+) -> Config:
+    """Build the configuration from the environment, a ``.env`` file and overrides.
+
+    Args:
+        environ: Variables to read; defaults to ``os.environ``.
+        env_file: A dotenv file whose variables apply where ``environ`` has none;
+            ``None`` or a missing file adds nothing.
+        overrides: ``Config`` fields set from the command line; they win over both.
+
+    Raises:
+        ConfigError: A variable has a value outside its accepted form.
+    """
+    merged: dict[str, str] = {}
+    if env_file is not None and env_file.is_file():
+        merged.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+    merged.update(os.environ if environ is None else environ)
+
+    values: dict[str, Any] = {}
+    for variable, (field, parse, form) in _VARIABLES.items():
+        raw = merged.get(variable)
+        if raw is None or raw.strip() == "":
+            continue
+        try:
+            values[field] = parse(raw)
+        except ValueError:
+            raise ConfigError(variable, raw, form) from None
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return Config(**values)

@@ -1,0 +1,202 @@
+"""The Edge engine: Microsoft Edge's online neural voices through ``edge-tts``.
+
+One ``edge_tts.Communicate`` per utterance, asking for word boundaries. This
+module adds what edge-tts lacks for a server: deadlines on the first audio and on
+every gap between chunks, detection of a stream that ends before ``turn.end``,
+character ranges for words, and a mapping of edge-tts's and aiohttp's exceptions
+to :mod:`ttsstream.exceptions`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import aiohttp
+import edge_tts
+import edge_tts.communicate
+import edge_tts.voices
+from edge_tts.exceptions import EdgeTTSException, NoAudioReceived, SkewAdjustmentError
+
+from ttsstream.config import EDGE_VOICE_PATTERN
+from ttsstream.engine import (
+    MP3_24KHZ_48KBPS,
+    AudioChunk,
+    AudioFormat,
+    SynthesisEvent,
+    SynthesisRequest,
+    Voice,
+    WordEvent,
+)
+from ttsstream.exceptions import (
+    InvalidVoice,
+    NoAudio,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from ttsstream.words import WordLocator
+
+__all__ = ["EdgeEngine"]
+
+logger = logging.getLogger("ttsstream.edge")
+
+#: edge-tts reports times in 100-nanosecond ticks.
+TICKS_PER_MS = 10_000
+
+
+class EdgeEngine:
+    """Speak with Edge's voices.
+
+    Args:
+        wss_url: The Read Aloud WebSocket endpoint, with its ``TrustedClientToken`` query.
+        voices_url: The voice-list endpoint, likewise.
+        timeout: Seconds allowed for connect + first audio and for each later gap.
+        voices_ttl: Seconds the voice list is kept.
+    """
+
+    name = "edge"
+    audio_format: AudioFormat = MP3_24KHZ_48KBPS
+
+    def __init__(
+        self,
+        *,
+        wss_url: str,
+        voices_url: str,
+        # Timeouts
+        timeout: float = 15.0,
+        voices_ttl: float = 24 * 3600.0,
+    ) -> None:
+        if timeout <= 0:
+            raise ValueError("timeout must be > 0")
+        # edge-tts copies its URL constants into these modules at import; patching
+        # edge_tts.constants alone would not redirect it.
+        edge_tts.communicate.WSS_URL = wss_url  # type: ignore[attr-defined]
+        edge_tts.voices.VOICE_LIST = voices_url  # type: ignore[attr-defined]
+        self._timeout = timeout
+        self._voices_ttl = voices_ttl
+        self._voices: list[Voice] | None = None
+        self._voice_names: frozenset[str] = frozenset()
+        self._voices_expire_at = 0.0
+        self._voices_lock = asyncio.Lock()
+
+    async def synthesize(self, request: SynthesisRequest) -> AsyncGenerator[SynthesisEvent, None]:
+        """Stream one utterance from the Edge service; see :class:`~ttsstream.engine.Engine`."""
+        await self.check_voice(request.voice)
+        try:
+            communicate = edge_tts.Communicate(
+                request.text,
+                request.voice,
+                rate=request.rate,
+                volume=request.volume,
+                pitch=request.pitch,
+                boundary="WordBoundary",
+                connect_timeout=max(1, math.ceil(self._timeout)),
+            )
+        except ValueError:
+            raise InvalidVoice("unknown voice") from None
+
+        locator = WordLocator(request.text)
+        stream = communicate.stream()
+        audio_bytes = 0
+        try:
+            while True:
+                try:
+                    # edge-tts does not time out reads on an open socket: bound every wait.
+                    async with asyncio.timeout(self._timeout):
+                        chunk = await anext(stream)
+                except StopAsyncIteration:
+                    break
+                if chunk["type"] == "audio":
+                    audio_bytes += len(chunk["data"])
+                    yield AudioChunk(chunk["data"])
+                elif chunk["type"] == "WordBoundary":
+                    start, end = locator.locate(chunk["text"])
+                    yield WordEvent(
+                        text=chunk["text"],
+                        offset_ms=chunk["offset"] / TICKS_PER_MS,
+                        duration_ms=chunk["duration"] / TICKS_PER_MS,
+                        char_start=start,
+                        char_end=end,
+                    )
+        except TimeoutError:
+            kind = "first audio" if audio_bytes == 0 else "next chunk"
+            logger.warning("upstream timeout waiting for %s after %.1fs", kind, self._timeout)
+            raise UpstreamTimeout("the speech service did not answer in time") from None
+        except (EdgeTTSException, aiohttp.ClientError) as exc:
+            raise _upstream_error(exc) from None
+        finally:
+            await stream.aclose()
+
+        # edge-tts ends quietly when the service closes mid-stream: it only counts a
+        # piece's audio once that piece's turn.end arrived, so a shortfall means a drop.
+        completed = communicate.state.get("cumulative_audio_bytes", audio_bytes)
+        if completed != audio_bytes:
+            logger.warning(
+                "upstream closed mid-stream: %d of %d bytes completed", completed, audio_bytes
+            )
+            raise UpstreamUnavailable("the speech service closed the stream early")
+
+    async def voices(self) -> list[Voice]:
+        """Return Edge's voices, fetched at most once per ``voices_ttl``."""
+        async with self._voices_lock:
+            if self._voices is not None and time.monotonic() < self._voices_expire_at:
+                return self._voices
+            try:
+                async with asyncio.timeout(self._timeout):
+                    listed: list[Any] = await edge_tts.list_voices()
+            except TimeoutError:
+                logger.warning("voice list: timeout after %.1fs", self._timeout)
+                raise UpstreamTimeout("the speech service did not answer in time") from None
+            except (EdgeTTSException, aiohttp.ClientError, ValueError) as exc:
+                raise _upstream_error(exc) from None
+            voices = [
+                Voice(
+                    name=item["ShortName"],
+                    locale=item["Locale"],
+                    gender=item["Gender"],
+                    engine=self.name,
+                )
+                for item in listed
+            ]
+            self._voices = voices
+            self._voice_names = frozenset(
+                str(name)
+                for item in listed
+                for name in (item["ShortName"], item.get("Name"))
+                if name
+            )
+            self._voices_expire_at = time.monotonic() + self._voices_ttl
+            logger.info("voice list: %d voices", len(voices))
+            return voices
+
+    async def check_voice(self, voice: str) -> None:
+        """Refuse a malformed voice, or one missing from the voice list once it is known."""
+        if EDGE_VOICE_PATTERN.fullmatch(voice) is None:
+            raise InvalidVoice("unknown voice")
+        # An expired list still tells which voices exist better than no list.
+        if self._voices is not None and voice not in self._voice_names:
+            raise InvalidVoice("unknown voice")
+
+
+def _upstream_error(exc: BaseException) -> UpstreamError:
+    """Map an edge-tts or aiohttp exception to the error the client sees, and log it."""
+    if isinstance(exc, SkewAdjustmentError) and exc.__cause__ is not None:
+        # edge-tts retries a 403 after correcting its clock from the Date header;
+        # without one it raises this instead of the 403 itself.
+        exc = exc.__cause__
+    if isinstance(exc, NoAudioReceived):
+        logger.warning("upstream sent no audio")
+        return NoAudio("the speech service returned no audio")
+    if isinstance(exc, aiohttp.ClientResponseError):
+        logger.warning("upstream refused: HTTP %s (%s)", exc.status, type(exc).__name__)
+        return UpstreamUnavailable(f"the speech service refused the request (HTTP {exc.status})")
+    if isinstance(exc, aiohttp.ClientError):
+        logger.warning("upstream unreachable: %s", type(exc).__name__)
+        return UpstreamUnavailable("could not reach the speech service")
+    logger.warning("upstream protocol error: %s: %s", type(exc).__name__, exc)
+    return UpstreamUnavailable("the speech service sent an invalid response")

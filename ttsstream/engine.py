@@ -1,0 +1,124 @@
+"""The interface every speech engine implements, and the events it produces.
+
+An engine turns a :class:`SynthesisRequest` into an async generator of
+:class:`AudioChunk` and :class:`WordEvent`, in the order the client must receive
+them. Closing the generator (``aclose()``, or cancelling the task that reads it)
+must release the engine's upstream resources at once.
+
+This module does no I/O; engines live in their own modules (:mod:`ttsstream.edge`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import Protocol
+
+__all__ = [
+    "AudioChunk",
+    "AudioFormat",
+    "Engine",
+    "SynthesisEvent",
+    "SynthesisRequest",
+    "Voice",
+    "WordEvent",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class AudioFormat:
+    """The encoding of an engine's audio stream."""
+
+    mime_type: str
+    sample_rate: int
+    bitrate_bps: int
+
+    def duration_ms(self, byte_count: int) -> float:
+        """Return the playing time of ``byte_count`` bytes of this constant-bitrate stream."""
+        return byte_count * 8 * 1000 / self.bitrate_bps
+
+
+# What Edge's "audio-24khz-48kbitrate-mono-mp3" output is; other engines encode to it too,
+# so clients see one format.
+MP3_24KHZ_48KBPS = AudioFormat(mime_type="audio/mpeg", sample_rate=24_000, bitrate_bps=48_000)
+
+
+@dataclass(frozen=True, slots=True)
+class SynthesisRequest:
+    """One utterance to synthesize, already validated."""
+
+    text: str
+    voice: str
+    rate: str = "+0%"
+    volume: str = "+0%"
+    pitch: str = "+0Hz"
+
+
+@dataclass(frozen=True, slots=True)
+class AudioChunk:
+    """A piece of the encoded audio stream, forwarded as it arrived."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class WordEvent:
+    """When one word is spoken, and where it is in the text the client sent.
+
+    Times are milliseconds from the start of the utterance's audio. ``char_start``
+    and ``char_end`` index the original text in Unicode code points (Python ``str``
+    indices), or are ``None`` when the word could not be located in it.
+    """
+
+    text: str
+    offset_ms: float
+    duration_ms: float
+    char_start: int | None
+    char_end: int | None
+
+
+SynthesisEvent = AudioChunk | WordEvent
+
+
+@dataclass(frozen=True, slots=True)
+class Voice:
+    """One voice an engine offers."""
+
+    name: str
+    locale: str
+    gender: str
+    engine: str
+
+
+class Engine(Protocol):
+    """A speech engine: Edge's online voices, an offline voice, or a test double."""
+
+    #: Short engine name sent to clients (``"edge"``).
+    name: str
+    #: The format of every :class:`AudioChunk` this engine yields.
+    audio_format: AudioFormat
+
+    def synthesize(self, request: SynthesisRequest) -> AsyncGenerator[SynthesisEvent, None]:
+        """Stream the audio and word events of one utterance.
+
+        Raises:
+            UpstreamError: The engine could not produce (all of) the audio.
+            InvalidVoice: The engine does not know ``request.voice``.
+        """
+        ...
+
+    async def voices(self) -> list[Voice]:
+        """Return the voices this engine offers.
+
+        Raises:
+            UpstreamError: The list could not be fetched.
+        """
+        ...
+
+    async def check_voice(self, voice: str) -> None:
+        """Refuse a voice that is known not to exist, without contacting the upstream.
+
+        Raises:
+            InvalidVoice: ``voice`` is not one of this engine's voices.
+        """
+        ...

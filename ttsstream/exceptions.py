@@ -1,0 +1,156 @@
+"""Every exception ttsstream raises on purpose.
+
+Each error a client can see carries its stable wire ``code`` (``docs/protocol.md``);
+:func:`ttsstream.protocol.encode_error` is the one place that turns an exception
+into the ``error`` message a client receives.
+
+.. code-block:: text
+
+    TTSStreamError
+    ├── ConfigError                 a setting is invalid (never reaches a client)
+    └── ClientError                 reported to the client as {"type":"error"}
+        ├── RequestError            the client's message is at fault
+        │   ├── BadJSON                 bad_json
+        │   ├── BadMessage              bad_message
+        │   ├── EmptyText               empty_text
+        │   ├── TextTooLong             text_too_long
+        │   ├── InvalidVoice            invalid_voice
+        │   ├── InvalidParameter        invalid_parameter
+        │   ├── QueueFull               queue_full
+        │   └── NotFound                not_found
+        └── UpstreamError           the speech service failed
+            ├── UpstreamUnavailable     upstream_unavailable
+            ├── UpstreamTimeout         upstream_timeout
+            └── NoAudio                 no_audio
+
+Anything else that escapes a handler is reported as ``internal``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BadJSON",
+    "BadMessage",
+    "ClientError",
+    "ConfigError",
+    "EmptyText",
+    "InvalidParameter",
+    "InvalidVoice",
+    "NoAudio",
+    "NotFound",
+    "QueueFull",
+    "RequestError",
+    "TTSStreamError",
+    "TextTooLong",
+    "UpstreamError",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
+]
+
+
+class TTSStreamError(Exception):
+    """Base class of every ttsstream exception."""
+
+
+class ConfigError(TTSStreamError):
+    """A configuration variable has a value the server cannot use."""
+
+    def __init__(self, variable: str, value: str, expected: str) -> None:
+        super().__init__(variable, value, expected)
+        self.variable = variable
+        self.value = value
+        self.expected = expected
+
+    def __str__(self) -> str:
+        return f"{self.variable}={self.value!r} is invalid: expected {self.expected}"
+
+
+class ClientError(TTSStreamError):
+    """An error reported to the client with a stable code and a short message.
+
+    The message is safe to send: it never holds internals, keys or stack traces.
+    """
+
+    code = "internal"
+
+    def __init__(self, message: str, *, utterance_id: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.utterance_id = utterance_id
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class RequestError(ClientError):
+    """The client sent something the server refuses."""
+
+
+class BadJSON(RequestError):
+    """A text frame is not valid JSON."""
+
+    code = "bad_json"
+
+
+class BadMessage(RequestError):
+    """A frame is valid JSON but not a valid protocol message."""
+
+    code = "bad_message"
+
+
+class EmptyText(RequestError):
+    """A ``speak`` has no speakable text."""
+
+    code = "empty_text"
+
+
+class TextTooLong(RequestError):
+    """A ``speak`` text is longer than ``MAX_TEXT_LENGTH`` characters."""
+
+    code = "text_too_long"
+
+
+class InvalidVoice(RequestError):
+    """A ``speak`` names a voice that does not exist."""
+
+    code = "invalid_voice"
+
+
+class InvalidParameter(RequestError):
+    """A field has the right type but a value outside its accepted form."""
+
+    code = "invalid_parameter"
+
+
+class QueueFull(RequestError):
+    """The connection already has the maximum number of queued utterances."""
+
+    code = "queue_full"
+
+
+class NotFound(RequestError):
+    """A ``cancel`` names an utterance that is neither queued nor playing."""
+
+    code = "not_found"
+
+
+class UpstreamError(ClientError):
+    """The speech engine failed to produce the utterance."""
+
+
+class UpstreamUnavailable(UpstreamError):
+    """The upstream refused the request, could not be reached, or broke the stream."""
+
+    code = "upstream_unavailable"
+
+
+class UpstreamTimeout(UpstreamError):
+    """No first audio within the deadline, or the stream stalled."""
+
+    code = "upstream_timeout"
+
+
+class NoAudio(UpstreamError):
+    """The upstream finished without sending any audio."""
+
+    code = "no_audio"

@@ -1,0 +1,304 @@
+"""Protocol v1 on the wire: parse client frames, encode server messages.
+
+This module does no I/O and imports neither asyncio nor websockets: it is tested
+by feeding it strings. ``docs/protocol.md`` is its specification.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from ttsstream.engine import Voice, WordEvent
+from ttsstream.exceptions import (
+    BadJSON,
+    BadMessage,
+    ClientError,
+    EmptyText,
+    InvalidParameter,
+    InvalidVoice,
+    TextTooLong,
+)
+
+__all__ = [
+    "MAX_FRAME_BYTES",
+    "MAX_ID_LENGTH",
+    "MAX_VOICE_LENGTH",
+    "PROTOCOL_VERSION",
+    "Cancel",
+    "ClientMessage",
+    "ListVoices",
+    "Speak",
+    "encode_cancelled",
+    "encode_end",
+    "encode_error",
+    "encode_hello",
+    "encode_start",
+    "encode_voices",
+    "encode_word",
+    "parse_client_message",
+]
+
+PROTOCOL_VERSION = 1
+
+# Limits
+#: Largest client frame in bytes; a larger one closes the connection with 1009.
+MAX_FRAME_BYTES = 64 * 2**10
+#: Utterance ids are client-chosen strings of 1 to this many characters.
+MAX_ID_LENGTH = 64
+#: Longest voice name accepted, in characters.
+MAX_VOICE_LENGTH = 128
+#: Most digits in a rate, volume or pitch value ("+100%" has three).
+_MAX_PROSODY_DIGITS = 4
+
+# ASCII digits only: \d would also admit digits of other scripts that the upstream refuses.
+_PERCENT = re.compile(rf"[+-][0-9]{{1,{_MAX_PROSODY_DIGITS}}}%", re.ASCII)
+_HERTZ = re.compile(rf"[+-][0-9]{{1,{_MAX_PROSODY_DIGITS}}}Hz", re.ASCII)
+_PROSODY_FORMS = {
+    "rate": (_PERCENT, '"+0%" (sign, digits, %)'),
+    "volume": (_PERCENT, '"+0%" (sign, digits, %)'),
+    "pitch": (_HERTZ, '"+0Hz" (sign, digits, Hz)'),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Speak:
+    """Speak ``text``; ``voice`` is ``None`` for the server's default voice."""
+
+    id: str
+    text: str
+    voice: str | None = None
+    rate: str = "+0%"
+    volume: str = "+0%"
+    pitch: str = "+0Hz"
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """Cancel one utterance, or all of the connection's when ``id`` is ``None``."""
+
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ListVoices:
+    """Ask for the voice list."""
+
+
+ClientMessage = Speak | Cancel | ListVoices
+
+
+def parse_client_message(
+    frame: str | bytes,
+    *,
+    max_text_length: int,
+    make_id: Callable[[], str],
+) -> ClientMessage:
+    """Parse and validate one client frame.
+
+    Args:
+        frame: The frame's payload: ``str`` for a text frame, ``bytes`` for binary.
+        max_text_length: Most characters a ``speak`` text may have.
+        make_id: Returns a fresh utterance id for a ``speak`` without one.
+
+    Returns:
+        The validated message.
+
+    Raises:
+        RequestError: The frame is not a valid message; the exception's
+            ``utterance_id`` is the frame's ``id`` when it had a valid one.
+    """
+    if not isinstance(frame, str):
+        raise BadMessage("binary frames are not accepted: send JSON text frames")
+    try:
+        message = orjson.loads(frame)
+    except orjson.JSONDecodeError:
+        raise BadJSON("frame is not valid JSON") from None
+    if not isinstance(message, dict):
+        raise BadMessage("message must be a JSON object")
+
+    utterance_id = _parse_id(message)
+    try:
+        kind = message.get("type")
+        if not isinstance(kind, str):
+            raise BadMessage('message needs a string field "type"')
+        if kind == "speak":
+            return _parse_speak(message, utterance_id or make_id(), max_text_length)
+        if kind == "cancel":
+            return Cancel(id=utterance_id)
+        if kind == "voices":
+            return ListVoices()
+        raise BadMessage("unknown message type (expected speak, cancel or voices)")
+    except ClientError as exc:
+        exc.utterance_id = utterance_id
+        raise
+
+
+def _parse_id(message: dict[str, Any]) -> str | None:
+    value = message.get("id")
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise BadMessage('"id" must be a string')
+    if not 1 <= len(value) <= MAX_ID_LENGTH:
+        raise InvalidParameter(f'"id" must have 1 to {MAX_ID_LENGTH} characters')
+    return value
+
+
+def _parse_speak(message: dict[str, Any], utterance_id: str, max_text_length: int) -> Speak:
+    text = message.get("text")
+    if not isinstance(text, str):
+        raise BadMessage('speak needs a string field "text"')
+    if len(text) > max_text_length:
+        raise TextTooLong(f"text has {len(text)} characters; the limit is {max_text_length}")
+    if not any(char.isprintable() and not char.isspace() for char in text):
+        raise EmptyText("text has nothing to speak")
+
+    voice = message.get("voice")
+    if voice is not None:
+        if not isinstance(voice, str):
+            raise BadMessage('"voice" must be a string')
+        if not 1 <= len(voice) <= MAX_VOICE_LENGTH or not voice.isprintable():
+            raise InvalidVoice("voice name is malformed")
+
+    prosody: dict[str, str] = {}
+    for field, (pattern, form) in _PROSODY_FORMS.items():
+        value = message.get(field)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise BadMessage(f'"{field}" must be a string')
+        if pattern.fullmatch(value) is None:
+            raise InvalidParameter(f'"{field}" must look like {form}')
+        prosody[field] = value
+
+    return Speak(id=utterance_id, text=text, voice=voice, **prosody)
+
+
+def _encode(message: dict[str, Any]) -> bytes:
+    return orjson.dumps(message)
+
+
+def encode_hello(*, server: str, default_voice: str, max_text_length: int) -> bytes:
+    """Encode the ``hello`` message sent on connect."""
+    return _encode(
+        {
+            "type": "hello",
+            "protocol": PROTOCOL_VERSION,
+            "server": server,
+            "default_voice": default_voice,
+            "max_text_length": max_text_length,
+        }
+    )
+
+
+def encode_start(
+    utterance_id: str,
+    *,
+    voice: str,
+    engine: str,
+    mime_type: str,
+    sample_rate: int,
+    cached: bool,
+) -> bytes:
+    """Encode ``start``, sent before an utterance's first audio byte."""
+    return _encode(
+        {
+            "type": "start",
+            "id": utterance_id,
+            "voice": voice,
+            "format": mime_type,
+            "sample_rate": sample_rate,
+            "cached": cached,
+            "engine": engine,
+        }
+    )
+
+
+def encode_word(utterance_id: str, word: WordEvent) -> bytes:
+    """Encode one word boundary."""
+    return _encode(
+        {
+            "type": "word",
+            "id": utterance_id,
+            "text": word.text,
+            "offset_ms": round(word.offset_ms, 3),
+            "duration_ms": round(word.duration_ms, 3),
+            "char_start": word.char_start,
+            "char_end": word.char_end,
+        }
+    )
+
+
+def encode_end(
+    utterance_id: str,
+    *,
+    byte_count: int,
+    audio_ms: float,
+    words: int,
+    cached: bool,
+    ttfb_ms: float,
+) -> bytes:
+    """Encode ``end``, sent once an utterance's audio is complete."""
+    return _encode(
+        {
+            "type": "end",
+            "id": utterance_id,
+            "bytes": byte_count,
+            "audio_ms": round(audio_ms, 3),
+            "words": words,
+            "cached": cached,
+            "ttfb_ms": round(ttfb_ms, 3),
+        }
+    )
+
+
+def encode_cancelled(utterance_id: str) -> bytes:
+    """Encode ``cancelled``: no more frames of this utterance follow."""
+    return _encode({"type": "cancelled", "id": utterance_id})
+
+
+def encode_voices(voices: Iterable[Voice]) -> bytes:
+    """Encode the voice list."""
+    return _encode(
+        {
+            "type": "voices",
+            "voices": [
+                {
+                    "name": voice.name,
+                    "locale": voice.locale,
+                    "gender": voice.gender,
+                    "engine": voice.engine,
+                }
+                for voice in voices
+            ],
+        }
+    )
+
+
+def error_code(exc: BaseException) -> str:
+    """Return the stable wire code for ``exc`` (``internal`` for anything unexpected)."""
+    return exc.code if isinstance(exc, ClientError) else "internal"
+
+
+def encode_error(exc: BaseException, *, utterance_id: str | None, partial: bool = False) -> bytes:
+    """Encode the ``error`` message a client receives for ``exc``.
+
+    This is the one place where exceptions become wire errors. Unexpected
+    exceptions become ``internal`` with a message that reveals nothing.
+
+    Args:
+        exc: What went wrong.
+        utterance_id: The utterance or message it concerns, if any.
+        partial: Some of the utterance's audio was already sent.
+    """
+    message = exc.message if isinstance(exc, ClientError) else "internal server error"
+    if partial:
+        message += "; the audio already sent is partial"
+    return _encode(
+        {"type": "error", "id": utterance_id, "code": error_code(exc), "message": message}
+    )

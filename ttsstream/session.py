@@ -1,0 +1,323 @@
+"""One client connection: read its frames, speak its utterances one at a time.
+
+A session has two tasks. The reader parses frames and answers at once (errors,
+cancels, the voice list); the speaker takes utterances from a bounded queue in
+the order received and streams each one's events to the client. Every binary
+frame between an utterance's ``start`` and its ``end``/``cancelled``/``error``
+therefore belongs to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from ttsstream import __version__
+from ttsstream.config import Config
+from ttsstream.engine import AudioChunk, Engine, SynthesisRequest
+from ttsstream.exceptions import ClientError, InvalidParameter, NotFound, QueueFull
+from ttsstream.protocol import (
+    Cancel,
+    ListVoices,
+    Speak,
+    encode_cancelled,
+    encode_end,
+    encode_error,
+    encode_hello,
+    encode_start,
+    encode_voices,
+    encode_word,
+    error_code,
+    parse_client_message,
+)
+
+__all__ = ["Session"]
+
+logger = logging.getLogger("ttsstream.session")
+
+#: Seconds a closing session waits for its upstream streams to close before giving up.
+UPSTREAM_CLOSE_TIMEOUT = 5.0
+
+
+@dataclass(eq=False)
+class Utterance:
+    """A ``speak`` accepted on this connection, queued or playing."""
+
+    request: Speak
+    voice: str
+    received_at: float
+    task: asyncio.Task[None] | None = None
+    cancel_requested: asyncio.Event = field(default_factory=asyncio.Event)
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def id(self) -> str:
+        return self.request.id
+
+
+class Session:
+    """Serve one WebSocket connection until it closes.
+
+    Args:
+        websocket: The connection, already past the handshake.
+        config: The server's configuration.
+        engine: Speaks the utterances.
+    """
+
+    def __init__(self, websocket: ServerConnection, *, config: Config, engine: Engine) -> None:
+        self._ws = websocket
+        self._config = config
+        self._engine = engine
+        self.connection_id = websocket.id.hex[:12]
+        self._pending: deque[Utterance] = deque()
+        self._wakeup = asyncio.Event()
+        self._current: Utterance | None = None
+        self._ids: set[str] = set()
+        # Tasks that outlive the frame that started them: voice lists, upstreams closing.
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> None:
+        """Greet the client, then serve its frames until the connection closes."""
+        speaker = asyncio.create_task(self._speak_in_order())
+        try:
+            await self._send(
+                encode_hello(
+                    server=f"ttsstream/{__version__}",
+                    default_voice=self._config.default_voice,
+                    max_text_length=self._config.max_text_length,
+                )
+            )
+            async for frame in self._ws:
+                await self._on_frame(frame)
+        except ConnectionClosed:
+            pass
+        finally:
+            speaker.cancel()
+            await asyncio.wait({speaker})
+            await self._close_background()
+
+    async def _on_frame(self, frame: str | bytes) -> None:
+        try:
+            message = parse_client_message(
+                frame,
+                max_text_length=self._config.max_text_length,
+                make_id=self._new_id,
+            )
+            if isinstance(message, Speak):
+                await self._enqueue(message)
+            elif isinstance(message, Cancel):
+                await self._cancel(message.id)
+            elif isinstance(message, ListVoices):
+                self._spawn(self._send_voices())
+        except ClientError as exc:
+            await self._send(encode_error(exc, utterance_id=exc.utterance_id))
+
+    def _new_id(self) -> str:
+        return "s-" + secrets.token_hex(6)
+
+    async def _enqueue(self, request: Speak) -> None:
+        if request.id in self._ids:
+            raise InvalidParameter(
+                f"id {request.id!r} is already queued or playing", utterance_id=request.id
+            )
+        voice = request.voice or self._config.default_voice
+        try:
+            await self._engine.check_voice(voice)
+        except ClientError as exc:
+            exc.utterance_id = request.id
+            raise
+        # The first pending utterance is about to play when nothing is playing yet.
+        waiting = len(self._pending) - (1 if self._current is None and self._pending else 0)
+        if waiting >= self._config.queue_size:
+            raise QueueFull(
+                f"{self._config.queue_size} utterances are already waiting",
+                utterance_id=request.id,
+            )
+        self._ids.add(request.id)
+        self._pending.append(
+            Utterance(request=request, voice=voice, received_at=time.perf_counter())
+        )
+        self._wakeup.set()
+
+    async def _cancel(self, utterance_id: str | None) -> None:
+        current = self._current
+        playing = current if current is not None and not _done(current) else None
+        if utterance_id is None:
+            queued = list(self._pending)
+            self._pending.clear()
+            if playing is not None:
+                await self._cancel_playing(playing)
+            for utterance in queued:
+                self._ids.discard(utterance.id)
+                await self._send(encode_cancelled(utterance.id))
+            return
+        if playing is not None and playing.id == utterance_id:
+            await self._cancel_playing(playing)
+            return
+        for utterance in self._pending:
+            if utterance.id == utterance_id:
+                self._pending.remove(utterance)
+                self._ids.discard(utterance.id)
+                await self._send(encode_cancelled(utterance.id))
+                return
+        raise NotFound("no queued or playing utterance has this id", utterance_id=utterance_id)
+
+    async def _cancel_playing(self, utterance: Utterance) -> None:
+        assert utterance.task is not None
+        utterance.task.cancel()
+        utterance.cancel_requested.set()
+        # The speaker sends "cancelled"; wait so replies keep the order of requests.
+        await utterance.finished.wait()
+
+    async def _speak_in_order(self) -> None:
+        while True:
+            while not self._pending:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            utterance = self._pending.popleft()
+            self._current = utterance
+            utterance.task = asyncio.create_task(self._speak(utterance))
+            cancelled = asyncio.create_task(utterance.cancel_requested.wait())
+            try:
+                await asyncio.wait({utterance.task, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+                if utterance.cancel_requested.is_set():
+                    # The task stops at its next await and sends nothing more; closing
+                    # its upstream may take a moment, which the next utterance need not wait for.
+                    self._track(utterance.task)
+                    await self._send(encode_cancelled(utterance.id))
+            finally:
+                cancelled.cancel()
+                if not utterance.task.done():
+                    utterance.task.cancel()
+                    self._track(utterance.task)
+                self._current = None
+                self._ids.discard(utterance.id)
+                utterance.finished.set()
+
+    async def _speak(self, utterance: Utterance) -> None:
+        request = utterance.request
+        events = self._engine.synthesize(
+            SynthesisRequest(
+                text=request.text,
+                voice=utterance.voice,
+                rate=request.rate,
+                volume=request.volume,
+                pitch=request.pitch,
+            )
+        )
+        audio_format = self._engine.audio_format
+        started = False
+        byte_count = 0
+        words = 0
+        ttfb_ms: float | None = None
+        outcome = "ok"
+        try:
+            async for event in events:
+                if not started:
+                    await self._send(
+                        encode_start(
+                            utterance.id,
+                            voice=utterance.voice,
+                            engine=self._engine.name,
+                            mime_type=audio_format.mime_type,
+                            sample_rate=audio_format.sample_rate,
+                            cached=False,
+                        )
+                    )
+                    started = True
+                if isinstance(event, AudioChunk):
+                    if ttfb_ms is None:
+                        ttfb_ms = (time.perf_counter() - utterance.received_at) * 1000
+                    await self._ws.send(event.data)
+                    byte_count += len(event.data)
+                else:
+                    await self._send(encode_word(utterance.id, event))
+                    words += 1
+            await self._send(
+                encode_end(
+                    utterance.id,
+                    byte_count=byte_count,
+                    audio_ms=audio_format.duration_ms(byte_count),
+                    words=words,
+                    cached=False,
+                    ttfb_ms=ttfb_ms or 0.0,
+                )
+            )
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        except ConnectionClosed:
+            outcome = "disconnected"
+        except Exception as exc:
+            outcome = error_code(exc)
+            if not isinstance(exc, ClientError):
+                logger.exception("conn=%s utterance=%r failed", self.connection_id, utterance.id)
+            with contextlib.suppress(ConnectionClosed):
+                await self._send(
+                    encode_error(exc, utterance_id=utterance.id, partial=byte_count > 0)
+                )
+        finally:
+            logger.info(
+                "utterance conn=%s id=%r voice=%s engine=%s chars=%d ttfb_ms=%s "
+                "bytes=%d words=%d outcome=%s",
+                self.connection_id,
+                utterance.id,
+                utterance.voice,
+                self._engine.name,
+                len(request.text),
+                "-" if ttfb_ms is None else f"{ttfb_ms:.1f}",
+                byte_count,
+                words,
+                outcome,
+            )
+            await events.aclose()
+
+    async def _send_voices(self) -> None:
+        try:
+            voices = await self._engine.voices()
+        except ClientError as exc:
+            await self._send(encode_error(exc, utterance_id=None))
+            return
+        await self._send(encode_voices(voices))
+
+    async def _send(self, message: bytes) -> None:
+        await self._ws.send(message, text=True)
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(_quietly(coroutine))
+        self._track(task)
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _close_background(self) -> None:
+        if not self._background:
+            return
+        for task in self._background:
+            task.cancel()
+        _, late = await asyncio.wait(self._background, timeout=UPSTREAM_CLOSE_TIMEOUT)
+        if late:
+            logger.warning(
+                "conn=%s: %d upstream streams did not close", self.connection_id, len(late)
+            )
+
+
+def _done(utterance: Utterance) -> bool:
+    return utterance.task is None or utterance.task.done()
+
+
+async def _quietly(coroutine: Coroutine[Any, Any, None]) -> None:
+    """Run a reply coroutine; a client that left meanwhile is not an error."""
+    with contextlib.suppress(ConnectionClosed):
+        await coroutine
