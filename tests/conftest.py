@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,15 +91,23 @@ class Utterance:
 
 
 class Client:
-    """A protocol-level test client over a real WebSocket connection."""
+    """A protocol-level test client over a real WebSocket connection.
+
+    :meth:`until_final` reads frames and files each under its utterance id, so
+    frames of other utterances read meanwhile are kept for a later call.
+    """
 
     FINAL = ("end", "error", "cancelled")
 
     def __init__(self, ws: ClientConnection) -> None:
         self.ws = ws
         self.hello: dict[str, Any] = {}
+        #: The utterance whose start came last and that has not ended: audio is its.
         self.current: str | None = None
-        self.others: list[dict[str, Any]] = []
+        #: Messages that concern no utterance (id null, voices).
+        self.loose: list[dict[str, Any]] = []
+        self._open: dict[str, Utterance] = {}
+        self._finished: dict[str, deque[Utterance]] = {}
 
     async def send(self, message: dict[str, Any] | str | bytes) -> None:
         if isinstance(message, dict):
@@ -116,38 +125,56 @@ class Client:
         return message
 
     async def recv_message(self) -> dict[str, Any]:
-        """The next JSON message (fails on a binary frame)."""
+        """The next frame, which must be a JSON message."""
         frame = await self.recv()
         assert isinstance(frame, dict), "expected a JSON message, got audio"
         return frame
 
-    async def until_final(self, id: str) -> Utterance:
-        """Collect frames until utterance ``id`` ends, errs or is cancelled.
+    async def next_loose(self) -> dict[str, Any]:
+        """The next message that concerns no utterance, filing the others."""
+        while not self.loose:
+            await self._file(await self.recv())
+        return self.loose.pop(0)
 
-        Binary frames are attributed to the utterance whose ``start`` came last,
-        which is what the protocol guarantees; they must belong to ``id`` here.
+    async def until_final(self, id: str) -> Utterance:
+        """Everything about utterance ``id`` up to its end, error or cancelled.
+
+        Binary frames belong to the utterance whose ``start`` came last, which is
+        what the protocol guarantees; audio with no utterance started fails.
         """
-        result = Utterance(id)
-        while True:
-            frame = await self.recv()
-            if isinstance(frame, bytes):
-                assert self.current == id, f"audio for {self.current!r} while waiting for {id!r}"
-                result.audio += frame
-                result.frames.append(frame)
-                continue
-            if frame.get("id") != id:
-                self.others.append(frame)
-                if frame["type"] == "start":
-                    self.current = frame["id"]
-                continue
-            result.messages.append(frame)
-            result.frames.append(frame)
-            if frame["type"] == "start":
-                self.current = id
-            if frame["type"] in self.FINAL:
-                if self.current == id:
-                    self.current = None
-                return result
+        while not self._finished.get(id):
+            await self._file(await self.recv())
+        return self._finished[id].popleft()
+
+    async def read_one(self) -> None:
+        """Read one frame and file it."""
+        await self._file(await self.recv())
+
+    def so_far(self, id: str) -> Utterance:
+        """What has arrived of utterance ``id``, which has not ended yet."""
+        return self._open.get(id, Utterance(id))
+
+    async def _file(self, frame: dict[str, Any] | bytes) -> None:
+        if isinstance(frame, bytes):
+            assert self.current is not None, "audio outside any utterance"
+            record = self._open[self.current]
+            record.audio += frame
+            record.frames.append(frame)
+            return
+        id = frame.get("id")
+        if not isinstance(id, str):
+            self.loose.append(frame)
+            return
+        record = self._open.setdefault(id, Utterance(id))
+        record.messages.append(frame)
+        record.frames.append(frame)
+        if frame["type"] == "start":
+            assert self.current is None, f"{id} started while {self.current} plays"
+            self.current = id
+        if frame["type"] in self.FINAL:
+            if self.current == id:
+                self.current = None
+            self._finished.setdefault(id, deque()).append(self._open.pop(id))
 
 
 @pytest.fixture

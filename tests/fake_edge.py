@@ -33,6 +33,7 @@ import math
 import string
 import uuid
 import xml.etree.ElementTree as ET
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -225,6 +226,9 @@ class FakeEdge:
             query=parse_qs(urlsplit(ws.request.path).query), headers=ws.request.headers
         )
         self.records.append(record)
+        # Seen even while the handler is paused or stalled, as a real service would.
+        watcher = asyncio.create_task(ws.wait_closed())
+        watcher.add_done_callback(lambda _: record.closed.set())
         try:
             await self._synthesize(ws, record)
         except AssertionError as exc:
@@ -293,9 +297,10 @@ class FakeEdge:
                 next_word += 1
             if self.pause_after_chunks is not None and chunks_sent == self.pause_after_chunks:
                 self.paused.set()
-                await self.resume.wait()
+                await _first(self.resume.wait(), ws.wait_closed())
             if self.stall_after_chunks is not None and chunks_sent == self.stall_after_chunks:
-                await asyncio.Event().wait()
+                await ws.wait_closed()
+                return
             if self.drop_after_chunks is not None and chunks_sent == self.drop_after_chunks:
                 if self.drop_abruptly:
                     ws.transport.abort()
@@ -315,6 +320,13 @@ class FakeEdge:
         # The service leaves the socket open; edge-tts closes it after turn.end.
         with contextlib.suppress(Exception):
             await ws.wait_closed()
+
+
+async def _first(*waits: Coroutine[Any, Any, Any]) -> None:
+    tasks = [asyncio.create_task(wait) for wait in waits]
+    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for task in tasks:
+        task.cancel()
 
 
 def _require_drm(query: dict[str, list[str]], token_name: str) -> None:

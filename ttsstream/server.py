@@ -142,6 +142,9 @@ def _refuse(
     """Refuse a handshake with a small JSON body instead of upgrading."""
     response = connection.respond(status, "")
     body = orjson.dumps({"error": code, "message": message})
+    # Headers holds several values per name: replace, do not append.
+    del response.headers["Content-Type"]
+    del response.headers["Content-Length"]
     response.headers["Content-Type"] = "application/json"
     response.headers["Content-Length"] = str(len(body))
     response.body = body

@@ -1,0 +1,94 @@
+"""The configuration object: defaults, environment, .env, and clear errors."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from ttsstream.config import DEFAULT_EDGE_WSS_URL, Config, load_config
+from ttsstream.exceptions import ConfigError
+
+
+def test_defaults() -> None:
+    """With nothing set, the documented defaults apply."""
+    config = load_config({}, env_file=None)
+    assert config == Config()
+    assert (config.host, config.port) == ("0.0.0.0", 8765)
+    assert config.default_voice == "en-US-EmmaMultilingualNeural"
+    assert config.max_text_length == 5000
+    assert config.edge_wss_url == DEFAULT_EDGE_WSS_URL
+    assert config.upstream_timeout == 15.0
+    assert config.queue_size == 16
+    assert config.log_level == "INFO"
+
+
+def test_environment_values_are_parsed() -> None:
+    """Each variable sets its field, converted to its type."""
+    config = load_config(
+        {
+            "HOST": "127.0.0.1",
+            "PORT": "9000",
+            "DEFAULT_VOICE": "en-US-AriaNeural",
+            "MAX_TEXT_LENGTH": "100",
+            "EDGE_WSS_URL": "ws://127.0.0.1:1/edge/v1?TrustedClientToken=x",
+            "EDGE_VOICES_URL": "http://127.0.0.1:1/voices/list?trustedclienttoken=x",
+            "UPSTREAM_TIMEOUT": "2.5",
+            "VOICES_TTL": "60",
+            "QUEUE_SIZE": "3",
+            "LOG_LEVEL": "debug",
+        },
+        env_file=None,
+    )
+    assert config.port == 9000 and config.host == "127.0.0.1"
+    assert config.max_text_length == 100 and config.queue_size == 3
+    assert config.upstream_timeout == 2.5 and config.voices_ttl == 60
+    assert config.log_level == "DEBUG"
+
+
+def test_dotenv_file_applies_where_the_environment_is_silent(tmp_path: Path) -> None:
+    """A .env value is used unless the real environment sets the same variable."""
+    env_file = tmp_path / ".env"
+    env_file.write_text("PORT=9100\nMAX_TEXT_LENGTH=70\n")
+    config = load_config({"PORT": "9200"}, env_file=env_file)
+    assert config.port == 9200
+    assert config.max_text_length == 70
+
+
+def test_command_line_overrides_win(tmp_path: Path) -> None:
+    """--port beats both the environment and .env."""
+    assert load_config({"PORT": "9200"}, env_file=None, port=9300).port == 9300
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("PORT", "eighty"),
+        ("PORT", "70000"),
+        ("MAX_TEXT_LENGTH", "0"),
+        ("MAX_TEXT_LENGTH", "1.5"),
+        ("UPSTREAM_TIMEOUT", "0"),
+        ("UPSTREAM_TIMEOUT", "nan"),
+        ("UPSTREAM_TIMEOUT", "soon"),
+        ("QUEUE_SIZE", "-1"),
+        ("LOG_LEVEL", "LOUD"),
+        ("DEFAULT_VOICE", "Aria"),
+        ("EDGE_WSS_URL", "http://example.com/edge/v1?TrustedClientToken=x"),
+        ("EDGE_WSS_URL", "wss://example.com/edge/v1"),
+        ("EDGE_VOICES_URL", "ftp://example.com/list?x=1"),
+    ],
+)
+def test_bad_values_name_the_variable(variable: str, value: str) -> None:
+    """A bad value raises ConfigError naming the variable and the accepted form."""
+    with pytest.raises(ConfigError) as raised:
+        load_config({variable: value}, env_file=None)
+    assert raised.value.variable == variable
+    assert str(raised.value).startswith(f"{variable}=")
+    assert "expected" in str(raised.value)
+
+
+def test_config_is_frozen() -> None:
+    """Settings cannot change after start."""
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Config().port = 1  # type: ignore[misc]

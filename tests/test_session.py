@@ -1,0 +1,277 @@
+"""Utterances on one connection: order, queue, cancel, and bad input that loses nothing."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator
+
+import orjson
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from tests.conftest import TIMEOUT, Client, ServerFactory, url_of
+from tests.fake_edge import FakeEdge, spoken_words
+from ttsstream.config import Config
+from ttsstream.engine import MP3_24KHZ_48KBPS, SynthesisEvent, SynthesisRequest, Voice
+from ttsstream.protocol import MAX_FRAME_BYTES
+from ttsstream.server import Server
+
+
+async def speaks_fine(client: Client, id: str = "ok") -> None:
+    """The connection still works: a fresh utterance completes."""
+    await client.speak("Still here.", id=id)
+    result = await client.until_final(id)
+    assert result.final["type"] == "end", result.final
+    assert result.audio
+
+
+async def test_utterances_are_spoken_one_at_a_time_in_order(client: Client, fake: FakeEdge) -> None:
+    """Three speaks sent at once play in order, each with its own audio between start and end."""
+    texts = {"a": "First one.", "b": "Second, longer one here.", "c": "Third."}
+    for id, text in texts.items():
+        await client.speak(text, id=id)
+    results = [await client.until_final(id) for id in texts]
+    for result, record in zip(results, fake.records, strict=True):
+        assert result.messages[0]["type"] == "start"
+        assert result.final["type"] == "end"
+        assert bytes(result.audio) == bytes(record.audio)
+        assert [w["text"] for w in result.words] == spoken_words(texts[result.id])
+
+
+async def test_word_events_never_follow_their_audio(client: Client) -> None:
+    """Each word arrives before the audio at its offset was sent (6 bytes per ms)."""
+    await client.speak("Words arrive ahead of the audio they describe, always.")
+    result = await client.until_final("u1")
+    sent = 0
+    for frame in result.frames:
+        if isinstance(frame, bytes):
+            sent += len(frame)
+        elif frame["type"] == "word":
+            assert sent <= frame["offset_ms"] * MP3_24KHZ_48KBPS.bitrate_bps / 8000
+
+
+async def test_cancel_playing_utterance_closes_upstream(client: Client, fake: FakeEdge) -> None:
+    """Cancelling mid-stream answers cancelled, sends no more of its audio, closes the upstream."""
+    fake.pause_after_chunks = 1
+    await client.speak("A long sentence that will be cut short by a cancel.")
+    await asyncio.wait_for(fake.paused.wait(), TIMEOUT)
+    await client.send({"type": "cancel", "id": "u1"})
+    result = await client.until_final("u1")
+    assert result.final == {"type": "cancelled", "id": "u1"}
+    assert result.messages[0]["type"] == "start"
+    await asyncio.wait_for(fake.records[0].closed.wait(), TIMEOUT)
+    assert not fake.records[0].completed
+    fake.pause_after_chunks = None
+    await speaks_fine(client)  # no audio of u1 arrives after its cancelled
+
+
+async def test_cancel_queued_utterance(client: Client, fake: FakeEdge) -> None:
+    """A queued utterance is cancelled at once and never starts; the playing one finishes."""
+    fake.pause_after_chunks = 1
+    await client.speak("Playing now.", id="p")
+    await client.speak("Waiting.", id="q")
+    await asyncio.wait_for(fake.paused.wait(), TIMEOUT)
+    await client.send({"type": "cancel", "id": "q"})
+    queued = await client.until_final("q")
+    assert queued.messages == [{"type": "cancelled", "id": "q"}]
+    fake.resume.set()
+    playing = await client.until_final("p")
+    assert playing.final["type"] == "end"
+    await speaks_fine(client)
+    assert len(fake.records) == 2  # p and the check; q never reached the upstream
+
+
+async def test_cancel_without_id_cancels_everything_in_order(
+    client: Client, fake: FakeEdge
+) -> None:
+    """cancel without id cancels the playing utterance, then the queued ones, in order."""
+    fake.pause_after_chunks = 1
+    for id in ("a", "b", "c"):
+        await client.speak(f"Utterance {id}.", id=id)
+    await asyncio.wait_for(fake.paused.wait(), TIMEOUT)
+    await client.send({"type": "cancel"})
+    assert (await client.until_final("a")).final["type"] == "cancelled"
+    assert await client.recv_message() == {"type": "cancelled", "id": "b"}
+    assert await client.recv_message() == {"type": "cancelled", "id": "c"}
+    fake.pause_after_chunks = None
+    await speaks_fine(client)
+
+
+async def test_cancel_unknown_id_is_not_found(client: Client) -> None:
+    """Cancelling an id that is neither queued nor playing answers not_found."""
+    await client.send({"type": "cancel", "id": "ghost"})
+    error = await client.recv_message()
+    assert error["type"] == "error"
+    assert (error["id"], error["code"]) == ("ghost", "not_found")
+    await speaks_fine(client)
+
+
+async def test_queue_is_bounded(start_server: ServerFactory, fake: FakeEdge) -> None:
+    """Past QUEUE_SIZE waiting utterances, a speak gets queue_full; the others still play."""
+    server = await start_server(queue_size=2)
+    fake.pause_after_chunks = 1
+    async with connect(url_of(server)) as ws:
+        client = Client(ws)
+        await client.recv_message()
+        await client.speak("Playing.", id="p")
+        await asyncio.wait_for(fake.paused.wait(), TIMEOUT)
+        await client.speak("One.", id="q1")
+        await client.speak("Two.", id="q2")
+        await client.speak("Three.", id="q3")
+        error = await client.until_final("q3")
+        assert error.final["code"] == "queue_full"
+        fake.resume.set()
+        for id in ("p", "q1", "q2"):
+            assert (await client.until_final(id)).final["type"] == "end"
+
+
+async def test_duplicate_id_is_refused_while_in_use(client: Client, fake: FakeEdge) -> None:
+    """A speak reusing a queued or playing id is refused; after it ended the id is free again."""
+    fake.pause_after_chunks = 1
+    await client.speak("First.", id="same")
+    await asyncio.wait_for(fake.paused.wait(), TIMEOUT)
+    await client.speak("Second.", id="same")
+    # Read raw frames: the refusal and the playing utterance share the id.
+    types = []
+    while "error" not in types:
+        frame = await client.recv()
+        types.append("audio" if isinstance(frame, bytes) else frame["type"])
+        if types[-1] == "error":
+            assert isinstance(frame, dict) and frame["code"] == "invalid_parameter"
+    fake.resume.set()
+    while types[-1] != "end":
+        frame = await client.recv()
+        types.append("audio" if isinstance(frame, bytes) else frame["type"])
+    assert types.count("start") == 1 and types[0] == "start"
+    await speaks_fine(client, id="same")
+    assert len(fake.records) == 2
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        ("garbage{{{", "bad_json"),
+        ("[" * 100_00 + "]" * 100_00, "bad_json"),
+        (b"\x00\xff binary", "bad_message"),
+        ('{"type":"sing","id":"x"}', "bad_message"),
+        ('{"type":"speak","id":"x"}', "bad_message"),
+        ('{"type":"speak","id":"x","text":"   "}', "empty_text"),
+        ('{"type":"speak","id":"x","text":"' + "y" * 60_000 + '"}', "text_too_long"),
+        ('{"type":"speak","id":"x","text":"hi","rate":"fast"}', "invalid_parameter"),
+        ('{"type":"speak","id":"x","text":"hi","voice":"Bob"}', "invalid_voice"),
+    ],
+)
+async def test_bad_frames_get_their_error_and_the_connection_survives(
+    client: Client, fake: FakeEdge, frame: str | bytes, code: str
+) -> None:
+    """Each hostile or malformed frame gets its error code; nothing reaches the upstream."""
+    await client.send(frame)
+    error = await client.recv_message()
+    assert error["type"] == "error"
+    assert error["code"] == code
+    assert isinstance(error["message"], str) and error["message"]
+    assert fake.records == []
+    await speaks_fine(client)
+
+
+async def test_unknown_voice_is_refused_before_the_upstream(client: Client, fake: FakeEdge) -> None:
+    """Once the voice list is known, an unlisted voice gets invalid_voice without an upstream call."""
+    await client.send({"type": "voices"})
+    voices = await client.recv_message()
+    assert voices["type"] == "voices"
+    await client.speak("Hi.", voice="en-US-NobodyNeural")
+    error = await client.until_final("u1")
+    assert error.final["code"] == "invalid_voice"
+    assert fake.records == []
+
+
+async def test_voices_lists_edge_voices_and_is_kept(client: Client, fake: FakeEdge) -> None:
+    """voices answers the upstream's list with engine edge; asking again does not refetch it."""
+    await client.send({"type": "voices"})
+    first = await client.recv_message()
+    await client.send({"type": "voices"})
+    second = await client.recv_message()
+    assert first == second
+    names = {voice["name"] for voice in first["voices"]}
+    assert {"en-US-AriaNeural", "fr-FR-DeniseNeural"} <= names
+    assert all(voice["engine"] == "edge" for voice in first["voices"])
+    assert {"name", "locale", "gender", "engine"} == set(first["voices"][0])
+    assert fake.voice_list_requests == 1
+
+
+async def test_voice_list_failure_is_reported(start_server: ServerFactory, fake: FakeEdge) -> None:
+    """When the voice list cannot be fetched, voices answers upstream_unavailable."""
+    fake.refuse_voices_status = 503
+    server = await start_server()
+    async with connect(url_of(server)) as ws:
+        client = Client(ws)
+        await client.recv_message()
+        await client.send({"type": "voices"})
+        error = await client.next_loose()
+        assert (error["type"], error["id"], error["code"]) == (
+            "error",
+            None,
+            "upstream_unavailable",
+        )
+        # Voices cannot be checked, so a well-formed voice is passed on to the upstream.
+        await speaks_fine(client)
+
+
+async def test_oversized_frame_closes_with_1009(client: Client) -> None:
+    """A frame larger than 64 KiB closes the connection with 1009 (message too big)."""
+    await client.ws.send("x" * (MAX_FRAME_BYTES + 1))
+    with pytest.raises(ConnectionClosed):
+        await asyncio.wait_for(client.ws.recv(), TIMEOUT)
+    assert client.ws.close_code == 1009
+
+
+async def test_other_paths_get_404(server: Server) -> None:
+    """A handshake on any path but /v1/stream is refused with 404 and a JSON body."""
+    with pytest.raises(InvalidStatus) as raised:
+        async with connect(url_of(server, "/v2/other")):
+            pass
+    response = raised.value.response
+    assert response.status_code == 404
+    assert orjson.loads(response.body)["error"] == "not_found"
+
+
+async def test_shutdown_closes_with_1001(client: Client, server: Server) -> None:
+    """Closing the server closes open connections with 1001 (going away)."""
+    server.close()
+    await asyncio.wait_for(server.wait_closed(), TIMEOUT)
+    with pytest.raises(ConnectionClosed):
+        await asyncio.wait_for(client.ws.recv(), TIMEOUT)
+    assert client.ws.close_code == 1001
+
+
+class BrokenEngine:
+    """An engine whose synthesis fails with an unexpected exception."""
+
+    name = "broken"
+    audio_format = MP3_24KHZ_48KBPS
+
+    async def synthesize(self, request: SynthesisRequest) -> AsyncGenerator[SynthesisEvent, None]:
+        raise RuntimeError("secret internal detail")
+        yield  # pragma: no cover
+
+    async def voices(self) -> list[Voice]:
+        return []
+
+    async def check_voice(self, voice: str) -> None:
+        return None
+
+
+async def test_unexpected_failure_is_internal_and_reveals_nothing() -> None:
+    """A bug in an engine gives internal with no detail, and the connection keeps working."""
+    config = Config(host="127.0.0.1", port=0)
+    async with Server(config, engine=BrokenEngine()) as server, connect(url_of(server)) as ws:
+        client = Client(ws)
+        await client.recv_message()
+        for id in ("a", "b"):
+            await client.speak("Hi.", id=id)
+            error = await client.until_final(id)
+            assert error.final["code"] == "internal"
+            assert "secret" not in error.final["message"]
+        await client.send({"type": "voices"})
+        assert await client.recv_message() == {"type": "voices", "voices": []}
