@@ -176,7 +176,7 @@ async def test_bad_frames_get_their_error_and_the_connection_survives(
 
 
 async def test_unknown_voice_is_refused_before_the_upstream(client: Client, fake: FakeEdge) -> None:
-    """Once the voice list is known, an unlisted voice gets invalid_voice without an upstream call."""
+    """With the voice list known, an unlisted voice gets invalid_voice and no upstream call."""
     await client.send({"type": "voices"})
     voices = await client.recv_message()
     assert voices["type"] == "voices"
