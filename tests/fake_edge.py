@@ -279,7 +279,7 @@ class FakeEdge:
         record.words = timeline if word_boundaries else []
 
         if self.first_audio_delay:
-            await asyncio.sleep(self.first_audio_delay)
+            await _first(asyncio.sleep(self.first_audio_delay), ws.wait_closed())
         next_word = 0
         chunks_sent = 0
         frame = 0

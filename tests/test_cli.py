@@ -1,0 +1,194 @@
+"""The ``ttsstream`` command as users run it: a real server process and the ``say`` client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import miniaudio
+import pytest
+from websockets.asyncio.client import connect
+
+from tests.conftest import TIMEOUT
+from tests.fake_edge import FakeEdge, spoken_words
+
+CONSOLE_SCRIPT = Path(sys.executable).with_name("ttsstream")
+LISTENING = re.compile(rb"listening on 127\.0\.0\.1:(\d+)")
+
+
+def environment(fake: FakeEdge, **extra: str) -> dict[str, str]:
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("HOST", "PORT", "DEFAULT_VOICE", "MAX_TEXT_LENGTH", "LOG_LEVEL")
+    }
+    env.update(fake.environ)
+    env.update({"HOST": "127.0.0.1", "PORT": "0", **extra})
+    return env
+
+
+class ServerProcess:
+    def __init__(self, process: asyncio.subprocess.Process, port: int) -> None:
+        self.process = process
+        self.port = port
+        self.url = f"ws://127.0.0.1:{port}/v1/stream"
+
+
+async def start_process(
+    args: Sequence[str], env: dict[str, str], cwd: Path
+) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        *args,
+        env=env,
+        cwd=cwd,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+async def wait_listening(process: asyncio.subprocess.Process) -> int:
+    assert process.stderr is not None
+    while True:
+        line = await asyncio.wait_for(process.stderr.readline(), TIMEOUT)
+        assert line, "server exited before listening"
+        if match := LISTENING.search(line):
+            return int(match.group(1))
+
+
+@pytest.fixture
+async def served(fake: FakeEdge, tmp_path: Path) -> AsyncIterator[ServerProcess]:
+    """``python -m ttsstream serve`` as a separate process, wired to the fake upstream."""
+    process = await start_process(
+        [sys.executable, "-m", "ttsstream", "serve"], environment(fake), tmp_path
+    )
+    try:
+        port = await wait_listening(process)
+        yield ServerProcess(process, port)
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(process.wait(), TIMEOUT)
+
+
+async def run(args: Sequence[str], cwd: Path, env: dict[str, str] | None = None) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        *args,
+        cwd=cwd,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, stderr = await asyncio.wait_for(process.communicate(), TIMEOUT * 2)
+    assert process.returncode is not None
+    return process.returncode, stderr.decode()
+
+
+async def test_say_writes_playable_mp3_words_and_srt(
+    served: ServerProcess, fake: FakeEdge, tmp_path: Path
+) -> None:
+    """``ttsstream say`` against a real server process writes decodable MP3, words and SRT."""
+    text = "Hello, world. This is ttsstream speaking!"
+    status, stderr = await run(
+        [
+            str(CONSOLE_SCRIPT),
+            "say",
+            text,
+            "-o",
+            "out.mp3",
+            "--url",
+            served.url,
+            "--voice",
+            "en-US-GuyNeural",
+            "--words",
+            "words.json",
+            "--srt",
+            "subs.srt",
+        ],
+        cwd=tmp_path,
+    )
+    assert status == 0, stderr
+    audio = (tmp_path / "out.mp3").read_bytes()
+    assert audio == bytes(fake.records[0].audio)
+    decoded = miniaudio.decode(audio, nchannels=1, sample_rate=24000)
+    assert decoded.sample_rate == 24000
+    assert decoded.duration == pytest.approx(len(audio) / 6 / 1000, abs=0.05)
+
+    words = json.loads((tmp_path / "words.json").read_text())
+    assert [w["text"] for w in words] == spoken_words(text)
+    srt = (tmp_path / "subs.srt").read_text()
+    blocks = srt.strip().split("\n\n")
+    assert [block.split("\n")[2] for block in blocks] == [
+        "Hello, world.",
+        "This is ttsstream speaking!",
+    ]
+    assert blocks[0].split("\n")[1] == "00:00:00,100 --> " + _srt_time(
+        words[1]["offset_ms"] + words[1]["duration_ms"]
+    )
+    assert fake.records[0].voice.endswith("(en-US, GuyNeural)")
+
+
+def _srt_time(ms: float) -> str:
+    total = int(ms)
+    hours, minutes, seconds = total // 3_600_000, total // 60_000 % 60, total // 1000 % 60
+    return f"{hours:02}:{minutes:02}:{seconds:02},{total % 1000:03}"
+
+
+async def test_say_reports_server_errors(served: ServerProcess, tmp_path: Path) -> None:
+    """``say`` exits non-zero with the error code when the server refuses the text."""
+    status, stderr = await run(
+        [
+            sys.executable,
+            "-m",
+            "ttsstream",
+            "say",
+            "Hi",
+            "-o",
+            "x.mp3",
+            "--url",
+            served.url,
+            "--rate",
+            "fast",
+        ],
+        cwd=tmp_path,
+    )
+    assert status == 1
+    assert "invalid_parameter" in stderr
+    assert not (tmp_path / "x.mp3").exists()
+
+
+async def test_bad_configuration_exits_with_one_clear_line(fake: FakeEdge, tmp_path: Path) -> None:
+    """A bad variable makes the server exit 2 with one line naming it and the accepted form."""
+    status, stderr = await run(
+        [sys.executable, "-m", "ttsstream"], cwd=tmp_path, env=environment(fake, PORT="eighty")
+    )
+    assert status == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "PORT" in lines[0] and "eighty" in lines[0] and "integer" in lines[0]
+
+
+async def test_dotenv_file_and_positional_port(fake: FakeEdge, tmp_path: Path) -> None:
+    """``ttsstream serve PORT`` listens there; settings come from .env in the working directory."""
+    (tmp_path / ".env").write_text("MAX_TEXT_LENGTH=77\nLOG_LEVEL=DEBUG\n")
+    env = environment(fake)
+    del env["PORT"]
+    probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = probe.sockets[0].getsockname()[1]
+    probe.close()
+    await probe.wait_closed()
+    process = await start_process([str(CONSOLE_SCRIPT), "serve", str(port)], env, tmp_path)
+    try:
+        assert await wait_listening(process) == port
+        async with connect(f"ws://127.0.0.1:{port}/v1/stream") as ws:
+            hello = json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
+            assert hello["max_text_length"] == 77
+    finally:
+        process.send_signal(signal.SIGTERM)
+        status = await asyncio.wait_for(process.wait(), TIMEOUT)
+    assert status == 0

@@ -1,0 +1,173 @@
+"""Upstream failures become stable error codes, and the connection keeps working."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+import pytest
+from websockets.asyncio.client import connect
+
+from tests.conftest import TIMEOUT, Client, ServerFactory, url_of
+from tests.fake_edge import FakeEdge, spoken_words
+from tests.test_session import speaks_fine
+
+#: A short upstream deadline for the timeout tests, in seconds.
+SHORT = 0.3
+
+
+async def connected(server_factory: ServerFactory, **settings: object) -> tuple[Client, object]:
+    server = await server_factory(**settings)
+    ws = await connect(url_of(server))
+    client = Client(ws)
+    client.hello = await client.recv_message()
+    return client, ws
+
+
+@pytest.mark.parametrize("status", [403, 429, 503])
+async def test_refused_handshake_is_upstream_unavailable(
+    client: Client, fake: FakeEdge, status: int
+) -> None:
+    """403, 429 and 503 from the upstream give upstream_unavailable, with no start."""
+    fake.refuse_status = status
+    await client.speak("Refused.")
+    result = await client.until_final("u1")
+    assert [m["type"] for m in result.messages] == ["error"]
+    assert result.final["code"] == "upstream_unavailable"
+    assert str(status) in result.final["message"]
+    fake.refuse_status = None
+    await speaks_fine(client)
+
+
+async def test_unreachable_upstream_is_upstream_unavailable(start_server: ServerFactory) -> None:
+    """A connect failure (nothing listening) gives upstream_unavailable."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        free_port = sock.getsockname()[1]
+    server = await start_server(
+        edge_wss_url=f"ws://127.0.0.1:{free_port}/edge/v1?TrustedClientToken=x",
+        edge_voices_url=f"http://127.0.0.1:{free_port}/voices/list?trustedclienttoken=x",
+    )
+    async with connect(url_of(server)) as ws:
+        client = Client(ws)
+        await client.recv_message()
+        await client.speak("Nobody home.")
+        result = await client.until_final("u1")
+        assert result.final["code"] == "upstream_unavailable"
+        assert "127.0.0.1" not in result.final["message"]
+
+
+async def test_no_first_audio_in_time_is_upstream_timeout(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """When the first audio takes longer than UPSTREAM_TIMEOUT, the utterance fails in time."""
+    server = await start_server(upstream_timeout=SHORT)
+    fake.first_audio_delay = SHORT * 10
+    async with connect(url_of(server)) as ws:
+        client = Client(ws)
+        await client.recv_message()
+        await client.speak("Slow to start.")
+        result = await client.until_final("u1")
+        assert result.final["code"] == "upstream_timeout"
+        assert "partial" not in result.final["message"]
+        assert result.audio == b""
+        await asyncio.wait_for(fake.records[0].closed.wait(), TIMEOUT)
+        fake.first_audio_delay = 0
+        await speaks_fine(client)
+
+
+async def test_stalled_stream_is_upstream_timeout_with_partial_audio(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """A stream that stops mid-way fails with upstream_timeout saying the audio is partial."""
+    server = await start_server(upstream_timeout=SHORT)
+    fake.stall_after_chunks = 2
+    async with connect(url_of(server)) as ws:
+        client = Client(ws)
+        await client.recv_message()
+        await client.speak("This stream will stall after a little audio has been sent.")
+        result = await client.until_final("u1")
+        assert result.messages[0]["type"] == "start"
+        assert result.final["code"] == "upstream_timeout"
+        assert "partial" in result.final["message"]
+        assert bytes(result.audio) == bytes(fake.records[0].audio)
+        await asyncio.wait_for(fake.records[0].closed.wait(), TIMEOUT)
+        fake.stall_after_chunks = None
+        await speaks_fine(client)
+
+
+@pytest.mark.parametrize("abruptly", [False, True], ids=["close", "abort"])
+async def test_dropped_stream_is_an_error_not_a_short_success(
+    client: Client, fake: FakeEdge, abruptly: bool
+) -> None:
+    """An upstream that goes away mid-stream gives upstream_unavailable (partial), never end."""
+    fake.drop_after_chunks = 2
+    fake.drop_abruptly = abruptly
+    await client.speak("This stream will be dropped after a little audio has been sent.")
+    result = await client.until_final("u1")
+    assert result.final["type"] == "error"
+    assert result.final["code"] == "upstream_unavailable"
+    assert "partial" in result.final["message"]
+    assert len(result.audio) > 0
+    fake.drop_after_chunks = None
+    await speaks_fine(client)
+
+
+async def test_no_audio_is_no_audio(client: Client, fake: FakeEdge) -> None:
+    """A turn that ends without audio gives no_audio."""
+    fake.no_audio = True
+    await client.speak("Silence.")
+    result = await client.until_final("u1")
+    assert result.final["code"] == "no_audio"
+    fake.no_audio = False
+    await speaks_fine(client)
+
+
+async def test_long_text_is_split_and_stitched(client: Client, fake: FakeEdge) -> None:
+    """A text over 4096 bytes goes out on several upstream connections and comes back as one."""
+    sentence = "Curiosity & patience make the journey café-worthy, said Zoë. "
+    text = (sentence * 80)[:4900]
+    assert len(text.encode()) > 4096
+    await client.speak(text)
+    result = await client.until_final("u1")
+    assert result.final["type"] == "end"
+    assert len(fake.records) >= 2
+    assert bytes(result.audio) == b"".join(bytes(r.audio) for r in fake.records)
+    words = result.words
+    assert [w["text"] for w in words] == spoken_words(text)
+    offsets = [w["offset_ms"] for w in words]
+    assert offsets == sorted(offsets)
+    # The second piece's words are shifted by the first piece's audio duration.
+    first_piece = len(fake.records[0].words)
+    first_audio_ms = len(fake.records[0].audio) / 6
+    assert offsets[first_piece] == pytest.approx(first_audio_ms + fake.records[1].words[0][1])
+    assert all(text[w["char_start"] : w["char_end"]] == w["text"] for w in words)
+    assert result.final["audio_ms"] == pytest.approx(len(result.audio) / 6)
+
+
+async def test_prosody_and_voice_reach_the_upstream(client: Client, fake: FakeEdge) -> None:
+    """voice, rate, volume and pitch are passed to the upstream's SSML; text is escaped."""
+    await client.speak(
+        "Tom & Jerry <b>bold</b>",
+        voice="fr-FR-DeniseNeural",
+        rate="+25%",
+        volume="-10%",
+        pitch="-5Hz",
+    )
+    result = await client.until_final("u1")
+    assert result.final["type"] == "end"
+    (record,) = fake.records
+    assert record.voice == "Microsoft Server Speech Text to Speech Voice (fr-FR, DeniseNeural)"
+    assert (record.rate, record.volume, record.pitch) == ("+25%", "-10%", "-5Hz")
+    assert record.text == "Tom & Jerry <b>bold</b>"  # plain text, not markup
+    assert [w["text"] for w in result.words] == spoken_words("Tom & Jerry <b>bold</b>")
+
+
+async def test_logs_never_hold_the_text(client: Client, caplog: pytest.LogCaptureFixture) -> None:
+    """The utterance log line has its length, not its words."""
+    caplog.set_level(logging.DEBUG, logger="ttsstream")
+    await client.speak("Confidential medical details here.")
+    await client.until_final("u1")
+    assert "utterance" in caplog.text and "chars=34" in caplog.text
+    assert "Confidential" not in caplog.text and "medical" not in caplog.text
