@@ -275,3 +275,15 @@ async def test_unexpected_failure_is_internal_and_reveals_nothing() -> None:
             assert "secret" not in error.final["message"]
         await client.send({"type": "voices"})
         assert await client.recv_message() == {"type": "voices", "voices": []}
+
+
+async def test_client_disconnect_closes_its_upstream(server: Server, fake: FakeEdge) -> None:
+    """When a client goes away mid-utterance, its upstream stream is closed at once."""
+    fake.pause_after_chunks = 1
+    async with connect(url_of(server)) as ws:
+        client = Client(ws)
+        await client.recv_message()
+        await client.speak("Nobody will hear the end of this sentence.")
+        await asyncio.wait_for(fake.paused.wait(), TIMEOUT)
+    await asyncio.wait_for(fake.records[0].closed.wait(), TIMEOUT)
+    assert not fake.records[0].completed
