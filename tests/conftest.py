@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -177,10 +178,17 @@ class Client:
             self._finished.setdefault(id, deque()).append(self._open.pop(id))
 
 
+@contextlib.asynccontextmanager
+async def connected(server: Server) -> AsyncIterator[Client]:
+    """Connect a client to ``server`` and read the hello."""
+    async with connect(url_of(server), max_size=None, compression=None) as ws:
+        client = Client(ws)
+        client.hello = await client.recv_message()
+        yield client
+
+
 @pytest.fixture
 async def client(server: Server) -> AsyncIterator[Client]:
     """A client connected to ``server`` that has read the hello."""
-    async with connect(url_of(server), max_size=None, compression=None) as ws:
-        connected = Client(ws)
-        connected.hello = await connected.recv_message()
-        yield connected
+    async with connected(server) as client:
+        yield client

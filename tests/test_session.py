@@ -10,7 +10,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tests.conftest import TIMEOUT, Client, ServerFactory, url_of
+from tests.conftest import TIMEOUT, Client, ServerFactory, connected, url_of
 from tests.fake_edge import FakeEdge, spoken_words
 from ttsstream.config import Config
 from ttsstream.engine import MP3_24KHZ_48KBPS, SynthesisEvent, SynthesisRequest, Voice
@@ -111,9 +111,7 @@ async def test_queue_is_bounded(start_server: ServerFactory, fake: FakeEdge) -> 
     """Past QUEUE_SIZE waiting utterances, a speak gets queue_full; the others still play."""
     server = await start_server(queue_size=2)
     fake.pause_after_chunks = 1
-    async with connect(url_of(server)) as ws:
-        client = Client(ws)
-        await client.recv_message()
+    async with connected(server) as client:
         await client.speak("Playing.", id="p")
         await asyncio.wait_for(fake.paused.wait(), TIMEOUT)
         await client.speak("One.", id="q1")
@@ -204,9 +202,7 @@ async def test_voice_list_failure_is_reported(start_server: ServerFactory, fake:
     """When the voice list cannot be fetched, voices answers upstream_unavailable."""
     fake.refuse_voices_status = 503
     server = await start_server()
-    async with connect(url_of(server)) as ws:
-        client = Client(ws)
-        await client.recv_message()
+    async with connected(server) as client:
         await client.send({"type": "voices"})
         error = await client.next_loose()
         assert (error["type"], error["id"], error["code"]) == (
@@ -265,9 +261,7 @@ class BrokenEngine:
 async def test_unexpected_failure_is_internal_and_reveals_nothing() -> None:
     """A bug in an engine gives internal with no detail, and the connection keeps working."""
     config = Config(host="127.0.0.1", port=0)
-    async with Server(config, engine=BrokenEngine()) as server, connect(url_of(server)) as ws:
-        client = Client(ws)
-        await client.recv_message()
+    async with Server(config, engine=BrokenEngine()) as server, connected(server) as client:
         for id in ("a", "b"):
             await client.speak("Hi.", id=id)
             error = await client.until_final(id)
@@ -280,9 +274,7 @@ async def test_unexpected_failure_is_internal_and_reveals_nothing() -> None:
 async def test_client_disconnect_closes_its_upstream(server: Server, fake: FakeEdge) -> None:
     """When a client goes away mid-utterance, its upstream stream is closed at once."""
     fake.pause_after_chunks = 1
-    async with connect(url_of(server)) as ws:
-        client = Client(ws)
-        await client.recv_message()
+    async with connected(server) as client:
         await client.speak("Nobody will hear the end of this sentence.")
         await asyncio.wait_for(fake.paused.wait(), TIMEOUT)
     await asyncio.wait_for(fake.records[0].closed.wait(), TIMEOUT)

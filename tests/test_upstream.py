@@ -7,22 +7,13 @@ import logging
 import socket
 
 import pytest
-from websockets.asyncio.client import connect
 
-from tests.conftest import TIMEOUT, Client, ServerFactory, url_of
+from tests.conftest import TIMEOUT, Client, ServerFactory, connected
 from tests.fake_edge import FakeEdge, spoken_words
 from tests.test_session import speaks_fine
 
 #: A short upstream deadline for the timeout tests, in seconds.
 SHORT = 0.3
-
-
-async def connected(server_factory: ServerFactory, **settings: object) -> tuple[Client, object]:
-    server = await server_factory(**settings)
-    ws = await connect(url_of(server))
-    client = Client(ws)
-    client.hello = await client.recv_message()
-    return client, ws
 
 
 @pytest.mark.parametrize("status", [403, 429, 503])
@@ -49,9 +40,7 @@ async def test_unreachable_upstream_is_upstream_unavailable(start_server: Server
         edge_wss_url=f"ws://127.0.0.1:{free_port}/edge/v1?TrustedClientToken=x",
         edge_voices_url=f"http://127.0.0.1:{free_port}/voices/list?trustedclienttoken=x",
     )
-    async with connect(url_of(server)) as ws:
-        client = Client(ws)
-        await client.recv_message()
+    async with connected(server) as client:
         await client.speak("Nobody home.")
         result = await client.until_final("u1")
         assert result.final["code"] == "upstream_unavailable"
@@ -64,9 +53,7 @@ async def test_no_first_audio_in_time_is_upstream_timeout(
     """When the first audio takes longer than UPSTREAM_TIMEOUT, the utterance fails in time."""
     server = await start_server(upstream_timeout=SHORT)
     fake.first_audio_delay = SHORT * 10
-    async with connect(url_of(server)) as ws:
-        client = Client(ws)
-        await client.recv_message()
+    async with connected(server) as client:
         await client.speak("Slow to start.")
         result = await client.until_final("u1")
         assert result.final["code"] == "upstream_timeout"
@@ -83,9 +70,7 @@ async def test_stalled_stream_is_upstream_timeout_with_partial_audio(
     """A stream that stops mid-way fails with upstream_timeout saying the audio is partial."""
     server = await start_server(upstream_timeout=SHORT)
     fake.stall_after_chunks = 2
-    async with connect(url_of(server)) as ws:
-        client = Client(ws)
-        await client.recv_message()
+    async with connected(server) as client:
         await client.speak("This stream will stall after a little audio has been sent.")
         result = await client.until_final("u1")
         assert result.messages[0]["type"] == "start"
