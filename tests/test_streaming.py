@@ -75,3 +75,15 @@ async def test_first_audio_is_forwarded_before_upstream_finishes(
     assert result.final["type"] == "end"
     assert fake.records[0].completed
     assert bytes(result.audio) == bytes(fake.records[0].audio)
+
+
+async def test_speak_without_id_gets_one_echoed_on_every_message(client: Client) -> None:
+    """A speak with only text is spoken, and all its messages carry the id the server made."""
+    await client.send({"type": "speak", "text": "No id given."})
+    while client.current is None:
+        await client.read_one()
+    made = client.current
+    assert 1 <= len(made) <= 64
+    result = await client.until_final(made)
+    assert [result.messages[0]["type"], result.final["type"]] == ["start", "end"]
+    assert all(message["id"] == made for message in result.messages)

@@ -57,6 +57,8 @@ class Utterance:
     voice: str
     received_at: float
     task: asyncio.Task[None] | None = None
+    #: Its end or error is being sent: too late to cancel.
+    finishing: bool = False
     cancel_requested: asyncio.Event = field(default_factory=asyncio.Event)
     finished: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -243,6 +245,7 @@ class Session:
                 else:
                     await self._send(encode_word(utterance.id, event))
                     words += 1
+            utterance.finishing = True
             await self._send(
                 encode_end(
                     utterance.id,
@@ -262,6 +265,7 @@ class Session:
             outcome = error_code(exc)
             if not isinstance(exc, ClientError):
                 logger.exception("conn=%s utterance=%r failed", self.connection_id, utterance.id)
+            utterance.finishing = True
             with contextlib.suppress(ConnectionClosed):
                 await self._send(
                     encode_error(exc, utterance_id=utterance.id, partial=byte_count > 0)
@@ -314,7 +318,7 @@ class Session:
 
 
 def _done(utterance: Utterance) -> bool:
-    return utterance.task is None or utterance.task.done()
+    return utterance.finishing or utterance.task is None or utterance.task.done()
 
 
 async def _quietly(coroutine: Coroutine[Any, Any, None]) -> None:
