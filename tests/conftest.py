@@ -16,7 +16,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from tests.fake_edge import FakeEdge
 from ttsstream.config import Config
-from ttsstream.server import STREAM_PATH, Server
+from ttsstream.server import STREAM_PATH, Server, speech_router
 
 #: Every timeout in the tests is a multiple of this; raise
 #: TTSSTREAM_TEST_TIMEOUT_SCALE on slow machines.
@@ -39,7 +39,7 @@ async def start_server(fake: FakeEdge) -> AsyncIterator[ServerFactory]:
     """Start servers on 127.0.0.1 with an ephemeral port, wired to the fake; closed at the end."""
     servers: list[Server] = []
 
-    async def start(**settings: Any) -> Server:
+    async def start(*, with_offline: bool = True, **settings: Any) -> Server:
         settings = {
             "host": "127.0.0.1",
             "port": 0,
@@ -48,7 +48,8 @@ async def start_server(fake: FakeEdge) -> AsyncIterator[ServerFactory]:
             "upstream_timeout": TIMEOUT,
             **settings,
         }
-        server = Server(Config(**settings))
+        config = Config(**settings)
+        server = Server(config, speech_router(config, with_offline=with_offline))
         await server.start()
         servers.append(server)
         return server

@@ -16,6 +16,7 @@ from ttsstream.config import Config
 from ttsstream.engine import MP3_24KHZ_48KBPS, SynthesisEvent, SynthesisRequest, Voice
 from ttsstream.protocol import MAX_FRAME_BYTES
 from ttsstream.server import Server
+from ttsstream.speech import SpeechRouter
 
 
 async def speaks_fine(client: Client, id: str = "ok") -> None:
@@ -184,25 +185,39 @@ async def test_unknown_voice_is_refused_before_the_upstream(client: Client, fake
     assert fake.records == []
 
 
-async def test_voices_lists_edge_voices_and_is_kept(client: Client, fake: FakeEdge) -> None:
-    """voices answers the upstream's list with engine edge; asking again does not refetch it."""
+async def test_voices_lists_edge_and_offline_voices(client: Client, fake: FakeEdge) -> None:
+    """voices lists the upstream's voices and the offline ones; asking again does not refetch."""
     await client.send({"type": "voices"})
-    first = await client.recv_message()
+    first = await client.next_loose()
     await client.send({"type": "voices"})
-    second = await client.recv_message()
+    second = await client.next_loose()
     assert first == second
-    names = {voice["name"] for voice in first["voices"]}
-    assert {"en-US-AriaNeural", "fr-FR-DeniseNeural"} <= names
-    assert all(voice["engine"] == "edge" for voice in first["voices"])
     assert {"name", "locale", "gender", "engine"} == set(first["voices"][0])
+    edge = {v["name"] for v in first["voices"] if v["engine"] == "edge"}
+    offline = {v["name"] for v in first["voices"] if v["engine"] == "espeak"}
+    assert edge == {voice["ShortName"] for voice in fake.voices}
+    assert {"espeak:en-us", "espeak:fr", "espeak:de"} <= offline
     assert fake.voice_list_requests == 1
 
 
-async def test_voice_list_failure_is_reported(start_server: ServerFactory, fake: FakeEdge) -> None:
-    """When the voice list cannot be fetched, voices answers upstream_unavailable."""
+async def test_voice_list_failure_leaves_offline_voices(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """When Edge's list cannot be fetched, voices lists the offline voices alone."""
     fake.refuse_voices_status = 503
-    server = await start_server()
-    async with connected(server) as client:
+    async with connected(await start_server()) as client:
+        await client.send({"type": "voices"})
+        voices = await client.next_loose()
+        assert voices["type"] == "voices" and voices["voices"]
+        assert {v["engine"] for v in voices["voices"]} == {"espeak"}
+
+
+async def test_voice_list_failure_without_offline_voice(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """Without an offline voice, a failed voice list answers upstream_unavailable."""
+    fake.refuse_voices_status = 503
+    async with connected(await start_server(with_offline=False)) as client:
         await client.send({"type": "voices"})
         error = await client.next_loose()
         assert (error["type"], error["id"], error["code"]) == (
@@ -261,7 +276,8 @@ class BrokenEngine:
 async def test_unexpected_failure_is_internal_and_reveals_nothing() -> None:
     """A bug in an engine gives internal with no detail, and the connection keeps working."""
     config = Config(host="127.0.0.1", port=0)
-    async with Server(config, engine=BrokenEngine()) as server, connected(server) as client:
+    speech = SpeechRouter(edge=BrokenEngine(), offline=None, fallback_voice=None)
+    async with Server(config, speech) as server, connected(server) as client:
         for id in ("a", "b"):
             await client.speak("Hi.", id=id)
             error = await client.until_final(id)

@@ -32,6 +32,8 @@ async def test_utterance_streams_audio_and_words(client: Client, fake: FakeEdge)
         "sample_rate": 24000,
         "cached": False,
         "engine": "edge",
+        "fallback": False,
+        "fallback_reason": None,
     }
     (record,) = fake.records
     assert bytes(result.audio) == bytes(record.audio)

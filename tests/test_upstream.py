@@ -1,4 +1,8 @@
-"""Upstream failures become stable error codes, and the connection keeps working."""
+"""Upstream failures become stable error codes, and the connection keeps working.
+
+These servers have no fallback voice and no retries, so each failure reaches the
+client as it is; ``test_fallback.py`` covers what a default server does instead.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,14 @@ from tests.test_session import speaks_fine
 
 #: A short upstream deadline for the timeout tests, in seconds.
 SHORT = 0.3
+#: Settings of every server here: failures are not retried nor spoken by a fallback.
+AS_IS = {"fallback_voice": None, "upstream_retries": 0}
+
+
+@pytest.fixture
+async def server(start_server: ServerFactory) -> Server:
+    """A server that reports upstream failures as they are."""
+    return await start_server(**AS_IS)
 
 
 @pytest.mark.parametrize("status", [403, 429, 503])
@@ -37,6 +49,7 @@ async def test_unreachable_upstream_is_upstream_unavailable(start_server: Server
         sock.bind(("127.0.0.1", 0))
         free_port = sock.getsockname()[1]
     server = await start_server(
+        **AS_IS,
         edge_wss_url=f"ws://127.0.0.1:{free_port}/edge/v1?TrustedClientToken=x",
         edge_voices_url=f"http://127.0.0.1:{free_port}/voices/list?trustedclienttoken=x",
     )
@@ -51,7 +64,7 @@ async def test_no_first_audio_in_time_is_upstream_timeout(
     start_server: ServerFactory, fake: FakeEdge
 ) -> None:
     """When the first audio takes longer than UPSTREAM_TIMEOUT, the utterance fails in time."""
-    server = await start_server(upstream_timeout=SHORT)
+    server = await start_server(upstream_timeout=SHORT, **AS_IS)
     fake.first_audio_delay = SHORT * 10
     async with connected(server) as client:
         await client.speak("Slow to start.")
@@ -68,7 +81,7 @@ async def test_stalled_stream_is_upstream_timeout_with_partial_audio(
     start_server: ServerFactory, fake: FakeEdge
 ) -> None:
     """A stream that stops mid-way fails with upstream_timeout saying the audio is partial."""
-    server = await start_server(upstream_timeout=SHORT)
+    server = await start_server(upstream_timeout=SHORT, **AS_IS)
     fake.stall_after_chunks = 2
     async with connected(server) as client:
         await client.speak("This stream will stall after a little audio has been sent.")

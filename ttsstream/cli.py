@@ -76,6 +76,9 @@ def _serve(args: argparse.Namespace) -> int:
     )
     try:
         asyncio.run(run(config))
+    except ConfigError as exc:
+        print(f"ttsstream: configuration error: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(
             f"ttsstream: cannot listen on {config.host}:{config.port}: {exc.strerror}",

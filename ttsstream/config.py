@@ -13,19 +13,23 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 
 from ttsstream.exceptions import ConfigError
 
-__all__ = ["EDGE_VOICE_PATTERN", "Config", "load_config"]
+__all__ = ["EDGE_VOICE_PATTERN", "OFFLINE_VOICE_PATTERN", "Config", "load_config"]
 
 #: edge-tts's accepted voice forms: "en-US-AriaNeural" or its long Microsoft name.
 EDGE_VOICE_PATTERN = re.compile(
     r"[a-z]{2,}-[A-Z]{2,}-.+Neural|Microsoft Server Speech Text to Speech Voice \(.+,.+\)"
 )
+#: The offline voices: "espeak:" and an eSpeak NG voice id such as "en-us".
+OFFLINE_VOICE_PATTERN = re.compile(r"espeak:[a-z0-9][a-z0-9_-]*")
+_VOICE_FORM = "an Edge voice such as en-US-AriaNeural, or an offline voice such as espeak:en-us"
+_FALLBACK_FORM = "espeak:auto, an offline voice such as espeak:en-us, or none"
 
 _EDGE_BASE = "speech.platform.bing.com/consumer/speech/synthesize/readaloud"
 _EDGE_TOKEN = "6A5AA1D4EAFF4E9FB37E23D68491D6F4"
@@ -47,6 +51,19 @@ class Config:
     default_voice: str = "en-US-EmmaMultilingualNeural"
     edge_wss_url: str = DEFAULT_EDGE_WSS_URL
     edge_voices_url: str = DEFAULT_EDGE_VOICES_URL
+    #: Offline voice that speaks when Edge fails before any audio: "espeak:auto"
+    #: (the requested voice's locale), "espeak:<id>", or None for no fallback.
+    fallback_voice: str | None = "espeak:auto"
+
+    # Upstream protection
+    #: Further Edge attempts after a failed one, while no audio was sent.
+    upstream_retries: int = 2
+    #: Consecutive Edge failures that open the circuit breaker.
+    breaker_failures: int = 5
+    #: Seconds the breaker stays open before one trial request.
+    breaker_cooldown: float = 30.0
+    #: Most simultaneous Edge syntheses for the whole server.
+    upstream_concurrency: int = 16
 
     # Timeouts
     #: Seconds allowed for connect + first audio, and for any gap between upstream chunks.
@@ -67,9 +84,24 @@ class Config:
             raise ConfigError("PORT", str(self.port), "an integer from 0 to 65535")
         if not self.host:
             raise ConfigError("HOST", self.host, "an IP address or host name")
-        if EDGE_VOICE_PATTERN.fullmatch(self.default_voice) is None:
+        if not (
+            EDGE_VOICE_PATTERN.fullmatch(self.default_voice)
+            or OFFLINE_VOICE_PATTERN.fullmatch(self.default_voice)
+        ):
+            raise ConfigError("DEFAULT_VOICE", self.default_voice, _VOICE_FORM)
+        if self.fallback_voice is not None and not OFFLINE_VOICE_PATTERN.fullmatch(
+            self.fallback_voice
+        ):
+            raise ConfigError("FALLBACK_VOICE", self.fallback_voice, _FALLBACK_FORM)
+        if self.upstream_retries < 0:
+            raise ConfigError("UPSTREAM_RETRIES", str(self.upstream_retries), "an integer >= 0")
+        if self.breaker_failures < 1:
+            raise ConfigError("BREAKER_FAILURES", str(self.breaker_failures), "an integer >= 1")
+        if not self.breaker_cooldown >= 0:
+            raise ConfigError("BREAKER_COOLDOWN", str(self.breaker_cooldown), "seconds >= 0")
+        if self.upstream_concurrency < 1:
             raise ConfigError(
-                "DEFAULT_VOICE", self.default_voice, "an Edge voice such as en-US-AriaNeural"
+                "UPSTREAM_CONCURRENCY", str(self.upstream_concurrency), "an integer >= 1"
             )
         _check_url("EDGE_WSS_URL", self.edge_wss_url, ("ws", "wss"))
         _check_url("EDGE_VOICES_URL", self.edge_voices_url, ("http", "https"))
@@ -98,7 +130,9 @@ def _check_url(variable: str, url: str, schemes: tuple[str, ...]) -> None:
         raise ConfigError(variable, url, expected)
 
 
-T = TypeVar("T")
+def _fallback_voice(text: str) -> str | None:
+    text = text.strip()
+    return None if text.lower() == "none" else text
 
 
 def _integer(text: str) -> int:
@@ -116,7 +150,12 @@ def _seconds(text: str) -> float:
 _VARIABLES: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "HOST": ("host", str.strip, "an IP address or host name"),
     "PORT": ("port", _integer, "an integer from 0 to 65535"),
-    "DEFAULT_VOICE": ("default_voice", str.strip, "an Edge voice such as en-US-AriaNeural"),
+    "DEFAULT_VOICE": ("default_voice", str.strip, _VOICE_FORM),
+    "FALLBACK_VOICE": ("fallback_voice", _fallback_voice, _FALLBACK_FORM),
+    "UPSTREAM_RETRIES": ("upstream_retries", _integer, "an integer >= 0"),
+    "BREAKER_FAILURES": ("breaker_failures", _integer, "an integer >= 1"),
+    "BREAKER_COOLDOWN": ("breaker_cooldown", _seconds, "seconds >= 0, such as 30"),
+    "UPSTREAM_CONCURRENCY": ("upstream_concurrency", _integer, "an integer >= 1"),
     "EDGE_WSS_URL": ("edge_wss_url", str.strip, "a ws:// or wss:// URL with a query string"),
     "EDGE_VOICES_URL": (
         "edge_voices_url",

@@ -204,8 +204,12 @@ def encode_start(
     mime_type: str,
     sample_rate: int,
     cached: bool,
+    fallback_reason: str | None = None,
 ) -> bytes:
-    """Encode ``start``, sent before an utterance's first audio byte."""
+    """Encode ``start``, sent before an utterance's first audio byte.
+
+    ``fallback_reason`` is the error code that made the offline voice speak instead.
+    """
     return _encode(
         {
             "type": "start",
@@ -215,6 +219,8 @@ def encode_start(
             "sample_rate": sample_rate,
             "cached": cached,
             "engine": engine,
+            "fallback": fallback_reason is not None,
+            "fallback_reason": fallback_reason,
         }
     )
 

@@ -21,12 +21,14 @@ from websockets.asyncio.server import Server as WebSocketServer
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.http11 import Request, Response
 
+from ttsstream.breaker import CircuitBreaker
 from ttsstream.config import Config
 from ttsstream.edge import EdgeEngine
-from ttsstream.engine import Engine
-from ttsstream.exceptions import ClientError
+from ttsstream.espeak import EspeakEngine
+from ttsstream.exceptions import ClientError, ConfigError
 from ttsstream.protocol import MAX_FRAME_BYTES
 from ttsstream.session import Session
+from ttsstream.speech import AUTO, SpeechRouter
 
 __all__ = ["STREAM_PATH", "Server", "run"]
 
@@ -42,17 +44,15 @@ class Server:
     Args:
         config: Every setting; ``config.host`` and ``config.port`` say where to listen
             (port 0 picks a free port: see :attr:`port`).
-        engine: The speech engine; defaults to Edge's voices as ``config`` says.
+        speech: Routes utterances to engines; by default built from ``config``.
+
+    Raises:
+        ConfigError: A voice setting names an offline voice that is not available.
     """
 
-    def __init__(self, config: Config, engine: Engine | None = None) -> None:
+    def __init__(self, config: Config, speech: SpeechRouter | None = None) -> None:
         self.config = config
-        self.engine: Engine = engine or EdgeEngine(
-            wss_url=config.edge_wss_url,
-            voices_url=config.edge_voices_url,
-            timeout=config.upstream_timeout,
-            voices_ttl=config.voices_ttl,
-        )
+        self.speech = speech or speech_router(config)
         self._server: WebSocketServer | None = None
         self._prefetch: asyncio.Task[None] | None = None
 
@@ -124,16 +124,62 @@ class Server:
         return None
 
     async def _handle(self, connection: ServerConnection) -> None:
-        session = Session(connection, config=self.config, engine=self.engine)
+        session = Session(connection, config=self.config, speech=self.speech)
         logger.debug("conn=%s open from %s", session.connection_id, connection.remote_address)
         await session.run()
         logger.debug("conn=%s closed code=%s", session.connection_id, connection.close_code)
 
     async def _prefetch_voices(self) -> None:
         try:
-            await self.engine.voices()
+            await self.speech.edge.voices()
         except ClientError as exc:
             logger.warning("voice list not available yet (%s); voices are not checked", exc.code)
+
+
+def speech_router(config: Config, *, with_offline: bool = True) -> SpeechRouter:
+    """Build the engines and the router that ``config`` describes.
+
+    Args:
+        config: The settings.
+        with_offline: Load the offline voice when it is installed (tests turn it off
+            to see a server without the ``local`` extra).
+
+    Raises:
+        ConfigError: ``DEFAULT_VOICE`` or ``FALLBACK_VOICE`` names an offline voice
+            that is not available.
+    """
+    edge = EdgeEngine(
+        wss_url=config.edge_wss_url,
+        voices_url=config.edge_voices_url,
+        timeout=config.upstream_timeout,
+        voices_ttl=config.voices_ttl,
+    )
+    offline = EspeakEngine.load() if with_offline else None
+    for variable, voice in (
+        ("DEFAULT_VOICE", config.default_voice),
+        ("FALLBACK_VOICE", config.fallback_voice),
+    ):
+        if voice is None or voice == AUTO or not voice.startswith("espeak:"):
+            continue
+        if offline is None:
+            raise ConfigError(variable, voice, "an Edge voice: the offline voice is not installed")
+        if not offline.has_voice(voice):
+            raise ConfigError(variable, voice, "an offline voice listed by the voices message")
+    if offline is None:
+        logger.warning("fallback: none (no offline voice); Edge failures reach clients as errors")
+    else:
+        logger.info("fallback: %s", config.fallback_voice or "none")
+    return SpeechRouter(
+        edge=edge,
+        offline=offline,
+        fallback_voice=config.fallback_voice,
+        breaker=CircuitBreaker(
+            failure_threshold=config.breaker_failures, cooldown=config.breaker_cooldown
+        ),
+        retries=config.upstream_retries,
+        concurrency=config.upstream_concurrency,
+        timeout=config.upstream_timeout,
+    )
 
 
 def _refuse(

@@ -24,7 +24,7 @@ from websockets.exceptions import ConnectionClosed
 
 from ttsstream import __version__
 from ttsstream.config import Config
-from ttsstream.engine import AudioChunk, Engine, SynthesisRequest
+from ttsstream.engine import AudioChunk, SynthesisRequest
 from ttsstream.exceptions import ClientError, InvalidParameter, NotFound, QueueFull
 from ttsstream.protocol import (
     Cancel,
@@ -40,6 +40,7 @@ from ttsstream.protocol import (
     error_code,
     parse_client_message,
 )
+from ttsstream.speech import SpeechRouter, Started
 
 __all__ = ["Session"]
 
@@ -73,13 +74,15 @@ class Session:
     Args:
         websocket: The connection, already past the handshake.
         config: The server's configuration.
-        engine: Speaks the utterances.
+        speech: Speaks the utterances.
     """
 
-    def __init__(self, websocket: ServerConnection, *, config: Config, engine: Engine) -> None:
+    def __init__(
+        self, websocket: ServerConnection, *, config: Config, speech: SpeechRouter
+    ) -> None:
         self._ws = websocket
         self._config = config
-        self._engine = engine
+        self._speech = speech
         self.connection_id = websocket.id.hex[:12]
         self._pending: deque[Utterance] = deque()
         self._wakeup = asyncio.Event()
@@ -134,7 +137,7 @@ class Session:
             )
         voice = request.voice or self._config.default_voice
         try:
-            await self._engine.check_voice(voice)
+            await self._speech.check_voice(voice)
         except ClientError as exc:
             exc.utterance_id = request.id
             raise
@@ -208,7 +211,7 @@ class Session:
 
     async def _speak(self, utterance: Utterance) -> None:
         request = utterance.request
-        events = self._engine.synthesize(
+        events = self._speech.synthesize(
             SynthesisRequest(
                 text=request.text,
                 voice=utterance.voice,
@@ -217,27 +220,27 @@ class Session:
                 pitch=request.pitch,
             )
         )
-        audio_format = self._engine.audio_format
-        started = False
+        started: Started | None = None
         byte_count = 0
         words = 0
         ttfb_ms: float | None = None
         outcome = "ok"
         try:
             async for event in events:
-                if not started:
+                if isinstance(event, Started):
+                    started = event
                     await self._send(
                         encode_start(
                             utterance.id,
-                            voice=utterance.voice,
-                            engine=self._engine.name,
-                            mime_type=audio_format.mime_type,
-                            sample_rate=audio_format.sample_rate,
+                            voice=event.voice,
+                            engine=event.engine,
+                            mime_type=event.audio_format.mime_type,
+                            sample_rate=event.audio_format.sample_rate,
                             cached=False,
+                            fallback_reason=event.fallback_reason,
                         )
                     )
-                    started = True
-                if isinstance(event, AudioChunk):
+                elif isinstance(event, AudioChunk):
                     if ttfb_ms is None:
                         ttfb_ms = (time.perf_counter() - utterance.received_at) * 1000
                     await self._ws.send(event.data)
@@ -245,12 +248,13 @@ class Session:
                 else:
                     await self._send(encode_word(utterance.id, event))
                     words += 1
+            assert started is not None, "every utterance begins with Started"
             utterance.finishing = True
             await self._send(
                 encode_end(
                     utterance.id,
                     byte_count=byte_count,
-                    audio_ms=audio_format.duration_ms(byte_count),
+                    audio_ms=started.audio_format.duration_ms(byte_count),
                     words=words,
                     cached=False,
                     ttfb_ms=ttfb_ms or 0.0,
@@ -272,12 +276,13 @@ class Session:
                 )
         finally:
             logger.info(
-                "utterance conn=%s id=%r voice=%s engine=%s chars=%d ttfb_ms=%s "
+                "utterance conn=%s id=%r voice=%s engine=%s fallback=%s chars=%d ttfb_ms=%s "
                 "bytes=%d words=%d outcome=%s",
                 self.connection_id,
                 utterance.id,
-                utterance.voice,
-                self._engine.name,
+                started.voice if started else utterance.voice,
+                started.engine if started else "-",
+                (started.fallback_reason if started else None) or "-",
                 len(request.text),
                 "-" if ttfb_ms is None else f"{ttfb_ms:.1f}",
                 byte_count,
@@ -288,7 +293,7 @@ class Session:
 
     async def _send_voices(self) -> None:
         try:
-            voices = await self._engine.voices()
+            voices = await self._speech.voices()
         except ClientError as exc:
             await self._send(encode_error(exc, utterance_id=None))
             return

@@ -1,4 +1,7 @@
-"""Locate the words an engine reports in the text the client sent.
+"""Locate the words an engine reports in the text the client sent (pure; no I/O).
+
+:class:`WordLocator` serves engines that report words (Edge);
+:class:`WordTimeline` serves engines that report positions (eSpeak).
 
 The Edge service reports its own normalised words ("Hello" for "Hello,"), and
 edge-tts unescapes them, so each word is searched for in the original text from
@@ -8,9 +11,13 @@ and a word that cannot be found gets ``None`` without moving the cursor.
 
 from __future__ import annotations
 
+import bisect
 import re
+from dataclasses import dataclass
 
-__all__ = ["WordLocator"]
+from ttsstream.engine import WordEvent
+
+__all__ = ["Token", "WordLocator", "WordTimeline", "tokens_of"]
 
 #: How far past the cursor a word may be found, in characters. Bounded so that a
 #: word the upstream invented (a number spelled out, say) cannot jump the cursor
@@ -53,3 +60,102 @@ class WordLocator:
             if first is None:
                 first = span
         return first
+
+
+_TRIM = "\"'“”‘’«»„‚‹›()[]{}<>.,;:!?¡¿…—–-*_/\\|~`"
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    """One whitespace-separated word of a text, trimmed of surrounding punctuation."""
+
+    text: str
+    start: int
+    end: int
+
+
+def tokens_of(text: str) -> list[Token]:
+    """Split ``text`` at whitespace; trim each piece's punctuation unless nothing would be left."""
+    tokens = []
+    for match in re.finditer(r"\S+", text):
+        piece = match.group()
+        lead = len(piece) - len(piece.lstrip(_TRIM))
+        trimmed = piece.strip(_TRIM)
+        if trimmed:
+            tokens.append(Token(trimmed, match.start() + lead, match.start() + lead + len(trimmed)))
+        else:
+            tokens.append(Token(piece, match.start(), match.end()))
+    return tokens
+
+
+class WordTimeline:
+    """Give every whitespace-separated word of a text exactly one timed word event.
+
+    An engine reports marks (character index, time) for the words it speaks, but
+    may merge words ("of the"), split one (numbers), or skip some. Each mark
+    anchors the word containing it; words without a mark get times interpolated
+    between their neighbours' anchors in proportion to their length. A word is
+    emitted once the next anchor fixes its duration, so events come in order
+    and none is revised.
+    """
+
+    def __init__(self, text: str) -> None:
+        self.tokens = tokens_of(text)
+        self._starts = [token.start for token in self.tokens]
+        self._emitted = 0
+        self._anchor_index = 0
+        self._anchor_ms = 0.0
+        self._anchored = False
+
+    @property
+    def known_until_ms(self) -> float:
+        """Every word that starts before this time has been emitted."""
+        if self._emitted == len(self.tokens):
+            return float("inf")
+        return self._anchor_ms if self._anchored else 0.0
+
+    def mark(self, char_index: int, time_ms: float) -> list[WordEvent]:
+        """Anchor the word at ``char_index`` at ``time_ms``; return the words this fixes."""
+        index = bisect.bisect_right(self._starts, char_index) - 1
+        if index < 0:
+            index = 0  # a mark on leading whitespace or punctuation belongs to the first word
+        elif char_index >= self.tokens[index].end and index + 1 < len(self.tokens):
+            index += 1  # a mark between words belongs to the next one
+        if (
+            not self.tokens
+            or index < self._anchor_index
+            or (self._anchored and index == self._anchor_index)
+        ):
+            return []  # a second mark within a word, or one going backwards
+        time_ms = max(time_ms, self._anchor_ms)
+        words = self._interpolate(index, time_ms)
+        self._anchor_index, self._anchor_ms, self._anchored = index, time_ms, True
+        return words
+
+    def finish(self, end_ms: float) -> list[WordEvent]:
+        """Emit the remaining words, spread up to ``end_ms``, the end of the audio."""
+        return self._interpolate(len(self.tokens), max(end_ms, self._anchor_ms))
+
+    def _interpolate(self, until: int, until_ms: float) -> list[WordEvent]:
+        """Emit words ``self._emitted .. until - 1``, which lie between the anchor and ``until``."""
+        first = self._emitted
+        if first >= until:
+            return []
+        weights = [len(token.text) + 1 for token in self.tokens[first:until]]
+        span = until_ms - self._anchor_ms
+        starts, elapsed = [], 0
+        for weight in weights:
+            starts.append(self._anchor_ms + span * elapsed / sum(weights))
+            elapsed += weight
+        starts.append(until_ms)
+        self._emitted = until
+        return [
+            WordEvent(
+                text=token.text,
+                offset_ms=starts[k],
+                duration_ms=starts[k + 1] - starts[k],
+                char_start=token.start,
+                char_end=token.end,
+            )
+            for k, token in enumerate(self.tokens[first:until])
+        ]

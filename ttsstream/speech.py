@@ -1,0 +1,244 @@
+"""Which engine speaks an utterance, and how the Edge upstream is protected.
+
+:class:`SpeechRouter` sends ``espeak:`` voices to the offline engine and every
+other voice to Edge, with:
+
+- a cap on simultaneous Edge syntheses (``UPSTREAM_CONCURRENCY``), taken in order;
+- retries with jittered exponential backoff while no audio was sent, all within
+  one ``UPSTREAM_TIMEOUT`` deadline (``UPSTREAM_RETRIES``);
+- a circuit breaker that stops calling Edge after repeated failures;
+- fallback to the offline voice when Edge fails before any audio. Audio of two
+  engines is never mixed: once Edge audio went out, a failure is an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass, replace
+
+from ttsstream.breaker import CircuitBreaker
+from ttsstream.engine import (
+    AudioChunk,
+    AudioFormat,
+    Engine,
+    SynthesisEvent,
+    SynthesisRequest,
+    Voice,
+    WordEvent,
+)
+from ttsstream.espeak import VOICE_PREFIX, EspeakEngine
+from ttsstream.exceptions import (
+    InvalidVoice,
+    NoAudio,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+
+__all__ = ["AUTO", "SpeechRouter", "Started"]
+
+logger = logging.getLogger("ttsstream.speech")
+
+#: ``FALLBACK_VOICE`` value: the offline voice for the requested voice's locale.
+AUTO = VOICE_PREFIX + "auto"
+#: The offline voice when no locale matches.
+LAST_RESORT_VOICE = VOICE_PREFIX + "en-us"
+#: First retry waits about this many seconds; each later one twice as long.
+RETRY_BACKOFF_SECONDS = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """The first event of every utterance: who speaks it, and why if it is a fallback."""
+
+    engine: str
+    voice: str
+    audio_format: AudioFormat
+    #: Error code of the Edge failure that made the offline voice speak, else ``None``.
+    fallback_reason: str | None = None
+
+
+Speech = Started | AudioChunk | WordEvent
+
+
+class SpeechRouter:
+    """Route utterances to engines, protecting the upstream and falling back.
+
+    Args:
+        edge: The online engine.
+        offline: The offline engine, or ``None`` when it is not installed.
+        fallback_voice: :data:`AUTO`, an ``espeak:<id>`` voice, or ``None`` for no fallback.
+        breaker: Guards the online engine.
+        retries: Further attempts after a failed one, while no audio was sent.
+        concurrency: Most simultaneous online syntheses.
+        timeout: Seconds for all attempts together to produce the first audio.
+        sleep: Waits between retries; tests pass their own.
+    """
+
+    def __init__(
+        self,
+        *,
+        edge: Engine,
+        offline: EspeakEngine | None,
+        fallback_voice: str | None = AUTO,
+        breaker: CircuitBreaker | None = None,
+        # Limits
+        retries: int = 2,
+        concurrency: int = 16,
+        # Timeouts
+        timeout: float = 15.0,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        if retries < 0:
+            raise ValueError("retries must be >= 0")
+        if concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
+        if fallback_voice not in (None, AUTO) and (
+            offline is not None and not offline.has_voice(fallback_voice)
+        ):
+            raise ValueError(f"unknown fallback voice {fallback_voice!r}")
+        self.edge = edge
+        self.offline = offline
+        self.fallback_voice = fallback_voice if offline is not None else None
+        self.breaker = breaker or CircuitBreaker()
+        self._retries = retries
+        self._slots = asyncio.Semaphore(concurrency)
+        self._timeout = timeout
+        self._sleep = sleep
+
+    # Voices
+
+    async def voices(self) -> list[Voice]:
+        """Edge's voices and the offline ones; either alone when the other is unavailable.
+
+        Raises:
+            UpstreamError: Edge's list failed and there is no offline voice.
+        """
+        offline = await self.offline.voices() if self.offline is not None else []
+        try:
+            online = await self.edge.voices()
+        except UpstreamError as exc:
+            if not offline:
+                raise
+            logger.warning("voice list: Edge unavailable (%s), offline voices only", exc.code)
+            online = []
+        return online + offline
+
+    async def check_voice(self, voice: str) -> None:
+        """Refuse a voice no engine has (Edge's only when its list is known)."""
+        if voice.startswith(VOICE_PREFIX):
+            if self.offline is None:
+                raise InvalidVoice("the offline voice is not installed on this server")
+            await self.offline.check_voice(voice)
+        else:
+            await self.edge.check_voice(voice)
+
+    # Speech
+
+    async def synthesize(self, request: SynthesisRequest) -> AsyncGenerator[Speech, None]:
+        """Speak ``request``: :class:`Started` first, then its audio and word events.
+
+        Raises:
+            ClientError: The utterance failed and no fallback could speak it.
+        """
+        if request.voice.startswith(VOICE_PREFIX):
+            if self.offline is None:
+                raise InvalidVoice("the offline voice is not installed on this server")
+            yield Started(self.offline.name, request.voice, self.offline.audio_format)
+            async with contextlib.aclosing(self.offline.synthesize(request)) as events:
+                async for event in events:
+                    yield event
+            return
+
+        async with self._slots:
+            try:
+                stream, first = await self._first_audio(request)
+            except UpstreamError as exc:
+                fallback = self._fallback_for(request.voice)
+                if fallback is None or self.offline is None:
+                    raise
+                logger.warning("edge failed before audio (%s): fallback to %s", exc.code, fallback)
+                reason = exc.code
+            else:
+                yield Started(self.edge.name, request.voice, self.edge.audio_format)
+                try:
+                    for event in first:
+                        yield event
+                    async for event in stream:
+                        yield event
+                except UpstreamError as exc:
+                    self.breaker.record_failure(exc.code)
+                    raise
+                finally:
+                    await stream.aclose()
+                return
+        # The fallback runs outside the Edge slot: it does not load the upstream.
+        yield Started(self.offline.name, fallback, self.offline.audio_format, reason)
+        async with contextlib.aclosing(
+            self.offline.synthesize(replace(request, voice=fallback))
+        ) as events:
+            async for event in events:
+                yield event
+
+    async def _first_audio(
+        self, request: SynthesisRequest
+    ) -> tuple[AsyncGenerator[SynthesisEvent, None], list[SynthesisEvent]]:
+        """Open Edge and read up to its first audio chunk, retrying while time is left.
+
+        Returns:
+            The open stream and the events read from it, ending with the first audio.
+
+        Raises:
+            UpstreamError: Every attempt failed, the deadline passed, or the breaker is open.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        failure: UpstreamError = UpstreamUnavailable(
+            "the speech service is failing; requests to it are paused"
+        )
+        for attempt in range(self._retries + 1):
+            if attempt > 0:
+                backoff = RETRY_BACKOFF_SECONDS * 2 ** (attempt - 1)
+                delay = backoff / 2 + random.random() * backoff / 2
+                if loop.time() + delay >= deadline:
+                    break
+                await self._sleep(delay)
+            if not self.breaker.allow():
+                break
+            stream = self.edge.synthesize(request)
+            first: list[SynthesisEvent] = []
+            try:
+                async with asyncio.timeout_at(deadline):
+                    async for event in stream:
+                        first.append(event)
+                        if isinstance(event, AudioChunk):
+                            break
+            except TimeoutError:
+                failure = UpstreamTimeout("the speech service did not answer in time")
+            except UpstreamError as exc:
+                failure = exc
+            except BaseException:
+                self.breaker.abandon_trial()
+                await stream.aclose()
+                raise
+            else:
+                if first and isinstance(first[-1], AudioChunk):
+                    self.breaker.record_success()
+                    return stream, first
+                failure = NoAudio("the speech service returned no audio")
+            await stream.aclose()
+            self.breaker.record_failure(failure.code)
+            logger.info("edge attempt %d failed: %s", attempt + 1, failure.code)
+        raise failure
+
+    def _fallback_for(self, voice: str) -> str | None:
+        if self.offline is None or self.fallback_voice is None:
+            return None
+        if self.fallback_voice != AUTO:
+            return self.fallback_voice
+        locale = "-".join(voice.split("-")[:2])
+        return self.offline.voice_for_locale(locale) or LAST_RESORT_VOICE
