@@ -15,6 +15,7 @@ import pytest
 from tests.conftest import TIMEOUT, Client, ServerFactory, connected
 from tests.fake_edge import FakeEdge, spoken_words
 from tests.test_session import speaks_fine
+from ttsstream.server import Server
 
 #: A short upstream deadline for the timeout tests, in seconds.
 SHORT = 0.3
