@@ -132,6 +132,8 @@ class FakeEdge:
     def __init__(self) -> None:
         # Faults
         self.refuse_status: int | None = None
+        #: Refuse only this many more handshakes (with refuse_status), then accept.
+        self.refuse_count: int | None = None
         self.refuse_voices_status: int | None = None
         self.first_audio_delay = 0.0
         self.chunk_delay = 0.0
@@ -146,6 +148,9 @@ class FakeEdge:
         # Records
         self.records: list[SynthesisRecord] = []
         self.voice_list_requests = 0
+        self.handshakes = 0
+        self.active = 0
+        self.max_active = 0
         self.paused = asyncio.Event()
         #: Every way the client broke the protocol; a test's fixture asserts there is none.
         self.violations: list[str] = []
@@ -215,7 +220,10 @@ class FakeEdge:
         _require_drm(query, "TrustedClientToken")
         assert "ConnectionId" in query, "edge-tts sends a ConnectionId"
         assert request.headers.get("Origin", "").startswith("chrome-extension://")
-        if self.refuse_status is not None:
+        self.handshakes += 1
+        if self.refuse_status is not None and self.refuse_count != 0:
+            if self.refuse_count is not None:
+                self.refuse_count -= 1
             # Like the real service, with a Date header that edge-tts uses to fix its clock.
             return connection.respond(self.refuse_status, "refused\n")
         return None
@@ -229,12 +237,18 @@ class FakeEdge:
         # Seen even while the handler is paused or stalled, as a real service would.
         watcher = asyncio.create_task(ws.wait_closed())
         watcher.add_done_callback(lambda _: record.closed.set())
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
         try:
             await self._synthesize(ws, record)
         except AssertionError as exc:
             self.violations.append(f"synthesis: {exc}")
         finally:
-            record.closed.set()
+            self.active -= 1
+        # The service leaves the socket open; edge-tts closes it after turn.end.
+        with contextlib.suppress(Exception):
+            await ws.wait_closed()
+        record.closed.set()
 
     async def _synthesize(self, ws: ServerConnection, record: SynthesisRecord) -> None:
         headers, body = _split_text_message(await ws.recv())
@@ -317,9 +331,6 @@ class FakeEdge:
         await ws.send(_audio_message(request_id, b""))
         await ws.send(_text_message(request_id, "turn.end", "{}"))
         record.completed = True
-        # The service leaves the socket open; edge-tts closes it after turn.end.
-        with contextlib.suppress(Exception):
-            await ws.wait_closed()
 
 
 async def _first(*waits: Coroutine[Any, Any, Any]) -> None:

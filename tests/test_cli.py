@@ -17,6 +17,7 @@ from websockets.asyncio.client import connect
 
 from tests.conftest import TIMEOUT
 from tests.fake_edge import FakeEdge, spoken_words
+from ttsstream.words import tokens_of
 
 CONSOLE_SCRIPT = Path(sys.executable).with_name("ttsstream")
 LISTENING = re.compile(rb"listening on 127\.0\.0\.1:(\d+)")
@@ -192,3 +193,104 @@ async def test_dotenv_file_and_positional_port(fake: FakeEdge, tmp_path: Path) -
         process.send_signal(signal.SIGTERM)
         status = await asyncio.wait_for(process.wait(), TIMEOUT)
     assert status == 0
+
+
+async def test_no_internet_still_speaks_offline(tmp_path: Path) -> None:
+    """With Edge unreachable, the default server speaks through the offline voice, and say
+    writes an MP3 whose decoded duration matches end.audio_ms, with one event per word."""
+    probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    dead = probe.sockets[0].getsockname()[1]
+    probe.close()
+    await probe.wait_closed()
+    env = {key: value for key, value in os.environ.items() if key not in ("FALLBACK_VOICE", "PORT")}
+    env.update(
+        HOST="127.0.0.1",
+        PORT="0",
+        EDGE_WSS_URL=f"ws://127.0.0.1:{dead}/edge/v1?TrustedClientToken=x",
+        EDGE_VOICES_URL=f"http://127.0.0.1:{dead}/voices/list?trustedclienttoken=x",
+    )
+    process = await start_process([str(CONSOLE_SCRIPT), "serve"], env, tmp_path)
+    try:
+        port = await wait_listening(process)
+        text = "No internet here, yet this sentence is spoken by the offline voice."
+        status, stderr = await run(
+            [
+                str(CONSOLE_SCRIPT),
+                "say",
+                text,
+                "-o",
+                "offline.mp3",
+                "--words",
+                "words.json",
+                "--url",
+                f"ws://127.0.0.1:{port}/v1/stream",
+            ],
+            cwd=tmp_path,
+        )
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.wait(), TIMEOUT)
+    assert status == 0, stderr
+    assert "by espeak (fallback: upstream_unavailable)" in stderr
+    audio_ms = float(re.search(r"([0-9.]+) ms of audio", stderr).group(1))  # type: ignore[union-attr]
+    audio = (tmp_path / "offline.mp3").read_bytes()
+    decoded = miniaudio.decode(audio, nchannels=1, sample_rate=24000)
+    assert decoded.duration * 1000 == pytest.approx(audio_ms, abs=1)
+    assert audio_ms > 2000
+    words = json.loads((tmp_path / "words.json").read_text())
+    assert [w["text"] for w in words] == [t.text for t in tokens_of(text)]
+
+
+async def test_without_the_local_extra_the_server_says_so_and_runs(
+    fake: FakeEdge, tmp_path: Path
+) -> None:
+    """When eSpeak cannot be imported, the server starts, says there is no offline voice,
+    and still speaks with Edge."""
+    blocked = (
+        "import sys; sys.modules['espeakng_loader'] = None; "
+        "from ttsstream.cli import main; sys.exit(main(['serve']))"
+    )
+    process = await start_process([sys.executable, "-c", blocked], environment(fake), tmp_path)
+    try:
+        assert process.stderr is not None
+        said = b""
+        while not LISTENING.search(said):
+            said += await asyncio.wait_for(process.stderr.readline(), TIMEOUT)
+        assert b"no offline voice available" in said
+        port = int(LISTENING.search(said).group(1))  # type: ignore[union-attr]
+        status, stderr = await run(
+            [
+                sys.executable,
+                "-m",
+                "ttsstream",
+                "say",
+                "Edge still works.",
+                "-o",
+                "x.mp3",
+                "--url",
+                f"ws://127.0.0.1:{port}/v1/stream",
+            ],
+            cwd=tmp_path,
+        )
+        assert status == 0, stderr
+        assert "by edge" in stderr
+        status, stderr = await run(
+            [
+                sys.executable,
+                "-m",
+                "ttsstream",
+                "say",
+                "Offline?",
+                "-o",
+                "y.mp3",
+                "--voice",
+                "espeak:en-us",
+                "--url",
+                f"ws://127.0.0.1:{port}/v1/stream",
+            ],
+            cwd=tmp_path,
+        )
+        assert status == 1 and "invalid_voice" in stderr
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.wait(), TIMEOUT)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ttsstream.words import SEARCH_WINDOW, WordLocator
+from ttsstream.engine import WordEvent
+from ttsstream.words import SEARCH_WINDOW, WordLocator, WordTimeline, tokens_of
 
 
 def locate_all(text: str, words: list[str]) -> list[tuple[int | None, int | None]]:
@@ -65,3 +66,73 @@ def test_search_is_bounded_to_a_window() -> None:
 def test_blank_word_is_null() -> None:
     """An empty reported word maps to nothing."""
     assert locate_all("a b", ["", "  "]) == [(None, None), (None, None)]
+
+
+def starts(events: list[WordEvent]) -> list[float]:
+    return [e.offset_ms for e in events]
+
+
+def test_tokens_trim_punctuation_but_keep_inner_marks() -> None:
+    """Tokens are whitespace-separated, trimmed of surrounding punctuation, with their ranges."""
+    text = "“Hello,” she said — don't state-of-the-art 3.50."
+    tokens = tokens_of(text)
+    assert [t.text for t in tokens] == [
+        "Hello",
+        "she",
+        "said",
+        "—",
+        "don't",
+        "state-of-the-art",
+        "3.50",
+    ]
+    assert all(text[t.start : t.end] == t.text for t in tokens)
+
+
+def test_timeline_gives_each_marked_word_its_time_and_duration() -> None:
+    """Marks at word starts become events whose durations reach the next word."""
+    timeline = WordTimeline("one two three")
+    assert timeline.mark(0, 0.0) == []
+    first = timeline.mark(4, 300.0)
+    assert [(e.text, e.offset_ms, e.duration_ms) for e in first] == [("one", 0.0, 300.0)]
+    assert timeline.known_until_ms == 300.0
+    second = timeline.mark(8, 500.0) + timeline.finish(900.0)
+    assert [(e.text, e.offset_ms, e.duration_ms) for e in second] == [
+        ("two", 300.0, 200.0),
+        ("three", 500.0, 400.0),
+    ]
+    assert timeline.known_until_ms == float("inf")
+
+
+def test_timeline_interpolates_merged_words() -> None:
+    """A word the engine merged into its neighbour ("of the") gets an interpolated time."""
+    timeline = WordTimeline("of the cat")
+    timeline.mark(0, 100.0)  # "of the" as one mark
+    events = timeline.mark(7, 400.0) + timeline.finish(600.0)
+    assert [e.text for e in events] == ["of", "the", "cat"]
+    assert starts(events) == [100.0, 100.0 + 300 * 3 / 7, 400.0]
+
+
+def test_timeline_ignores_repeated_and_backward_marks() -> None:
+    """A number split into several marks still gives one event; a mark going back is ignored."""
+    timeline = WordTimeline("call 1234 now")
+    events = []
+    for char_index, time_ms in [(0, 0), (5, 200), (6, 350), (7, 500), (0, 600), (10, 700)]:
+        events += timeline.mark(char_index, time_ms)
+    events += timeline.finish(900)
+    assert [e.text for e in events] == ["call", "1234", "now"]
+    assert starts(events) == [0, 200, 700]
+
+
+def test_timeline_without_marks_spreads_words_over_the_audio() -> None:
+    """When the engine reports no marks at all, the words share the whole duration."""
+    events = WordTimeline("a bb ccc").finish(900.0)
+    assert [e.text for e in events] == ["a", "bb", "ccc"]
+    assert starts(events) == [0.0, 200.0, 500.0]
+    assert sum(e.duration_ms for e in events) == 900.0
+
+
+def test_timeline_of_empty_text() -> None:
+    """A text with no words gives no events and holds no audio back."""
+    timeline = WordTimeline("   ")
+    assert timeline.mark(0, 10.0) == [] and timeline.finish(100.0) == []
+    assert timeline.known_until_ms == float("inf")

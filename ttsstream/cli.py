@@ -114,10 +114,14 @@ def _say(args: argparse.Namespace) -> int:
         args.words.write_bytes(orjson.dumps(result.words, option=orjson.OPT_INDENT_2))
     if args.srt is not None:
         args.srt.write_text(to_srt(args.text, result.words), encoding="utf-8")
-    end = result.end
+    start, end = result.start, result.end
+    engine = start.get("engine", "?")
+    if start.get("fallback"):
+        engine += f" (fallback: {start.get('fallback_reason')})"
     print(
-        f"{args.output}: {end.get('bytes')} bytes, {end.get('audio_ms', 0) / 1000:.2f} s, "
-        f"{end.get('words')} words, first audio after {end.get('ttfb_ms')} ms",
+        f"{args.output}: {end.get('bytes')} bytes, {end.get('audio_ms')} ms of audio, "
+        f"{end.get('words')} words, voice {start.get('voice')} by {engine}, "
+        f"first audio after {end.get('ttfb_ms')} ms",
         file=sys.stderr,
     )
     return 0
