@@ -78,7 +78,8 @@ async def test_voices_are_named_by_their_espeak_identifiers(engine: EspeakEngine
     """Voices are espeak:<id> from espeak_ListVoices, with locale and engine."""
     voices = {voice.name: voice for voice in await engine.voices()}
     assert {"espeak:en-us", "espeak:en", "espeak:fr", "espeak:de", "espeak:cmn"} <= set(voices)
-    assert voices["espeak:en-us"].locale == "en-us"
+    assert voices["espeak:en-us"].locale == "en-US"
+    assert voices["espeak:fr"].locale == "fr-FR"
     assert all(voice.engine == "espeak" for voice in voices.values())
     assert not any(name.startswith("espeak:mb") for name in voices)
     await engine.check_voice("espeak:fr")

@@ -204,7 +204,10 @@ class EspeakEngine:
         """Every eSpeak voice, as ``espeak:<id>``."""
         return [
             Voice(
-                name=voice.name, locale=voice.languages[0][1], gender=voice.gender, engine="espeak"
+                name=voice.name,
+                locale=_locale(voice.languages[0][1]),
+                gender=voice.gender,
+                engine="espeak",
             )
             for voice in self._voices
         ]
@@ -395,6 +398,14 @@ def _list_voices(lib: Any) -> list[EspeakVoice]:
                 gender=_GENDERS.get(raw.gender, "Neutral"),
             )
     return sorted(voices.values(), key=lambda voice: voice.id)
+
+
+def _locale(language: str) -> str:
+    """eSpeak's "en-us" in the case Edge uses for locales: "en-US"."""
+    parts = language.split("-")
+    return "-".join(
+        part.upper() if index > 0 and len(part) == 2 else part for index, part in enumerate(parts)
+    )
 
 
 def _mp3_encoder(sample_rate: int) -> Any:
