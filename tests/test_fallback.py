@@ -12,7 +12,9 @@ from tests.conftest import TIMEOUT, Client, ServerFactory, connected
 from tests.fake_edge import FakeEdge
 from tests.test_breaker import Clock
 from ttsstream.breaker import BreakerStatus, CircuitBreaker
-from ttsstream.server import Server
+from ttsstream.config import Config
+from ttsstream.exceptions import ConfigError
+from ttsstream.server import Server, speech_router
 from ttsstream.words import tokens_of
 
 TEXT = "The service failed, so the offline voice speaks instead."
@@ -201,3 +203,16 @@ async def test_concurrency_cap_holds_under_load(
     assert all(final["type"] == "end" for final in finals)
     assert len(fake.records) == 50
     assert fake.max_active == 5
+
+
+def test_offline_voice_settings_are_checked_at_start() -> None:
+    """An offline DEFAULT_VOICE without the offline engine, or an unknown FALLBACK_VOICE,
+    stops the server at start with a ConfigError naming the variable."""
+    with pytest.raises(ConfigError) as raised:
+        speech_router(Config(default_voice="espeak:en-us"), with_offline=False)
+    assert raised.value.variable == "DEFAULT_VOICE"
+    with pytest.raises(ConfigError) as raised:
+        speech_router(Config(fallback_voice="espeak:klingon"))
+    assert raised.value.variable == "FALLBACK_VOICE"
+    assert speech_router(Config(fallback_voice="espeak:de")).fallback_voice == "espeak:de"
+    assert speech_router(Config(), with_offline=False).fallback_voice is None
