@@ -8,6 +8,7 @@ import os
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -35,7 +36,7 @@ ServerFactory = Callable[..., Awaitable[Server]]
 
 
 @pytest.fixture
-async def start_server(fake: FakeEdge) -> AsyncIterator[ServerFactory]:
+async def start_server(fake: FakeEdge, tmp_path: Path) -> AsyncIterator[ServerFactory]:
     """Start servers on 127.0.0.1 with an ephemeral port, wired to the fake; closed at the end."""
     servers: list[Server] = []
 
@@ -46,6 +47,7 @@ async def start_server(fake: FakeEdge) -> AsyncIterator[ServerFactory]:
             "edge_wss_url": fake.wss_url,
             "edge_voices_url": fake.voices_url,
             "upstream_timeout": TIMEOUT,
+            "cache_dir": tmp_path / "cache",
             **settings,
         }
         config = Config(**settings)

@@ -65,6 +65,12 @@ class Config:
     #: Most simultaneous Edge syntheses for the whole server.
     upstream_concurrency: int = 16
 
+    # Cache
+    cache_enabled: bool = True
+    cache_dir: Path = Path("cache")
+    #: Total size of the cache in megabytes (2**20 bytes) above which entries are evicted.
+    cache_max_size_mb: float = 500.0
+
     # Timeouts
     #: Seconds allowed for connect + first audio, and for any gap between upstream chunks.
     upstream_timeout: float = 15.0
@@ -113,8 +119,15 @@ class Config:
             raise ConfigError("MAX_TEXT_LENGTH", str(self.max_text_length), "an integer >= 1")
         if self.queue_size < 0:
             raise ConfigError("QUEUE_SIZE", str(self.queue_size), "an integer >= 0")
+        if not self.cache_max_size_mb >= 0:
+            raise ConfigError("CACHE_MAX_SIZE_MB", str(self.cache_max_size_mb), "megabytes >= 0")
         if self.log_level not in _LOG_LEVELS:
             raise ConfigError("LOG_LEVEL", self.log_level, "one of " + ", ".join(_LOG_LEVELS))
+
+    @property
+    def cache_max_bytes(self) -> int:
+        """:attr:`cache_max_size_mb` in bytes."""
+        return int(self.cache_max_size_mb * 2**20)
 
     @property
     def log_level_number(self) -> int:
@@ -128,6 +141,17 @@ def _check_url(variable: str, url: str, schemes: tuple[str, ...]) -> None:
     # edge-tts appends "&ConnectionId=…" and "&Sec-MS-GEC=…", so a query must already be there.
     if parts.scheme not in schemes or not parts.netloc or not parts.query:
         raise ConfigError(variable, url, expected)
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value not in _TRUE + _FALSE:
+        raise ValueError(text)
+    return value in _TRUE
 
 
 def _fallback_voice(text: str) -> str | None:
@@ -162,6 +186,9 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any], str]] = {
         str.strip,
         "a http:// or https:// URL with a query string",
     ),
+    "CACHE_ENABLED": ("cache_enabled", _boolean, "true or false"),
+    "CACHE_DIR": ("cache_dir", lambda s: Path(s.strip()), "a directory path"),
+    "CACHE_MAX_SIZE_MB": ("cache_max_size_mb", _seconds, "megabytes >= 0, such as 500"),
     "UPSTREAM_TIMEOUT": ("upstream_timeout", _seconds, "seconds > 0, such as 15 or 2.5"),
     "VOICES_TTL": ("voices_ttl", _seconds, "seconds > 0, such as 86400"),
     "MAX_TEXT_LENGTH": ("max_text_length", _integer, "an integer >= 1"),

@@ -22,6 +22,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.http11 import Request, Response
 
 from ttsstream.breaker import CircuitBreaker
+from ttsstream.cache import SpeechCache
 from ttsstream.config import Config
 from ttsstream.edge import EdgeEngine
 from ttsstream.espeak import EspeakEngine
@@ -29,6 +30,8 @@ from ttsstream.exceptions import ClientError, ConfigError
 from ttsstream.protocol import MAX_FRAME_BYTES
 from ttsstream.session import Session
 from ttsstream.speech import AUTO, SpeechRouter
+from ttsstream.stats import Stats
+from ttsstream.store import DiskCache
 
 __all__ = ["STREAM_PATH", "Server", "run"]
 
@@ -44,20 +47,28 @@ class Server:
     Args:
         config: Every setting; ``config.host`` and ``config.port`` say where to listen
             (port 0 picks a free port: see :attr:`port`).
-        speech: Routes utterances to engines; by default built from ``config``.
+        router: Routes utterances to engines; by default built from ``config``.
 
     Raises:
         ConfigError: A voice setting names an offline voice that is not available.
     """
 
-    def __init__(self, config: Config, speech: SpeechRouter | None = None) -> None:
+    def __init__(self, config: Config, router: SpeechRouter | None = None) -> None:
         self.config = config
-        self.speech = speech or speech_router(config)
+        self.stats = Stats()
+        self.store = (
+            DiskCache(config.cache_dir, max_bytes=config.cache_max_bytes, stats=self.stats)
+            if config.cache_enabled
+            else None
+        )
+        self.speech = SpeechCache(router or speech_router(config), self.store, self.stats)
         self._server: WebSocketServer | None = None
         self._prefetch: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Start listening, and fetch the voice list in the background."""
+        """Open the cache, start listening, and fetch the voice list in the background."""
+        if self.store is not None:
+            await asyncio.to_thread(self.store.open)
         self._server = await serve(
             self._handle,
             self.config.host,
@@ -131,7 +142,7 @@ class Server:
 
     async def _prefetch_voices(self) -> None:
         try:
-            await self.speech.edge.voices()
+            await self.speech.router.edge.voices()
         except ClientError as exc:
             logger.warning("voice list not available yet (%s); voices are not checked", exc.code)
 

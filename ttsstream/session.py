@@ -23,6 +23,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from ttsstream import __version__
+from ttsstream.cache import SpeechCache
 from ttsstream.config import Config
 from ttsstream.engine import AudioChunk, SynthesisRequest
 from ttsstream.exceptions import ClientError, InvalidParameter, NotFound, QueueFull
@@ -40,7 +41,7 @@ from ttsstream.protocol import (
     error_code,
     parse_client_message,
 )
-from ttsstream.speech import SpeechRouter, Started
+from ttsstream.speech import Started
 
 __all__ = ["Session"]
 
@@ -77,9 +78,7 @@ class Session:
         speech: Speaks the utterances.
     """
 
-    def __init__(
-        self, websocket: ServerConnection, *, config: Config, speech: SpeechRouter
-    ) -> None:
+    def __init__(self, websocket: ServerConnection, *, config: Config, speech: SpeechCache) -> None:
         self._ws = websocket
         self._config = config
         self._speech = speech
@@ -236,7 +235,7 @@ class Session:
                             engine=event.engine,
                             mime_type=event.audio_format.mime_type,
                             sample_rate=event.audio_format.sample_rate,
-                            cached=False,
+                            cached=event.cached,
                             fallback_reason=event.fallback_reason,
                         )
                     )
@@ -256,7 +255,7 @@ class Session:
                     byte_count=byte_count,
                     audio_ms=started.audio_format.duration_ms(byte_count),
                     words=words,
-                    cached=False,
+                    cached=started.cached,
                     ttfb_ms=ttfb_ms or 0.0,
                 )
             )
@@ -276,12 +275,13 @@ class Session:
                 )
         finally:
             logger.info(
-                "utterance conn=%s id=%r voice=%s engine=%s fallback=%s chars=%d ttfb_ms=%s "
-                "bytes=%d words=%d outcome=%s",
+                "utterance conn=%s id=%r voice=%s engine=%s cached=%s fallback=%s chars=%d "
+                "ttfb_ms=%s bytes=%d words=%d outcome=%s",
                 self.connection_id,
                 utterance.id,
                 started.voice if started else utterance.voice,
                 started.engine if started else "-",
+                "yes" if started and started.cached else "no",
                 (started.fallback_reason if started else None) or "-",
                 len(request.text),
                 "-" if ttfb_ms is None else f"{ttfb_ms:.1f}",

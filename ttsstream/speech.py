@@ -60,6 +60,8 @@ class Started:
     audio_format: AudioFormat
     #: Error code of the Edge failure that made the offline voice speak, else ``None``.
     fallback_reason: str | None = None
+    #: Replayed from the disk cache.
+    cached: bool = False
 
 
 Speech = Started | AudioChunk | WordEvent

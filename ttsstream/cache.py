@@ -1,0 +1,136 @@
+"""The cache layer in front of the engines: disk replay and single flight.
+
+For an Edge utterance, :class:`SpeechCache` first joins an identical synthesis
+already in flight, then looks on disk, and only then synthesizes, sharing the
+new synthesis with every identical request that arrives while it runs. A
+synthesis that Edge completed without fallback is stored once it ended.
+Offline-voice utterances are not cached: eSpeak is faster than a disk read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncGenerator
+
+from ttsstream.engine import AudioChunk, AudioFormat, SynthesisRequest, Voice, WordEvent
+from ttsstream.espeak import VOICE_PREFIX
+from ttsstream.flight import SharedSynthesis
+from ttsstream.speech import Speech, SpeechRouter, Started
+from ttsstream.stats import Stats
+from ttsstream.store import CacheEntry, DiskCache, cache_key
+
+__all__ = ["REPLAY_CHUNK_BYTES", "SpeechCache"]
+
+logger = logging.getLogger("ttsstream.cache")
+
+#: Audio bytes per binary frame when replaying from disk (about 2.7 s of audio).
+REPLAY_CHUNK_BYTES = 16 * 2**10
+
+
+class SpeechCache:
+    """Replay known utterances, coalesce identical ones, store finished ones.
+
+    Args:
+        router: Speaks what is not cached.
+        store: The disk cache, or ``None`` when caching is off (then requests go
+            straight to the router, without coalescing).
+        stats: Counters to update.
+    """
+
+    def __init__(self, router: SpeechRouter, store: DiskCache | None, stats: Stats) -> None:
+        self.router = router
+        self.store = store
+        self._stats = stats
+        self._flights: dict[str, SharedSynthesis[Speech]] = {}
+
+    async def voices(self) -> list[Voice]:
+        return await self.router.voices()
+
+    async def check_voice(self, voice: str) -> None:
+        await self.router.check_voice(voice)
+
+    async def synthesize(self, request: SynthesisRequest) -> AsyncGenerator[Speech, None]:
+        """Speak ``request`` from the cache, a shared synthesis, or a new one."""
+        if self.store is None or request.voice.startswith(VOICE_PREFIX):
+            async with contextlib.aclosing(self.router.synthesize(request)) as events:
+                async for event in events:
+                    yield event
+            return
+
+        edge = self.router.edge
+        key = cache_key(
+            engine=edge.name,
+            voice=request.voice,
+            rate=request.rate,
+            volume=request.volume,
+            pitch=request.pitch,
+            audio_format=edge.audio_format,
+            text=request.text,
+        )
+        flight = self._flights.get(key)
+        if flight is None:
+            entry = await self.store.get(key)
+            if entry is not None:
+                self._stats.cache_hits += 1
+                for event in _replay(entry, edge.audio_format):
+                    yield event
+                return
+            # Another request may have started this synthesis during the disk read.
+            flight = self._flights.get(key)
+        self._stats.cache_misses += 1
+        if flight is None:
+            flight = self._start_flight(key, request)
+        else:
+            self._stats.coalesced += 1
+        async with contextlib.aclosing(flight.listen()) as events:
+            async for event in events:
+                yield event
+
+    def _start_flight(self, key: str, request: SynthesisRequest) -> SharedSynthesis[Speech]:
+        async def store(events: list[Speech]) -> None:
+            entry = _entry_of(events)
+            if entry is not None and self.store is not None:
+                await self.store.put(key, entry)
+
+        def finished() -> None:
+            if self._flights.get(key) is flight:
+                del self._flights[key]
+
+        flight = SharedSynthesis(
+            self.router.synthesize(request), on_complete=store, on_finished=finished
+        )
+        self._flights[key] = flight
+        return flight
+
+
+def _entry_of(events: list[Speech]) -> CacheEntry | None:
+    """The cache entry for a finished synthesis, or ``None`` if it must not be stored."""
+    if not events or not isinstance(events[0], Started):
+        return None
+    started = events[0]
+    if started.engine != "edge" or started.fallback_reason is not None or started.cached:
+        return None
+    audio = b"".join(event.data for event in events if isinstance(event, AudioChunk))
+    if not audio:
+        return None
+    words = tuple(event for event in events if isinstance(event, WordEvent))
+    return CacheEntry(engine=started.engine, voice=started.voice, audio=audio, words=words)
+
+
+def _replay(entry: CacheEntry, audio_format: AudioFormat) -> list[Speech]:
+    """The events of a stored utterance: each word just before the audio it describes."""
+    events: list[Speech] = [
+        Started(entry.engine, entry.voice, audio_format, fallback_reason=None, cached=True)
+    ]
+    words = list(entry.words)
+    next_word = 0
+    for offset in range(0, len(entry.audio), REPLAY_CHUNK_BYTES):
+        chunk = entry.audio[offset : offset + REPLAY_CHUNK_BYTES]
+        chunk_end_ms = audio_format.duration_ms(offset + len(chunk))
+        while next_word < len(words) and words[next_word].offset_ms < chunk_end_ms:
+            events.append(words[next_word])
+            next_word += 1
+        events.append(AudioChunk(chunk))
+    events.extend(words[next_word:])
+    return events

@@ -1,0 +1,98 @@
+"""Single flight: one synthesis, any number of listeners, each at its own pace.
+
+A :class:`SharedSynthesis` reads its source in a task of its own and keeps every
+event in order. Each listener replays the events from the first one and then
+follows live, so a listener that joins mid-stream still gets the whole
+utterance, and a slow listener never holds up the source or the others. The
+source is closed when its last listener leaves. What it holds is bounded by the
+utterance itself, that is by ``MAX_TEXT_LENGTH``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Generic, TypeVar
+
+__all__ = ["SharedSynthesis"]
+
+T = TypeVar("T")
+
+
+class SharedSynthesis(Generic[T]):
+    """Broadcast one async generator's events to many listeners.
+
+    Args:
+        source: The synthesis; started at once in its own task.
+        on_complete: Awaited with every event once the source ended without error
+            (to store the result), before the synthesis stops being joinable.
+        on_finished: Called when the synthesis is over and no longer joinable.
+    """
+
+    def __init__(
+        self,
+        source: AsyncGenerator[T, None],
+        *,
+        on_complete: Callable[[list[T]], Awaitable[None]] | None = None,
+        on_finished: Callable[[], None] | None = None,
+    ) -> None:
+        self.events: list[T] = []
+        self.done = False
+        self.error: BaseException | None = None
+        self.listeners = 0
+        self._source = source
+        self._on_complete = on_complete
+        self._on_finished = on_finished
+        self._changed = asyncio.Event()
+        self._task = asyncio.create_task(self._pump())
+
+    async def listen(self) -> AsyncGenerator[T, None]:
+        """Every event from the first, then live ones; raises the source's error if it failed."""
+        self.listeners += 1
+        position = 0
+        try:
+            while True:
+                while position < len(self.events):
+                    yield self.events[position]
+                    position += 1
+                if self.done:
+                    if self.error is not None:
+                        raise self.error
+                    return
+                await self._changed.wait()
+        finally:
+            self.listeners -= 1
+            if self.listeners == 0 and not self.done:
+                self._task.cancel()
+
+    async def _pump(self) -> None:
+        try:
+            async for event in self._source:
+                self.events.append(event)
+                self._wake()
+        except asyncio.CancelledError:
+            self.error = asyncio.CancelledError()
+        except Exception as exc:
+            self.error = exc
+        finally:
+            await self._source.aclose()
+            self.done = True
+            self._wake()
+        try:
+            if self.error is None and self._on_complete is not None:
+                await self._on_complete(self.events)
+        finally:
+            if self._on_finished is not None:
+                self._on_finished()
+
+    def _wake(self) -> None:
+        # Event.set wakes every current waiter; clearing at once re-arms it for the next event.
+        self._changed.set()
+        self._changed.clear()
+
+    async def aclose(self) -> None:
+        """Stop the source (used at shutdown)."""
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task

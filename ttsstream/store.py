@@ -1,0 +1,341 @@
+"""The disk cache of finished utterances: one file per entry, written atomically.
+
+Layout under ``CACHE_DIR``::
+
+    ab/abcdef….tts      an entry, named by its key (fanned out by the key's first two hex digits)
+    tmp/….part          entries being written; renamed into place once complete
+
+An entry file holds a small binary header, a JSON description (voice, engine,
+word events, audio length and SHA-256) and the MP3 bytes. It is written to a
+temporary file, flushed and fsynced, then renamed: a reader sees the whole entry
+or none, whatever moment the writer is killed. A damaged entry (truncated, bad
+JSON, checksum mismatch) is detected on read, dropped and counted.
+
+Recency lives in the files' modification times (a hit touches its file), so the
+least-recently-used order survives a restart; the in-memory index is rebuilt
+from a directory scan at start. Several instances may share the directory: the
+disk is the truth, and each instance's index covers what it has seen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import secrets
+import struct
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+from ttsstream.engine import AudioFormat, WordEvent
+from ttsstream.stats import Stats
+
+__all__ = ["FORMAT_VERSION", "CacheEntry", "DiskCache", "cache_key"]
+
+logger = logging.getLogger("ttsstream.store")
+
+#: Changes whenever the key's inputs or the file layout change: old entries then miss.
+FORMAT_VERSION = 1
+_MAGIC = b"TTSC"
+_HEADER = struct.Struct(">4sBI")  # magic, format version, JSON length
+_SUFFIX = ".tts"
+_TEMP_DIR = "tmp"
+#: Temporary files older than this, in seconds, are a crashed writer's and are removed
+#: at start. Younger ones may belong to another instance sharing the directory.
+STALE_TEMP_SECONDS = 300.0
+
+
+def cache_key(
+    *,
+    engine: str,
+    voice: str,
+    rate: str,
+    volume: str,
+    pitch: str,
+    audio_format: AudioFormat,
+    text: str,
+) -> str:
+    """The SHA-256 (hex) of everything that makes two utterances' audio the same."""
+    material = orjson.dumps(
+        [
+            FORMAT_VERSION,
+            engine,
+            voice,
+            rate,
+            volume,
+            pitch,
+            audio_format.mime_type,
+            audio_format.sample_rate,
+            audio_format.bitrate_bps,
+            text,
+        ]
+    )
+    return hashlib.sha256(material).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class CacheEntry:
+    """One finished utterance: its audio and word events, as first sent."""
+
+    engine: str
+    voice: str
+    audio: bytes
+    words: tuple[WordEvent, ...]
+
+
+class CorruptEntry(Exception):
+    """An entry file that cannot be what its header says."""
+
+
+class DiskCache:
+    """Finished utterances on disk, bounded in size, least recently used evicted first.
+
+    Args:
+        directory: Where entries live; created if missing.
+        max_bytes: Total size above which entries are evicted.
+        stats: Counters to update.
+    """
+
+    def __init__(self, directory: Path, *, max_bytes: int, stats: Stats) -> None:
+        if max_bytes < 0:
+            raise ValueError("max_bytes must be >= 0")
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self._stats = stats
+        self._index: OrderedDict[str, int] = OrderedDict()  # key -> file size, oldest first
+        self._bytes = 0
+
+    # Start
+
+    def open(self) -> None:
+        """Create the directory, remove stale temporary files, rebuild the index.
+
+        Disk errors are logged and counted, never raised: the server then runs
+        without entries and tries again on each write.
+        """
+        started = time.perf_counter()
+        try:
+            (self.directory / _TEMP_DIR).mkdir(parents=True, exist_ok=True)
+            self._remove_stale_temporaries()
+            found = list(self._scan())
+        except OSError as exc:
+            self._disk_error("open", exc)
+            found = []
+        found.sort(key=lambda item: item[1])
+        self._index = OrderedDict((key, size) for key, _, size in found)
+        self._bytes = sum(self._index.values())
+        self._evict()
+        self._publish()
+        logger.info(
+            "cache: %d entries, %.1f MB in %s (indexed in %.0f ms)",
+            len(self._index),
+            self._bytes / 2**20,
+            self.directory,
+            (time.perf_counter() - started) * 1000,
+        )
+
+    def _remove_stale_temporaries(self) -> None:
+        cutoff = time.time() - STALE_TEMP_SECONDS
+        with os.scandir(self.directory / _TEMP_DIR) as entries:
+            for entry in entries:
+                with contextlib.suppress(FileNotFoundError):
+                    if entry.stat().st_mtime < cutoff:
+                        os.unlink(entry.path)
+                        logger.info("cache: removed stale temporary file %s", entry.name)
+
+    def _scan(self) -> list[tuple[str, float, int]]:
+        found = []
+        with os.scandir(self.directory) as shards:
+            for shard in shards:
+                if len(shard.name) != 2 or not shard.is_dir():
+                    continue
+                with os.scandir(shard.path) as files:
+                    for file in files:
+                        if file.name.endswith(_SUFFIX):
+                            with contextlib.suppress(FileNotFoundError):
+                                stat = file.stat()
+                                found.append(
+                                    (file.name[: -len(_SUFFIX)], stat.st_mtime, stat.st_size)
+                                )
+        return found
+
+    # Reads
+
+    async def get(self, key: str) -> CacheEntry | None:
+        """The entry for ``key``, or ``None``; a damaged entry is dropped and counted."""
+        try:
+            entry, size = await asyncio.to_thread(self._read, key)
+        except FileNotFoundError:
+            self._forget(key)
+            return None
+        except CorruptEntry as exc:
+            logger.warning("cache: dropped corrupt entry %s: %s", key[:12], exc)
+            self._stats.cache_errors += 1
+            await asyncio.to_thread(self._unlink, key)
+            self._forget(key)
+            return None
+        except OSError as exc:
+            self._disk_error("read", exc)
+            return None
+        self._remember(key, size)
+        return entry
+
+    def _read(self, key: str) -> tuple[CacheEntry, int]:
+        path = self._path(key)
+        data = path.read_bytes()
+        entry = _decode(data)
+        # A hit is a use: the modification time is the recency that survives restarts.
+        with contextlib.suppress(OSError):
+            os.utime(path)
+        return entry, len(data)
+
+    # Writes
+
+    async def put(self, key: str, entry: CacheEntry) -> None:
+        """Store ``entry`` atomically, then evict down to the size cap; disk errors are logged."""
+        try:
+            size = await asyncio.to_thread(self._write, key, _encode(entry))
+        except OSError as exc:
+            self._disk_error("write", exc)
+            return
+        self._remember(key, size)
+        victims = self._victims()
+        if victims:
+            await asyncio.to_thread(self._unlink_all, victims)
+
+    def _write(self, key: str, data: bytes) -> int:
+        path = self._path(key)
+        temp_dir = self.directory / _TEMP_DIR
+        temp_dir.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = temp_dir / f"{key}.{os.getpid()}.{secrets.token_hex(4)}.part"
+        try:
+            with open(temp, "wb") as file:
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                temp.unlink()
+            raise
+        _fsync_directory(path.parent)
+        return len(data)
+
+    # Index
+
+    @property
+    def entries(self) -> int:
+        return len(self._index)
+
+    @property
+    def total_bytes(self) -> int:
+        return self._bytes
+
+    def _remember(self, key: str, size: int) -> None:
+        self._bytes += size - self._index.get(key, 0)
+        self._index[key] = size
+        self._index.move_to_end(key)
+        self._publish()
+
+    def _forget(self, key: str) -> None:
+        self._bytes -= self._index.pop(key, 0)
+        self._publish()
+
+    def _victims(self) -> list[str]:
+        """Take least-recently-used keys off the index until it fits the cap."""
+        victims = []
+        while self._bytes > self.max_bytes and self._index:
+            key, size = self._index.popitem(last=False)
+            self._bytes -= size
+            victims.append(key)
+        self._stats.cache_evictions += len(victims)
+        self._publish()
+        return victims
+
+    def _evict(self) -> None:
+        self._unlink_all(self._victims())
+
+    def _unlink_all(self, keys: list[str]) -> None:
+        for key in keys:
+            self._unlink(key)
+            logger.debug("cache: evicted %s", key[:12])
+
+    def _unlink(self, key: str) -> None:
+        with contextlib.suppress(OSError):
+            self._path(key).unlink()
+
+    def _path(self, key: str) -> Path:
+        return self.directory / key[:2] / f"{key}{_SUFFIX}"
+
+    def _publish(self) -> None:
+        self._stats.cache_entries = len(self._index)
+        self._stats.cache_bytes = self._bytes
+
+    def _disk_error(self, operation: str, exc: OSError) -> None:
+        self._stats.cache_errors += 1
+        logger.warning(
+            "cache: %s failed in %s: %s",
+            operation,
+            self.directory,
+            exc.strerror or type(exc).__name__,
+        )
+
+
+def _encode(entry: CacheEntry) -> bytes:
+    description = orjson.dumps(
+        {
+            "engine": entry.engine,
+            "voice": entry.voice,
+            "audio_bytes": len(entry.audio),
+            "audio_sha256": hashlib.sha256(entry.audio).hexdigest(),
+            "words": [
+                [w.text, w.offset_ms, w.duration_ms, w.char_start, w.char_end] for w in entry.words
+            ],
+        }
+    )
+    return _HEADER.pack(_MAGIC, FORMAT_VERSION, len(description)) + description + entry.audio
+
+
+def _decode(data: bytes) -> CacheEntry:
+    if len(data) < _HEADER.size:
+        raise CorruptEntry("shorter than its header")
+    magic, version, length = _HEADER.unpack_from(data)
+    if magic != _MAGIC or version != FORMAT_VERSION:
+        raise CorruptEntry("not an entry of this format")
+    start = _HEADER.size + length
+    try:
+        description = orjson.loads(data[_HEADER.size : start])
+        audio = data[start:]
+        if len(audio) != description["audio_bytes"]:
+            raise CorruptEntry(f"audio has {len(audio)} of {description['audio_bytes']} bytes")
+        if hashlib.sha256(audio).hexdigest() != description["audio_sha256"]:
+            raise CorruptEntry("audio checksum mismatch")
+        words = tuple(
+            WordEvent(text, float(offset), float(duration), start_char, end_char)
+            for text, offset, duration, start_char, end_char in description["words"]
+        )
+        return CacheEntry(
+            engine=str(description["engine"]),
+            voice=str(description["voice"]),
+            audio=audio,
+            words=words,
+        )
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise CorruptEntry(f"bad description: {type(exc).__name__}") from None
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename durable: fsync the directory that holds the new name."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
