@@ -99,6 +99,11 @@ class Server:
         port: int = next(iter(self._server.sockets)).getsockname()[1]
         return port
 
+    @property
+    def connections(self) -> set[ServerConnection]:
+        """The open WebSocket connections."""
+        return set(self._server.connections) if self._server is not None else set()
+
     def close(self) -> None:
         """Stop accepting and close every connection with 1001 (going away). Idempotent."""
         if self._prefetch is not None:

@@ -1,0 +1,303 @@
+"""The cache through a real server: replay, single flight, what is never stored, bad disks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import connect
+
+from tests.conftest import TIMEOUT, Client, ServerFactory, Utterance, connected, url_of
+from tests.fake_edge import FakeEdge
+from tests.test_cli import LISTENING, environment, run, start_process
+from ttsstream.cache import REPLAY_CHUNK_BYTES
+from ttsstream.server import Server
+
+TEXT = "Caching makes the second time instant, with the very same words."
+
+
+async def speak_once(server: Server, text: str = TEXT, id: str = "u1", **fields: Any) -> Utterance:
+    async with connected(server) as client:
+        await client.speak(text, id=id, **fields)
+        return await client.until_final(id)
+
+
+def entries(server: Server) -> list[Path]:
+    return sorted(server.config.cache_dir.glob("*/*.tts"))
+
+
+async def test_hit_replays_the_same_audio_and_words(server: Server, fake: FakeEdge) -> None:
+    """A repeated request replays byte-identical audio and words without calling Edge."""
+    live = await speak_once(server)
+    await asyncio.sleep(0)  # let the flight store its entry
+    for _ in range(50):
+        if entries(server):
+            break
+        await asyncio.sleep(0.01)
+    hit = await speak_once(server)
+    assert len(fake.records) == 1
+    assert (live.messages[0]["cached"], hit.messages[0]["cached"]) == (False, True)
+    assert (live.final["cached"], hit.final["cached"]) == (False, True)
+    assert hit.messages[0]["engine"] == "edge" and hit.messages[0]["fallback"] is False
+    assert bytes(hit.audio) == bytes(live.audio)
+    assert hit.words == [{**w, "id": "u1"} for w in live.words]
+    assert hit.final["bytes"] == live.final["bytes"]
+    assert hit.final["audio_ms"] == live.final["audio_ms"]
+    assert server.stats.cache_hits == 1 and server.stats.cache_misses == 1
+    assert server.stats.cache_hit_rate == "50.0%"
+    assert server.stats.cache_entries == 1
+
+
+async def test_any_difference_misses(server: Server, fake: FakeEdge) -> None:
+    """A different voice, rate, volume, pitch or text is synthesized anew."""
+    await speak_once(server)
+    await wait_for_entries(server, 1)
+    for fields in (
+        {"voice": "en-US-GuyNeural"},
+        {"rate": "+10%"},
+        {"volume": "-10%"},
+        {"pitch": "+2Hz"},
+        {"text": TEXT + " "},
+    ):
+        await speak_once(server, **{"text": TEXT, **fields})
+    assert len(fake.records) == 6
+
+
+async def wait_for_entries(server: Server, count: int) -> None:
+    for _ in range(int(TIMEOUT * 100)):
+        if len(entries(server)) >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"expected {count} cache entries, found {len(entries(server))}")
+
+
+async def test_replay_interleaves_words_before_their_audio(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """A long hit comes in chunks of REPLAY_CHUNK_BYTES, each word before its audio."""
+    server = await start_server()
+    text = " ".join(["A rather long sentence that makes plenty of audio for chunking."] * 12)
+    await speak_once(server, text)
+    await wait_for_entries(server, 1)
+    hit = await speak_once(server, text)
+    sizes = [len(frame) for frame in hit.frames if isinstance(frame, bytes)]
+    assert len(sizes) > 2 and max(sizes) == REPLAY_CHUNK_BYTES
+    sent = 0
+    for frame in hit.frames:
+        if isinstance(frame, bytes):
+            sent += len(frame)
+        elif frame["type"] == "word":
+            assert sent <= frame["offset_ms"] * 6
+    assert len(hit.words) == len(fake.records[0].words)
+
+
+async def test_concurrent_identical_requests_share_one_synthesis(
+    server: Server, fake: FakeEdge
+) -> None:
+    """50 identical requests at once call Edge once; all 50 get the same complete result."""
+    fake.chunk_delay = 0.005
+    results = await asyncio.wait_for(
+        asyncio.gather(*(speak_once(server) for _ in range(50))), TIMEOUT * 4
+    )
+    assert len(fake.records) == 1
+    reference = bytes(fake.records[0].audio)
+    for result in results:
+        assert result.final["type"] == "end"
+        assert bytes(result.audio) == reference
+        assert len(result.words) == len(fake.records[0].words)
+    assert server.stats.coalesced == 49
+
+
+async def test_joiner_mid_stream_gets_everything(server: Server, fake: FakeEdge) -> None:
+    """A request joining while the synthesis is paused mid-way still gets the whole audio."""
+    fake.pause_after_chunks = 3
+    async with connected(server) as first, connected(server) as second:
+        await first.speak(TEXT)
+        await asyncio.wait_for(fake.paused.wait(), TIMEOUT)
+        await second.speak(TEXT)
+        while len(second.so_far("u1").audio) < len(fake.records[0].audio):
+            await second.read_one()  # the part already produced arrives at once
+        fake.resume.set()
+        a, b = await first.until_final("u1"), await second.until_final("u1")
+    assert bytes(a.audio) == bytes(b.audio) == bytes(fake.records[0].audio)
+    assert a.words == b.words
+    assert len(fake.records) == 1 and server.stats.coalesced == 1
+
+
+async def test_slow_joiner_does_not_delay_a_fast_one(server: Server, fake: FakeEdge) -> None:
+    """A listener that stops reading holds up neither the upstream nor the other listener."""
+    text = " ".join(["Plenty of words to make a long stream of audio for this test."] * 60)
+    slow_sock = socket.create_connection(("127.0.0.1", server.port))
+    slow_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)
+    async with connect(url_of(server), sock=slow_sock, max_queue=1) as slow_ws:
+        slow = Client(slow_ws)
+        await slow.recv_message()
+        # Like a slow network: small buffers on both ends, so the server must wait for it.
+        (slow_side,) = server.connections
+        slow_side.transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF, 32768
+        )
+        await slow.speak(text)
+        async with connected(server) as fast:
+            await fast.speak(text)
+            result = await fast.until_final("u1")
+            # The slow listener's connection is genuinely backed up at this point.
+            backlog = max(c.transport.get_write_buffer_size() for c in server.connections)
+        assert backlog > 0
+        assert result.final["type"] == "end"
+        assert fake.records[0].completed
+        assert bytes(result.audio) == bytes(fake.records[0].audio)
+        assert len(result.audio) > 1_000_000
+        # The slow one still gets all of it once it reads.
+        late = await slow.until_final("u1")
+        assert bytes(late.audio) == bytes(result.audio)
+
+
+async def test_cancelling_one_listener_keeps_the_others(server: Server, fake: FakeEdge) -> None:
+    """A joiner that cancels leaves the synthesis running for the rest; when the last one
+    leaves, the upstream stream closes."""
+    fake.pause_after_chunks = 2
+    async with connected(server) as a, connected(server) as b:
+        await a.speak(TEXT)
+        await asyncio.wait_for(fake.paused.wait(), TIMEOUT)
+        await b.speak(TEXT)
+        await b.send({"type": "cancel", "id": "u1"})
+        assert (await b.until_final("u1")).final["type"] == "cancelled"
+        assert not fake.records[0].closed.is_set()
+        fake.resume.set()
+        assert (await a.until_final("u1")).final["type"] == "end"
+
+    fake.pause_after_chunks, fake.resume = 2, asyncio.Event()
+    fake.paused.clear()
+    async with connected(server) as a, connected(server) as b:
+        for client in (a, b):
+            await client.speak("Another text for both.")
+        await asyncio.wait_for(fake.paused.wait(), TIMEOUT)
+        for client in (a, b):
+            await client.send({"type": "cancel", "id": "u1"})
+            assert (await client.until_final("u1")).final["type"] == "cancelled"
+        await asyncio.wait_for(fake.records[1].closed.wait(), TIMEOUT)
+    assert not fake.records[1].completed
+    assert len(entries(server)) == 1  # the cancelled one was not stored
+
+
+async def test_shared_failure_reaches_every_listener(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """When the shared synthesis fails mid-way, every listener gets the error."""
+    server = await start_server()
+    fake.drop_after_chunks = 3
+    fake.chunk_delay = 0.01
+    results = await asyncio.gather(*(speak_once(server) for _ in range(5)))
+    assert len(fake.records) == 1
+    assert all(r.final["code"] == "upstream_unavailable" for r in results)
+    assert all("partial" in r.final["message"] for r in results)
+    assert entries(server) == []
+
+
+async def test_shared_fallback_reaches_every_listener_and_is_not_stored(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """When Edge refuses, all identical requests get the fallback voice; nothing is stored,
+    and once Edge is back the text is synthesized by Edge."""
+    server = await start_server(upstream_retries=0)
+    fake.refuse_status = 503
+    results = await asyncio.gather(*(speak_once(server) for _ in range(5)))
+    assert all(r.messages[0]["fallback"] is True for r in results)
+    assert all(r.final["type"] == "end" for r in results)
+    assert entries(server) == []
+    fake.refuse_status = None
+    again = await speak_once(server)
+    assert (again.messages[0]["engine"], again.messages[0]["cached"]) == ("edge", False)
+
+
+async def test_cache_disabled_stores_and_shares_nothing(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """With CACHE_ENABLED=false every request goes to Edge and nothing is written."""
+    server = await start_server(cache_enabled=False)
+    await speak_once(server)
+    await asyncio.gather(speak_once(server), speak_once(server))
+    assert len(fake.records) == 3
+    assert not server.config.cache_dir.exists()
+    assert server.stats.cache_hits == server.stats.cache_misses == 0
+
+
+async def test_corrupt_entry_is_synthesized_live_and_replaced(
+    server: Server, fake: FakeEdge
+) -> None:
+    """A damaged entry is dropped, the request is spoken live, and a good entry replaces it."""
+    live = await speak_once(server)
+    await wait_for_entries(server, 1)
+    (path,) = entries(server)
+    path.write_bytes(path.read_bytes()[:-100])
+    again = await speak_once(server)
+    assert again.messages[0]["cached"] is False and again.final["type"] == "end"
+    assert bytes(again.audio) == bytes(fake.records[1].audio)
+    assert len(again.audio) == len(live.audio)
+    assert server.stats.cache_errors == 1
+    await wait_for_entries(server, 1)
+    assert (await speak_once(server)).messages[0]["cached"] is True
+
+
+def unshare_available() -> bool:
+    return shutil.which("unshare") is not None
+
+
+@pytest.mark.parametrize(
+    ("mount", "what"),
+    [("-o size=64k", "full"), ("-o ro", "read-only")],
+    ids=["full_disk", "read_only"],
+)
+async def test_bad_disk_never_fails_a_request(
+    fake: FakeEdge, tmp_path: Path, mount: str, what: str
+) -> None:
+    """On a full or read-only file system (a real tmpfs, mounted in a private namespace),
+    requests are spoken live and the failure is logged."""
+    assert unshare_available(), "util-linux unshare is needed for this test"
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    command = f"mount -t tmpfs {mount} tmpfs {cache} && exec {sys.executable} -m ttsstream serve"
+    process = await start_process(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", command],
+        environment(fake, CACHE_DIR=str(cache), LOG_LEVEL="INFO"),
+        tmp_path,
+    )
+    assert process.stderr is not None
+    said = b""
+    try:
+        while not (match := LISTENING.search(said)):
+            line = await asyncio.wait_for(process.stderr.readline(), TIMEOUT)
+            assert line, said.decode()
+            said += line
+        url = f"ws://127.0.0.1:{match.group(1).decode()}/v1/stream"
+        text = " ".join(["Long enough to overflow a tiny disk with its audio."] * 30)
+        for _ in range(2):
+            status, stderr = await run(
+                [sys.executable, "-m", "ttsstream", "say", text, "-o", "out.mp3", "--url", url],
+                cwd=tmp_path,
+            )
+            assert status == 0, stderr
+            assert "by edge" in stderr
+        assert (tmp_path / "out.mp3").read_bytes() == bytes(fake.records[-1].audio)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.wait(), TIMEOUT)
+    log = said + await process.stderr.read()
+    assert b"cache: " in log and b"failed" in log, log.decode()
+    assert len(fake.records) == 2  # nothing could be cached, both were live
+    assert process.returncode == 0
+
+
+def test_unshare_is_installed() -> None:
+    """The bad-disk tests need unshare (util-linux), present on Debian by default."""
+    assert subprocess.run(["unshare", "--version"], capture_output=True).returncode == 0
+    assert os.path.exists("/proc/self/ns/mnt")

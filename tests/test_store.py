@@ -1,0 +1,202 @@
+"""The disk cache on its own: entries, eviction, restarts, damage, crashes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TIMEOUT
+from ttsstream.engine import MP3_24KHZ_48KBPS, WordEvent
+from ttsstream.stats import Stats
+from ttsstream.store import STALE_TEMP_SECONDS, CacheEntry, DiskCache, cache_key
+
+WORDS = (WordEvent("Hello", 100.0, 300.0, 0, 5), WordEvent("world", 450.0, 310.5, 7, 12))
+
+
+def entry(size: int = 1000, fill: bytes = b"a") -> CacheEntry:
+    return CacheEntry(engine="edge", voice="en-US-AriaNeural", audio=fill * size, words=WORDS)
+
+
+def key(text: str, **changes: str) -> str:
+    fields = {"engine": "edge", "voice": "v", "rate": "+0%", "volume": "+0%", "pitch": "+0Hz"}
+    fields.update(changes)
+    return cache_key(audio_format=MP3_24KHZ_48KBPS, text=text, **fields)
+
+
+#: The size on disk of one entry().
+ENTRY_BYTES = 1000 + 217
+
+
+def opened(directory: Path, max_bytes: int = 2**30) -> tuple[DiskCache, Stats]:
+    stats = Stats()
+    cache = DiskCache(directory, max_bytes=max_bytes, stats=stats)
+    cache.open()
+    return cache, stats
+
+
+def test_key_covers_every_input() -> None:
+    """The same inputs give the same key; any change gives another."""
+    base = key("Hello")
+    assert base == key("Hello") and len(base) == 64
+    variants = {
+        key("Hello "),
+        key("hello"),
+        key("Hello", engine="espeak"),
+        key("Hello", voice="w"),
+        key("Hello", rate="+1%"),
+        key("Hello", volume="-1%"),
+        key("Hello", pitch="+1Hz"),
+    }
+    assert base not in variants and len(variants) == 7
+
+
+async def test_put_then_get_round_trips(tmp_path: Path) -> None:
+    """An entry comes back byte for byte, words included, and is counted."""
+    cache, stats = opened(tmp_path)
+    stored = entry(fill=b"\xff\xf3xyz")
+    await cache.put(key("a"), stored)
+    assert await cache.get(key("a")) == stored
+    assert await cache.get(key("b")) is None
+    assert list(tmp_path.glob("*/*.tts")) == [tmp_path / key("a")[:2] / f"{key('a')}.tts"]
+    assert list((tmp_path / "tmp").iterdir()) == []
+    await cache.put(key("c"), entry())
+    assert (stats.cache_entries, stats.cache_bytes) == (2, cache.total_bytes)
+    assert cache.total_bytes == ENTRY_BYTES + len(stored.audio) + 217
+
+
+async def test_least_recently_used_is_evicted_first(tmp_path: Path) -> None:
+    """Over the cap, the entry used longest ago goes first; a hit counts as use."""
+    cache, stats = opened(tmp_path, max_bytes=int(ENTRY_BYTES * 3.5))
+    for name in ("a", "b", "c"):
+        await cache.put(key(name), entry())
+    assert await cache.get(key("a")) is not None  # a is now the most recent
+    await cache.put(key("d"), entry())
+    assert await cache.get(key("b")) is None
+    assert all([await cache.get(key(n)) is not None for n in ("a", "c", "d")])
+    assert cache.total_bytes <= ENTRY_BYTES * 3.5
+    assert stats.cache_evictions == 1
+    assert len(list(tmp_path.glob("*/*.tts"))) == 3
+
+
+async def test_restart_keeps_entries_and_recency(tmp_path: Path) -> None:
+    """A new instance finds the entries and evicts in the order of last use before it."""
+    cache, _ = opened(tmp_path)
+    for name in ("a", "b", "c"):
+        await cache.put(key(name), entry())
+        time.sleep(0.01)
+    await cache.get(key("a"))
+
+    restarted, stats = opened(tmp_path, max_bytes=int(ENTRY_BYTES * 2.5))
+    assert stats.cache_entries == 2 and stats.cache_evictions == 1
+    assert await restarted.get(key("b")) is None  # b was the least recently used
+    assert await restarted.get(key("a")) is not None
+    assert await restarted.get(key("c")) is not None
+
+
+async def test_size_bound_applies_at_start(tmp_path: Path) -> None:
+    """Lowering the cap below what is on disk evicts down to it at start."""
+    cache, _ = opened(tmp_path)
+    for name in "abcdef":
+        await cache.put(key(name), entry())
+    smaller, stats = opened(tmp_path, max_bytes=int(ENTRY_BYTES * 2.5))
+    assert smaller.total_bytes <= ENTRY_BYTES * 2.5
+    assert stats.cache_entries == len(list(tmp_path.glob("*/*.tts"))) == 2
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda data: data[: len(data) - 10],  # truncated MP3
+        lambda data: data[:20],  # truncated description
+        lambda data: data[:9] + b"{not json" + data[18:],  # bad JSON
+        lambda data: data[:-1] + bytes([data[-1] ^ 1]),  # one bit of audio flipped
+        lambda data: b"",  # empty file
+        lambda data: b"GIF89a" + data,  # not an entry at all
+    ],
+    ids=["truncated_audio", "truncated_header", "bad_json", "bit_flip", "empty", "foreign"],
+)
+async def test_corrupt_entry_is_dropped_and_counted(tmp_path: Path, damage: object) -> None:
+    """A damaged entry reads as a miss, is deleted and counted; a new put replaces it."""
+    cache, stats = opened(tmp_path)
+    await cache.put(key("a"), entry())
+    path = tmp_path / key("a")[:2] / f"{key('a')}.tts"
+    path.write_bytes(damage(path.read_bytes()))  # type: ignore[operator]
+    assert await cache.get(key("a")) is None
+    assert not path.exists()
+    assert stats.cache_errors == 1 and stats.cache_entries == 0
+    await cache.put(key("a"), entry())
+    assert await cache.get(key("a")) == entry()
+
+
+async def test_unusable_directory_never_raises(tmp_path: Path) -> None:
+    """A cache directory that cannot exist (a file is in the way) fails quietly: misses, counts."""
+    blocker = tmp_path / "file"
+    blocker.write_text("in the way")
+    cache, stats = opened(blocker / "cache")
+    await cache.put(key("a"), entry())
+    assert await cache.get(key("a")) is None
+    assert stats.cache_errors >= 2 and stats.cache_entries == 0
+
+
+def test_stale_temporaries_are_removed_at_start(tmp_path: Path) -> None:
+    """Old temporary files (a crashed writer's) are removed; a fresh one may be another
+    instance's write in progress and is left."""
+    opened(tmp_path)
+    stale, fresh = tmp_path / "tmp" / "x.1.aa.part", tmp_path / "tmp" / "y.2.bb.part"
+    stale.write_bytes(b"half")
+    fresh.write_bytes(b"half")
+    old = time.time() - STALE_TEMP_SECONDS - 1
+    os.utime(stale, (old, old))
+    opened(tmp_path)
+    assert not stale.exists() and fresh.exists()
+
+
+WRITER = """
+import asyncio, sys
+from pathlib import Path
+from ttsstream.stats import Stats
+from ttsstream.store import CacheEntry, DiskCache
+cache = DiskCache(Path(sys.argv[1]), max_bytes=2**40, stats=Stats())
+cache.open()
+print("ready", flush=True)
+audio = bytes(range(256)) * (int(sys.argv[3]) // 256)
+asyncio.run(cache.put(sys.argv[2], CacheEntry("edge", "v", audio, ())))
+print("written", flush=True)
+"""
+
+
+async def test_kill_9_mid_write_leaves_no_half_entry(tmp_path: Path) -> None:
+    """A writer killed at any moment leaves either no entry or a whole one, never a part."""
+    killed_mid_write = 0
+    for attempt in range(5):
+        target = key(f"big {attempt}")
+        writer = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(tmp_path), target, str(64 * 2**20)],
+            stdout=subprocess.PIPE,
+        )
+        assert writer.stdout is not None
+        assert writer.stdout.readline() == b"ready\n"
+        deadline = time.monotonic() + TIMEOUT
+        while not any((tmp_path / "tmp").iterdir()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.001 * attempt)
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+        temporaries = list((tmp_path / "tmp").iterdir())
+        killed_mid_write += bool(temporaries)
+        for temporary in temporaries:
+            old = time.time() - STALE_TEMP_SECONDS - 1
+            os.utime(temporary, (old, old))
+
+        cache, stats = opened(tmp_path)
+        found = await cache.get(target)
+        assert found is None or len(found.audio) == 64 * 2**20
+        assert stats.cache_errors == 0  # nothing visible was damaged
+        assert list((tmp_path / "tmp").iterdir()) == []
+    assert killed_mid_write >= 1
