@@ -43,7 +43,15 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-__all__ = ["FRAME_BYTES", "FRAME_MS", "FakeEdge", "SynthesisRecord", "mp3_frames", "spoken_words"]
+__all__ = [
+    "FRAME_BYTES",
+    "FRAME_MS",
+    "FakeEdge",
+    "SynthesisRecord",
+    "mp3_frames",
+    "serve_forever",
+    "spoken_words",
+]
 
 TOKEN = "6A5AA1D4EAFF4E9FB37E23D68491D6F4"
 WSS_PATH = "/consumer/speech/synthesize/readaloud/edge/v1"
@@ -391,3 +399,14 @@ def _audio_message(request_id: str, audio: bytes) -> bytes:
     headers += f"X-StreamId:{uuid.uuid4().hex.upper()}\r\nPath:audio\r\n"
     encoded = headers.encode()
     return len(encoded).to_bytes(2, "big") + encoded + audio
+
+
+def serve_forever() -> None:
+    """Run the fake on its own (benchmarks): print its two URLs, serve until killed."""
+
+    async def main() -> None:
+        async with FakeEdge() as fake:
+            print(fake.wss_url, fake.voices_url, flush=True)
+            await asyncio.Event().wait()
+
+    asyncio.run(main())
