@@ -37,11 +37,7 @@ def entries(server: Server) -> list[Path]:
 async def test_hit_replays_the_same_audio_and_words(server: Server, fake: FakeEdge) -> None:
     """A repeated request replays byte-identical audio and words without calling Edge."""
     live = await speak_once(server)
-    await asyncio.sleep(0)  # let the flight store its entry
-    for _ in range(50):
-        if entries(server):
-            break
-        await asyncio.sleep(0.01)
+    await wait_for_entries(server, 1)
     hit = await speak_once(server)
     assert len(fake.records) == 1
     assert (live.messages[0]["cached"], hit.messages[0]["cached"]) == (False, True)
