@@ -34,6 +34,9 @@ async def fake() -> AsyncIterator[FakeEdge]:
 
 ServerFactory = Callable[..., Awaitable[Server]]
 
+#: Settings for a test that opens many connections from 127.0.0.1 at once.
+MANY_CLIENTS: dict[str, Any] = {"max_connections_per_ip": 1000, "rate_limit_requests": 0}
+
 
 @pytest.fixture
 async def start_server(fake: FakeEdge, tmp_path: Path) -> AsyncIterator[ServerFactory]:

@@ -15,7 +15,15 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import connect
 
-from tests.conftest import TIMEOUT, Client, ServerFactory, Utterance, connected, url_of
+from tests.conftest import (
+    MANY_CLIENTS,
+    TIMEOUT,
+    Client,
+    ServerFactory,
+    Utterance,
+    connected,
+    url_of,
+)
 from tests.fake_edge import FakeEdge
 from tests.test_cli import LISTENING, environment, run, start_process
 from ttsstream.cache import REPLAY_CHUNK_BYTES
@@ -96,9 +104,10 @@ async def test_replay_interleaves_words_before_their_audio(
 
 
 async def test_concurrent_identical_requests_share_one_synthesis(
-    server: Server, fake: FakeEdge
+    start_server: ServerFactory, fake: FakeEdge
 ) -> None:
     """50 identical requests at once call Edge once; all 50 get the same complete result."""
+    server = await start_server(**MANY_CLIENTS)
     fake.chunk_delay = 0.005
     results = await asyncio.wait_for(
         asyncio.gather(*(speak_once(server) for _ in range(50))), TIMEOUT * 4

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import TIMEOUT, Client, ServerFactory, connected
+from tests.conftest import MANY_CLIENTS, TIMEOUT, Client, ServerFactory, connected
 from tests.fake_edge import FakeEdge
 from tests.test_breaker import Clock
 from ttsstream.breaker import BreakerStatus, CircuitBreaker
@@ -191,7 +191,7 @@ async def test_concurrency_cap_holds_under_load(
 ) -> None:
     """50 parallel utterances never run more than UPSTREAM_CONCURRENCY Edge syntheses at once."""
     fake.chunk_delay = 0.01
-    server = await start_server(upstream_concurrency=5)
+    server = await start_server(upstream_concurrency=5, **MANY_CLIENTS)
 
     async def one(index: int) -> dict[str, Any]:
         async with connected(server) as client:

@@ -11,13 +11,14 @@ import logging
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 
+from ttsstream.clientip import Network, parse_networks
 from ttsstream.exceptions import ConfigError
 
 __all__ = ["EDGE_VOICE_PATTERN", "OFFLINE_VOICE_PATTERN", "Config", "load_config"]
@@ -83,6 +84,28 @@ class Config:
     #: Most utterances waiting on one connection behind the one being spoken.
     queue_size: int = 16
 
+    # Access
+    #: Keys that open the server (several during a rotation); empty: no authentication.
+    #: Never in repr, so never in a log line.
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    #: Exact origins browsers may connect from; None allows every origin.
+    allowed_origins: tuple[str, ...] | None = None
+    #: Proxies whose X-Forwarded-For / X-Real-IP are believed: IPs or CIDRs.
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
+
+    # Limits per client IP
+    #: Handshakes + speak messages allowed per IP in any RATE_LIMIT_WINDOW; 0: no limit.
+    rate_limit_requests: int = 100
+    rate_limit_window: float = 60.0
+    max_connections_per_ip: int = 20
+    max_connections: int = 10_000
+
+    # Connection hygiene
+    #: Seconds without a client message, and nothing queued or playing, before closing.
+    idle_timeout: float = 300.0
+    #: Seconds a client may leave its audio unread (send buffer full) before 1008.
+    send_timeout: float = 30.0
+
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -123,6 +146,37 @@ class Config:
             raise ConfigError("CACHE_MAX_SIZE_MB", str(self.cache_max_size_mb), "megabytes >= 0")
         if self.log_level not in _LOG_LEVELS:
             raise ConfigError("LOG_LEVEL", self.log_level, "one of " + ", ".join(_LOG_LEVELS))
+        if any(not key.isprintable() or " " in key or "," in key for key in self.api_keys):
+            raise ConfigError("TTS_API_KEY", "[redacted]", _KEYS_FORM)
+        for origin in self.allowed_origins or ():
+            parts = urlsplit(origin)
+            if parts.scheme not in ("http", "https") or not parts.netloc or parts.path:
+                raise ConfigError("ALLOWED_ORIGINS", origin, _ORIGINS_FORM)
+        try:
+            parse_networks(self.trusted_proxies)
+        except ValueError:
+            raise ConfigError(
+                "TRUSTED_PROXIES", ",".join(self.trusted_proxies), _PROXIES_FORM
+            ) from None
+        for variable, value, minimum in (
+            ("RATE_LIMIT_REQUESTS", self.rate_limit_requests, 0),
+            ("MAX_CONNECTIONS_PER_IP", self.max_connections_per_ip, 1),
+            ("MAX_CONNECTIONS", self.max_connections, 1),
+        ):
+            if value < minimum:
+                raise ConfigError(variable, str(value), f"an integer >= {minimum}")
+        for variable, seconds in (
+            ("RATE_LIMIT_WINDOW", self.rate_limit_window),
+            ("IDLE_TIMEOUT", self.idle_timeout),
+            ("SEND_TIMEOUT", self.send_timeout),
+        ):
+            if not seconds > 0:
+                raise ConfigError(variable, str(seconds), "seconds > 0")
+
+    @property
+    def trusted_networks(self) -> tuple[Network, ...]:
+        """:attr:`trusted_proxies`, parsed."""
+        return parse_networks(self.trusted_proxies)
 
     @property
     def cache_max_bytes(self) -> int:
@@ -141,6 +195,20 @@ def _check_url(variable: str, url: str, schemes: tuple[str, ...]) -> None:
     # edge-tts appends "&ConnectionId=…" and "&Sec-MS-GEC=…", so a query must already be there.
     if parts.scheme not in schemes or not parts.netloc or not parts.query:
         raise ConfigError(variable, url, expected)
+
+
+_KEYS_FORM = "keys separated by commas, without spaces"
+_ORIGINS_FORM = "* or origins such as https://app.example.com separated by commas"
+_PROXIES_FORM = "IP addresses or CIDRs such as 127.0.0.1,10.0.0.0/8 separated by commas"
+
+
+def _list(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def _origins(text: str) -> tuple[str, ...] | None:
+    items = _list(text)
+    return None if "*" in items else tuple(item.rstrip("/") for item in items)
 
 
 _TRUE = ("1", "true", "yes", "on")
@@ -193,9 +261,18 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "VOICES_TTL": ("voices_ttl", _seconds, "seconds > 0, such as 86400"),
     "MAX_TEXT_LENGTH": ("max_text_length", _integer, "an integer >= 1"),
     "QUEUE_SIZE": ("queue_size", _integer, "an integer >= 0"),
+    "TTS_API_KEY": ("api_keys", _list, _KEYS_FORM),
+    "ALLOWED_ORIGINS": ("allowed_origins", _origins, _ORIGINS_FORM),
+    "TRUSTED_PROXIES": ("trusted_proxies", _list, _PROXIES_FORM),
+    "RATE_LIMIT_REQUESTS": ("rate_limit_requests", _integer, "an integer >= 0"),
+    "RATE_LIMIT_WINDOW": ("rate_limit_window", _seconds, "seconds > 0, such as 60"),
+    "MAX_CONNECTIONS_PER_IP": ("max_connections_per_ip", _integer, "an integer >= 1"),
+    "MAX_CONNECTIONS": ("max_connections", _integer, "an integer >= 1"),
+    "IDLE_TIMEOUT": ("idle_timeout", _seconds, "seconds > 0, such as 300"),
+    "SEND_TIMEOUT": ("send_timeout", _seconds, "seconds > 0, such as 30"),
     "LOG_LEVEL": ("log_level", lambda s: s.strip().upper(), "one of " + ", ".join(_LOG_LEVELS)),
 }
-assert {field for field, _, _ in _VARIABLES.values()} == {f.name for f in fields(Config)}
+assert {name for name, _, _ in _VARIABLES.values()} == {f.name for f in fields(Config)}
 
 
 def load_config(
@@ -221,13 +298,14 @@ def load_config(
     merged.update(os.environ if environ is None else environ)
 
     values: dict[str, Any] = {}
-    for variable, (field, parse, form) in _VARIABLES.items():
+    for variable, (name, parse, form) in _VARIABLES.items():
         raw = merged.get(variable)
         if raw is None or raw.strip() == "":
             continue
         try:
-            values[field] = parse(raw)
+            values[name] = parse(raw)
         except ValueError:
-            raise ConfigError(variable, raw, form) from None
+            shown = "[redacted]" if variable == "TTS_API_KEY" else raw
+            raise ConfigError(variable, shown, form) from None
     values.update({k: v for k, v in overrides.items() if v is not None})
     return Config(**values)

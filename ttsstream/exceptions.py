@@ -8,6 +8,12 @@ into the ``error`` message a client receives.
 
     TTSStreamError
     ├── ConfigError                 a setting is invalid (never reaches a client)
+    ├── HandshakeRefused            the handshake is answered with an HTTP error, no upgrade
+    │   ├── EndpointNotFound            404 not_found
+    │   ├── Unauthorized                401 unauthorized
+    │   ├── OriginNotAllowed            403 origin_not_allowed
+    │   ├── TooManyConnections          429 too_many_connections (per IP)
+    │   └── ServerFull                  503 server_full
     └── ClientError                 reported to the client as {"type":"error"}
         ├── RequestError            the client's message is at fault
         │   ├── BadJSON                 bad_json
@@ -17,7 +23,8 @@ into the ``error`` message a client receives.
         │   ├── InvalidVoice            invalid_voice
         │   ├── InvalidParameter        invalid_parameter
         │   ├── QueueFull               queue_full
-        │   └── NotFound                not_found
+        │   ├── NotFound                not_found
+        │   └── RateLimited             rate_limited (429 with Retry-After at the handshake)
         └── UpstreamError           the speech service failed
             ├── UpstreamUnavailable     upstream_unavailable
             ├── UpstreamTimeout         upstream_timeout
@@ -34,14 +41,21 @@ __all__ = [
     "ClientError",
     "ConfigError",
     "EmptyText",
+    "EndpointNotFound",
+    "HandshakeRefused",
     "InvalidParameter",
     "InvalidVoice",
     "NoAudio",
     "NotFound",
+    "OriginNotAllowed",
     "QueueFull",
+    "RateLimited",
     "RequestError",
+    "ServerFull",
     "TTSStreamError",
     "TextTooLong",
+    "TooManyConnections",
+    "Unauthorized",
     "UpstreamError",
     "UpstreamTimeout",
     "UpstreamUnavailable",
@@ -63,6 +77,55 @@ class ConfigError(TTSStreamError):
 
     def __str__(self) -> str:
         return f"{self.variable}={self.value!r} is invalid: expected {self.expected}"
+
+
+class HandshakeRefused(TTSStreamError):
+    """A handshake the server answers with an HTTP error instead of upgrading."""
+
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class EndpointNotFound(HandshakeRefused):
+    """The handshake asked for a path that is not an endpoint."""
+
+    status = 404
+    code = "not_found"
+
+
+class Unauthorized(HandshakeRefused):
+    """No valid API key came with the handshake."""
+
+    status = 401
+    code = "unauthorized"
+
+
+class OriginNotAllowed(HandshakeRefused):
+    """A browser handshake from an origin not in ``ALLOWED_ORIGINS``."""
+
+    status = 403
+    code = "origin_not_allowed"
+
+
+class TooManyConnections(HandshakeRefused):
+    """The client IP already has ``MAX_CONNECTIONS_PER_IP`` open connections."""
+
+    status = 429
+    code = "too_many_connections"
+
+
+class ServerFull(HandshakeRefused):
+    """The server already has ``MAX_CONNECTIONS`` open connections."""
+
+    status = 503
+    code = "server_full"
 
 
 class ClientError(TTSStreamError):
@@ -132,6 +195,17 @@ class NotFound(RequestError):
     """A ``cancel`` names an utterance that is neither queued nor playing."""
 
     code = "not_found"
+
+
+class RateLimited(RequestError):
+    """The client IP made more than ``RATE_LIMIT_REQUESTS`` in ``RATE_LIMIT_WINDOW``."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after: int, utterance_id: str | None = None) -> None:
+        super().__init__(message, utterance_id=utterance_id)
+        #: Whole seconds until a request would be allowed again.
+        self.retry_after = retry_after
 
 
 class UpstreamError(ClientError):

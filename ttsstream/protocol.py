@@ -19,8 +19,10 @@ from ttsstream.exceptions import (
     BadMessage,
     ClientError,
     EmptyText,
+    HandshakeRefused,
     InvalidParameter,
     InvalidVoice,
+    RateLimited,
     TextTooLong,
 )
 
@@ -32,11 +34,13 @@ __all__ = [
     "Cancel",
     "ClientMessage",
     "ListVoices",
+    "Refusal",
     "Speak",
     "encode_cancelled",
     "encode_end",
     "encode_error",
     "encode_hello",
+    "encode_refusal",
     "encode_start",
     "encode_voices",
     "encode_word",
@@ -305,6 +309,37 @@ def encode_error(exc: BaseException, *, utterance_id: str | None, partial: bool 
     message = exc.message if isinstance(exc, ClientError) else "internal server error"
     if partial:
         message += "; the audio already sent is partial"
-    return _encode(
-        {"type": "error", "id": utterance_id, "code": error_code(exc), "message": message}
-    )
+    error: dict[str, Any] = {
+        "type": "error",
+        "id": utterance_id,
+        "code": error_code(exc),
+        "message": message,
+    }
+    if isinstance(exc, RateLimited):
+        error["retry_after"] = exc.retry_after
+    return _encode(error)
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """An HTTP answer to a handshake that is not upgraded."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+
+def encode_refusal(exc: HandshakeRefused | RateLimited) -> Refusal:
+    """The HTTP response for a refused handshake: status, headers, small JSON body.
+
+    This is the one place where handshake refusals become responses.
+    """
+    headers: tuple[tuple[str, str], ...] = (("Content-Type", "application/json"),)
+    if isinstance(exc, RateLimited):
+        status = 429
+        headers += (("Retry-After", str(exc.retry_after)),)
+        body = {"error": exc.code, "message": exc.message, "retry_after": exc.retry_after}
+    else:
+        status = exc.status
+        body = {"error": exc.code, "message": exc.message}
+    return Refusal(status=status, headers=headers, body=orjson.dumps(body))

@@ -10,24 +10,38 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import http
 import logging
 import signal
+import time
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from urllib.parse import urlsplit
 
-import orjson
 from websockets.asyncio.server import Server as WebSocketServer
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
 
+from ttsstream.auth import SUBPROTOCOL, ApiKeys, offered_keys, redact
 from ttsstream.breaker import CircuitBreaker
 from ttsstream.cache import SpeechCache
+from ttsstream.clientip import client_ip
 from ttsstream.config import Config
 from ttsstream.edge import EdgeEngine
 from ttsstream.espeak import EspeakEngine
-from ttsstream.exceptions import ClientError, ConfigError
-from ttsstream.protocol import MAX_FRAME_BYTES
+from ttsstream.exceptions import (
+    ClientError,
+    ConfigError,
+    EndpointNotFound,
+    HandshakeRefused,
+    OriginNotAllowed,
+    RateLimited,
+    ServerFull,
+    TooManyConnections,
+    Unauthorized,
+)
+from ttsstream.protocol import MAX_FRAME_BYTES, Refusal, encode_refusal
+from ttsstream.ratelimit import ConnectionCounter, MovingWindow
 from ttsstream.session import Session
 from ttsstream.speech import AUTO, SpeechRouter
 from ttsstream.stats import Stats
@@ -39,6 +53,17 @@ logger = logging.getLogger("ttsstream.server")
 
 #: The one WebSocket endpoint of protocol v1.
 STREAM_PATH = "/v1/stream"
+
+# Timeouts
+#: Seconds a client has to complete the WebSocket handshake.
+HANDSHAKE_TIMEOUT = 10.0
+#: Seconds between pings; a peer that does not answer within as long is closed.
+PING_INTERVAL = 20.0
+
+# websockets logs request headers and frames at DEBUG: keys and text. Its logger
+# stays at WARNING whatever LOG_LEVEL says.
+_WEBSOCKETS_LOGGER = logging.getLogger("ttsstream.websockets")
+_WEBSOCKETS_LOGGER.setLevel(logging.WARNING)
 
 
 class Server:
@@ -53,9 +78,25 @@ class Server:
         ConfigError: A voice setting names an offline voice that is not available.
     """
 
-    def __init__(self, config: Config, router: SpeechRouter | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        router: SpeechRouter | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.config = config
         self.stats = Stats()
+        self.keys = ApiKeys(config.api_keys)
+        self.limiter = MovingWindow(
+            config.rate_limit_requests, config.rate_limit_window, clock=clock
+        )
+        self.connection_counts = ConnectionCounter(
+            per_ip=config.max_connections_per_ip, total=config.max_connections
+        )
+        self._trusted = config.trusted_networks
+        self._client_ips: dict[ServerConnection, str] = {}
+        self._watchers: set[asyncio.Task[None]] = set()
         self.store = (
             DiskCache(config.cache_dir, max_bytes=config.cache_max_bytes, stats=self.stats)
             if config.cache_enabled
@@ -74,11 +115,19 @@ class Server:
             self.config.host,
             self.config.port,
             process_request=self._check_handshake,
+            select_subprotocol=_select_subprotocol,
+            # Timeouts
+            open_timeout=HANDSHAKE_TIMEOUT,
+            ping_interval=PING_INTERVAL,
+            ping_timeout=PING_INTERVAL,
+            # Limits
             max_size=MAX_FRAME_BYTES,
             # MP3 does not compress; deflate would only cost CPU on every chunk.
             compression=None,
             server_header=None,
+            logger=_WEBSOCKETS_LOGGER,
         )
+        self._warn_about_access()
         self._prefetch = asyncio.create_task(self._prefetch_voices())
         logger.info("listening on %s", ", ".join(self.addresses))
 
@@ -134,14 +183,83 @@ class Server:
         self.close()
         await self.wait_closed()
 
+    def _warn_about_access(self) -> None:
+        loopback = self.config.host in ("127.0.0.1", "::1", "localhost")
+        if not self.keys.required and not loopback:
+            logger.warning(
+                "no TTS_API_KEY: anyone who can reach %s:%s can use this server",
+                self.config.host,
+                self.config.port,
+            )
+        if self.keys.required and self.config.allowed_origins is None:
+            logger.warning(
+                "TTS_API_KEY is set but ALLOWED_ORIGINS allows every origin: any web page "
+                "that learns a key can use it from visitors' browsers"
+            )
+
     def _check_handshake(self, connection: ServerConnection, request: Request) -> Response | None:
-        if urlsplit(request.path).path != STREAM_PATH:
-            return _refuse(connection, http.HTTPStatus.NOT_FOUND, "not_found", "no such endpoint")
+        """Admit the handshake, or answer it with an HTTP error and no upgrade."""
+        peer = connection.remote_address[0] if connection.remote_address else ""
+        ip = client_ip(peer, request.headers, self._trusted)
+        try:
+            self._admit(ip, request)
+        except (HandshakeRefused, RateLimited) as refused:
+            self._count_refusal(refused)
+            logger.info(
+                "refused handshake ip=%s reason=%s path=%s",
+                ip,
+                refused.code,
+                redact(request.path)[:200],
+            )
+            return _respond(connection, encode_refusal(refused))
+        self._client_ips[connection] = ip
+        watcher = asyncio.create_task(self._release_when_closed(connection, ip))
+        self._watchers.add(watcher)
+        watcher.add_done_callback(self._watchers.discard)
         return None
 
+    def _admit(self, ip: str, request: Request) -> None:
+        """Raise why a handshake is refused; count its connection if it is not."""
+        if urlsplit(request.path).path != STREAM_PATH:
+            raise EndpointNotFound("no such endpoint")
+        # Every handshake counts, refused or not, so keys cannot be guessed at speed.
+        retry_after = self.limiter.hit(ip)
+        if retry_after is not None:
+            raise RateLimited("too many requests from this client", retry_after=retry_after)
+        origin = request.headers.get("Origin")
+        allowed = self.config.allowed_origins
+        if origin is not None and allowed is not None and origin.rstrip("/") not in allowed:
+            raise OriginNotAllowed("this origin may not connect")
+        if not self.keys.accept(offered_keys(request.headers, request.path)):
+            raise Unauthorized("a valid API key is required")
+        self.connection_counts.acquire(ip)
+
+    def _count_refusal(self, refused: HandshakeRefused | RateLimited) -> None:
+        if isinstance(refused, RateLimited | TooManyConnections | ServerFull):
+            self.stats.rate_limited += 1
+        elif isinstance(refused, Unauthorized):
+            self.stats.auth_failures += 1
+        elif isinstance(refused, OriginNotAllowed):
+            self.stats.origin_rejected += 1
+
+    async def _release_when_closed(self, connection: ServerConnection, ip: str) -> None:
+        try:
+            await connection.wait_closed()
+        finally:
+            self.connection_counts.release(ip)
+            self._client_ips.pop(connection, None)
+
     async def _handle(self, connection: ServerConnection) -> None:
-        session = Session(connection, config=self.config, speech=self.speech)
-        logger.debug("conn=%s open from %s", session.connection_id, connection.remote_address)
+        ip = self._client_ips.get(connection, "")
+        session = Session(
+            connection,
+            config=self.config,
+            speech=self.speech,
+            client_ip=ip,
+            limiter=self.limiter,
+            stats=self.stats,
+        )
+        logger.debug("conn=%s open ip=%s", session.connection_id, ip)
         await session.run()
         logger.debug("conn=%s closed code=%s", session.connection_id, connection.close_code)
 
@@ -198,19 +316,24 @@ def speech_router(config: Config, *, with_offline: bool = True) -> SpeechRouter:
     )
 
 
-def _refuse(
-    connection: ServerConnection, status: http.HTTPStatus, code: str, message: str
-) -> Response:
-    """Refuse a handshake with a small JSON body instead of upgrading."""
-    response = connection.respond(status, "")
-    body = orjson.dumps({"error": code, "message": message})
+def _respond(connection: ServerConnection, refusal: Refusal) -> Response:
+    """The websockets response for a refusal: its status, headers and JSON body."""
+    response = connection.respond(refusal.status, "")
     # Headers holds several values per name: replace, do not append.
     del response.headers["Content-Type"]
     del response.headers["Content-Length"]
-    response.headers["Content-Type"] = "application/json"
-    response.headers["Content-Length"] = str(len(body))
-    response.body = body
+    for name, value in refusal.headers:
+        response.headers[name] = value
+    response.headers["Content-Length"] = str(len(refusal.body))
+    response.body = refusal.body
     return response
+
+
+def _select_subprotocol(
+    connection: ServerConnection, subprotocols: Sequence[Subprotocol]
+) -> Subprotocol | None:
+    """Select ``ttsstream.v1`` when offered, never a ``key.`` one; none is fine too."""
+    return Subprotocol(SUBPROTOCOL) if SUBPROTOCOL in subprotocols else None
 
 
 async def run(config: Config) -> None:

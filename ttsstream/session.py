@@ -26,7 +26,7 @@ from ttsstream import __version__
 from ttsstream.cache import SpeechCache
 from ttsstream.config import Config
 from ttsstream.engine import AudioChunk, SynthesisRequest
-from ttsstream.exceptions import ClientError, InvalidParameter, NotFound, QueueFull
+from ttsstream.exceptions import ClientError, InvalidParameter, NotFound, QueueFull, RateLimited
 from ttsstream.protocol import (
     Cancel,
     ListVoices,
@@ -41,7 +41,9 @@ from ttsstream.protocol import (
     error_code,
     parse_client_message,
 )
+from ttsstream.ratelimit import MovingWindow
 from ttsstream.speech import Started
+from ttsstream.stats import Stats
 
 __all__ = ["Session"]
 
@@ -76,12 +78,28 @@ class Session:
         websocket: The connection, already past the handshake.
         config: The server's configuration.
         speech: Speaks the utterances.
+        client_ip: The client's address, as the server determined it.
+        limiter: Counts this client's ``speak`` messages against its rate limit.
+        stats: Counters to update.
     """
 
-    def __init__(self, websocket: ServerConnection, *, config: Config, speech: SpeechCache) -> None:
+    def __init__(
+        self,
+        websocket: ServerConnection,
+        *,
+        config: Config,
+        speech: SpeechCache,
+        client_ip: str = "",
+        limiter: MovingWindow | None = None,
+        stats: Stats | None = None,
+    ) -> None:
         self._ws = websocket
         self._config = config
         self._speech = speech
+        self.client_ip = client_ip
+        self._limiter = limiter
+        self._stats = stats or Stats()
+        self._last_activity = asyncio.get_running_loop().time()
         self.connection_id = websocket.id.hex[:12]
         self._pending: deque[Utterance] = deque()
         self._wakeup = asyncio.Event()
@@ -93,6 +111,7 @@ class Session:
     async def run(self) -> None:
         """Greet the client, then serve its frames until the connection closes."""
         speaker = asyncio.create_task(self._speak_in_order())
+        watchdog = asyncio.create_task(self._close_when_idle())
         try:
             await self._send(
                 encode_hello(
@@ -102,13 +121,33 @@ class Session:
                 )
             )
             async for frame in self._ws:
+                self._last_activity = asyncio.get_running_loop().time()
                 await self._on_frame(frame)
-        except ConnectionClosed:
+        except (ConnectionClosed, ClientTooSlow):
             pass
         finally:
             speaker.cancel()
-            await asyncio.wait({speaker})
+            watchdog.cancel()
+            await asyncio.wait({speaker, watchdog})
             await self._close_background()
+
+    async def _close_when_idle(self) -> None:
+        """Close with 1000 "idle" after IDLE_TIMEOUT without a message or an utterance."""
+        loop = asyncio.get_running_loop()
+        while True:
+            deadline = self._last_activity + self._config.idle_timeout
+            if loop.time() < deadline:
+                await asyncio.sleep(deadline - loop.time())
+                continue
+            if self._current is not None or self._pending:
+                # Speaking is not idleness: count from the end of the last utterance.
+                self._last_activity = loop.time()
+                continue
+            logger.info(
+                "conn=%s closed: idle for %.0fs", self.connection_id, self._config.idle_timeout
+            )
+            await self._ws.close(1000, "idle")
+            return
 
     async def _on_frame(self, frame: str | bytes) -> None:
         try:
@@ -130,6 +169,11 @@ class Session:
         return "s-" + secrets.token_hex(6)
 
     async def _enqueue(self, request: Speak) -> None:
+        if self._limiter is not None and (retry := self._limiter.hit(self.client_ip)):
+            self._stats.rate_limited += 1
+            raise RateLimited(
+                "too many requests from this client", retry_after=retry, utterance_id=request.id
+            )
         if request.id in self._ids:
             raise InvalidParameter(
                 f"id {request.id!r} is already queued or playing", utterance_id=request.id
@@ -206,6 +250,7 @@ class Session:
                     self._track(utterance.task)
                 self._current = None
                 self._ids.discard(utterance.id)
+                self._last_activity = asyncio.get_running_loop().time()
                 utterance.finished.set()
 
     async def _speak(self, utterance: Utterance) -> None:
@@ -242,7 +287,7 @@ class Session:
                 elif isinstance(event, AudioChunk):
                     if ttfb_ms is None:
                         ttfb_ms = (time.perf_counter() - utterance.received_at) * 1000
-                    await self._ws.send(event.data)
+                    await self._send(event.data, text=False)
                     byte_count += len(event.data)
                 else:
                     await self._send(encode_word(utterance.id, event))
@@ -264,6 +309,8 @@ class Session:
             raise
         except ConnectionClosed:
             outcome = "disconnected"
+        except ClientTooSlow:
+            outcome = "too_slow"
         except Exception as exc:
             outcome = error_code(exc)
             if not isinstance(exc, ClientError):
@@ -299,8 +346,23 @@ class Session:
             return
         await self._send(encode_voices(voices))
 
-    async def _send(self, message: bytes) -> None:
-        await self._ws.send(message, text=True)
+    async def _send(self, message: bytes, *, text: bool = True) -> None:
+        """Send one frame; a client that leaves it unread past SEND_TIMEOUT is closed (1008).
+
+        websockets waits while its write buffer is over its limit, so the memory held
+        for a client that does not read stays bounded; this bounds the time too.
+        """
+        try:
+            async with asyncio.timeout(self._config.send_timeout):
+                await self._ws.send(message, text=text)
+        except TimeoutError:
+            logger.warning(
+                "conn=%s closed: client left its audio unread for %.0fs",
+                self.connection_id,
+                self._config.send_timeout,
+            )
+            self._spawn(self._ws.close(1008, "client too slow"))
+            raise ClientTooSlow() from None
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task: asyncio.Task[None] = asyncio.create_task(_quietly(coroutine))
@@ -320,6 +382,10 @@ class Session:
             logger.warning(
                 "conn=%s: %d upstream streams did not close", self.connection_id, len(late)
             )
+
+
+class ClientTooSlow(Exception):
+    """The client did not read what was sent to it within SEND_TIMEOUT."""
 
 
 def _done(utterance: Utterance) -> bool:

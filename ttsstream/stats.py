@@ -12,6 +12,14 @@ __all__ = ["Stats"]
 class Stats:
     """Counters since start. Plain attributes: updated on the event loop only."""
 
+    # Refusals
+    #: Handshakes and speak messages refused by a rate or connection limit.
+    rate_limited: int = 0
+    #: Handshakes without a valid API key.
+    auth_failures: int = 0
+    #: Handshakes from an origin not in ALLOWED_ORIGINS.
+    origin_rejected: int = 0
+
     # Cache
     cache_hits: int = 0
     cache_misses: int = 0

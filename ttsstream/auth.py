@@ -1,0 +1,81 @@
+"""API keys at the handshake (pure; no I/O).
+
+A client proves itself with one of: ``X-API-Key: <key>``;
+``Authorization: Bearer <key>``; the subprotocol pair ``["ttsstream.v1",
+"key.<key>"]`` (browsers cannot set headers on a WebSocket; the server selects
+and echoes only ``ttsstream.v1``); or ``?api_key=<key>`` in the URL (least safe:
+proxies log URLs). Keys are compared in constant time and never logged.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+from collections.abc import Iterable, Sequence
+from urllib.parse import parse_qsl, urlsplit
+
+from websockets.datastructures import Headers
+
+__all__ = ["KEY_SUBPROTOCOL_PREFIX", "SUBPROTOCOL", "ApiKeys", "offered_keys", "redact"]
+
+#: The protocol's subprotocol name; the only one the server ever selects.
+SUBPROTOCOL = "ttsstream.v1"
+#: A subprotocol starting with this carries an API key.
+KEY_SUBPROTOCOL_PREFIX = "key."
+_QUERY_KEY = "api_key"
+_BEARER = re.compile(r"Bearer\s+(\S+)\s*", re.IGNORECASE)
+_REDACTIONS = (
+    (re.compile(r"(api_key=)[^&\s]*", re.IGNORECASE), r"\1[redacted]"),
+    (re.compile(r"(key\.)[^,\s]+"), r"\1[redacted]"),
+)
+
+
+class ApiKeys:
+    """The keys that open the server (several during a rotation); none: no check."""
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        self._keys = [key.encode() for key in keys if key]
+
+    @property
+    def required(self) -> bool:
+        return bool(self._keys)
+
+    def accept(self, offered: Iterable[str]) -> bool:
+        """Whether any offered credential is one of the keys.
+
+        Every offered value is compared with every key, in constant time each, so
+        the time taken does not tell which key, or how much of one, matched.
+        """
+        if not self._keys:
+            return True
+        matched = False
+        for candidate in offered:
+            encoded = candidate.encode()
+            for key in self._keys:
+                matched |= hmac.compare_digest(encoded, key)
+        return matched
+
+    def __repr__(self) -> str:
+        return f"ApiKeys({len(self._keys)} keys)"
+
+
+def offered_keys(headers: Headers, path: str) -> list[str]:
+    """Every credential a handshake offers, in all accepted forms."""
+    offered = list(headers.get_all("X-API-Key"))
+    for value in headers.get_all("Authorization"):
+        if match := _BEARER.fullmatch(value):
+            offered.append(match.group(1))
+    for value in headers.get_all("Sec-WebSocket-Protocol"):
+        for protocol in value.split(","):
+            protocol = protocol.strip()
+            if protocol.startswith(KEY_SUBPROTOCOL_PREFIX):
+                offered.append(protocol[len(KEY_SUBPROTOCOL_PREFIX) :])
+    offered += [value for name, value in parse_qsl(urlsplit(path).query) if name == _QUERY_KEY]
+    return [value.strip() for value in offered if value.strip()]
+
+
+def redact(text: str) -> str:
+    """``text`` with API keys in a query string or a key subprotocol replaced."""
+    for pattern, replacement in _REDACTIONS:
+        text = pattern.sub(replacement, text)
+    return text
