@@ -41,6 +41,7 @@ from xml.sax.saxutils import escape
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 __all__ = [
@@ -251,6 +252,8 @@ class FakeEdge:
             await self._synthesize(ws, record)
         except AssertionError as exc:
             self.violations.append(f"synthesis: {exc}")
+        except ConnectionClosed:
+            pass  # the client went away mid-synthesis, as clients may
         finally:
             self.active -= 1
         # The service leaves the socket open; edge-tts closes it after turn.end.

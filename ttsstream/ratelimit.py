@@ -11,9 +11,10 @@ number of IPs tracked has a hard cap.
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
 
 from ttsstream.exceptions import ServerFull, TooManyConnections
@@ -48,9 +49,10 @@ class MovingWindow:
         self.window = window
         self._clock = clock
         self._max_tracked = max_tracked
-        # key -> timestamps of its hits in the window, oldest first; keys least recently
-        # hit first, so stale ones are at the front.
-        self._hits: OrderedDict[str, deque[float]] = OrderedDict()
+        # key -> timestamps of its hits in the window, oldest first (a plain list: most
+        # keys hold one or two, and a deque's fixed blocks would cost 10 times more);
+        # keys least recently hit first, so stale ones are at the front.
+        self._hits: OrderedDict[str, list[float]] = OrderedDict()
 
     def __len__(self) -> int:
         """How many keys are tracked."""
@@ -69,13 +71,14 @@ class MovingWindow:
         self._purge(now)
         hits = self._hits.get(key)
         if hits is None:
-            hits = self._hits[key] = deque(maxlen=self.limit)
+            hits = self._hits[key] = []
             if len(self._hits) > self._max_tracked:
                 self._hits.popitem(last=False)
         else:
             self._hits.move_to_end(key)
-            while hits and hits[0] <= now - self.window:
-                hits.popleft()
+            expired = bisect.bisect_right(hits, now - self.window)
+            if expired:
+                del hits[:expired]
         if len(hits) >= self.limit:
             return max(1, math.ceil(hits[0] + self.window - now))
         hits.append(now)

@@ -49,6 +49,8 @@ __all__ = ["Session"]
 
 logger = logging.getLogger("ttsstream.session")
 
+#: Seconds a client closed for not reading has to read what is queued and the close frame.
+SLOW_CLIENT_CLOSE_TIMEOUT = 10.0
 #: Seconds a closing session waits for its upstream streams to close before giving up.
 UPSTREAM_CLOSE_TIMEOUT = 5.0
 
@@ -357,12 +359,22 @@ class Session:
                 await self._ws.send(message, text=text)
         except TimeoutError:
             logger.warning(
-                "conn=%s closed: client left its audio unread for %.0fs",
+                "conn=%s closed: client left its audio unread for %.1fs",
                 self.connection_id,
                 self._config.send_timeout,
             )
-            self._spawn(self._ws.close(1008, "client too slow"))
+            self._spawn(self._close_slow_client())
             raise ClientTooSlow() from None
+
+    async def _close_slow_client(self) -> None:
+        """Close with 1008; if the client does not even read that, drop the TCP connection."""
+        try:
+            # The close frame waits behind the unread audio, which a client that
+            # reads again gets first; websockets' close waits for that drain.
+            async with asyncio.timeout(SLOW_CLIENT_CLOSE_TIMEOUT):
+                await self._ws.close(1008, "client too slow")
+        except TimeoutError:
+            self._ws.transport.abort()
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task: asyncio.Task[None] = asyncio.create_task(_quietly(coroutine))
