@@ -416,3 +416,24 @@ def test_stats_count_refusals() -> None:
         3,
         1,
     )
+
+
+async def test_say_sends_its_api_key(keyed: Server, tmp_path: Path) -> None:
+    """ttsstream say --api-key gets in; without it the server's 401 is reported."""
+    from tests.test_cli import run
+
+    base = [
+        sys.executable,
+        "-m",
+        "ttsstream",
+        "say",
+        "Keyed.",
+        "-o",
+        "k.mp3",
+        "--url",
+        url_of(keyed),
+    ]
+    status, stderr = await run([*base, "--api-key", KEY], cwd=tmp_path)
+    assert status == 0, stderr
+    status, stderr = await run(base, cwd=tmp_path)
+    assert status == 1 and "HTTP 401" in stderr

@@ -46,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     say.add_argument("--volume", help='volume such as "-20%%"')
     say.add_argument("--pitch", help='pitch such as "+5Hz"')
     say.add_argument("--url", default=DEFAULT_URL, help=f"server URL (default {DEFAULT_URL})")
+    say.add_argument("--api-key", help="API key, sent as X-API-Key (see TTS_API_KEY)")
     say.add_argument("--words", type=Path, help="write the word events as JSON to this file")
     say.add_argument("--srt", type=Path, help="write SRT subtitles to this file")
     return parser
@@ -98,6 +99,7 @@ def _say(args: argparse.Namespace) -> int:
                 rate=args.rate,
                 volume=args.volume,
                 pitch=args.pitch,
+                api_key=args.api_key,
             )
         )
     except SpeechError as exc:

@@ -41,6 +41,7 @@ async def speak(
     rate: str | None = None,
     volume: str | None = None,
     pitch: str | None = None,
+    api_key: str | None = None,
     # Timeouts
     open_timeout: float | None = 10,
 ) -> SpokenText:
@@ -55,7 +56,14 @@ async def speak(
         if value is not None:
             request[name] = value
     result = SpokenText()
-    async with connect(url, open_timeout=open_timeout, max_size=None, compression=None) as ws:
+    headers = {"X-API-Key": api_key} if api_key else None
+    async with connect(
+        url,
+        additional_headers=headers,
+        open_timeout=open_timeout,
+        max_size=None,
+        compression=None,
+    ) as ws:
         await ws.send(orjson.dumps(request).decode())
         async for frame in ws:
             if isinstance(frame, bytes):
