@@ -47,6 +47,7 @@ async def start_server(fake: FakeEdge, tmp_path: Path) -> AsyncIterator[ServerFa
         settings = {
             "host": "127.0.0.1",
             "port": 0,
+            "health_port": 0,
             "edge_wss_url": fake.wss_url,
             "edge_voices_url": fake.voices_url,
             "upstream_timeout": TIMEOUT,

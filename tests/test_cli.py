@@ -30,7 +30,7 @@ def environment(fake: FakeEdge, **extra: str) -> dict[str, str]:
         if key not in ("HOST", "PORT", "DEFAULT_VOICE", "MAX_TEXT_LENGTH", "LOG_LEVEL")
     }
     env.update(fake.environ)
-    env.update({"HOST": "127.0.0.1", "PORT": "0", **extra})
+    env.update({"HOST": "127.0.0.1", "PORT": "0", "HEALTH_PORT": "0", **extra})
     return env
 
 
@@ -206,6 +206,7 @@ async def test_no_internet_still_speaks_offline(tmp_path: Path) -> None:
     env.update(
         HOST="127.0.0.1",
         PORT="0",
+        HEALTH_PORT="0",
         EDGE_WSS_URL=f"ws://127.0.0.1:{dead}/edge/v1?TrustedClientToken=x",
         EDGE_VOICES_URL=f"http://127.0.0.1:{dead}/voices/list?trustedclienttoken=x",
     )

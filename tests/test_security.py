@@ -130,10 +130,13 @@ async def test_keys_never_reach_the_logs(fake: FakeEdge, tmp_path: Path) -> None
         await refused(f"{url}?api_key={wrong}")
     finally:
         process.send_signal(signal.SIGTERM)
-        rest = await asyncio.wait_for(process.stderr.read(), TIMEOUT)
+        rest, out = await asyncio.wait_for(
+            asyncio.gather(process.stderr.read(), process.stdout.read()),  # type: ignore[union-attr]
+            TIMEOUT,
+        )
         await process.wait()
-    log = (said + rest).decode()
-    assert "refused handshake" in log and "unauthorized" in log and "api_key=[redacted]" in log
+    log = (said + rest + out).decode()
+    assert "handshake_refused" in log and "unauthorized" in log and "api_key=[redacted]" in log
     assert "utterance" in log  # the log was really captured at DEBUG
     for secret in (KEY, OTHER_KEY, wrong):
         assert secret not in log

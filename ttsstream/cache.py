@@ -50,6 +50,19 @@ class SpeechCache:
     async def check_voice(self, voice: str) -> None:
         await self.router.check_voice(voice)
 
+    def key_of(self, request: SynthesisRequest) -> str:
+        """The cache key of an Edge request (also what logs show instead of the text)."""
+        edge = self.router.edge
+        return cache_key(
+            engine=edge.name,
+            voice=request.voice,
+            rate=request.rate,
+            volume=request.volume,
+            pitch=request.pitch,
+            audio_format=edge.audio_format,
+            text=request.text,
+        )
+
     async def synthesize(self, request: SynthesisRequest) -> AsyncGenerator[Speech, None]:
         """Speak ``request`` from the cache, a shared synthesis, or a new one."""
         if self.store is None or request.voice.startswith(VOICE_PREFIX):
@@ -59,15 +72,7 @@ class SpeechCache:
             return
 
         edge = self.router.edge
-        key = cache_key(
-            engine=edge.name,
-            voice=request.voice,
-            rate=request.rate,
-            volume=request.volume,
-            pitch=request.pitch,
-            audio_format=edge.audio_format,
-            text=request.text,
-        )
+        key = self.key_of(request)
         flight = self._flights.get(key)
         if flight is None:
             entry = await self.store.get(key)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import orjson
 from websockets.exceptions import InvalidHandshake, InvalidStatus, WebSocketException
 
-from ttsstream import __version__
+from ttsstream import __version__, logs
 from ttsstream.client import SpeechError, speak
 from ttsstream.config import load_config
 from ttsstream.exceptions import ConfigError
@@ -71,10 +70,13 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"ttsstream: configuration error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=config.log_level_number,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    try:
+        logs.configure(
+            level=config.log_level_number, log_format=config.log_format, log_dir=config.log_dir
+        )
+    except OSError as exc:
+        print(f"ttsstream: cannot write logs to {config.log_dir}: {exc.strerror}", file=sys.stderr)
+        return 2
     try:
         asyncio.run(run(config))
     except ConfigError as exc:

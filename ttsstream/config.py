@@ -47,6 +47,10 @@ class Config:
     # Listening
     host: str = "0.0.0.0"
     port: int = 8765
+    #: The HTTP side port for /health, /ready, /stats, /metrics, /voices (0: any free port).
+    health_port: int = 8766
+    #: Where the side port listens; None: the same address as HOST.
+    health_host: str | None = None
 
     # Speech
     default_voice: str = "en-US-EmmaMultilingualNeural"
@@ -106,11 +110,26 @@ class Config:
     #: Seconds a client may leave its audio unread (send buffer full) before 1008.
     send_timeout: float = 30.0
 
+    # Shutdown
+    #: Seconds utterances in progress get to finish after SIGTERM before connections close.
+    drain_timeout: float = 30.0
+
+    # Logs
     log_level: str = "INFO"
+    #: "text" or "json" (one object per line).
+    log_format: str = "text"
+    #: Directory for access.log and error.log; None: stdout and stderr.
+    log_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError("PORT", str(self.port), "an integer from 0 to 65535")
+        if not 0 <= self.health_port <= 65535:
+            raise ConfigError("HEALTH_PORT", str(self.health_port), "an integer from 0 to 65535")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError("LOG_FORMAT", self.log_format, "text or json")
+        if not self.drain_timeout >= 0:
+            raise ConfigError("DRAIN_TIMEOUT", str(self.drain_timeout), "seconds >= 0")
         if not self.host:
             raise ConfigError("HOST", self.host, "an IP address or host name")
         if not (
@@ -177,6 +196,11 @@ class Config:
     def trusted_networks(self) -> tuple[Network, ...]:
         """:attr:`trusted_proxies`, parsed."""
         return parse_networks(self.trusted_proxies)
+
+    @property
+    def health_address(self) -> str:
+        """Where the side port listens."""
+        return self.health_host or self.host
 
     @property
     def cache_max_bytes(self) -> int:
@@ -270,6 +294,11 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "MAX_CONNECTIONS": ("max_connections", _integer, "an integer >= 1"),
     "IDLE_TIMEOUT": ("idle_timeout", _seconds, "seconds > 0, such as 300"),
     "SEND_TIMEOUT": ("send_timeout", _seconds, "seconds > 0, such as 30"),
+    "HEALTH_PORT": ("health_port", _integer, "an integer from 0 to 65535"),
+    "HEALTH_HOST": ("health_host", str.strip, "an IP address or host name"),
+    "DRAIN_TIMEOUT": ("drain_timeout", _seconds, "seconds >= 0, such as 30"),
+    "LOG_FORMAT": ("log_format", lambda s: s.strip().lower(), "text or json"),
+    "LOG_DIR": ("log_dir", lambda s: Path(s.strip()), "a directory path"),
     "LOG_LEVEL": ("log_level", lambda s: s.strip().upper(), "one of " + ", ".join(_LOG_LEVELS)),
 }
 assert {name for name, _, _ in _VARIABLES.values()} == {f.name for f in fields(Config)}

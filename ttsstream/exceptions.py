@@ -24,7 +24,8 @@ into the ``error`` message a client receives.
         │   ├── InvalidParameter        invalid_parameter
         │   ├── QueueFull               queue_full
         │   ├── NotFound                not_found
-        │   └── RateLimited             rate_limited (429 with Retry-After at the handshake)
+        │   ├── RateLimited             rate_limited (429 with Retry-After at the handshake)
+        │   └── ShuttingDown            shutting_down
         └── UpstreamError           the speech service failed
             ├── UpstreamUnavailable     upstream_unavailable
             ├── UpstreamTimeout         upstream_timeout
@@ -52,6 +53,7 @@ __all__ = [
     "RateLimited",
     "RequestError",
     "ServerFull",
+    "ShuttingDown",
     "TTSStreamError",
     "TextTooLong",
     "TooManyConnections",
@@ -206,6 +208,12 @@ class RateLimited(RequestError):
         super().__init__(message, utterance_id=utterance_id)
         #: Whole seconds until a request would be allowed again.
         self.retry_after = retry_after
+
+
+class ShuttingDown(RequestError):
+    """The server is draining before a restart and takes no new utterance."""
+
+    code = "shutting_down"
 
 
 class UpstreamError(ClientError):

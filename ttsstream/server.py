@@ -22,6 +22,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
+from ttsstream import logs
 from ttsstream.auth import SUBPROTOCOL, ApiKeys, offered_keys, redact
 from ttsstream.breaker import CircuitBreaker
 from ttsstream.cache import SpeechCache
@@ -40,6 +41,8 @@ from ttsstream.exceptions import (
     TooManyConnections,
     Unauthorized,
 )
+from ttsstream.logs import access
+from ttsstream.ops import OpsServer
 from ttsstream.protocol import MAX_FRAME_BYTES, Refusal, encode_refusal
 from ttsstream.ratelimit import ConnectionCounter, MovingWindow
 from ttsstream.session import Session
@@ -59,6 +62,8 @@ STREAM_PATH = "/v1/stream"
 HANDSHAKE_TIMEOUT = 10.0
 #: Seconds between pings; a peer that does not answer within as long is closed.
 PING_INTERVAL = 20.0
+#: Seconds a client gets to acknowledge the server's closing before the TCP connection drops.
+CLOSE_TIMEOUT_AT_ONCE = 5.0
 
 # websockets logs request headers and frames at DEBUG: keys and text. Its logger
 # stays at WARNING whatever LOG_LEVEL says.
@@ -102,12 +107,24 @@ class Server:
             if config.cache_enabled
             else None
         )
-        self.speech = SpeechCache(router or speech_router(config), self.store, self.stats)
+        router = router or speech_router(config)
+        router.stats = self.stats
+        self.speech = SpeechCache(router, self.store, self.stats)
+        #: starting, serving, draining or closed; /ready is 200 only while serving.
+        self.state = "starting"
+        self.ops = OpsServer(self)
+        self._sessions: set[Session] = set()
         self._server: WebSocketServer | None = None
         self._prefetch: asyncio.Task[None] | None = None
+        self._ops_closed = False
 
     async def start(self) -> None:
-        """Open the cache, start listening, and fetch the voice list in the background."""
+        """Start the side port, open the cache, listen, and fetch the voice list.
+
+        Raises:
+            OSError: A port cannot be listened on.
+        """
+        await self.ops.start()
         if self.store is not None:
             await asyncio.to_thread(self.store.open)
         self._server = await serve(
@@ -129,7 +146,13 @@ class Server:
         )
         self._warn_about_access()
         self._prefetch = asyncio.create_task(self._prefetch_voices())
-        logger.info("listening on %s", ", ".join(self.addresses))
+        self.state = "serving"
+        logger.info(
+            "listening on %s (side port %s:%d)",
+            ", ".join(self.addresses),
+            self.config.health_address,
+            self.ops.port,
+        )
 
     @property
     def addresses(self) -> list[str]:
@@ -155,15 +178,58 @@ class Server:
 
     def close(self) -> None:
         """Stop accepting and close every connection with 1001 (going away). Idempotent."""
+        self.state = "closed"
         if self._prefetch is not None:
             self._prefetch.cancel()
         if self._server is not None:
             self._server.close()
+            # After a drain the listener is already closed; close what is still open.
+            for connection in self.connections:
+                self._spawn_close(connection, CLOSE_TIMEOUT_AT_ONCE)
 
     async def wait_closed(self) -> None:
-        """Return once the listener is closed and every session has finished."""
+        """Return once the listener is closed, every session has finished, and the
+        side port is down."""
         if self._server is not None:
             await self._server.wait_closed()
+        if not self._ops_closed:
+            self._ops_closed = True
+            await self.ops.close()
+
+    async def drain(self, grace: float) -> None:
+        """Shut down gracefully: stop taking work, let utterances finish, then close.
+
+        /ready turns 503 and the listener closes at once; new ``speak`` messages get
+        ``shutting_down``; utterances queued or playing get
+        finish within ``grace`` seconds; then every connection is closed with 1001.
+        """
+        if self.state != "serving" or self._server is None:
+            return
+        self.state = "draining"
+        self._server.close(close_connections=False)
+        sessions = list(self._sessions)
+        for session in sessions:
+            session.draining = True
+        waiting = sum(session.utterances_in_progress for session in sessions)
+        logger.info(
+            "draining: %d utterances in progress on %d connections, %.0fs to finish",
+            waiting,
+            len(sessions),
+            grace,
+        )
+        if waiting:
+            idle = [asyncio.create_task(session.wait_idle()) for session in sessions]
+            _, late = await asyncio.wait(idle, timeout=grace)
+            for task in late:
+                task.cancel()
+        unfinished = sum(session.utterances_in_progress for session in sessions)
+        logger.info(
+            "drained: %d of %d utterances finished, %d cut",
+            waiting - unfinished,
+            waiting,
+            unfinished,
+        )
+        self.close()
 
     async def serve_forever(self) -> None:
         """Serve until :meth:`close` is called or the task is cancelled."""
@@ -205,12 +271,7 @@ class Server:
             self._admit(ip, request)
         except (HandshakeRefused, RateLimited) as refused:
             self._count_refusal(refused)
-            logger.info(
-                "refused handshake ip=%s reason=%s path=%s",
-                ip,
-                refused.code,
-                redact(request.path)[:200],
-            )
+            access("handshake_refused", ip=ip, reason=refused.code, path=redact(request.path)[:200])
             return _respond(connection, encode_refusal(refused))
         self._client_ips[connection] = ip
         watcher = asyncio.create_task(self._release_when_closed(connection, ip))
@@ -242,6 +303,11 @@ class Server:
         elif isinstance(refused, OriginNotAllowed):
             self.stats.origin_rejected += 1
 
+    def _spawn_close(self, connection: ServerConnection, grace: float) -> None:
+        task = asyncio.create_task(_close_within(connection, grace))
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+
     async def _release_when_closed(self, connection: ServerConnection, ip: str) -> None:
         try:
             await connection.wait_closed()
@@ -259,8 +325,15 @@ class Server:
             limiter=self.limiter,
             stats=self.stats,
         )
+        session.draining = self.state != "serving"
+        self._sessions.add(session)
+        self.stats.connections += 1
         logger.debug("conn=%s open ip=%s", session.connection_id, ip)
-        await session.run()
+        try:
+            await session.run()
+        finally:
+            self.stats.connections -= 1
+            self._sessions.discard(session)
         logger.debug("conn=%s closed code=%s", session.connection_id, connection.close_code)
 
     async def _prefetch_voices(self) -> None:
@@ -316,6 +389,15 @@ def speech_router(config: Config, *, with_offline: bool = True) -> SpeechRouter:
     )
 
 
+async def _close_within(connection: ServerConnection, grace: float) -> None:
+    """Close with 1001; drop the TCP connection if the client does not take the close."""
+    try:
+        async with asyncio.timeout(grace):
+            await connection.close(1001, "server shutting down")
+    except TimeoutError:
+        connection.transport.abort()
+
+
 def _respond(connection: ServerConnection, refusal: Refusal) -> Response:
     """The websockets response for a refusal: its status, headers and JSON body."""
     response = connection.respond(refusal.status, "")
@@ -337,12 +419,33 @@ def _select_subprotocol(
 
 
 async def run(config: Config) -> None:
-    """Run a server until SIGINT or SIGTERM, then close it cleanly."""
+    """Run a server until SIGINT or SIGTERM, then drain it; a second signal closes at once.
+
+    SIGHUP reopens the log files.
+    """
     loop = asyncio.get_running_loop()
-    async with Server(config) as server:
-        stop = asyncio.Event()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(signum, stop.set)
-        await stop.wait()
-        logger.info("shutting down: closing %s", ", ".join(server.addresses))
+    server = Server(config)
+    try:
+        await server.start()
+    except BaseException:
+        server.close()
+        await server.wait_closed()
+        raise
+    signals = asyncio.Queue[int]()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(signum, signals.put_nowait, signum)
+    with contextlib.suppress(NotImplementedError):
+        loop.add_signal_handler(signal.SIGHUP, logs.reopen)
+    first = await signals.get()
+    logger.info("%s: shutting down", signal.Signals(first).name)
+    drain = asyncio.create_task(server.drain(config.drain_timeout))
+    second = asyncio.create_task(signals.get())
+    await asyncio.wait({drain, second}, return_when=asyncio.FIRST_COMPLETED)
+    if not drain.done():
+        logger.warning("second signal: closing every connection now")
+        drain.cancel()
+    second.cancel()
+    server.close()
+    await server.wait_closed()
+    logger.info("stopped")

@@ -26,7 +26,15 @@ from ttsstream import __version__
 from ttsstream.cache import SpeechCache
 from ttsstream.config import Config
 from ttsstream.engine import AudioChunk, SynthesisRequest
-from ttsstream.exceptions import ClientError, InvalidParameter, NotFound, QueueFull, RateLimited
+from ttsstream.exceptions import (
+    ClientError,
+    InvalidParameter,
+    NotFound,
+    QueueFull,
+    RateLimited,
+    ShuttingDown,
+)
+from ttsstream.logs import access
 from ttsstream.protocol import (
     Cancel,
     ListVoices,
@@ -102,6 +110,10 @@ class Session:
         self._limiter = limiter
         self._stats = stats or Stats()
         self._last_activity = asyncio.get_running_loop().time()
+        #: The server is shutting down: no new utterance is accepted.
+        self.draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
         self.connection_id = websocket.id.hex[:12]
         self._pending: deque[Utterance] = deque()
         self._wakeup = asyncio.Event()
@@ -151,6 +163,15 @@ class Session:
             await self._ws.close(1000, "idle")
             return
 
+    @property
+    def utterances_in_progress(self) -> int:
+        """Utterances queued or playing."""
+        return len(self._pending) + (self._current is not None)
+
+    async def wait_idle(self) -> None:
+        """Return once no utterance is queued or playing."""
+        await self._idle.wait()
+
     async def _on_frame(self, frame: str | bytes) -> None:
         try:
             message = parse_client_message(
@@ -165,12 +186,18 @@ class Session:
             elif isinstance(message, ListVoices):
                 self._spawn(self._send_voices())
         except ClientError as exc:
+            self._stats.errors += 1
             await self._send(encode_error(exc, utterance_id=exc.utterance_id))
 
     def _new_id(self) -> str:
         return "s-" + secrets.token_hex(6)
 
     async def _enqueue(self, request: Speak) -> None:
+        self._stats.total_requests += 1
+        if self.draining:
+            raise ShuttingDown(
+                "the server is shutting down; reconnect in a moment", utterance_id=request.id
+            )
         if self._limiter is not None and (retry := self._limiter.hit(self.client_ip)):
             self._stats.rate_limited += 1
             raise RateLimited(
@@ -194,6 +221,7 @@ class Session:
                 utterance_id=request.id,
             )
         self._ids.add(request.id)
+        self._idle.clear()
         self._pending.append(
             Utterance(request=request, voice=voice, received_at=time.perf_counter())
         )
@@ -232,6 +260,7 @@ class Session:
     async def _speak_in_order(self) -> None:
         while True:
             while not self._pending:
+                self._idle.set()
                 self._wakeup.clear()
                 await self._wakeup.wait()
             utterance = self._pending.popleft()
@@ -257,20 +286,13 @@ class Session:
 
     async def _speak(self, utterance: Utterance) -> None:
         request = utterance.request
-        events = self._speech.synthesize(
-            SynthesisRequest(
-                text=request.text,
-                voice=utterance.voice,
-                rate=request.rate,
-                volume=request.volume,
-                pitch=request.pitch,
-            )
-        )
+        events = self._speech.synthesize(self._request_of(utterance))
         started: Started | None = None
         byte_count = 0
         words = 0
         ttfb_ms: float | None = None
         outcome = "ok"
+        self._stats.active_utterances += 1
         try:
             async for event in events:
                 if isinstance(event, Started):
@@ -289,8 +311,10 @@ class Session:
                 elif isinstance(event, AudioChunk):
                     if ttfb_ms is None:
                         ttfb_ms = (time.perf_counter() - utterance.received_at) * 1000
+                        self._stats.observe_first_audio(_source(started), ttfb_ms / 1000)
                     await self._send(event.data, text=False)
                     byte_count += len(event.data)
+                    self._stats.bytes_sent += len(event.data)
                 else:
                     await self._send(encode_word(utterance.id, event))
                     words += 1
@@ -318,32 +342,49 @@ class Session:
             if not isinstance(exc, ClientError):
                 logger.exception("conn=%s utterance=%r failed", self.connection_id, utterance.id)
             utterance.finishing = True
-            with contextlib.suppress(ConnectionClosed):
+            self._stats.errors += 1
+            with contextlib.suppress(ConnectionClosed, ClientTooSlow):
                 await self._send(
                     encode_error(exc, utterance_id=utterance.id, partial=byte_count > 0)
                 )
         finally:
-            logger.info(
-                "utterance conn=%s id=%r voice=%s engine=%s cached=%s fallback=%s chars=%d "
-                "ttfb_ms=%s bytes=%d words=%d outcome=%s",
-                self.connection_id,
-                utterance.id,
-                started.voice if started else utterance.voice,
-                started.engine if started else "-",
-                "yes" if started and started.cached else "no",
-                (started.fallback_reason if started else None) or "-",
-                len(request.text),
-                "-" if ttfb_ms is None else f"{ttfb_ms:.1f}",
-                byte_count,
-                words,
-                outcome,
+            self._stats.active_utterances -= 1
+            self._stats.finished(outcome)
+            audio_format = started.audio_format if started else None
+            access(
+                "utterance",
+                ip=self.client_ip,
+                conn=self.connection_id,
+                id=utterance.id,
+                voice=started.voice if started else utterance.voice,
+                engine=started.engine if started else None,
+                chars=len(request.text),
+                key=self._speech.key_of(self._request_of(utterance))[:12],
+                cached=bool(started and started.cached),
+                fallback=started.fallback_reason if started else None,
+                ttfb_ms=None if ttfb_ms is None else round(ttfb_ms, 1),
+                audio_ms=round(audio_format.duration_ms(byte_count), 1) if audio_format else 0.0,
+                bytes=byte_count,
+                words=words,
+                outcome=outcome,
             )
             await events.aclose()
+
+    def _request_of(self, utterance: Utterance) -> SynthesisRequest:
+        request = utterance.request
+        return SynthesisRequest(
+            text=request.text,
+            voice=utterance.voice,
+            rate=request.rate,
+            volume=request.volume,
+            pitch=request.pitch,
+        )
 
     async def _send_voices(self) -> None:
         try:
             voices = await self._speech.voices()
         except ClientError as exc:
+            self._stats.errors += 1
             await self._send(encode_error(exc, utterance_id=None))
             return
         await self._send(encode_voices(voices))
@@ -398,6 +439,15 @@ class Session:
 
 class ClientTooSlow(Exception):
     """The client did not read what was sent to it within SEND_TIMEOUT."""
+
+
+def _source(started: Started | None) -> str:
+    """Where an utterance's audio came from, for the time-to-first-audio histogram."""
+    if started is not None and started.cached:
+        return "cached"
+    if started is not None and started.fallback_reason is not None:
+        return "fallback"
+    return "live"
 
 
 def _done(utterance: Utterance) -> bool:

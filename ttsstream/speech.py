@@ -38,6 +38,7 @@ from ttsstream.exceptions import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from ttsstream.stats import Stats
 
 __all__ = ["AUTO", "SpeechRouter", "Started"]
 
@@ -111,6 +112,8 @@ class SpeechRouter:
         self._slots = asyncio.Semaphore(concurrency)
         self._timeout = timeout
         self._sleep = sleep
+        #: Counters to update; the server puts its own here.
+        self.stats = Stats()
 
     # Voices
 
@@ -165,6 +168,7 @@ class SpeechRouter:
                     raise
                 logger.warning("edge failed before audio (%s): fallback to %s", exc.code, fallback)
                 reason = exc.code
+                self.stats.fallbacks += 1
             else:
                 yield Started(self.edge.name, request.voice, self.edge.audio_format)
                 try:
@@ -174,6 +178,7 @@ class SpeechRouter:
                         yield event
                 except UpstreamError as exc:
                     self.breaker.record_failure(exc.code)
+                    self.stats.upstream_failed(exc.code)
                     raise
                 finally:
                     await stream.aclose()
@@ -211,6 +216,7 @@ class SpeechRouter:
                 await self._sleep(delay)
             if not self.breaker.allow():
                 break
+            self.stats.upstream_requests += 1
             stream = self.edge.synthesize(request)
             first: list[SynthesisEvent] = []
             try:
@@ -234,6 +240,7 @@ class SpeechRouter:
                 failure = NoAudio("the speech service returned no audio")
             await stream.aclose()
             self.breaker.record_failure(failure.code)
+            self.stats.upstream_failed(failure.code)
             logger.info("edge attempt %d failed: %s", attempt + 1, failure.code)
         raise failure
 

@@ -1,16 +1,46 @@
-"""The server's counters: one object that every part updates and the side port reads."""
+"""The server's counters: one object that every part updates and the side port reads.
+
+``/stats`` is :meth:`Stats.snapshot`; ``/metrics`` is :meth:`Stats.metrics`, the
+same numbers in Prometheus' text format (base units, ``_total`` and ``_seconds``
+suffixes) plus a time-to-first-audio histogram. No label ever holds text, an IP
+or a key: outcomes and error kinds are the protocol's fixed codes.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Stats"]
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+__all__ = ["TTFA_BUCKETS", "Stats"]
+
+#: Time-to-first-audio histogram buckets, in seconds: cached replay lands in the
+#: first few, live Edge around 0.2–1 s.
+TTFA_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
-@dataclass
+@dataclass(eq=False)
 class Stats:
-    """Counters since start. Plain attributes: updated on the event loop only."""
+    """Counters since start. Plain attributes, updated on the event loop only."""
+
+    started_at: float = field(default_factory=time.monotonic)
+
+    # Requests
+    #: ``speak`` messages received.
+    total_requests: int = 0
+    #: ``error`` messages sent to clients.
+    errors: int = 0
+    #: Finished utterances by outcome: ok, cancelled, disconnected, too_slow, or an error code.
+    outcomes: Counter[str] = field(default_factory=Counter)
+    bytes_sent: int = 0
+    connections: int = 0
+    active_utterances: int = 0
 
     # Refusals
     #: Handshakes and speak messages refused by a rate or connection limit.
@@ -19,6 +49,15 @@ class Stats:
     auth_failures: int = 0
     #: Handshakes from an origin not in ALLOWED_ORIGINS.
     origin_rejected: int = 0
+
+    # Upstream
+    #: Edge synthesis attempts (a retry is one more).
+    upstream_requests: int = 0
+    upstream_errors: int = 0
+    #: Upstream errors by error code.
+    upstream_error_kinds: Counter[str] = field(default_factory=Counter)
+    #: Utterances spoken by the fallback voice because Edge failed.
+    fallbacks: int = 0
 
     # Cache
     cache_hits: int = 0
@@ -31,12 +70,120 @@ class Stats:
     #: Requests that joined an identical synthesis already in flight.
     coalesced: int = 0
 
+    def __post_init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(_StatsCollector(self))
+        self._ttfa = Histogram(
+            "ttsstream_time_to_first_audio_seconds",
+            "Time from receiving speak to sending its first audio byte.",
+            ["source"],
+            buckets=TTFA_BUCKETS,
+            registry=self.registry,
+        )
+
+    @property
+    def uptime_seconds(self) -> float:
+        return time.monotonic() - self.started_at
+
     @property
     def cache_hit_rate(self) -> str:
         """Hits over hits + misses, as the old server reported it: ``"72.1%"``."""
         lookups = self.cache_hits + self.cache_misses
         return f"{100 * self.cache_hits / lookups:.1f}%" if lookups else "0.0%"
 
+    def observe_first_audio(self, source: str, seconds: float) -> None:
+        """Record a time to first audio; ``source`` is cached, live or fallback."""
+        self._ttfa.labels(source=source).observe(seconds)
+
+    def finished(self, outcome: str) -> None:
+        """Count a finished utterance by its outcome."""
+        self.outcomes[outcome] += 1
+
+    def upstream_failed(self, code: str) -> None:
+        """Count an Edge failure of kind ``code``."""
+        self.upstream_errors += 1
+        self.upstream_error_kinds[code] += 1
+
     def snapshot(self) -> dict[str, Any]:
-        """Every counter, and the hit rate, as a JSON-ready dict."""
-        return {**asdict(self), "cache_hit_rate": self.cache_hit_rate}
+        """What ``/stats`` shows: the old server's fields with the same names, and more."""
+        uptime = self.uptime_seconds
+        return {
+            "uptime_seconds": round(uptime, 3),
+            "total_requests": self.total_requests,
+            "cache_hits": self.cache_hits,
+            "cache_misses": self.cache_misses,
+            "cache_hit_rate": self.cache_hit_rate,
+            "errors": self.errors,
+            "rate_limited": self.rate_limited,
+            "requests_per_second": round(self.total_requests / uptime, 3) if uptime else 0.0,
+            "connections": self.connections,
+            "active_utterances": self.active_utterances,
+            "upstream_requests": self.upstream_requests,
+            "upstream_errors": self.upstream_errors,
+            "fallbacks": self.fallbacks,
+            "coalesced": self.coalesced,
+            "bytes_sent": self.bytes_sent,
+            "auth_failures": self.auth_failures,
+            "origin_rejected": self.origin_rejected,
+            "cache_entries": self.cache_entries,
+            "cache_bytes": self.cache_bytes,
+            "cache_evictions": self.cache_evictions,
+            "cache_errors": self.cache_errors,
+            "outcomes": dict(self.outcomes),
+        }
+
+    def metrics(self) -> bytes:
+        """Everything in Prometheus' text exposition format."""
+        return generate_latest(self.registry)
+
+
+class _StatsCollector(Collector):
+    """Reads the counters at scrape time, so they are kept in one place only."""
+
+    def __init__(self, stats: Stats) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats
+        requests = CounterMetricFamily(
+            "ttsstream_requests", "Finished utterances by outcome.", labels=["outcome"]
+        )
+        for outcome, count in sorted(stats.outcomes.items()):
+            requests.add_metric([outcome], count)
+        yield requests
+        upstream_errors = CounterMetricFamily(
+            "ttsstream_upstream_errors", "Edge failures by kind.", labels=["kind"]
+        )
+        for kind, count in sorted(stats.upstream_error_kinds.items()):
+            upstream_errors.add_metric([kind], count)
+        yield upstream_errors
+        counters: tuple[tuple[str, str, int], ...] = (
+            ("ttsstream_speak_messages", "speak messages received.", stats.total_requests),
+            ("ttsstream_errors", "error messages sent to clients.", stats.errors),
+            ("ttsstream_cache_hits", "Utterances replayed from the disk cache.", stats.cache_hits),
+            ("ttsstream_cache_misses", "Cacheable utterances not on disk.", stats.cache_misses),
+            ("ttsstream_cache_evictions", "Cache entries evicted.", stats.cache_evictions),
+            ("ttsstream_cache_errors", "Corrupt entries and failed disk I/O.", stats.cache_errors),
+            ("ttsstream_coalesced", "Requests that joined a synthesis in flight.", stats.coalesced),
+            ("ttsstream_upstream_requests", "Edge synthesis attempts.", stats.upstream_requests),
+            ("ttsstream_fallbacks", "Utterances spoken by the fallback voice.", stats.fallbacks),
+            ("ttsstream_rate_limited", "Requests refused by a limit.", stats.rate_limited),
+            ("ttsstream_auth_failures", "Handshakes without a valid key.", stats.auth_failures),
+            (
+                "ttsstream_origin_rejected",
+                "Handshakes from a refused origin.",
+                stats.origin_rejected,
+            ),
+            ("ttsstream_sent_bytes", "Audio bytes sent to clients.", stats.bytes_sent),
+        )
+        for name, documentation, count in counters:
+            yield CounterMetricFamily(name, documentation, value=count)
+        gauges: tuple[tuple[str, str, float], ...] = (
+            ("ttsstream_connections", "Open WebSocket connections.", stats.connections),
+            ("ttsstream_active_utterances", "Utterances being spoken.", stats.active_utterances),
+            ("ttsstream_cache_entries", "Entries in the disk cache.", stats.cache_entries),
+            ("ttsstream_cache_size_bytes", "Size of the disk cache.", stats.cache_bytes),
+            ("ttsstream_uptime_seconds", "Seconds since start.", stats.uptime_seconds),
+        )
+        for name, documentation, value in gauges:
+            yield GaugeMetricFamily(name, documentation, value=value)

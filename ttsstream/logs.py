@@ -1,0 +1,136 @@
+"""Logs for operators: an access log and an error log, as text or JSON lines.
+
+- The access log (logger ``ttsstream.access``) has one line per finished
+  utterance and one per refused handshake, with structured fields. It never
+  holds the text (its length and the first 12 hex digits of its cache key
+  instead) nor a key.
+- The error log is everything else: start-up, warnings, errors with their
+  stack traces, at ``LOG_LEVEL``.
+
+Without ``LOG_DIR`` the access log goes to standard output and the error log to
+standard error (containers, journald). With it they are ``access.log`` and
+``error.log`` there, reopened by :func:`reopen` (on SIGHUP) so logrotate works.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+__all__ = ["access", "configure", "reopen"]
+
+ACCESS_LOGGER = logging.getLogger("ttsstream.access")
+_FIELDS = "ttsstream_fields"
+_files: list[ReopenableFileHandler] = []
+
+
+def access(event: str, **fields: Any) -> None:
+    """Write one access-log line: an event name and its fields."""
+    ACCESS_LOGGER.info(event, extra={_FIELDS: fields})
+
+
+def fields_of(record: logging.LogRecord) -> dict[str, Any]:
+    """The structured fields of an access-log record (empty for others)."""
+    fields: dict[str, Any] = getattr(record, _FIELDS, {})
+    return fields
+
+
+class TextFormatter(logging.Formatter):
+    """``2026-11-26T08:30:12.345Z INFO ttsstream.access utterance ip=… conn=…``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = f"{_timestamp(record)} {record.levelname} {record.name} {record.getMessage()}"
+        fields = fields_of(record)
+        if fields:
+            line += " " + " ".join(f"{key}={_text_value(value)}" for key, value in fields.items())
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ``ts``, ``level``, ``logger``, ``message``, the fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": _timestamp(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            **fields_of(record),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry, default=str).decode()
+
+
+class ReopenableFileHandler(logging.FileHandler):
+    """A log file that can be reopened after logrotate moved it away."""
+
+    def reopen(self) -> None:
+        self.acquire()
+        try:
+            if self.stream is not None:
+                self.stream.close()
+            self.stream = self._open()
+        finally:
+            self.release()
+
+
+def configure(*, level: int, log_format: str, log_dir: Path | None) -> None:
+    """Set up both logs; replaces any handlers configured before.
+
+    Raises:
+        OSError: ``log_dir`` cannot be created or written.
+    """
+    formatter: logging.Formatter = JsonFormatter() if log_format == "json" else TextFormatter()
+    _files.clear()
+    if log_dir is None:
+        access_handler: logging.Handler = logging.StreamHandler(sys.stdout)
+        error_handler: logging.Handler = logging.StreamHandler(sys.stderr)
+    else:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        access_file = ReopenableFileHandler(log_dir / "access.log", encoding="utf-8")
+        error_file = ReopenableFileHandler(log_dir / "error.log", encoding="utf-8")
+        _files.extend([access_file, error_file])
+        access_handler, error_handler = access_file, error_file
+    for handler in (access_handler, error_handler):
+        handler.setFormatter(formatter)
+
+    ACCESS_LOGGER.handlers[:] = [access_handler]
+    ACCESS_LOGGER.setLevel(logging.INFO)
+    ACCESS_LOGGER.propagate = False
+    root = logging.getLogger()
+    root.handlers[:] = [error_handler]
+    root.setLevel(level)
+
+
+def reopen() -> None:
+    """Reopen the log files (after logrotate); nothing to do when logging to streams."""
+    for handler in _files:
+        handler.reopen()
+    if _files:
+        logging.getLogger("ttsstream.logs").info("log files reopened")
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    moment = datetime.datetime.fromtimestamp(record.created, tz=datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{int(record.msecs):03d}Z"
+
+
+def _text_value(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    text = str(value)
+    if not text or any(c.isspace() or not c.isprintable() or c in '"=' for c in text):
+        return orjson.dumps(text).decode()  # quoted and escaped: one line, unambiguous
+    return text

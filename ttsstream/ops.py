@@ -1,0 +1,107 @@
+"""The HTTP side port for operators: /health, /ready, /stats, /metrics, /voices.
+
+Built on ``aiohttp.web`` with its two-phase ``AppRunner`` (``setup`` then
+``cleanup``). It has no authentication: it is meant for internal networks, so
+bind it to loopback (``HEALTH_HOST=127.0.0.1``) on a host that faces the internet.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from ttsstream import __version__
+from ttsstream.exceptions import ClientError
+from ttsstream.protocol import encode_voices
+
+if TYPE_CHECKING:
+    from ttsstream.server import Server
+
+__all__ = ["OpsServer"]
+
+
+class OpsServer:
+    """The side port of one :class:`~ttsstream.server.Server`."""
+
+    def __init__(self, server: Server) -> None:
+        self._server = server
+        app = web.Application()
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/ready", self.ready)
+        app.router.add_get("/stats", self.stats)
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/voices", self.voices)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._site: web.TCPSite | None = None
+
+    async def start(self) -> None:
+        config = self._server.config
+        await self._runner.setup()
+        self._site = web.TCPSite(self._runner, config.health_address, config.health_port)
+        await self._site.start()
+
+    async def close(self) -> None:
+        await self._runner.cleanup()
+
+    @property
+    def port(self) -> int:
+        """The port the side port listens on."""
+        assert self._site is not None and self._site._server is not None
+        sockets = self._site._server.sockets  # type: ignore[attr-defined]
+        port: int = sockets[0].getsockname()[1]
+        return port
+
+    async def health(self, request: web.Request) -> web.Response:
+        """Liveness: 200 while the process works, whatever Microsoft's service does."""
+        server = self._server
+        config = server.config
+        breaker = server.speech.router.breaker.status
+        body = {
+            "status": "degraded" if breaker.state == "open" else "healthy",
+            "uptime_seconds": round(server.stats.uptime_seconds, 3),
+            "cache_enabled": config.cache_enabled,
+            "rate_limit": (
+                f"{config.rate_limit_requests}/{config.rate_limit_window:g}s"
+                if config.rate_limit_requests
+                else "off"
+            ),
+            "version": __version__,
+            "upstream": {
+                "state": breaker.state,
+                "consecutive_failures": breaker.consecutive_failures,
+                "last_error": breaker.last_error,
+                "retry_in_seconds": breaker.retry_in_seconds,
+            },
+            "fallback_voice": server.speech.router.fallback_voice,
+            "connections": server.stats.connections,
+        }
+        return _json(body)
+
+    async def ready(self, request: web.Request) -> web.Response:
+        """Readiness: 503 before the WebSocket port listens and while draining."""
+        state = self._server.state
+        return _json(
+            {"ready": state == "serving", "state": state}, 200 if state == "serving" else 503
+        )
+
+    async def stats(self, request: web.Request) -> web.Response:
+        return _json(self._server.stats.snapshot())
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        response = web.Response(body=self._server.stats.metrics())
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return response
+
+    async def voices(self, request: web.Request) -> web.Response:
+        try:
+            voices = await self._server.speech.voices()
+        except ClientError as exc:
+            return _json({"error": exc.code, "message": exc.message}, 503)
+        return web.Response(body=encode_voices(voices), content_type="application/json")
+
+
+def _json(body: object, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
