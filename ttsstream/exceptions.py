@@ -142,6 +142,8 @@ class ClientError(TTSStreamError):
         super().__init__(message)
         self.message = message
         self.utterance_id = utterance_id
+        #: The ``type`` of the client message it answers, when known.
+        self.message_type: str | None = None
 
     def __str__(self) -> str:
         return self.message

@@ -139,6 +139,7 @@ def parse_client_message(
         raise BadMessage("unknown message type (expected speak, cancel or voices)")
     except ClientError as exc:
         exc.utterance_id = utterance_id
+        exc.message_type = kind if isinstance(kind, str) else None
         raise
 
 

@@ -115,6 +115,7 @@ class Server:
         self.ops = OpsServer(self)
         self._sessions: set[Session] = set()
         self._server: WebSocketServer | None = None
+        self._port: int | None = None
         self._prefetch: asyncio.Task[None] | None = None
         self._ops_closed = False
 
@@ -144,6 +145,7 @@ class Server:
             server_header=None,
             logger=_WEBSOCKETS_LOGGER,
         )
+        self._port = next(iter(self._server.sockets)).getsockname()[1]
         self._warn_about_access()
         self._prefetch = asyncio.create_task(self._prefetch_voices())
         self.state = "serving"
@@ -166,10 +168,9 @@ class Server:
 
     @property
     def port(self) -> int:
-        """The port the first listening socket is bound to."""
-        assert self._server is not None, "server is not started"
-        port: int = next(iter(self._server.sockets)).getsockname()[1]
-        return port
+        """The port the first listening socket is bound to (kept after it closed)."""
+        assert self._port is not None, "server is not started"
+        return self._port
 
     @property
     def connections(self) -> set[ServerConnection]:

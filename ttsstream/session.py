@@ -186,6 +186,8 @@ class Session:
             elif isinstance(message, ListVoices):
                 self._spawn(self._send_voices())
         except ClientError as exc:
+            if exc.message_type == "speak":
+                self._stats.total_requests += 1  # a refused speak is a request too
             self._stats.errors += 1
             await self._send(encode_error(exc, utterance_id=exc.utterance_id))
 

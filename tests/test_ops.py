@@ -1,0 +1,344 @@
+"""The side port, the logs and graceful shutdown, as operators see them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from tests.conftest import TIMEOUT, Client, ServerFactory, connected, url_of
+from tests.fake_edge import FakeEdge
+from tests.test_breaker import Clock
+from tests.test_cache import wait_for_entries
+from tests.test_cli import LISTENING, environment, start_process
+from ttsstream import __version__
+from ttsstream.breaker import CircuitBreaker
+from ttsstream.server import Server
+
+
+async def get(server: Server, path: str) -> tuple[int, Any]:
+    url = f"http://127.0.0.1:{server.ops.port}{path}"
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        if response.content_type == "application/json":
+            return response.status, await response.json()
+        return response.status, await response.text()
+
+
+async def speak(server: Server, text: str, **fields: Any) -> dict[str, Any]:
+    async with connected(server) as client:
+        await client.speak(text, **fields)
+        return (await client.until_final("u1")).final
+
+
+async def test_stats_count_what_happened(server: Server, fake: FakeEdge) -> None:
+    """After 3 misses and 2 hits, /stats says so: hit rate 40.0%, 5 requests, the bytes."""
+    for text in ("One.", "Two.", "Three."):
+        await speak(server, text)
+    await wait_for_entries(server, 3)
+    for text in ("One.", "Two."):
+        await speak(server, text)
+    await speak(server, "Bad.", rate="fast")
+    status, stats = await get(server, "/stats")
+    assert status == 200
+    assert (stats["cache_hits"], stats["cache_misses"], stats["cache_hit_rate"]) == (2, 3, "40.0%")
+    assert stats["total_requests"] == 6
+    assert stats["errors"] == 1
+    assert stats["upstream_requests"] == 3 and stats["upstream_errors"] == 0
+    assert stats["bytes_sent"] == sum(len(r.audio) for r in fake.records) + sum(
+        len(r.audio) for r in fake.records[:2]
+    )
+    assert stats["connections"] == 0 and stats["active_utterances"] == 0
+    assert stats["outcomes"] == {"ok": 5}
+    assert stats["uptime_seconds"] > 0
+    assert stats["requests_per_second"] == pytest.approx(6 / stats["uptime_seconds"], rel=0.5)
+    expected = {
+        "uptime_seconds",
+        "total_requests",
+        "cache_hits",
+        "cache_misses",
+        "cache_hit_rate",
+        "errors",
+        "rate_limited",
+        "requests_per_second",
+        "connections",
+        "active_utterances",
+        "upstream_requests",
+        "upstream_errors",
+        "fallbacks",
+        "coalesced",
+        "bytes_sent",
+        "auth_failures",
+    }
+    assert expected <= set(stats)
+
+
+async def test_metrics_parse_and_match(server: Server, fake: FakeEdge) -> None:
+    """/metrics is Prometheus text that prometheus-client parses, with the same numbers."""
+    await speak(server, "Metric one.")
+    await wait_for_entries(server, 1)
+    await speak(server, "Metric one.")
+    fake.refuse_status = 503
+    await speak(server, "Metric two.")
+    status, text = await get(server, "/metrics")
+    assert status == 200
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    assert samples[("ttsstream_requests_total", (("outcome", "ok"),))] == 3
+    assert samples[("ttsstream_cache_hits_total", ())] == 1
+    assert samples[("ttsstream_cache_misses_total", ())] == 2
+    assert samples[("ttsstream_fallbacks_total", ())] == 1
+    assert samples[("ttsstream_upstream_errors_total", (("kind", "upstream_unavailable"),))] == 3
+    assert samples[("ttsstream_sent_bytes_total", ())] > 0
+    assert samples[("ttsstream_connections", ())] == 0
+    ttfa = "ttsstream_time_to_first_audio_seconds_count"
+    assert samples[(ttfa, (("source", "cached"),))] == 1
+    assert samples[(ttfa, (("source", "live"),))] == 1
+    assert samples[(ttfa, (("source", "fallback"),))] == 1
+    labels = {value for (_, pairs) in samples for _, value in pairs}
+    assert not any("Metric" in label or "127.0.0.1" in label for label in labels)
+
+
+async def test_health_is_degraded_while_the_breaker_is_open(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """/health is 200 healthy, and 200 degraded with the breaker's state while it is open."""
+    server = await start_server(upstream_retries=0)
+    server.speech.router.breaker = CircuitBreaker(failure_threshold=1, cooldown=30, clock=Clock())
+    status, health = await get(server, "/health")
+    assert status == 200
+    assert health == {
+        "status": "healthy",
+        "uptime_seconds": health["uptime_seconds"],
+        "cache_enabled": True,
+        "rate_limit": "100/60s",
+        "version": __version__,
+        "upstream": {
+            "state": "closed",
+            "consecutive_failures": 0,
+            "last_error": None,
+            "retry_in_seconds": None,
+        },
+        "fallback_voice": "espeak:auto",
+        "connections": 0,
+    }
+    fake.refuse_status = 503
+    async with connected(server) as client:
+        await client.speak("Breaks the breaker.")
+        await client.until_final("u1")
+        status, health = await get(server, "/health")
+        assert (status, health["status"], health["connections"]) == (200, "degraded", 1)
+        assert health["upstream"] == {
+            "state": "open",
+            "consecutive_failures": 1,
+            "last_error": "upstream_unavailable",
+            "retry_in_seconds": 30.0,
+        }
+
+
+async def test_voices_endpoint(server: Server) -> None:
+    """/voices lists the same voices as the WebSocket voices message."""
+    status, listed = await get(server, "/voices")
+    async with connected(server) as client:
+        await client.send({"type": "voices"})
+        message = await client.next_loose()
+    assert status == 200 and listed["voices"] == message["voices"]
+
+
+async def test_drain_finishes_utterances_and_refuses_new_ones(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """During a drain /ready is 503, new speaks get shutting_down, the playing utterance
+    ends complete, then the connection closes with 1001."""
+    server = await start_server()
+    assert (await get(server, "/ready"))[0] == 200
+    fake.pause_after_chunks = 2
+    async with connected(server) as client:
+        await client.speak("Finish this sentence before you go.", id="long")
+        await asyncio.wait_for(fake.paused.wait(), TIMEOUT)
+        drain = asyncio.create_task(server.drain(TIMEOUT))
+        await asyncio.sleep(0)
+        status, ready = await get(server, "/ready")
+        assert (status, ready) == (503, {"ready": False, "state": "draining"})
+        await client.speak("Too late.", id="late")
+        assert (await client.until_final("late")).final["code"] == "shutting_down"
+        with pytest.raises(OSError):
+            await connect(url_of(server), open_timeout=1)
+        fake.resume.set()
+        result = await client.until_final("long")
+        assert result.final["type"] == "end"
+        assert bytes(result.audio) == bytes(fake.records[0].audio)
+        await asyncio.wait_for(drain, TIMEOUT)
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(client.ws.recv(), TIMEOUT)
+        assert client.ws.close_code == 1001
+
+
+async def serve_process(
+    fake: FakeEdge, tmp_path: Path, **settings: str
+) -> tuple[asyncio.subprocess.Process, str, str]:
+    """``python -m ttsstream serve`` wired to the fake; its WebSocket URL and side port."""
+    env = environment(fake, CACHE_DIR=str(tmp_path / "cache"), **settings)
+    process = await start_process([sys.executable, "-m", "ttsstream", "serve"], env, tmp_path)
+    assert process.stderr is not None
+    said = b""
+    if "LOG_DIR" in settings:  # the error log is a file then
+        error_log = Path(settings["LOG_DIR"]) / "error.log"
+        for _ in range(int(TIMEOUT * 100)):
+            said = error_log.read_bytes() if error_log.exists() else b""
+            if LISTENING.search(said):
+                break
+            await asyncio.sleep(0.01)
+    while not (match := LISTENING.search(said)):
+        line = await asyncio.wait_for(process.stderr.readline(), TIMEOUT)
+        assert line, said.decode()
+        said += line
+    side = said.decode().rsplit("side port ", 1)[1].split(")")[0]
+    return process, f"ws://127.0.0.1:{match.group(1).decode()}/v1/stream", side
+
+
+async def test_sigterm_mid_utterance_delivers_it_and_exits_0(
+    fake: FakeEdge, tmp_path: Path
+) -> None:
+    """A real server process receiving SIGTERM mid-utterance finishes it, refuses a new one
+    with shutting_down, closes with 1001 and exits 0, logging the drain."""
+    fake.pause_after_chunks = 2
+    process, url, side = await serve_process(fake, tmp_path)
+    async with connect(url) as ws:
+        client = Client(ws)
+        await client.recv_message()
+        await client.speak("Do not cut me off in the middle of my sentence.", id="long")
+        await asyncio.wait_for(fake.paused.wait(), TIMEOUT)
+        process.send_signal(signal.SIGTERM)
+        async with aiohttp.ClientSession() as session:
+            for _ in range(int(TIMEOUT * 100)):
+                async with session.get(f"http://{side}/ready") as response:
+                    if response.status == 503:
+                        break
+                await asyncio.sleep(0.01)
+            assert response.status == 503
+        await client.speak("And another?", id="late")
+        assert (await client.until_final("late")).final["code"] == "shutting_down"
+        fake.resume.set()
+        result = await client.until_final("long")
+        assert result.final["type"] == "end"
+        assert bytes(result.audio) == bytes(fake.records[0].audio)
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), TIMEOUT)
+        assert ws.close_code == 1001
+    assert await asyncio.wait_for(process.wait(), TIMEOUT) == 0
+    assert process.stderr is not None
+    log = (await process.stderr.read()).decode()
+    assert "draining: 1 utterances in progress" in log
+    assert "drained: 1 of 1 utterances finished, 0 cut" in log
+
+
+async def test_second_signal_closes_at_once(fake: FakeEdge, tmp_path: Path) -> None:
+    """A second SIGTERM does not wait for the drain: connections close and the process exits."""
+    fake.pause_after_chunks = 1
+    process, url, _ = await serve_process(fake, tmp_path, DRAIN_TIMEOUT="600")
+    async with connect(url) as ws:
+        await ws.recv()
+        await ws.send(json.dumps({"type": "speak", "text": "Never finishes."}))
+        await asyncio.wait_for(fake.paused.wait(), TIMEOUT)
+        process.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.2)
+        assert process.returncode is None  # draining, for up to 600 s
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), TIMEOUT) == 0
+        with pytest.raises(ConnectionClosed):
+            while True:
+                await asyncio.wait_for(ws.recv(), TIMEOUT)
+        assert ws.close_code == 1001
+
+
+async def test_json_logs_hold_fields_but_no_text_or_key(fake: FakeEdge, tmp_path: Path) -> None:
+    """LOG_FORMAT=json writes one object per line; the access line has the documented fields
+    and neither the text nor the key."""
+    key = "LogSecretKey42"
+    process, url, _ = await serve_process(
+        fake, tmp_path, LOG_FORMAT="json", LOG_DIR=str(tmp_path / "logs"), TTS_API_KEY=key
+    )
+    text = "Private words that must never be logged."
+    async with connect(url, additional_headers={"X-API-Key": key}) as ws:
+        client = Client(ws)
+        await client.recv_message()
+        await client.speak(text, id="p1")
+        await client.until_final("p1")
+    await refused_handshake(url + "?api_key=wrong" + key)
+    process.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(process.wait(), TIMEOUT) == 0
+    access = (tmp_path / "logs" / "access.log").read_text()
+    errors = (tmp_path / "logs" / "error.log").read_text()
+    lines = [json.loads(line) for line in access.splitlines()]
+    (utterance,) = [line for line in lines if line["message"] == "utterance"]
+    assert {
+        "ts",
+        "level",
+        "ip",
+        "conn",
+        "id",
+        "voice",
+        "engine",
+        "chars",
+        "key",
+        "cached",
+        "fallback",
+        "ttfb_ms",
+        "audio_ms",
+        "bytes",
+        "outcome",
+    } <= set(utterance)
+    assert (utterance["ip"], utterance["id"], utterance["chars"]) == ("127.0.0.1", "p1", len(text))
+    assert (utterance["outcome"], utterance["engine"], len(utterance["key"])) == ("ok", "edge", 12)
+    (refusal,) = [line for line in lines if line["message"] == "handshake_refused"]
+    assert refusal["reason"] == "unauthorized"
+    for line in errors.splitlines():
+        json.loads(line)
+    for secret in ("Private", "never be logged", key):
+        assert secret not in access and secret not in errors
+
+
+async def refused_handshake(url: str) -> None:
+    with pytest.raises(Exception, match="401"):
+        async with connect(url):
+            pass
+
+
+async def test_sighup_reopens_log_files(fake: FakeEdge, tmp_path: Path) -> None:
+    """After logrotate moves access.log away, SIGHUP makes the server write a new one."""
+    logs = tmp_path / "logs"
+    process, url, _ = await serve_process(fake, tmp_path, LOG_DIR=str(logs))
+
+    async def one(id: str) -> None:
+        async with connect(url) as ws:
+            client = Client(ws)
+            await client.recv_message()
+            await client.speak(f"Rotation {id}.", id=id)
+            await client.until_final(id)
+
+    await one("before")
+    (logs / "access.log").rename(logs / "access.log.1")
+    process.send_signal(signal.SIGHUP)
+    for _ in range(int(TIMEOUT * 100)):
+        if (logs / "access.log").exists():
+            break
+        await asyncio.sleep(0.01)
+    await one("after")
+    process.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(process.wait(), TIMEOUT) == 0
+    assert "id=before" in (logs / "access.log.1").read_text()
+    rotated_in = (logs / "access.log").read_text()
+    assert "id=after" in rotated_in and "id=before" not in rotated_in
+    assert "log files reopened" in (logs / "error.log").read_text()
