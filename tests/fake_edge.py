@@ -23,9 +23,11 @@ pause or stall mid-stream, drop the connection mid-stream, send no audio.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import email.utils
+import functools
 import http
 import itertools
 import json
@@ -93,6 +95,36 @@ VOICES = [
 ]
 
 
+@functools.cache
+def _tone() -> bytes:
+    """A minute of an audible two-tone sound, encoded by LAME in the Edge format."""
+    import lameenc
+
+    rate = 24_000
+    samples = array.array(
+        "h",
+        (
+            int(9000 * math.sin(2 * math.pi * (440 if (i // 6000) % 2 else 330) * i / rate))
+            for i in range(rate * 60)
+        ),
+    )
+    encoder = lameenc.Encoder()
+    encoder.set_channels(1)
+    encoder.set_bit_rate(48)
+    encoder.set_in_sample_rate(rate)
+    encoder.set_out_sample_rate(rate)
+    encoder.set_quality(7)
+    audio = bytes(encoder.encode(samples.tobytes())) + bytes(encoder.flush())
+    assert len(audio) % FRAME_BYTES == 0, "CBR 48 kbit/s at 24 kHz: 144-byte frames"
+    return audio
+
+
+def tone_frames(count: int, start: int = 0) -> bytes:
+    """``count`` frames of real, audible MP3 from the start of the tone (for browsers)."""
+    audio = _tone()
+    return audio[start * FRAME_BYTES : (start + count) * FRAME_BYTES]
+
+
 def mp3_frames(count: int, start: int = 0) -> bytes:
     """Return ``count`` valid silent MP3 frames, numbered from ``start`` in their padding."""
     frames = bytearray()
@@ -153,6 +185,8 @@ class FakeEdge:
         self.drop_after_chunks: int | None = None
         self.drop_abruptly = False
         self.no_audio = False
+        #: Send real, audible MP3 (a tone) instead of numbered silent frames.
+        self.tone = False
         self.voices: list[dict[str, Any]] = list(VOICES)
         # Records
         self.records: list[SynthesisRecord] = []
@@ -332,7 +366,10 @@ class FakeEdge:
                 else:
                     await ws.close()
                 return
-            audio = mp3_frames(count, next(self._frame_numbers))
+            if self.tone:
+                audio = tone_frames(count, frame)
+            else:
+                audio = mp3_frames(count, next(self._frame_numbers))
             await ws.send(_audio_message(request_id, audio))
             record.audio += audio
             chunks_sent += 1

@@ -51,6 +51,8 @@ class Config:
     health_port: int = 8766
     #: Where the side port listens; None: the same address as HOST.
     health_host: str | None = None
+    #: Serve the demo page (GET /) and the browser client (GET /clients/…) on PORT.
+    serve_demo: bool = True
 
     # Speech
     default_voice: str = "en-US-EmmaMultilingualNeural"
@@ -296,6 +298,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "SEND_TIMEOUT": ("send_timeout", _seconds, "seconds > 0, such as 30"),
     "HEALTH_PORT": ("health_port", _integer, "an integer from 0 to 65535"),
     "HEALTH_HOST": ("health_host", str.strip, "an IP address or host name"),
+    "SERVE_DEMO": ("serve_demo", _boolean, "true or false"),
     "DRAIN_TIMEOUT": ("drain_timeout", _seconds, "seconds >= 0, such as 30"),
     "LOG_FORMAT": ("log_format", lambda s: s.strip().lower(), "text or json"),
     "LOG_DIR": ("log_dir", lambda s: Path(s.strip()), "a directory path"),

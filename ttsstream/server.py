@@ -14,6 +14,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import TracebackType
 from urllib.parse import urlsplit
 
@@ -118,6 +119,7 @@ class Server:
         self._port: int | None = None
         self._prefetch: asyncio.Task[None] | None = None
         self._ops_closed = False
+        self._static = _load_static() if config.serve_demo else {}
 
     async def start(self) -> None:
         """Start the side port, open the cache, listen, and fetch the voice list.
@@ -265,7 +267,13 @@ class Server:
             )
 
     def _check_handshake(self, connection: ServerConnection, request: Request) -> Response | None:
-        """Admit the handshake, or answer it with an HTTP error and no upgrade."""
+        """Admit the handshake, or answer it with an HTTP error and no upgrade.
+
+        A plain GET of the demo page or the browser client is answered with the file.
+        """
+        static = self._static.get(urlsplit(request.path).path)
+        if static is not None and "Upgrade" not in request.headers:
+            return _static_response(connection, *static)
         peer = connection.remote_address[0] if connection.remote_address else ""
         ip = client_ip(peer, request.headers, self._trusted)
         try:
@@ -273,7 +281,16 @@ class Server:
         except (HandshakeRefused, RateLimited) as refused:
             self._count_refusal(refused)
             access("handshake_refused", ip=ip, reason=refused.code, path=redact(request.path)[:200])
-            return _respond(connection, encode_refusal(refused))
+            response = _respond(connection, encode_refusal(refused))
+            origin = request.headers.get("Origin")
+            allowed = self.config.allowed_origins
+            if origin is not None and (allowed is None or origin.rstrip("/") in allowed):
+                # Browsers hide a refused WebSocket's status; the browser client asks the
+                # same URL over HTTP to tell the user why, which needs these from another origin.
+                response.headers["Access-Control-Allow-Origin"] = origin
+                response.headers["Access-Control-Expose-Headers"] = "Retry-After"
+                response.headers["Vary"] = "Origin"
+            return response
         self._client_ips[connection] = ip
         watcher = asyncio.create_task(self._release_when_closed(connection, ip))
         self._watchers.add(watcher)
@@ -409,6 +426,52 @@ def _respond(connection: ServerConnection, refusal: Refusal) -> Response:
         response.headers[name] = value
     response.headers["Content-Length"] = str(len(refusal.body))
     response.body = refusal.body
+    return response
+
+
+#: The browser client and the demo page, served on the WebSocket port.
+CLIENTS_DIR = Path(__file__).resolve().parent.parent / "clients"
+_STATIC_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+}
+_DEMO_HEADERS = (
+    (
+        "Content-Security-Policy",
+        "default-src 'self'; connect-src 'self'; media-src 'self' blob:; img-src 'self' data:; "
+        "base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    ),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+    ("Cache-Control", "no-cache"),
+)
+
+
+def _load_static() -> dict[str, tuple[str, bytes]]:
+    """URL path -> (content type, body) for the demo page and the files beside it."""
+    if not CLIENTS_DIR.is_dir():
+        logger.warning("demo: %s not found; GET / is not served", CLIENTS_DIR)
+        return {}
+    files = {}
+    for file in sorted(CLIENTS_DIR.iterdir()):
+        content_type = _STATIC_TYPES.get(file.suffix)
+        if content_type is not None and file.is_file():
+            files[f"/clients/{file.name}"] = (content_type, file.read_bytes())
+    if "/clients/index.html" in files:
+        files["/"] = files["/clients/index.html"]
+    return files
+
+
+def _static_response(connection: ServerConnection, content_type: str, body: bytes) -> Response:
+    response = connection.respond(200, "")
+    del response.headers["Content-Type"]
+    del response.headers["Content-Length"]
+    response.headers["Content-Type"] = content_type
+    response.headers["Content-Length"] = str(len(body))
+    for name, value in _DEMO_HEADERS:
+        response.headers[name] = value
+    response.body = body
     return response
 
 
