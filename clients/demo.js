@@ -101,6 +101,15 @@ function speak() {
   });
   demo.utterance = utterance;
   demo.wordLog = [];
+  const asked = performance.now();
+  utterance.audio?.addEventListener(
+    "playing",
+    () => {
+      const heard = `heard after ${(performance.now() - asked).toFixed(0)} ms`;
+      $("figures").textContent = [$("figures").textContent, heard].filter(Boolean).join(" · ");
+    },
+    { once: true },
+  );
   render(text, [], -1);
   $("stop").disabled = false;
   utterance.addEventListener("start", (event) => {

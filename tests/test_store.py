@@ -200,3 +200,38 @@ async def test_kill_9_mid_write_leaves_no_half_entry(tmp_path: Path) -> None:
         assert stats.cache_errors == 0  # nothing visible was damaged
         assert list((tmp_path / "tmp").iterdir()) == []
     assert killed_mid_write >= 1
+
+
+RACER = """
+import asyncio, sys
+from pathlib import Path
+from ttsstream.stats import Stats
+from ttsstream.store import CacheEntry, DiskCache
+cache = DiskCache(Path(sys.argv[1]), max_bytes=2**40, stats=Stats())
+cache.open()
+fill = sys.argv[3].encode()
+async def main():
+    for round in range(200):
+        await cache.put(sys.argv[2], CacheEntry("edge", "v", fill * (1000 + round), ()))
+asyncio.run(main())
+"""
+
+
+async def test_two_processes_writing_one_key_leave_one_valid_entry(tmp_path: Path) -> None:
+    """Two instances sharing the directory and storing the same key at once end with
+    exactly one whole entry and no temporary files."""
+    target = key("shared by two instances")
+    writers = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-c", RACER, str(tmp_path), target, fill
+        )
+        for fill in ("a", "b")
+    ]
+    assert [await asyncio.wait_for(w.wait(), TIMEOUT * 4) for w in writers] == [0, 0]
+    files = list(tmp_path.glob("*/*.tts"))
+    assert files == [tmp_path / target[:2] / f"{target}.tts"]
+    assert list((tmp_path / "tmp").iterdir()) == []
+    cache, stats = opened(tmp_path)
+    found = await cache.get(target)
+    assert found is not None and stats.cache_errors == 0
+    assert set(found.audio) in ({ord("a")}, {ord("b")}) and len(found.audio) == 1199

@@ -107,6 +107,9 @@ class Config:
     max_connections: int = 10_000
 
     # Connection hygiene
+    #: Seconds between pings to each client (a proxy's read timeout must be longer);
+    #: a client that does not answer within as long is closed.
+    ping_interval: float = 20.0
     #: Seconds without a client message, and nothing queued or playing, before closing.
     idle_timeout: float = 300.0
     #: Seconds a client may leave its audio unread (send buffer full) before 1008.
@@ -188,6 +191,7 @@ class Config:
                 raise ConfigError(variable, str(value), f"an integer >= {minimum}")
         for variable, seconds in (
             ("RATE_LIMIT_WINDOW", self.rate_limit_window),
+            ("PING_INTERVAL", self.ping_interval),
             ("IDLE_TIMEOUT", self.idle_timeout),
             ("SEND_TIMEOUT", self.send_timeout),
         ):
@@ -294,6 +298,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "RATE_LIMIT_WINDOW": ("rate_limit_window", _seconds, "seconds > 0, such as 60"),
     "MAX_CONNECTIONS_PER_IP": ("max_connections_per_ip", _integer, "an integer >= 1"),
     "MAX_CONNECTIONS": ("max_connections", _integer, "an integer >= 1"),
+    "PING_INTERVAL": ("ping_interval", _seconds, "seconds > 0, such as 20"),
     "IDLE_TIMEOUT": ("idle_timeout", _seconds, "seconds > 0, such as 300"),
     "SEND_TIMEOUT": ("send_timeout", _seconds, "seconds > 0, such as 30"),
     "HEALTH_PORT": ("health_port", _integer, "an integer from 0 to 65535"),

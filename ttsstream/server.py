@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -61,8 +62,6 @@ STREAM_PATH = "/v1/stream"
 # Timeouts
 #: Seconds a client has to complete the WebSocket handshake.
 HANDSHAKE_TIMEOUT = 10.0
-#: Seconds between pings; a peer that does not answer within as long is closed.
-PING_INTERVAL = 20.0
 #: Seconds a client gets to acknowledge the server's closing before the TCP connection drops.
 CLOSE_TIMEOUT_AT_ONCE = 5.0
 
@@ -138,8 +137,8 @@ class Server:
             select_subprotocol=_select_subprotocol,
             # Timeouts
             open_timeout=HANDSHAKE_TIMEOUT,
-            ping_interval=PING_INTERVAL,
-            ping_timeout=PING_INTERVAL,
+            ping_interval=self.config.ping_interval,
+            ping_timeout=self.config.ping_interval,
             # Limits
             max_size=MAX_FRAME_BYTES,
             # MP3 does not compress; deflate would only cost CPU on every chunk.
@@ -429,8 +428,19 @@ def _respond(connection: ServerConnection, refusal: Refusal) -> Response:
     return response
 
 
-#: The browser client and the demo page, served on the WebSocket port.
-CLIENTS_DIR = Path(__file__).resolve().parent.parent / "clients"
+#: The browser client and the demo page, served on the WebSocket port: clients/ in
+#: a source checkout, else where a non-editable install put it.
+CLIENTS_DIR = next(
+    (
+        directory
+        for directory in (
+            Path(__file__).resolve().parent.parent / "clients",
+            Path(sys.prefix) / "share" / "ttsstream" / "clients",
+        )
+        if (directory / "index.html").is_file()
+    ),
+    Path(__file__).resolve().parent.parent / "clients",
+)
 _STATIC_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",

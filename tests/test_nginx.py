@@ -1,0 +1,335 @@
+"""The shipped nginx config, for real: nginx in front of two server processes.
+
+nginx (Debian's package; ``.ci/run`` installs it) runs in the foreground with a
+config generated from ``nginx/ttsstream.conf``: only the listen ports, the
+upstream instances, file paths, the certificate (made by openssl here) and the
+proxy timeouts (shortened, with a shorter ping interval) are swapped; every
+proxy directive is the shipped one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidStatus
+
+from tests.conftest import TIMEOUT, Client
+from tests.fake_edge import FakeEdge
+from tests.test_cli import LISTENING, environment, start_process
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = ROOT / "nginx" / "ttsstream.conf"
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+#: The proxy read/send timeout of the test nginx, and the servers' ping interval below it.
+READ_TIMEOUT = 2
+PING_INTERVAL = 0.5
+#: Handshakes + speaks per client IP per window, per instance.
+LIMIT = 2
+
+
+def certificate(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1, made with openssl."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+def site_config(
+    *,
+    http_port: int,
+    https_port: int,
+    instances: list[int],
+    cert: Path,
+    key: Path,
+    webroot: Path,
+    read_timeout: int | None = None,
+) -> str:
+    """The shipped site config with ports, paths, TLS files and timeouts swapped."""
+    text = SHIPPED.read_text()
+    swaps = {
+        "listen 80;": f"listen 127.0.0.1:{http_port};",
+        "listen [::]:80;": "",
+        "listen 443 ssl;": f"listen 127.0.0.1:{https_port} ssl;",
+        "listen [::]:443 ssl;": "",
+        "/etc/letsencrypt/live/tts.example.com/fullchain.pem": str(cert),
+        "/etc/letsencrypt/live/tts.example.com/privkey.pem": str(key),
+        "/var/www/letsencrypt": str(webroot),
+    }
+    if read_timeout is not None:
+        swaps["proxy_read_timeout 75s;"] = f"proxy_read_timeout {read_timeout}s;"
+        swaps["proxy_send_timeout 75s;"] = f"proxy_send_timeout {read_timeout}s;"
+    for old, new in swaps.items():
+        assert old in text, f"the shipped config no longer has {old!r}"
+        text = text.replace(old, new)
+    servers = re.findall(r"^    server 127\.0\.0\.1:\d+ .*;$", text, re.MULTILINE)
+    assert len(servers) >= 2, "the shipped upstream lists several instances"
+    replacement = "\n".join(
+        f"    server 127.0.0.1:{port} max_fails=3 fail_timeout=10s;" for port in instances
+    )
+    text = text.replace("\n".join(servers), replacement)
+    return text
+
+
+def main_config(directory: Path, site: Path) -> Path:
+    """An nginx.conf that runs in the foreground with everything under ``directory``."""
+    for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (directory / name).mkdir(exist_ok=True)
+    user = "user root;" if os.geteuid() == 0 else ""
+    config = directory / "nginx.conf"
+    config.write_text(
+        f"""
+{user}
+daemon off;
+worker_processes 1;
+pid {directory}/nginx.pid;
+error_log {directory}/error.log info;
+events {{ worker_connections 512; }}
+http {{
+    access_log {directory}/access.log;
+    client_body_temp_path {directory}/body;
+    proxy_temp_path {directory}/proxy;
+    fastcgi_temp_path {directory}/fastcgi;
+    uwsgi_temp_path {directory}/uwsgi;
+    scgi_temp_path {directory}/scgi;
+    include {site};
+}}
+"""
+    )
+    return config
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def test_nginx_accepts_the_shipped_config(tmp_path: Path) -> None:
+    """`nginx -t` passes on nginx/ttsstream.conf as shipped, with test certificates."""
+    assert Path(NGINX).exists(), "install Debian's nginx (apt-get install nginx)"
+    cert, key = certificate(tmp_path)
+    site = tmp_path / "ttsstream.conf"
+    text = SHIPPED.read_text()
+    text = text.replace("/etc/letsencrypt/live/tts.example.com/fullchain.pem", str(cert))
+    text = text.replace("/etc/letsencrypt/live/tts.example.com/privkey.pem", str(key))
+    site.write_text(text)
+    config = main_config(tmp_path, site)
+    result = subprocess.run(
+        [NGINX, "-t", "-c", str(config), "-p", str(tmp_path)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert "syntax is ok" in result.stderr and "test is successful" in result.stderr
+
+
+@dataclass
+class Stack:
+    """nginx in front of two ttsstream processes."""
+
+    url: str
+    tls: ssl.SSLContext
+    side_ports: list[str]
+    instances: list[asyncio.subprocess.Process]
+    directory: Path
+
+    async def client(self, source: str = "127.0.0.2", **options: Any) -> ClientConnection:
+        return await connect(
+            self.url, ssl=self.tls, local_addr=(source, 0), ping_interval=None, **options
+        )
+
+    async def stats(self) -> list[dict[str, Any]]:
+        async with aiohttp.ClientSession() as session:
+            results = []
+            for side in self.side_ports:
+                async with session.get(f"http://{side}/stats") as response:
+                    results.append(await response.json())
+            return results
+
+
+@pytest.fixture
+async def stack(fake: FakeEdge, tmp_path: Path) -> AsyncIterator[Stack]:
+    assert Path(NGINX).exists(), "install Debian's nginx (apt-get install nginx)"
+    cache = tmp_path / "shared-cache"
+    instances, ports, sides = [], [], []
+    for index in range(2):
+        workdir = tmp_path / f"instance{index}"
+        workdir.mkdir()
+        env = environment(
+            fake,
+            CACHE_DIR=str(cache),
+            RATE_LIMIT_REQUESTS=str(LIMIT),
+            PING_INTERVAL=str(PING_INTERVAL),
+        )
+        process = await start_process([sys.executable, "-m", "ttsstream"], env, workdir)
+        assert process.stderr is not None
+        said = b""
+        while not (match := LISTENING.search(said)):
+            line = await asyncio.wait_for(process.stderr.readline(), TIMEOUT)
+            assert line, said.decode()
+            said += line
+        instances.append(process)
+        ports.append(int(match.group(1)))
+        sides.append(said.decode().rsplit("side port ", 1)[1].split(")")[0])
+
+    cert, key = certificate(tmp_path)
+    https_port, http_port = free_port(), free_port()
+    site = tmp_path / "ttsstream.conf"
+    site.write_text(
+        site_config(
+            http_port=http_port,
+            https_port=https_port,
+            instances=ports,
+            cert=cert,
+            key=key,
+            webroot=tmp_path,
+            read_timeout=READ_TIMEOUT,
+        )
+    )
+    nginx = await asyncio.create_subprocess_exec(
+        NGINX,
+        "-c",
+        str(main_config(tmp_path, site)),
+        "-p",
+        str(tmp_path),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    tls = ssl.create_default_context(cafile=str(cert))
+    for _ in range(int(TIMEOUT * 100)):
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", https_port)
+            writer.close()
+            break
+        except OSError:
+            await asyncio.sleep(0.01)
+    try:
+        yield Stack(f"wss://127.0.0.1:{https_port}/v1/stream", tls, sides, instances, tmp_path)
+    finally:
+        nginx.send_signal(signal.SIGQUIT)
+        await asyncio.wait_for(nginx.wait(), TIMEOUT)
+        for process in instances:
+            process.send_signal(signal.SIGTERM)
+            process.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(process.wait(), TIMEOUT)
+
+
+async def speaks(ws: ClientConnection, text: str = "Through nginx.") -> dict[str, Any]:
+    client = Client(ws)
+    client.hello = await client.recv_message()
+    await client.speak(text)
+    result = await client.until_final("u1")
+    assert result.final["type"] == "end", result.final
+    assert result.audio
+    return result.final
+
+
+async def test_speaks_through_nginx_to_both_instances(stack: Stack, fake: FakeEdge) -> None:
+    """A client speaks through nginx over TLS, and least_conn spreads clients on both."""
+    first = await stack.client("127.0.0.2")
+    second = await stack.client("127.0.0.3")
+    try:
+        await speaks(first, "First client.")
+        await speaks(second, "Second client.")
+        stats = await stack.stats()
+        assert [s["connections"] for s in stats] == [1, 1]
+        assert [s["total_requests"] for s in stats] == [1, 1]
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_limits_apply_per_client_not_per_nginx(stack: Stack) -> None:
+    """The servers see each client's own address: one client runs out, another does not,
+    and a forged X-Forwarded-For changes nothing. With two instances the effective
+    limit is twice the per-instance one."""
+    for _ in range(2 * LIMIT):  # LIMIT handshakes on each instance
+        ws = await stack.client("127.0.0.2")
+        await ws.close()
+    with pytest.raises(InvalidStatus) as raised:
+        await stack.client("127.0.0.2")
+    assert raised.value.response.status_code == 429
+    with pytest.raises(InvalidStatus) as raised:
+        await stack.client("127.0.0.2", additional_headers={"X-Forwarded-For": "203.0.113.50"})
+    assert raised.value.response.status_code == 429
+    other = await stack.client("127.0.0.3")
+    await other.close()
+    access = "".join(line for line in (stack.directory / "access.log").read_text().splitlines(True))
+    assert "127.0.0.2" in access and "127.0.0.3" in access  # nginx saw both clients
+
+
+async def test_pinged_idle_connection_outlives_the_proxy_timeout(stack: Stack) -> None:
+    """A connection idle for longer than proxy_read_timeout stays open: the server's pings
+    cross nginx and reset its timer."""
+    ws = await stack.client("127.0.0.4")
+    try:
+        client = Client(ws)
+        client.hello = await client.recv_message()
+        await asyncio.sleep(READ_TIMEOUT * 2.5)
+        await client.speak("Still connected after the idle spell.")
+        assert (await client.until_final("u1")).final["type"] == "end"
+    finally:
+        await ws.close()
+
+
+async def test_plain_http_redirects_to_https(stack: Stack) -> None:
+    """The port-80 server redirects to HTTPS and serves ACME challenges from the webroot."""
+    conf = (stack.directory / "ttsstream.conf").read_text()
+    http_port = re.search(r"listen 127\.0\.0\.1:(\d+);", conf).group(1)  # type: ignore[union-attr]
+    challenge = stack.directory / ".well-known" / "acme-challenge"
+    challenge.mkdir(parents=True)
+    (challenge / "token").write_text("proof")
+    async with aiohttp.ClientSession() as session:
+        base = f"http://127.0.0.1:{http_port}"
+        async with session.get(base + "/demo?x=1", allow_redirects=False) as response:
+            assert response.status == 301
+            assert response.headers["Location"] == "https://127.0.0.1/demo?x=1"
+        async with session.get(base + "/.well-known/acme-challenge/token") as response:
+            assert (response.status, await response.text()) == (200, "proof")
+
+
+async def test_demo_through_nginx_has_security_headers(stack: Stack) -> None:
+    """The demo page comes through nginx with HSTS and the other security headers."""
+    page = stack.url.replace("wss://", "https://").replace("/v1/stream", "/")
+    async with aiohttp.ClientSession() as session, session.get(page, ssl=stack.tls) as response:
+        assert response.status == 200
+        assert "max-age=" in response.headers["Strict-Transport-Security"]
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+        assert response.headers["Referrer-Policy"] == "no-referrer"
+        assert "media-src 'self' blob:" in response.headers["Content-Security-Policy"]
+        assert "TTSStreamClient" in await response.text() or "demo.js" in await response.text()
