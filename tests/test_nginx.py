@@ -29,6 +29,7 @@ from websockets.exceptions import InvalidStatus
 
 from tests.conftest import TIMEOUT, Client
 from tests.fake_edge import FakeEdge
+from tests.test_browser import stop
 from tests.test_cli import LISTENING, environment, start_process
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -244,9 +245,7 @@ async def stack(fake: FakeEdge, tmp_path: Path) -> AsyncIterator[Stack]:
         nginx.send_signal(signal.SIGQUIT)
         await asyncio.wait_for(nginx.wait(), TIMEOUT)
         for process in instances:
-            process.send_signal(signal.SIGTERM)
-            process.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(process.wait(), TIMEOUT)
+            await stop(process)
 
 
 async def speaks(ws: ClientConnection, text: str = "Through nginx.") -> dict[str, Any]:
