@@ -178,6 +178,9 @@ class FakeEdge:
         self.refuse_voices_status: int | None = None
         self.first_audio_delay = 0.0
         self.chunk_delay = 0.0
+        #: When set, audio is paced at this multiple of real time (4: a second of audio
+        #: every 250 ms), as the real service streams it.
+        self.realtime_factor: float | None = None
         self.frames_per_chunk = 4
         self.pause_after_chunks: int | None = None
         self.resume = asyncio.Event()
@@ -376,6 +379,8 @@ class FakeEdge:
             frame += count
             if self.chunk_delay:
                 await asyncio.sleep(self.chunk_delay)
+            if self.realtime_factor:
+                await asyncio.sleep(count * FRAME_MS / 1000 / self.realtime_factor)
         await ws.send(_audio_message(request_id, b""))
         await ws.send(_text_message(request_id, "turn.end", "{}"))
         record.completed = True
@@ -441,11 +446,18 @@ def _audio_message(request_id: str, audio: bytes) -> bytes:
     return len(encoded).to_bytes(2, "big") + encoded + audio
 
 
-def serve_forever() -> None:
-    """Run the fake on its own (benchmarks): print its two URLs, serve until killed."""
+def serve_forever(first_audio_delay: float = 0.0, realtime_factor: float | None = None) -> None:
+    """Run the fake on its own (benchmarks): print its two URLs, serve until killed.
+
+    Args:
+        first_audio_delay: Seconds before the first audio of each synthesis.
+        realtime_factor: Pace the audio at this multiple of real time.
+    """
 
     async def main() -> None:
         async with FakeEdge() as fake:
+            fake.first_audio_delay = first_audio_delay
+            fake.realtime_factor = realtime_factor
             print(fake.wss_url, fake.voices_url, flush=True)
             await asyncio.Event().wait()
 

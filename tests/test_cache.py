@@ -237,9 +237,12 @@ async def test_cache_disabled_stores_and_shares_nothing(
 
 
 async def test_corrupt_entry_is_synthesized_live_and_replaced(
-    server: Server, fake: FakeEdge
+    start_server: ServerFactory, fake: FakeEdge
 ) -> None:
-    """A damaged entry is dropped, the request is spoken live, and a good entry replaces it."""
+    """A damaged entry is dropped, the request is spoken live, and a good entry replaces it.
+
+    (Without the in-memory layer, which would keep serving its good copy.)"""
+    server = await start_server(cache_memory_mb=0)
     live = await speak_once(server)
     await wait_for_entries(server, 1)
     (path,) = entries(server)

@@ -34,9 +34,12 @@ def key(text: str, **changes: str) -> str:
 ENTRY_BYTES = 1000 + 217
 
 
-def opened(directory: Path, max_bytes: int = 2**30) -> tuple[DiskCache, Stats]:
+def opened(
+    directory: Path, max_bytes: int = 2**30, memory_bytes: int = 0
+) -> tuple[DiskCache, Stats]:
+    """A cache on ``directory``; by default without the in-memory layer, to test the disk."""
     stats = Stats()
-    cache = DiskCache(directory, max_bytes=max_bytes, stats=stats)
+    cache = DiskCache(directory, max_bytes=max_bytes, stats=stats, memory_bytes=memory_bytes)
     cache.open()
     return cache, stats
 
@@ -235,3 +238,27 @@ async def test_two_processes_writing_one_key_leave_one_valid_entry(tmp_path: Pat
     found = await cache.get(target)
     assert found is not None and stats.cache_errors == 0
     assert set(found.audio) in ({ord("a")}, {ord("b")}) and len(found.audio) == 1199
+
+
+async def test_hot_entries_are_served_from_memory(tmp_path: Path) -> None:
+    """Recently used entries are served from memory (even with the file gone), within the
+    memory bound, and their hits still reach the file's recency."""
+    stats = Stats()
+    cache = DiskCache(tmp_path, max_bytes=2**30, stats=stats, memory_bytes=2500, touch_interval=0)
+    cache.open()
+    for name in ("a", "b", "c"):
+        await cache.put(key(name), entry())  # 1000 audio bytes each: only two fit
+    path_c = tmp_path / key("c")[:2] / f"{key('c')}.tts"
+    old = time.time() - 3600
+    os.utime(path_c, (old, old))
+    assert await cache.get(key("c")) == entry()
+    for _ in range(100):
+        if path_c.stat().st_mtime > old:
+            break
+        await asyncio.sleep(0.01)
+    assert path_c.stat().st_mtime > old  # the hit was recorded on disk
+    path_c.unlink()
+    assert await cache.get(key("c")) == entry()  # from memory
+    path_a = tmp_path / key("a")[:2] / f"{key('a')}.tts"
+    path_a.unlink()
+    assert await cache.get(key("a")) is None  # evicted from memory by the bound: a disk miss

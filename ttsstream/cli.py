@@ -5,15 +5,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 
 import orjson
 from websockets.exceptions import InvalidHandshake, InvalidStatus, WebSocketException
 
 from ttsstream import __version__, logs
 from ttsstream.client import SpeechError, speak
-from ttsstream.config import load_config
+from ttsstream.config import Config, load_config
 from ttsstream.exceptions import ConfigError
 from ttsstream.server import STREAM_PATH, run
 from ttsstream.subtitles import to_srt
@@ -78,7 +79,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"ttsstream: cannot write logs to {config.log_dir}: {exc.strerror}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(run(config))
+        _event_loop(config)(run(config))
     except ConfigError as exc:
         print(f"ttsstream: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -88,7 +89,22 @@ def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    finally:
+        logs.shutdown()
     return 0
+
+
+def _event_loop(config: Config) -> Callable[[Coroutine[Any, Any, None]], None]:
+    """uvloop's runner when it is installed and UVLOOP is not false, else asyncio's."""
+    if config.uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            runner: Callable[[Coroutine[Any, Any, None]], None] = uvloop.run
+            return runner
+    return asyncio.run
 
 
 def _say(args: argparse.Namespace) -> int:

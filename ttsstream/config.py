@@ -77,6 +77,8 @@ class Config:
     cache_dir: Path = Path("cache")
     #: Total size of the cache in megabytes (2**20 bytes) above which entries are evicted.
     cache_max_size_mb: float = 500.0
+    #: Megabytes of the most used entries also kept in memory (0: read every hit from disk).
+    cache_memory_mb: float = 32.0
 
     # Timeouts
     #: Seconds allowed for connect + first audio, and for any gap between upstream chunks.
@@ -114,6 +116,9 @@ class Config:
     idle_timeout: float = 300.0
     #: Seconds a client may leave its audio unread (send buffer full) before 1008.
     send_timeout: float = 30.0
+
+    #: Run on uvloop when it is installed (a faster event loop); false: asyncio's own.
+    uvloop: bool = True
 
     # Shutdown
     #: Seconds utterances in progress get to finish after SIGTERM before connections close.
@@ -166,6 +171,8 @@ class Config:
             raise ConfigError("MAX_TEXT_LENGTH", str(self.max_text_length), "an integer >= 1")
         if self.queue_size < 0:
             raise ConfigError("QUEUE_SIZE", str(self.queue_size), "an integer >= 0")
+        if not self.cache_memory_mb >= 0:
+            raise ConfigError("CACHE_MEMORY_MB", str(self.cache_memory_mb), "megabytes >= 0")
         if not self.cache_max_size_mb >= 0:
             raise ConfigError("CACHE_MAX_SIZE_MB", str(self.cache_max_size_mb), "megabytes >= 0")
         if self.log_level not in _LOG_LEVELS:
@@ -287,6 +294,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "CACHE_ENABLED": ("cache_enabled", _boolean, "true or false"),
     "CACHE_DIR": ("cache_dir", lambda s: Path(s.strip()), "a directory path"),
     "CACHE_MAX_SIZE_MB": ("cache_max_size_mb", _seconds, "megabytes >= 0, such as 500"),
+    "CACHE_MEMORY_MB": ("cache_memory_mb", _seconds, "megabytes >= 0, such as 32"),
     "UPSTREAM_TIMEOUT": ("upstream_timeout", _seconds, "seconds > 0, such as 15 or 2.5"),
     "VOICES_TTL": ("voices_ttl", _seconds, "seconds > 0, such as 86400"),
     "MAX_TEXT_LENGTH": ("max_text_length", _integer, "an integer >= 1"),
@@ -304,6 +312,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "HEALTH_PORT": ("health_port", _integer, "an integer from 0 to 65535"),
     "HEALTH_HOST": ("health_host", str.strip, "an IP address or host name"),
     "SERVE_DEMO": ("serve_demo", _boolean, "true or false"),
+    "UVLOOP": ("uvloop", _boolean, "true or false"),
     "DRAIN_TIMEOUT": ("drain_timeout", _seconds, "seconds >= 0, such as 30"),
     "LOG_FORMAT": ("log_format", lambda s: s.strip().lower(), "text or json"),
     "LOG_DIR": ("log_dir", lambda s: Path(s.strip()), "a directory path"),

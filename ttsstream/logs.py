@@ -16,17 +16,20 @@ from __future__ import annotations
 
 import datetime
 import logging
+import logging.handlers
+import queue
 import sys
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-__all__ = ["access", "configure", "reopen"]
+__all__ = ["access", "configure", "reopen", "shutdown"]
 
 ACCESS_LOGGER = logging.getLogger("ttsstream.access")
 _FIELDS = "ttsstream_fields"
 _files: list[ReopenableFileHandler] = []
+_listener: logging.handlers.QueueListener | None = None
 
 
 def access(event: str, **fields: Any) -> None:
@@ -102,12 +105,27 @@ def configure(*, level: int, log_format: str, log_dir: Path | None) -> None:
     for handler in (access_handler, error_handler):
         handler.setFormatter(formatter)
 
-    ACCESS_LOGGER.handlers[:] = [access_handler]
+    global _listener
+    shutdown()
+    # The access log is on every utterance's path: the event loop only queues its
+    # records; a thread formats and writes them.
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    _listener = logging.handlers.QueueListener(records, access_handler)
+    _listener.start()
+    ACCESS_LOGGER.handlers[:] = [logging.handlers.QueueHandler(records)]
     ACCESS_LOGGER.setLevel(logging.INFO)
     ACCESS_LOGGER.propagate = False
     root = logging.getLogger()
     root.handlers[:] = [error_handler]
     root.setLevel(level)
+
+
+def shutdown() -> None:
+    """Write out what the access log has queued; call before the process exits."""
+    global _listener
+    if _listener is not None:
+        _listener.stop()
+        _listener = None
 
 
 def reopen() -> None:

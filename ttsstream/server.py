@@ -103,7 +103,12 @@ class Server:
         self._client_ips: dict[ServerConnection, str] = {}
         self._watchers: set[asyncio.Task[None]] = set()
         self.store = (
-            DiskCache(config.cache_dir, max_bytes=config.cache_max_bytes, stats=self.stats)
+            DiskCache(
+                config.cache_dir,
+                max_bytes=config.cache_max_bytes,
+                stats=self.stats,
+                memory_bytes=int(config.cache_memory_mb * 2**20),
+            )
             if config.cache_enabled
             else None
         )

@@ -57,6 +57,9 @@ __all__ = ["Session"]
 
 logger = logging.getLogger("ttsstream.session")
 
+#: Below this many bytes waiting in the write buffer, a send cannot block (websockets
+#: waits for a drain only above its 32 KiB write limit), so it skips the send deadline.
+SEND_BUFFER_LOW = 16 * 2**10
 #: Seconds a client closed for not reading has to read what is queued and the close frame.
 SLOW_CLIENT_CLOSE_TIMEOUT = 10.0
 #: Seconds a closing session waits for its upstream streams to close before giving up.
@@ -397,6 +400,10 @@ class Session:
         websockets waits while its write buffer is over its limit, so the memory held
         for a client that does not read stays bounded; this bounds the time too.
         """
+        if self._ws.transport.get_write_buffer_size() < SEND_BUFFER_LOW:
+            # The common case: websockets will not wait for a drain, so no deadline is needed.
+            await self._ws.send(message, text=text)
+            return
         try:
             async with asyncio.timeout(self._config.send_timeout):
                 await self._ws.send(message, text=text)

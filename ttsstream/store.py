@@ -96,20 +96,39 @@ class CorruptEntry(Exception):
 class DiskCache:
     """Finished utterances on disk, bounded in size, least recently used evicted first.
 
+    The most recently used entries are also kept in memory, decoded, up to
+    ``memory_bytes``: a hit on one of them needs no disk read and no thread.
+
     Args:
         directory: Where entries live; created if missing.
         max_bytes: Total size above which entries are evicted.
         stats: Counters to update.
+        memory_bytes: Audio bytes of hot entries kept in memory; 0 keeps none.
+        touch_interval: Seconds between two recordings on disk of hits on the same
+            in-memory entry (their recency, which survives restarts).
     """
 
-    def __init__(self, directory: Path, *, max_bytes: int, stats: Stats) -> None:
-        if max_bytes < 0:
-            raise ValueError("max_bytes must be >= 0")
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        max_bytes: int,
+        stats: Stats,
+        memory_bytes: int = 32 * 2**20,
+        touch_interval: float = 1.0,
+    ) -> None:
+        if max_bytes < 0 or memory_bytes < 0:
+            raise ValueError("max_bytes and memory_bytes must be >= 0")
         self.directory = directory
         self.max_bytes = max_bytes
+        self.memory_bytes = memory_bytes
         self._stats = stats
         self._index: OrderedDict[str, int] = OrderedDict()  # key -> file size, oldest first
         self._bytes = 0
+        self._hot: OrderedDict[str, CacheEntry] = OrderedDict()
+        self._hot_bytes = 0
+        self._touched: dict[str, float] = {}
+        self._touch_interval = touch_interval
 
     # Start
 
@@ -169,6 +188,13 @@ class DiskCache:
 
     async def get(self, key: str) -> CacheEntry | None:
         """The entry for ``key``, or ``None``; a damaged entry is dropped and counted."""
+        hot = self._hot.get(key)
+        if hot is not None:
+            self._hot.move_to_end(key)
+            if key in self._index:
+                self._index.move_to_end(key)
+            self._touch_later(key)
+            return hot
         try:
             entry, size = await asyncio.to_thread(self._read, key)
         except FileNotFoundError:
@@ -184,7 +210,34 @@ class DiskCache:
             self._disk_error("read", exc)
             return None
         self._remember(key, size)
+        self._keep_hot(key, entry)
+        self._touched[key] = time.monotonic()
         return entry
+
+    def _keep_hot(self, key: str, entry: CacheEntry) -> None:
+        if len(entry.audio) > self.memory_bytes:
+            return
+        old = self._hot.pop(key, None)
+        self._hot_bytes += len(entry.audio) - (len(old.audio) if old else 0)
+        self._hot[key] = entry
+        while self._hot_bytes > self.memory_bytes:
+            _, dropped = self._hot.popitem(last=False)
+            self._hot_bytes -= len(dropped.audio)
+
+    def _drop_hot(self, key: str) -> None:
+        dropped = self._hot.pop(key, None)
+        if dropped is not None:
+            self._hot_bytes -= len(dropped.audio)
+        self._touched.pop(key, None)
+
+    def _touch_later(self, key: str) -> None:
+        """Record a hit on disk (the mtime) at most once per touch interval, off the loop."""
+        now = time.monotonic()
+        if now - self._touched.get(key, 0.0) < self._touch_interval:
+            return
+        self._touched[key] = now
+        path = self._path(key)
+        asyncio.get_running_loop().run_in_executor(None, _touch, path)
 
     def _read(self, key: str) -> tuple[CacheEntry, int]:
         path = self._path(key)
@@ -205,6 +258,8 @@ class DiskCache:
             self._disk_error("write", exc)
             return
         self._remember(key, size)
+        self._keep_hot(key, entry)
+        self._touched[key] = time.monotonic()
         victims = self._victims()
         if victims:
             await asyncio.to_thread(self._unlink_all, victims)
@@ -246,6 +301,7 @@ class DiskCache:
 
     def _forget(self, key: str) -> None:
         self._bytes -= self._index.pop(key, 0)
+        self._drop_hot(key)
         self._publish()
 
     def _victims(self) -> list[str]:
@@ -254,6 +310,7 @@ class DiskCache:
         while self._bytes > self.max_bytes and self._index:
             key, size = self._index.popitem(last=False)
             self._bytes -= size
+            self._drop_hot(key)
             victims.append(key)
         self._stats.cache_evictions += len(victims)
         self._publish()
@@ -329,6 +386,11 @@ def _decode(data: bytes) -> CacheEntry:
         )
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise CorruptEntry(f"bad description: {type(exc).__name__}") from None
+
+
+def _touch(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.utime(path)
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -1,0 +1,176 @@
+"""One load-generating process of the benchmark (bench/run.py starts several).
+
+It reads a JSON spec from argv, opens its connections, prints ``ready``, waits for
+``go`` on stdin, runs, and prints one JSON line of results. Running the clients in
+their own processes keeps them off the server's event loop.
+
+Modes:
+    speak   clients speak texts through a ttsstream server (or the bare baseline)
+    edge    clients call edge_tts.Communicate directly (baseline a)
+    idle    clients connect and stay idle until ``stop`` arrives on stdin
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import sys
+import time
+from typing import Any
+
+import orjson
+from websockets.asyncio.client import ClientConnection, connect
+
+
+async def speak_once(ws: ClientConnection, text: str, index: int) -> dict[str, Any]:
+    """One request; time to first audio byte and to the end, as the client sees them."""
+    started = time.perf_counter()
+    await ws.send(orjson.dumps({"type": "speak", "id": f"b{index}", "text": text}).decode())
+    first = None
+    size = 0
+    while True:
+        frame = await ws.recv()
+        if isinstance(frame, bytes):
+            size += len(frame)
+            if first is None:
+                first = time.perf_counter() - started
+            continue
+        message = orjson.loads(frame)
+        kind = message.get("type")
+        if kind == "end":
+            return {
+                "ttfb": first,
+                "ttlb": time.perf_counter() - started,
+                "bytes": size,
+                "cached": message.get("cached", False),
+            }
+        if kind == "error":
+            return {"error": message.get("code", "error")}
+
+
+async def speak_mode(spec: dict[str, Any]) -> dict[str, Any]:
+    headers = {"X-API-Key": spec["key"]} if spec.get("key") else None
+    connections = []
+    for _ in range(spec["clients"]):
+        ws = await connect(spec["url"], compression=None, max_size=None, additional_headers=headers)
+        if spec.get("hello", True):
+            await ws.recv()
+        connections.append(ws)
+    print("ready", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    texts: list[str] = spec["texts"]
+    weights = spec.get("weights")
+    rng = random.Random(spec.get("seed", 0))
+    deadline = time.perf_counter() + spec.get("duration", 0)
+    results: list[dict[str, Any]] = []
+    counter = 0
+
+    async def client(number: int, ws: ClientConnection) -> None:
+        nonlocal counter
+        done = 0
+        while True:
+            if spec.get("think"):
+                await asyncio.sleep(rng.expovariate(1 / spec["think"]))
+            if spec.get("duration") and time.perf_counter() >= deadline:
+                return
+            if not spec.get("duration") and done >= spec["requests"]:
+                return
+            if weights:
+                text = rng.choices(texts, weights)[0]
+            elif spec.get("unique"):
+                counter += 1
+                text = f"{texts[0]} Number {spec['offset'] + counter}."
+            else:
+                text = texts[0]
+            try:
+                results.append(await speak_once(ws, text, done))
+            except Exception as exc:
+                results.append({"error": type(exc).__name__})
+                return
+            done += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client(n, ws) for n, ws in enumerate(connections)))
+    elapsed = time.perf_counter() - started
+    dropped = sum(1 for ws in connections if ws.close_code is not None)
+    await asyncio.gather(*(ws.close() for ws in connections), return_exceptions=True)
+    return {"results": results, "elapsed": elapsed, "dropped": dropped}
+
+
+async def edge_mode(spec: dict[str, Any]) -> dict[str, Any]:
+    import edge_tts
+    import edge_tts.communicate
+
+    edge_tts.communicate.WSS_URL = spec["wss_url"]  # type: ignore[attr-defined]
+    print("ready", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    results: list[dict[str, Any]] = []
+    counter = 0
+
+    async def client() -> None:
+        nonlocal counter
+        for _ in range(spec["requests"]):
+            counter += 1
+            text = f"{spec['texts'][0]} Number {spec['offset'] + counter}."
+            started = time.perf_counter()
+            first = None
+            size = 0
+            try:
+                stream = edge_tts.Communicate(text, "en-US-AriaNeural", boundary="WordBoundary")
+                async for chunk in stream.stream():
+                    if chunk["type"] == "audio":
+                        size += len(chunk["data"])
+                        if first is None:
+                            first = time.perf_counter() - started
+            except Exception as exc:
+                results.append({"error": type(exc).__name__})
+                continue
+            results.append({"ttfb": first, "ttlb": time.perf_counter() - started, "bytes": size})
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(spec["clients"])))
+    return {"results": results, "elapsed": time.perf_counter() - started, "dropped": 0}
+
+
+async def idle_mode(spec: dict[str, Any]) -> dict[str, Any]:
+    headers = {"X-API-Key": spec["key"]} if spec.get("key") else None
+    connections = []
+    errors = 0
+    for _ in range(spec["clients"]):
+        try:
+            ws = await connect(
+                spec["url"],
+                compression=None,
+                additional_headers=headers,
+                ping_interval=None,
+                open_timeout=30,
+            )
+            await ws.recv()
+            connections.append(ws)
+        except Exception:
+            errors += 1
+    print("ready", flush=True)
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, sys.stdin.readline)  # go
+    await loop.run_in_executor(None, sys.stdin.readline)  # stop
+    dropped = sum(1 for ws in connections if ws.close_code is not None)
+    await asyncio.gather(*(ws.close() for ws in connections), return_exceptions=True)
+    return {"connected": len(connections), "errors": errors, "dropped": dropped}
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    mode = {"speak": speak_mode, "edge": edge_mode, "idle": idle_mode}[spec["mode"]]
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:
+        pass
+    result = asyncio.run(mode(spec))
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,608 @@
+"""The benchmark: ttsstream against its own baselines, on this machine, in one run.
+
+Everything runs on 127.0.0.1, each part in its own process: the fake Edge service
+(first audio after ``--ttfa``, then audio at ``--speed`` × real time, word metadata
+ahead of the audio as the real service sends it), the server, and the load clients.
+
+Baselines, measured in the same run:
+  (a) edge_tts.Communicate called directly against the same fake service;
+  (b) a bare websockets server sending the same MP3 bytes from memory.
+
+Scenarios:
+  1. live    time to first audio through the server at 1, 10, 100 clients, minus (a)
+  2. replay  cached replay, first and last byte, at 1, 100, 1000 clients (each speaking
+             about once a second), and closed-loop throughput against (b)
+  3. idle    10,000 idle authenticated connections: RSS each; one utterance among them
+  4. mixed   Zipf-distributed texts over a catalogue: hit rate, coalescing, latencies
+
+    .venv/bin/python bench/run.py            # the full run, a few minutes
+    .venv/bin/python bench/run.py --quick    # seconds; CI runs it so it cannot rot
+
+Writes bench/results.md and bench/results.json (or --out DIR).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import orjson
+from websockets.asyncio.client import connect
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+TEXT = "Benchmarks measure the server against its limits, one sentence at a time."
+KEY = "bench-key"
+TICKS = os.sysconf("SC_CLK_TCK")
+_DRAINS: set[asyncio.Future[bytes]] = set()
+
+
+@dataclass
+class Process:
+    process: asyncio.subprocess.Process
+    match: str
+
+
+async def start(args: list[str], env: dict[str, str], pattern: str) -> Process:
+    process = await asyncio.create_subprocess_exec(
+        *args,
+        env=env,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    pending = {
+        asyncio.ensure_future(process.stdout.readline()): process.stdout,
+        asyncio.ensure_future(process.stderr.readline()): process.stderr,
+    }
+    while pending:
+        done, _ = await asyncio.wait(pending, timeout=60, return_when=asyncio.FIRST_COMPLETED)
+        if not done:
+            raise RuntimeError(f"{args} did not start")
+        for task in done:
+            stream = pending.pop(task)
+            line = task.result().decode()
+            if match := re.search(pattern, line):
+                for other in pending:
+                    other.cancel()
+                # Keep draining both pipes so the process never blocks on a full one.
+                _DRAINS.add(asyncio.ensure_future(process.stdout.read()))
+                _DRAINS.add(asyncio.ensure_future(process.stderr.read()))
+                return Process(process, match.group(1))
+            if line:
+                pending[asyncio.ensure_future(stream.readline())] = stream
+    raise RuntimeError(f"{args} exited before starting")
+
+
+async def stop(process: Process) -> None:
+    if process.process.returncode is None:
+        process.process.terminate()
+        try:
+            await asyncio.wait_for(process.process.wait(), 10)
+        except TimeoutError:
+            process.process.kill()
+            await process.process.wait()
+
+
+def usage(pid: int) -> tuple[float, int, int]:
+    """CPU seconds used so far, current RSS and peak RSS in bytes, of a process."""
+    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    cpu = (int(stat[11]) + int(stat[12])) / TICKS
+    status = Path(f"/proc/{pid}/status").read_text()
+    rss = int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) * 1024  # type: ignore[union-attr]
+    peak = int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) * 1024  # type: ignore[union-attr]
+    return cpu, rss, peak
+
+
+async def load(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Run one load process per spec: connect, start all at once, gather their results."""
+    workers = await ready_workers(specs)
+    await signal_workers(workers, b"go\n")
+    return await results_of(workers)
+
+
+async def ready_workers(specs: list[dict[str, Any]]) -> list[asyncio.subprocess.Process]:
+    """Start one load process per spec and wait until each has connected its clients."""
+    workers = [
+        await asyncio.create_subprocess_exec(
+            PYTHON,
+            str(ROOT / "bench" / "load.py"),
+            json.dumps(spec),
+            cwd=ROOT,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        for spec in specs
+    ]
+    for worker in workers:
+        assert worker.stdout is not None
+        line = await asyncio.wait_for(worker.stdout.readline(), 300)
+        assert line == b"ready\n", line
+    return workers
+
+
+async def signal_workers(workers: list[asyncio.subprocess.Process], line: bytes) -> None:
+    for worker in workers:
+        assert worker.stdin is not None
+        worker.stdin.write(line)
+        await worker.stdin.drain()
+
+
+async def results_of(workers: list[asyncio.subprocess.Process]) -> list[dict[str, Any]]:
+    results = []
+    for worker in workers:
+        output, _ = await worker.communicate()
+        results.append(json.loads(output.decode().splitlines()[-1]))
+    return results
+
+
+def split(total: int, parts: int) -> list[int]:
+    return [
+        total // parts + (1 if i < total % parts else 0)
+        for i in range(parts)
+        if total // parts or i < total
+    ]
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+def summarize(outputs: list[dict[str, Any]]) -> dict[str, Any]:
+    results = [r for output in outputs for r in output["results"]]
+    good = [r for r in results if "error" not in r]
+    first = [r["ttfb"] * 1000 for r in good]
+    last = [r["ttlb"] * 1000 for r in good]
+    return {
+        "requests": len(results),
+        "errors": len(results) - len(good),
+        "dropped": sum(o.get("dropped", 0) for o in outputs),
+        "first_p50": percentile(first, 0.5),
+        "first_p95": percentile(first, 0.95),
+        "first_p99": percentile(first, 0.99),
+        "last_p50": percentile(last, 0.5),
+        "last_p99": percentile(last, 0.99),
+        "bytes": sum(r["bytes"] for r in good),
+        "elapsed": max(o["elapsed"] for o in outputs),
+        "cached": sum(1 for r in good if r.get("cached")),
+    }
+
+
+@dataclass
+class Bench:
+    quick: bool
+    fake_urls: tuple[str, str]
+    out: dict[str, Any] = field(default_factory=dict)
+    workers: int = 2
+
+    def server_env(self, cache: str, **extra: str) -> dict[str, str]:
+        env = {
+            key: value
+            for key, value in os.environ.items()
+            if not key.isupper() or key in ("PATH", "HOME", "LANG", "PYTHONPATH")
+        }
+        env.update(
+            {
+                "HOST": "127.0.0.1",
+                "PORT": "0",
+                "HEALTH_PORT": "0",
+                "EDGE_WSS_URL": self.fake_urls[0],
+                "EDGE_VOICES_URL": self.fake_urls[1],
+                "CACHE_DIR": cache,
+                "RATE_LIMIT_REQUESTS": "0",
+                "MAX_CONNECTIONS_PER_IP": "100000",
+                "MAX_CONNECTIONS": "100000",
+                "UPSTREAM_CONCURRENCY": "1000",
+                "LOG_LEVEL": "INFO",
+                **extra,
+            }
+        )
+        return env
+
+    async def server(self, cache: str, **extra: str) -> tuple[Process, str]:
+        server = await start(
+            [PYTHON, "-m", "ttsstream", "serve"],
+            self.server_env(cache, **extra),
+            r"listening on (127\.0\.0\.1:\d+)",
+        )
+        return server, f"ws://{server.match}/v1/stream"
+
+    async def live(self) -> None:
+        levels = (1, 10) if self.quick else (1, 10, 100)
+        requests = 2 if self.quick else 10
+        rows = []
+        with tempfile.TemporaryDirectory() as cache:
+            server, url = await self.server(cache)
+            try:
+                for clients in levels:
+                    parts = split(clients, min(self.workers, clients))
+                    base = [
+                        {
+                            "mode": "edge",
+                            "wss_url": self.fake_urls[0],
+                            "clients": n,
+                            "requests": requests,
+                            "texts": [TEXT],
+                            "offset": 10**6 * i,
+                        }
+                        for i, n in enumerate(parts)
+                    ]
+                    baseline = summarize(await load(base))
+                    cpu0, _, _ = usage(server.process.pid)
+                    ours = summarize(
+                        await load(
+                            [
+                                {
+                                    "mode": "speak",
+                                    "url": url,
+                                    "clients": n,
+                                    "requests": requests,
+                                    "texts": [TEXT],
+                                    "unique": True,
+                                    "offset": 10**6 * (i + 1) + clients * 1000,
+                                }
+                                for i, n in enumerate(parts)
+                            ]
+                        )
+                    )
+                    cpu1, _, peak = usage(server.process.pid)
+                    rows.append(
+                        {
+                            "clients": clients,
+                            "baseline_first_p50": baseline["first_p50"],
+                            "baseline_first_p99": baseline["first_p99"],
+                            "first_p50": ours["first_p50"],
+                            "first_p99": ours["first_p99"],
+                            "added_p50": ours["first_p50"] - baseline["first_p50"],
+                            "added_p99": ours["first_p99"] - baseline["first_p99"],
+                            "errors": ours["errors"] + baseline["errors"],
+                            "dropped": ours["dropped"],
+                            "requests": ours["requests"],
+                            "server_cpu_s": cpu1 - cpu0,
+                            "server_peak_rss_mb": peak / 2**20,
+                        }
+                    )
+            finally:
+                await stop(server)
+        self.out["live"] = rows
+
+    async def replay(self) -> None:
+        levels = (1, 20) if self.quick else (1, 100, 1000)
+        duration = 2.0 if self.quick else 10.0
+        rows = []
+        with tempfile.TemporaryDirectory() as cache:
+            server, url = await self.server(cache)
+            audio_path = Path(cache) / "replay.mp3"
+            try:
+                warm = await load(
+                    [{"mode": "speak", "url": url, "clients": 1, "requests": 1, "texts": [TEXT]}]
+                )
+                assert warm[0]["results"][0].get("bytes"), warm
+                await asyncio.sleep(0.3)
+                for clients in levels:
+                    cpu0, _, _ = usage(server.process.pid)
+                    specs = [
+                        {
+                            "mode": "speak",
+                            "url": url,
+                            "clients": n,
+                            "texts": [TEXT],
+                            "think": 1.0,
+                            "duration": duration,
+                            "seed": i,
+                        }
+                        for i, n in enumerate(split(clients, min(self.workers, clients)))
+                    ]
+                    result = summarize(await load(specs))
+                    cpu1, _, peak = usage(server.process.pid)
+                    rows.append(
+                        {
+                            "clients": clients,
+                            **result,
+                            "server_cpu_s": cpu1 - cpu0,
+                            "server_peak_rss_mb": peak / 2**20,
+                        }
+                    )
+                # Closed-loop throughput: as fast as the server can replay.
+                closed = [
+                    {
+                        "mode": "speak",
+                        "url": url,
+                        "clients": n,
+                        "texts": [TEXT],
+                        "duration": duration / 2,
+                    }
+                    for n in split(50 if self.quick else 100, self.workers)
+                ]
+                ours = summarize(await load(closed))
+                # The same audio from a bare websockets server (baseline b).
+                async with connect(url) as ws:
+                    await ws.recv()
+                    await ws.send(orjson.dumps({"type": "speak", "id": "x", "text": TEXT}).decode())
+                    chunks = bytearray()
+                    while True:
+                        frame = await ws.recv()
+                        if isinstance(frame, bytes):
+                            chunks += frame
+                        elif orjson.loads(frame)["type"] == "end":
+                            break
+                audio_path.write_bytes(bytes(chunks))
+                bare = await start(
+                    [PYTHON, str(ROOT / "bench" / "bare_server.py"), str(audio_path)],
+                    dict(os.environ),
+                    r"listening on (127\.0\.0\.1:\d+)",
+                )
+                try:
+                    closed_bare = [{**spec, "url": f"ws://{bare.match}/"} for spec in closed]
+                    baseline = summarize(await load(closed_bare))
+                finally:
+                    await stop(bare)
+            finally:
+                await stop(server)
+        throughput = ours["requests"] / ours["elapsed"]
+        bare_throughput = baseline["requests"] / baseline["elapsed"]
+        self.out["replay"] = rows
+        self.out["throughput"] = {
+            "clients": sum(spec["clients"] for spec in closed),
+            "requests_per_s": throughput,
+            "mb_per_s": ours["bytes"] / ours["elapsed"] / 2**20,
+            "bare_requests_per_s": bare_throughput,
+            "bare_mb_per_s": baseline["bytes"] / baseline["elapsed"] / 2**20,
+            "ratio": throughput / bare_throughput,
+            "errors": ours["errors"] + baseline["errors"],
+            "first_p50": ours["first_p50"],
+            "bare_first_p50": baseline["first_p50"],
+        }
+
+    async def idle(self) -> None:
+        total = 500 if self.quick else 10_000
+        with tempfile.TemporaryDirectory() as cache:
+            server, url = await self.server(cache, TTS_API_KEY=KEY)
+            try:
+                await asyncio.sleep(0.5)
+                _, before, _ = usage(server.process.pid)
+                processes = 2 if self.quick else 4
+                specs = [
+                    {"mode": "idle", "url": url, "clients": n, "key": KEY}
+                    for n in split(total, processes)
+                ]
+                workers = await ready_workers(specs)
+                await signal_workers(workers, b"go\n")
+                await asyncio.sleep(1)  # let the server settle after the connection burst
+                _, after, _ = usage(server.process.pid)
+                async with connect(url, additional_headers={"X-API-Key": KEY}) as ws:
+                    await ws.recv()
+                    started = time.perf_counter()
+                    await ws.send(orjson.dumps({"type": "speak", "id": "i", "text": TEXT}).decode())
+                    first = None
+                    while True:
+                        frame = await ws.recv()
+                        if isinstance(frame, bytes) and first is None:
+                            first = (time.perf_counter() - started) * 1000
+                        elif isinstance(frame, str) and orjson.loads(frame)["type"] in (
+                            "end",
+                            "error",
+                        ):
+                            break
+                    _, _, peak = usage(server.process.pid)
+                    stats = await side_stats(server)
+                connected = stats["connections"] - 1
+                await signal_workers(workers, b"stop\n")
+                idle_results = await results_of(workers)
+            finally:
+                await stop(server)
+        self.out["idle"] = {
+            "connections": connected,
+            "idle_rss_mb": before / 2**20,
+            "rss_mb": after / 2**20,
+            "peak_rss_mb": peak / 2**20,
+            "kb_per_connection": (after - before) / max(1, connected) / 1024,
+            "first_audio_ms": first,
+            "errors": sum(r["errors"] for r in idle_results),
+            "dropped": sum(r["dropped"] for r in idle_results),
+        }
+
+    async def mixed(self) -> None:
+        catalogue = 200 if self.quick else 2000
+        texts = [f"{TEXT} Catalogue entry {i}." for i in range(catalogue)]
+        weights = [1 / (rank + 1) ** 1.1 for rank in range(catalogue)]
+        clients = 20 if self.quick else 200
+        duration = 3.0 if self.quick else 20.0
+        with tempfile.TemporaryDirectory() as cache:
+            server, url = await self.server(cache)
+            try:
+                specs = [
+                    {
+                        "mode": "speak",
+                        "url": url,
+                        "clients": n,
+                        "texts": texts,
+                        "weights": weights,
+                        "think": 0.5,
+                        "duration": duration,
+                        "seed": i,
+                    }
+                    for i, n in enumerate(split(clients, self.workers))
+                ]
+                cpu0, _, _ = usage(server.process.pid)
+                result = summarize(await load(specs))
+                cpu1, _, peak = usage(server.process.pid)
+                stats = await side_stats(server)
+            finally:
+                await stop(server)
+        self.out["mixed"] = {
+            "clients": clients,
+            "catalogue": catalogue,
+            **result,
+            "hit_rate": stats["cache_hit_rate"],
+            "upstream_requests": stats["upstream_requests"],
+            "coalesced": stats["coalesced"],
+            "server_cpu_s": cpu1 - cpu0,
+            "server_peak_rss_mb": peak / 2**20,
+        }
+
+
+async def side_stats(server: Process) -> dict[str, Any]:
+    """The server's /stats; its side port is read from /proc (it listens on two ports)."""
+    import aiohttp
+
+    pid = server.process.pid
+    ws_port = int(server.match.rsplit(":", 1)[1])
+    ports = listening_ports(pid)
+    side = next(port for port in ports if port != ws_port)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{side}/stats") as response,
+    ):
+        stats: dict[str, Any] = await response.json()
+        return stats
+
+
+def listening_ports(pid: int) -> list[int]:
+    inodes = {
+        os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1]
+        for fd in os.listdir(f"/proc/{pid}/fd")
+        if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+    }
+    ports = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
+                ports.append(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def markdown(out: dict[str, Any]) -> str:
+    meta = out["machine"]
+    lines = [
+        f"Run {meta['date']} on {meta['cpus']} CPUs ({meta['machine']}), Python {meta['python']}, "
+        f"websockets {meta['websockets']}, edge-tts {meta['edge_tts']}, uvloop "
+        f"{meta['uvloop'] or 'not installed'}; fake Edge: first audio after {meta['ttfa_ms']:.0f} ms, "
+        f"audio at {meta['speed']:g}× real time{' (quick mode)' if meta['quick'] else ''}.",
+        "",
+        "**1. Live (cache miss), time to first audio byte, ms** (baseline a: edge-tts alone)",
+        "",
+        "| clients | edge-tts p50 | edge-tts p99 | ttsstream p50 | ttsstream p99 | added p50 | added p99 | errors | server CPU s | peak RSS MB |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in out.get("live", []):
+        lines.append(
+            f"| {row['clients']} | {row['baseline_first_p50']:.1f} | {row['baseline_first_p99']:.1f} | "
+            f"{row['first_p50']:.1f} | {row['first_p99']:.1f} | {row['added_p50']:+.1f} | "
+            f"{row['added_p99']:+.1f} | {row['errors']} | {row['server_cpu_s']:.2f} | "
+            f"{row['server_peak_rss_mb']:.0f} |"
+        )
+    lines += [
+        "",
+        "**2. Cached replay, each client speaking about once a second, ms**",
+        "",
+        "| clients | requests | first byte p50 | first byte p99 | last byte p50 | last byte p99 | errors | dropped | server CPU s | peak RSS MB |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in out.get("replay", []):
+        lines.append(
+            f"| {row['clients']} | {row['requests']} | {row['first_p50']:.2f} | {row['first_p99']:.2f} | "
+            f"{row['last_p50']:.2f} | {row['last_p99']:.2f} | {row['errors']} | {row['dropped']} | "
+            f"{row['server_cpu_s']:.2f} | {row['server_peak_rss_mb']:.0f} |"
+        )
+    if "throughput" in out:
+        t = out["throughput"]
+        lines += [
+            "",
+            f"Closed-loop replay throughput, {t['clients']} clients: ttsstream "
+            f"{t['requests_per_s']:.0f} utterances/s ({t['mb_per_s']:.1f} MB/s of audio), bare "
+            f"websockets (baseline b) {t['bare_requests_per_s']:.0f}/s ({t['bare_mb_per_s']:.1f} MB/s): "
+            f"**{100 * t['ratio']:.0f} %** of baseline; errors {t['errors']}.",
+        ]
+    if "idle" in out:
+        i = out["idle"]
+        lines += [
+            "",
+            f"**3. Idle:** {i['connections']} authenticated idle connections: "
+            f"{i['kb_per_connection']:.1f} KB of RSS each (server {i['idle_rss_mb']:.0f} MB idle with "
+            f"the offline voice loaded → {i['rss_mb']:.0f} MB); an utterance among them had its first "
+            f"audio after {i['first_audio_ms']:.1f} ms.",
+        ]
+    if "mixed" in out:
+        m = out["mixed"]
+        lines += [
+            "",
+            f"**4. Mixed:** {m['clients']} clients, Zipf(1.1) over {m['catalogue']} texts: "
+            f"{m['requests']} requests, hit rate {m['hit_rate']}, {m['upstream_requests']} upstream "
+            f"calls, {m['coalesced']} requests coalesced onto one in flight; first byte p50 "
+            f"{m['first_p50']:.1f} ms, p99 {m['first_p99']:.1f} ms; errors {m['errors']}, dropped "
+            f"{m['dropped']}.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--ttfa", type=float, default=0.15, help="fake first-audio delay, s")
+    parser.add_argument("--speed", type=float, default=4.0, help="fake audio pace × real time")
+    parser.add_argument("--only", nargs="*", default=["live", "replay", "idle", "mixed"])
+    parser.add_argument("--out", type=Path, default=ROOT / "bench")
+    args = parser.parse_args()
+    fake = await start(
+        [
+            PYTHON,
+            "-c",
+            f"from tests.fake_edge import serve_forever; serve_forever({args.ttfa}, {args.speed})",
+        ],
+        dict(os.environ, PYTHONPATH=str(ROOT)),
+        r"^(\S+ \S+)$",
+    )
+    wss, voices = fake.match.split()
+    bench = Bench(quick=args.quick, fake_urls=(wss, voices))
+    try:
+        for name in args.only:
+            started = time.perf_counter()
+            await getattr(bench, name)()
+            print(f"{name}: {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    finally:
+        await stop(fake)
+
+    def version(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    bench.out["machine"] = {
+        "date": time.strftime("%Y-%m-%d"),
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "websockets": version("websockets"),
+        "edge_tts": version("edge-tts"),
+        "uvloop": version("uvloop"),
+        "ttfa_ms": args.ttfa * 1000,
+        "speed": args.speed,
+        "quick": args.quick,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(bench.out, indent=2, default=str))
+    table = markdown(bench.out)
+    (args.out / "results.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
