@@ -169,7 +169,10 @@ def main() -> None:
     except ImportError:
         pass
     result = asyncio.run(mode(spec))
-    print(json.dumps(result), flush=True)
+    # Results can be large (one record per request): a file, not the pipe.
+    with open(spec["out"], "w") as file:
+        json.dump(result, file)
+    print("done", flush=True)
 
 
 if __name__ == "__main__":

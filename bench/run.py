@@ -46,6 +46,8 @@ TEXT = "Benchmarks measure the server against its limits, one sentence at a time
 KEY = "bench-key"
 TICKS = os.sysconf("SC_CLK_TCK")
 _DRAINS: set[asyncio.Future[bytes]] = set()
+#: Load process id -> the file it writes its results to.
+worker_outputs: dict[int, str] = {}
 
 
 @dataclass
@@ -115,6 +117,8 @@ async def load(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 async def ready_workers(specs: list[dict[str, Any]]) -> list[asyncio.subprocess.Process]:
     """Start one load process per spec and wait until each has connected its clients."""
+    for spec in specs:
+        spec["out"] = tempfile.mkstemp(prefix="ttsstream-load-", suffix=".json")[1]
     workers = [
         await asyncio.create_subprocess_exec(
             PYTHON,
@@ -126,6 +130,8 @@ async def ready_workers(specs: list[dict[str, Any]]) -> list[asyncio.subprocess.
         )
         for spec in specs
     ]
+    for worker, spec in zip(workers, specs, strict=True):
+        worker_outputs[worker.pid] = spec["out"]
     for worker in workers:
         assert worker.stdout is not None
         line = await asyncio.wait_for(worker.stdout.readline(), 300)
@@ -143,8 +149,11 @@ async def signal_workers(workers: list[asyncio.subprocess.Process], line: bytes)
 async def results_of(workers: list[asyncio.subprocess.Process]) -> list[dict[str, Any]]:
     results = []
     for worker in workers:
-        output, _ = await worker.communicate()
-        results.append(json.loads(output.decode().splitlines()[-1]))
+        await worker.communicate()
+        assert worker.returncode == 0, f"a load process failed ({worker.returncode})"
+        path = Path(worker_outputs[worker.pid])
+        results.append(json.loads(path.read_text()))
+        path.unlink()
     return results
 
 
@@ -224,7 +233,7 @@ class Bench:
 
     async def live(self) -> None:
         levels = (1, 10) if self.quick else (1, 10, 100)
-        requests = 2 if self.quick else 10
+        requests = 2 if self.quick else 5
         rows = []
         with tempfile.TemporaryDirectory() as cache:
             server, url = await self.server(cache)
