@@ -160,7 +160,8 @@ async def idle_mode(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> None:
-    spec = json.loads(sys.argv[1])
+    with open(sys.argv[1]) as file:
+        spec = json.load(file)
     mode = {"speak": speak_mode, "edge": edge_mode, "idle": idle_mode}[spec["mode"]]
     try:
         import uvloop

@@ -117,18 +117,22 @@ async def load(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 async def ready_workers(specs: list[dict[str, Any]]) -> list[asyncio.subprocess.Process]:
     """Start one load process per spec and wait until each has connected its clients."""
+    arguments = []
     for spec in specs:
         spec["out"] = tempfile.mkstemp(prefix="ttsstream-load-", suffix=".json")[1]
+        spec_file = tempfile.mkstemp(prefix="ttsstream-spec-", suffix=".json")[1]
+        Path(spec_file).write_text(json.dumps(spec))
+        arguments.append(spec_file)
     workers = [
         await asyncio.create_subprocess_exec(
             PYTHON,
             str(ROOT / "bench" / "load.py"),
-            json.dumps(spec),
+            spec_file,
             cwd=ROOT,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )
-        for spec in specs
+        for spec_file in arguments
     ]
     for worker, spec in zip(workers, specs, strict=True):
         worker_outputs[worker.pid] = spec["out"]
@@ -580,6 +584,10 @@ async def main() -> None:
     )
     wss, voices = fake.match.split()
     bench = Bench(quick=args.quick, fake_urls=(wss, voices))
+    previous = args.out / "results.json"
+    if set(args.only) != {"live", "replay", "idle", "mixed"} and previous.exists():
+        # A partial run updates the scenarios it ran and keeps the others.
+        bench.out.update(json.loads(previous.read_text()))
     try:
         for name in args.only:
             started = time.perf_counter()
