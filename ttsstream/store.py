@@ -28,8 +28,11 @@ import secrets
 import struct
 import time
 from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import orjson
 
@@ -40,12 +43,17 @@ __all__ = ["FORMAT_VERSION", "CacheEntry", "DiskCache", "cache_key"]
 
 logger = logging.getLogger("ttsstream.store")
 
+T = TypeVar("T")
+
 #: Changes whenever the key's inputs or the file layout change: old entries then miss.
 FORMAT_VERSION = 1
 _MAGIC = b"TTSC"
 _HEADER = struct.Struct(">4sBI")  # magic, format version, JSON length
 _SUFFIX = ".tts"
 _TEMP_DIR = "tmp"
+#: Threads that read entries, and threads that write or delete them.
+READ_THREADS = 4
+WRITE_THREADS = 2
 #: Temporary files older than this, in seconds, are a crashed writer's and are removed
 #: at start. Younger ones may belong to another instance sharing the directory.
 STALE_TEMP_SECONDS = 300.0
@@ -129,6 +137,18 @@ class DiskCache:
         self._hot_bytes = 0
         self._touched: dict[str, float] = {}
         self._touch_interval = touch_interval
+        # Reads and writes on threads of their own: a lookup must never queue behind a
+        # write's fsync (nor behind the default executor's other work).
+        self._readers = ThreadPoolExecutor(
+            max_workers=READ_THREADS, thread_name_prefix="cache-read"
+        )
+        self._writers = ThreadPoolExecutor(
+            max_workers=WRITE_THREADS, thread_name_prefix="cache-write"
+        )
+
+    @staticmethod
+    async def _in(executor: ThreadPoolExecutor, function: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(executor, function, *args)
 
     # Start
 
@@ -196,14 +216,24 @@ class DiskCache:
             self._touch_later(key)
             return hot
         try:
-            entry, size = await asyncio.to_thread(self._read, key)
+            # A miss is answered without a thread: a stat of a local file takes
+            # microseconds, while a thread hop under load waits for the GIL.
+            os.stat(self._path(key))
+        except FileNotFoundError:
+            self._forget(key)
+            return None
+        except OSError as exc:
+            self._disk_error("read", exc)
+            return None
+        try:
+            entry, size = await self._in(self._readers, self._read, key)
         except FileNotFoundError:
             self._forget(key)
             return None
         except CorruptEntry as exc:
             logger.warning("cache: dropped corrupt entry %s: %s", key[:12], exc)
             self._stats.cache_errors += 1
-            await asyncio.to_thread(self._unlink, key)
+            await self._in(self._writers, self._unlink, key)
             self._forget(key)
             return None
         except OSError as exc:
@@ -237,7 +267,7 @@ class DiskCache:
             return
         self._touched[key] = now
         path = self._path(key)
-        asyncio.get_running_loop().run_in_executor(None, _touch, path)
+        asyncio.get_running_loop().run_in_executor(self._writers, _touch, path)
 
     def _read(self, key: str) -> tuple[CacheEntry, int]:
         path = self._path(key)
@@ -253,7 +283,7 @@ class DiskCache:
     async def put(self, key: str, entry: CacheEntry) -> None:
         """Store ``entry`` atomically, then evict down to the size cap; disk errors are logged."""
         try:
-            size = await asyncio.to_thread(self._write, key, _encode(entry))
+            size = await self._in(self._writers, self._write, key, _encode(entry))
         except OSError as exc:
             self._disk_error("write", exc)
             return
@@ -262,7 +292,7 @@ class DiskCache:
         self._touched[key] = time.monotonic()
         victims = self._victims()
         if victims:
-            await asyncio.to_thread(self._unlink_all, victims)
+            await self._in(self._writers, self._unlink_all, victims)
 
     def _write(self, key: str, data: bytes) -> int:
         path = self._path(key)
