@@ -329,6 +329,10 @@ async def test_sighup_reopens_log_files(fake: FakeEdge, tmp_path: Path) -> None:
             await client.until_final(id)
 
     await one("before")
+    for _ in range(int(TIMEOUT * 100)):  # the access log is written by a thread
+        if "id=before" in (logs / "access.log").read_text():
+            break
+        await asyncio.sleep(0.01)
     (logs / "access.log").rename(logs / "access.log.1")
     process.send_signal(signal.SIGHUP)
     for _ in range(int(TIMEOUT * 100)):
