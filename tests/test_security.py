@@ -440,3 +440,18 @@ async def test_say_sends_its_api_key(keyed: Server, tmp_path: Path) -> None:
     assert status == 0, stderr
     status, stderr = await run(base, cwd=tmp_path)
     assert status == 1 and "HTTP 401" in stderr
+
+
+async def test_refusals_tell_allowed_browser_pages_why(start_server: ServerFactory) -> None:
+    """A refused handshake from an allowed origin carries CORS headers, so the browser
+    client can read the status and say why; a refused origin gets none."""
+    server = await start_server(api_keys=(KEY,), allowed_origins=("https://app.example.com",))
+    _, _, headers = await refused(
+        url_of(server), additional_headers={"Origin": "https://app.example.com"}
+    )
+    assert headers["Access-Control-Allow-Origin"] == "https://app.example.com"
+    assert headers["Vary"] == "Origin"
+    status, _, headers = await refused(
+        url_of(server), additional_headers={"Origin": "https://evil.example.com"}
+    )
+    assert status == 403 and "Access-Control-Allow-Origin" not in headers
