@@ -14,7 +14,8 @@ from tests.test_breaker import Clock
 from ttsstream.breaker import BreakerStatus, CircuitBreaker
 from ttsstream.config import Config
 from ttsstream.exceptions import ConfigError
-from ttsstream.server import Server, speech_router
+from ttsstream.server import Server
+from ttsstream.speech import speech_router
 from ttsstream.words import tokens_of
 
 TEXT = "The service failed, so the offline voice speaks instead."

@@ -12,10 +12,8 @@ import asyncio
 import contextlib
 import logging
 import signal
-import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from types import TracebackType
 from urllib.parse import urlsplit
 
@@ -26,15 +24,12 @@ from websockets.typing import Subprotocol
 
 from ttsstream import logs
 from ttsstream.auth import SUBPROTOCOL, ApiKeys, offered_keys, redact
-from ttsstream.breaker import CircuitBreaker
 from ttsstream.cache import SpeechCache
 from ttsstream.clientip import client_ip
 from ttsstream.config import Config
-from ttsstream.edge import EdgeEngine
-from ttsstream.espeak import EspeakEngine
+from ttsstream.demo import load_static, static_response
 from ttsstream.exceptions import (
     ClientError,
-    ConfigError,
     EndpointNotFound,
     HandshakeRefused,
     OriginNotAllowed,
@@ -48,7 +43,7 @@ from ttsstream.ops import OpsServer
 from ttsstream.protocol import MAX_FRAME_BYTES, Refusal, encode_refusal
 from ttsstream.ratelimit import ConnectionCounter, MovingWindow
 from ttsstream.session import Session
-from ttsstream.speech import AUTO, SpeechRouter
+from ttsstream.speech import SpeechRouter, speech_router
 from ttsstream.stats import Stats
 from ttsstream.store import DiskCache
 
@@ -123,7 +118,7 @@ class Server:
         self._port: int | None = None
         self._prefetch: asyncio.Task[None] | None = None
         self._ops_closed = False
-        self._static = _load_static() if config.serve_demo else {}
+        self._static = load_static() if config.serve_demo else {}
 
     async def start(self) -> None:
         """Start the side port, open the cache, listen, and fetch the voice list.
@@ -277,7 +272,7 @@ class Server:
         """
         static = self._static.get(urlsplit(request.path).path)
         if static is not None and "Upgrade" not in request.headers:
-            return _static_response(connection, *static)
+            return static_response(connection, *static)
         peer = connection.remote_address[0] if connection.remote_address else ""
         ip = client_ip(peer, request.headers, self._trusted)
         try:
@@ -365,52 +360,6 @@ class Server:
             logger.warning("voice list not available yet (%s); voices are not checked", exc.code)
 
 
-def speech_router(config: Config, *, with_offline: bool = True) -> SpeechRouter:
-    """Build the engines and the router that ``config`` describes.
-
-    Args:
-        config: The settings.
-        with_offline: Load the offline voice when it is installed (tests turn it off
-            to see a server without the ``local`` extra).
-
-    Raises:
-        ConfigError: ``DEFAULT_VOICE`` or ``FALLBACK_VOICE`` names an offline voice
-            that is not available.
-    """
-    edge = EdgeEngine(
-        wss_url=config.edge_wss_url,
-        voices_url=config.edge_voices_url,
-        timeout=config.upstream_timeout,
-        voices_ttl=config.voices_ttl,
-    )
-    offline = EspeakEngine.load() if with_offline else None
-    for variable, voice in (
-        ("DEFAULT_VOICE", config.default_voice),
-        ("FALLBACK_VOICE", config.fallback_voice),
-    ):
-        if voice is None or voice == AUTO or not voice.startswith("espeak:"):
-            continue
-        if offline is None:
-            raise ConfigError(variable, voice, "an Edge voice: the offline voice is not installed")
-        if not offline.has_voice(voice):
-            raise ConfigError(variable, voice, "an offline voice listed by the voices message")
-    if offline is None:
-        logger.warning("fallback: none (no offline voice); Edge failures reach clients as errors")
-    else:
-        logger.info("fallback: %s", config.fallback_voice or "none")
-    return SpeechRouter(
-        edge=edge,
-        offline=offline,
-        fallback_voice=config.fallback_voice,
-        breaker=CircuitBreaker(
-            failure_threshold=config.breaker_failures, cooldown=config.breaker_cooldown
-        ),
-        retries=config.upstream_retries,
-        concurrency=config.upstream_concurrency,
-        timeout=config.upstream_timeout,
-    )
-
-
 async def _close_within(connection: ServerConnection, grace: float) -> None:
     """Close with 1001; drop the TCP connection if the client does not take the close."""
     try:
@@ -430,63 +379,6 @@ def _respond(connection: ServerConnection, refusal: Refusal) -> Response:
         response.headers[name] = value
     response.headers["Content-Length"] = str(len(refusal.body))
     response.body = refusal.body
-    return response
-
-
-#: The browser client and the demo page, served on the WebSocket port: clients/ in
-#: a source checkout, else where a non-editable install put it.
-CLIENTS_DIR = next(
-    (
-        directory
-        for directory in (
-            Path(__file__).resolve().parent.parent / "clients",
-            Path(sys.prefix) / "share" / "ttsstream" / "clients",
-        )
-        if (directory / "index.html").is_file()
-    ),
-    Path(__file__).resolve().parent.parent / "clients",
-)
-_STATIC_TYPES = {
-    ".html": "text/html; charset=utf-8",
-    ".js": "text/javascript; charset=utf-8",
-    ".css": "text/css; charset=utf-8",
-}
-_DEMO_HEADERS = (
-    (
-        "Content-Security-Policy",
-        "default-src 'self'; connect-src 'self'; media-src 'self' blob:; img-src 'self' data:; "
-        "base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
-    ),
-    ("X-Content-Type-Options", "nosniff"),
-    ("Referrer-Policy", "no-referrer"),
-    ("Cache-Control", "no-cache"),
-)
-
-
-def _load_static() -> dict[str, tuple[str, bytes]]:
-    """URL path -> (content type, body) for the demo page and the files beside it."""
-    if not CLIENTS_DIR.is_dir():
-        logger.warning("demo: %s not found; GET / is not served", CLIENTS_DIR)
-        return {}
-    files = {}
-    for file in sorted(CLIENTS_DIR.iterdir()):
-        content_type = _STATIC_TYPES.get(file.suffix)
-        if content_type is not None and file.is_file():
-            files[f"/clients/{file.name}"] = (content_type, file.read_bytes())
-    if "/clients/index.html" in files:
-        files["/"] = files["/clients/index.html"]
-    return files
-
-
-def _static_response(connection: ServerConnection, content_type: str, body: bytes) -> Response:
-    response = connection.respond(200, "")
-    del response.headers["Content-Type"]
-    del response.headers["Content-Length"]
-    response.headers["Content-Type"] = content_type
-    response.headers["Content-Length"] = str(len(body))
-    for name, value in _DEMO_HEADERS:
-        response.headers[name] = value
-    response.body = body
     return response
 
 

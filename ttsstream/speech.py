@@ -21,6 +21,8 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, replace
 
 from ttsstream.breaker import CircuitBreaker
+from ttsstream.config import Config
+from ttsstream.edge import EdgeEngine
 from ttsstream.engine import (
     AudioChunk,
     AudioFormat,
@@ -32,6 +34,7 @@ from ttsstream.engine import (
 )
 from ttsstream.espeak import VOICE_PREFIX, EspeakEngine
 from ttsstream.exceptions import (
+    ConfigError,
     InvalidVoice,
     NoAudio,
     UpstreamError,
@@ -40,7 +43,7 @@ from ttsstream.exceptions import (
 )
 from ttsstream.stats import Stats
 
-__all__ = ["AUTO", "SpeechRouter", "Started"]
+__all__ = ["AUTO", "SpeechRouter", "Started", "speech_router"]
 
 logger = logging.getLogger("ttsstream.speech")
 
@@ -251,3 +254,49 @@ class SpeechRouter:
             return self.fallback_voice
         locale = "-".join(voice.split("-")[:2])
         return self.offline.voice_for_locale(locale) or LAST_RESORT_VOICE
+
+
+def speech_router(config: Config, *, with_offline: bool = True) -> SpeechRouter:
+    """Build the engines and the router that ``config`` describes.
+
+    Args:
+        config: The settings.
+        with_offline: Load the offline voice when it is installed (tests turn it off
+            to see a server without the ``local`` extra).
+
+    Raises:
+        ConfigError: ``DEFAULT_VOICE`` or ``FALLBACK_VOICE`` names an offline voice
+            that is not available.
+    """
+    edge = EdgeEngine(
+        wss_url=config.edge_wss_url,
+        voices_url=config.edge_voices_url,
+        timeout=config.upstream_timeout,
+        voices_ttl=config.voices_ttl,
+    )
+    offline = EspeakEngine.load() if with_offline else None
+    for variable, voice in (
+        ("DEFAULT_VOICE", config.default_voice),
+        ("FALLBACK_VOICE", config.fallback_voice),
+    ):
+        if voice is None or voice == AUTO or not voice.startswith("espeak:"):
+            continue
+        if offline is None:
+            raise ConfigError(variable, voice, "an Edge voice: the offline voice is not installed")
+        if not offline.has_voice(voice):
+            raise ConfigError(variable, voice, "an offline voice listed by the voices message")
+    if offline is None:
+        logger.warning("fallback: none (no offline voice); Edge failures reach clients as errors")
+    else:
+        logger.info("fallback: %s", config.fallback_voice or "none")
+    return SpeechRouter(
+        edge=edge,
+        offline=offline,
+        fallback_voice=config.fallback_voice,
+        breaker=CircuitBreaker(
+            failure_threshold=config.breaker_failures, cooldown=config.breaker_cooldown
+        ),
+        retries=config.upstream_retries,
+        concurrency=config.upstream_concurrency,
+        timeout=config.upstream_timeout,
+    )

@@ -1,0 +1,75 @@
+"""The demo page and the browser client, served on the WebSocket port.
+
+A plain HTTP ``GET /`` (no upgrade) returns ``clients/index.html`` and
+``GET /clients/<file>`` the files beside it, same origin as the WebSocket, with a
+strict Content-Security-Policy. ``SERVE_DEMO=false`` turns it off.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from websockets.asyncio.server import ServerConnection
+from websockets.http11 import Response
+
+__all__ = ["CLIENTS_DIR", "load_static", "static_response"]
+
+logger = logging.getLogger("ttsstream.demo")
+
+#: The browser client and the demo page, served on the WebSocket port: clients/ in
+#: a source checkout, else where a non-editable install put it.
+CLIENTS_DIR = next(
+    (
+        directory
+        for directory in (
+            Path(__file__).resolve().parent.parent / "clients",
+            Path(sys.prefix) / "share" / "ttsstream" / "clients",
+        )
+        if (directory / "index.html").is_file()
+    ),
+    Path(__file__).resolve().parent.parent / "clients",
+)
+_STATIC_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+}
+_DEMO_HEADERS = (
+    (
+        "Content-Security-Policy",
+        "default-src 'self'; connect-src 'self'; media-src 'self' blob:; img-src 'self' data:; "
+        "base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    ),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+    ("Cache-Control", "no-cache"),
+)
+
+
+def load_static() -> dict[str, tuple[str, bytes]]:
+    """URL path -> (content type, body) for the demo page and the files beside it."""
+    if not CLIENTS_DIR.is_dir():
+        logger.warning("demo: %s not found; GET / is not served", CLIENTS_DIR)
+        return {}
+    files = {}
+    for file in sorted(CLIENTS_DIR.iterdir()):
+        content_type = _STATIC_TYPES.get(file.suffix)
+        if content_type is not None and file.is_file():
+            files[f"/clients/{file.name}"] = (content_type, file.read_bytes())
+    if "/clients/index.html" in files:
+        files["/"] = files["/clients/index.html"]
+    return files
+
+
+def static_response(connection: ServerConnection, content_type: str, body: bytes) -> Response:
+    response = connection.respond(200, "")
+    del response.headers["Content-Type"]
+    del response.headers["Content-Length"]
+    response.headers["Content-Type"] = content_type
+    response.headers["Content-Length"] = str(len(body))
+    for name, value in _DEMO_HEADERS:
+        response.headers[name] = value
+    response.body = body
+    return response
