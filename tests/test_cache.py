@@ -191,6 +191,7 @@ async def test_cancelling_one_listener_keeps_the_others(server: Server, fake: Fa
             assert (await client.until_final("u1")).final["type"] == "cancelled"
         await asyncio.wait_for(fake.records[1].closed.wait(), TIMEOUT)
     assert not fake.records[1].completed
+    await wait_for_entries(server, 1)  # the first text's entry (written by a thread)
     assert len(entries(server)) == 1  # the cancelled one was not stored
 
 
