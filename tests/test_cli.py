@@ -42,13 +42,15 @@ class ServerProcess:
 
 
 async def start_process(
-    args: Sequence[str], env: dict[str, str], cwd: Path
+    args: Sequence[str], env: dict[str, str], cwd: Path, *, access_log: bool = False
 ) -> asyncio.subprocess.Process:
+    """Start a process; stderr (the error log) is piped, stdout (the access log) only when
+    the test reads it, so an unread pipe can never fill and block the server."""
     return await asyncio.create_subprocess_exec(
         *args,
         env=env,
         cwd=cwd,
-        stdout=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE if access_log else asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
 

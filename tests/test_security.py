@@ -106,7 +106,9 @@ async def test_keys_never_reach_the_logs(fake: FakeEdge, tmp_path: Path) -> None
     env = environment(
         fake, TTS_API_KEY=f"{KEY},{OTHER_KEY}", LOG_LEVEL="DEBUG", CACHE_DIR=str(tmp_path)
     )
-    process = await start_process([sys.executable, "-m", "ttsstream"], env, tmp_path)
+    process = await start_process(
+        [sys.executable, "-m", "ttsstream"], env, tmp_path, access_log=True
+    )
     assert process.stderr is not None
     said = b""
     while not (match := LISTENING.search(said)):
