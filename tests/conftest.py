@@ -95,9 +95,6 @@ class Utterance:
     def words(self) -> list[dict[str, Any]]:
         return [m for m in self.messages if m["type"] == "word"]
 
-    def of_type(self, kind: str) -> list[dict[str, Any]]:
-        return [m for m in self.messages if m["type"] == kind]
-
 
 class Client:
     """A protocol-level test client over a real WebSocket connection.

@@ -130,8 +130,9 @@ def _replay(entry: CacheEntry, audio_format: AudioFormat) -> list[Speech]:
     ]
     words = list(entry.words)
     next_word = 0
-    for offset in range(0, len(entry.audio), REPLAY_CHUNK_BYTES):
-        chunk = entry.audio[offset : offset + REPLAY_CHUNK_BYTES]
+    audio = memoryview(entry.audio)
+    for offset in range(0, len(audio), REPLAY_CHUNK_BYTES):
+        chunk = audio[offset : offset + REPLAY_CHUNK_BYTES]
         chunk_end_ms = audio_format.duration_ms(offset + len(chunk))
         while next_word < len(words) and words[next_word].offset_ms < chunk_end_ms:
             events.append(words[next_word])

@@ -268,7 +268,7 @@ def _integer(text: str) -> int:
     return int(text.strip())
 
 
-def _seconds(text: str) -> float:
+def _number(text: str) -> float:
     value = float(text.strip())
     if value != value or value in (float("inf"), float("-inf")):
         raise ValueError(text)
@@ -283,7 +283,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "FALLBACK_VOICE": ("fallback_voice", _fallback_voice, _FALLBACK_FORM),
     "UPSTREAM_RETRIES": ("upstream_retries", _integer, "an integer >= 0"),
     "BREAKER_FAILURES": ("breaker_failures", _integer, "an integer >= 1"),
-    "BREAKER_COOLDOWN": ("breaker_cooldown", _seconds, "seconds >= 0, such as 30"),
+    "BREAKER_COOLDOWN": ("breaker_cooldown", _number, "seconds >= 0, such as 30"),
     "UPSTREAM_CONCURRENCY": ("upstream_concurrency", _integer, "an integer >= 1"),
     "EDGE_WSS_URL": ("edge_wss_url", str.strip, "a ws:// or wss:// URL with a query string"),
     "EDGE_VOICES_URL": (
@@ -293,27 +293,27 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any], str]] = {
     ),
     "CACHE_ENABLED": ("cache_enabled", _boolean, "true or false"),
     "CACHE_DIR": ("cache_dir", lambda s: Path(s.strip()), "a directory path"),
-    "CACHE_MAX_SIZE_MB": ("cache_max_size_mb", _seconds, "megabytes >= 0, such as 500"),
-    "CACHE_MEMORY_MB": ("cache_memory_mb", _seconds, "megabytes >= 0, such as 32"),
-    "UPSTREAM_TIMEOUT": ("upstream_timeout", _seconds, "seconds > 0, such as 15 or 2.5"),
-    "VOICES_TTL": ("voices_ttl", _seconds, "seconds > 0, such as 86400"),
+    "CACHE_MAX_SIZE_MB": ("cache_max_size_mb", _number, "megabytes >= 0, such as 500"),
+    "CACHE_MEMORY_MB": ("cache_memory_mb", _number, "megabytes >= 0, such as 32"),
+    "UPSTREAM_TIMEOUT": ("upstream_timeout", _number, "seconds > 0, such as 15 or 2.5"),
+    "VOICES_TTL": ("voices_ttl", _number, "seconds > 0, such as 86400"),
     "MAX_TEXT_LENGTH": ("max_text_length", _integer, "an integer >= 1"),
     "QUEUE_SIZE": ("queue_size", _integer, "an integer >= 0"),
     "TTS_API_KEY": ("api_keys", _list, _KEYS_FORM),
     "ALLOWED_ORIGINS": ("allowed_origins", _origins, _ORIGINS_FORM),
     "TRUSTED_PROXIES": ("trusted_proxies", _list, _PROXIES_FORM),
     "RATE_LIMIT_REQUESTS": ("rate_limit_requests", _integer, "an integer >= 0"),
-    "RATE_LIMIT_WINDOW": ("rate_limit_window", _seconds, "seconds > 0, such as 60"),
+    "RATE_LIMIT_WINDOW": ("rate_limit_window", _number, "seconds > 0, such as 60"),
     "MAX_CONNECTIONS_PER_IP": ("max_connections_per_ip", _integer, "an integer >= 1"),
     "MAX_CONNECTIONS": ("max_connections", _integer, "an integer >= 1"),
-    "PING_INTERVAL": ("ping_interval", _seconds, "seconds > 0, such as 20"),
-    "IDLE_TIMEOUT": ("idle_timeout", _seconds, "seconds > 0, such as 300"),
-    "SEND_TIMEOUT": ("send_timeout", _seconds, "seconds > 0, such as 30"),
+    "PING_INTERVAL": ("ping_interval", _number, "seconds > 0, such as 20"),
+    "IDLE_TIMEOUT": ("idle_timeout", _number, "seconds > 0, such as 300"),
+    "SEND_TIMEOUT": ("send_timeout", _number, "seconds > 0, such as 30"),
     "HEALTH_PORT": ("health_port", _integer, "an integer from 0 to 65535"),
     "HEALTH_HOST": ("health_host", str.strip, "an IP address or host name"),
     "SERVE_DEMO": ("serve_demo", _boolean, "true or false"),
     "UVLOOP": ("uvloop", _boolean, "true or false"),
-    "DRAIN_TIMEOUT": ("drain_timeout", _seconds, "seconds >= 0, such as 30"),
+    "DRAIN_TIMEOUT": ("drain_timeout", _number, "seconds >= 0, such as 30"),
     "LOG_FORMAT": ("log_format", lambda s: s.strip().lower(), "text or json"),
     "LOG_DIR": ("log_dir", lambda s: Path(s.strip()), "a directory path"),
     "LOG_LEVEL": ("log_level", lambda s: s.strip().upper(), "one of " + ", ".join(_LOG_LEVELS)),

@@ -11,10 +11,9 @@ import logging
 import sys
 from pathlib import Path
 
-from websockets.asyncio.server import ServerConnection
-from websockets.http11 import Response
+from ttsstream.protocol import HttpAnswer
 
-__all__ = ["CLIENTS_DIR", "load_static", "static_response"]
+__all__ = ["CLIENTS_DIR", "load_static"]
 
 logger = logging.getLogger("ttsstream.demo")
 
@@ -48,8 +47,8 @@ _DEMO_HEADERS = (
 )
 
 
-def load_static() -> dict[str, tuple[str, bytes]]:
-    """URL path -> (content type, body) for the demo page and the files beside it."""
+def load_static() -> dict[str, HttpAnswer]:
+    """URL path -> response, for the demo page and the files beside it."""
     if not CLIENTS_DIR.is_dir():
         logger.warning("demo: %s not found; GET / is not served", CLIENTS_DIR)
         return {}
@@ -57,19 +56,8 @@ def load_static() -> dict[str, tuple[str, bytes]]:
     for file in sorted(CLIENTS_DIR.iterdir()):
         content_type = _STATIC_TYPES.get(file.suffix)
         if content_type is not None and file.is_file():
-            files[f"/clients/{file.name}"] = (content_type, file.read_bytes())
+            headers = (("Content-Type", content_type), *_DEMO_HEADERS)
+            files[f"/clients/{file.name}"] = HttpAnswer(200, headers, file.read_bytes())
     if "/clients/index.html" in files:
         files["/"] = files["/clients/index.html"]
     return files
-
-
-def static_response(connection: ServerConnection, content_type: str, body: bytes) -> Response:
-    response = connection.respond(200, "")
-    del response.headers["Content-Type"]
-    del response.headers["Content-Length"]
-    response.headers["Content-Type"] = content_type
-    response.headers["Content-Length"] = str(len(body))
-    for name, value in _DEMO_HEADERS:
-        response.headers[name] = value
-    response.body = body
-    return response

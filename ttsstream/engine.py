@@ -56,9 +56,12 @@ class SynthesisRequest:
 
 @dataclass(frozen=True, slots=True)
 class AudioChunk:
-    """A piece of the encoded audio stream, forwarded as it arrived."""
+    """A piece of the encoded audio stream, forwarded as it arrived.
 
-    data: bytes
+    A ``memoryview`` when it is a slice of a stored entry, so replay copies nothing.
+    """
+
+    data: bytes | memoryview
 
 
 @dataclass(frozen=True, slots=True)

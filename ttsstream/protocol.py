@@ -33,8 +33,8 @@ __all__ = [
     "PROTOCOL_VERSION",
     "Cancel",
     "ClientMessage",
+    "HttpAnswer",
     "ListVoices",
-    "Refusal",
     "Speak",
     "encode_cancelled",
     "encode_end",
@@ -322,15 +322,15 @@ def encode_error(exc: BaseException, *, utterance_id: str | None, partial: bool 
 
 
 @dataclass(frozen=True, slots=True)
-class Refusal:
-    """An HTTP answer to a handshake that is not upgraded."""
+class HttpAnswer:
+    """An HTTP response sent instead of upgrading: a refusal, or a demo file."""
 
     status: int
     headers: tuple[tuple[str, str], ...]
     body: bytes
 
 
-def encode_refusal(exc: HandshakeRefused | RateLimited) -> Refusal:
+def encode_refusal(exc: HandshakeRefused | RateLimited) -> HttpAnswer:
     """The HTTP response for a refused handshake: status, headers, small JSON body.
 
     This is the one place where handshake refusals become responses.
@@ -343,4 +343,4 @@ def encode_refusal(exc: HandshakeRefused | RateLimited) -> Refusal:
     else:
         status = exc.status
         body = {"error": exc.code, "message": exc.message}
-    return Refusal(status=status, headers=headers, body=orjson.dumps(body))
+    return HttpAnswer(status=status, headers=headers, body=orjson.dumps(body))

@@ -27,7 +27,7 @@ from ttsstream.auth import SUBPROTOCOL, ApiKeys, offered_keys, redact
 from ttsstream.cache import SpeechCache
 from ttsstream.clientip import client_ip
 from ttsstream.config import Config
-from ttsstream.demo import load_static, static_response
+from ttsstream.demo import load_static
 from ttsstream.exceptions import (
     ClientError,
     EndpointNotFound,
@@ -40,7 +40,7 @@ from ttsstream.exceptions import (
 )
 from ttsstream.logs import access
 from ttsstream.ops import OpsServer
-from ttsstream.protocol import MAX_FRAME_BYTES, Refusal, encode_refusal
+from ttsstream.protocol import MAX_FRAME_BYTES, HttpAnswer, encode_refusal
 from ttsstream.ratelimit import ConnectionCounter, MovingWindow
 from ttsstream.session import Session
 from ttsstream.speech import SpeechRouter, speech_router
@@ -272,7 +272,7 @@ class Server:
         """
         static = self._static.get(urlsplit(request.path).path)
         if static is not None and "Upgrade" not in request.headers:
-            return static_response(connection, *static)
+            return _respond(connection, static)
         peer = connection.remote_address[0] if connection.remote_address else ""
         ip = client_ip(peer, request.headers, self._trusted)
         try:
@@ -369,16 +369,16 @@ async def _close_within(connection: ServerConnection, grace: float) -> None:
         connection.transport.abort()
 
 
-def _respond(connection: ServerConnection, refusal: Refusal) -> Response:
-    """The websockets response for a refusal: its status, headers and JSON body."""
-    response = connection.respond(refusal.status, "")
+def _respond(connection: ServerConnection, answer: HttpAnswer) -> Response:
+    """The websockets response for an answer: its status, headers and body."""
+    response = connection.respond(answer.status, "")
     # Headers holds several values per name: replace, do not append.
     del response.headers["Content-Type"]
     del response.headers["Content-Length"]
-    for name, value in refusal.headers:
+    for name, value in answer.headers:
         response.headers[name] = value
-    response.headers["Content-Length"] = str(len(refusal.body))
-    response.body = refusal.body
+    response.headers["Content-Length"] = str(len(answer.body))
+    response.body = answer.body
     return response
 
 

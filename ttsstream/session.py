@@ -394,7 +394,7 @@ class Session:
             return
         await self._send(encode_voices(voices))
 
-    async def _send(self, message: bytes, *, text: bool = True) -> None:
+    async def _send(self, message: bytes | memoryview, *, text: bool = True) -> None:
         """Send one frame; a client that leaves it unread past SEND_TIMEOUT is closed (1008).
 
         websockets waits while its write buffer is over its limit, so the memory held

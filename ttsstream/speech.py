@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, replace
 
 from ttsstream.breaker import CircuitBreaker
@@ -82,7 +82,6 @@ class SpeechRouter:
         retries: Further attempts after a failed one, while no audio was sent.
         concurrency: Most simultaneous online syntheses.
         timeout: Seconds for all attempts together to produce the first audio.
-        sleep: Waits between retries; tests pass their own.
     """
 
     def __init__(
@@ -97,7 +96,6 @@ class SpeechRouter:
         concurrency: int = 16,
         # Timeouts
         timeout: float = 15.0,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         if retries < 0:
             raise ValueError("retries must be >= 0")
@@ -114,7 +112,6 @@ class SpeechRouter:
         self._retries = retries
         self._slots = asyncio.Semaphore(concurrency)
         self._timeout = timeout
-        self._sleep = sleep
         #: Counters to update; the server puts its own here.
         self.stats = Stats()
 
@@ -216,7 +213,7 @@ class SpeechRouter:
                 delay = backoff / 2 + random.random() * backoff / 2
                 if loop.time() + delay >= deadline:
                     break
-                await self._sleep(delay)
+                await asyncio.sleep(delay)
             if not self.breaker.allow():
                 break
             self.stats.upstream_requests += 1

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -59,6 +60,7 @@ WRITE_THREADS = 2
 STALE_TEMP_SECONDS = 300.0
 
 
+@functools.lru_cache(maxsize=1024)
 def cache_key(
     *,
     engine: str,
@@ -69,7 +71,10 @@ def cache_key(
     audio_format: AudioFormat,
     text: str,
 ) -> str:
-    """The SHA-256 (hex) of everything that makes two utterances' audio the same."""
+    """The SHA-256 (hex) of everything that makes two utterances' audio the same.
+
+    Memoised: the cache lookup and the access log of one utterance both need it.
+    """
     material = orjson.dumps(
         [
             FORMAT_VERSION,
