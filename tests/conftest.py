@@ -197,3 +197,33 @@ async def client(server: Server) -> AsyncIterator[Client]:
     """A client connected to ``server`` that has read the hello."""
     async with connected(server) as client:
         yield client
+
+
+class Clock:
+    """Monotonic time that a test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def speaks_fine(client: Client, id: str = "ok") -> None:
+    """The connection still works: a fresh utterance completes."""
+    await client.speak("Still here.", id=id)
+    result = await client.until_final(id)
+    assert result.final["type"] == "end", result.final
+    assert result.audio
+
+
+def entries(server: Server) -> list[Path]:
+    return sorted(server.config.cache_dir.glob("*/*.tts"))
+
+
+async def wait_for_entries(server: Server, count: int) -> None:
+    for _ in range(int(TIMEOUT * 100)):
+        if len(entries(server)) >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"expected {count} cache entries, found {len(entries(server))}")

@@ -4,15 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.conftest import Clock
 from ttsstream.breaker import CircuitBreaker
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_opens_after_consecutive_failures_only() -> None:

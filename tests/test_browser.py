@@ -19,7 +19,7 @@ from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright
 
 from tests.conftest import TIMEOUT
 from tests.fake_edge import FakeEdge
-from tests.test_ops import serve_process
+from tests.processes import serve_process, stop
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = [
@@ -58,16 +58,6 @@ async def served(fake: FakeEdge, tmp_path: Path) -> AsyncIterator[dict[str, str]
     process, url, side = await serve_process(fake, tmp_path)
     yield {"url": url.replace("ws://", "http://").replace("/v1/stream", "/"), "side": side}
     await stop(process)
-
-
-async def stop(process: asyncio.subprocess.Process) -> None:
-    """Stop a server: SIGTERM, and a second one if it is still draining after a moment."""
-    process.send_signal(signal.SIGTERM)
-    try:
-        await asyncio.wait_for(asyncio.shield(process.wait()), 1)
-    except TimeoutError:
-        process.send_signal(signal.SIGTERM)
-    assert await asyncio.wait_for(process.wait(), TIMEOUT) == 0
 
 
 async def open_demo(browser: Browser, url: str, **context: Any) -> tuple[Page, list[str]]:

@@ -22,10 +22,12 @@ from tests.conftest import (
     ServerFactory,
     Utterance,
     connected,
+    entries,
     url_of,
+    wait_for_entries,
 )
 from tests.fake_edge import FakeEdge
-from tests.test_cli import LISTENING, environment, run, start_process
+from tests.processes import LISTENING, environment, run, start_process
 from ttsstream.cache import REPLAY_CHUNK_BYTES
 from ttsstream.server import Server
 
@@ -36,10 +38,6 @@ async def speak_once(server: Server, text: str = TEXT, id: str = "u1", **fields:
     async with connected(server) as client:
         await client.speak(text, id=id, **fields)
         return await client.until_final(id)
-
-
-def entries(server: Server) -> list[Path]:
-    return sorted(server.config.cache_dir.glob("*/*.tts"))
 
 
 async def test_hit_replays_the_same_audio_and_words(server: Server, fake: FakeEdge) -> None:
@@ -73,14 +71,6 @@ async def test_any_difference_misses(server: Server, fake: FakeEdge) -> None:
     ):
         await speak_once(server, **{"text": TEXT, **fields})
     assert len(fake.records) == 6
-
-
-async def wait_for_entries(server: Server, count: int) -> None:
-    for _ in range(int(TIMEOUT * 100)):
-        if len(entries(server)) >= count:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"expected {count} cache entries, found {len(entries(server))}")
 
 
 async def test_replay_interleaves_words_before_their_audio(

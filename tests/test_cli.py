@@ -8,7 +8,7 @@ import os
 import re
 import signal
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import miniaudio
@@ -17,21 +17,15 @@ from websockets.asyncio.client import connect
 
 from tests.conftest import TIMEOUT
 from tests.fake_edge import FakeEdge, spoken_words
+from tests.processes import (
+    CONSOLE_SCRIPT,
+    LISTENING,
+    environment,
+    run,
+    start_process,
+    wait_listening,
+)
 from ttsstream.words import tokens_of
-
-CONSOLE_SCRIPT = Path(sys.executable).with_name("ttsstream")
-LISTENING = re.compile(rb"listening on 127\.0\.0\.1:(\d+)")
-
-
-def environment(fake: FakeEdge, **extra: str) -> dict[str, str]:
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in ("HOST", "PORT", "DEFAULT_VOICE", "MAX_TEXT_LENGTH", "LOG_LEVEL")
-    }
-    env.update(fake.environ)
-    env.update({"HOST": "127.0.0.1", "PORT": "0", "HEALTH_PORT": "0", **extra})
-    return env
 
 
 class ServerProcess:
@@ -39,29 +33,6 @@ class ServerProcess:
         self.process = process
         self.port = port
         self.url = f"ws://127.0.0.1:{port}/v1/stream"
-
-
-async def start_process(
-    args: Sequence[str], env: dict[str, str], cwd: Path, *, access_log: bool = False
-) -> asyncio.subprocess.Process:
-    """Start a process; stderr (the error log) is piped, stdout (the access log) only when
-    the test reads it, so an unread pipe can never fill and block the server."""
-    return await asyncio.create_subprocess_exec(
-        *args,
-        env=env,
-        cwd=cwd,
-        stdout=asyncio.subprocess.PIPE if access_log else asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-
-
-async def wait_listening(process: asyncio.subprocess.Process) -> int:
-    assert process.stderr is not None
-    while True:
-        line = await asyncio.wait_for(process.stderr.readline(), TIMEOUT)
-        assert line, "server exited before listening"
-        if match := LISTENING.search(line):
-            return int(match.group(1))
 
 
 @pytest.fixture
@@ -77,19 +48,6 @@ async def served(fake: FakeEdge, tmp_path: Path) -> AsyncIterator[ServerProcess]
         if process.returncode is None:
             process.send_signal(signal.SIGTERM)
             await asyncio.wait_for(process.wait(), TIMEOUT)
-
-
-async def run(args: Sequence[str], cwd: Path, env: dict[str, str] | None = None) -> tuple[int, str]:
-    process = await asyncio.create_subprocess_exec(
-        *args,
-        cwd=cwd,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    _, stderr = await asyncio.wait_for(process.communicate(), TIMEOUT * 2)
-    assert process.returncode is not None
-    return process.returncode, stderr.decode()
 
 
 async def test_say_writes_playable_mp3_words_and_srt(

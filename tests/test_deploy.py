@@ -24,7 +24,7 @@ import yaml
 
 from tests.conftest import TIMEOUT
 from tests.fake_edge import FakeEdge
-from tests.test_ops import serve_process
+from tests.processes import serve_process
 from ttsstream.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,9 +8,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import MANY_CLIENTS, TIMEOUT, Client, ServerFactory, connected
+from tests.conftest import MANY_CLIENTS, TIMEOUT, Client, Clock, ServerFactory, connected
 from tests.fake_edge import FakeEdge
-from tests.test_breaker import Clock
 from ttsstream.breaker import BreakerStatus, CircuitBreaker
 from ttsstream.config import Config
 from ttsstream.exceptions import ConfigError

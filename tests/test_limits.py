@@ -7,7 +7,7 @@ import tracemalloc
 import pytest
 from websockets.datastructures import Headers
 
-from tests.test_breaker import Clock
+from tests.conftest import Clock
 from ttsstream.auth import ApiKeys, offered_keys, redact
 from ttsstream.clientip import client_ip, parse_networks
 from ttsstream.exceptions import ServerFull, TooManyConnections

@@ -16,7 +16,6 @@ import shutil
 import signal
 import ssl
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +28,7 @@ from websockets.exceptions import InvalidStatus
 
 from tests.conftest import TIMEOUT, Client
 from tests.fake_edge import FakeEdge
-from tests.test_browser import stop
-from tests.test_cli import LISTENING, environment, start_process
+from tests.processes import serve_process, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "nginx" / "ttsstream.conf"
@@ -192,22 +190,16 @@ async def stack(fake: FakeEdge, tmp_path: Path) -> AsyncIterator[Stack]:
     for index in range(2):
         workdir = tmp_path / f"instance{index}"
         workdir.mkdir()
-        env = environment(
+        process, url, side = await serve_process(
             fake,
+            workdir,
             CACHE_DIR=str(cache),
             RATE_LIMIT_REQUESTS=str(LIMIT),
             PING_INTERVAL=str(PING_INTERVAL),
         )
-        process = await start_process([sys.executable, "-m", "ttsstream"], env, workdir)
-        assert process.stderr is not None
-        said = b""
-        while not (match := LISTENING.search(said)):
-            line = await asyncio.wait_for(process.stderr.readline(), TIMEOUT)
-            assert line, said.decode()
-            said += line
         instances.append(process)
-        ports.append(int(match.group(1)))
-        sides.append(said.decode().rsplit("side port ", 1)[1].split(")")[0])
+        ports.append(int(url.rsplit(":", 1)[1].split("/")[0]))
+        sides.append(side)
 
     cert, key = certificate(tmp_path)
     https_port, http_port = free_port(), free_port()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +14,17 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.conftest import TIMEOUT, Client, ServerFactory, connected, url_of
+from tests.conftest import (
+    TIMEOUT,
+    Client,
+    Clock,
+    ServerFactory,
+    connected,
+    url_of,
+    wait_for_entries,
+)
 from tests.fake_edge import FakeEdge
-from tests.test_breaker import Clock
-from tests.test_cache import wait_for_entries
-from tests.test_cli import LISTENING, environment, start_process
+from tests.processes import serve_process
 from ttsstream import __version__
 from ttsstream.breaker import CircuitBreaker
 from ttsstream.server import Server
@@ -183,29 +188,6 @@ async def test_drain_finishes_utterances_and_refuses_new_ones(
         with pytest.raises(ConnectionClosed):
             await asyncio.wait_for(client.ws.recv(), TIMEOUT)
         assert client.ws.close_code == 1001
-
-
-async def serve_process(
-    fake: FakeEdge, tmp_path: Path, **settings: str
-) -> tuple[asyncio.subprocess.Process, str, str]:
-    """``python -m ttsstream serve`` wired to the fake; its WebSocket URL and side port."""
-    env = environment(fake, CACHE_DIR=str(tmp_path / "cache"), **settings)
-    process = await start_process([sys.executable, "-m", "ttsstream", "serve"], env, tmp_path)
-    assert process.stderr is not None
-    said = b""
-    if "LOG_DIR" in settings:  # the error log is a file then
-        error_log = Path(settings["LOG_DIR"]) / "error.log"
-        for _ in range(int(TIMEOUT * 100)):
-            said = error_log.read_bytes() if error_log.exists() else b""
-            if LISTENING.search(said):
-                break
-            await asyncio.sleep(0.01)
-    while not (match := LISTENING.search(said)):
-        line = await asyncio.wait_for(process.stderr.readline(), TIMEOUT)
-        assert line, said.decode()
-        said += line
-    side = said.decode().rsplit("side port ", 1)[1].split(")")[0]
-    return process, f"ws://127.0.0.1:{match.group(1).decode()}/v1/stream", side
 
 
 async def test_sigterm_mid_utterance_delivers_it_and_exits_0(

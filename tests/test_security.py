@@ -19,10 +19,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.protocol import State
 
-from tests.conftest import TIMEOUT, Client, ServerFactory, connected, url_of
+from tests.conftest import TIMEOUT, Client, Clock, ServerFactory, connected, url_of
 from tests.fake_edge import FakeEdge
-from tests.test_breaker import Clock
-from tests.test_cli import LISTENING, environment, start_process
+from tests.processes import LISTENING, environment, run, start_process
 from ttsstream.server import Server
 from ttsstream.stats import Stats
 
@@ -425,7 +424,6 @@ def test_stats_count_refusals() -> None:
 
 async def test_say_sends_its_api_key(keyed: Server, tmp_path: Path) -> None:
     """ttsstream say --api-key gets in; without it the server's 401 is reported."""
-    from tests.test_cli import run
 
     base = [
         sys.executable,

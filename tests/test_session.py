@@ -10,21 +10,13 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tests.conftest import TIMEOUT, Client, ServerFactory, connected, url_of
+from tests.conftest import TIMEOUT, Client, ServerFactory, connected, speaks_fine, url_of
 from tests.fake_edge import FakeEdge, spoken_words
 from ttsstream.config import Config
 from ttsstream.engine import MP3_24KHZ_48KBPS, SynthesisEvent, SynthesisRequest, Voice
 from ttsstream.protocol import MAX_FRAME_BYTES
 from ttsstream.server import Server
 from ttsstream.speech import SpeechRouter
-
-
-async def speaks_fine(client: Client, id: str = "ok") -> None:
-    """The connection still works: a fresh utterance completes."""
-    await client.speak("Still here.", id=id)
-    result = await client.until_final(id)
-    assert result.final["type"] == "end", result.final
-    assert result.audio
 
 
 async def test_utterances_are_spoken_one_at_a_time_in_order(client: Client, fake: FakeEdge) -> None:

@@ -210,6 +210,7 @@ import asyncio, sys
 from pathlib import Path
 from ttsstream.stats import Stats
 from ttsstream.store import CacheEntry, DiskCache
+from tests.conftest import entries
 cache = DiskCache(Path(sys.argv[1]), max_bytes=2**40, stats=Stats())
 cache.open()
 fill = sys.argv[3].encode()

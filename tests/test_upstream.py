@@ -12,9 +12,8 @@ import socket
 
 import pytest
 
-from tests.conftest import TIMEOUT, Client, ServerFactory, connected
+from tests.conftest import TIMEOUT, Client, ServerFactory, connected, speaks_fine
 from tests.fake_edge import FakeEdge, spoken_words
-from tests.test_session import speaks_fine
 from ttsstream.logs import fields_of
 from ttsstream.server import Server
 
