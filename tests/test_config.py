@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ttsstream.config import DEFAULT_EDGE_WSS_URL, Config, load_config
+from ttsstream.config import _LOWER_BOUNDS, DEFAULT_EDGE_WSS_URL, Config, load_config
 from ttsstream.exceptions import ConfigError
 
 
@@ -92,3 +92,17 @@ def test_config_is_frozen() -> None:
     """Settings cannot change after start."""
     with pytest.raises(dataclasses.FrozenInstanceError):
         Config().port = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("variable", sorted(_LOWER_BOUNDS))
+def test_every_number_is_checked_at_its_lower_bound(variable: str) -> None:
+    """The minimum is accepted (unless the bound is strict) and just below it is refused."""
+    _, minimum, strict = _LOWER_BOUNDS[variable]
+    below = str(minimum - 1) if not strict else "0"
+    with pytest.raises(ConfigError) as raised:
+        load_config({variable: below}, env_file=None)
+    assert raised.value.variable == variable
+    if not strict:
+        load_config({variable: str(minimum)}, env_file=None)
+    else:
+        load_config({variable: "0.5"}, env_file=None)

@@ -132,14 +132,18 @@ class Config:
     log_dir: Path | None = None
 
     def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise ConfigError("PORT", str(self.port), "an integer from 0 to 65535")
-        if not 0 <= self.health_port <= 65535:
-            raise ConfigError("HEALTH_PORT", str(self.health_port), "an integer from 0 to 65535")
+        for variable, (name, minimum, strict) in _LOWER_BOUNDS.items():
+            value = getattr(self, name)
+            # Written so that NaN fails too.
+            if not (value > minimum if strict else value >= minimum):
+                raise ConfigError(variable, str(value), _VARIABLES[variable][2])
+        for variable, port in (("PORT", self.port), ("HEALTH_PORT", self.health_port)):
+            if port > 65535:
+                raise ConfigError(variable, str(port), _VARIABLES[variable][2])
         if self.log_format not in ("text", "json"):
             raise ConfigError("LOG_FORMAT", self.log_format, "text or json")
-        if not self.drain_timeout >= 0:
-            raise ConfigError("DRAIN_TIMEOUT", str(self.drain_timeout), "seconds >= 0")
+        if self.log_level not in _LOG_LEVELS:
+            raise ConfigError("LOG_LEVEL", self.log_level, "one of " + ", ".join(_LOG_LEVELS))
         if not self.host:
             raise ConfigError("HOST", self.host, "an IP address or host name")
         if not (
@@ -151,32 +155,8 @@ class Config:
             self.fallback_voice
         ):
             raise ConfigError("FALLBACK_VOICE", self.fallback_voice, _FALLBACK_FORM)
-        if self.upstream_retries < 0:
-            raise ConfigError("UPSTREAM_RETRIES", str(self.upstream_retries), "an integer >= 0")
-        if self.breaker_failures < 1:
-            raise ConfigError("BREAKER_FAILURES", str(self.breaker_failures), "an integer >= 1")
-        if not self.breaker_cooldown >= 0:
-            raise ConfigError("BREAKER_COOLDOWN", str(self.breaker_cooldown), "seconds >= 0")
-        if self.upstream_concurrency < 1:
-            raise ConfigError(
-                "UPSTREAM_CONCURRENCY", str(self.upstream_concurrency), "an integer >= 1"
-            )
         _check_url("EDGE_WSS_URL", self.edge_wss_url, ("ws", "wss"))
         _check_url("EDGE_VOICES_URL", self.edge_voices_url, ("http", "https"))
-        if not self.upstream_timeout > 0:
-            raise ConfigError("UPSTREAM_TIMEOUT", str(self.upstream_timeout), "seconds > 0")
-        if not self.voices_ttl > 0:
-            raise ConfigError("VOICES_TTL", str(self.voices_ttl), "seconds > 0")
-        if self.max_text_length < 1:
-            raise ConfigError("MAX_TEXT_LENGTH", str(self.max_text_length), "an integer >= 1")
-        if self.queue_size < 0:
-            raise ConfigError("QUEUE_SIZE", str(self.queue_size), "an integer >= 0")
-        if not self.cache_memory_mb >= 0:
-            raise ConfigError("CACHE_MEMORY_MB", str(self.cache_memory_mb), "megabytes >= 0")
-        if not self.cache_max_size_mb >= 0:
-            raise ConfigError("CACHE_MAX_SIZE_MB", str(self.cache_max_size_mb), "megabytes >= 0")
-        if self.log_level not in _LOG_LEVELS:
-            raise ConfigError("LOG_LEVEL", self.log_level, "one of " + ", ".join(_LOG_LEVELS))
         if any(not key.isprintable() or " " in key or "," in key for key in self.api_keys):
             raise ConfigError("TTS_API_KEY", "[redacted]", _KEYS_FORM)
         for origin in self.allowed_origins or ():
@@ -189,21 +169,6 @@ class Config:
             raise ConfigError(
                 "TRUSTED_PROXIES", ",".join(self.trusted_proxies), _PROXIES_FORM
             ) from None
-        for variable, value, minimum in (
-            ("RATE_LIMIT_REQUESTS", self.rate_limit_requests, 0),
-            ("MAX_CONNECTIONS_PER_IP", self.max_connections_per_ip, 1),
-            ("MAX_CONNECTIONS", self.max_connections, 1),
-        ):
-            if value < minimum:
-                raise ConfigError(variable, str(value), f"an integer >= {minimum}")
-        for variable, seconds in (
-            ("RATE_LIMIT_WINDOW", self.rate_limit_window),
-            ("PING_INTERVAL", self.ping_interval),
-            ("IDLE_TIMEOUT", self.idle_timeout),
-            ("SEND_TIMEOUT", self.send_timeout),
-        ):
-            if not seconds > 0:
-                raise ConfigError(variable, str(seconds), "seconds > 0")
 
     @property
     def trusted_networks(self) -> tuple[Network, ...]:
@@ -276,6 +241,31 @@ def _number(text: str) -> float:
 
 
 # Environment variable -> (Config field, parser, accepted form for the error line).
+# Numbers with a lower bound: variable -> (Config field, minimum, whether the minimum
+# itself is refused). The error line shows the form given in _VARIABLES.
+_LOWER_BOUNDS: dict[str, tuple[str, float, bool]] = {
+    "PORT": ("port", 0, False),
+    "HEALTH_PORT": ("health_port", 0, False),
+    "UPSTREAM_RETRIES": ("upstream_retries", 0, False),
+    "BREAKER_FAILURES": ("breaker_failures", 1, False),
+    "BREAKER_COOLDOWN": ("breaker_cooldown", 0, False),
+    "UPSTREAM_CONCURRENCY": ("upstream_concurrency", 1, False),
+    "UPSTREAM_TIMEOUT": ("upstream_timeout", 0, True),
+    "VOICES_TTL": ("voices_ttl", 0, True),
+    "MAX_TEXT_LENGTH": ("max_text_length", 1, False),
+    "QUEUE_SIZE": ("queue_size", 0, False),
+    "CACHE_MEMORY_MB": ("cache_memory_mb", 0, False),
+    "CACHE_MAX_SIZE_MB": ("cache_max_size_mb", 0, False),
+    "RATE_LIMIT_REQUESTS": ("rate_limit_requests", 0, False),
+    "RATE_LIMIT_WINDOW": ("rate_limit_window", 0, True),
+    "MAX_CONNECTIONS_PER_IP": ("max_connections_per_ip", 1, False),
+    "MAX_CONNECTIONS": ("max_connections", 1, False),
+    "PING_INTERVAL": ("ping_interval", 0, True),
+    "IDLE_TIMEOUT": ("idle_timeout", 0, True),
+    "SEND_TIMEOUT": ("send_timeout", 0, True),
+    "DRAIN_TIMEOUT": ("drain_timeout", 0, False),
+}
+
 _VARIABLES: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "HOST": ("host", str.strip, "an IP address or host name"),
     "PORT": ("port", _integer, "an integer from 0 to 65535"),
