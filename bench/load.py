@@ -23,14 +23,21 @@ import orjson
 from websockets.asyncio.client import ClientConnection, connect
 
 
-async def speak_once(ws: ClientConnection, text: str, index: int) -> dict[str, Any]:
+async def speak_once(
+    ws: ClientConnection, text: str, index: int, words: str | None = None
+) -> dict[str, Any]:
     """One request; time to first audio byte and to the end, as the client sees them."""
+    request = {"type": "speak", "id": f"b{index}", "text": text}
+    if words is not None:
+        request["words"] = words
     started = time.perf_counter()
-    await ws.send(orjson.dumps({"type": "speak", "id": f"b{index}", "text": text}).decode())
+    await ws.send(orjson.dumps(request).decode())
     first = None
     size = 0
+    frames = 0
     while True:
         frame = await ws.recv()
+        frames += 1
         if isinstance(frame, bytes):
             size += len(frame)
             if first is None:
@@ -43,6 +50,7 @@ async def speak_once(ws: ClientConnection, text: str, index: int) -> dict[str, A
                 "ttfb": first,
                 "ttlb": time.perf_counter() - started,
                 "bytes": size,
+                "frames": frames,
                 "cached": message.get("cached", False),
             }
         if kind == "error":
@@ -84,7 +92,7 @@ async def speak_mode(spec: dict[str, Any]) -> dict[str, Any]:
             else:
                 text = texts[0]
             try:
-                results.append(await speak_once(ws, text, done))
+                results.append(await speak_once(ws, text, done, spec.get("words")))
             except Exception as exc:
                 results.append({"error": type(exc).__name__})
                 return

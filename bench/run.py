@@ -45,6 +45,9 @@ PYTHON = sys.executable
 TEXT = "Benchmarks measure the server against its limits, one sentence at a time."
 KEY = "bench-key"
 TICKS = os.sysconf("SC_CLK_TCK")
+#: The speak's "words" modes the closed-loop replay is measured in; "batch" is
+#: what the bundled clients ask for.
+WORD_MODES = ("each", "batch", "none")
 _DRAINS: set[asyncio.Future[bytes]] = set()
 #: Load process id -> the file it writes its results to.
 worker_outputs: dict[int, str] = {}
@@ -193,6 +196,8 @@ def summarize(outputs: list[dict[str, Any]]) -> dict[str, Any]:
         "bytes": sum(r["bytes"] for r in good),
         "elapsed": max(o["elapsed"] for o in outputs),
         "cached": sum(1 for r in good if r.get("cached")),
+        # Frames the client received per utterance (the median).
+        "frames": percentile([r.get("frames", 0) for r in good], 0.5),
     }
 
 
@@ -331,7 +336,9 @@ class Bench:
                             "server_peak_rss_mb": peak / 2**20,
                         }
                     )
-                # Closed-loop throughput: as fast as the server can replay.
+                # Closed-loop throughput: as fast as the server can replay, in each
+                # words mode, against a bare websockets server sending the same audio
+                # (baseline b), measured before and after to even out drift.
                 closed = [
                     {
                         "mode": "speak",
@@ -342,44 +349,44 @@ class Bench:
                     }
                     for n in split(50 if self.quick else 100, self.workers)
                 ]
-                ours = summarize(await load(closed))
-                # The same audio from a bare websockets server (baseline b).
-                async with connect(url) as ws:
-                    await ws.recv()
-                    await ws.send(orjson.dumps({"type": "speak", "id": "x", "text": TEXT}).decode())
-                    chunks = bytearray()
-                    while True:
-                        frame = await ws.recv()
-                        if isinstance(frame, bytes):
-                            chunks += frame
-                        elif orjson.loads(frame)["type"] == "end":
-                            break
-                audio_path.write_bytes(bytes(chunks))
+                audio_path.write_bytes(await replayed_audio(url))
                 bare = await start(
                     [PYTHON, str(ROOT / "bench" / "bare_server.py"), str(audio_path)],
                     dict(os.environ),
                     r"listening on (127\.0\.0\.1:\d+)",
                 )
+                closed_bare = [{**spec, "url": f"ws://{bare.match}/"} for spec in closed]
+                modes = {}
                 try:
-                    closed_bare = [{**spec, "url": f"ws://{bare.match}/"} for spec in closed]
-                    baseline = summarize(await load(closed_bare))
+                    baselines = [summarize(await load(closed_bare))]
+                    for words in WORD_MODES:
+                        modes[words] = summarize(
+                            await load([{**spec, "words": words} for spec in closed])
+                        )
+                    baselines.append(summarize(await load(closed_bare)))
                 finally:
                     await stop(bare)
             finally:
                 await stop(server)
-        throughput = ours["requests"] / ours["elapsed"]
-        bare_throughput = baseline["requests"] / baseline["elapsed"]
+        bare_rate = sum(b["requests"] / b["elapsed"] for b in baselines) / len(baselines)
         self.out["replay"] = rows
         self.out["throughput"] = {
             "clients": sum(spec["clients"] for spec in closed),
-            "requests_per_s": throughput,
-            "mb_per_s": ours["bytes"] / ours["elapsed"] / 2**20,
-            "bare_requests_per_s": bare_throughput,
-            "bare_mb_per_s": baseline["bytes"] / baseline["elapsed"] / 2**20,
-            "ratio": throughput / bare_throughput,
-            "errors": ours["errors"] + baseline["errors"],
-            "first_p50": ours["first_p50"],
-            "bare_first_p50": baseline["first_p50"],
+            "bare_requests_per_s": bare_rate,
+            "bare_mb_per_s": bare_rate * baselines[0]["bytes"] / baselines[0]["requests"] / 2**20,
+            "bare_frames": baselines[0]["frames"],
+            "errors": sum(b["errors"] for b in baselines)
+            + sum(m["errors"] for m in modes.values()),
+            "modes": {
+                words: {
+                    "requests_per_s": m["requests"] / m["elapsed"],
+                    "mb_per_s": m["bytes"] / m["elapsed"] / 2**20,
+                    "frames": m["frames"],
+                    "ratio": m["requests"] / m["elapsed"] / bare_rate,
+                    "first_p50": m["first_p50"],
+                }
+                for words, m in modes.items()
+            },
         }
 
     async def idle(self) -> None:
@@ -470,6 +477,20 @@ class Bench:
         }
 
 
+async def replayed_audio(url: str) -> bytes:
+    """The audio the server replays for TEXT, for the bare baseline to send."""
+    async with connect(url) as ws:
+        await ws.recv()
+        await ws.send(orjson.dumps({"type": "speak", "id": "x", "text": TEXT}).decode())
+        chunks = bytearray()
+        while True:
+            frame = await ws.recv()
+            if isinstance(frame, bytes):
+                chunks += frame
+            elif orjson.loads(frame)["type"] == "end":
+                return bytes(chunks)
+
+
 async def side_stats(server: Process) -> dict[str, Any]:
     """The server's /stats; its side port is read from /proc (it listens on two ports)."""
     import aiohttp
@@ -538,11 +559,21 @@ def markdown(out: dict[str, Any]) -> str:
         t = out["throughput"]
         lines += [
             "",
-            f"Closed-loop replay throughput, {t['clients']} clients: ttsstream "
-            f"{t['requests_per_s']:.0f} utterances/s ({t['mb_per_s']:.1f} MB/s of audio), bare "
-            f"websockets (baseline b) {t['bare_requests_per_s']:.0f}/s ({t['bare_mb_per_s']:.1f} MB/s): "
-            f"**{100 * t['ratio']:.0f} %** of baseline; errors {t['errors']}.",
+            f"**Closed-loop replay throughput**, {t['clients']} clients replaying one cached "
+            f"sentence as fast as they can, by the speak's `words` mode (errors: {t['errors']}):",
+            "",
+            "| sent as | frames per utterance | utterances/s | MB/s of audio | of baseline b |",
+            "|---|---:|---:|---:|---:|",
         ]
+        for words, m in t["modes"].items():
+            lines.append(
+                f'| ttsstream, `"words": "{words}"` | {m["frames"]:.0f} | '
+                f"{m['requests_per_s']:.0f} | {m['mb_per_s']:.1f} | **{100 * m['ratio']:.0f} %** |"
+            )
+        lines.append(
+            f"| bare websockets (baseline b) | {t['bare_frames']:.0f} | "
+            f"{t['bare_requests_per_s']:.0f} | {t['bare_mb_per_s']:.1f} | 100 % |"
+        )
     if "idle" in out:
         i = out["idle"]
         lines += [

@@ -58,6 +58,15 @@
  */
 
 /**
+ * Several words at once: this client asks for them (`"words": "batch"`) and
+ * hands them on as one `word` event each.
+ * @typedef {object} WordsMessage
+ * @property {"words"} type
+ * @property {string} id
+ * @property {Omit<WordMessage, "type" | "id">[]} words
+ */
+
+/**
  * @typedef {object} EndMessage
  * @property {"end"} type
  * @property {string} id
@@ -90,8 +99,8 @@
  */
 
 /**
- * @typedef {HelloMessage | StartMessage | WordMessage | EndMessage | ErrorMessage
- *   | CancelledMessage | VoicesMessage} ServerMessage
+ * @typedef {HelloMessage | StartMessage | WordMessage | WordsMessage | EndMessage
+ *   | ErrorMessage | CancelledMessage | VoicesMessage} ServerMessage
  */
 
 /**
@@ -116,7 +125,16 @@
 
 export const SUBPROTOCOL = "ttsstream.v1";
 const FIRST_BACKOFF_MS = 500;
-const KNOWN_TYPES = new Set(["hello", "start", "word", "end", "error", "cancelled", "voices"]);
+const KNOWN_TYPES = new Set([
+  "hello",
+  "start",
+  "word",
+  "words",
+  "end",
+  "error",
+  "cancelled",
+  "voices",
+]);
 
 /**
  * Parse a server text frame; `null` for anything that is not a known message
@@ -363,6 +381,14 @@ export class Utterance extends EventTarget {
         this.words.push(message);
         this.emit("word", message);
         break;
+      case "words":
+        for (const fields of message.words) {
+          /** @type {WordMessage} */
+          const word = { type: "word", id: message.id, ...fields };
+          this.words.push(word);
+          this.emit("word", word);
+        }
+        break;
       case "end":
         this.end = message;
         this.state = "ended";
@@ -500,7 +526,8 @@ export class TTSStreamClient extends EventTarget {
     }
     this.utterances.set(id, utterance);
     /** @type {Record<string, string>} */
-    const message = { type: "speak", id, text };
+    // Batched words: the same word events, in fewer frames.
+    const message = { type: "speak", id, text, words: "batch" };
     for (const field of /** @type {const} */ (["voice", "rate", "volume", "pitch"])) {
       const value = options[field];
       if (value) message[field] = value;

@@ -95,6 +95,11 @@ class Utterance:
     def words(self) -> list[dict[str, Any]]:
         return [m for m in self.messages if m["type"] == "word"]
 
+    @property
+    def batched_words(self) -> list[dict[str, Any]]:
+        """The words of its ``words`` messages (``"words": "batch"``), in order."""
+        return [word for m in self.messages if m["type"] == "words" for word in m["words"]]
+
 
 class Client:
     """A protocol-level test client over a real WebSocket connection.

@@ -93,6 +93,26 @@ async def test_replay_interleaves_words_before_their_audio(
     assert len(hit.words) == len(fake.records[0].words)
 
 
+async def test_batched_replay_sends_all_words_at_once(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """A hit with "words": "batch" is start, one words message, the audio, end."""
+    server = await start_server()
+    text = " ".join(["A rather long sentence that makes plenty of audio for chunking."] * 12)
+    live = await speak_once(server, text)
+    await wait_for_entries(server, 1)
+    hit = await speak_once(server, text, words="batch")
+    kinds = ["audio" if isinstance(frame, bytes) else frame["type"] for frame in hit.frames]
+    frames = len(live.audio) // REPLAY_CHUNK_BYTES + 1
+    assert kinds == ["start", "words"] + ["audio"] * frames + ["end"]
+    assert hit.messages[0]["cached"] is True
+    assert hit.batched_words == [
+        {k: v for k, v in w.items() if k not in ("type", "id")} for w in live.words
+    ]
+    assert hit.final["words"] == len(live.words)
+    assert bytes(hit.audio) == bytes(live.audio)
+
+
 async def test_concurrent_identical_requests_share_one_synthesis(
     start_server: ServerFactory, fake: FakeEdge
 ) -> None:

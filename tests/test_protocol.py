@@ -33,6 +33,7 @@ from ttsstream.protocol import (
     encode_start,
     encode_voices,
     encode_word,
+    encode_words,
     parse_client_message,
 )
 
@@ -58,6 +59,7 @@ def test_speak_with_every_field() -> None:
             "rate": "+10%",
             "volume": "-20%",
             "pitch": "+5Hz",
+            "words": "batch",
         }
     )
     assert message == Speak(
@@ -67,7 +69,15 @@ def test_speak_with_every_field() -> None:
         rate="+10%",
         volume="-20%",
         pitch="+5Hz",
+        words="batch",
     )
+
+
+@pytest.mark.parametrize("mode", ["each", "batch", "none"])
+def test_speak_chooses_how_words_come(mode: str) -> None:
+    """ "words" selects one word message each, batches, or none; "each" when missing."""
+    assert parse({"type": "speak", "text": "Hi", "words": mode}).words == mode
+    assert parse({"type": "speak", "text": "Hi"}).words == "each"
 
 
 def test_speak_needs_only_text_and_gets_a_fresh_id() -> None:
@@ -123,6 +133,9 @@ def test_cancel_and_voices() -> None:
         ({"type": "speak", "id": "u1", "text": "x", "volume": "+5Hz"}, InvalidParameter, "u1"),
         ({"type": "speak", "id": "u1", "text": "x", "pitch": "+5%"}, InvalidParameter, "u1"),
         ({"type": "speak", "id": "u1", "text": "x", "pitch": "+5Hz\n"}, InvalidParameter, "u1"),
+        ({"type": "speak", "id": "u1", "text": "x", "words": True}, BadMessage, "u1"),
+        ({"type": "speak", "id": "u1", "text": "x", "words": "all"}, InvalidParameter, "u1"),
+        ({"type": "speak", "id": "u1", "text": "x", "words": "Batch"}, InvalidParameter, "u1"),
         ({"type": "cancel", "id": ["u1"]}, BadMessage, None),
     ],
 )
@@ -208,6 +221,35 @@ def test_encoded_messages_are_json_with_a_type() -> None:
         "duration_ms": 312.5,
         "char_start": 0,
         "char_end": 2,
+    }
+    words = orjson.loads(
+        encode_words(
+            "u",
+            [
+                WordEvent("Hi", 100.0, 312.5, char_start=0, char_end=2),
+                WordEvent("there", 412.5, 1 / 3, char_start=None, char_end=None),
+            ],
+        )
+    )
+    assert words == {
+        "type": "words",
+        "id": "u",
+        "words": [
+            {
+                "text": "Hi",
+                "offset_ms": 100.0,
+                "duration_ms": 312.5,
+                "char_start": 0,
+                "char_end": 2,
+            },
+            {
+                "text": "there",
+                "offset_ms": 412.5,
+                "duration_ms": 0.333,  # microseconds at most
+                "char_start": None,
+                "char_end": None,
+            },
+        ],
     }
     end = orjson.loads(
         encode_end("u", byte_count=6, audio_ms=1.0, words=1, cached=False, ttfb_ms=2.5)

@@ -58,6 +58,45 @@ async def test_utterance_streams_audio_and_words(client: Client, fake: FakeEdge)
     assert end["ttfb_ms"] > 0
 
 
+async def test_batched_words_come_before_their_audio(client: Client, fake: FakeEdge) -> None:
+    """With "words": "batch", the same words arrive in words messages, each before its audio."""
+    text = "One two three. Four five six seven, eight nine ten eleven twelve."
+    fake.frames_per_chunk = 40  # about a second of audio per chunk: several words each
+    await client.speak(text, id="each")
+    each = await client.until_final("each")
+    await client.speak(text, id="batch", words="batch", rate="+1%")  # not a cache hit
+    batch = await client.until_final("batch")
+
+    assert batch.words == []
+    assert batch.batched_words == [
+        {k: v for k, v in w.items() if k not in ("type", "id")} for w in each.words
+    ]
+    sent = 0
+    batches = 0
+    for frame in batch.frames:
+        if isinstance(frame, bytes):
+            sent += len(frame)
+        elif frame["type"] == "words":
+            batches += 1
+            # Every word describes audio not sent yet (6 bytes per ms at 48 kbit/s).
+            assert all(sent <= word["offset_ms"] * 6 for word in frame["words"])
+            assert frame["id"] == "batch"
+    # Live words are batched up to the next audio chunk: fewer messages, more than one.
+    assert 1 < batches < len(each.words)
+    assert batch.final["words"] == len(each.words)
+    assert bytes(batch.audio) == bytes(fake.records[1].audio)
+
+
+async def test_words_none_sends_only_audio(client: Client, fake: FakeEdge) -> None:
+    """With "words": "none", an utterance is start, audio and end, and end counts no words."""
+    await client.speak("Just the audio, please.", words="none")
+    result = await client.until_final("u1")
+    assert [m["type"] for m in result.messages] == ["start", "end"]
+    assert bytes(result.audio) == bytes(fake.records[0].audio)
+    assert fake.records[0].words, "the upstream did report words"
+    assert result.final["words"] == 0
+
+
 async def test_first_audio_is_forwarded_before_upstream_finishes(
     client: Client, fake: FakeEdge
 ) -> None:

@@ -63,8 +63,14 @@ class SpeechCache:
             text=request.text,
         )
 
-    async def synthesize(self, request: SynthesisRequest) -> AsyncGenerator[Speech, None]:
-        """Speak ``request`` from the cache, a shared synthesis, or a new one."""
+    async def synthesize(
+        self, request: SynthesisRequest, *, words_ahead: bool = False
+    ) -> AsyncGenerator[Speech, None]:
+        """Speak ``request`` from the cache, a shared synthesis, or a new one.
+
+        With ``words_ahead``, a replay gives all its words before its first audio
+        instead of each word just before the audio frame it is in.
+        """
         if self.store is None or request.voice.startswith(VOICE_PREFIX):
             async with contextlib.aclosing(self.router.synthesize(request)) as events:
                 async for event in events:
@@ -78,7 +84,7 @@ class SpeechCache:
             entry = await self.store.get(key)
             if entry is not None:
                 self._stats.cache_hits += 1
-                for event in _replay(entry, edge.audio_format):
+                for event in _replay(entry, edge.audio_format, words_ahead=words_ahead):
                     yield event
                 return
             # Another request may have started this synthesis during the disk read.
@@ -123,13 +129,19 @@ def _entry_of(events: list[Speech]) -> CacheEntry | None:
     return CacheEntry(engine=started.engine, voice=started.voice, audio=audio, words=words)
 
 
-def _replay(entry: CacheEntry, audio_format: AudioFormat) -> list[Speech]:
-    """The events of a stored utterance: each word just before the audio it describes."""
+def _replay(entry: CacheEntry, audio_format: AudioFormat, *, words_ahead: bool) -> list[Speech]:
+    """The events of a stored utterance: each word before the audio it describes.
+
+    Words come just before the audio frame they are in, or all before the first
+    frame with ``words_ahead``.
+    """
     events: list[Speech] = [
         Started(entry.engine, entry.voice, audio_format, fallback_reason=None, cached=True)
     ]
     words = list(entry.words)
-    next_word = 0
+    next_word = len(words) if words_ahead else 0
+    if words_ahead:
+        events.extend(words)
     audio = memoryview(entry.audio)
     for offset in range(0, len(audio), REPLAY_CHUNK_BYTES):
         chunk = audio[offset : offset + REPLAY_CHUNK_BYTES]

@@ -51,7 +51,8 @@ async def speak(
         SpeechError: The server refused or failed the utterance.
         websockets.exceptions.WebSocketException: The connection failed.
     """
-    request: dict[str, Any] = {"type": "speak", "id": "say", "text": text}
+    # Batched words: the same words in fewer frames; kept as one dict per word.
+    request: dict[str, Any] = {"type": "speak", "id": "say", "text": text, "words": "batch"}
     for name, value in (("voice", voice), ("rate", rate), ("volume", volume), ("pitch", pitch)):
         if value is not None:
             request[name] = value
@@ -75,6 +76,10 @@ async def speak(
                 result.start = message
             elif kind == "word":
                 result.words.append(message)
+            elif kind == "words":
+                result.words.extend(
+                    {"type": "word", "id": message["id"], **word} for word in message["words"]
+                )
             elif kind == "end":
                 result.end = message
                 return result

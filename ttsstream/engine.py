@@ -70,7 +70,9 @@ class WordEvent:
 
     Times are milliseconds from the start of the utterance's audio. ``char_start``
     and ``char_end`` index the original text in Unicode code points (Python ``str``
-    indices), or are ``None`` when the word could not be located in it.
+    indices), or are ``None`` when the word could not be located in it. Times are
+    rounded to the microsecond when the event is made, once, instead of on every
+    replay.
     """
 
     text: str
@@ -78,6 +80,10 @@ class WordEvent:
     duration_ms: float
     char_start: int | None
     char_end: int | None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "offset_ms", round(self.offset_ms, 3))
+        object.__setattr__(self, "duration_ms", round(self.duration_ms, 3))
 
 
 SynthesisEvent = AudioChunk | WordEvent

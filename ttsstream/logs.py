@@ -15,9 +15,11 @@ standard error (containers, journald). With it they are ``access.log`` and
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import logging.handlers
 import queue
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,8 +35,16 @@ _listener: logging.handlers.QueueListener | None = None
 
 
 def access(event: str, **fields: Any) -> None:
-    """Write one access-log line: an event name and its fields."""
-    ACCESS_LOGGER.info(event, extra={_FIELDS: fields})
+    """Write one access-log line: an event name and its fields.
+
+    On every utterance's path, so it skips what ``Logger.info`` does for other
+    logs (looking up the caller's frame, checking ``extra``): it makes the record
+    and hands it to the handlers.
+    """
+    if ACCESS_LOGGER.isEnabledFor(logging.INFO):
+        record = logging.LogRecord(ACCESS_LOGGER.name, logging.INFO, "", 0, event, None, None)
+        setattr(record, _FIELDS, fields)
+        ACCESS_LOGGER.handle(record)
 
 
 def fields_of(record: logging.LogRecord) -> dict[str, Any]:
@@ -85,6 +95,27 @@ class ReopenableFileHandler(logging.FileHandler):
             self.release()
 
 
+class _Unflushed(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes a record without flushing: the access log's thread flushes once it caught up.
+
+    One ``write`` syscall per burst of utterances instead of one per utterance.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.stream.write(self.format(record) + self.terminator)
+        except Exception:
+            self.handleError(record)
+
+
+class _AccessStream(_Unflushed):
+    """The access log on standard output."""
+
+
+class _AccessFile(_Unflushed, ReopenableFileHandler):
+    """The access log file."""
+
+
 def configure(*, level: int, log_format: str, log_dir: Path | None) -> None:
     """Set up both logs; replaces any handlers configured before.
 
@@ -94,11 +125,11 @@ def configure(*, level: int, log_format: str, log_dir: Path | None) -> None:
     formatter: logging.Formatter = JsonFormatter() if log_format == "json" else TextFormatter()
     _files.clear()
     if log_dir is None:
-        access_handler: logging.Handler = logging.StreamHandler(sys.stdout)
+        access_handler: logging.Handler = _AccessStream(sys.stdout)
         error_handler: logging.Handler = logging.StreamHandler(sys.stderr)
     else:
         log_dir.mkdir(parents=True, exist_ok=True)
-        access_file = ReopenableFileHandler(log_dir / "access.log", encoding="utf-8")
+        access_file = _AccessFile(log_dir / "access.log", encoding="utf-8")
         error_file = ReopenableFileHandler(log_dir / "error.log", encoding="utf-8")
         _files.extend([access_file, error_file])
         access_handler, error_handler = access_file, error_file
@@ -108,11 +139,11 @@ def configure(*, level: int, log_format: str, log_dir: Path | None) -> None:
     global _listener
     shutdown()
     # The access log is on every utterance's path: the event loop only queues its
-    # records; a thread formats and writes them.
+    # records; a thread formats and writes them, flushing once its queue is empty.
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    _listener = logging.handlers.QueueListener(records, access_handler)
+    _listener = _Writer(records, access_handler)
     _listener.start()
-    ACCESS_LOGGER.handlers[:] = [logging.handlers.QueueHandler(records)]
+    ACCESS_LOGGER.handlers[:] = [_Enqueue(records)]
     ACCESS_LOGGER.setLevel(logging.INFO)
     ACCESS_LOGGER.propagate = False
     root = logging.getLogger()
@@ -120,11 +151,40 @@ def configure(*, level: int, log_format: str, log_dir: Path | None) -> None:
     root.setLevel(level)
 
 
+class _Enqueue(logging.handlers.QueueHandler):
+    """Queues access records as they are, for the thread in this process to format.
+
+    ``QueueHandler`` copies and pre-formats each record so that it can cross
+    processes; these stay in the process and hold no arguments to merge.
+    """
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return record
+
+
+class _Writer(logging.handlers.QueueListener):
+    """The access log's thread: it flushes its handler whenever it has caught up."""
+
+    def __init__(self, records: queue.SimpleQueue[logging.LogRecord], handler: logging.Handler):
+        super().__init__(records, handler)
+        self._records = records
+
+    def dequeue(self, block: bool) -> logging.LogRecord:
+        try:
+            return self._records.get_nowait()
+        except queue.Empty:
+            for handler in self.handlers:
+                handler.flush()
+            return self._records.get(block)
+
+
 def shutdown() -> None:
     """Write out what the access log has queued; call before the process exits."""
     global _listener
     if _listener is not None:
         _listener.stop()
+        for handler in _listener.handlers:
+            handler.flush()
         _listener = None
 
 
@@ -136,19 +196,30 @@ def reopen() -> None:
         logging.getLogger("ttsstream.logs").info("log files reopened")
 
 
+#: Characters that make a text-log value ambiguous unless quoted (with non-printables).
+_NEEDS_QUOTES = re.compile(r'[\s"=]')
+
+
+@functools.lru_cache(maxsize=4)
+def _second(seconds: int) -> str:
+    return datetime.datetime.fromtimestamp(seconds, tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
 def _timestamp(record: logging.LogRecord) -> str:
-    moment = datetime.datetime.fromtimestamp(record.created, tz=datetime.UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{int(record.msecs):03d}Z"
+    return f"{_second(int(record.created))}.{int(record.msecs):03d}Z"
 
 
 def _text_value(value: Any) -> str:
+    kind = type(value)
+    if kind is int:
+        return str(value)
+    if kind is float:
+        return f"{value:.1f}"
     if value is None:
         return "-"
-    if isinstance(value, bool):
+    if kind is bool:
         return "true" if value else "false"
-    if isinstance(value, float):
-        return f"{value:.1f}"
     text = str(value)
-    if not text or any(c.isspace() or not c.isprintable() or c in '"=' for c in text):
+    if not text or not text.isprintable() or _NEEDS_QUOTES.search(text):
         return orjson.dumps(text).decode()  # quoted and escaped: one line, unambiguous
     return text

@@ -25,7 +25,7 @@ from websockets.exceptions import ConnectionClosed
 from ttsstream import __version__
 from ttsstream.cache import SpeechCache
 from ttsstream.config import Config
-from ttsstream.engine import AudioChunk, SynthesisRequest
+from ttsstream.engine import AudioChunk, SynthesisRequest, WordEvent
 from ttsstream.exceptions import (
     ClientError,
     InvalidParameter,
@@ -46,6 +46,7 @@ from ttsstream.protocol import (
     encode_start,
     encode_voices,
     encode_word,
+    encode_words,
     error_code,
     parse_client_message,
 )
@@ -76,12 +77,21 @@ class Utterance:
     task: asyncio.Task[None] | None = None
     #: Its end or error is being sent: too late to cancel.
     finishing: bool = False
-    cancel_requested: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Done once it played or a cancel of it was requested while it played.
+    over: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    cancel_requested: bool = False
     finished: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def id(self) -> str:
         return self.request.id
+
+    def stop_waiting(self, _: object = None) -> None:
+        """The speaker moves on: the utterance played, or its cancel was requested."""
+        if not self.over.done():
+            self.over.set_result(None)
 
 
 class Session:
@@ -258,7 +268,8 @@ class Session:
     async def _cancel_playing(self, utterance: Utterance) -> None:
         assert utterance.task is not None
         utterance.task.cancel()
-        utterance.cancel_requested.set()
+        utterance.cancel_requested = True
+        utterance.stop_waiting()
         # The speaker sends "cancelled"; wait so replies keep the order of requests.
         await utterance.finished.wait()
 
@@ -270,17 +281,17 @@ class Session:
                 await self._wakeup.wait()
             utterance = self._pending.popleft()
             self._current = utterance
-            utterance.task = asyncio.create_task(self._speak(utterance))
-            cancelled = asyncio.create_task(utterance.cancel_requested.wait())
+            request = self._request_of(utterance)
+            utterance.task = asyncio.create_task(self._speak(utterance, request))
+            utterance.task.add_done_callback(utterance.stop_waiting)
             try:
-                await asyncio.wait({utterance.task, cancelled}, return_when=asyncio.FIRST_COMPLETED)
-                if utterance.cancel_requested.is_set():
+                await utterance.over
+                if utterance.cancel_requested:
                     # The task stops at its next await and sends nothing more; closing
                     # its upstream may take a moment, which the next utterance need not wait for.
                     self._track(utterance.task)
                     await self._send(encode_cancelled(utterance.id))
             finally:
-                cancelled.cancel()
                 if not utterance.task.done():
                     utterance.task.cancel()
                     self._track(utterance.task)
@@ -289,9 +300,13 @@ class Session:
                 self._last_activity = asyncio.get_running_loop().time()
                 utterance.finished.set()
 
-    async def _speak(self, utterance: Utterance) -> None:
+    async def _speak(self, utterance: Utterance, synthesis: SynthesisRequest) -> None:
         request = utterance.request
-        events = self._speech.synthesize(self._request_of(utterance))
+        # Batched words go out just before the audio they describe; a replay may
+        # then give all of them at once.
+        batch = request.words == "batch"
+        events = self._speech.synthesize(synthesis, words_ahead=batch)
+        held: list[WordEvent] = []
         started: Started | None = None
         byte_count = 0
         words = 0
@@ -314,16 +329,25 @@ class Session:
                         )
                     )
                 elif isinstance(event, AudioChunk):
+                    if held:
+                        await self._send(encode_words(utterance.id, held))
+                        words += len(held)
+                        held = []
                     if ttfb_ms is None:
                         ttfb_ms = (time.perf_counter() - utterance.received_at) * 1000
                         self._stats.observe_first_audio(_source(started), ttfb_ms / 1000)
                     await self._send(event.data, text=False)
                     byte_count += len(event.data)
                     self._stats.bytes_sent += len(event.data)
-                else:
+                elif batch:
+                    held.append(event)
+                elif request.words == "each":
                     await self._send(encode_word(utterance.id, event))
                     words += 1
             assert started is not None, "every utterance begins with Started"
+            if held:
+                await self._send(encode_words(utterance.id, held))
+                words += len(held)
             utterance.finishing = True
             await self._send(
                 encode_end(
@@ -364,7 +388,7 @@ class Session:
                 voice=started.voice if started else utterance.voice,
                 engine=started.engine if started else None,
                 chars=len(request.text),
-                key=self._speech.key_of(self._request_of(utterance))[:12],
+                key=self._speech.key_of(synthesis)[:12],
                 cached=bool(started and started.cached),
                 fallback=started.fallback_reason if started else None,
                 ttfb_ms=None if ttfb_ms is None else round(ttfb_ms, 1),

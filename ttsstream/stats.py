@@ -80,6 +80,10 @@ class Stats:
             buckets=TTFA_BUCKETS,
             registry=self.registry,
         )
+        # One child per source, made up front: labels() takes a lock on every call.
+        self._ttfa_by_source = {
+            source: self._ttfa.labels(source=source) for source in ("cached", "live", "fallback")
+        }
 
     @property
     def uptime_seconds(self) -> float:
@@ -93,7 +97,7 @@ class Stats:
 
     def observe_first_audio(self, source: str, seconds: float) -> None:
         """Record a time to first audio; ``source`` is cached, live or fallback."""
-        self._ttfa.labels(source=source).observe(seconds)
+        self._ttfa_by_source[source].observe(seconds)
 
     def finished(self, outcome: str) -> None:
         """Count a finished utterance by its outcome."""

@@ -112,7 +112,14 @@ test("speak is sent once open, and an utterance follows its messages", async () 
   assert.deepEqual(socket.sent, []);
   socket.open();
   assert.deepEqual(socket.sent, [
-    { type: "speak", id: "u1", text: "Hello world", voice: "en-US-AriaNeural", rate: "+10%" },
+    {
+      type: "speak",
+      id: "u1",
+      text: "Hello world",
+      words: "batch",
+      voice: "en-US-AriaNeural",
+      rate: "+10%",
+    },
   ]);
   const seen = [];
   for (const type of ["start", "word", "end"]) u.addEventListener(type, () => seen.push(type));
@@ -125,6 +132,28 @@ test("speak is sent once open, and an utterance follows its messages", async () 
   assert.deepEqual(seen, ["start", "word", "end"]);
   assert.equal(u.words.length, 1);
   assert.equal(u.state, "ended");
+});
+
+test("a words message becomes one word event per word, in order", async () => {
+  const { client, socket } = connected();
+  socket.open();
+  const u = client.speak("Hello big world", { id: "u1" });
+  const seen = [];
+  u.addEventListener("word", (event) => seen.push(event.detail));
+  socket.deliver('{"type":"start","id":"u1","voice":"v","format":"audio/mpeg","sample_rate":24000,"cached":true,"engine":"edge","fallback":false,"fallback_reason":null}');
+  socket.deliver('{"type":"words","id":"u1","words":[{"text":"Hello","offset_ms":100,"duration_ms":300,"char_start":0,"char_end":5},{"text":"big","offset_ms":450,"duration_ms":200,"char_start":6,"char_end":9}]}');
+  socket.deliver('{"type":"word","id":"u1","text":"world","offset_ms":700,"duration_ms":300,"char_start":10,"char_end":15}');
+  socket.deliver('{"type":"end","id":"u1","bytes":0,"audio_ms":0,"words":3,"cached":true,"ttfb_ms":1}');
+  await u.done;
+  assert.deepEqual(
+    seen.map((word) => [word.type, word.id, word.text, word.char_start]),
+    [
+      ["word", "u1", "Hello", 0],
+      ["word", "u1", "big", 6],
+      ["word", "u1", "world", 10],
+    ],
+  );
+  assert.deepEqual(u.words, seen);
 });
 
 test("errors reject the utterance with the stable code", async () => {
