@@ -30,6 +30,7 @@ from tests.fake_edge import FakeEdge
 from tests.processes import LISTENING, environment, run, start_process
 from ttsstream.cache import REPLAY_CHUNK_BYTES
 from ttsstream.server import Server
+from ttsstream.session import Session
 
 TEXT = "Caching makes the second time instant, with the very same words."
 
@@ -111,6 +112,30 @@ async def test_batched_replay_sends_all_words_at_once(
     ]
     assert hit.final["words"] == len(live.words)
     assert bytes(hit.audio) == bytes(live.audio)
+
+
+async def test_replay_is_written_corked_and_left_uncorked(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hit goes out under TCP_CORK, released after its end; live audio is never corked."""
+    seen: list[tuple[bool, int]] = []
+    cork = Session._cork
+
+    def spy(session: Session, on: bool) -> None:
+        cork(session, on)
+        sock = session._ws.transport.get_extra_info("socket")
+        seen.append((on, sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK)))
+
+    monkeypatch.setattr(Session, "_cork", spy)
+    live = await speak_once(server)
+    assert seen and all(state == (False, 0) for state in seen)
+    await wait_for_entries(server, 1)
+    seen.clear()
+    hit = await speak_once(server)
+    assert hit.messages[0]["cached"] is True
+    assert bytes(hit.audio) == bytes(live.audio)
+    assert seen[0] == (True, 1), "corked before the first frame"
+    assert seen[-1] == (False, 0), "released once the utterance ended"
 
 
 async def test_concurrent_identical_requests_share_one_synthesis(

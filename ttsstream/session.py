@@ -13,14 +13,16 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import socket
 import time
 from collections import deque
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from websockets.asyncio.server import ServerConnection
+from websockets.asyncio.server import ServerConnection, broadcast
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 from ttsstream import __version__
 from ttsstream.cache import SpeechCache
@@ -58,9 +60,11 @@ __all__ = ["Session"]
 
 logger = logging.getLogger("ttsstream.session")
 
-#: Below this many bytes waiting in the write buffer, a send cannot block (websockets
-#: waits for a drain only above its 32 KiB write limit), so it skips the send deadline.
+#: Below this many bytes waiting in the write buffer, a frame is written at once,
+#: without waiting for a drain (websockets waits only above its 32 KiB write limit).
 SEND_BUFFER_LOW = 16 * 2**10
+#: Linux's socket option to hold back partial segments; None elsewhere.
+_TCP_CORK: int | None = getattr(socket, "TCP_CORK", None)
 #: Seconds a client closed for not reading has to read what is queued and the close frame.
 SLOW_CLIENT_CLOSE_TIMEOUT = 10.0
 #: Seconds a closing session waits for its upstream streams to close before giving up.
@@ -74,24 +78,12 @@ class Utterance:
     request: Speak
     voice: str
     received_at: float
-    task: asyncio.Task[None] | None = None
     #: Its end or error is being sent: too late to cancel.
     finishing: bool = False
-    #: Done once it played or a cancel of it was requested while it played.
-    over: asyncio.Future[None] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
-    cancel_requested: bool = False
-    finished: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def id(self) -> str:
         return self.request.id
-
-    def stop_waiting(self, _: object = None) -> None:
-        """The speaker moves on: the utterance played, or its cancel was requested."""
-        if not self.over.done():
-            self.over.set_result(None)
 
 
 class Session:
@@ -131,13 +123,16 @@ class Session:
         self._pending: deque[Utterance] = deque()
         self._wakeup = asyncio.Event()
         self._current: Utterance | None = None
+        self._speaker: asyncio.Task[None] | None = None
+        #: TCP_CORK is on: a cached utterance is being written in one burst.
+        self._corked = False
         self._ids: set[str] = set()
         # Tasks that outlive the frame that started them: voice lists, upstreams closing.
         self._background: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
         """Greet the client, then serve its frames until the connection closes."""
-        speaker = asyncio.create_task(self._speak_in_order())
+        self._speaker = asyncio.create_task(self._speak_in_order())
         watchdog = asyncio.create_task(self._close_when_idle())
         try:
             await self._send(
@@ -153,9 +148,12 @@ class Session:
         except (ConnectionClosed, ClientTooSlow):
             pass
         finally:
-            speaker.cancel()
             watchdog.cancel()
-            await asyncio.wait({speaker, watchdog})
+            # Closing the upstream of an utterance being spoken may take a while:
+            # the speaker is waited for with the other background tasks, for a bounded time.
+            self._speaker.cancel()
+            self._track(self._speaker)
+            await asyncio.wait({watchdog})
             await self._close_background()
 
     async def _close_when_idle(self) -> None:
@@ -244,7 +242,7 @@ class Session:
 
     async def _cancel(self, utterance_id: str | None) -> None:
         current = self._current
-        playing = current if current is not None and not _done(current) else None
+        playing = current if current is not None and not current.finishing else None
         if utterance_id is None:
             queued = list(self._pending)
             self._pending.clear()
@@ -266,14 +264,24 @@ class Session:
         raise NotFound("no queued or playing utterance has this id", utterance_id=utterance_id)
 
     async def _cancel_playing(self, utterance: Utterance) -> None:
-        assert utterance.task is not None
-        utterance.task.cancel()
-        utterance.cancel_requested = True
-        utterance.stop_waiting()
-        # The speaker sends "cancelled"; wait so replies keep the order of requests.
-        await utterance.finished.wait()
+        """Stop the speaker where it is and hand the queue to a new one.
+
+        The speaker stops at its next await and sends nothing more of the
+        utterance; closing its upstream may take a moment, which the next
+        utterance need not wait for. ``cancelled`` is sent before this returns,
+        so replies keep the order of requests.
+        """
+        assert self._speaker is not None
+        self._speaker.cancel()
+        self._track(self._speaker)
+        self._played(utterance)
+        try:
+            await self._send(encode_cancelled(utterance.id))
+        finally:
+            self._speaker = asyncio.create_task(self._speak_in_order())
 
     async def _speak_in_order(self) -> None:
+        """Speak the queue, one utterance at a time, in this task (no task per utterance)."""
         while True:
             while not self._pending:
                 self._idle.set()
@@ -281,24 +289,17 @@ class Session:
                 await self._wakeup.wait()
             utterance = self._pending.popleft()
             self._current = utterance
-            request = self._request_of(utterance)
-            utterance.task = asyncio.create_task(self._speak(utterance, request))
-            utterance.task.add_done_callback(utterance.stop_waiting)
             try:
-                await utterance.over
-                if utterance.cancel_requested:
-                    # The task stops at its next await and sends nothing more; closing
-                    # its upstream may take a moment, which the next utterance need not wait for.
-                    self._track(utterance.task)
-                    await self._send(encode_cancelled(utterance.id))
+                await self._speak(utterance, self._request_of(utterance))
             finally:
-                if not utterance.task.done():
-                    utterance.task.cancel()
-                    self._track(utterance.task)
-                self._current = None
-                self._ids.discard(utterance.id)
-                self._last_activity = asyncio.get_running_loop().time()
-                utterance.finished.set()
+                if self._current is utterance:  # else a cancel already moved on
+                    self._played(utterance)
+
+    def _played(self, utterance: Utterance) -> None:
+        """The utterance is over (spoken, failed or cancelled): the next one may play."""
+        self._current = None
+        self._ids.discard(utterance.id)
+        self._last_activity = asyncio.get_running_loop().time()
 
     async def _speak(self, utterance: Utterance, synthesis: SynthesisRequest) -> None:
         request = utterance.request
@@ -317,6 +318,9 @@ class Session:
             async for event in events:
                 if isinstance(event, Started):
                     started = event
+                    if event.cached:
+                        # A replay is written in one burst, as a few full TCP segments.
+                        self._cork(True)
                     await self._send(
                         encode_start(
                             utterance.id,
@@ -377,6 +381,7 @@ class Session:
                     encode_error(exc, utterance_id=utterance.id, partial=byte_count > 0)
                 )
         finally:
+            self._cork(False)
             self._stats.active_utterances -= 1
             self._stats.finished(outcome)
             audio_format = started.audio_format if started else None
@@ -424,10 +429,21 @@ class Session:
         websockets waits while its write buffer is over its limit, so the memory held
         for a client that does not read stays bounded; this bounds the time too.
         """
-        if self._ws.transport.get_write_buffer_size() < SEND_BUFFER_LOW:
-            # The common case: websockets will not wait for a drain, so no deadline is needed.
-            await self._ws.send(message, text=text)
-            return
+        ws = self._ws
+        if ws.transport.get_write_buffer_size() < SEND_BUFFER_LOW and ws.state is State.OPEN:
+            # The common case, with room in the buffer: write the frame now.
+            # broadcast() is websockets' synchronous send, without send()'s await
+            # and drain, which cost more than the write itself for small frames;
+            # the buffer check above is the backpressure it lacks.
+            try:
+                broadcast((ws,), message, text=text, raise_exceptions=True)
+                return
+            except ExceptionGroup:
+                # The write failed: the connection is broken. Once aborted,
+                # send() below raises ConnectionClosed as for any closed connection.
+                ws.transport.abort()
+        # Waiting for the client to read: what is held back must go out first.
+        self._cork(False)
         try:
             async with asyncio.timeout(self._config.send_timeout):
                 await self._ws.send(message, text=text)
@@ -439,6 +455,23 @@ class Session:
             )
             self._spawn(self._close_slow_client())
             raise ClientTooSlow() from None
+
+    def _cork(self, on: bool) -> None:
+        """Hold back partial TCP segments (Linux TCP_CORK) while frames go out in a burst.
+
+        Each frame is a write; corked, the frames of a cached utterance leave as a
+        few full segments when uncorked instead of one or more segments each, which
+        costs the kernel (and the client) less. Only around writes that do not
+        wait: corked data is otherwise held for up to 200 ms.
+        """
+        if on == self._corked or _TCP_CORK is None:
+            return
+        sock = self._ws.transport.get_extra_info("socket")
+        if sock is None:
+            return
+        with contextlib.suppress(OSError):  # not TCP, or already closed
+            sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, int(on))
+            self._corked = on
 
     async def _close_slow_client(self) -> None:
         """Close with 1008; if the client does not even read that, drop the TCP connection."""
@@ -481,10 +514,6 @@ def _source(started: Started | None) -> str:
     if started is not None and started.fallback_reason is not None:
         return "fallback"
     return "live"
-
-
-def _done(utterance: Utterance) -> bool:
-    return utterance.finishing or utterance.task is None or utterance.task.done()
 
 
 async def _quietly(coroutine: Coroutine[Any, Any, None]) -> None:
