@@ -21,6 +21,7 @@ import logging.handlers
 import queue
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,8 @@ __all__ = ["access", "configure", "reopen", "shutdown"]
 
 ACCESS_LOGGER = logging.getLogger("ttsstream.access")
 _FIELDS = "ttsstream_fields"
+#: Longest an access-log line waits for others to be written with it, in seconds.
+GATHER_SECONDS = 0.05
 _files: list[ReopenableFileHandler] = []
 _listener: logging.handlers.QueueListener | None = None
 
@@ -163,7 +166,13 @@ class _Enqueue(logging.handlers.QueueHandler):
 
 
 class _Writer(logging.handlers.QueueListener):
-    """The access log's thread: it flushes its handler whenever it has caught up."""
+    """The access log's thread: it writes records in bursts, flushing after each.
+
+    Woken by the first record after a quiet spell, it waits GATHER_SECONDS for
+    the burst to gather before writing it: under load it wakes (and competes
+    with the event loop for the GIL) a few times a second instead of once per
+    utterance.
+    """
 
     def __init__(self, records: queue.SimpleQueue[logging.LogRecord], handler: logging.Handler):
         super().__init__(records, handler)
@@ -175,7 +184,9 @@ class _Writer(logging.handlers.QueueListener):
         except queue.Empty:
             for handler in self.handlers:
                 handler.flush()
-            return self._records.get(block)
+            record = self._records.get(block)
+            time.sleep(GATHER_SECONDS)
+            return record
 
 
 def shutdown() -> None:
