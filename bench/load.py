@@ -51,6 +51,7 @@ async def speak_once(
                 "ttlb": time.perf_counter() - started,
                 "bytes": size,
                 "frames": frames,
+                "index": index,
                 "cached": message.get("cached", False),
             }
         if kind == "error":

@@ -59,13 +59,37 @@ class Process:
     match: str
 
 
-async def start(args: list[str], env: dict[str, str], pattern: str) -> Process:
+def _cpus() -> tuple[set[int], set[int]]:
+    """The server's core and everyone else's (the fake service, the load clients).
+
+    The server under test gets a core of its own, as it would on a real host,
+    where neither Microsoft's service nor the clients share its CPU; on a single
+    CPU everything shares it.
+    """
+    available = sorted(os.sched_getaffinity(0))
+    if len(available) < 2:
+        return set(available), set(available)
+    return {available[-1]}, set(available[:-1])
+
+
+SERVER_CPUS, OTHER_CPUS = _cpus()
+
+
+def on_cpus(cpus: set[int]) -> Any:
+    """A ``preexec_fn`` that runs the child (and all its threads) on ``cpus``."""
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
+async def start(
+    args: list[str], env: dict[str, str], pattern: str, cpus: set[int] = OTHER_CPUS
+) -> Process:
     process = await asyncio.create_subprocess_exec(
         *args,
         env=env,
         cwd=ROOT,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        preexec_fn=on_cpus(cpus),
     )
     assert process.stdout is not None and process.stderr is not None
     pending = {
@@ -134,8 +158,10 @@ async def ready_workers(specs: list[dict[str, Any]]) -> list[asyncio.subprocess.
             cwd=ROOT,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
+            # Baseline (a) plays the server's part: it runs where the server runs.
+            preexec_fn=on_cpus(SERVER_CPUS if spec["mode"] == "edge" else OTHER_CPUS),
         )
-        for spec_file in arguments
+        for spec_file, spec in zip(arguments, specs, strict=True)
     ]
     for worker, spec in zip(workers, specs, strict=True):
         worker_outputs[worker.pid] = spec["out"]
@@ -237,30 +263,30 @@ class Bench:
             [PYTHON, "-m", "ttsstream", "serve"],
             self.server_env(cache, **extra),
             r"listening on (127\.0\.0\.1:\d+)",
+            cpus=SERVER_CPUS,
         )
         return server, f"ws://{server.match}/v1/stream"
 
     async def live(self) -> None:
         levels = (1, 10) if self.quick else (1, 10, 100)
-        requests = 2 if self.quick else 5
+        requests = 2 if self.quick else 10
         rows = []
         with tempfile.TemporaryDirectory() as cache:
             server, url = await self.server(cache)
             try:
                 for clients in levels:
                     parts = split(clients, min(self.workers, clients))
-                    base = [
-                        {
-                            "mode": "edge",
-                            "wss_url": self.fake_urls[0],
-                            "clients": n,
-                            "requests": requests,
-                            "texts": [TEXT],
-                            "offset": 10**6 * i,
-                        }
-                        for i, n in enumerate(parts)
-                    ]
-                    baseline = summarize(await load(base))
+                    # Baseline (a) is one process on the server's core: what the
+                    # server is, less ttsstream.
+                    base = {
+                        "mode": "edge",
+                        "wss_url": self.fake_urls[0],
+                        "clients": clients,
+                        "requests": requests,
+                        "texts": [TEXT],
+                        "offset": 0,
+                    }
+                    baseline = summarize(await load([base]))
                     cpu0, _, _ = usage(server.process.pid)
                     ours = summarize(
                         await load(
@@ -271,6 +297,7 @@ class Bench:
                                     "clients": n,
                                     "requests": requests,
                                     "texts": [TEXT],
+                                    "words": "batch",  # as the bundled clients ask
                                     "unique": True,
                                     "offset": 10**6 * (i + 1) + clients * 1000,
                                 }
@@ -354,6 +381,7 @@ class Bench:
                     [PYTHON, str(ROOT / "bench" / "bare_server.py"), str(audio_path)],
                     dict(os.environ),
                     r"listening on (127\.0\.0\.1:\d+)",
+                    cpus=SERVER_CPUS,
                 )
                 closed_bare = [{**spec, "url": f"ws://{bare.match}/"} for spec in closed]
                 modes = {}

@@ -138,6 +138,62 @@ async def test_replay_is_written_corked_and_left_uncorked(
     assert seen[-1] == (False, 0), "released once the utterance ended"
 
 
+async def held_before_first_audio(server: Server, fake: FakeEdge, client: Client) -> None:
+    """Start an utterance whose first audio the fake holds back until ``fake.resume``."""
+    fake.pause_after_chunks = 0
+    await client.speak("This one waits for its first audio.", id="waiting")
+    await asyncio.wait_for(fake.paused.wait(), TIMEOUT)
+    fake.pause_after_chunks = None  # later requests are not held
+
+
+async def test_store_waits_while_an_utterance_waits_for_first_audio(
+    server: Server, fake: FakeEdge, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finished utterance is stored once no other utterance waits for its first audio."""
+    monkeypatch.setattr("ttsstream.cache.STORE_DELAY_MAX", 60.0)  # only the quiet can store it
+    async with connected(server) as waiting:
+        await held_before_first_audio(server, fake, waiting)
+        finished = await speak_once(server)
+        assert finished.final["type"] == "end"
+        await asyncio.sleep(0.3)
+        assert entries(server) == [], "stored while another utterance waited for first audio"
+        # Meanwhile an identical request joins the finished synthesis in memory.
+        again = await speak_once(server, id="again")
+        assert bytes(again.audio) == bytes(finished.audio)
+        assert len(fake.records) == 2
+        fake.resume.set()
+        await waiting.until_final("waiting")
+        await wait_for_entries(server, 2)
+    hit = await speak_once(server)
+    assert hit.messages[0]["cached"] is True and len(fake.records) == 2
+
+
+async def test_store_waits_at_most_store_delay_max(
+    server: Server, fake: FakeEdge, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An utterance that never gets its first audio delays others' storing only so long."""
+    monkeypatch.setattr("ttsstream.cache.STORE_DELAY_MAX", 0.2)
+    async with connected(server) as waiting:
+        await held_before_first_audio(server, fake, waiting)
+        await speak_once(server)
+        await wait_for_entries(server, 1)
+        assert not fake.records[0].completed, "the held utterance is still waiting"
+        fake.resume.set()
+
+
+async def test_drain_stores_what_waits_to_be_stored(
+    server: Server, fake: FakeEdge, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server shutting down stores finished utterances still waiting for their turn."""
+    monkeypatch.setattr("ttsstream.cache.STORE_DELAY_MAX", 60.0)
+    async with connected(server) as waiting:
+        await held_before_first_audio(server, fake, waiting)
+        await speak_once(server)
+        assert entries(server) == []
+        await server.drain(0.2)  # the held utterance is cut; the finished one is stored
+    assert len(entries(server)) == 1
+
+
 async def test_concurrent_identical_requests_share_one_synthesis(
     start_server: ServerFactory, fake: FakeEdge
 ) -> None:

@@ -9,6 +9,7 @@ Offline-voice utterances are not cached: eSpeak is faster than a disk read.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator
@@ -26,10 +27,18 @@ logger = logging.getLogger("ttsstream.cache")
 
 #: Audio bytes per binary frame when replaying from disk (about 2.7 s of audio).
 REPLAY_CHUNK_BYTES = 16 * 2**10
+#: Longest a finished utterance waits to be stored, in seconds (see SpeechCache).
+STORE_DELAY_MAX = 1.0
 
 
 class SpeechCache:
     """Replay known utterances, coalesce identical ones, store finished ones.
+
+    Storing an entry costs the disk and the CPU a fraction of a millisecond,
+    which matters when many utterances end at once: a finished utterance is
+    stored once no utterance is waiting for its first audio (at most
+    STORE_DELAY_MAX later), so a burst of new requests is not slowed down by the
+    entries of the previous burst. Until stored, it can still be joined in memory.
 
     Args:
         router: Speaks what is not cached.
@@ -43,6 +52,15 @@ class SpeechCache:
         self.store = store
         self._stats = stats
         self._flights: dict[str, SharedSynthesis[Speech]] = {}
+        #: Utterances that have not sent their first audio yet.
+        self._starting = 0
+        #: Set while no utterance waits for its first audio (or once closing).
+        self._quiet = asyncio.Event()
+        self._quiet.set()
+        self._closing = False
+        self._pending_stores = 0
+        self._stored = asyncio.Event()
+        self._stored.set()
 
     async def voices(self) -> list[Voice]:
         return await self.router.voices()
@@ -71,6 +89,35 @@ class SpeechCache:
         With ``words_ahead``, a replay gives all its words before its first audio
         instead of each word just before the audio frame it is in.
         """
+        self._starting += 1
+        if not self._closing:
+            self._quiet.clear()
+        waiting = True
+        try:
+            async with contextlib.aclosing(self._events(request, words_ahead)) as events:
+                async for event in events:
+                    if waiting and isinstance(event, AudioChunk):
+                        waiting = False
+                        self._started()
+                    yield event
+        finally:
+            if waiting:
+                self._started()
+
+    def _started(self) -> None:
+        self._starting -= 1
+        if not self._starting:
+            self._quiet.set()
+
+    async def finish_stores(self) -> None:
+        """Store at once what waits to be stored, and return once it is (at shutdown)."""
+        self._closing = True
+        self._quiet.set()
+        await self._stored.wait()
+
+    async def _events(
+        self, request: SynthesisRequest, words_ahead: bool
+    ) -> AsyncGenerator[Speech, None]:
         if self.store is None or request.voice.startswith(VOICE_PREFIX):
             async with contextlib.aclosing(self.router.synthesize(request)) as events:
                 async for event in events:
@@ -101,8 +148,19 @@ class SpeechCache:
     def _start_flight(self, key: str, request: SynthesisRequest) -> SharedSynthesis[Speech]:
         async def store(events: list[Speech]) -> None:
             entry = _entry_of(events)
-            if entry is not None and self.store is not None:
+            if entry is None or self.store is None:
+                return
+            self._pending_stores += 1
+            self._stored.clear()
+            try:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(STORE_DELAY_MAX):
+                        await self._quiet.wait()
                 await self.store.put(key, entry)
+            finally:
+                self._pending_stores -= 1
+                if not self._pending_stores:
+                    self._stored.set()
 
         def finished() -> None:
             if self._flights.get(key) is flight:

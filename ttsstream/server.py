@@ -59,6 +59,8 @@ STREAM_PATH = "/v1/stream"
 HANDSHAKE_TIMEOUT = 10.0
 #: Seconds a client gets to acknowledge the server's closing before the TCP connection drops.
 CLOSE_TIMEOUT_AT_ONCE = 5.0
+#: Seconds a draining server gives finished utterances waiting to be stored in the cache.
+STORE_FLUSH_TIMEOUT = 5.0
 
 # websockets logs request headers and frames at DEBUG: keys and text. Its logger
 # stays at WARNING whatever LOG_LEVEL says.
@@ -224,6 +226,9 @@ class Server:
             _, late = await asyncio.wait(idle, timeout=grace)
             for task in late:
                 task.cancel()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(STORE_FLUSH_TIMEOUT):
+                await self.speech.finish_stores()
         unfinished = sum(session.utterances_in_progress for session in sessions)
         logger.info(
             "drained: %d of %d utterances finished, %d cut",
