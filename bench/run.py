@@ -386,12 +386,11 @@ class Bench:
                 closed_bare = [{**spec, "url": f"ws://{bare.match}/"} for spec in closed]
                 modes = {}
                 try:
-                    baselines = [summarize(await load(closed_bare))]
+                    baselines = [await busy(bare, closed_bare)]
                     for words in WORD_MODES:
-                        modes[words] = summarize(
-                            await load([{**spec, "words": words} for spec in closed])
-                        )
-                    baselines.append(summarize(await load(closed_bare)))
+                        specs = [{**spec, "words": words} for spec in closed]
+                        modes[words] = await busy(server, specs)
+                    baselines.append(await busy(bare, closed_bare))
                 finally:
                     await stop(bare)
             finally:
@@ -403,6 +402,7 @@ class Bench:
             "bare_requests_per_s": bare_rate,
             "bare_mb_per_s": bare_rate * baselines[0]["bytes"] / baselines[0]["requests"] / 2**20,
             "bare_frames": baselines[0]["frames"],
+            "bare_busy": sum(b["server_busy"] for b in baselines) / len(baselines),
             "errors": sum(b["errors"] for b in baselines)
             + sum(m["errors"] for m in modes.values()),
             "modes": {
@@ -412,6 +412,7 @@ class Bench:
                     "frames": m["frames"],
                     "ratio": m["requests"] / m["elapsed"] / bare_rate,
                     "first_p50": m["first_p50"],
+                    "busy": m["server_busy"],
                 }
                 for words, m in modes.items()
             },
@@ -505,6 +506,15 @@ class Bench:
         }
 
 
+async def busy(server: Process, specs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Run a load and summarize it, with the share of a core the server used meanwhile."""
+    cpu0, _, _ = usage(server.process.pid)
+    result = summarize(await load(specs))
+    cpu1, _, _ = usage(server.process.pid)
+    result["server_busy"] = (cpu1 - cpu0) / result["elapsed"]
+    return result
+
+
 async def replayed_audio(url: str) -> bytes:
     """The audio the server replays for TEXT, for the bare baseline to send."""
     async with connect(url) as ws:
@@ -590,17 +600,20 @@ def markdown(out: dict[str, Any]) -> str:
             f"**Closed-loop replay throughput**, {t['clients']} clients replaying one cached "
             f"sentence as fast as they can, by the speak's `words` mode (errors: {t['errors']}):",
             "",
-            "| sent as | frames per utterance | utterances/s | MB/s of audio | of baseline b |",
-            "|---|---:|---:|---:|---:|",
+            "| sent as | frames per utterance | utterances/s | MB/s of audio | server core busy "
+            "| of baseline b |",
+            "|---|---:|---:|---:|---:|---:|",
         ]
         for words, m in t["modes"].items():
             lines.append(
                 f'| ttsstream, `"words": "{words}"` | {m["frames"]:.0f} | '
-                f"{m['requests_per_s']:.0f} | {m['mb_per_s']:.1f} | **{100 * m['ratio']:.0f} %** |"
+                f"{m['requests_per_s']:.0f} | {m['mb_per_s']:.1f} | {100 * m['busy']:.0f} % | "
+                f"**{100 * m['ratio']:.0f} %** |"
             )
         lines.append(
             f"| bare websockets (baseline b) | {t['bare_frames']:.0f} | "
-            f"{t['bare_requests_per_s']:.0f} | {t['bare_mb_per_s']:.1f} | 100 % |"
+            f"{t['bare_requests_per_s']:.0f} | {t['bare_mb_per_s']:.1f} | "
+            f"{100 * t['bare_busy']:.0f} % | 100 % |"
         )
     if "idle" in out:
         i = out["idle"]
