@@ -48,6 +48,8 @@ TICKS = os.sysconf("SC_CLK_TCK")
 #: The speak's "words" modes the closed-loop replay is measured in; "batch" is
 #: what the bundled clients ask for.
 WORD_MODES = ("each", "batch", "none")
+#: Turns of baseline (a) and server per live level in a full run.
+REPEATS = 3
 _DRAINS: set[asyncio.Future[bytes]] = set()
 #: Load process id -> the file it writes its results to.
 worker_outputs: dict[int, str] = {}
@@ -276,20 +278,24 @@ class Bench:
             try:
                 for clients in levels:
                     parts = split(clients, min(self.workers, clients))
-                    # Baseline (a) is one process on the server's core: what the
-                    # server is, less ttsstream.
-                    base = {
-                        "mode": "edge",
-                        "wss_url": self.fake_urls[0],
-                        "clients": clients,
-                        "requests": requests,
-                        "texts": [TEXT],
-                        "offset": 0,
-                    }
-                    baseline = summarize(await load([base]))
+                    baseline_runs, our_runs = [], []
                     cpu0, _, _ = usage(server.process.pid)
-                    ours = summarize(
-                        await load(
+                    # Baseline and server take turns, REPEATS times, and the samples
+                    # of all turns are pooled: this machine's speed drifts by more
+                    # than the differences measured.
+                    for repeat in range(1 if self.quick else REPEATS):
+                        # Baseline (a) is one process on the server's core: what the
+                        # server is, less ttsstream.
+                        base = {
+                            "mode": "edge",
+                            "wss_url": self.fake_urls[0],
+                            "clients": clients,
+                            "requests": requests,
+                            "texts": [TEXT],
+                            "offset": 10**8 * repeat,
+                        }
+                        baseline_runs += await load([base])
+                        our_runs += await load(
                             [
                                 {
                                     "mode": "speak",
@@ -299,12 +305,12 @@ class Bench:
                                     "texts": [TEXT],
                                     "words": "batch",  # as the bundled clients ask
                                     "unique": True,
-                                    "offset": 10**6 * (i + 1) + clients * 1000,
+                                    "offset": 10**8 * repeat + 10**6 * (i + 1) + clients * 1000,
                                 }
                                 for i, n in enumerate(parts)
                             ]
                         )
-                    )
+                    baseline, ours = summarize(baseline_runs), summarize(our_runs)
                     cpu1, _, peak = usage(server.process.pid)
                     rows.append(
                         {

@@ -45,3 +45,10 @@ def test_every_error_code_is_documented() -> None:
     assert "queue_full" in codes and "internal" in codes
     for code in codes:
         assert f"| `{code}` |" in protocol, code
+
+
+def test_readme_quotes_the_latest_benchmark() -> None:
+    """The README's Performance section is bench/results.md as the last run wrote it."""
+    results = read("bench/results.md").strip()
+    performance = read("README.md").split("## Performance", 1)[1].split("\n## ", 1)[0]
+    assert results.startswith("Run ") and results in performance
