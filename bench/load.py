@@ -119,7 +119,7 @@ async def edge_mode(spec: dict[str, Any]) -> dict[str, Any]:
 
     async def client() -> None:
         nonlocal counter
-        for _ in range(spec["requests"]):
+        for index in range(spec["requests"]):
             counter += 1
             text = f"{spec['texts'][0]} Number {spec['offset'] + counter}."
             started = time.perf_counter()
@@ -135,7 +135,14 @@ async def edge_mode(spec: dict[str, Any]) -> dict[str, Any]:
             except Exception as exc:
                 results.append({"error": type(exc).__name__})
                 continue
-            results.append({"ttfb": first, "ttlb": time.perf_counter() - started, "bytes": size})
+            results.append(
+                {
+                    "ttfb": first,
+                    "ttlb": time.perf_counter() - started,
+                    "bytes": size,
+                    "index": index,
+                }
+            )
 
     started = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(spec["clients"])))
