@@ -138,7 +138,7 @@ async def test_replay_is_written_corked_and_left_uncorked(
     assert seen[-1] == (False, 0), "released once the utterance ended"
 
 
-async def held_before_first_audio(server: Server, fake: FakeEdge, client: Client) -> None:
+async def held_before_first_audio(fake: FakeEdge, client: Client) -> None:
     """Start an utterance whose first audio the fake holds back until ``fake.resume``."""
     fake.pause_after_chunks = 0
     await client.speak("This one waits for its first audio.", id="waiting")
@@ -152,7 +152,7 @@ async def test_store_waits_while_an_utterance_waits_for_first_audio(
     """A finished utterance is stored once no other utterance waits for its first audio."""
     monkeypatch.setattr("ttsstream.cache.STORE_DELAY_MAX", 60.0)  # only the quiet can store it
     async with connected(server) as waiting:
-        await held_before_first_audio(server, fake, waiting)
+        await held_before_first_audio(fake, waiting)
         finished = await speak_once(server)
         assert finished.final["type"] == "end"
         await asyncio.sleep(0.3)
@@ -174,7 +174,7 @@ async def test_store_waits_at_most_store_delay_max(
     """An utterance that never gets its first audio delays others' storing only so long."""
     monkeypatch.setattr("ttsstream.cache.STORE_DELAY_MAX", 0.2)
     async with connected(server) as waiting:
-        await held_before_first_audio(server, fake, waiting)
+        await held_before_first_audio(fake, waiting)
         await speak_once(server)
         await wait_for_entries(server, 1)
         assert not fake.records[0].completed, "the held utterance is still waiting"
@@ -187,7 +187,7 @@ async def test_drain_stores_what_waits_to_be_stored(
     """A server shutting down stores finished utterances still waiting for their turn."""
     monkeypatch.setattr("ttsstream.cache.STORE_DELAY_MAX", 60.0)
     async with connected(server) as waiting:
-        await held_before_first_audio(server, fake, waiting)
+        await held_before_first_audio(fake, waiting)
         await speak_once(server)
         assert entries(server) == []
         await server.drain(0.2)  # the held utterance is cut; the finished one is stored

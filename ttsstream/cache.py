@@ -36,7 +36,7 @@ class SpeechCache:
 
     Storing an entry costs the disk and the CPU a fraction of a millisecond,
     which matters when many utterances end at once: a finished utterance is
-    stored once no utterance is waiting for its first audio (at most
+    stored once no utterance is waiting for its first audio from Edge (at most
     STORE_DELAY_MAX later), so a burst of new requests is not slowed down by the
     entries of the previous burst. Until stored, it can still be joined in memory.
 
@@ -52,7 +52,7 @@ class SpeechCache:
         self.store = store
         self._stats = stats
         self._flights: dict[str, SharedSynthesis[Speech]] = {}
-        #: Utterances that have not sent their first audio yet.
+        #: Live utterances (synthesized or joined) that have no audio yet.
         self._starting = 0
         #: Set while no utterance waits for its first audio (or once closing).
         self._quiet = asyncio.Event()
@@ -89,35 +89,6 @@ class SpeechCache:
         With ``words_ahead``, a replay gives all its words before its first audio
         instead of each word just before the audio frame it is in.
         """
-        self._starting += 1
-        if not self._closing:
-            self._quiet.clear()
-        waiting = True
-        try:
-            async with contextlib.aclosing(self._events(request, words_ahead)) as events:
-                async for event in events:
-                    if waiting and isinstance(event, AudioChunk):
-                        waiting = False
-                        self._started()
-                    yield event
-        finally:
-            if waiting:
-                self._started()
-
-    def _started(self) -> None:
-        self._starting -= 1
-        if not self._starting:
-            self._quiet.set()
-
-    async def finish_stores(self) -> None:
-        """Store at once what waits to be stored, and return once it is (at shutdown)."""
-        self._closing = True
-        self._quiet.set()
-        await self._stored.wait()
-
-    async def _events(
-        self, request: SynthesisRequest, words_ahead: bool
-    ) -> AsyncGenerator[Speech, None]:
         if self.store is None or request.voice.startswith(VOICE_PREFIX):
             async with contextlib.aclosing(self.router.synthesize(request)) as events:
                 async for event in events:
@@ -141,9 +112,32 @@ class SpeechCache:
             flight = self._start_flight(key, request)
         else:
             self._stats.coalesced += 1
-        async with contextlib.aclosing(flight.listen()) as events:
-            async for event in events:
-                yield event
+        # Until its first audio, this utterance holds back the storing of others.
+        self._starting += 1
+        if not self._closing:
+            self._quiet.clear()
+        waiting = True
+        try:
+            async with contextlib.aclosing(flight.listen()) as events:
+                async for event in events:
+                    if waiting and isinstance(event, AudioChunk):
+                        waiting = False
+                        self._started()
+                    yield event
+        finally:
+            if waiting:
+                self._started()
+
+    def _started(self) -> None:
+        self._starting -= 1
+        if not self._starting:
+            self._quiet.set()
+
+    async def finish_stores(self) -> None:
+        """Store at once what waits to be stored, and return once it is (at shutdown)."""
+        self._closing = True
+        self._quiet.set()
+        await self._stored.wait()
 
     def _start_flight(self, key: str, request: SynthesisRequest) -> SharedSynthesis[Speech]:
         async def store(events: list[Speech]) -> None:

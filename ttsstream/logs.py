@@ -138,23 +138,20 @@ def configure(*, level: int, log_format: str, log_dir: Path | None) -> None:
     formatter: logging.Formatter = JsonFormatter() if log_format == "json" else TextFormatter()
     _files.clear()
     if log_dir is None:
-        access_handler: logging.StreamHandler = logging.StreamHandler(sys.stdout)  # type: ignore[type-arg]
-        error_handler: logging.StreamHandler = logging.StreamHandler(sys.stderr)  # type: ignore[type-arg]
+        access_handler: logging.StreamHandler[Any] = logging.StreamHandler(sys.stdout)
+        error_handler: logging.StreamHandler[Any] = logging.StreamHandler(sys.stderr)
     else:
         log_dir.mkdir(parents=True, exist_ok=True)
         access_file = ReopenableFileHandler(log_dir / "access.log", encoding="utf-8")
         error_file = ReopenableFileHandler(log_dir / "error.log", encoding="utf-8")
         _files.extend([access_file, error_file])
         access_handler, error_handler = access_file, error_file
-    for handler in (access_handler, error_handler):
-        handler.setFormatter(formatter)
+    error_handler.setFormatter(formatter)
 
     global _writer
     shutdown()
     _writer = _AccessWriter(access_handler, _json_line if log_format == "json" else _text_line)
     _writer.start()
-    ACCESS_LOGGER.setLevel(logging.INFO)
-    ACCESS_LOGGER.propagate = False
     root = logging.getLogger()
     root.handlers[:] = [error_handler]
     root.setLevel(level)
@@ -174,7 +171,7 @@ class _AccessWriter(threading.Thread):
 
     def __init__(
         self,
-        handler: logging.StreamHandler,  # type: ignore[type-arg]
+        handler: logging.StreamHandler[Any],
         line: Callable[[float, str, str, str, dict[str, Any]], str],
     ) -> None:
         super().__init__(name="access-log", daemon=True)

@@ -193,7 +193,7 @@ def _parse_speak(message: dict[str, Any], utterance_id: str, max_text_length: in
     if not isinstance(words, str):
         raise BadMessage('"words" must be a string')
     if words not in WORD_MODES:
-        raise InvalidParameter('"words" must be "each", "batch" or "none"')
+        raise InvalidParameter('"words" must be one of ' + ", ".join(map(repr, WORD_MODES)))
 
     return Speak(id=utterance_id, text=text, voice=voice, words=words, **prosody)
 

@@ -333,10 +333,7 @@ class Session:
                         )
                     )
                 elif isinstance(event, AudioChunk):
-                    if held:
-                        await self._send(encode_words(utterance.id, held))
-                        words += len(held)
-                        held = []
+                    words += await self._send_held(utterance.id, held)
                     if ttfb_ms is None:
                         ttfb_ms = (time.perf_counter() - utterance.received_at) * 1000
                         self._stats.observe_first_audio(_source(started), ttfb_ms / 1000)
@@ -349,9 +346,7 @@ class Session:
                     await self._send(encode_word(utterance.id, event))
                     words += 1
             assert started is not None, "every utterance begins with Started"
-            if held:
-                await self._send(encode_words(utterance.id, held))
-                words += len(held)
+            words += await self._send_held(utterance.id, held)
             utterance.finishing = True
             await self._send(
                 encode_end(
@@ -403,6 +398,14 @@ class Session:
                 outcome=outcome,
             )
             await events.aclose()
+
+    async def _send_held(self, utterance_id: str, held: list[WordEvent]) -> int:
+        """Send the words held back as one ``words`` message, empty ``held``; how many."""
+        count = len(held)
+        if count:
+            await self._send(encode_words(utterance_id, held))
+            held.clear()
+        return count
 
     def _request_of(self, utterance: Utterance) -> SynthesisRequest:
         request = utterance.request
