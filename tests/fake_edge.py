@@ -192,6 +192,10 @@ class FakeEdge:
         self.tone = False
         self.voices: list[dict[str, Any]] = list(VOICES)
         # Records
+        #: Keep a record of every synthesis (tests read them). A long-running fake
+        #: (benchmarks) turns this off: thousands of kept records make its garbage
+        #: collector pause for 100 ms and more, stalling every stream it serves.
+        self.keep_records = True
         self.records: list[SynthesisRecord] = []
         self.voice_list_requests = 0
         self.handshakes = 0
@@ -279,7 +283,8 @@ class FakeEdge:
         record = SynthesisRecord(
             query=parse_qs(urlsplit(ws.request.path).query), headers=ws.request.headers
         )
-        self.records.append(record)
+        if self.keep_records:
+            self.records.append(record)
         # Seen even while the handler is paused or stalled, as a real service would.
         watcher = asyncio.create_task(ws.wait_closed())
         watcher.add_done_callback(lambda _: record.closed.set())
@@ -374,7 +379,8 @@ class FakeEdge:
             else:
                 audio = mp3_frames(count, next(self._frame_numbers))
             await ws.send(_audio_message(request_id, audio))
-            record.audio += audio
+            if self.keep_records:
+                record.audio += audio
             chunks_sent += 1
             frame += count
             if self.chunk_delay:
@@ -458,6 +464,7 @@ def serve_forever(first_audio_delay: float = 0.0, realtime_factor: float | None 
         async with FakeEdge() as fake:
             fake.first_audio_delay = first_audio_delay
             fake.realtime_factor = realtime_factor
+            fake.keep_records = False
             print(fake.wss_url, fake.voices_url, flush=True)
             await asyncio.Event().wait()
 

@@ -258,6 +258,9 @@ class BrokenEngine:
         raise RuntimeError("secret internal detail")
         yield  # pragma: no cover
 
+    async def aclose(self) -> None:
+        pass
+
     async def voices(self) -> list[Voice]:
         return []
 

@@ -58,6 +58,9 @@ class Config:
     default_voice: str = "en-US-EmmaMultilingualNeural"
     edge_wss_url: str = DEFAULT_EDGE_WSS_URL
     edge_voices_url: str = DEFAULT_EDGE_VOICES_URL
+    #: An http:// proxy for every connection to Edge, credentials allowed
+    #: (http://user:password@host:port); None: connect directly. Never in repr.
+    edge_proxy: str | None = field(default=None, repr=False)
     #: Offline voice that speaks when Edge fails before any audio: "espeak:auto"
     #: (the requested voice's locale), "espeak:<id>", or None for no fallback.
     fallback_voice: str | None = "espeak:auto"
@@ -157,6 +160,10 @@ class Config:
             raise ConfigError("FALLBACK_VOICE", self.fallback_voice, _FALLBACK_FORM)
         _check_url("EDGE_WSS_URL", self.edge_wss_url, ("ws", "wss"))
         _check_url("EDGE_VOICES_URL", self.edge_voices_url, ("http", "https"))
+        if self.edge_proxy is not None:
+            parts = urlsplit(self.edge_proxy)
+            if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/"):
+                raise ConfigError("EDGE_PROXY", _without_password(self.edge_proxy), _PROXY_FORM)
         if any(not key.isprintable() or " " in key or "," in key for key in self.api_keys):
             raise ConfigError("TTS_API_KEY", "[redacted]", _KEYS_FORM)
         for origin in self.allowed_origins or ():
@@ -200,8 +207,16 @@ def _check_url(variable: str, url: str, schemes: tuple[str, ...]) -> None:
 
 
 _KEYS_FORM = "keys separated by commas, without spaces"
+_PROXY_FORM = "an http:// URL such as http://proxy.internal:3128 or http://user:password@host:port"
 _ORIGINS_FORM = "* or origins such as https://app.example.com separated by commas"
 _PROXIES_FORM = "IP addresses or CIDRs such as 127.0.0.1,10.0.0.0/8 separated by commas"
+
+
+def _without_password(url: str) -> str:
+    """``url`` as an error line may show it: the credentials replaced."""
+    scheme, _, rest = url.partition("://")
+    _, at, host = rest.rpartition("@")
+    return f"{scheme}://[redacted]@{host}" if at else url
 
 
 def _list(text: str) -> tuple[str, ...]:
@@ -224,7 +239,7 @@ def _boolean(text: str) -> bool:
     return value in _TRUE
 
 
-def _fallback_voice(text: str) -> str | None:
+def _optional_text(text: str) -> str | None:
     text = text.strip()
     return None if text.lower() == "none" else text
 
@@ -270,7 +285,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "HOST": ("host", str.strip, "an IP address or host name"),
     "PORT": ("port", _integer, "an integer from 0 to 65535"),
     "DEFAULT_VOICE": ("default_voice", str.strip, _VOICE_FORM),
-    "FALLBACK_VOICE": ("fallback_voice", _fallback_voice, _FALLBACK_FORM),
+    "FALLBACK_VOICE": ("fallback_voice", _optional_text, _FALLBACK_FORM),
     "UPSTREAM_RETRIES": ("upstream_retries", _integer, "an integer >= 0"),
     "BREAKER_FAILURES": ("breaker_failures", _integer, "an integer >= 1"),
     "BREAKER_COOLDOWN": ("breaker_cooldown", _number, "seconds >= 0, such as 30"),
@@ -281,6 +296,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any], str]] = {
         str.strip,
         "a http:// or https:// URL with a query string",
     ),
+    "EDGE_PROXY": ("edge_proxy", _optional_text, _PROXY_FORM),
     "CACHE_ENABLED": ("cache_enabled", _boolean, "true or false"),
     "CACHE_DIR": ("cache_dir", lambda s: Path(s.strip()), "a directory path"),
     "CACHE_MAX_SIZE_MB": ("cache_max_size_mb", _number, "megabytes >= 0, such as 500"),

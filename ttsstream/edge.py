@@ -3,8 +3,9 @@
 One ``edge_tts.Communicate`` per utterance, asking for word boundaries. This
 module adds what edge-tts lacks for a server: deadlines on the first audio and on
 every gap between chunks, detection of a stream that ends before ``turn.end``,
-character ranges for words, and a mapping of edge-tts's and aiohttp's exceptions
-to :mod:`ttsstream.exceptions`.
+character ranges for words, a mapping of edge-tts's and aiohttp's exceptions
+to :mod:`ttsstream.exceptions`, and the aiohttp sessions edge-tts connects with
+(:class:`UpstreamSessions`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import aiohttp
 import edge_tts
 import edge_tts.communicate
 import edge_tts.voices
+import yarl
 from edge_tts.exceptions import EdgeTTSException, NoAudioReceived, SkewAdjustmentError
 
 from ttsstream.config import EDGE_VOICE_PATTERN
@@ -41,12 +43,76 @@ from ttsstream.exceptions import (
 )
 from ttsstream.words import WordLocator
 
-__all__ = ["EdgeEngine"]
+__all__ = ["EdgeEngine", "UpstreamSessions"]
 
 logger = logging.getLogger("ttsstream.edge")
 
 #: edge-tts reports times in 100-nanosecond ticks.
 TICKS_PER_MS = 10_000
+
+
+class UpstreamSessions:
+    """Makes the aiohttp sessions edge-tts opens: one per utterance, as edge-tts does.
+
+    edge-tts opens every session with ``trust_env=True``. aiohttp then looks for
+    a proxy in the environment and for a ``~/.netrc`` entry on every request,
+    each in a worker thread: two thread hops per utterance, which during a burst
+    of new utterances wait for the event loop to let go of the GIL. At 100
+    simultaneous utterances that delayed the last one's first audio by 10–15 ms
+    (``bench/NOTES.md``). Sessions made here read nothing from the environment:
+    the proxy is :attr:`Config.edge_proxy`. They also share one connector, so
+    Edge's host name is resolved once per aiohttp DNS-cache period (10 s)
+    instead of in a worker thread per utterance.
+
+    Args:
+        proxy: An ``http://`` proxy URL, credentials allowed; ``None``: direct.
+    """
+
+    def __init__(self, proxy: str | None = None) -> None:
+        self._proxy: yarl.URL | None = None
+        self._proxy_auth: aiohttp.BasicAuth | None = None
+        if proxy is not None:
+            url = yarl.URL(proxy)
+            self._proxy_auth = aiohttp.BasicAuth.from_url(url)
+            self._proxy = url.with_user(None)
+        self._connector: aiohttp.TCPConnector | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def ClientSession(
+        self, *, connector: aiohttp.BaseConnector | None = None, **options: Any
+    ) -> aiohttp.ClientSession:
+        """A session for one request of edge-tts, taking the options it passes."""
+        options["trust_env"] = False
+        return aiohttp.ClientSession(
+            connector=connector if connector is not None else self._shared_connector(),
+            connector_owner=connector is not None,
+            proxy=self._proxy,
+            proxy_auth=self._proxy_auth,
+            **options,
+        )
+
+    def _shared_connector(self) -> aiohttp.TCPConnector:
+        loop = asyncio.get_running_loop()
+        if self._connector is None or self._connector.closed or self._loop is not loop:
+            # No cap of its own: UPSTREAM_CONCURRENCY is the cap.
+            self._connector = aiohttp.TCPConnector(limit=0)
+            self._loop = loop
+        return self._connector
+
+    def __getattr__(self, name: str) -> Any:
+        # Everything else edge-tts uses from aiohttp (WSMsgType, ClientTimeout, …).
+        return getattr(aiohttp, name)
+
+    def install(self) -> None:
+        """Make edge-tts open its sessions here: it finds ``aiohttp`` by its module name."""
+        for module in (edge_tts.communicate, edge_tts.voices):
+            module.aiohttp = self  # type: ignore[attr-defined]
+
+    async def aclose(self) -> None:
+        """Close the shared connector (at shutdown)."""
+        connector, self._connector = self._connector, None
+        if connector is not None and self._loop is asyncio.get_running_loop():
+            await connector.close()
 
 
 class EdgeEngine:
@@ -55,6 +121,7 @@ class EdgeEngine:
     Args:
         wss_url: The Read Aloud WebSocket endpoint, with its ``TrustedClientToken`` query.
         voices_url: The voice-list endpoint, likewise.
+        proxy: An ``http://`` proxy for both, credentials allowed; ``None``: direct.
         timeout: Seconds allowed for connect + first audio and for each later gap.
         voices_ttl: Seconds the voice list is kept.
     """
@@ -67,6 +134,7 @@ class EdgeEngine:
         *,
         wss_url: str,
         voices_url: str,
+        proxy: str | None = None,
         # Timeouts
         timeout: float = 15.0,
         voices_ttl: float = 24 * 3600.0,
@@ -77,6 +145,8 @@ class EdgeEngine:
         # edge_tts.constants alone would not redirect it.
         edge_tts.communicate.WSS_URL = wss_url  # type: ignore[attr-defined]
         edge_tts.voices.VOICE_LIST = voices_url  # type: ignore[attr-defined]
+        self._sessions = UpstreamSessions(proxy)
+        self._sessions.install()
         self._timeout = timeout
         self._voices_ttl = voices_ttl
         self._voices: list[Voice] | None = None
@@ -140,6 +210,10 @@ class EdgeEngine:
                 "upstream closed mid-stream: %d of %d bytes completed", completed, audio_bytes
             )
             raise UpstreamUnavailable("the speech service closed the stream early")
+
+    async def aclose(self) -> None:
+        """Release the upstream connector (at shutdown)."""
+        await self._sessions.aclose()
 
     async def voices(self) -> list[Voice]:
         """Return Edge's voices, fetched at most once per ``voices_ttl``."""

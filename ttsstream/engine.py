@@ -131,3 +131,7 @@ class Engine(Protocol):
             InvalidVoice: ``voice`` is not one of this engine's voices.
         """
         ...
+
+    async def aclose(self) -> None:
+        """Release what the engine keeps open between utterances; once, at shutdown."""
+        ...

@@ -216,6 +216,9 @@ class EspeakEngine:
         """Refuse a name that is not ``espeak:<id>`` of a listed voice."""
         self._voice(voice)
 
+    async def aclose(self) -> None:
+        """Nothing to release: each utterance closes what it opened."""
+
     def has_voice(self, voice: str) -> bool:
         return voice.startswith(VOICE_PREFIX) and voice[len(VOICE_PREFIX) :] in self._by_id
 

@@ -192,13 +192,14 @@ class Server:
                 self._spawn_close(connection, CLOSE_TIMEOUT_AT_ONCE)
 
     async def wait_closed(self) -> None:
-        """Return once the listener is closed, every session has finished, and the
-        side port is down."""
+        """Return once the listener is closed, every session has finished, the side
+        port is down and the engines are closed."""
         if self._server is not None:
             await self._server.wait_closed()
         if not self._ops_closed:
             self._ops_closed = True
             await self.ops.close()
+            await self.speech.router.aclose()
 
     async def drain(self, grace: float) -> None:
         """Shut down gracefully: stop taking work, let utterances finish, then close.

@@ -142,6 +142,12 @@ class SpeechRouter:
         else:
             await self.edge.check_voice(voice)
 
+    async def aclose(self) -> None:
+        """Close the engines (at shutdown, once no utterance is left)."""
+        await self.edge.aclose()
+        if self.offline is not None:
+            await self.offline.aclose()
+
     # Speech
 
     async def synthesize(self, request: SynthesisRequest) -> AsyncGenerator[Speech, None]:
@@ -268,6 +274,7 @@ def speech_router(config: Config, *, with_offline: bool = True) -> SpeechRouter:
     edge = EdgeEngine(
         wss_url=config.edge_wss_url,
         voices_url=config.edge_voices_url,
+        proxy=config.edge_proxy,
         timeout=config.upstream_timeout,
         voices_ttl=config.voices_ttl,
     )
