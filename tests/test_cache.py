@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import weakref
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,7 @@ from tests.conftest import (
 from tests.fake_edge import FakeEdge
 from tests.processes import LISTENING, environment, run, start_process
 from ttsstream.cache import REPLAY_CHUNK_BYTES
+from ttsstream.flight import SharedSynthesis
 from ttsstream.server import Server
 from ttsstream.session import Session
 
@@ -157,9 +161,11 @@ async def test_store_waits_while_an_utterance_waits_for_first_audio(
         assert finished.final["type"] == "end"
         await asyncio.sleep(0.3)
         assert entries(server) == [], "stored while another utterance waited for first audio"
-        # Meanwhile an identical request joins the finished synthesis in memory.
+        # Meanwhile an identical request is answered from memory, as a cached entry.
         again = await speak_once(server, id="again")
+        assert again.messages[0]["cached"] is True
         assert bytes(again.audio) == bytes(finished.audio)
+        assert [w["text"] for w in again.words] == [w["text"] for w in finished.words]
         assert len(fake.records) == 2
         fake.resume.set()
         await waiting.until_final("waiting")
@@ -210,6 +216,40 @@ async def test_concurrent_identical_requests_share_one_synthesis(
         assert bytes(result.audio) == reference
         assert len(result.words) == len(fake.records[0].words)
     assert server.stats.coalesced == 49
+
+
+def _flight_referred_to_by_its_callback(finished: asyncio.Event) -> SharedSynthesis[bytes]:
+    async def source() -> AsyncGenerator[bytes, None]:
+        for _ in range(3):
+            yield b"audio"
+
+    def on_finished() -> None:
+        if flight.done:  # refers back to the synthesis, as the cache's callbacks do
+            finished.set()
+
+    flight = SharedSynthesis(source(), on_finished=on_finished)
+    return flight
+
+
+async def test_finished_synthesis_is_freed_without_the_cycle_collector() -> None:
+    """A finished synthesis and its events are freed by reference counting alone.
+
+    Left to the cycle collector, finished syntheses piled up (tens of thousands of
+    audio chunks at 100 clients) and made each full collection stop the loop for
+    tens of milliseconds.
+    """
+    finished = asyncio.Event()
+    flight = _flight_referred_to_by_its_callback(finished)
+    assert [event async for event in flight.listen()] == [b"audio"] * 3
+    await asyncio.wait_for(finished.wait(), TIMEOUT)
+    await asyncio.sleep(0)  # the pump's task returns
+    freed = weakref.ref(flight)
+    gc.disable()
+    try:
+        del flight
+        assert freed() is None
+    finally:
+        gc.enable()
 
 
 async def test_joiner_mid_stream_gets_everything(server: Server, fake: FakeEdge) -> None:

@@ -34,11 +34,12 @@ STORE_DELAY_MAX = 1.0
 class SpeechCache:
     """Replay known utterances, coalesce identical ones, store finished ones.
 
-    Storing an entry costs the disk and the CPU a fraction of a millisecond,
+    Writing an entry costs the disk and the CPU a fraction of a millisecond,
     which matters when many utterances end at once: a finished utterance is
-    stored once no utterance is waiting for its first audio from Edge (at most
+    written once no utterance is waiting for its first audio from Edge (at most
     STORE_DELAY_MAX later), so a burst of new requests is not slowed down by the
-    entries of the previous burst. Until stored, it can still be joined in memory.
+    entries of the previous burst. Until written, the entry answers lookups from
+    memory, and the synthesis that made it (every event it kept) is let go.
 
     Args:
         router: Speaks what is not cached.
@@ -58,9 +59,9 @@ class SpeechCache:
         self._quiet = asyncio.Event()
         self._quiet.set()
         self._closing = False
-        self._pending_stores = 0
-        self._stored = asyncio.Event()
-        self._stored.set()
+        #: Finished entries waiting to be written, by key; lookups find them here.
+        self._unwritten: dict[str, CacheEntry] = {}
+        self._writes: set[asyncio.Task[None]] = set()
 
     async def voices(self) -> list[Voice]:
         return await self.router.voices()
@@ -99,7 +100,7 @@ class SpeechCache:
         key = self.key_of(request)
         flight = self._flights.get(key)
         if flight is None:
-            entry = await self.store.get(key)
+            entry = self._unwritten.get(key) or await self.store.get(key)
             if entry is not None:
                 self._stats.cache_hits += 1
                 for event in _replay(entry, edge.audio_format, words_ahead=words_ahead):
@@ -134,27 +135,33 @@ class SpeechCache:
             self._quiet.set()
 
     async def finish_stores(self) -> None:
-        """Store at once what waits to be stored, and return once it is (at shutdown)."""
+        """Write at once what waits to be written, and return once it is (at shutdown)."""
         self._closing = True
         self._quiet.set()
-        await self._stored.wait()
+        if self._writes:
+            await asyncio.wait(self._writes)
+
+    async def _write_later(self, key: str, entry: CacheEntry) -> None:
+        assert self.store is not None
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(STORE_DELAY_MAX):
+                    await self._quiet.wait()
+            await self.store.put(key, entry)
+        finally:
+            if self._unwritten.get(key) is entry:
+                del self._unwritten[key]
 
     def _start_flight(self, key: str, request: SynthesisRequest) -> SharedSynthesis[Speech]:
         async def store(events: list[Speech]) -> None:
             entry = _entry_of(events)
-            if entry is None or self.store is None:
+            if entry is None:
                 return
-            self._pending_stores += 1
-            self._stored.clear()
-            try:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(STORE_DELAY_MAX):
-                        await self._quiet.wait()
-                await self.store.put(key, entry)
-            finally:
-                self._pending_stores -= 1
-                if not self._pending_stores:
-                    self._stored.set()
+            self._unwritten[key] = entry
+            finished()
+            write = asyncio.create_task(self._write_later(key, entry))
+            self._writes.add(write)
+            write.add_done_callback(self._writes.discard)
 
         def finished() -> None:
             if self._flights.get(key) is flight:

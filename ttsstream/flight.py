@@ -85,6 +85,9 @@ class SharedSynthesis(Generic[T]):
         finally:
             if self._on_finished is not None:
                 self._on_finished()
+            # The callbacks usually refer back to this synthesis: without the cycle,
+            # its events are freed with the last listener, not by a full collection.
+            self._on_complete = self._on_finished = None
 
     def _wake(self) -> None:
         # Event.set wakes every current waiter; clearing at once re-arms it for the next event.

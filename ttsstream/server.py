@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import time
@@ -408,6 +409,10 @@ async def run(config: Config) -> None:
         server.close()
         await server.wait_closed()
         raise
+    # What startup made (modules, the voice lists, the offline voice) lives as long as
+    # the process: the collector need not walk it again in every full collection,
+    # which stops the loop (bench/NOTES.md).
+    gc.freeze()
     signals = asyncio.Queue[int]()
     for signum in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
