@@ -77,6 +77,8 @@ def test_command_line_overrides_win(tmp_path: Path) -> None:
         ("EDGE_WSS_URL", "http://example.com/edge/v1?TrustedClientToken=x"),
         ("EDGE_WSS_URL", "wss://example.com/edge/v1"),
         ("EDGE_VOICES_URL", "ftp://example.com/list?x=1"),
+        ("EDGE_PROXY", "socks5://proxy.internal:1080"),
+        ("EDGE_PROXY", "proxy.internal:3128"),
     ],
 )
 def test_bad_values_name_the_variable(variable: str, value: str) -> None:
@@ -86,6 +88,17 @@ def test_bad_values_name_the_variable(variable: str, value: str) -> None:
     assert raised.value.variable == variable
     assert str(raised.value).startswith(f"{variable}=")
     assert "expected" in str(raised.value)
+
+
+def test_edge_proxy_credentials_stay_out_of_errors_and_repr() -> None:
+    """A proxy password shows neither in a refused value's error line nor in the repr."""
+    with pytest.raises(ConfigError) as raised:
+        load_config({"EDGE_PROXY": "https://user:hunter2@proxy.internal:3128"}, env_file=None)
+    assert "hunter2" not in str(raised.value)
+    assert "proxy.internal:3128" in str(raised.value)
+    config = load_config({"EDGE_PROXY": "http://user:hunter2@proxy.internal:3128"}, env_file=None)
+    assert config.edge_proxy == "http://user:hunter2@proxy.internal:3128"
+    assert "hunter2" not in repr(config)
 
 
 def test_config_is_frozen() -> None:

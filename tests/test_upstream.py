@@ -7,8 +7,13 @@ client as it is; ``test_fallback.py`` covers what a default server does instead.
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import logging
 import socket
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -173,3 +178,90 @@ async def test_logs_never_hold_the_text(client: Client, caplog: pytest.LogCaptur
     assert (line["chars"], line["outcome"], len(line["key"])) == (34, "ok", 12)
     everything = caplog.text + repr([fields_of(r) for r in caplog.records])
     assert "Confidential" not in everything and "medical" not in everything
+
+
+async def test_utterances_share_a_connector_and_need_no_worker_thread(
+    start_server: ServerFactory, fake: FakeEdge, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Edge's host is resolved once for all utterances, and nothing else takes a thread hop.
+
+    edge-tts alone looks for an environment proxy and a ~/.netrc entry in a worker
+    thread on every request, and resolves the host in one more: under a burst of
+    utterances those hops wait for the event loop's GIL.
+    """
+    by_name = {
+        "edge_wss_url": fake.wss_url.replace("127.0.0.1", "localhost"),
+        "edge_voices_url": fake.voices_url.replace("127.0.0.1", "localhost"),
+    }
+    server = await start_server(**AS_IS, **by_name)
+    loop = asyncio.get_running_loop()
+    hops: list[Callable[..., Any]] = []
+    run_in_executor = loop.run_in_executor
+
+    def counting(executor: Any, function: Callable[..., Any], *args: Any) -> Any:
+        if executor is None:
+            hops.append(function)
+        return run_in_executor(executor, function, *args)
+
+    monkeypatch.setattr(loop, "run_in_executor", counting)
+    async with connected(server) as client:
+        for number in range(3):
+            await client.speak(f"Sentence number {number}.", id=f"n{number}")
+            result = await client.until_final(f"n{number}")
+            assert result.final["type"] == "end" and result.audio
+    assert len(fake.records) == 3
+    names = [getattr(function, "__name__", repr(function)) for function in hops]
+    assert names.count("getaddrinfo") <= 1, names
+    assert [name for name in names if name != "getaddrinfo"] == []
+
+
+@contextlib.asynccontextmanager
+async def forward_proxy(seen: list[dict[str, str]]) -> AsyncIterator[int]:
+    """A plain HTTP forward proxy on 127.0.0.1: records each request head, then relays."""
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+        request_line, *header_lines = head.split("\r\n")
+        method, target, version = request_line.split(" ")
+        headers = dict(line.split(": ", 1) for line in header_lines if line)
+        seen.append({"target": target, **headers})
+        url = urlsplit(target)
+        upstream_reader, upstream_writer = await asyncio.open_connection(url.hostname, url.port)
+        path = url.path + (f"?{url.query}" if url.query else "")
+        forwarded = [f"{method} {path} {version}"] + [
+            line for line in header_lines if line and not line.startswith("Proxy-")
+        ]
+        upstream_writer.write(("\r\n".join(forwarded) + "\r\n\r\n").encode("latin-1"))
+        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+
+    proxy = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with proxy:
+        yield proxy.sockets[0].getsockname()[1]
+
+
+async def test_edge_proxy_carries_every_upstream_connection(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """With EDGE_PROXY, the voice list and each utterance go through the proxy, with its
+    credentials."""
+    seen: list[dict[str, str]] = []
+    async with forward_proxy(seen) as port:
+        server = await start_server(**AS_IS, edge_proxy=f"http://me:s3cret@127.0.0.1:{port}")
+        async with connected(server) as client:
+            await client.speak("Through the proxy.")
+            result = await client.until_final("u1")
+            assert result.final["type"] == "end" and result.audio
+    assert fake.voice_list_requests >= 1 and len(fake.records) == 1
+    credentials = "Basic " + base64.b64encode(b"me:s3cret").decode()
+    assert {urlsplit(request["target"]).path for request in seen} == {
+        urlsplit(fake.wss_url).path,
+        urlsplit(fake.voices_url).path,
+    }
+    assert all(request.get("Proxy-Authorization") == credentials for request in seen)

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import math
 import time
+import warnings
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -83,13 +84,18 @@ class UpstreamSessions:
     ) -> aiohttp.ClientSession:
         """A session for one request of edge-tts, taking the options it passes."""
         options["trust_env"] = False
-        return aiohttp.ClientSession(
-            connector=connector if connector is not None else self._shared_connector(),
-            connector_owner=connector is not None,
-            proxy=self._proxy,
-            proxy_auth=self._proxy_auth,
-            **options,
-        )
+        options["connector_owner"] = connector is not None
+        if connector is None:
+            connector = self._shared_connector()
+        if self._proxy_auth is None:
+            return aiohttp.ClientSession(connector=connector, proxy=self._proxy, **options)
+        # aiohttp deprecates the session's proxy_auth for a proxy_headers argument of
+        # each request, which edge-tts does not pass: the session's is the only way in.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return aiohttp.ClientSession(
+                connector=connector, proxy=self._proxy, proxy_auth=self._proxy_auth, **options
+            )
 
     def _shared_connector(self) -> aiohttp.TCPConnector:
         loop = asyncio.get_running_loop()
