@@ -220,6 +220,7 @@ def summarize(outputs: list[dict[str, Any]]) -> dict[str, Any]:
         "first_p95": percentile(first, 0.95),
         "first_p99": percentile(first, 0.99),
         "last_p50": percentile(last, 0.5),
+        "last_p95": percentile(last, 0.95),
         "last_p99": percentile(last, 0.99),
         "bytes": sum(r["bytes"] for r in good),
         "elapsed": max(o["elapsed"] for o in outputs),
@@ -316,10 +317,13 @@ class Bench:
                         {
                             "clients": clients,
                             "baseline_first_p50": baseline["first_p50"],
+                            "baseline_first_p95": baseline["first_p95"],
                             "baseline_first_p99": baseline["first_p99"],
                             "first_p50": ours["first_p50"],
+                            "first_p95": ours["first_p95"],
                             "first_p99": ours["first_p99"],
                             "added_p50": ours["first_p50"] - baseline["first_p50"],
+                            "added_p95": ours["first_p95"] - baseline["first_p95"],
                             "added_p99": ours["first_p99"] - baseline["first_p99"],
                             "errors": ours["errors"] + baseline["errors"],
                             "dropped": ours["dropped"],
@@ -576,27 +580,29 @@ def markdown(out: dict[str, Any]) -> str:
         "",
         "**1. Live (cache miss), time to first audio byte, ms** (baseline a: edge-tts alone)",
         "",
-        "| clients | edge-tts p50 | edge-tts p99 | ttsstream p50 | ttsstream p99 | added p50 | added p99 | errors | server CPU s | peak RSS MB |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| clients | edge-tts p50 | p95 | p99 | ttsstream p50 | p95 | p99 | added p50 | added p95 | added p99 | errors | server CPU s | peak RSS MB |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in out.get("live", []):
         lines.append(
-            f"| {row['clients']} | {row['baseline_first_p50']:.1f} | {row['baseline_first_p99']:.1f} | "
-            f"{row['first_p50']:.1f} | {row['first_p99']:.1f} | {row['added_p50']:+.1f} | "
-            f"{row['added_p99']:+.1f} | {row['errors']} | {row['server_cpu_s']:.2f} | "
-            f"{row['server_peak_rss_mb']:.0f} |"
+            f"| {row['clients']} | {row['baseline_first_p50']:.1f} | "
+            f"{row['baseline_first_p95']:.1f} | {row['baseline_first_p99']:.1f} | "
+            f"{row['first_p50']:.1f} | {row['first_p95']:.1f} | {row['first_p99']:.1f} | "
+            f"{row['added_p50']:+.1f} | {row['added_p95']:+.1f} | {row['added_p99']:+.1f} | "
+            f"{row['errors']} | {row['server_cpu_s']:.2f} | {row['server_peak_rss_mb']:.0f} |"
         )
     lines += [
         "",
         "**2. Cached replay, each client speaking about once a second, ms**",
         "",
-        "| clients | requests | first byte p50 | first byte p99 | last byte p50 | last byte p99 | errors | dropped | server CPU s | peak RSS MB |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| clients | requests | first byte p50 | p95 | p99 | last byte p50 | p95 | p99 | errors | dropped | server CPU s | peak RSS MB |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in out.get("replay", []):
         lines.append(
-            f"| {row['clients']} | {row['requests']} | {row['first_p50']:.2f} | {row['first_p99']:.2f} | "
-            f"{row['last_p50']:.2f} | {row['last_p99']:.2f} | {row['errors']} | {row['dropped']} | "
+            f"| {row['clients']} | {row['requests']} | {row['first_p50']:.2f} | "
+            f"{row['first_p95']:.2f} | {row['first_p99']:.2f} | {row['last_p50']:.2f} | "
+            f"{row['last_p95']:.2f} | {row['last_p99']:.2f} | {row['errors']} | {row['dropped']} | "
             f"{row['server_cpu_s']:.2f} | {row['server_peak_rss_mb']:.0f} |"
         )
     if "throughput" in out:
@@ -637,8 +643,9 @@ def markdown(out: dict[str, Any]) -> str:
             f"**4. Mixed:** {m['clients']} clients, Zipf(1.1) over {m['catalogue']} texts: "
             f"{m['requests']} requests, hit rate {m['hit_rate']}, {m['upstream_requests']} upstream "
             f"calls, {m['coalesced']} requests coalesced onto one in flight; first byte p50 "
-            f"{m['first_p50']:.1f} ms, p99 {m['first_p99']:.1f} ms; errors {m['errors']}, dropped "
-            f"{m['dropped']}.",
+            f"{m['first_p50']:.1f} ms, p95 {m['first_p95']:.1f} ms, p99 {m['first_p99']:.1f} ms; "
+            f"errors {m['errors']}, dropped {m['dropped']}; server CPU {m['server_cpu_s']:.2f} s, "
+            f"peak RSS {m['server_peak_rss_mb']:.0f} MB.",
         ]
     return "\n".join(lines) + "\n"
 
