@@ -59,7 +59,7 @@ class UpstreamSessions:
     a proxy in the environment and for a ``~/.netrc`` entry on every request,
     each in a worker thread: two thread hops per utterance, which during a burst
     of new utterances wait for the event loop to let go of the GIL. At 100
-    simultaneous utterances that delayed the last one's first audio by 10–15 ms
+    simultaneous utterances that delayed the last one's first audio by about 10 ms
     (``bench/NOTES.md``). Sessions made here read nothing from the environment:
     the proxy is :attr:`Config.edge_proxy`. They also share one connector, so
     Edge's host name is resolved once per aiohttp DNS-cache period (10 s)
