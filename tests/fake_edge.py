@@ -18,7 +18,8 @@ carry a counter in their ancillary bytes, so every frame differs), so its byte
 rate matches the real service's exactly (6 bytes per millisecond).
 
 Faults for tests: refuse the handshake with any status, delay the first audio,
-pause or stall mid-stream, drop the connection mid-stream, send no audio.
+pause (deaf to the client for a while, so that its closing waits) or stall
+mid-stream, drop the connection mid-stream, send no audio.
 """
 
 from __future__ import annotations
@@ -184,6 +185,9 @@ class FakeEdge:
         self.frames_per_chunk = 4
         self.pause_after_chunks: int | None = None
         self.resume = asyncio.Event()
+        #: Seconds the service reads nothing once paused, so a client closing then
+        #: waits that long for the closing handshake (a slow teardown).
+        self.deaf_when_paused = 0.0
         self.stall_after_chunks: int | None = None
         self.drop_after_chunks: int | None = None
         self.drop_abruptly = False
@@ -364,6 +368,10 @@ class FakeEdge:
                 next_word += 1
             if self.pause_after_chunks is not None and chunks_sent == self.pause_after_chunks:
                 self.paused.set()
+                if self.deaf_when_paused:
+                    ws.transport.pause_reading()
+                    await asyncio.sleep(self.deaf_when_paused)
+                    ws.transport.resume_reading()
                 await _first(self.resume.wait(), ws.wait_closed())
             if self.stall_after_chunks is not None and chunks_sent == self.stall_after_chunks:
                 await ws.wait_closed()

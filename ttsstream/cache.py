@@ -98,7 +98,7 @@ class SpeechCache:
 
         edge = self.router.edge
         key = self.key_of(request)
-        flight = self._flights.get(key)
+        flight = self._joinable_flight(key)
         if flight is None:
             entry = self._unwritten.get(key) or await self.store.get(key)
             if entry is not None:
@@ -107,7 +107,7 @@ class SpeechCache:
                     yield event
                 return
             # Another request may have started this synthesis during the disk read.
-            flight = self._flights.get(key)
+            flight = self._joinable_flight(key)
         self._stats.cache_misses += 1
         if flight is None:
             flight = self._start_flight(key, request)
@@ -128,6 +128,11 @@ class SpeechCache:
         finally:
             if waiting:
                 self._started()
+
+    def _joinable_flight(self, key: str) -> SharedSynthesis[Speech] | None:
+        """The synthesis of ``key`` a request may join, if any (never a failed one)."""
+        flight = self._flights.get(key)
+        return flight if flight is not None and flight.joinable else None
 
     def _started(self) -> None:
         self._starting -= 1
@@ -170,6 +175,7 @@ class SpeechCache:
         flight = SharedSynthesis(
             self.router.synthesize(request), on_complete=store, on_finished=finished
         )
+        # A failed synthesis may still be here, closing its upstream: replace it.
         self._flights[key] = flight
         return flight
 

@@ -6,6 +6,12 @@ follows live, so a listener that joins mid-stream still gets the whole
 utterance, and a slow listener never holds up the source or the others. The
 source is closed when its last listener leaves. What it holds is bounded by the
 utterance itself, that is by ``MAX_TEXT_LENGTH``.
+
+A synthesis whose last listener left is abandoned: it stops being joinable at
+that moment (``on_finished`` runs then, so a registry forgets it before its
+upstream has closed), and a new identical request starts a new synthesis. A
+listener never receives another task's cancellation: a synthesis stopped while
+listened to (at shutdown) fails them with an ordinary :class:`UpstreamUnavailable`.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Generic, TypeVar
+
+from ttsstream.exceptions import UpstreamUnavailable
 
 __all__ = ["SharedSynthesis"]
 
@@ -39,7 +47,9 @@ class SharedSynthesis(Generic[T]):
     ) -> None:
         self.events: list[T] = []
         self.done = False
-        self.error: BaseException | None = None
+        #: The last listener left before the end: never to be joined again.
+        self.abandoned = False
+        self.error: Exception | None = None
         self.listeners = 0
         self._source = source
         self._on_complete = on_complete
@@ -47,8 +57,15 @@ class SharedSynthesis(Generic[T]):
         self._changed = asyncio.Event()
         self._task = asyncio.create_task(self._pump())
 
+    @property
+    def joinable(self) -> bool:
+        """Whether a new listener may join: neither abandoned nor failed (a synthesis
+        that succeeded is replayed from memory until its registry lets it go)."""
+        return not self.abandoned and (not self.done or self.error is None)
+
     async def listen(self) -> AsyncGenerator[T, None]:
         """Every event from the first, then live ones; raises the source's error if it failed."""
+        assert self.joinable, "an abandoned or failed synthesis is never joined"
         self.listeners += 1
         position = 0
         try:
@@ -64,6 +81,8 @@ class SharedSynthesis(Generic[T]):
         finally:
             self.listeners -= 1
             if self.listeners == 0 and not self.done:
+                self.abandoned = True
+                self._release()
                 self._task.cancel()
 
     async def _pump(self) -> None:
@@ -72,22 +91,30 @@ class SharedSynthesis(Generic[T]):
                 self.events.append(event)
                 self._wake()
         except asyncio.CancelledError:
-            self.error = asyncio.CancelledError()
+            # Abandoned (nobody hears this) or stopped at shutdown: the listeners
+            # left get an ordinary error, never this task's cancellation.
+            self.error = UpstreamUnavailable("the synthesis was stopped")
         except Exception as exc:
             self.error = exc
         finally:
-            await self._source.aclose()
+            # Listeners learn the outcome before the upstream has closed.
             self.done = True
             self._wake()
+            await self._source.aclose()
         try:
             if self.error is None and self._on_complete is not None:
                 await self._on_complete(self.events)
         finally:
-            if self._on_finished is not None:
-                self._on_finished()
+            self._release()
             # The callbacks usually refer back to this synthesis: without the cycle,
             # its events are freed with the last listener, not by a full collection.
-            self._on_complete = self._on_finished = None
+            self._on_complete = None
+
+    def _release(self) -> None:
+        """No longer joinable: call ``on_finished`` (once)."""
+        on_finished, self._on_finished = self._on_finished, None
+        if on_finished is not None:
+            on_finished()
 
     def _wake(self) -> None:
         # Event.set wakes every current waiter; clearing at once re-arms it for the next event.

