@@ -584,9 +584,16 @@ export class TTSStreamClient extends EventTarget {
         return;
       }
       case "error":
-        if (message.id === null) {
+        // "for" names the type of a refused message: such an error ends no utterance.
+        if (message.for === "voices" || (message.for === undefined && message.id === null)) {
           const request = this.voiceRequests.shift();
           if (request) request.reject(new TTSStreamError(message.code, message.message));
+          return;
+        }
+        if (message.for !== undefined) {
+          // A refused speak fails the utterance it would have made, never one in progress.
+          const refused = this.utterances.get(message.id);
+          if (message.for === "speak" && refused && refused.state === "queued") break;
           return;
         }
         break;

@@ -117,6 +117,8 @@ class Client:
         self.current: str | None = None
         #: Messages that concern no utterance (id null, voices).
         self.loose: list[dict[str, Any]] = []
+        #: Errors ``for`` a message that named an utterance in progress (which goes on).
+        self.refusals: list[dict[str, Any]] = []
         self._open: dict[str, Utterance] = {}
         self._finished: dict[str, deque[Utterance]] = {}
 
@@ -175,6 +177,11 @@ class Client:
         id = frame.get("id")
         if not isinstance(id, str):
             self.loose.append(frame)
+            return
+        if frame["type"] == "error" and "for" in frame and id in self._open:
+            # A refused message that reused the id of an utterance in progress:
+            # by the protocol's rule, an error with "for" ends no utterance.
+            self.refusals.append(frame)
             return
         record = self._open.setdefault(id, Utterance(id))
         record.messages.append(frame)

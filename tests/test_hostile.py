@@ -16,6 +16,7 @@ import pytest
 from tests.conftest import (
     MANY_CLIENTS,
     TIMEOUT,
+    Client,
     ServerFactory,
     connected,
     speaks_fine,
@@ -117,3 +118,30 @@ async def test_a_stopped_synthesis_fails_its_listeners_with_an_ordinary_error() 
     with pytest.raises(UpstreamUnavailable):
         await waiting
     assert not flight.joinable
+
+
+async def test_refusing_a_duplicate_id_does_not_end_the_playing_utterance(
+    client: Client, fake: FakeEdge
+) -> None:
+    """A speak reusing the playing id is refused with an error "for" the speak, and the
+    playing utterance carries on to its end; errors that end an utterance have no "for"."""
+    fake.pause_after_chunks = 1
+    await client.speak("The first one, playing.", id="dup")
+    await asyncio.wait_for(fake.paused.wait(), TIMEOUT)
+    await client.speak("The second one.", id="dup")
+    while not client.refusals:
+        await client.read_one()
+    refusal = client.refusals.pop()
+    assert (refusal["id"], refusal["code"], refusal["for"]) == ("dup", "invalid_parameter", "speak")
+    assert "partial" not in refusal
+    fake.resume.set()
+    playing = await client.until_final("dup")
+    assert playing.messages[0]["type"] == "start"
+    assert playing.final["type"] == "end"
+    assert len(fake.records) == 1
+
+    fake.pause_after_chunks, fake.drop_after_chunks = None, 2
+    await client.speak("This one breaks halfway.", id="broken")
+    failed = await client.until_final("broken")
+    assert failed.final["code"] == "upstream_unavailable"
+    assert failed.final["partial"] is True and "for" not in failed.final

@@ -15,6 +15,7 @@ from ttsstream.engine import Voice, WordEvent
 from ttsstream.exceptions import (
     BadJSON,
     BadMessage,
+    ClientError,
     EmptyText,
     InvalidParameter,
     InvalidVoice,
@@ -273,9 +274,34 @@ def test_encoded_messages_are_json_with_a_type() -> None:
 def test_errors_map_to_codes_in_one_place() -> None:
     """Client errors keep their code and message; anything else is internal and says nothing."""
     error = orjson.loads(encode_error(NoAudio("no audio here"), utterance_id="u"))
-    assert error == {"type": "error", "id": "u", "code": "no_audio", "message": "no audio here"}
+    assert error == {
+        "type": "error",
+        "id": "u",
+        "code": "no_audio",
+        "message": "no audio here",
+        "partial": False,
+    }
     internal = orjson.loads(encode_error(KeyError("secret detail"), utterance_id=None))
     assert internal["code"] == "internal"
     assert "secret" not in internal["message"]
     partial = orjson.loads(encode_error(NoAudio("broke"), utterance_id="u", partial=True))
     assert "partial" in partial["message"]
+    assert partial["partial"] is True and "for" not in partial
+
+
+def test_a_refusal_says_which_message_it_refuses() -> None:
+    """An error refusing a message carries ``for`` and no ``partial``: it ends no utterance."""
+    refusal = orjson.loads(
+        encode_error(InvalidParameter("in use"), utterance_id="u", refused="speak")
+    )
+    assert refusal["for"] == "speak" and "partial" not in refusal
+    for frame, expected in [
+        ('{"type":"speak","id":"x"}', "speak"),
+        ('{"type":"cancel","id":5}', "cancel"),
+        ('{"type":"sing","id":"x"}', "unknown"),
+        ('{"id":"x"}', "unknown"),
+        ("[1]", "unknown"),
+    ]:
+        with pytest.raises(ClientError) as raised:
+            parse_client_message(frame, max_text_length=10, make_id=lambda: "made")
+        assert raised.value.message_type == expected, frame

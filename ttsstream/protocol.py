@@ -30,6 +30,7 @@ __all__ = [
     "MAX_FRAME_BYTES",
     "MAX_ID_LENGTH",
     "MAX_VOICE_LENGTH",
+    "MESSAGE_TYPES",
     "PROTOCOL_VERSION",
     "WORD_MODES",
     "Cancel",
@@ -47,6 +48,7 @@ __all__ = [
     "encode_word",
     "encode_words",
     "parse_client_message",
+    "refused_type",
 ]
 
 PROTOCOL_VERSION = 1
@@ -60,6 +62,9 @@ MAX_ID_LENGTH = 64
 MAX_VOICE_LENGTH = 128
 #: Most digits in a rate, volume or pitch value ("+100%" has three).
 _MAX_PROSODY_DIGITS = 4
+
+#: The ``type`` of every client message.
+MESSAGE_TYPES = ("speak", "cancel", "voices")
 
 #: How a ``speak`` wants its word boundaries: one ``word`` message each (the
 #: default), batched into ``words`` messages, or none at all.
@@ -122,20 +127,29 @@ def parse_client_message(
 
     Raises:
         RequestError: The frame is not a valid message; the exception's
-            ``utterance_id`` is the frame's ``id`` when it had a valid one.
+            ``utterance_id`` is the frame's ``id`` when it had a valid one, and
+            its ``message_type`` what the error's ``for`` says (:func:`refused_type`).
     """
-    if not isinstance(frame, str):
-        raise BadMessage("binary frames are not accepted: send JSON text frames")
     try:
-        message = orjson.loads(frame)
-    except orjson.JSONDecodeError:
-        raise BadJSON("frame is not valid JSON") from None
-    if not isinstance(message, dict):
-        raise BadMessage("message must be a JSON object")
+        if not isinstance(frame, str):
+            raise BadMessage("binary frames are not accepted: send JSON text frames")
+        try:
+            message = orjson.loads(frame)
+        except orjson.JSONDecodeError:
+            raise BadJSON("frame is not valid JSON") from None
+        if not isinstance(message, dict):
+            raise BadMessage("message must be a JSON object")
+    except ClientError as exc:
+        exc.message_type = refused_type(None)
+        raise
 
-    utterance_id = _parse_id(message)
+    kind = message.get("type")
     try:
-        kind = message.get("type")
+        utterance_id = _parse_id(message)
+    except ClientError as exc:
+        exc.message_type = refused_type(kind)
+        raise
+    try:
         if not isinstance(kind, str):
             raise BadMessage('message needs a string field "type"')
         if kind == "speak":
@@ -147,8 +161,13 @@ def parse_client_message(
         raise BadMessage("unknown message type (expected speak, cancel or voices)")
     except ClientError as exc:
         exc.utterance_id = utterance_id
-        exc.message_type = kind if isinstance(kind, str) else None
+        exc.message_type = refused_type(kind)
         raise
+
+
+def refused_type(kind: object) -> str:
+    """What an error's ``for`` says of a refused message: its type, or ``unknown``."""
+    return kind if isinstance(kind, str) and kind in MESSAGE_TYPES else "unknown"
 
 
 def _parse_id(message: dict[str, Any]) -> str | None:
@@ -316,16 +335,27 @@ def error_code(exc: BaseException) -> str:
     return exc.code if isinstance(exc, ClientError) else "internal"
 
 
-def encode_error(exc: BaseException, *, utterance_id: str | None, partial: bool = False) -> bytes:
+def encode_error(
+    exc: BaseException,
+    *,
+    utterance_id: str | None,
+    partial: bool = False,
+    refused: str | None = None,
+) -> bytes:
     """Encode the ``error`` message a client receives for ``exc``.
 
     This is the one place where exceptions become wire errors. Unexpected
     exceptions become ``internal`` with a message that reveals nothing.
 
+    An error either refuses a message (``refused`` is its type, sent as
+    ``for``; it ends no utterance) or ends the utterance ``utterance_id``
+    (sent with ``partial``).
+
     Args:
         exc: What went wrong.
         utterance_id: The utterance or message it concerns, if any.
         partial: Some of the utterance's audio was already sent.
+        refused: The type of the client message refused (see :func:`refused_type`).
     """
     message = exc.message if isinstance(exc, ClientError) else "internal server error"
     if partial:
@@ -336,6 +366,10 @@ def encode_error(exc: BaseException, *, utterance_id: str | None, partial: bool 
         "code": error_code(exc),
         "message": message,
     }
+    if refused is not None:
+        error["for"] = refused
+    else:
+        error["partial"] = partial
     if isinstance(exc, RateLimited):
         error["retry_after"] = exc.retry_after
     return _encode(error)

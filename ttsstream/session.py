@@ -39,6 +39,7 @@ from ttsstream.exceptions import (
 from ttsstream.logs import access
 from ttsstream.protocol import (
     Cancel,
+    ClientMessage,
     ListVoices,
     Speak,
     encode_cancelled,
@@ -190,6 +191,12 @@ class Session:
                 max_text_length=self._config.max_text_length,
                 make_id=self._new_id,
             )
+        except ClientError as exc:
+            if exc.message_type == "speak":
+                self._stats.total_requests += 1  # a refused speak is a request too
+            await self._refuse(exc)
+            return
+        try:
             if isinstance(message, Speak):
                 await self._enqueue(message)
             elif isinstance(message, Cancel):
@@ -197,10 +204,15 @@ class Session:
             elif isinstance(message, ListVoices):
                 self._spawn(self._send_voices())
         except ClientError as exc:
-            if exc.message_type == "speak":
-                self._stats.total_requests += 1  # a refused speak is a request too
-            self._stats.errors += 1
-            await self._send(encode_error(exc, utterance_id=exc.utterance_id))
+            exc.message_type = _TYPES[type(message)]
+            await self._refuse(exc)
+
+    async def _refuse(self, exc: ClientError) -> None:
+        """Answer a refused message with an error ``for`` it, which ends no utterance."""
+        self._stats.errors += 1
+        await self._send(
+            encode_error(exc, utterance_id=exc.utterance_id, refused=exc.message_type or "unknown")
+        )
 
     def _new_id(self) -> str:
         return "s-" + secrets.token_hex(6)
@@ -439,8 +451,8 @@ class Session:
         try:
             voices = await self._speech.voices()
         except ClientError as exc:
-            self._stats.errors += 1
-            await self._send(encode_error(exc, utterance_id=None))
+            exc.message_type = "voices"
+            await self._refuse(exc)
             return
         await self._send(encode_voices(voices))
 
@@ -522,6 +534,10 @@ class Session:
             logger.warning(
                 "conn=%s: %d upstream streams did not close", self.connection_id, len(late)
             )
+
+
+#: The wire ``type`` of each parsed client message, for the ``for`` of its refusals.
+_TYPES: dict[type[ClientMessage], str] = {Speak: "speak", Cancel: "cancel", ListVoices: "voices"}
 
 
 class ClientTooSlow(Exception):

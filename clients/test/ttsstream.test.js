@@ -164,6 +164,21 @@ test("errors reject the utterance with the stable code", async () => {
   await assert.rejects(u.done, (error) => error.code === "rate_limited" && error.retryAfter === 7);
 });
 
+test("an error for a refused message never fails the utterance in progress", async () => {
+  const { client, socket } = connected();
+  socket.open();
+  const playing = client.speak("x", { id: "dup" });
+  socket.deliver('{"type":"start","id":"dup","voice":"v","format":"audio/mpeg","sample_rate":24000,"cached":false,"engine":"edge","fallback":false,"fallback_reason":null}');
+  socket.deliver('{"type":"error","id":"dup","code":"invalid_parameter","message":"in use","for":"speak"}');
+  socket.deliver('{"type":"error","id":"dup","code":"not_found","message":"no","for":"cancel"}');
+  assert.equal(playing.state, "playing");
+  socket.deliver('{"type":"end","id":"dup","bytes":0,"audio_ms":0,"words":0,"cached":false,"ttfb_ms":1}');
+  assert.equal((await playing.done).type, "end");
+  const refused = client.speak("y", { id: "new" });
+  socket.deliver('{"type":"error","id":"new","code":"invalid_voice","message":"unknown voice","for":"speak"}');
+  await assert.rejects(refused.done, (error) => error.code === "invalid_voice");
+});
+
 test("cancel asks the server and audio after it is ignored", async () => {
   const { client, socket } = connected();
   socket.open();
@@ -183,7 +198,7 @@ test("voices resolves with the list, or rejects with the server's error", async 
   const first = client.voices();
   const second = client.voices();
   socket.deliver('{"type":"voices","voices":[{"name":"espeak:fr","locale":"fr-FR","gender":"Male","engine":"espeak"}]}');
-  socket.deliver('{"type":"error","id":null,"code":"upstream_unavailable","message":"down"}');
+  socket.deliver('{"type":"error","id":null,"code":"upstream_unavailable","message":"down","for":"voices"}');
   assert.equal((await first)[0].name, "espeak:fr");
   await assert.rejects(second, (error) => error.code === "upstream_unavailable");
 });
