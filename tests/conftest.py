@@ -198,7 +198,14 @@ class Client:
 @contextlib.asynccontextmanager
 async def connected(server: Server) -> AsyncIterator[Client]:
     """Connect a client to ``server`` and read the hello."""
-    async with connect(url_of(server), max_size=None, compression=None) as ws:
+    async with connected_to(url_of(server)) as client:
+        yield client
+
+
+@contextlib.asynccontextmanager
+async def connected_to(url: str) -> AsyncIterator[Client]:
+    """Connect a client to the server at ``url`` (a process, say) and read the hello."""
+    async with connect(url, max_size=None, compression=None) as ws:
         client = Client(ws)
         client.hello = await client.recv_message()
         yield client

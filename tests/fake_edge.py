@@ -177,6 +177,8 @@ class FakeEdge:
         #: Refuse only this many more handshakes (with refuse_status), then accept.
         self.refuse_count: int | None = None
         self.refuse_voices_status: int | None = None
+        #: Seconds the voice list takes to arrive.
+        self.voices_delay = 0.0
         self.first_audio_delay = 0.0
         self.chunk_delay = 0.0
         #: When set, audio is paced at this multiple of real time (4: a second of audio
@@ -241,7 +243,11 @@ class FakeEdge:
         self._server.close()
         await self._server.wait_closed()
 
-    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+    async def _process_request(
+        self, connection: ServerConnection, request: Request
+    ) -> Response | None:
+        if self.voices_delay and urlsplit(request.path).path == VOICES_PATH:
+            await asyncio.sleep(self.voices_delay)
         try:
             return self._answer_handshake(connection, request)
         except AssertionError as exc:

@@ -9,9 +9,16 @@ refusal that looked like a failure of the utterance playing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 from collections.abc import AsyncGenerator
+from pathlib import Path
 
+import aiohttp
+import orjson
 import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import (
     MANY_CLIENTS,
@@ -19,11 +26,14 @@ from tests.conftest import (
     Client,
     ServerFactory,
     connected,
+    connected_to,
     speaks_fine,
 )
 from tests.fake_edge import FakeEdge
+from tests.processes import serve_process, stop
 from ttsstream.exceptions import UpstreamUnavailable
 from ttsstream.flight import SharedSynthesis
+from ttsstream.session import VOICES_PENDING_MAX
 
 #: Trials of each race; before the fix, every one froze a connection.
 RACE_TRIALS = 10
@@ -145,3 +155,104 @@ async def test_refusing_a_duplicate_id_does_not_end_the_playing_utterance(
     failed = await client.until_final("broken")
     assert failed.final["code"] == "upstream_unavailable"
     assert failed.final["partial"] is True and "for" not in failed.final
+
+
+def _rss_mib(pid: int) -> float:
+    """A process's resident memory, in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+async def _connect_not_reading(url: str) -> ClientConnection:
+    """A client that reads nothing: a small receive buffer, and one frame queued at most."""
+    host, port = url.split("//")[1].split("/")[0].rsplit(":", 1)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+    return await connect(url, sock=sock, max_queue=1, compression=None)
+
+
+#: voices frames a flooding client sends.
+FLOOD_FRAMES = 100_000
+#: Growth of the server's memory the flood may cause, in MiB.
+FLOOD_RSS_BOUND_MIB = 20
+
+
+async def test_a_voices_flood_takes_no_memory(fake: FakeEdge, tmp_path: Path) -> None:
+    """100,000 voices frames from clients that never read leave the server's memory,
+    its side port and its other clients as they were (the rate limit is off here:
+    what bounds the replies is the connection's own limit)."""
+    process, url, side = await serve_process(
+        fake, tmp_path, RATE_LIMIT_REQUESTS="0", SEND_TIMEOUT="1"
+    )
+    try:
+        async with connected_to(url) as warm:
+            await warm.send({"type": "voices"})
+            assert (await warm.next_loose())["type"] == "voices"
+            await speaks_fine(warm)
+        before = _rss_mib(process.pid)
+        peak = before
+        frame = orjson.dumps({"type": "voices"}).decode()
+        sent = 0
+        async with asyncio.timeout(TIMEOUT * 12):
+            while sent < FLOOD_FRAMES:
+                # The server closes a client that leaves its replies unread: it comes back.
+                flood = await _connect_not_reading(url)
+                with contextlib.suppress(ConnectionClosed):
+                    while sent < FLOOD_FRAMES:
+                        await flood.send(frame)
+                        sent += 1
+                        if sent % 5000 == 0:
+                            peak = max(peak, _rss_mib(process.pid))
+                flood.transport.abort()
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(f"http://{side}/health") as response,
+            ):
+                assert response.status == 200
+            peak = max(peak, _rss_mib(process.pid))
+        await asyncio.sleep(1)
+        after = _rss_mib(process.pid)
+        assert peak - before < FLOOD_RSS_BOUND_MIB, (before, peak)
+        assert after - before < FLOOD_RSS_BOUND_MIB, (before, after)
+        async with connected_to(url) as other:
+            await speaks_fine(other)
+    finally:
+        await stop(process)
+
+
+async def test_voices_count_toward_the_rate_limit(start_server: ServerFactory) -> None:
+    """Each voices is one request of RATE_LIMIT_REQUESTS; past it, a refusal for voices."""
+    server = await start_server(rate_limit_requests=3)  # the handshake is the first
+    async with connected(server) as client:
+        for _ in range(2):
+            await client.send({"type": "voices"})
+            assert (await client.next_loose())["type"] == "voices"
+        await client.send({"type": "voices"})
+        refused = await client.next_loose()
+        assert (refused["type"], refused["code"], refused["for"]) == (
+            "error",
+            "rate_limited",
+            "voices",
+        )
+        assert refused["retry_after"] >= 1
+
+
+async def test_voices_replies_pending_on_a_connection_are_bounded(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """While the voice list is being fetched, a few voices wait for it; more are refused
+    with queue_full, and every one accepted gets its reply."""
+    fake.voices_delay = 0.5
+    server = await start_server(rate_limit_requests=0)
+    async with connected(server) as client:
+        for _ in range(VOICES_PENDING_MAX + 3):
+            await client.send({"type": "voices"})
+        replies = [await client.next_loose() for _ in range(VOICES_PENDING_MAX + 3)]
+    refused = [reply for reply in replies if reply["type"] == "error"]
+    assert [reply["type"] for reply in replies].count("voices") == VOICES_PENDING_MAX
+    assert {(reply["code"], reply["for"]) for reply in refused} == {("queue_full", "voices")}
+    assert len(refused) == 3

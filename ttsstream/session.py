@@ -68,6 +68,10 @@ SEND_BUFFER_LOW = 16 * 2**10
 _TCP_CORK: int | None = getattr(socket, "TCP_CORK", None)
 #: Seconds a client closed for not reading has to read what is queued and the close frame.
 SLOW_CLIENT_CLOSE_TIMEOUT = 10.0
+#: ``voices`` requests of one connection waiting for their reply; more are refused
+#: (``queue_full``). One reply is written at a time, like audio: a client that does
+#: not read its replies holds one of them, never one per request.
+VOICES_PENDING_MAX = 4
 #: Seconds a closing session waits for its upstream streams to close before giving up.
 UPSTREAM_CLOSE_TIMEOUT = 5.0
 
@@ -128,6 +132,8 @@ class Session:
         #: TCP_CORK is on: a cached utterance is being written in one burst.
         self._corked = False
         self._ids: set[str] = set()
+        #: ``voices`` requests not answered yet.
+        self._voices_wanted = 0
         # Tasks that outlive the frame that started them: voice lists, upstreams closing.
         self._background: set[asyncio.Task[None]] = set()
 
@@ -202,7 +208,7 @@ class Session:
             elif isinstance(message, Cancel):
                 await self._cancel(message.id)
             elif isinstance(message, ListVoices):
-                self._spawn(self._send_voices())
+                self._ask_voices()
         except ClientError as exc:
             exc.message_type = _TYPES[type(message)]
             await self._refuse(exc)
@@ -223,11 +229,7 @@ class Session:
             raise ShuttingDown(
                 "the server is shutting down; reconnect in a moment", utterance_id=request.id
             )
-        if self._limiter is not None and (retry := self._limiter.hit(self.client_ip)):
-            self._stats.rate_limited += 1
-            raise RateLimited(
-                "too many requests from this client", retry_after=retry, utterance_id=request.id
-            )
+        self._check_rate(request.id)
         if request.id in self._ids:
             raise InvalidParameter(
                 f"id {request.id!r} is already queued or playing", utterance_id=request.id
@@ -447,14 +449,37 @@ class Session:
             pitch=request.pitch,
         )
 
-    async def _send_voices(self) -> None:
+    def _ask_voices(self) -> None:
+        """Take a ``voices`` request: it counts toward the rate limit, and waits its turn."""
+        self._check_rate()
+        if self._voices_wanted >= VOICES_PENDING_MAX:
+            raise QueueFull(f"{VOICES_PENDING_MAX} voices replies are already pending")
+        self._voices_wanted += 1
+        if self._voices_wanted == 1:
+            self._spawn(self._answer_voices())
+
+    async def _answer_voices(self) -> None:
+        """Answer the pending ``voices`` requests one after another, each once written."""
         try:
-            voices = await self._speech.voices()
-        except ClientError as exc:
-            exc.message_type = "voices"
-            await self._refuse(exc)
-            return
-        await self._send(encode_voices(voices))
+            while self._voices_wanted:
+                try:
+                    voices = await self._speech.voices()
+                except ClientError as exc:
+                    exc.message_type = "voices"
+                    await self._refuse(exc)
+                else:
+                    await self._send(encode_voices(voices))
+                self._voices_wanted -= 1
+        finally:
+            self._voices_wanted = 0
+
+    def _check_rate(self, utterance_id: str | None = None) -> None:
+        """Count one request of this client against its rate limit."""
+        if self._limiter is not None and (retry := self._limiter.hit(self.client_ip)):
+            self._stats.rate_limited += 1
+            raise RateLimited(
+                "too many requests from this client", retry_after=retry, utterance_id=utterance_id
+            )
 
     async def _send(self, message: bytes | memoryview, *, text: bool = True) -> None:
         """Send one frame; a client that leaves it unread past SEND_TIMEOUT is closed (1008).
@@ -560,6 +585,6 @@ def _source(started: Started | None) -> str:
 
 
 async def _quietly(coroutine: Coroutine[Any, Any, None]) -> None:
-    """Run a reply coroutine; a client that left meanwhile is not an error."""
-    with contextlib.suppress(ConnectionClosed):
+    """Run a reply coroutine; a client that left or was closed meanwhile is not an error."""
+    with contextlib.suppress(ConnectionClosed, ClientTooSlow):
         await coroutine
