@@ -11,7 +11,9 @@ service does (see ``edge_tts/communicate.py``):
 - binary audio frames: 2-byte big-endian header length, CRLF-terminated headers
   (``Path:audio`` and ``Content-Type:audio/mpeg``, not first), then MP3 bytes; a
   last audio frame with no Content-Type and no data;
-- text ``Path:turn.end``.
+- text ``Path:turn.end``;
+
+and closes the connection without audio for a voice that is not on its list.
 
 The audio is real MPEG-2 Layer III at 24 kHz, mono, 48 kbit/s (silent frames that
 carry a counter in their ancillary bytes, so every frame differs), so its byte
@@ -339,6 +341,11 @@ class FakeEdge:
         record.volume = prosody.attrib["volume"]
         record.pitch = prosody.attrib["pitch"]
         record.text = prosody.text or ""
+        if record.voice not in {voice["Name"] for voice in self.voices}:
+            # The service closes without a word for a voice it does not have; edge-tts
+            # then raises NoAudioReceived.
+            await ws.close()
+            return
 
         await ws.send(_text_message(request_id, "turn.start", '{"context":{"serviceTag":"fake"}}'))
         if self.no_audio:

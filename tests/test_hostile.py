@@ -256,3 +256,34 @@ async def test_voices_replies_pending_on_a_connection_are_bounded(
     assert [reply["type"] for reply in replies].count("voices") == VOICES_PENDING_MAX
     assert {(reply["code"], reply["for"]) for reply in refused} == {("queue_full", "voices")}
     assert len(refused) == 3
+
+
+async def test_made_up_voices_cannot_open_the_breaker(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """With the voice list unknown, made-up voices reach the service, which answers them
+    with no audio: that is the request's fault, and the breaker stays closed for others.
+    The list is fetched again in the background; then they are refused before any call."""
+    fake.refuse_voices_status = 503
+    server = await start_server(breaker_failures=2, rate_limit_requests=0)
+    async with connected(server) as client:
+        for attempt in range(3):
+            await client.speak("Hello.", id=f"bad{attempt}", voice="en-US-DoesNotExistNeural")
+            bad = await client.until_final(f"bad{attempt}")
+            # The offline voice speaks instead, saying why.
+            assert bad.messages[0]["fallback_reason"] == "no_audio", bad.messages[0]
+        assert server.speech.router.breaker.status.state == "closed"
+        await client.speak("Hello.", id="good")
+        good = await client.until_final("good")
+        assert (good.messages[0]["engine"], good.final["type"]) == ("edge", "end")
+
+        fake.refuse_voices_status = None
+        for _ in range(int(TIMEOUT * 100)):
+            if server.speech.router.edge_voices:
+                break
+            await asyncio.sleep(0.01)
+        calls = fake.handshakes
+        await client.speak("Hello.", id="refused", voice="en-US-DoesNotExistNeural")
+        refused = await client.until_final("refused")
+        assert (refused.final["code"], refused.final["for"]) == ("invalid_voice", "speak")
+        assert fake.handshakes == calls

@@ -121,6 +121,7 @@ async def test_health_is_degraded_while_the_breaker_is_open(
     """/health is 200 healthy, and 200 degraded with the breaker's state while it is open."""
     server = await start_server(upstream_retries=0)
     server.speech.router.breaker = CircuitBreaker(failure_threshold=1, cooldown=30, clock=Clock())
+    await wait_for_voice_list(server)
     status, health = await get(server, "/health")
     assert status == 200
     assert health == {
@@ -134,6 +135,7 @@ async def test_health_is_degraded_while_the_breaker_is_open(
             "consecutive_failures": 0,
             "last_error": None,
             "retry_in_seconds": None,
+            "voice_list": {"voices": len(fake.voices), "last_error": None},
         },
         "fallback_voice": "espeak:auto",
         "connections": 0,
@@ -149,7 +151,39 @@ async def test_health_is_degraded_while_the_breaker_is_open(
             "consecutive_failures": 1,
             "last_error": "upstream_unavailable",
             "retry_in_seconds": 30.0,
+            "voice_list": {"voices": len(fake.voices), "last_error": None},
         }
+
+
+async def wait_for_voice_list(server: Server) -> None:
+    for _ in range(int(TIMEOUT * 100)):
+        if server.speech.router.edge_voices is not None:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the voice list was never fetched")
+
+
+async def test_health_is_degraded_while_the_voice_list_is_missing(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """Without Edge's voice list, /health says degraded and why; once fetched, healthy."""
+    fake.refuse_voices_status = 503
+    server = await start_server()
+    for _ in range(int(TIMEOUT * 100)):
+        if server.speech.router.edge_voices_error is not None:
+            break
+        await asyncio.sleep(0.01)
+    status, health = await get(server, "/health")
+    assert (status, health["status"]) == (200, "degraded")
+    assert health["upstream"]["voice_list"] == {
+        "voices": None,
+        "last_error": "upstream_unavailable",
+    }
+    fake.refuse_voices_status = None
+    await wait_for_voice_list(server)
+    status, health = await get(server, "/health")
+    assert health["status"] == "healthy"
+    assert health["upstream"]["voice_list"]["voices"] == len(fake.voices)
 
 
 async def test_voices_endpoint(server: Server) -> None:

@@ -58,9 +58,12 @@ class OpsServer:
         """Liveness: 200 while the process works, whatever Microsoft's service does."""
         server = self._server
         config = server.config
-        breaker = server.speech.router.breaker.status
+        router = server.speech.router
+        breaker = router.breaker.status
+        # Without Edge's voice list, voices are not checked before calling Edge.
+        no_voice_list = router.edge_voices is None and router.edge_voices_error is not None
         body = {
-            "status": "degraded" if breaker.state == "open" else "healthy",
+            "status": "degraded" if breaker.state == "open" or no_voice_list else "healthy",
             "uptime_seconds": round(server.stats.uptime_seconds, 3),
             "cache_enabled": config.cache_enabled,
             "rate_limit": (
@@ -74,6 +77,10 @@ class OpsServer:
                 "consecutive_failures": breaker.consecutive_failures,
                 "last_error": breaker.last_error,
                 "retry_in_seconds": breaker.retry_in_seconds,
+                "voice_list": {
+                    "voices": router.edge_voices,
+                    "last_error": router.edge_voices_error,
+                },
             },
             "fallback_voice": server.speech.router.fallback_voice,
             "connections": server.stats.connections,

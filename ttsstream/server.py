@@ -30,7 +30,6 @@ from ttsstream.clientip import client_ip
 from ttsstream.config import Config
 from ttsstream.demo import load_static
 from ttsstream.exceptions import (
-    ClientError,
     EndpointNotFound,
     HandshakeRefused,
     OriginNotAllowed,
@@ -119,7 +118,7 @@ class Server:
         self._sessions: set[Session] = set()
         self._server: WebSocketServer | None = None
         self._port: int | None = None
-        self._prefetch: asyncio.Task[None] | None = None
+        self._voice_list: asyncio.Task[None] | None = None
         self._ops_closed = False
         self._static = load_static() if config.serve_demo else {}
 
@@ -151,7 +150,9 @@ class Server:
         )
         self._port = next(iter(self._server.sockets)).getsockname()[1]
         self._warn_about_access()
-        self._prefetch = asyncio.create_task(self._prefetch_voices())
+        self._voice_list = asyncio.create_task(
+            self.speech.router.keep_voices_fresh(self.config.voices_ttl)
+        )
         self.state = "serving"
         logger.info(
             "listening on %s (side port %s:%d)",
@@ -184,8 +185,8 @@ class Server:
     def close(self) -> None:
         """Stop accepting and close every connection with 1001 (going away). Idempotent."""
         self.state = "closed"
-        if self._prefetch is not None:
-            self._prefetch.cancel()
+        if self._voice_list is not None:
+            self._voice_list.cancel()
         if self._server is not None:
             self._server.close()
             # After a drain the listener is already closed; close what is still open.
@@ -359,12 +360,6 @@ class Server:
             self.stats.connections -= 1
             self._sessions.discard(session)
         logger.debug("conn=%s closed code=%s", session.connection_id, connection.close_code)
-
-    async def _prefetch_voices(self) -> None:
-        try:
-            await self.speech.router.edge.voices()
-        except ClientError as exc:
-            logger.warning("voice list not available yet (%s); voices are not checked", exc.code)
 
 
 async def _close_within(connection: ServerConnection, grace: float) -> None:

@@ -9,6 +9,12 @@ other voice to Edge, with:
 - a circuit breaker that stops calling Edge after repeated failures;
 - fallback to the offline voice when Edge fails before any audio. Audio of two
   engines is never mixed: once Edge audio went out, a failure is an error.
+
+``no_audio`` (the service answered, with no audio) is the request's failure, not
+the service's: it does not count toward the breaker, so that no client can open
+it for everyone with voices or texts the service refuses. Edge's voice list is
+kept fresh in the background (:meth:`SpeechRouter.keep_voices_fresh`), so that
+unknown voices are refused before any call.
 """
 
 from __future__ import annotations
@@ -53,6 +59,10 @@ AUTO = VOICE_PREFIX + "auto"
 LAST_RESORT_VOICE = VOICE_PREFIX + "en-us"
 #: First retry waits about this many seconds; each later one twice as long.
 RETRY_BACKOFF_SECONDS = 0.1
+#: Seconds before the first new try at a voice list that could not be fetched; each
+#: later try waits twice as long, up to VOICES_RETRY_MAX_SECONDS.
+VOICES_RETRY_SECONDS = 1.0
+VOICES_RETRY_MAX_SECONDS = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +124,10 @@ class SpeechRouter:
         self._timeout = timeout
         #: Counters to update; the server puts its own here.
         self.stats = Stats()
+        #: Edge's voice list: how many voices it has (``None`` until fetched), and
+        #: the error code of the last failed fetch (``None`` once one succeeded).
+        self.edge_voices: int | None = None
+        self.edge_voices_error: str | None = None
 
     # Voices
 
@@ -132,6 +146,33 @@ class SpeechRouter:
             logger.warning("voice list: Edge unavailable (%s), offline voices only", exc.code)
             online = []
         return online + offline
+
+    async def keep_voices_fresh(self, every: float) -> None:
+        """Fetch Edge's voice list now and every ``every`` seconds, until cancelled.
+
+        A failed fetch is tried again after 1 s, then twice as long each time up to
+        5 minutes; meanwhile the last list known (if any) keeps checking voices.
+        """
+        retry = VOICES_RETRY_SECONDS
+        while True:
+            try:
+                self.edge_voices = len(await self.edge.voices())
+            except UpstreamError as exc:
+                if self.edge_voices_error is None:
+                    logger.warning(
+                        "voice list not available (%s): %s; trying again with backoff",
+                        exc.code,
+                        "the last list is used" if self.edge_voices else "voices are not checked",
+                    )
+                self.edge_voices_error = exc.code
+                await asyncio.sleep(retry / 2 + random.random() * retry / 2)
+                retry = min(retry * 2, VOICES_RETRY_MAX_SECONDS)
+                continue
+            if self.edge_voices_error is not None:
+                logger.info("voice list available again: %d voices", self.edge_voices)
+            self.edge_voices_error = None
+            retry = VOICES_RETRY_SECONDS
+            await asyncio.sleep(every)
 
     async def check_voice(self, voice: str) -> None:
         """Refuse a voice no engine has (Edge's only when its list is known)."""
@@ -245,7 +286,11 @@ class SpeechRouter:
                     return stream, first
                 failure = NoAudio("the speech service returned no audio")
             await stream.aclose()
-            self.breaker.record_failure(failure.code)
+            if isinstance(failure, NoAudio):
+                # The service answered: this request, not the service, failed.
+                self.breaker.abandon_trial()
+            else:
+                self.breaker.record_failure(failure.code)
             self.stats.upstream_failed(failure.code)
             logger.info("edge attempt %d failed: %s", attempt + 1, failure.code)
         raise failure
