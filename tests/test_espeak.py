@@ -12,8 +12,15 @@ import miniaudio
 import pytest
 
 from tests.conftest import TIMEOUT
+from ttsstream import espeak
 from ttsstream.engine import AudioChunk, SynthesisEvent, SynthesisRequest, WordEvent
-from ttsstream.espeak import ENCODER_DELAY_MS, EspeakEngine, _mp3_encoder, prosody_settings
+from ttsstream.espeak import (
+    ENCODER_DELAY_MS,
+    EspeakEngine,
+    _mp3_encoder,
+    prosody_settings,
+    text_slices,
+)
 from ttsstream.exceptions import InvalidVoice
 from ttsstream.words import tokens_of
 
@@ -246,3 +253,75 @@ async def test_event_loop_keeps_running_while_speaking(engine: EspeakEngine) -> 
     assert len(lags) > 10
     # The 99th percentile bounds what a client would notice; one outlier may be the OS.
     assert lags[int(len(lags) * 0.99)] < 0.020
+
+
+@pytest.mark.parametrize(
+    ("text", "limit", "slices"),
+    [
+        # Whole sentences are grouped up to the limit.
+        ("One. Two. Three.", 10, ["One. Two. ", "Three."]),
+        ("Short one. Then another!", 200, ["Short one. Then another!"]),
+        # French and German: spaces before marks, quotes, abbreviations that only look
+        # like sentence ends cut at worst between words.
+        (
+            "Bonjour ! Comment ça va ? Très bien.",
+            20,
+            ["Bonjour ! ", "Comment ça va ? ", "Très bien."],
+        ),
+        ("„Guten Tag.“ Wie geht es Ihnen?", 16, ["„Guten Tag.“ ", "Wie geht es ", "Ihnen?"]),
+        # A sentence longer than the limit is cut at its last space before it.
+        ("alpha beta gamma delta epsilon", 12, ["alpha beta ", "gamma delta ", "epsilon"]),
+        # Chinese and Japanese end sentences without spaces; a run with no mark at all
+        # is cut at the limit.
+        ("你好。今天天气很好！我们走吧？", 8, ["你好。", "今天天气很好！", "我们走吧？"]),
+        ("日本語のテキストです。次の文。", 12, ["日本語のテキストです。", "次の文。"]),
+        ("あいうえおかきくけこさしすせそ", 6, ["あいうえおか", "きくけこさし", "すせそ"]),
+        ("Line one\nLine two", 10, ["Line one\n", "Line two"]),
+    ],
+)
+def test_text_is_sliced_at_sentence_ends(text: str, limit: int, slices: list[str]) -> None:
+    """Slices cover the text in order, keep to the limit, and end at sentence ends if they can."""
+    cut = text_slices(text, limit)
+    assert [text[start:end] for start, end in cut] == slices
+    assert all(end - start <= limit for start, end in cut)
+
+
+async def test_slices_sound_like_one_text(
+    engine: EspeakEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rendered in slices, a text keeps its pauses between sentences: every word starts
+    within 30 ms of where it starts when rendered whole, at every rate."""
+    text = (
+        "Hello there, this is the first sentence. And here comes a second one! And that is the end."
+    )
+    for rate in ("-100%", "+0%", "+100%"):
+        monkeypatch.setattr(espeak, "SLICE_CHARS", 10_000)
+        whole = words_of(await speak(engine, text, rate=rate))
+        monkeypatch.setattr(espeak, "SLICE_CHARS", 41)
+        assert len(text_slices(text, espeak.SLICE_CHARS)) == 3
+        sliced_events = await speak(engine, text, rate=rate)
+        sliced = words_of(sliced_events)
+        assert [w.text for w in sliced] == [w.text for w in whole]
+        for a, b in zip(sliced, whole, strict=True):
+            assert a.offset_ms == pytest.approx(b.offset_ms, abs=30), (rate, a, b)
+        assert len(audio_of(sliced_events)) / 6 == pytest.approx(whole[-1].offset_ms, rel=0.5)
+
+
+async def test_utterances_take_turns_slice_by_slice(engine: EspeakEngine) -> None:
+    """A short utterance asked for while a long one renders gets its audio long before
+    the long one is rendered: eSpeak's thread is shared a slice at a time."""
+    long_one = engine.synthesize(
+        SynthesisRequest(text=LONG_TEXT * 4, voice="espeak:en-us", rate="-100%")
+    )
+    await anext(long_one)  # rendering has started
+    try:
+        started = time.perf_counter()
+        short = await asyncio.wait_for(speak(engine, "Me too."), TIMEOUT)
+        short_took = time.perf_counter() - started
+        rest = [event async for event in long_one]
+        long_took = time.perf_counter() - started
+        assert [w.text for w in words_of(short)] == ["Me", "too"]
+        assert rest
+        assert short_took < long_took / 4, (short_took, long_took)
+    finally:
+        await long_one.aclose()

@@ -28,6 +28,7 @@ from tests.conftest import (
     connected,
     connected_to,
     speaks_fine,
+    url_of,
 )
 from tests.fake_edge import FakeEdge
 from tests.processes import serve_process, stop
@@ -287,3 +288,43 @@ async def test_made_up_voices_cannot_open_the_breaker(
         refused = await client.until_final("refused")
         assert (refused.final["code"], refused.final["for"]) == ("invalid_voice", "speak")
         assert fake.handshakes == calls
+
+
+#: Longest another client may wait for the first audio of a short offline utterance
+#: while a slow reader has long ones playing (before the fix: 5 to 32 s).
+OFFLINE_FIRST_AUDIO_BOUND = TIMEOUT / 5
+
+
+async def test_a_slow_reader_never_holds_up_offline_speech(start_server: ServerFactory) -> None:
+    """A client that does not read its long, slow offline utterances takes no one else's
+    turn: other clients' offline utterances get their first audio within a second."""
+    server = await start_server(**MANY_CLIENTS)
+    text = ("A long sentence that the slowest offline voice reads aloud. " * 90)[:5000]
+    slow = await _connect_not_reading(url_of(server))
+    try:
+        for id in ("s1", "s2", "s3"):
+            await slow.send(
+                orjson.dumps(
+                    {
+                        "type": "speak",
+                        "id": id,
+                        "text": text,
+                        "voice": "espeak:en-us",
+                        "rate": "-100%",
+                    }
+                ).decode()
+            )
+        await asyncio.sleep(0.5)  # the slow one has started, and stopped being read
+        waits = []
+        for round in range(6):
+            async with connected(server) as other:
+                sent = asyncio.get_running_loop().time()
+                await other.speak("Am I heard at once?", id=f"o{round}", voice="espeak:fr")
+                while not other.so_far(f"o{round}").audio:
+                    await other.read_one()
+                waits.append(asyncio.get_running_loop().time() - sent)
+                result = await other.until_final(f"o{round}")
+                assert result.final["type"] == "end"
+        assert max(waits) < OFFLINE_FIRST_AUDIO_BOUND, waits
+    finally:
+        slow.transport.abort()

@@ -6,10 +6,22 @@ The output has the Edge voices' format (MPEG-2 Layer III, 24 kHz, mono,
 48 kbit/s), so clients see one format whichever engine speaks.
 
 eSpeak NG is a process-wide singleton that crashes when called from two threads
-at once, so every call into it runs on one dedicated thread, one utterance after
-another. That thread only hands PCM blocks and word marks to the event loop
-(``call_soon_threadsafe``); MP3 encoding runs in the default executor (lameenc
-releases the GIL), and the event loop never waits on either.
+at once, so every call into it runs on one dedicated thread. That thread only
+hands PCM blocks and word marks to the event loop (``call_soon_threadsafe``); MP3
+encoding runs in the default executor (lameenc releases the GIL), and the event
+loop never waits on either.
+
+The thread is shared fairly and never waits for a client. Each utterance is
+rendered in slices of at most ``SLICE_CHARS`` characters, cut at sentence ends
+where it can (:func:`text_slices`), and each utterance has at most one slice
+waiting for the thread, so utterances take turns slice by slice: a new one waits
+for at most one slice of each other utterance being rendered (about 0.2 s of
+eSpeak's time at the slowest rate), not for whole utterances. An utterance whose
+reader is more than ``AHEAD_MS`` of audio behind stops taking turns until its
+reader catches up, so what it holds is bounded and a client that does not read
+costs eSpeak nothing; the session closes such a client after ``SEND_TIMEOUT``,
+as for Edge audio. A connection speaks one utterance at a time, so it has at
+most one slice in the line.
 """
 
 from __future__ import annotations
@@ -18,6 +30,7 @@ import asyncio
 import contextlib
 import ctypes
 import logging
+import re
 import threading
 from collections import deque
 from collections.abc import AsyncGenerator, Callable
@@ -43,6 +56,7 @@ __all__ = [
     "EspeakEngine",
     "EspeakUnavailable",
     "prosody_settings",
+    "text_slices",
 ]
 
 logger = logging.getLogger("ttsstream.espeak")
@@ -56,10 +70,18 @@ ENCODER_DELAY_MS = 46.0
 # Limits
 #: Milliseconds of PCM per eSpeak callback.
 BLOCK_MS = 100
-#: PCM blocks eSpeak may run ahead of the event loop before it waits (about 10 s of audio).
-BLOCKS_AHEAD = 100
-#: Seconds between checks for cancellation while eSpeak waits for the loop.
-_CANCEL_POLL_SECONDS = 0.05
+#: Most characters of one utterance rendered before another utterance takes its turn
+#: (about 0.2 s of eSpeak's time at the slowest rate, 0.1 s at the normal one).
+SLICE_CHARS = 200
+#: Milliseconds of audio an utterance may have rendered ahead of its reader; past it,
+#: its next slice waits until the reader is back under half of it.
+AHEAD_MS = 10_000.0
+
+#: A sentence end: ., !, ? or … (closing quotes or brackets may follow) then
+#: whitespace; a CJK full stop, exclamation or question mark; or a newline.
+#: The word a slice's rendering reads past its end, to make the pause before it.
+_NEXT_WORD = re.compile(r"\s*\S{1,32}")
+_SENTENCE_END = re.compile(r"[.!?…]+[\"'”“’‘»«)\]]*\s+|[。！？]+[」』）]*\s*|\n+")
 
 # eSpeak NG's C API (speak_lib.h).
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
@@ -146,18 +168,101 @@ def prosody_settings(rate: str, volume: str, pitch: str) -> tuple[int, int, int]
     )
 
 
+def text_slices(text: str, limit: int = SLICE_CHARS) -> list[tuple[int, int]]:
+    """Cut ``text`` into ``(start, end)`` slices of at most ``limit`` characters.
+
+    Whole sentences are grouped up to the limit; a longer sentence is cut at its
+    last whitespace before the limit, or at the limit when it has none (CJK text).
+    The slices cover the whole text, in order.
+    """
+    ends = [match.end() for match in _SENTENCE_END.finditer(text)]
+    if not ends or ends[-1] != len(text):
+        ends.append(len(text))
+    slices: list[tuple[int, int]] = []
+    start = 0
+    for index, end in enumerate(ends):
+        following = ends[index + 1] if index + 1 < len(ends) else None
+        if following is not None and following - start <= limit:
+            continue  # the next sentence fits in this slice too
+        while end - start > limit:
+            space = text.rfind(" ", start + 1, start + limit + 1)
+            cut = space + 1 if space > start else start + limit
+            slices.append((start, cut))
+            start = cut
+        if end > start:
+            slices.append((start, end))
+            start = end
+    return slices
+
+
+#: What the eSpeak thread delivers once it rendered a slice.
+_SLICE_END = "slice end"
+
+
 @dataclass(eq=False)
 class _Job:
-    """One utterance on the eSpeak thread."""
+    """One utterance, as the eSpeak thread sees it."""
 
-    text: bytes
+    text: str
+    slices: list[tuple[int, int]]
     identifier: bytes
     settings: tuple[int, int, int]
     deliver: Callable[[Any], None]
     #: Whether the event loop that reads this job still runs.
     loop_running: Callable[[], bool]
-    credits: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(BLOCKS_AHEAD))
     cancelled: threading.Event = field(default_factory=threading.Event)
+    #: PCM samples rendered so far (only the eSpeak thread touches it).
+    samples: int = 0
+
+
+class _Turns:
+    """One utterance's turns on the eSpeak thread, decided on the event loop.
+
+    It asks for one slice at a time, and for the next once the last one is
+    rendered, unless the reader is ``AHEAD_MS`` behind: then the next slice
+    waits until the reader consumed half of that.
+    """
+
+    def __init__(self, engine: EspeakEngine, job: _Job, sample_rate: int) -> None:
+        self.items: asyncio.Queue[Any] = asyncio.Queue()
+        self._engine = engine
+        self._job = job
+        self._ms_per_byte = 1000 / 2 / sample_rate
+        self._next = 0
+        self._rendering = False
+        self._buffered_ms = 0.0
+
+    def start(self) -> None:
+        self._ask()
+
+    def arrived(self, item: Any) -> None:
+        """On the event loop: what the thread delivered for this utterance."""
+        if item is _SLICE_END:
+            self._rendering = False
+            if self._next == len(self._job.slices):
+                self.items.put_nowait(None)  # the end of the utterance
+            else:
+                self._ask()
+            return
+        if isinstance(item, tuple):
+            self._buffered_ms += len(item[0]) * self._ms_per_byte
+        self.items.put_nowait(item)
+
+    def consumed(self, pcm: bytes) -> None:
+        """The reader took ``pcm``: ask for the next slice if it was waiting for that."""
+        self._buffered_ms -= len(pcm) * self._ms_per_byte
+        if self._buffered_ms < AHEAD_MS / 2:
+            self._ask()
+
+    def _ask(self) -> None:
+        job = self._job
+        if self._rendering or self._next == len(job.slices) or job.cancelled.is_set():
+            return
+        if self._buffered_ms >= AHEAD_MS:
+            return  # the reader is far behind: its next slice waits for it
+        self._rendering = True
+        self._engine._thread.submit(self._engine._render_slice, job, self._next)
+        self._next += 1
 
 
 class EspeakEngine:
@@ -175,7 +280,14 @@ class EspeakEngine:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="espeak")
         self._lib: Any = None
         self._sample_rate = 0
+        #: The job being rendered, where its slice starts in its text and in its audio.
         self._job: _Job | None = None
+        self._slice_start = 0
+        self._slice_offset_ms = 0.0
+        #: Where the next slice's word starts in this slice's text (None: the last slice),
+        #: and the samples this slice delivered so far.
+        self._stop_at: int | None = None
+        self._call_samples = 0
         # Kept referenced: eSpeak holds the pointer for the life of the process.
         self._callback = _SynthCallback(self._on_block)
         self._voices = self._thread.submit(self._initialize).result()
@@ -254,25 +366,26 @@ class EspeakEngine:
         """
         voice = self._voice(request.voice)
         loop = asyncio.get_running_loop()
-        blocks: asyncio.Queue[Any] = asyncio.Queue()
         job = _Job(
-            text=request.text.encode("utf-8") + b"\0",
+            text=request.text,
+            slices=text_slices(request.text, SLICE_CHARS),
             identifier=voice.identifier.encode(),
             settings=prosody_settings(request.rate, request.volume, request.pitch),
-            deliver=lambda item: _call_soon(loop, blocks.put_nowait, item),
+            deliver=lambda item: _call_soon(loop, turns.arrived, item),
             loop_running=lambda: not loop.is_closed(),
         )
+        turns = _Turns(self, job, self._sample_rate)
         timeline = WordTimeline(request.text)
         encoder = _mp3_encoder(self._sample_rate)
         held: deque[tuple[float, bytes]] = deque()
         pcm_ms = 0.0
-        self._thread.submit(self._speak, job)
+        turns.start()
         try:
-            while (item := await blocks.get()) is not None:
+            while (item := await turns.items.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
                 pcm, marks = item
-                job.credits.release()
+                turns.consumed(pcm)
                 for char_index, time_ms in marks:
                     for word in timeline.mark(char_index, time_ms):
                         yield _delayed(word)
@@ -292,7 +405,7 @@ class EspeakEngine:
                 if mp3:
                     yield AudioChunk(mp3)
         finally:
-            # eSpeak stops at its next block; the thread then takes the next utterance.
+            # eSpeak stops at its next block; the thread then takes the next slice.
             job.cancelled.set()
 
     # On the eSpeak thread
@@ -333,12 +446,21 @@ class EspeakEngine:
         logger.info("offline voice: eSpeak NG, %d voices, %d Hz", len(voices), sample_rate)
         return voices
 
-    def _speak(self, job: _Job) -> None:
-        if job.cancelled.is_set():
-            job.deliver(None)
+    def _render_slice(self, job: _Job, index: int) -> None:
+        """Render slice ``index`` of ``job`` (its blocks, then _SLICE_END), unless cancelled."""
+        if job.cancelled.is_set() or not job.loop_running():
             return
         lib = self._lib
-        self._job = job
+        start, end = job.slices[index]
+        # Unless this is the last slice, eSpeak also reads the next word, so that the
+        # pause before it is the one it makes within a text (a text's end has a shorter
+        # one); the audio is cut where that word starts (see _on_block).
+        lookahead = _NEXT_WORD.match(job.text, end) if index + 1 < len(job.slices) else None
+        text = job.text[start : lookahead.end() if lookahead else end].encode("utf-8") + b"\0"
+        self._job, self._slice_start = job, start
+        self._stop_at = end - start if lookahead else None
+        self._call_samples = 0
+        self._slice_offset_ms = job.samples * 1000 / self._sample_rate
         try:
             if lib.espeak_SetVoiceByName(job.identifier) != 0:
                 raise InvalidVoice("unknown voice")
@@ -346,34 +468,47 @@ class EspeakEngine:
                 (_PARAM_RATE, _PARAM_VOLUME, _PARAM_PITCH), job.settings, strict=True
             ):
                 lib.espeak_SetParameter(parameter, value, 0)
-            lib.espeak_Synth(job.text, len(job.text), 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None)
+            lib.espeak_Synth(text, len(text), 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None)
         except Exception as exc:
             job.deliver(exc)
         else:
-            job.deliver(None)
+            job.deliver(_SLICE_END)
         finally:
             self._job = None
 
     def _on_block(self, wav: Any, sample_count: int, events: Any) -> int:
         """eSpeak's synchronous callback: one block of PCM and the events in it."""
         job = self._job
-        if job is None or job.cancelled.is_set():
+        if job is None or job.cancelled.is_set() or not job.loop_running():
             return 1
-        pcm = ctypes.string_at(wav, sample_count * 2) if sample_count > 0 and wav else b""
+        sample_count = max(sample_count, 0)
         marks = []
+        stop = False
         index = 0
         while events[index].type != _EVENT_LIST_TERMINATED:
             event = events[index]
-            if event.type == _EVENT_WORD:
-                # text_position counts characters from 1.
-                marks.append((event.text_position - 1, float(event.audio_position)))
             index += 1
-        # Wait for room, so a slow client cannot make eSpeak buffer a whole book.
-        while not job.credits.acquire(timeout=_CANCEL_POLL_SECONDS):
-            if job.cancelled.is_set() or not job.loop_running():
-                return 1
+            if event.type != _EVENT_WORD:
+                continue
+            # text_position counts characters from 1, in the slice; audio_position
+            # milliseconds from the slice's start.
+            if self._stop_at is not None and event.text_position - 1 >= self._stop_at:
+                # The next slice's first word: keep the pause before it, stop there.
+                starts_at = round(event.audio_position * self._sample_rate / 1000)
+                sample_count = min(sample_count, max(0, starts_at - self._call_samples))
+                stop = True
+                break
+            marks.append(
+                (
+                    self._slice_start + event.text_position - 1,
+                    self._slice_offset_ms + float(event.audio_position),
+                )
+            )
+        pcm = ctypes.string_at(wav, sample_count * 2) if sample_count and wav else b""
+        self._call_samples += sample_count
+        job.samples += sample_count
         job.deliver((pcm, marks))
-        return 0
+        return 1 if stop else 0
 
 
 def _list_voices(lib: Any) -> list[EspeakVoice]:
