@@ -15,7 +15,13 @@ import pytest
 from tests.conftest import TIMEOUT
 from ttsstream.engine import MP3_24KHZ_48KBPS, WordEvent
 from ttsstream.stats import Stats
-from ttsstream.store import STALE_TEMP_SECONDS, CacheEntry, DiskCache, cache_key
+from ttsstream.store import (
+    ABANDONED_TEMP_SECONDS,
+    STALE_TEMP_SECONDS,
+    CacheEntry,
+    DiskCache,
+    cache_key,
+)
 
 WORDS = (WordEvent("Hello", 100.0, 300.0, 0, 5), WordEvent("world", 450.0, 310.5, 7, 12))
 
@@ -148,17 +154,41 @@ async def test_unusable_directory_never_raises(tmp_path: Path) -> None:
     assert stats.cache_errors >= 2 and stats.cache_entries == 0
 
 
-def test_stale_temporaries_are_removed_at_start(tmp_path: Path) -> None:
-    """Old temporary files (a crashed writer's) are removed; a fresh one may be another
-    instance's write in progress and is left."""
+def _age(path: Path, seconds: float) -> None:
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+async def test_abandoned_temporaries_are_removed_and_counted_until_then(tmp_path: Path) -> None:
+    """A temporary file whose writer died is removed at the next start, however soon that
+    comes; one of a writer still running is left, and counted in the cache's size until
+    a sweep finds it abandoned; a very old one goes whoever wrote it."""
     opened(tmp_path)
-    stale, fresh = tmp_path / "tmp" / "x.1.aa.part", tmp_path / "tmp" / "y.2.bb.part"
-    stale.write_bytes(b"half")
-    fresh.write_bytes(b"half")
-    old = time.time() - STALE_TEMP_SECONDS - 1
-    os.utime(stale, (old, old))
-    opened(tmp_path)
-    assert not stale.exists() and fresh.exists()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        temp = tmp_path / "tmp"
+        crashed = temp / f"{key('a')}.{gone.pid}.aa.part"
+        writing = temp / f"{key('b')}.{running.pid}.bb.part"
+        ancient = temp / f"{key('c')}.{running.pid}.cc.part"
+        for path in (crashed, writing, ancient):
+            path.write_bytes(b"x" * 1000)
+        _age(crashed, ABANDONED_TEMP_SECONDS + 1)
+        _age(ancient, STALE_TEMP_SECONDS + 1)
+        cache, stats = opened(tmp_path)
+        assert sorted(temp.iterdir()) == [writing]
+        assert cache.total_bytes == stats.cache_bytes == 1000
+        # The writer dies too: the next sweep removes its file and stops counting it.
+        running.kill()
+        running.wait()
+        _age(writing, ABANDONED_TEMP_SECONDS + 1)
+        await cache.sweep()
+        assert list(temp.iterdir()) == []
+        assert cache.total_bytes == stats.cache_bytes == 0
+    finally:
+        running.kill()
+        running.wait()
 
 
 WRITER = """
@@ -194,8 +224,7 @@ async def test_kill_9_mid_write_leaves_no_half_entry(tmp_path: Path) -> None:
         temporaries = list((tmp_path / "tmp").iterdir())
         killed_mid_write += bool(temporaries)
         for temporary in temporaries:
-            old = time.time() - STALE_TEMP_SECONDS - 1
-            os.utime(temporary, (old, old))
+            _age(temporary, ABANDONED_TEMP_SECONDS + 1)  # the restart is not instantaneous
 
         cache, stats = opened(tmp_path)
         found = await cache.get(target)

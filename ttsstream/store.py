@@ -3,7 +3,7 @@
 Layout under ``CACHE_DIR``::
 
     ab/abcdef….tts      an entry, named by its key (fanned out by the key's first two hex digits)
-    tmp/….part          entries being written; renamed into place once complete
+    tmp/<key>.<pid>.<random>.part   entries being written; renamed into place once complete
 
 An entry file holds a small binary header, a JSON description (voice, engine,
 word events, audio length and SHA-256) and the MP3 bytes. It is written to a
@@ -14,7 +14,13 @@ JSON, checksum mismatch) is detected on read, dropped and counted.
 Recency lives in the files' modification times (a hit touches its file), so the
 least-recently-used order survives a restart; the in-memory index is rebuilt
 from a directory scan at start. Several instances may share the directory: the
-disk is the truth, and each instance's index covers what it has seen.
+disk is the truth, and each instance's index covers what it has seen (so each
+evicts by what it has seen: with N instances, the directory may hold up to N ×
+``CACHE_MAX_SIZE_MB``).
+
+A temporary file whose writer is gone (killed mid-write) is removed at start and
+by a sweep at most once a minute while entries are written; until then it counts
+toward the cache's size, so the size cap holds.
 """
 
 from __future__ import annotations
@@ -55,9 +61,14 @@ _TEMP_DIR = "tmp"
 #: Threads that read entries, and threads that write or delete them.
 READ_THREADS = 4
 WRITE_THREADS = 2
-#: Temporary files older than this, in seconds, are a crashed writer's and are removed
-#: at start. Younger ones may belong to another instance sharing the directory.
+#: Temporary files older than this, in seconds, are a crashed writer's whoever wrote them.
 STALE_TEMP_SECONDS = 300.0
+#: A temporary file of a process that no longer runs is abandoned after these seconds.
+#: Younger, it may be a write in progress of an instance that does not share our
+#: process ids (another container on the same volume): a write takes milliseconds.
+ABANDONED_TEMP_SECONDS = 1.0
+#: Seconds between sweeps of abandoned temporary files while entries are written.
+TEMP_SWEEP_SECONDS = 60.0
 
 
 @functools.lru_cache(maxsize=1024)
@@ -141,6 +152,9 @@ class DiskCache:
         self._hot: OrderedDict[str, CacheEntry] = OrderedDict()
         self._hot_bytes = 0
         self._touched: dict[str, float] = {}
+        #: Temporary files found on disk that are not known abandoned: path -> size.
+        self._temps: dict[str, int] = {}
+        self._swept_at = 0.0
         self._touch_interval = touch_interval
         # Reads and writes on threads of their own: a lookup must never queue behind a
         # write's fsync (nor behind the default executor's other work).
@@ -164,9 +178,10 @@ class DiskCache:
         without entries and tries again on each write.
         """
         started = time.perf_counter()
+        temps: dict[str, int] = {}
         try:
             (self.directory / _TEMP_DIR).mkdir(parents=True, exist_ok=True)
-            self._remove_stale_temporaries()
+            temps = self._sweep_temporaries()
             found = list(self._scan())
         except OSError as exc:
             self._disk_error("open", exc)
@@ -174,6 +189,8 @@ class DiskCache:
         found.sort(key=lambda item: item[1])
         self._index = OrderedDict((key, size) for key, _, size in found)
         self._bytes = sum(self._index.values())
+        self._temps = {}
+        self._count_temporaries(temps)
         self._evict()
         self._publish()
         logger.info(
@@ -184,14 +201,34 @@ class DiskCache:
             (time.perf_counter() - started) * 1000,
         )
 
-    def _remove_stale_temporaries(self) -> None:
-        cutoff = time.time() - STALE_TEMP_SECONDS
+    def _sweep_temporaries(self) -> dict[str, int]:
+        """Remove abandoned temporary files; the others' sizes, by path (in a thread)."""
+        kept = {}
+        now = time.time()
         with os.scandir(self.directory / _TEMP_DIR) as entries:
             for entry in entries:
                 with contextlib.suppress(FileNotFoundError):
-                    if entry.stat().st_mtime < cutoff:
+                    stat = entry.stat()
+                    if _abandoned(entry.name, now - stat.st_mtime):
                         os.unlink(entry.path)
-                        logger.info("cache: removed stale temporary file %s", entry.name)
+                        logger.info("cache: removed abandoned temporary file %s", entry.name)
+                    else:
+                        kept[entry.path] = stat.st_size
+        return kept
+
+    def _count_temporaries(self, temps: dict[str, int]) -> None:
+        """Count ``temps`` (and no longer the ones of the last sweep) in the cache's size."""
+        self._bytes += sum(temps.values()) - sum(self._temps.values())
+        self._temps = temps
+        self._swept_at = time.monotonic()
+        self._publish()
+
+    async def sweep(self) -> None:
+        """Remove abandoned temporary files now and count the others (disk errors logged)."""
+        try:
+            self._count_temporaries(await self._in(self._writers, self._sweep_temporaries))
+        except OSError as exc:
+            self._disk_error("sweep", exc)
 
     def _scan(self) -> list[tuple[str, float, int]]:
         found = []
@@ -297,6 +334,9 @@ class DiskCache:
         self._remember(key, size)
         self._keep_hot(key, entry)
         self._touched[key] = time.monotonic()
+        if time.monotonic() - self._swept_at > TEMP_SWEEP_SECONDS:
+            self._swept_at = time.monotonic()
+            await self.sweep()
         victims = self._victims()
         if victims:
             await self._in(self._writers, self._unlink_all, victims)
@@ -381,6 +421,32 @@ class DiskCache:
             self.directory,
             exc.strerror or type(exc).__name__,
         )
+
+
+def _abandoned(name: str, age: float) -> bool:
+    """Whether a temporary file ``age`` seconds old is one no writer will finish."""
+    if age > STALE_TEMP_SECONDS:
+        return True
+    parts = name.split(".")
+    if len(parts) != 4 or not parts[1].isdigit():
+        return age > ABANDONED_TEMP_SECONDS  # not a name this module makes
+    pid = int(parts[1])
+    if pid == os.getpid():
+        # Ours, or a previous life's (containers reuse ids): none of our writes takes
+        # a sweep's period.
+        return age > TEMP_SWEEP_SECONDS
+    return age > ABANDONED_TEMP_SECONDS and not _running(pid)
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (in this process-id namespace)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it runs, as another user
+    return True
 
 
 def _encode(entry: CacheEntry) -> bytes:
