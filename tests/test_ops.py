@@ -224,6 +224,30 @@ async def test_drain_finishes_utterances_and_refuses_new_ones(
         assert client.ws.close_code == 1001
 
 
+async def test_utterances_cut_by_the_drain_are_told_so(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """Past DRAIN_TIMEOUT, the playing utterance gets shutting_down with partial: true and
+    the queued one shutting_down with partial: false, before the 1001 close."""
+    server = await start_server()
+    fake.pause_after_chunks = 2
+    async with connected(server) as client:
+        await client.speak("This sentence is never finished.", id="cut")
+        await client.speak("This one never starts.", id="queued")
+        await asyncio.wait_for(fake.paused.wait(), TIMEOUT)
+        await asyncio.wait_for(server.drain(0.2), TIMEOUT)
+        cut = await client.until_final("cut")
+        assert cut.messages[0]["type"] == "start" and cut.audio
+        assert (cut.final["code"], cut.final["partial"]) == ("shutting_down", True)
+        queued = await client.until_final("queued")
+        assert [m["type"] for m in queued.messages] == ["error"]
+        assert (queued.final["code"], queued.final["partial"]) == ("shutting_down", False)
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(client.ws.recv(), TIMEOUT)
+        assert client.ws.close_code == 1001
+    assert server.stats.outcomes["shutting_down"] == 1
+
+
 async def test_sigterm_mid_utterance_delivers_it_and_exits_0(
     fake: FakeEdge, tmp_path: Path
 ) -> None:

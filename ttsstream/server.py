@@ -14,12 +14,14 @@ import gc
 import logging
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from types import TracebackType
+from typing import Any
 from urllib.parse import urlsplit
 
 from websockets.asyncio.server import Server as WebSocketServer
 from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
@@ -42,7 +44,7 @@ from ttsstream.logs import access
 from ttsstream.ops import OpsServer
 from ttsstream.protocol import MAX_FRAME_BYTES, HttpAnswer, encode_refusal
 from ttsstream.ratelimit import ConnectionCounter, MovingWindow
-from ttsstream.session import Session
+from ttsstream.session import ClientTooSlow, Session
 from ttsstream.speech import SpeechRouter, speech_router
 from ttsstream.stats import Stats
 from ttsstream.store import DiskCache
@@ -207,8 +209,9 @@ class Server:
         """Shut down gracefully: stop taking work, let utterances finish, then close.
 
         /ready turns 503 and the listener closes at once; new ``speak`` messages get
-        ``shutting_down``; utterances queued or playing get
-        finish within ``grace`` seconds; then every connection is closed with 1001.
+        ``shutting_down``; utterances queued or playing get ``grace`` seconds to
+        finish, and those that did not then get a ``shutting_down`` error (saying
+        whether their audio is partial); then every connection is closed with 1001.
         """
         if self.state != "serving" or self._server is None:
             return
@@ -229,10 +232,18 @@ class Server:
             _, late = await asyncio.wait(idle, timeout=grace)
             for task in late:
                 task.cancel()
+        unfinished = sum(session.utterances_in_progress for session in sessions)
+        # What is left is cut: each utterance learns it, before the connection closes.
+        cuts = [
+            asyncio.create_task(_quietly(session.cut()))
+            for session in sessions
+            if session.utterances_in_progress
+        ]
+        if cuts:
+            await asyncio.wait(cuts, timeout=CLOSE_TIMEOUT_AT_ONCE)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(STORE_FLUSH_TIMEOUT):
                 await self.speech.finish_stores()
-        unfinished = sum(session.utterances_in_progress for session in sessions)
         logger.info(
             "drained: %d of %d utterances finished, %d cut",
             waiting - unfinished,
@@ -360,6 +371,12 @@ class Server:
             self.stats.connections -= 1
             self._sessions.discard(session)
         logger.debug("conn=%s closed code=%s", session.connection_id, connection.close_code)
+
+
+async def _quietly(cut: Coroutine[Any, Any, None]) -> None:
+    """Run a session's cut; a client that left or stopped reading meanwhile is no error."""
+    with contextlib.suppress(ConnectionClosed, ClientTooSlow):
+        await cut
 
 
 async def _close_within(connection: ServerConnection, grace: float) -> None:

@@ -85,6 +85,10 @@ class Utterance:
     received_at: float
     #: Its end or error is being sent: too late to cancel.
     finishing: bool = False
+    #: Some of its audio was sent.
+    audio_sent: bool = False
+    #: Cut by a shutdown before its end.
+    cut: bool = False
 
     @property
     def id(self) -> str:
@@ -277,6 +281,32 @@ class Session:
                 return
         raise NotFound("no queued or playing utterance has this id", utterance_id=utterance_id)
 
+    async def cut(self) -> None:
+        """End what is playing or queued with ``shutting_down`` (the server stops now).
+
+        The playing utterance's error says whether its audio is partial; queued
+        ones never started. Nothing more of them is sent.
+        """
+        assert self._speaker is not None
+        stopped = ShuttingDown("the server is shutting down before this utterance ended")
+        current = self._current
+        queued = list(self._pending)
+        self._pending.clear()
+        if current is not None and not current.finishing:
+            current.cut = True
+            self._speaker.cancel()
+            self._track(self._speaker)
+            self._played(current)
+            self._stats.errors += 1
+            await self._send(
+                encode_error(stopped, utterance_id=current.id, partial=current.audio_sent)
+            )
+        for utterance in queued:
+            self._ids.discard(utterance.id)
+            self._stats.errors += 1
+            await self._send(encode_error(stopped, utterance_id=utterance.id))
+        self._idle.set()
+
     async def _cancel_playing(self, utterance: Utterance) -> None:
         """Stop the speaker where it is and hand the queue to a new one.
 
@@ -362,6 +392,7 @@ class Session:
                         ttfb_ms = (time.perf_counter() - utterance.received_at) * 1000
                         self._stats.observe_first_audio(_source(started), ttfb_ms / 1000)
                     await self._send(event.data, text=False)
+                    utterance.audio_sent = True
                     byte_count += len(event.data)
                     self._stats.bytes_sent += len(event.data)
                 elif batch:
@@ -384,7 +415,7 @@ class Session:
             )
         except asyncio.CancelledError as exc:
             if _cancelling():
-                outcome = "cancelled"
+                outcome = "shutting_down" if utterance.cut else "cancelled"
                 raise
             # Another task's cancellation that leaked this far is a failure of this
             # utterance, not a cancel of it.
