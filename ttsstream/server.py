@@ -14,14 +14,12 @@ import gc
 import logging
 import signal
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Any
 from urllib.parse import urlsplit
 
 from websockets.asyncio.server import Server as WebSocketServer
 from websockets.asyncio.server import ServerConnection, serve
-from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
@@ -44,7 +42,7 @@ from ttsstream.logs import access
 from ttsstream.ops import OpsServer
 from ttsstream.protocol import MAX_FRAME_BYTES, HttpAnswer, encode_refusal
 from ttsstream.ratelimit import ConnectionCounter, MovingWindow
-from ttsstream.session import ClientTooSlow, Session
+from ttsstream.session import Session
 from ttsstream.speech import SpeechRouter, speech_router
 from ttsstream.stats import Stats
 from ttsstream.store import DiskCache
@@ -235,7 +233,7 @@ class Server:
         unfinished = sum(session.utterances_in_progress for session in sessions)
         # What is left is cut: each utterance learns it, before the connection closes.
         cuts = [
-            asyncio.create_task(_quietly(session.cut()))
+            asyncio.create_task(session.cut())
             for session in sessions
             if session.utterances_in_progress
         ]
@@ -371,12 +369,6 @@ class Server:
             self.stats.connections -= 1
             self._sessions.discard(session)
         logger.debug("conn=%s closed code=%s", session.connection_id, connection.close_code)
-
-
-async def _quietly(cut: Coroutine[Any, Any, None]) -> None:
-    """Run a session's cut; a client that left or stopped reading meanwhile is no error."""
-    with contextlib.suppress(ConnectionClosed, ClientTooSlow):
-        await cut
 
 
 async def _close_within(connection: ServerConnection, grace: float) -> None:

@@ -1,8 +1,9 @@
 """One client connection: read its frames, speak its utterances one at a time.
 
 A session has two tasks. The reader parses frames and answers at once (errors,
-cancels, the voice list); the speaker takes utterances from a bounded queue in
-the order received and streams each one's events to the client. Every binary
+cancels; ``voices`` requests are answered one at a time by a task of their own);
+the speaker takes utterances from a bounded queue in the order received and
+streams each one's events to the client. Every binary
 frame between an utterance's ``start`` and its ``end``/``cancelled``/``error``
 therefore belongs to it.
 """
@@ -285,8 +286,13 @@ class Session:
         """End what is playing or queued with ``shutting_down`` (the server stops now).
 
         The playing utterance's error says whether its audio is partial; queued
-        ones never started. Nothing more of them is sent.
+        ones never started. Nothing more of them is sent. A client that left or
+        does not read is no error here.
         """
+        with contextlib.suppress(ConnectionClosed, ClientTooSlow):
+            await self._cut()
+
+    async def _cut(self) -> None:
         assert self._speaker is not None
         stopped = ShuttingDown("the server is shutting down before this utterance ended")
         current = self._current
