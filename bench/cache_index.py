@@ -16,9 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from ttsstream.engine import MP3_24KHZ_48KBPS, WordEvent
-from ttsstream.stats import Stats
-from ttsstream.store import CacheEntry, DiskCache, _encode, cache_key
+from ttsstream.cache.store import CacheEntry, DiskCache, _encode, cache_key
+from ttsstream.core.stats import Stats
+from ttsstream.engines.base import MP3_24KHZ_48KBPS, WordEvent
 
 
 def main() -> None:

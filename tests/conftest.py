@@ -17,8 +17,8 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from tests.fake_edge import FakeEdge
 from ttsstream.config import Config
+from ttsstream.core.router import speech_router
 from ttsstream.server import STREAM_PATH, Server
-from ttsstream.speech import speech_router
 
 #: Every timeout in the tests is a multiple of this; raise
 #: TTSSTREAM_TEST_TIMEOUT_SCALE on slow machines.

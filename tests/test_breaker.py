@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import Clock
-from ttsstream.breaker import CircuitBreaker
+from ttsstream.core.breaker import CircuitBreaker
 
 
 def test_opens_after_consecutive_failures_only() -> None:

@@ -31,10 +31,10 @@ from tests.conftest import (
 )
 from tests.fake_edge import FakeEdge
 from tests.processes import LISTENING, environment, run, start_process
-from ttsstream.cache import REPLAY_CHUNK_BYTES
-from ttsstream.flight import SharedSynthesis
+from ttsstream.cache.flight import SharedSynthesis
+from ttsstream.cache.speech_cache import REPLAY_CHUNK_BYTES
 from ttsstream.server import Server
-from ttsstream.session import Session
+from ttsstream.ws.session import Session
 
 TEXT = "Caching makes the second time instant, with the very same words."
 
@@ -154,7 +154,9 @@ async def test_store_waits_while_an_utterance_waits_for_first_audio(
     server: Server, fake: FakeEdge, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A finished utterance is stored once no other utterance waits for its first audio."""
-    monkeypatch.setattr("ttsstream.cache.STORE_DELAY_MAX", 60.0)  # only the quiet can store it
+    monkeypatch.setattr(
+        "ttsstream.cache.speech_cache.STORE_DELAY_MAX", 60.0
+    )  # only the quiet can store it
     async with connected(server) as waiting:
         await held_before_first_audio(fake, waiting)
         finished = await speak_once(server)
@@ -178,7 +180,7 @@ async def test_store_waits_at_most_store_delay_max(
     server: Server, fake: FakeEdge, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An utterance that never gets its first audio delays others' storing only so long."""
-    monkeypatch.setattr("ttsstream.cache.STORE_DELAY_MAX", 0.2)
+    monkeypatch.setattr("ttsstream.cache.speech_cache.STORE_DELAY_MAX", 0.2)
     async with connected(server) as waiting:
         await held_before_first_audio(fake, waiting)
         await speak_once(server)
@@ -191,7 +193,7 @@ async def test_drain_stores_what_waits_to_be_stored(
     server: Server, fake: FakeEdge, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A server shutting down stores finished utterances still waiting for their turn."""
-    monkeypatch.setattr("ttsstream.cache.STORE_DELAY_MAX", 60.0)
+    monkeypatch.setattr("ttsstream.cache.speech_cache.STORE_DELAY_MAX", 60.0)
     async with connected(server) as waiting:
         await held_before_first_audio(fake, waiting)
         await speak_once(server)

@@ -25,7 +25,7 @@ from tests.processes import (
     start_process,
     wait_listening,
 )
-from ttsstream.words import tokens_of
+from ttsstream.engines.words import tokens_of
 
 
 class ServerProcess:

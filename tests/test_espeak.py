@@ -12,17 +12,17 @@ import miniaudio
 import pytest
 
 from tests.conftest import TIMEOUT
-from ttsstream import espeak
-from ttsstream.engine import AudioChunk, SynthesisEvent, SynthesisRequest, WordEvent
-from ttsstream.espeak import (
+from ttsstream.engines import espeak
+from ttsstream.engines.base import AudioChunk, SynthesisEvent, SynthesisRequest, WordEvent
+from ttsstream.engines.espeak import (
     ENCODER_DELAY_MS,
     EspeakEngine,
     _mp3_encoder,
     prosody_settings,
     text_slices,
 )
+from ttsstream.engines.words import tokens_of
 from ttsstream.exceptions import InvalidVoice
-from ttsstream.words import tokens_of
 
 LONG_TEXT = " ".join(
     ["The quick brown fox jumps over the lazy dog, and then it runs far away."] * 12

@@ -10,12 +10,12 @@ import pytest
 
 from tests.conftest import MANY_CLIENTS, TIMEOUT, Client, Clock, ServerFactory, connected
 from tests.fake_edge import FakeEdge
-from ttsstream.breaker import BreakerStatus, CircuitBreaker
 from ttsstream.config import Config
+from ttsstream.core.breaker import BreakerStatus, CircuitBreaker
+from ttsstream.core.router import speech_router
+from ttsstream.engines.words import tokens_of
 from ttsstream.exceptions import ConfigError
 from ttsstream.server import Server
-from ttsstream.speech import speech_router
-from ttsstream.words import tokens_of
 
 TEXT = "The service failed, so the offline voice speaks instead."
 #: A short upstream deadline for the timeout cases, in seconds.

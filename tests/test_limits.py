@@ -8,10 +8,10 @@ import pytest
 from websockets.datastructures import Headers
 
 from tests.conftest import Clock
-from ttsstream.auth import ApiKeys, offered_keys, redact
-from ttsstream.clientip import client_ip, parse_networks
+from ttsstream.core.auth import ApiKeys, offered_keys, redact
+from ttsstream.core.clientip import client_ip, parse_networks
+from ttsstream.core.ratelimit import ConnectionCounter, MovingWindow
 from ttsstream.exceptions import ServerFull, TooManyConnections
-from ttsstream.ratelimit import ConnectionCounter, MovingWindow
 
 
 def test_window_allows_the_limit_then_says_when_to_retry() -> None:

@@ -26,7 +26,7 @@ from tests.conftest import (
 from tests.fake_edge import FakeEdge
 from tests.processes import serve_process
 from ttsstream import __version__
-from ttsstream.breaker import CircuitBreaker
+from ttsstream.core.breaker import CircuitBreaker
 from ttsstream.server import Server
 
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ttsstream.engine import Voice, WordEvent
+from ttsstream.engines.base import Voice, WordEvent
 from ttsstream.exceptions import (
     BadJSON,
     BadMessage,
@@ -23,7 +23,7 @@ from ttsstream.exceptions import (
     RequestError,
     TextTooLong,
 )
-from ttsstream.protocol import (
+from ttsstream.ws.protocol import (
     MAX_ID_LENGTH,
     Cancel,
     ListVoices,

@@ -13,10 +13,10 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from tests.conftest import TIMEOUT, Client, ServerFactory, connected, speaks_fine, url_of
 from tests.fake_edge import FakeEdge, spoken_words
 from ttsstream.config import Config
-from ttsstream.engine import MP3_24KHZ_48KBPS, SynthesisEvent, SynthesisRequest, Voice
-from ttsstream.protocol import MAX_FRAME_BYTES
+from ttsstream.core.router import SpeechRouter
+from ttsstream.engines.base import MP3_24KHZ_48KBPS, SynthesisEvent, SynthesisRequest, Voice
 from ttsstream.server import Server
-from ttsstream.speech import SpeechRouter
+from ttsstream.ws.protocol import MAX_FRAME_BYTES
 
 
 async def test_utterances_are_spoken_one_at_a_time_in_order(client: Client, fake: FakeEdge) -> None:

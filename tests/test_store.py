@@ -13,15 +13,15 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TIMEOUT
-from ttsstream.engine import MP3_24KHZ_48KBPS, WordEvent
-from ttsstream.stats import Stats
-from ttsstream.store import (
+from ttsstream.cache.store import (
     ABANDONED_TEMP_SECONDS,
     STALE_TEMP_SECONDS,
     CacheEntry,
     DiskCache,
     cache_key,
 )
+from ttsstream.core.stats import Stats
+from ttsstream.engines.base import MP3_24KHZ_48KBPS, WordEvent
 
 WORDS = (WordEvent("Hello", 100.0, 300.0, 0, 5), WordEvent("world", 450.0, 310.5, 7, 12))
 
@@ -194,8 +194,8 @@ async def test_abandoned_temporaries_are_removed_and_counted_until_then(tmp_path
 WRITER = """
 import asyncio, sys
 from pathlib import Path
-from ttsstream.stats import Stats
-from ttsstream.store import CacheEntry, DiskCache
+from ttsstream.core.stats import Stats
+from ttsstream.cache.store import CacheEntry, DiskCache
 cache = DiskCache(Path(sys.argv[1]), max_bytes=2**40, stats=Stats())
 cache.open()
 print("ready", flush=True)
@@ -237,8 +237,8 @@ async def test_kill_9_mid_write_leaves_no_half_entry(tmp_path: Path) -> None:
 RACER = """
 import asyncio, sys
 from pathlib import Path
-from ttsstream.stats import Stats
-from ttsstream.store import CacheEntry, DiskCache
+from ttsstream.core.stats import Stats
+from ttsstream.cache.store import CacheEntry, DiskCache
 from tests.conftest import entries
 cache = DiskCache(Path(sys.argv[1]), max_bytes=2**40, stats=Stats())
 cache.open()

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ttsstream.engine import WordEvent
-from ttsstream.words import SEARCH_WINDOW, WordLocator, WordTimeline, tokens_of
+from ttsstream.engines.base import WordEvent
+from ttsstream.engines.words import SEARCH_WINDOW, WordLocator, WordTimeline, tokens_of
 
 
 def locate_all(text: str, words: list[str]) -> list[tuple[int | None, int | None]]:

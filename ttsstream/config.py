@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 
-from ttsstream.clientip import Network, parse_networks
+from ttsstream.core.clientip import Network, parse_networks
 from ttsstream.exceptions import ConfigError
 
 __all__ = ["EDGE_VOICE_PATTERN", "OFFLINE_VOICE_PATTERN", "Config", "load_config"]

@@ -24,11 +24,14 @@ from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
 from ttsstream import logs
-from ttsstream.auth import SUBPROTOCOL, ApiKeys, offered_keys, redact
-from ttsstream.cache import SpeechCache
-from ttsstream.clientip import client_ip
+from ttsstream.cache.speech_cache import SpeechCache
+from ttsstream.cache.store import DiskCache
 from ttsstream.config import Config
-from ttsstream.demo import load_static
+from ttsstream.core.auth import SUBPROTOCOL, ApiKeys, offered_keys, redact
+from ttsstream.core.clientip import client_ip
+from ttsstream.core.ratelimit import ConnectionCounter, MovingWindow
+from ttsstream.core.router import SpeechRouter, speech_router
+from ttsstream.core.stats import Stats
 from ttsstream.exceptions import (
     EndpointNotFound,
     HandshakeRefused,
@@ -38,14 +41,11 @@ from ttsstream.exceptions import (
     TooManyConnections,
     Unauthorized,
 )
+from ttsstream.http.demo import load_static
+from ttsstream.http.ops import OpsServer
 from ttsstream.logs import access
-from ttsstream.ops import OpsServer
-from ttsstream.protocol import MAX_FRAME_BYTES, HttpAnswer, encode_refusal
-from ttsstream.ratelimit import ConnectionCounter, MovingWindow
-from ttsstream.session import Session
-from ttsstream.speech import SpeechRouter, speech_router
-from ttsstream.stats import Stats
-from ttsstream.store import DiskCache
+from ttsstream.ws.protocol import MAX_FRAME_BYTES, HttpAnswer, encode_refusal
+from ttsstream.ws.session import Session
 
 __all__ = ["STREAM_PATH", "Server", "run"]
 

@@ -26,10 +26,10 @@ import random
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, replace
 
-from ttsstream.breaker import CircuitBreaker
 from ttsstream.config import Config
-from ttsstream.edge import EdgeEngine
-from ttsstream.engine import (
+from ttsstream.core.breaker import CircuitBreaker
+from ttsstream.core.stats import Stats
+from ttsstream.engines.base import (
     AudioChunk,
     AudioFormat,
     Engine,
@@ -38,7 +38,8 @@ from ttsstream.engine import (
     Voice,
     WordEvent,
 )
-from ttsstream.espeak import VOICE_PREFIX, EspeakEngine
+from ttsstream.engines.edge import EdgeEngine
+from ttsstream.engines.espeak import VOICE_PREFIX, EspeakEngine
 from ttsstream.exceptions import (
     ConfigError,
     InvalidVoice,
@@ -47,11 +48,10 @@ from ttsstream.exceptions import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from ttsstream.stats import Stats
 
 __all__ = ["AUTO", "SpeechRouter", "Started", "speech_router"]
 
-logger = logging.getLogger("ttsstream.speech")
+logger = logging.getLogger("ttsstream.core.router")
 
 #: ``FALLBACK_VOICE`` value: the offline voice for the requested voice's locale.
 AUTO = VOICE_PREFIX + "auto"

@@ -20,7 +20,7 @@ from typing import Literal
 
 __all__ = ["BreakerStatus", "CircuitBreaker"]
 
-logger = logging.getLogger("ttsstream.breaker")
+logger = logging.getLogger("ttsstream.core.breaker")
 
 BreakerState = Literal["closed", "open", "half-open"]
 

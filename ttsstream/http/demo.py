@@ -11,11 +11,11 @@ import logging
 import sys
 from pathlib import Path
 
-from ttsstream.protocol import HttpAnswer
+from ttsstream.ws.protocol import HttpAnswer
 
 __all__ = ["CLIENTS_DIR", "load_static"]
 
-logger = logging.getLogger("ttsstream.demo")
+logger = logging.getLogger("ttsstream.http.demo")
 
 #: The browser client and the demo page, served on the WebSocket port: clients/ in
 #: a source checkout, else where a non-editable install put it.
@@ -23,12 +23,12 @@ CLIENTS_DIR = next(
     (
         directory
         for directory in (
-            Path(__file__).resolve().parent.parent / "clients",
+            Path(__file__).resolve().parents[2] / "clients",
             Path(sys.prefix) / "share" / "ttsstream" / "clients",
         )
         if (directory / "index.html").is_file()
     ),
-    Path(__file__).resolve().parent.parent / "clients",
+    Path(__file__).resolve().parents[2] / "clients",
 )
 _STATIC_TYPES = {
     ".html": "text/html; charset=utf-8",

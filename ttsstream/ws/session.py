@@ -26,9 +26,12 @@ from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
 from ttsstream import __version__
-from ttsstream.cache import SpeechCache
+from ttsstream.cache.speech_cache import SpeechCache
 from ttsstream.config import Config
-from ttsstream.engine import AudioChunk, SynthesisRequest, WordEvent
+from ttsstream.core.ratelimit import MovingWindow
+from ttsstream.core.router import Started
+from ttsstream.core.stats import Stats
+from ttsstream.engines.base import AudioChunk, SynthesisRequest, WordEvent
 from ttsstream.exceptions import (
     ClientError,
     InvalidParameter,
@@ -38,7 +41,7 @@ from ttsstream.exceptions import (
     ShuttingDown,
 )
 from ttsstream.logs import access
-from ttsstream.protocol import (
+from ttsstream.ws.protocol import (
     Cancel,
     ClientMessage,
     ListVoices,
@@ -54,13 +57,10 @@ from ttsstream.protocol import (
     error_code,
     parse_client_message,
 )
-from ttsstream.ratelimit import MovingWindow
-from ttsstream.speech import Started
-from ttsstream.stats import Stats
 
 __all__ = ["Session"]
 
-logger = logging.getLogger("ttsstream.session")
+logger = logging.getLogger("ttsstream.ws.session")
 
 #: Below this many bytes waiting in the write buffer, a frame is written at once,
 #: without waiting for a drain (websockets waits only above its 32 KiB write limit).

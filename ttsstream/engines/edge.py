@@ -26,7 +26,7 @@ import yarl
 from edge_tts.exceptions import EdgeTTSException, NoAudioReceived, SkewAdjustmentError
 
 from ttsstream.config import EDGE_VOICE_PATTERN
-from ttsstream.engine import (
+from ttsstream.engines.base import (
     MP3_24KHZ_48KBPS,
     AudioChunk,
     AudioFormat,
@@ -35,6 +35,7 @@ from ttsstream.engine import (
     Voice,
     WordEvent,
 )
+from ttsstream.engines.words import WordLocator
 from ttsstream.exceptions import (
     InvalidVoice,
     NoAudio,
@@ -42,11 +43,10 @@ from ttsstream.exceptions import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from ttsstream.words import WordLocator
 
 __all__ = ["EdgeEngine", "UpstreamSessions"]
 
-logger = logging.getLogger("ttsstream.edge")
+logger = logging.getLogger("ttsstream.engines.edge")
 
 #: edge-tts reports times in 100-nanosecond ticks.
 TICKS_PER_MS = 10_000
@@ -161,7 +161,7 @@ class EdgeEngine:
         self._voices_lock = asyncio.Lock()
 
     async def synthesize(self, request: SynthesisRequest) -> AsyncGenerator[SynthesisEvent, None]:
-        """Stream one utterance from the Edge service; see :class:`~ttsstream.engine.Engine`."""
+        """Stream one utterance from the Edge service; see :class:`.base.Engine`."""
         await self.check_voice(request.voice)
         try:
             communicate = edge_tts.Communicate(

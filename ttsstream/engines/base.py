@@ -5,7 +5,7 @@ An engine turns a :class:`SynthesisRequest` into an async generator of
 them. Closing the generator (``aclose()``, or cancelling the task that reads it)
 must release the engine's upstream resources at once.
 
-This module does no I/O; engines live in their own modules (:mod:`ttsstream.edge`).
+This module does no I/O; engines live in their own modules (:mod:`ttsstream.engines.edge`).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import bisect
 import re
 from dataclasses import dataclass
 
-from ttsstream.engine import WordEvent
+from ttsstream.engines.base import WordEvent
 
 __all__ = ["Token", "WordLocator", "WordTimeline", "tokens_of"]
 

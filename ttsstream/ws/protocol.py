@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from ttsstream.engine import Voice, WordEvent
+from ttsstream.engines.base import Voice, WordEvent
 from ttsstream.exceptions import (
     BadJSON,
     BadMessage,

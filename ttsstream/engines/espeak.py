@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from ttsstream.engine import (
+from ttsstream.engines.base import (
     MP3_24KHZ_48KBPS,
     AudioChunk,
     AudioFormat,
@@ -47,8 +47,8 @@ from ttsstream.engine import (
     Voice,
     WordEvent,
 )
+from ttsstream.engines.words import WordTimeline
 from ttsstream.exceptions import InvalidVoice, NoAudio
-from ttsstream.words import WordTimeline
 
 __all__ = [
     "ENCODER_DELAY_MS",
@@ -59,7 +59,7 @@ __all__ = [
     "text_slices",
 ]
 
-logger = logging.getLogger("ttsstream.espeak")
+logger = logging.getLogger("ttsstream.engines.espeak")
 
 VOICE_PREFIX = "espeak:"
 

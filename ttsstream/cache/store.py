@@ -43,12 +43,12 @@ from typing import Any, TypeVar
 
 import orjson
 
-from ttsstream.engine import AudioFormat, WordEvent
-from ttsstream.stats import Stats
+from ttsstream.engines.base import AudioFormat, WordEvent
+from ttsstream.core.stats import Stats
 
 __all__ = ["FORMAT_VERSION", "CacheEntry", "DiskCache", "cache_key"]
 
-logger = logging.getLogger("ttsstream.store")
+logger = logging.getLogger("ttsstream.cache.store")
 
 T = TypeVar("T")
 

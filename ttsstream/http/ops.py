@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from ttsstream import __version__
 from ttsstream.exceptions import ClientError
-from ttsstream.protocol import encode_voices
+from ttsstream.ws.protocol import encode_voices
 
 if TYPE_CHECKING:
     from ttsstream.server import Server

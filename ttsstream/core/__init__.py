@@ -1,0 +1,1 @@
+"""The speech core both doors use: routing and upstream protection, limits, keys, counters."""

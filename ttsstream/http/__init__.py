@@ -1,0 +1,1 @@
+"""HTTP: the operators' side port and the demo files."""

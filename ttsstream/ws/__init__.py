@@ -1,0 +1,1 @@
+"""The WebSocket door: protocol v1's wire format and one session per connection."""
