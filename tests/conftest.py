@@ -17,7 +17,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from tests.fake_edge import FakeEdge
 from ttsstream.config import Config
-from ttsstream.core.router import speech_router
+from ttsstream.core.services import build_services
 from ttsstream.server import STREAM_PATH, Server
 
 #: Every timeout in the tests is a multiple of this; raise
@@ -56,7 +56,7 @@ async def start_server(fake: FakeEdge, tmp_path: Path) -> AsyncIterator[ServerFa
             **settings,
         }
         config = Config(**settings)
-        server = Server(config, speech_router(config, with_offline=with_offline))
+        server = Server(build_services(config, with_offline=with_offline))
         await server.start()
         servers.append(server)
         return server

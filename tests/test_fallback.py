@@ -139,7 +139,7 @@ async def test_retries_are_bounded(start_server: ServerFactory, fake: FakeEdge) 
 
 async def breaker_server(start_server: ServerFactory, clock: Clock, **settings: Any) -> Server:
     server = await start_server(upstream_retries=0, **settings)
-    server.speech.router.breaker = CircuitBreaker(failure_threshold=2, cooldown=30, clock=clock)
+    server.services.router.breaker = CircuitBreaker(failure_threshold=2, cooldown=30, clock=clock)
     return server
 
 
@@ -155,7 +155,7 @@ async def test_breaker_opens_sends_to_fallback_and_closes(
             await client.speak(TEXT, id=id)
             assert (await client.until_final(id)).messages[0]["fallback"] is True
         assert fake.handshakes == 2
-        assert server.speech.router.breaker.status.state == "open"
+        assert server.services.router.breaker.status.state == "open"
 
         fake.refuse_status = None  # Edge is back, but the breaker does not know yet.
         await client.speak(TEXT)
@@ -166,7 +166,7 @@ async def test_breaker_opens_sends_to_fallback_and_closes(
         await client.speak(TEXT, id="trial")
         trial = await client.until_final("trial")
         assert (trial.messages[0]["engine"], trial.final["type"]) == ("edge", "end")
-        assert server.speech.router.breaker.status == BreakerStatus(
+        assert server.services.router.breaker.status == BreakerStatus(
             "closed", 0, "upstream_unavailable", None
         )
         assert fake.handshakes == 3

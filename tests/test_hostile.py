@@ -273,14 +273,14 @@ async def test_made_up_voices_cannot_open_the_breaker(
             bad = await client.until_final(f"bad{attempt}")
             # The offline voice speaks instead, saying why.
             assert bad.messages[0]["fallback_reason"] == "no_audio", bad.messages[0]
-        assert server.speech.router.breaker.status.state == "closed"
+        assert server.services.router.breaker.status.state == "closed"
         await client.speak("Hello.", id="good")
         good = await client.until_final("good")
         assert (good.messages[0]["engine"], good.final["type"]) == ("edge", "end")
 
         fake.refuse_voices_status = None
         for _ in range(int(TIMEOUT * 100)):
-            if server.speech.router.edge_voices:
+            if server.services.router.edge_voices:
                 break
             await asyncio.sleep(0.01)
         calls = fake.handshakes

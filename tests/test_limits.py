@@ -8,10 +8,20 @@ import pytest
 from websockets.datastructures import Headers
 
 from tests.conftest import Clock
+from ttsstream.config import Config
+from ttsstream.core.admission import Admission
 from ttsstream.core.auth import ApiKeys, offered_keys, redact
 from ttsstream.core.clientip import client_ip, parse_networks
 from ttsstream.core.ratelimit import ConnectionCounter, MovingWindow
-from ttsstream.exceptions import ServerFull, TooManyConnections
+from ttsstream.core.stats import Stats
+from ttsstream.exceptions import (
+    EndpointNotFound,
+    OriginNotAllowed,
+    RateLimited,
+    ServerFull,
+    TooManyConnections,
+    Unauthorized,
+)
 
 
 def test_window_allows_the_limit_then_says_when_to_retry() -> None:
@@ -139,3 +149,50 @@ def test_redact_hides_keys_in_paths_and_subprotocols() -> None:
     """Query keys and key subprotocols are replaced in anything logged."""
     assert redact("/v1/stream?api_key=s3cret&x=1") == "/v1/stream?api_key=[redacted]&x=1"
     assert redact("ttsstream.v1, key.s3cret") == "ttsstream.v1, key.[redacted]"
+
+
+def test_admission_decides_from_headers_and_peer_alone() -> None:
+    """One policy object admits or refuses from a path, plain headers and the peer:
+    endpoint, rate limit, origin, key, connection cap, client IP behind a trusted proxy."""
+    clock = Clock()
+    stats = Stats()
+    admission = Admission(
+        Config(
+            api_keys=("secret",),
+            allowed_origins=("https://app.example",),
+            rate_limit_requests=4,
+            max_connections_per_ip=1,
+        ),
+        stats,
+        clock=clock,
+    )
+    keyed = Headers({"X-API-Key": "secret", "Origin": "https://app.example"})
+    assert admission.client_ip(Headers({"X-Forwarded-For": "9.9.9.9"}), "127.0.0.1") == "9.9.9.9"
+    assert admission.client_ip(Headers({"X-Forwarded-For": "9.9.9.9"}), "8.8.8.8") == "8.8.8.8"
+    refusals: list[tuple[str, Headers, bool, type[Exception]]] = [
+        ("/v1/stream", keyed, False, EndpointNotFound),
+        ("/v1/stream", Headers({"X-API-Key": "wrong"}), True, Unauthorized),
+        (
+            "/v1/stream",
+            Headers({"X-API-Key": "secret", "Origin": "https://evil"}),
+            True,
+            OriginNotAllowed,
+        ),
+    ]
+    for path, headers, endpoint, refusal in refusals:
+        with pytest.raises(refusal):
+            admission.admit(path, headers, "1.1.1.1", endpoint=endpoint)
+    admission.admit("/v1/stream?api_key=secret", Headers(), "1.1.1.1", endpoint=True)
+    with pytest.raises(TooManyConnections):
+        admission.admit("/v1/stream", keyed, "1.1.1.1", endpoint=True)
+    admission.release("1.1.1.1")
+    with pytest.raises(RateLimited) as limited:  # the fifth in the window (not the 404)
+        admission.admit("/v1/stream", keyed, "1.1.1.1", endpoint=True)
+    answer = admission.answer(limited.value, headers=keyed, client="1.1.1.1", path="/v1/stream")
+    assert answer.status == 429
+    assert dict(answer.headers)["Retry-After"] == str(limited.value.retry_after)
+    assert dict(answer.headers)["Access-Control-Allow-Origin"] == "https://app.example"
+    assert stats.rate_limited == 1
+    with pytest.raises(RateLimited):
+        admission.check_rate("1.1.1.1")
+    admission.check_rate("2.2.2.2")  # another client has its own window

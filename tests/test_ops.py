@@ -120,7 +120,7 @@ async def test_health_is_degraded_while_the_breaker_is_open(
 ) -> None:
     """/health is 200 healthy, and 200 degraded with the breaker's state while it is open."""
     server = await start_server(upstream_retries=0)
-    server.speech.router.breaker = CircuitBreaker(failure_threshold=1, cooldown=30, clock=Clock())
+    server.services.router.breaker = CircuitBreaker(failure_threshold=1, cooldown=30, clock=Clock())
     await wait_for_voice_list(server)
     status, health = await get(server, "/health")
     assert status == 200
@@ -157,7 +157,7 @@ async def test_health_is_degraded_while_the_breaker_is_open(
 
 async def wait_for_voice_list(server: Server) -> None:
     for _ in range(int(TIMEOUT * 100)):
-        if server.speech.router.edge_voices is not None:
+        if server.services.router.edge_voices is not None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("the voice list was never fetched")
@@ -170,7 +170,7 @@ async def test_health_is_degraded_while_the_voice_list_is_missing(
     fake.refuse_voices_status = 503
     server = await start_server()
     for _ in range(int(TIMEOUT * 100)):
-        if server.speech.router.edge_voices_error is not None:
+        if server.services.router.edge_voices_error is not None:
             break
         await asyncio.sleep(0.01)
     status, health = await get(server, "/health")

@@ -194,7 +194,7 @@ async def test_star_allows_every_origin(start_server: ServerFactory) -> None:
 async def limited_server(start_server: ServerFactory, **settings: Any) -> tuple[Server, Clock]:
     clock = Clock()
     server = await start_server(**settings)
-    server.limiter._clock = clock  # the test moves time; nothing sleeps
+    server.services.admission.limiter._clock = clock  # the test moves time; nothing sleeps
     return server, clock
 
 
@@ -264,7 +264,7 @@ async def test_connection_caps(start_server: ServerFactory) -> None:
     assert (status, body["error"]) == (503, "server_full")
     await a.close()
     for _ in range(100):
-        if server.connection_counts.total < 3:
+        if server.services.admission.connections.total < 3:
             break
         await asyncio.sleep(0.01)
     async with connect(url_of(server), additional_headers={"X-Forwarded-For": "198.51.100.1"}) as d:

@@ -13,7 +13,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from tests.conftest import TIMEOUT, Client, ServerFactory, connected, speaks_fine, url_of
 from tests.fake_edge import FakeEdge, spoken_words
 from ttsstream.config import Config
-from ttsstream.core.router import SpeechRouter
+from ttsstream.core.services import build_services
 from ttsstream.engines.base import MP3_24KHZ_48KBPS, SynthesisEvent, SynthesisRequest, Voice
 from ttsstream.server import Server
 from ttsstream.ws.protocol import MAX_FRAME_BYTES
@@ -271,8 +271,8 @@ class BrokenEngine:
 async def test_unexpected_failure_is_internal_and_reveals_nothing() -> None:
     """A bug in an engine gives internal with no detail, and the connection keeps working."""
     config = Config(host="127.0.0.1", port=0)
-    speech = SpeechRouter(edge=BrokenEngine(), offline=None, fallback_voice=None)
-    async with Server(config, speech) as server, connected(server) as client:
+    services = build_services(config, edge=BrokenEngine(), with_offline=False)
+    async with Server(services) as server, connected(server) as client:
         for id in ("a", "b"):
             await client.speak("Hi.", id=id)
             error = await client.until_final(id)

@@ -1,8 +1,8 @@
-"""The WebSocket server: handshake checks, sessions, and its lifecycle.
+"""The server: its doors over the services, handshake checks, and its lifecycle.
 
 .. code-block:: python
 
-    async with Server(config, engine) as server:
+    async with Server(build_services(config)) as server:
         await server.serve_forever()
 """
 
@@ -13,8 +13,7 @@ import contextlib
 import gc
 import logging
 import signal
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from types import TracebackType
 from urllib.parse import urlsplit
 
@@ -24,27 +23,14 @@ from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
 from ttsstream import logs
-from ttsstream.cache.speech_cache import SpeechCache
-from ttsstream.cache.store import DiskCache
 from ttsstream.config import Config
-from ttsstream.core.auth import SUBPROTOCOL, ApiKeys, offered_keys, redact
-from ttsstream.core.clientip import client_ip
-from ttsstream.core.ratelimit import ConnectionCounter, MovingWindow
-from ttsstream.core.router import SpeechRouter, speech_router
-from ttsstream.core.stats import Stats
-from ttsstream.exceptions import (
-    EndpointNotFound,
-    HandshakeRefused,
-    OriginNotAllowed,
-    RateLimited,
-    ServerFull,
-    TooManyConnections,
-    Unauthorized,
-)
+from ttsstream.core.admission import HttpAnswer
+from ttsstream.core.auth import SUBPROTOCOL
+from ttsstream.core.services import Services, build_services
+from ttsstream.exceptions import HandshakeRefused, RateLimited
 from ttsstream.http.demo import load_static
 from ttsstream.http.ops import OpsServer
-from ttsstream.logs import access
-from ttsstream.ws.protocol import MAX_FRAME_BYTES, HttpAnswer, encode_refusal
+from ttsstream.ws.protocol import MAX_FRAME_BYTES
 from ttsstream.ws.session import Session
 
 __all__ = ["STREAM_PATH", "Server", "run"]
@@ -72,55 +58,28 @@ class Server:
     """A ttsstream server: an async context manager that listens while entered.
 
     Args:
-        config: Every setting; ``config.host`` and ``config.port`` say where to listen
-            (port 0 picks a free port: see :attr:`port`).
-        router: Routes utterances to engines; by default built from ``config``.
-
-    Raises:
-        ConfigError: A voice setting names an offline voice that is not available.
+        services: Every part, built by :func:`~ttsstream.core.services.build_services`;
+            ``services.config.host`` and ``.port`` say where to listen (port 0 picks a
+            free port: see :attr:`port`).
     """
 
-    def __init__(
-        self,
-        config: Config,
-        router: SpeechRouter | None = None,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.config = config
-        self.stats = Stats()
-        self.keys = ApiKeys(config.api_keys)
-        self.limiter = MovingWindow(
-            config.rate_limit_requests, config.rate_limit_window, clock=clock
-        )
-        self.connection_counts = ConnectionCounter(
-            per_ip=config.max_connections_per_ip, total=config.max_connections
-        )
-        self._trusted = config.trusted_networks
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.config = services.config
+        self.stats = services.stats
+        self.speech = services.speech
+        self._admission = services.admission
         self._client_ips: dict[ServerConnection, str] = {}
         self._watchers: set[asyncio.Task[None]] = set()
-        self.store = (
-            DiskCache(
-                config.cache_dir,
-                max_bytes=config.cache_max_bytes,
-                stats=self.stats,
-                memory_bytes=int(config.cache_memory_mb * 2**20),
-            )
-            if config.cache_enabled
-            else None
-        )
-        router = router or speech_router(config)
-        router.stats = self.stats
-        self.speech = SpeechCache(router, self.store, self.stats)
         #: starting, serving, draining or closed; /ready is 200 only while serving.
         self.state = "starting"
-        self.ops = OpsServer(self)
+        self.ops = OpsServer(services, state=lambda: self.state)
         self._sessions: set[Session] = set()
         self._server: WebSocketServer | None = None
         self._port: int | None = None
         self._voice_list: asyncio.Task[None] | None = None
         self._ops_closed = False
-        self._static = load_static() if config.serve_demo else {}
+        self._static = load_static() if self.config.serve_demo else {}
 
     async def start(self) -> None:
         """Start the side port, open the cache, listen, and fetch the voice list.
@@ -129,8 +88,8 @@ class Server:
             OSError: A port cannot be listened on.
         """
         await self.ops.start()
-        if self.store is not None:
-            await asyncio.to_thread(self.store.open)
+        if self.services.store is not None:
+            await asyncio.to_thread(self.services.store.open)
         self._server = await serve(
             self._handle,
             self.config.host,
@@ -151,7 +110,7 @@ class Server:
         self._port = next(iter(self._server.sockets)).getsockname()[1]
         self._warn_about_access()
         self._voice_list = asyncio.create_task(
-            self.speech.router.keep_voices_fresh(self.config.voices_ttl)
+            self.services.router.keep_voices_fresh(self.config.voices_ttl)
         )
         self.state = "serving"
         logger.info(
@@ -201,7 +160,7 @@ class Server:
         if not self._ops_closed:
             self._ops_closed = True
             await self.ops.close()
-            await self.speech.router.aclose()
+            await self.services.router.aclose()
 
     async def drain(self, grace: float) -> None:
         """Shut down gracefully: stop taking work, let utterances finish, then close.
@@ -270,13 +229,14 @@ class Server:
 
     def _warn_about_access(self) -> None:
         loopback = self.config.host in ("127.0.0.1", "::1", "localhost")
-        if not self.keys.required and not loopback:
+        keys_required = self._admission.keys.required
+        if not keys_required and not loopback:
             logger.warning(
                 "no TTS_API_KEY: anyone who can reach %s:%s can use this server",
                 self.config.host,
                 self.config.port,
             )
-        if self.keys.required and self.config.allowed_origins is None:
+        if keys_required and self.config.allowed_origins is None:
             logger.warning(
                 "TTS_API_KEY is set but ALLOWED_ORIGINS allows every origin: any web page "
                 "that learns a key can use it from visitors' browsers"
@@ -291,51 +251,20 @@ class Server:
         if static is not None and "Upgrade" not in request.headers:
             return _respond(connection, static)
         peer = connection.remote_address[0] if connection.remote_address else ""
-        ip = client_ip(peer, request.headers, self._trusted)
+        ip = self._admission.client_ip(request.headers, peer)
+        endpoint = urlsplit(request.path).path == STREAM_PATH
         try:
-            self._admit(ip, request)
+            self._admission.admit(request.path, request.headers, ip, endpoint=endpoint)
         except (HandshakeRefused, RateLimited) as refused:
-            self._count_refusal(refused)
-            access("handshake_refused", ip=ip, reason=refused.code, path=redact(request.path)[:200])
-            response = _respond(connection, encode_refusal(refused))
-            origin = request.headers.get("Origin")
-            allowed = self.config.allowed_origins
-            if origin is not None and (allowed is None or origin.rstrip("/") in allowed):
-                # Browsers hide a refused WebSocket's status; the browser client asks the
-                # same URL over HTTP to tell the user why, which needs these from another origin.
-                response.headers["Access-Control-Allow-Origin"] = origin
-                response.headers["Access-Control-Expose-Headers"] = "Retry-After"
-                response.headers["Vary"] = "Origin"
-            return response
+            answer = self._admission.answer(
+                refused, headers=request.headers, client=ip, path=request.path
+            )
+            return _respond(connection, answer)
         self._client_ips[connection] = ip
         watcher = asyncio.create_task(self._release_when_closed(connection, ip))
         self._watchers.add(watcher)
         watcher.add_done_callback(self._watchers.discard)
         return None
-
-    def _admit(self, ip: str, request: Request) -> None:
-        """Raise why a handshake is refused; count its connection if it is not."""
-        if urlsplit(request.path).path != STREAM_PATH:
-            raise EndpointNotFound("no such endpoint")
-        # Every handshake counts, refused or not, so keys cannot be guessed at speed.
-        retry_after = self.limiter.hit(ip)
-        if retry_after is not None:
-            raise RateLimited("too many requests from this client", retry_after=retry_after)
-        origin = request.headers.get("Origin")
-        allowed = self.config.allowed_origins
-        if origin is not None and allowed is not None and origin.rstrip("/") not in allowed:
-            raise OriginNotAllowed("this origin may not connect")
-        if not self.keys.accept(offered_keys(request.headers, request.path)):
-            raise Unauthorized("a valid API key is required")
-        self.connection_counts.acquire(ip)
-
-    def _count_refusal(self, refused: HandshakeRefused | RateLimited) -> None:
-        if isinstance(refused, RateLimited | TooManyConnections | ServerFull):
-            self.stats.rate_limited += 1
-        elif isinstance(refused, Unauthorized):
-            self.stats.auth_failures += 1
-        elif isinstance(refused, OriginNotAllowed):
-            self.stats.origin_rejected += 1
 
     def _spawn_close(self, connection: ServerConnection, grace: float) -> None:
         task = asyncio.create_task(_close_within(connection, grace))
@@ -346,7 +275,7 @@ class Server:
         try:
             await connection.wait_closed()
         finally:
-            self.connection_counts.release(ip)
+            self._admission.release(ip)
             self._client_ips.pop(connection, None)
 
     async def _handle(self, connection: ServerConnection) -> None:
@@ -356,7 +285,7 @@ class Server:
             config=self.config,
             speech=self.speech,
             client_ip=ip,
-            limiter=self.limiter,
+            admission=self._admission,
             stats=self.stats,
         )
         session.draining = self.state != "serving"
@@ -406,7 +335,7 @@ async def run(config: Config) -> None:
     SIGHUP reopens the log files.
     """
     loop = asyncio.get_running_loop()
-    server = Server(config)
+    server = Server(build_services(config))
     try:
         await server.start()
     except BaseException:

@@ -71,14 +71,14 @@ class SpeechCache:
 
     def key_of(self, request: SynthesisRequest) -> str:
         """The cache key of an Edge request (also what logs show instead of the text)."""
-        edge = self.router.edge
+        engine, audio_format = self.router.online_engine
         return cache_key(
-            engine=edge.name,
+            engine=engine,
             voice=request.voice,
             rate=request.rate,
             volume=request.volume,
             pitch=request.pitch,
-            audio_format=edge.audio_format,
+            audio_format=audio_format,
             text=request.text,
         )
 
@@ -96,14 +96,14 @@ class SpeechCache:
                     yield event
             return
 
-        edge = self.router.edge
+        _, audio_format = self.router.online_engine
         key = self.key_of(request)
         flight = self._joinable_flight(key)
         if flight is None:
             entry = self._unwritten.get(key) or await self.store.get(key)
             if entry is not None:
                 self._stats.cache_hits += 1
-                for event in _replay(entry, edge.audio_format, words_ahead=words_ahead):
+                for event in _replay(entry, audio_format, words_ahead=words_ahead):
                     yield event
                 return
             # Another request may have started this synthesis during the disk read.

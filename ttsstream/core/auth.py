@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable, Sequence
 from urllib.parse import parse_qsl, urlsplit
 
-from websockets.datastructures import Headers
+from ttsstream.core.headers import HeaderValues
 
 __all__ = ["KEY_SUBPROTOCOL_PREFIX", "SUBPROTOCOL", "ApiKeys", "offered_keys", "redact"]
 
@@ -59,7 +59,7 @@ class ApiKeys:
         return f"ApiKeys({len(self._keys)} keys)"
 
 
-def offered_keys(headers: Headers, path: str) -> list[str]:
+def offered_keys(headers: HeaderValues, path: str) -> list[str]:
     """Every credential a handshake offers, in all accepted forms."""
     offered = list(headers.get_all("X-API-Key"))
     for value in headers.get_all("Authorization"):

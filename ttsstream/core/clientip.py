@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Sequence
 
-from websockets.datastructures import Headers
+from ttsstream.core.headers import HeaderValues
 
 __all__ = ["Network", "client_ip", "parse_networks"]
 
@@ -21,7 +21,7 @@ def parse_networks(entries: Sequence[str]) -> tuple[Network, ...]:
     return tuple(ipaddress.ip_network(entry.strip(), strict=False) for entry in entries)
 
 
-def client_ip(peer: str, headers: Headers, trusted: Sequence[Network]) -> str:
+def client_ip(peer: str, headers: HeaderValues, trusted: Sequence[Network]) -> str:
     """The client's IP address.
 
     It is the TCP peer, unless the peer is a trusted proxy: then the right-most
@@ -43,7 +43,7 @@ def client_ip(peer: str, headers: Headers, trusted: Sequence[Network]) -> str:
             break  # garbage in the chain: nothing left of it can be believed
         if not _is_trusted(address, trusted):
             return address
-    real_ip = _address(headers.get("X-Real-IP", ""))
+    real_ip = _address(headers.get("X-Real-IP") or "")
     return real_ip if real_ip is not None else peer
 
 

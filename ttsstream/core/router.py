@@ -92,6 +92,7 @@ class SpeechRouter:
         retries: Further attempts after a failed one, while no audio was sent.
         concurrency: Most simultaneous online syntheses.
         timeout: Seconds for all attempts together to produce the first audio.
+        stats: Counters to update.
     """
 
     def __init__(
@@ -106,6 +107,7 @@ class SpeechRouter:
         concurrency: int = 16,
         # Timeouts
         timeout: float = 15.0,
+        stats: Stats | None = None,
     ) -> None:
         if retries < 0:
             raise ValueError("retries must be >= 0")
@@ -122,12 +124,16 @@ class SpeechRouter:
         self._retries = retries
         self._slots = asyncio.Semaphore(concurrency)
         self._timeout = timeout
-        #: Counters to update; the server puts its own here.
-        self.stats = Stats()
+        self.stats = stats or Stats()
         #: Edge's voice list: how many voices it has (``None`` until fetched), and
         #: the error code of the last failed fetch (``None`` once one succeeded).
         self.edge_voices: int | None = None
         self.edge_voices_error: str | None = None
+
+    @property
+    def online_engine(self) -> tuple[str, AudioFormat]:
+        """The online engine's name and audio format (what cache keys are made of)."""
+        return self.edge.name, self.edge.audio_format
 
     # Voices
 
@@ -304,11 +310,19 @@ class SpeechRouter:
         return self.offline.voice_for_locale(locale) or LAST_RESORT_VOICE
 
 
-def speech_router(config: Config, *, with_offline: bool = True) -> SpeechRouter:
+def speech_router(
+    config: Config,
+    *,
+    stats: Stats | None = None,
+    edge: Engine | None = None,
+    with_offline: bool = True,
+) -> SpeechRouter:
     """Build the engines and the router that ``config`` describes.
 
     Args:
         config: The settings.
+        stats: Counters to update.
+        edge: The online engine; by default Edge, as ``config`` says.
         with_offline: Load the offline voice when it is installed (tests turn it off
             to see a server without the ``local`` extra).
 
@@ -316,13 +330,14 @@ def speech_router(config: Config, *, with_offline: bool = True) -> SpeechRouter:
         ConfigError: ``DEFAULT_VOICE`` or ``FALLBACK_VOICE`` names an offline voice
             that is not available.
     """
-    edge = EdgeEngine(
-        wss_url=config.edge_wss_url,
-        voices_url=config.edge_voices_url,
-        proxy=config.edge_proxy,
-        timeout=config.upstream_timeout,
-        voices_ttl=config.voices_ttl,
-    )
+    if edge is None:
+        edge = EdgeEngine(
+            wss_url=config.edge_wss_url,
+            voices_url=config.edge_voices_url,
+            proxy=config.edge_proxy,
+            timeout=config.upstream_timeout,
+            voices_ttl=config.voices_ttl,
+        )
     offline = EspeakEngine.load() if with_offline else None
     for variable, voice in (
         ("DEFAULT_VOICE", config.default_voice),
@@ -348,4 +363,5 @@ def speech_router(config: Config, *, with_offline: bool = True) -> SpeechRouter:
         retries=config.upstream_retries,
         concurrency=config.upstream_concurrency,
         timeout=config.upstream_timeout,
+        stats=stats,
     )

@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ttsstream.ws.protocol import HttpAnswer
+from ttsstream.core.admission import HttpAnswer
 
 __all__ = ["CLIENTS_DIR", "load_static"]
 

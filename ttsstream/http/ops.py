@@ -7,27 +7,31 @@ bind it to loopback (``HEALTH_HOST=127.0.0.1``) on a host that faces the interne
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ttsstream import __version__
+from ttsstream.core.services import Services
 from ttsstream.exceptions import ClientError
 from ttsstream.ws.protocol import encode_voices
-
-if TYPE_CHECKING:
-    from ttsstream.server import Server
 
 __all__ = ["OpsServer"]
 
 
 class OpsServer:
-    """The side port of one :class:`~ttsstream.server.Server`."""
+    """The side port of one server.
 
-    def __init__(self, server: Server) -> None:
-        self._server = server
+    Args:
+        services: The server's parts, which it reports on.
+        state: The server's state now: ``starting``, ``serving``, ``draining`` or ``closed``.
+    """
+
+    def __init__(self, services: Services, *, state: Callable[[], str]) -> None:
+        self._services = services
+        self._state = state
         app = web.Application()
         app.router.add_get("/health", self.health)
         app.router.add_get("/ready", self.ready)
@@ -38,7 +42,7 @@ class OpsServer:
         self._site: web.TCPSite | None = None
 
     async def start(self) -> None:
-        config = self._server.config
+        config = self._services.config
         await self._runner.setup()
         self._site = web.TCPSite(self._runner, config.health_address, config.health_port)
         await self._site.start()
@@ -56,15 +60,15 @@ class OpsServer:
 
     async def health(self, request: web.Request) -> web.Response:
         """Liveness: 200 while the process works, whatever Microsoft's service does."""
-        server = self._server
-        config = server.config
-        router = server.speech.router
+        services = self._services
+        config = services.config
+        router = services.router
         breaker = router.breaker.status
         # Without Edge's voice list, voices are not checked before calling Edge.
         no_voice_list = router.edge_voices is None and router.edge_voices_error is not None
         body = {
             "status": "degraded" if breaker.state == "open" or no_voice_list else "healthy",
-            "uptime_seconds": round(server.stats.uptime_seconds, 3),
+            "uptime_seconds": round(services.stats.uptime_seconds, 3),
             "cache_enabled": config.cache_enabled,
             "rate_limit": (
                 f"{config.rate_limit_requests}/{config.rate_limit_window:g}s"
@@ -82,29 +86,29 @@ class OpsServer:
                     "last_error": router.edge_voices_error,
                 },
             },
-            "fallback_voice": server.speech.router.fallback_voice,
-            "connections": server.stats.connections,
+            "fallback_voice": router.fallback_voice,
+            "connections": services.stats.connections,
         }
         return _json(body)
 
     async def ready(self, request: web.Request) -> web.Response:
         """Readiness: 503 before the WebSocket port listens and while draining."""
-        state = self._server.state
+        state = self._state()
         return _json(
             {"ready": state == "serving", "state": state}, 200 if state == "serving" else 503
         )
 
     async def stats(self, request: web.Request) -> web.Response:
-        return _json(self._server.stats.snapshot())
+        return _json(self._services.stats.snapshot())
 
     async def metrics(self, request: web.Request) -> web.Response:
-        response = web.Response(body=self._server.stats.metrics())
+        response = web.Response(body=self._services.stats.metrics())
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return response
 
     async def voices(self, request: web.Request) -> web.Response:
         try:
-            voices = await self._server.speech.voices()
+            voices = await self._services.speech.voices()
         except ClientError as exc:
             return _json({"error": exc.code, "message": exc.message}, 503)
         return web.Response(body=encode_voices(voices), content_type="application/json")

@@ -19,7 +19,6 @@ from ttsstream.exceptions import (
     BadMessage,
     ClientError,
     EmptyText,
-    HandshakeRefused,
     InvalidParameter,
     InvalidVoice,
     RateLimited,
@@ -35,14 +34,12 @@ __all__ = [
     "WORD_MODES",
     "Cancel",
     "ClientMessage",
-    "HttpAnswer",
     "ListVoices",
     "Speak",
     "encode_cancelled",
     "encode_end",
     "encode_error",
     "encode_hello",
-    "encode_refusal",
     "encode_start",
     "encode_voices",
     "encode_word",
@@ -373,28 +370,3 @@ def encode_error(
     if isinstance(exc, RateLimited):
         error["retry_after"] = exc.retry_after
     return _encode(error)
-
-
-@dataclass(frozen=True, slots=True)
-class HttpAnswer:
-    """An HTTP response sent instead of upgrading: a refusal, or a demo file."""
-
-    status: int
-    headers: tuple[tuple[str, str], ...]
-    body: bytes
-
-
-def encode_refusal(exc: HandshakeRefused | RateLimited) -> HttpAnswer:
-    """The HTTP response for a refused handshake: status, headers, small JSON body.
-
-    This is the one place where handshake refusals become responses.
-    """
-    headers: tuple[tuple[str, str], ...] = (("Content-Type", "application/json"),)
-    if isinstance(exc, RateLimited):
-        status = 429
-        headers += (("Retry-After", str(exc.retry_after)),)
-        body = {"error": exc.code, "message": exc.message, "retry_after": exc.retry_after}
-    else:
-        status = exc.status
-        body = {"error": exc.code, "message": exc.message}
-    return HttpAnswer(status=status, headers=headers, body=orjson.dumps(body))

@@ -28,7 +28,7 @@ from websockets.protocol import State
 from ttsstream import __version__
 from ttsstream.cache.speech_cache import SpeechCache
 from ttsstream.config import Config
-from ttsstream.core.ratelimit import MovingWindow
+from ttsstream.core.admission import Admission
 from ttsstream.core.router import Started
 from ttsstream.core.stats import Stats
 from ttsstream.engines.base import AudioChunk, SynthesisRequest, WordEvent
@@ -37,7 +37,6 @@ from ttsstream.exceptions import (
     InvalidParameter,
     NotFound,
     QueueFull,
-    RateLimited,
     ShuttingDown,
 )
 from ttsstream.logs import access
@@ -104,7 +103,7 @@ class Session:
         config: The server's configuration.
         speech: Speaks the utterances.
         client_ip: The client's address, as the server determined it.
-        limiter: Counts this client's ``speak`` messages against its rate limit.
+        admission: Counts this client's ``speak`` and ``voices`` against its rate limit.
         stats: Counters to update.
     """
 
@@ -115,14 +114,14 @@ class Session:
         config: Config,
         speech: SpeechCache,
         client_ip: str = "",
-        limiter: MovingWindow | None = None,
+        admission: Admission | None = None,
         stats: Stats | None = None,
     ) -> None:
         self._ws = websocket
         self._config = config
         self._speech = speech
         self.client_ip = client_ip
-        self._limiter = limiter
+        self._admission = admission
         self._stats = stats or Stats()
         self._last_activity = asyncio.get_running_loop().time()
         #: The server is shutting down: no new utterance is accepted.
@@ -512,11 +511,8 @@ class Session:
 
     def _check_rate(self, utterance_id: str | None = None) -> None:
         """Count one request of this client against its rate limit."""
-        if self._limiter is not None and (retry := self._limiter.hit(self.client_ip)):
-            self._stats.rate_limited += 1
-            raise RateLimited(
-                "too many requests from this client", retry_after=retry, utterance_id=utterance_id
-            )
+        if self._admission is not None:
+            self._admission.check_rate(self.client_ip, utterance_id)
 
     async def _send(self, message: bytes | memoryview, *, text: bool = True) -> None:
         """Send one frame; a client that leaves it unread past SEND_TIMEOUT is closed (1008).

@@ -1,0 +1,175 @@
+"""Who may use the server, and how often: the one place that decides, for every door.
+
+:meth:`Admission.admit` takes what any request carries (its path, its headers,
+the TCP peer) and either admits it, returning the client's IP with a connection
+counted, or raises the refusal; :meth:`Admission.answer` turns a refusal into
+the HTTP answer (status, headers, JSON body) and counts and logs it.
+:meth:`Admission.check_rate` counts each later request on an admitted
+connection (a ``speak``, a ``voices``) against the same per-IP rate limit. A
+WebSocket handshake and an HTTP request are judged by the same code, so they
+can never disagree.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import orjson
+
+from ttsstream.config import Config
+from ttsstream.core.auth import ApiKeys, offered_keys, redact
+from ttsstream.core.clientip import client_ip
+from ttsstream.core.headers import HeaderValues
+from ttsstream.core.ratelimit import ConnectionCounter, MovingWindow
+from ttsstream.core.stats import Stats
+from ttsstream.exceptions import (
+    EndpointNotFound,
+    HandshakeRefused,
+    OriginNotAllowed,
+    RateLimited,
+    ServerFull,
+    TooManyConnections,
+    Unauthorized,
+)
+from ttsstream.logs import access
+
+__all__ = ["Admission", "HttpAnswer", "Refusal", "encode_refusal"]
+
+#: What a request may be refused with.
+Refusal = HandshakeRefused | RateLimited
+
+
+@dataclass(frozen=True, slots=True)
+class HttpAnswer:
+    """An HTTP response given in full: a refusal, or a demo file."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+
+def encode_refusal(exc: Refusal) -> HttpAnswer:
+    """The HTTP response for a refusal: status, headers, small JSON body.
+
+    This is the one place where refusals become responses.
+    """
+    headers: tuple[tuple[str, str], ...] = (("Content-Type", "application/json"),)
+    if isinstance(exc, RateLimited):
+        status = 429
+        headers += (("Retry-After", str(exc.retry_after)),)
+        body = {"error": exc.code, "message": exc.message, "retry_after": exc.retry_after}
+    else:
+        status = exc.status
+        body = {"error": exc.code, "message": exc.message}
+    return HttpAnswer(status=status, headers=headers, body=orjson.dumps(body))
+
+
+class Admission:
+    """API keys, origins, client IPs behind proxies, rate limits and connection caps.
+
+    Args:
+        config: The settings it enforces.
+        stats: Counts refusals.
+        clock: Monotonic seconds for the rate limit; tests pass their own.
+    """
+
+    def __init__(
+        self, config: Config, stats: Stats, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.keys = ApiKeys(config.api_keys)
+        self.limiter = MovingWindow(
+            config.rate_limit_requests, config.rate_limit_window, clock=clock
+        )
+        self.connections = ConnectionCounter(
+            per_ip=config.max_connections_per_ip, total=config.max_connections
+        )
+        self._trusted = config.trusted_networks
+        self._origins = config.allowed_origins
+        self._stats = stats
+
+    def client_ip(self, headers: HeaderValues, peer: str) -> str:
+        """The client's address: the peer, or what a trusted proxy says it is."""
+        return client_ip(peer, headers, self._trusted)
+
+    def admit(self, path: str, headers: HeaderValues, client: str, *, endpoint: bool) -> None:
+        """Admit a request from ``client`` (see :meth:`client_ip`) and count its connection.
+
+        Every request counts toward the rate limit, refused or not, so that keys
+        cannot be guessed at speed. Once admitted, :meth:`release` the connection
+        when it ends.
+
+        Args:
+            path: The request's path and query (the query may hold a key).
+            headers: Its headers.
+            client: The client's IP.
+            endpoint: Whether ``path`` names an endpoint.
+
+        Raises:
+            HandshakeRefused: Not an endpoint, bad origin or key, or a connection cap.
+            RateLimited: The client is over its rate limit.
+        """
+        if not endpoint:
+            raise EndpointNotFound("no such endpoint")
+        retry_after = self.limiter.hit(client)
+        if retry_after is not None:
+            raise RateLimited("too many requests from this client", retry_after=retry_after)
+        if not self.origin_allowed(headers.get("Origin")):
+            raise OriginNotAllowed("this origin may not connect")
+        if not self.keys.accept(offered_keys(headers, path)):
+            raise Unauthorized("a valid API key is required")
+        self.connections.acquire(client)
+
+    def release(self, client: str) -> None:
+        """An admitted connection ended."""
+        self.connections.release(client)
+
+    def check_rate(self, client: str, utterance_id: str | None = None) -> None:
+        """Count one more request on an admitted connection (a ``speak``, a ``voices``).
+
+        Raises:
+            RateLimited: The client is over its rate limit.
+        """
+        retry_after = self.limiter.hit(client)
+        if retry_after is not None:
+            self._stats.rate_limited += 1
+            raise RateLimited(
+                "too many requests from this client",
+                retry_after=retry_after,
+                utterance_id=utterance_id,
+            )
+
+    def origin_allowed(self, origin: str | None) -> bool:
+        """Whether a request from ``origin`` (``None``: not from a browser) is allowed."""
+        return origin is None or self._origins is None or origin.rstrip("/") in self._origins
+
+    def answer(
+        self, refused: Refusal, *, headers: HeaderValues, client: str, path: str
+    ) -> HttpAnswer:
+        """Count and log a refusal; the HTTP answer to send for it.
+
+        Browsers hide why a WebSocket was refused, so the browser client asks the
+        same URL over HTTP: an allowed origin may read the answer and its
+        ``Retry-After``.
+        """
+        self._count(refused)
+        access("handshake_refused", ip=client, reason=refused.code, path=redact(path)[:200])
+        answer = encode_refusal(refused)
+        origin = headers.get("Origin")
+        if origin is None or not self.origin_allowed(origin):
+            return answer
+        cors = (
+            ("Access-Control-Allow-Origin", origin),
+            ("Access-Control-Expose-Headers", "Retry-After"),
+            ("Vary", "Origin"),
+        )
+        return HttpAnswer(answer.status, answer.headers + cors, answer.body)
+
+    def _count(self, refused: Refusal) -> None:
+        if isinstance(refused, RateLimited | TooManyConnections | ServerFull):
+            self._stats.rate_limited += 1
+        elif isinstance(refused, Unauthorized):
+            self._stats.auth_failures += 1
+        elif isinstance(refused, OriginNotAllowed):
+            self._stats.origin_rejected += 1

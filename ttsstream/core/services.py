@@ -1,0 +1,76 @@
+"""The composition root: every long-lived part of a server, built once from ``Config``.
+
+Doors (the WebSocket server, the side port) receive the :class:`Services` and use
+the parts they need; no part builds another or reaches through one to a third.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ttsstream.cache.speech_cache import SpeechCache
+from ttsstream.cache.store import DiskCache
+from ttsstream.config import Config
+from ttsstream.core.admission import Admission
+from ttsstream.core.router import SpeechRouter, speech_router
+from ttsstream.core.stats import Stats
+from ttsstream.engines.base import Engine
+
+__all__ = ["Services", "build_services"]
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    """What a server is made of, shared by its doors."""
+
+    config: Config
+    stats: Stats
+    admission: Admission
+    router: SpeechRouter
+    #: The disk cache, or ``None`` when caching is off.
+    store: DiskCache | None
+    #: Speaks through the cache: what both doors call.
+    speech: SpeechCache
+
+
+def build_services(
+    config: Config,
+    *,
+    edge: Engine | None = None,
+    with_offline: bool = True,
+    clock: Callable[[], float] = time.monotonic,
+) -> Services:
+    """Build every part ``config`` describes.
+
+    Args:
+        config: The settings.
+        edge: The online engine; by default Edge, as ``config`` says (tests pass doubles).
+        with_offline: Load the offline voice when it is installed (tests turn it off
+            to see a server without the ``local`` extra).
+        clock: Monotonic seconds for the rate limit; tests pass their own.
+
+    Raises:
+        ConfigError: A voice setting names an offline voice that is not available.
+    """
+    stats = Stats()
+    router = speech_router(config, stats=stats, edge=edge, with_offline=with_offline)
+    store = (
+        DiskCache(
+            config.cache_dir,
+            max_bytes=config.cache_max_bytes,
+            stats=stats,
+            memory_bytes=int(config.cache_memory_mb * 2**20),
+        )
+        if config.cache_enabled
+        else None
+    )
+    return Services(
+        config=config,
+        stats=stats,
+        admission=Admission(config, stats, clock=clock),
+        router=router,
+        store=store,
+        speech=SpeechCache(router, store, stats),
+    )
