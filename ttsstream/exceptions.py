@@ -61,6 +61,7 @@ __all__ = [
     "UpstreamError",
     "UpstreamTimeout",
     "UpstreamUnavailable",
+    "error_code",
 ]
 
 
@@ -238,3 +239,8 @@ class NoAudio(UpstreamError):
     """The upstream finished without sending any audio."""
 
     code = "no_audio"
+
+
+def error_code(exc: BaseException) -> str:
+    """The stable wire code for ``exc`` (``internal`` for anything unexpected)."""
+    return exc.code if isinstance(exc, ClientError) else "internal"

@@ -174,9 +174,8 @@ class Server:
             return
         self.state = "draining"
         self._server.close(close_connections=False)
+        self.services.utterances.draining = True
         sessions = list(self._sessions)
-        for session in sessions:
-            session.draining = True
         waiting = sum(session.utterances_in_progress for session in sessions)
         logger.info(
             "draining: %d utterances in progress on %d connections, %.0fs to finish",
@@ -280,15 +279,7 @@ class Server:
 
     async def _handle(self, connection: ServerConnection) -> None:
         ip = self._client_ips.get(connection, "")
-        session = Session(
-            connection,
-            config=self.config,
-            speech=self.speech,
-            client_ip=ip,
-            admission=self._admission,
-            stats=self.stats,
-        )
-        session.draining = self.state != "serving"
+        session = Session(connection, services=self.services, client_ip=ip)
         self._sessions.add(session)
         self.stats.connections += 1
         logger.debug("conn=%s open ip=%s", session.connection_id, ip)

@@ -16,6 +16,7 @@ from ttsstream.config import Config
 from ttsstream.core.admission import Admission
 from ttsstream.core.router import SpeechRouter, speech_router
 from ttsstream.core.stats import Stats
+from ttsstream.core.utterance import Utterances
 from ttsstream.engines.base import Engine
 
 __all__ = ["Services", "build_services"]
@@ -31,8 +32,10 @@ class Services:
     router: SpeechRouter
     #: The disk cache, or ``None`` when caching is off.
     store: DiskCache | None
-    #: Speaks through the cache: what both doors call.
+    #: Speaks through the cache.
     speech: SpeechCache
+    #: The speak policy and the utterance run: what both doors call.
+    utterances: Utterances
 
 
 def build_services(
@@ -66,11 +69,14 @@ def build_services(
         if config.cache_enabled
         else None
     )
+    admission = Admission(config, stats, clock=clock)
+    speech = SpeechCache(router, store, stats)
     return Services(
         config=config,
         stats=stats,
-        admission=Admission(config, stats, clock=clock),
+        admission=admission,
         router=router,
         store=store,
-        speech=SpeechCache(router, store, stats),
+        speech=speech,
+        utterances=Utterances(config, speech, admission, stats),
     )

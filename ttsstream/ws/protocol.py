@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from ttsstream.core.utterance import WORD_MODES
 from ttsstream.engines.base import Voice, WordEvent
 from ttsstream.exceptions import (
     BadJSON,
@@ -23,6 +24,7 @@ from ttsstream.exceptions import (
     InvalidVoice,
     RateLimited,
     TextTooLong,
+    error_code,
 )
 
 __all__ = [
@@ -63,9 +65,6 @@ _MAX_PROSODY_DIGITS = 4
 #: The ``type`` of every client message.
 MESSAGE_TYPES = ("speak", "cancel", "voices")
 
-#: How a ``speak`` wants its word boundaries: one ``word`` message each (the
-#: default), batched into ``words`` messages, or none at all.
-WORD_MODES = ("each", "batch", "none")
 
 # ASCII digits only: \d would also admit digits of other scripts that the upstream refuses.
 _PERCENT = re.compile(rf"[+-][0-9]{{1,{_MAX_PROSODY_DIGITS}}}%", re.ASCII)
@@ -325,11 +324,6 @@ def encode_voices(voices: Iterable[Voice]) -> bytes:
             ],
         }
     )
-
-
-def error_code(exc: BaseException) -> str:
-    """Return the stable wire code for ``exc`` (``internal`` for anything unexpected)."""
-    return exc.code if isinstance(exc, ClientError) else "internal"
 
 
 def encode_error(

@@ -17,7 +17,7 @@ import secrets
 import socket
 import time
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,12 +26,10 @@ from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
 from ttsstream import __version__
-from ttsstream.cache.speech_cache import SpeechCache
-from ttsstream.config import Config
-from ttsstream.core.admission import Admission
 from ttsstream.core.router import Started
-from ttsstream.core.stats import Stats
-from ttsstream.engines.base import AudioChunk, SynthesisRequest, WordEvent
+from ttsstream.core.services import Services
+from ttsstream.core.utterance import ListenerGone, Summary
+from ttsstream.engines.base import SynthesisRequest, WordEvent
 from ttsstream.exceptions import (
     ClientError,
     InvalidParameter,
@@ -39,7 +37,6 @@ from ttsstream.exceptions import (
     QueueFull,
     ShuttingDown,
 )
-from ttsstream.logs import access
 from ttsstream.ws.protocol import (
     Cancel,
     ClientMessage,
@@ -53,7 +50,6 @@ from ttsstream.ws.protocol import (
     encode_voices,
     encode_word,
     encode_words,
-    error_code,
     parse_client_message,
 )
 
@@ -81,7 +77,8 @@ class Utterance:
     """A ``speak`` accepted on this connection, queued or playing."""
 
     request: Speak
-    voice: str
+    #: What to say, as the speak policy accepted it.
+    synthesis: SynthesisRequest
     received_at: float
     #: Its end or error is being sent: too late to cancel.
     finishing: bool = False
@@ -100,32 +97,19 @@ class Session:
 
     Args:
         websocket: The connection, already past the handshake.
-        config: The server's configuration.
-        speech: Speaks the utterances.
-        client_ip: The client's address, as the server determined it.
-        admission: Counts this client's ``speak`` and ``voices`` against its rate limit.
-        stats: Counters to update.
+        services: The server's parts.
+        client_ip: The client's address, as admission determined it.
     """
 
-    def __init__(
-        self,
-        websocket: ServerConnection,
-        *,
-        config: Config,
-        speech: SpeechCache,
-        client_ip: str = "",
-        admission: Admission | None = None,
-        stats: Stats | None = None,
-    ) -> None:
+    def __init__(self, websocket: ServerConnection, *, services: Services, client_ip: str) -> None:
         self._ws = websocket
-        self._config = config
-        self._speech = speech
+        self._config = services.config
+        self._speech = services.speech
+        self._utterances = services.utterances
+        self._admission = services.admission
+        self._stats = services.stats
         self.client_ip = client_ip
-        self._admission = admission
-        self._stats = stats or Stats()
         self._last_activity = asyncio.get_running_loop().time()
-        #: The server is shutting down: no new utterance is accepted.
-        self.draining = False
         self._idle = asyncio.Event()
         self._idle.set()
         self.connection_id = websocket.id.hex[:12]
@@ -228,22 +212,19 @@ class Session:
         return "s-" + secrets.token_hex(6)
 
     async def _enqueue(self, request: Speak) -> None:
-        self._stats.total_requests += 1
-        if self.draining:
-            raise ShuttingDown(
-                "the server is shutting down; reconnect in a moment", utterance_id=request.id
-            )
-        self._check_rate(request.id)
+        synthesis = await self._utterances.prepare(
+            text=request.text,
+            voice=request.voice,
+            rate=request.rate,
+            volume=request.volume,
+            pitch=request.pitch,
+            client_ip=self.client_ip,
+            utterance_id=request.id,
+        )
         if request.id in self._ids:
             raise InvalidParameter(
                 f"id {request.id!r} is already queued or playing", utterance_id=request.id
             )
-        voice = request.voice or self._config.default_voice
-        try:
-            await self._speech.check_voice(voice)
-        except ClientError as exc:
-            exc.utterance_id = request.id
-            raise
         # The first pending utterance is about to play when nothing is playing yet.
         waiting = len(self._pending) - (1 if self._current is None and self._pending else 0)
         if waiting >= self._config.queue_size:
@@ -254,7 +235,7 @@ class Session:
         self._ids.add(request.id)
         self._idle.clear()
         self._pending.append(
-            Utterance(request=request, voice=voice, received_at=time.perf_counter())
+            Utterance(request=request, synthesis=synthesis, received_at=time.perf_counter())
         )
         self._wakeup.set()
 
@@ -339,7 +320,16 @@ class Session:
             utterance = self._pending.popleft()
             self._current = utterance
             try:
-                await self._speak(utterance, self._request_of(utterance))
+                await self._utterances.run(
+                    utterance.synthesis,
+                    _Frames(self, utterance),
+                    words=utterance.request.words,
+                    utterance_id=utterance.id,
+                    received_at=utterance.received_at,
+                    client_ip=self.client_ip,
+                    connection=self.connection_id,
+                    interface="ws",
+                )
             except asyncio.CancelledError:
                 if _cancelling():
                     raise
@@ -360,134 +350,9 @@ class Session:
         self._ids.discard(utterance.id)
         self._last_activity = asyncio.get_running_loop().time()
 
-    async def _speak(self, utterance: Utterance, synthesis: SynthesisRequest) -> None:
-        request = utterance.request
-        # Batched words go out just before the audio they describe; a replay may
-        # then give all of them at once.
-        batch = request.words == "batch"
-        events = self._speech.synthesize(synthesis, words_ahead=batch)
-        held: list[WordEvent] = []
-        started: Started | None = None
-        byte_count = 0
-        words = 0
-        ttfb_ms: float | None = None
-        outcome = "ok"
-        self._stats.active_utterances += 1
-        try:
-            async for event in events:
-                if isinstance(event, Started):
-                    started = event
-                    if event.cached:
-                        # A replay is written in one burst, as a few full TCP segments.
-                        self._cork(True)
-                    await self._send(
-                        encode_start(
-                            utterance.id,
-                            voice=event.voice,
-                            engine=event.engine,
-                            mime_type=event.audio_format.mime_type,
-                            sample_rate=event.audio_format.sample_rate,
-                            cached=event.cached,
-                            fallback_reason=event.fallback_reason,
-                        )
-                    )
-                elif isinstance(event, AudioChunk):
-                    words += await self._send_held(utterance.id, held)
-                    if ttfb_ms is None:
-                        ttfb_ms = (time.perf_counter() - utterance.received_at) * 1000
-                        self._stats.observe_first_audio(_source(started), ttfb_ms / 1000)
-                    await self._send(event.data, text=False)
-                    utterance.audio_sent = True
-                    byte_count += len(event.data)
-                    self._stats.bytes_sent += len(event.data)
-                elif batch:
-                    held.append(event)
-                elif request.words == "each":
-                    await self._send(encode_word(utterance.id, event))
-                    words += 1
-            assert started is not None, "every utterance begins with Started"
-            words += await self._send_held(utterance.id, held)
-            utterance.finishing = True
-            await self._send(
-                encode_end(
-                    utterance.id,
-                    byte_count=byte_count,
-                    audio_ms=started.audio_format.duration_ms(byte_count),
-                    words=words,
-                    cached=started.cached,
-                    ttfb_ms=ttfb_ms or 0.0,
-                )
-            )
-        except asyncio.CancelledError as exc:
-            if _cancelling():
-                outcome = "shutting_down" if utterance.cut else "cancelled"
-                raise
-            # Another task's cancellation that leaked this far is a failure of this
-            # utterance, not a cancel of it.
-            outcome = await self._failed(utterance, exc, partial=byte_count > 0)
-        except ConnectionClosed:
-            outcome = "disconnected"
-        except ClientTooSlow:
-            outcome = "too_slow"
-        except Exception as exc:
-            outcome = await self._failed(utterance, exc, partial=byte_count > 0)
-        finally:
-            self._cork(False)
-            self._stats.active_utterances -= 1
-            self._stats.finished(outcome)
-            audio_format = started.audio_format if started else None
-            access(
-                "utterance",
-                ip=self.client_ip,
-                conn=self.connection_id,
-                id=utterance.id,
-                voice=started.voice if started else utterance.voice,
-                engine=started.engine if started else None,
-                chars=len(request.text),
-                key=self._speech.key_of(synthesis)[:12],
-                cached=bool(started and started.cached),
-                fallback=started.fallback_reason if started else None,
-                ttfb_ms=None if ttfb_ms is None else round(ttfb_ms, 1),
-                audio_ms=round(audio_format.duration_ms(byte_count), 1) if audio_format else 0.0,
-                bytes=byte_count,
-                words=words,
-                outcome=outcome,
-            )
-            await events.aclose()
-
-    async def _failed(self, utterance: Utterance, exc: BaseException, *, partial: bool) -> str:
-        """Tell the client why ``utterance`` failed; its outcome code."""
-        if not isinstance(exc, ClientError):
-            logger.error(
-                "conn=%s utterance=%r failed", self.connection_id, utterance.id, exc_info=exc
-            )
-        utterance.finishing = True
-        self._stats.errors += 1
-        with contextlib.suppress(ConnectionClosed, ClientTooSlow):
-            await self._send(encode_error(exc, utterance_id=utterance.id, partial=partial))
-        return error_code(exc)
-
-    async def _send_held(self, utterance_id: str, held: list[WordEvent]) -> int:
-        """Send the words held back as one ``words`` message, empty ``held``; how many."""
-        count = len(held)
-        if count:
-            await self._send(encode_words(utterance_id, held))
-            held.clear()
-        return count
-
-    def _request_of(self, utterance: Utterance) -> SynthesisRequest:
-        request = utterance.request
-        return SynthesisRequest(
-            text=request.text,
-            voice=utterance.voice,
-            rate=request.rate,
-            volume=request.volume,
-            pitch=request.pitch,
-        )
-
     def _ask_voices(self) -> None:
         """Take a ``voices`` request: it counts toward the rate limit, and waits its turn."""
-        self._check_rate()
+        self._admission.check_rate(self.client_ip)
         if self._voices_wanted >= VOICES_PENDING_MAX:
             raise QueueFull(f"{VOICES_PENDING_MAX} voices replies are already pending")
         self._voices_wanted += 1
@@ -508,11 +373,6 @@ class Session:
                 self._voices_wanted -= 1
         finally:
             self._voices_wanted = 0
-
-    def _check_rate(self, utterance_id: str | None = None) -> None:
-        """Count one request of this client against its rate limit."""
-        if self._admission is not None:
-            self._admission.check_rate(self.client_ip, utterance_id)
 
     async def _send(self, message: bytes | memoryview, *, text: bool = True) -> None:
         """Send one frame; a client that leaves it unread past SEND_TIMEOUT is closed (1008).
@@ -598,23 +458,81 @@ class Session:
 _TYPES: dict[type[ClientMessage], str] = {Speak: "speak", Cancel: "cancel", ListVoices: "voices"}
 
 
-class ClientTooSlow(Exception):
+class ClientTooSlow(ListenerGone):
     """The client did not read what was sent to it within SEND_TIMEOUT."""
+
+    outcome = "too_slow"
+
+
+class _Frames:
+    """One utterance's events as protocol v1 frames on its connection (a :class:`Sink`)."""
+
+    def __init__(self, session: Session, utterance: Utterance) -> None:
+        self._session = session
+        self._utterance = utterance
+        self._id = utterance.id
+
+    @property
+    def cut(self) -> bool:
+        return self._utterance.cut
+
+    async def start(self, started: Started) -> None:
+        if started.cached:
+            # A replay is written in one burst, as a few full TCP segments.
+            self._session._cork(True)
+        await self._send(
+            encode_start(
+                self._id,
+                voice=started.voice,
+                engine=started.engine,
+                mime_type=started.audio_format.mime_type,
+                sample_rate=started.audio_format.sample_rate,
+                cached=started.cached,
+                fallback_reason=started.fallback_reason,
+            )
+        )
+
+    async def audio(self, data: bytes | memoryview) -> None:
+        await self._send(data, text=False)
+        self._utterance.audio_sent = True
+
+    async def word(self, word: WordEvent) -> None:
+        await self._send(encode_word(self._id, word))
+
+    async def words(self, words: Sequence[WordEvent]) -> None:
+        await self._send(encode_words(self._id, words))
+
+    async def end(self, summary: Summary) -> None:
+        self._utterance.finishing = True
+        await self._send(
+            encode_end(
+                self._id,
+                byte_count=summary.byte_count,
+                audio_ms=summary.audio_ms,
+                words=summary.words,
+                cached=summary.cached,
+                ttfb_ms=summary.ttfb_ms,
+            )
+        )
+
+    async def fail(self, exc: BaseException, *, partial: bool) -> None:
+        self._utterance.finishing = True
+        await self._send(encode_error(exc, utterance_id=self._id, partial=partial))
+
+    def finished(self) -> None:
+        self._session._cork(False)
+
+    async def _send(self, message: bytes | memoryview, *, text: bool = True) -> None:
+        try:
+            await self._session._send(message, text=text)
+        except ConnectionClosed:
+            raise ListenerGone() from None
 
 
 def _cancelling() -> bool:
     """Whether the running task is being cancelled (rather than seeing another's cancel)."""
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
-
-
-def _source(started: Started | None) -> str:
-    """Where an utterance's audio came from, for the time-to-first-audio histogram."""
-    if started is not None and started.cached:
-        return "cached"
-    if started is not None and started.fallback_reason is not None:
-        return "fallback"
-    return "live"
 
 
 async def _quietly(coroutine: Coroutine[Any, Any, None]) -> None:

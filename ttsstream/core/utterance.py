@@ -1,0 +1,275 @@
+"""One utterance, whichever door asked for it: the speak policy and the run.
+
+:meth:`Utterances.prepare` applies the policy every door shares (no new work
+while draining, the rate limit, the default voice, the voice check) and gives the
+synthesis request. :meth:`Utterances.run` speaks it through the cache and sends
+its events to a :class:`Sink`: it measures the first audio, holds word events
+back for a batch, counts the outcome and writes the utterance's one access-log
+line. It knows nothing of sockets: the WebSocket session is one sink (frames),
+the HTTP speech API another (a chunked body, server-sent events).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from ttsstream.cache.speech_cache import SpeechCache
+from ttsstream.config import Config
+from ttsstream.core.admission import Admission
+from ttsstream.core.router import Started
+from ttsstream.core.stats import Stats
+from ttsstream.engines.base import AudioChunk, SynthesisRequest, WordEvent
+from ttsstream.exceptions import ClientError, ShuttingDown, error_code
+from ttsstream.logs import access
+
+__all__ = ["WORD_MODES", "ListenerGone", "Sink", "Summary", "Utterances"]
+
+logger = logging.getLogger("ttsstream.core.utterance")
+
+#: How a request wants its word boundaries: one event each (as they come),
+#: batched (just before the audio they describe), or none.
+WORD_MODES = ("each", "batch", "none")
+
+
+class ListenerGone(Exception):
+    """The client stopped taking the utterance's events; :attr:`outcome` says how."""
+
+    #: What the access log and the stats call it.
+    outcome = "disconnected"
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """What an utterance that ended well consisted of."""
+
+    byte_count: int
+    audio_ms: float
+    words: int
+    cached: bool
+    ttfb_ms: float
+
+
+class Sink(Protocol):
+    """Where an utterance's events go. Sending raises :class:`ListenerGone` once the
+    client has stopped listening."""
+
+    @property
+    def cut(self) -> bool:
+        """Whether the server cut the utterance (a drain ran out of time)."""
+
+    async def start(self, started: Started) -> None:
+        """Who speaks the utterance; first of all."""
+
+    async def audio(self, data: bytes | memoryview) -> None:
+        """The next audio bytes."""
+
+    async def word(self, word: WordEvent) -> None:
+        """One word boundary (words mode ``each``)."""
+
+    async def words(self, words: Sequence[WordEvent]) -> None:
+        """Word boundaries, just before the audio they describe (words mode ``batch``)."""
+
+    async def end(self, summary: Summary) -> None:
+        """The utterance is complete: nothing else follows."""
+
+    async def fail(self, exc: BaseException, *, partial: bool) -> None:
+        """The utterance failed (``partial``: some audio was sent); nothing else follows."""
+
+    def finished(self) -> None:
+        """Called last, whatever happened: release what :meth:`start` took."""
+
+
+class Utterances:
+    """The speak policy and the utterance run, shared by every door.
+
+    Args:
+        config: The settings (default voice).
+        speech: Speaks through the cache.
+        admission: Counts each utterance against the client's rate limit.
+        stats: Counters to update.
+    """
+
+    def __init__(
+        self, config: Config, speech: SpeechCache, admission: Admission, stats: Stats
+    ) -> None:
+        self._default_voice = config.default_voice
+        self._speech = speech
+        self._admission = admission
+        self._stats = stats
+        #: The server is shutting down: no new utterance is accepted.
+        self.draining = False
+
+    async def prepare(
+        self,
+        *,
+        text: str,
+        voice: str | None,
+        rate: str = "+0%",
+        volume: str = "+0%",
+        pitch: str = "+0Hz",
+        client_ip: str,
+        utterance_id: str | None = None,
+    ) -> SynthesisRequest:
+        """Accept an utterance (its fields already valid in form) or raise why not.
+
+        Raises:
+            ShuttingDown: The server is draining.
+            RateLimited: The client is over its rate limit.
+            InvalidVoice: No engine has the voice.
+        """
+        self._stats.total_requests += 1
+        if self.draining:
+            raise ShuttingDown(
+                "the server is shutting down; reconnect in a moment", utterance_id=utterance_id
+            )
+        self._admission.check_rate(client_ip, utterance_id)
+        voice = voice or self._default_voice
+        try:
+            await self._speech.check_voice(voice)
+        except ClientError as exc:
+            exc.utterance_id = utterance_id
+            raise
+        return SynthesisRequest(text=text, voice=voice, rate=rate, volume=volume, pitch=pitch)
+
+    async def run(
+        self,
+        request: SynthesisRequest,
+        sink: Sink,
+        *,
+        words: str = "each",
+        utterance_id: str,
+        received_at: float,
+        client_ip: str,
+        connection: str,
+        interface: str,
+    ) -> str:
+        """Speak ``request`` into ``sink``; its outcome (``ok``, ``cancelled``, an error code…).
+
+        A cancellation of the calling task is the client's cancel and propagates;
+        every other way it ends is told to the sink (unless the listener is gone).
+
+        Args:
+            request: What to say.
+            sink: Where the events go.
+            words: One of :data:`WORD_MODES`.
+            utterance_id: The utterance's id, for the access log.
+            received_at: When the request arrived (``time.perf_counter()``).
+            client_ip: The client's address, for the access log.
+            connection: The connection's id, for the access log.
+            interface: ``ws`` or ``http``, for the access log.
+        """
+        stats = self._stats
+        batch = words == "batch"
+        each = words == "each"
+        # Batched words go out just before the audio they describe; a replay may
+        # then give all of them at once.
+        events = self._speech.synthesize(request, words_ahead=batch)
+        held: list[WordEvent] = []
+        started: Started | None = None
+        byte_count = 0
+        word_count = 0
+        ttfb_ms: float | None = None
+        outcome = "ok"
+        stats.active_utterances += 1
+        try:
+            async for event in events:
+                if isinstance(event, Started):
+                    started = event
+                    await sink.start(event)
+                elif isinstance(event, AudioChunk):
+                    if held:
+                        word_count += len(held)
+                        await sink.words(held)
+                        held = []
+                    if ttfb_ms is None:
+                        ttfb_ms = (time.perf_counter() - received_at) * 1000
+                        stats.observe_first_audio(_source(started), ttfb_ms / 1000)
+                    await sink.audio(event.data)
+                    byte_count += len(event.data)
+                    stats.bytes_sent += len(event.data)
+                elif batch:
+                    held.append(event)
+                elif each:
+                    await sink.word(event)
+                    word_count += 1
+            assert started is not None, "every utterance begins with Started"
+            if held:
+                word_count += len(held)
+                await sink.words(held)
+            await sink.end(
+                Summary(
+                    byte_count=byte_count,
+                    audio_ms=started.audio_format.duration_ms(byte_count),
+                    words=word_count,
+                    cached=started.cached,
+                    ttfb_ms=ttfb_ms or 0.0,
+                )
+            )
+        except asyncio.CancelledError as exc:
+            if _cancelling():
+                outcome = "shutting_down" if sink.cut else "cancelled"
+                raise
+            # Another task's cancellation that leaked this far is a failure of this
+            # utterance, not a cancel of it.
+            outcome = await self._failed(sink, exc, utterance_id, partial=byte_count > 0)
+        except ListenerGone as gone:
+            outcome = gone.outcome
+        except Exception as exc:
+            outcome = await self._failed(sink, exc, utterance_id, partial=byte_count > 0)
+        finally:
+            sink.finished()
+            stats.active_utterances -= 1
+            stats.finished(outcome)
+            audio_format = started.audio_format if started else None
+            access(
+                "utterance",
+                interface=interface,
+                ip=client_ip,
+                conn=connection,
+                id=utterance_id,
+                voice=started.voice if started else request.voice,
+                engine=started.engine if started else None,
+                chars=len(request.text),
+                key=self._speech.key_of(request)[:12],
+                cached=bool(started and started.cached),
+                fallback=started.fallback_reason if started else None,
+                ttfb_ms=None if ttfb_ms is None else round(ttfb_ms, 1),
+                audio_ms=round(audio_format.duration_ms(byte_count), 1) if audio_format else 0.0,
+                bytes=byte_count,
+                words=word_count,
+                outcome=outcome,
+            )
+            await events.aclose()
+        return outcome
+
+    async def _failed(
+        self, sink: Sink, exc: BaseException, utterance_id: str, *, partial: bool
+    ) -> str:
+        """Tell the sink why the utterance failed; its outcome code."""
+        if not isinstance(exc, ClientError):
+            logger.error("utterance=%r failed", utterance_id, exc_info=exc)
+        self._stats.errors += 1
+        with contextlib.suppress(ListenerGone):
+            await sink.fail(exc, partial=partial)
+        return error_code(exc)
+
+
+def _cancelling() -> bool:
+    """Whether the running task is being cancelled (rather than seeing another's cancel)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def _source(started: Started | None) -> str:
+    """Where an utterance's audio came from, for the time-to-first-audio histogram."""
+    if started is not None and started.cached:
+        return "cached"
+    if started is not None and started.fallback_reason is not None:
+        return "fallback"
+    return "live"
