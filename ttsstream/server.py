@@ -28,17 +28,15 @@ from ttsstream.core.admission import HttpAnswer
 from ttsstream.core.auth import SUBPROTOCOL
 from ttsstream.core.services import Services, build_services
 from ttsstream.exceptions import HandshakeRefused, RateLimited
-from ttsstream.http.demo import load_static
+from ttsstream.http.app import STREAM_PATH, HttpDoor
 from ttsstream.http.ops import OpsServer
+from ttsstream.port import shared_port_connection
 from ttsstream.ws.protocol import MAX_FRAME_BYTES
 from ttsstream.ws.session import Session
 
 __all__ = ["STREAM_PATH", "Server", "run"]
 
 logger = logging.getLogger("ttsstream.server")
-
-#: The one WebSocket endpoint of protocol v1.
-STREAM_PATH = "/v1/stream"
 
 # Timeouts
 #: Seconds a client has to complete the WebSocket handshake.
@@ -79,7 +77,7 @@ class Server:
         self._port: int | None = None
         self._voice_list: asyncio.Task[None] | None = None
         self._ops_closed = False
-        self._static = load_static() if self.config.serve_demo else {}
+        self.http = HttpDoor(services)
 
     async def start(self) -> None:
         """Start the side port, open the cache, listen, and fetch the voice list.
@@ -90,10 +88,13 @@ class Server:
         await self.ops.start()
         if self.services.store is not None:
             await asyncio.to_thread(self.services.store.open)
+        await self.http.start()
         self._server = await serve(
             self._handle,
             self.config.host,
             self.config.port,
+            # One port: connections that do not ask for a WebSocket go to the HTTP door.
+            create_connection=shared_port_connection(self.http.protocol),
             process_request=self._check_handshake,
             select_subprotocol=_select_subprotocol,
             # Timeouts
@@ -159,6 +160,7 @@ class Server:
             await self._server.wait_closed()
         if not self._ops_closed:
             self._ops_closed = True
+            await self.http.close(CLOSE_TIMEOUT_AT_ONCE)
             await self.ops.close()
             await self.services.router.aclose()
 
@@ -242,13 +244,7 @@ class Server:
             )
 
     def _check_handshake(self, connection: ServerConnection, request: Request) -> Response | None:
-        """Admit the handshake, or answer it with an HTTP error and no upgrade.
-
-        A plain GET of the demo page or the browser client is answered with the file.
-        """
-        static = self._static.get(urlsplit(request.path).path)
-        if static is not None and "Upgrade" not in request.headers:
-            return _respond(connection, static)
+        """Admit the handshake, or answer it with an HTTP error and no upgrade."""
         peer = connection.remote_address[0] if connection.remote_address else ""
         ip = self._admission.client_ip(request.headers, peer)
         endpoint = urlsplit(request.path).path == STREAM_PATH

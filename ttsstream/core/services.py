@@ -78,5 +78,5 @@ def build_services(
         router=router,
         store=store,
         speech=speech,
-        utterances=Utterances(config, speech, admission, stats),
+        utterances=Utterances(config, speech, stats),
     )

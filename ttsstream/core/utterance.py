@@ -21,7 +21,6 @@ from typing import Protocol
 
 from ttsstream.cache.speech_cache import SpeechCache
 from ttsstream.config import Config
-from ttsstream.core.admission import Admission
 from ttsstream.core.router import Started
 from ttsstream.core.stats import Stats
 from ttsstream.engines.base import AudioChunk, SynthesisRequest, WordEvent
@@ -91,16 +90,12 @@ class Utterances:
     Args:
         config: The settings (default voice).
         speech: Speaks through the cache.
-        admission: Counts each utterance against the client's rate limit.
         stats: Counters to update.
     """
 
-    def __init__(
-        self, config: Config, speech: SpeechCache, admission: Admission, stats: Stats
-    ) -> None:
+    def __init__(self, config: Config, speech: SpeechCache, stats: Stats) -> None:
         self._default_voice = config.default_voice
         self._speech = speech
-        self._admission = admission
         self._stats = stats
         #: The server is shutting down: no new utterance is accepted.
         self.draining = False
@@ -113,14 +108,14 @@ class Utterances:
         rate: str = "+0%",
         volume: str = "+0%",
         pitch: str = "+0Hz",
-        client_ip: str,
         utterance_id: str | None = None,
     ) -> SynthesisRequest:
         """Accept an utterance (its fields already valid in form) or raise why not.
 
+        The door has counted the request against the client's rate limit.
+
         Raises:
             ShuttingDown: The server is draining.
-            RateLimited: The client is over its rate limit.
             InvalidVoice: No engine has the voice.
         """
         self._stats.total_requests += 1
@@ -128,7 +123,6 @@ class Utterances:
             raise ShuttingDown(
                 "the server is shutting down; reconnect in a moment", utterance_id=utterance_id
             )
-        self._admission.check_rate(client_ip, utterance_id)
         voice = voice or self._default_voice
         try:
             await self._speech.check_voice(voice)

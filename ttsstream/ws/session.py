@@ -35,6 +35,7 @@ from ttsstream.exceptions import (
     InvalidParameter,
     NotFound,
     QueueFull,
+    RateLimited,
     ShuttingDown,
 )
 from ttsstream.ws.protocol import (
@@ -212,13 +213,17 @@ class Session:
         return "s-" + secrets.token_hex(6)
 
     async def _enqueue(self, request: Speak) -> None:
+        try:
+            self._admission.check_rate(self.client_ip, request.id)
+        except RateLimited:
+            self._stats.total_requests += 1  # a refused speak is a request too
+            raise
         synthesis = await self._utterances.prepare(
             text=request.text,
             voice=request.voice,
             rate=request.rate,
             volume=request.volume,
             pitch=request.pitch,
-            client_ip=self.client_ip,
             utterance_id=request.id,
         )
         if request.id in self._ids:
