@@ -145,6 +145,8 @@ class ClientError(TTSStreamError):
         self.utterance_id = utterance_id
         #: The ``type`` of the client message it answers, when known.
         self.message_type: str | None = None
+        #: The request field at fault, when one is (OpenAI's error ``param``).
+        self.param: str | None = None
 
     def __str__(self) -> str:
         return self.message

@@ -6,24 +6,27 @@ by feeding it strings. ``docs/protocol.md`` is its specification.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
+from ttsstream.core.fields import (
+    MAX_VOICE_LENGTH,
+    PROSODY_FIELDS,
+    prosody_field,
+    text_field,
+    voice_field,
+)
 from ttsstream.core.utterance import WORD_MODES
 from ttsstream.engines.base import Voice, WordEvent
 from ttsstream.exceptions import (
     BadJSON,
     BadMessage,
     ClientError,
-    EmptyText,
     InvalidParameter,
-    InvalidVoice,
     RateLimited,
-    TextTooLong,
     error_code,
 )
 
@@ -57,23 +60,9 @@ PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 64 * 2**10
 #: Utterance ids are client-chosen strings of 1 to this many characters.
 MAX_ID_LENGTH = 64
-#: Longest voice name accepted, in characters.
-MAX_VOICE_LENGTH = 128
-#: Most digits in a rate, volume or pitch value ("+100%" has three).
-_MAX_PROSODY_DIGITS = 4
 
 #: The ``type`` of every client message.
 MESSAGE_TYPES = ("speak", "cancel", "voices")
-
-
-# ASCII digits only: \d would also admit digits of other scripts that the upstream refuses.
-_PERCENT = re.compile(rf"[+-][0-9]{{1,{_MAX_PROSODY_DIGITS}}}%", re.ASCII)
-_HERTZ = re.compile(rf"[+-][0-9]{{1,{_MAX_PROSODY_DIGITS}}}Hz", re.ASCII)
-_PROSODY_FORMS = {
-    "rate": (_PERCENT, '"+0%" (sign, digits, %)'),
-    "volume": (_PERCENT, '"+0%" (sign, digits, %)'),
-    "pitch": (_HERTZ, '"+0Hz" (sign, digits, Hz)'),
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,31 +167,12 @@ def _parse_id(message: dict[str, Any]) -> str | None:
 
 
 def _parse_speak(message: dict[str, Any], utterance_id: str, max_text_length: int) -> Speak:
-    text = message.get("text")
-    if not isinstance(text, str):
-        raise BadMessage('speak needs a string field "text"')
-    if len(text) > max_text_length:
-        raise TextTooLong(f"text has {len(text)} characters; the limit is {max_text_length}")
-    if not any(char.isprintable() and not char.isspace() for char in text):
-        raise EmptyText("text has nothing to speak")
-
-    voice = message.get("voice")
-    if voice is not None:
-        if not isinstance(voice, str):
-            raise BadMessage('"voice" must be a string')
-        if not 1 <= len(voice) <= MAX_VOICE_LENGTH or not voice.isprintable():
-            raise InvalidVoice("voice name is malformed")
-
+    text = text_field(message.get("text"), max_length=max_text_length)
+    voice = voice_field(message.get("voice"))
     prosody: dict[str, str] = {}
-    for field, (pattern, form) in _PROSODY_FORMS.items():
-        value = message.get(field)
-        if value is None:
-            continue
-        if not isinstance(value, str):
-            raise BadMessage(f'"{field}" must be a string')
-        if pattern.fullmatch(value) is None:
-            raise InvalidParameter(f'"{field}" must look like {form}')
-        prosody[field] = value
+    for field in PROSODY_FIELDS:
+        if (value := prosody_field(field, message.get(field))) is not None:
+            prosody[field] = value
 
     words = message.get("words", "each")
     if not isinstance(words, str):

@@ -1,0 +1,82 @@
+"""The fields of a speech request, checked the same way whichever door they came through.
+
+Pure functions over decoded JSON values (no I/O): each returns the value, or
+``None`` when it is absent, or raises the protocol's error, with the name of the
+field as the error's ``param``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TypeVar
+
+from ttsstream.exceptions import (
+    BadMessage,
+    ClientError,
+    EmptyText,
+    InvalidParameter,
+    InvalidVoice,
+    TextTooLong,
+)
+
+__all__ = ["MAX_VOICE_LENGTH", "PROSODY_FIELDS", "prosody_field", "text_field", "voice_field"]
+
+# Limits
+#: Longest voice name accepted, in characters.
+MAX_VOICE_LENGTH = 128
+#: Most digits in a rate, volume or pitch value ("+100%" has three).
+_MAX_PROSODY_DIGITS = 4
+
+# ASCII digits only: \d would also admit digits of other scripts that the upstream refuses.
+_PERCENT = re.compile(rf"[+-][0-9]{{1,{_MAX_PROSODY_DIGITS}}}%", re.ASCII)
+_HERTZ = re.compile(rf"[+-][0-9]{{1,{_MAX_PROSODY_DIGITS}}}Hz", re.ASCII)
+_PROSODY_FORMS = {
+    "rate": (_PERCENT, '"+0%" (sign, digits, %)'),
+    "volume": (_PERCENT, '"+0%" (sign, digits, %)'),
+    "pitch": (_HERTZ, '"+0Hz" (sign, digits, Hz)'),
+}
+#: The prosody fields, in the order of the protocol.
+PROSODY_FIELDS = tuple(_PROSODY_FORMS)
+
+E = TypeVar("E", bound=ClientError)
+
+
+def _about(field: str, exc: E) -> E:
+    exc.param = field
+    return exc
+
+
+def text_field(value: object, *, max_length: int, field: str = "text") -> str:
+    """A text to speak: a string of at most ``max_length`` characters, with something to say."""
+    if not isinstance(value, str):
+        raise _about(field, BadMessage(f'a string field "{field}" is required'))
+    if len(value) > max_length:
+        raise _about(
+            field, TextTooLong(f"{field} has {len(value)} characters; the limit is {max_length}")
+        )
+    if not any(char.isprintable() and not char.isspace() for char in value):
+        raise _about(field, EmptyText(f"{field} has nothing to speak"))
+    return value
+
+
+def voice_field(value: object, *, field: str = "voice") -> str | None:
+    """A voice name in a well-formed shape (whether it exists is the engines' to say)."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _about(field, BadMessage(f'"{field}" must be a string'))
+    if not 1 <= len(value) <= MAX_VOICE_LENGTH or not value.isprintable():
+        raise _about(field, InvalidVoice("voice name is malformed"))
+    return value
+
+
+def prosody_field(field: str, value: object) -> str | None:
+    """A ``rate``, ``volume`` (``"+0%"``) or ``pitch`` (``"+0Hz"``)."""
+    if value is None:
+        return None
+    pattern, form = _PROSODY_FORMS[field]
+    if not isinstance(value, str):
+        raise _about(field, BadMessage(f'"{field}" must be a string'))
+    if pattern.fullmatch(value) is None:
+        raise _about(field, InvalidParameter(f'"{field}" must look like {form}'))
+    return value
