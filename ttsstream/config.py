@@ -31,6 +31,7 @@ EDGE_VOICE_PATTERN = re.compile(
 OFFLINE_VOICE_PATTERN = re.compile(r"espeak:[a-z0-9][a-z0-9_-]*")
 _VOICE_FORM = "an Edge voice such as en-US-AriaNeural, or an offline voice such as espeak:en-us"
 _FALLBACK_FORM = "espeak:auto, an offline voice such as espeak:en-us, or none"
+_VOICE_MAP_FORM = "name=voice pairs separated by commas, such as alloy=en-US-AvaNeural"
 
 _EDGE_BASE = "speech.platform.bing.com/consumer/speech/synthesize/readaloud"
 _EDGE_TOKEN = "6A5AA1D4EAFF4E9FB37E23D68491D6F4"
@@ -103,6 +104,10 @@ class Config:
     allowed_origins: tuple[str, ...] | None = None
     #: Proxies whose X-Forwarded-For / X-Real-IP are believed: IPs or CIDRs.
     trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
+
+    # HTTP speech API
+    #: OpenAI voice names (``alloy``…) mapped to voices, over the default table.
+    voice_map: tuple[tuple[str, str], ...] = ()
 
     # Limits per client IP
     #: Handshakes + speak messages allowed per IP in any RATE_LIMIT_WINDOW; 0: no limit.
@@ -223,6 +228,21 @@ def _list(text: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
+def _voice_map(text: str) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for item in _list(text):
+        name, equals, voice = item.partition("=")
+        name, voice = name.strip().lower(), voice.strip()
+        if (
+            not equals
+            or not name
+            or not (EDGE_VOICE_PATTERN.fullmatch(voice) or OFFLINE_VOICE_PATTERN.fullmatch(voice))
+        ):
+            raise ValueError(item)
+        pairs.append((name, voice))
+    return tuple(pairs)
+
+
 def _origins(text: str) -> tuple[str, ...] | None:
     items = _list(text)
     return None if "*" in items else tuple(item.rstrip("/") for item in items)
@@ -308,6 +328,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "TTS_API_KEY": ("api_keys", _list, _KEYS_FORM),
     "ALLOWED_ORIGINS": ("allowed_origins", _origins, _ORIGINS_FORM),
     "TRUSTED_PROXIES": ("trusted_proxies", _list, _PROXIES_FORM),
+    "VOICE_MAP": ("voice_map", _voice_map, _VOICE_MAP_FORM),
     "RATE_LIMIT_REQUESTS": ("rate_limit_requests", _integer, "an integer >= 0"),
     "RATE_LIMIT_WINDOW": ("rate_limit_window", _number, "seconds > 0, such as 60"),
     "MAX_CONNECTIONS_PER_IP": ("max_connections_per_ip", _integer, "an integer >= 1"),

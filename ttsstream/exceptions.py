@@ -22,6 +22,9 @@ into the ``error`` message a client receives.
         │   ├── TextTooLong             text_too_long
         │   ├── InvalidVoice            invalid_voice
         │   ├── InvalidParameter        invalid_parameter
+        │   ├── UnsupportedFormat       unsupported_format
+        │   ├── BodyTooLarge            body_too_large (HTTP)
+        │   ├── UnsupportedMediaType    unsupported_media_type (HTTP)
         │   ├── QueueFull               queue_full
         │   ├── NotFound                not_found
         │   ├── RateLimited             rate_limited (429 with Retry-After at the handshake)
@@ -39,6 +42,7 @@ from __future__ import annotations
 __all__ = [
     "BadJSON",
     "BadMessage",
+    "BodyTooLarge",
     "ClientError",
     "ConfigError",
     "EmptyText",
@@ -58,6 +62,8 @@ __all__ = [
     "TextTooLong",
     "TooManyConnections",
     "Unauthorized",
+    "UnsupportedFormat",
+    "UnsupportedMediaType",
     "UpstreamError",
     "UpstreamTimeout",
     "UpstreamUnavailable",
@@ -190,6 +196,24 @@ class InvalidParameter(RequestError):
     """A field has the right type but a value outside its accepted form."""
 
     code = "invalid_parameter"
+
+
+class UnsupportedFormat(RequestError):
+    """An audio format the server does not produce (yet)."""
+
+    code = "unsupported_format"
+
+
+class BodyTooLarge(RequestError):
+    """An HTTP request body over 64 KiB."""
+
+    code = "body_too_large"
+
+
+class UnsupportedMediaType(RequestError):
+    """An HTTP request body that is not JSON."""
+
+    code = "unsupported_media_type"
 
 
 class QueueFull(RequestError):

@@ -178,20 +178,25 @@ class Server:
         self._server.close(close_connections=False)
         self.services.utterances.draining = True
         sessions = list(self._sessions)
-        waiting = sum(session.utterances_in_progress for session in sessions)
+        speech_api = self.http.speech
+        waiting = self._in_progress(sessions)
         logger.info(
-            "draining: %d utterances in progress on %d connections, %.0fs to finish",
-            waiting,
+            "draining: %d utterances in progress on %d connections and %d HTTP streams, "
+            "%.0fs to finish",
+            waiting - speech_api.streams_in_progress,
             len(sessions),
+            speech_api.streams_in_progress,
             grace,
         )
         if waiting:
             idle = [asyncio.create_task(session.wait_idle()) for session in sessions]
+            idle.append(asyncio.create_task(speech_api.wait_idle()))
             _, late = await asyncio.wait(idle, timeout=grace)
             for task in late:
                 task.cancel()
-        unfinished = sum(session.utterances_in_progress for session in sessions)
+        unfinished = self._in_progress(sessions)
         # What is left is cut: each utterance learns it, before the connection closes.
+        speech_api.cut()
         cuts = [
             asyncio.create_task(session.cut())
             for session in sessions
@@ -209,6 +214,13 @@ class Server:
             unfinished,
         )
         self.close()
+
+    def _in_progress(self, sessions: list[Session]) -> int:
+        """Utterances queued or playing on ``sessions``, and HTTP streams."""
+        return (
+            sum(session.utterances_in_progress for session in sessions)
+            + self.http.speech.streams_in_progress
+        )
 
     async def serve_forever(self) -> None:
         """Serve until :meth:`close` is called or the task is cancelled."""

@@ -14,39 +14,18 @@ from collections.abc import Awaitable, Callable
 
 import orjson
 from aiohttp import web
-from multidict import CIMultiDictProxy
 
 from ttsstream.core.admission import HttpAnswer
 from ttsstream.core.services import Services
 from ttsstream.exceptions import HandshakeRefused, RateLimited
 from ttsstream.http.demo import load_static
+from ttsstream.http.request import RequestHeaders, peer_of
+from ttsstream.http.speech import SpeechApi
 
-__all__ = ["STREAM_PATH", "HttpDoor", "RequestHeaders", "peer_of"]
+__all__ = ["STREAM_PATH", "HttpDoor"]
 
 #: The one WebSocket endpoint of protocol v1.
 STREAM_PATH = "/v1/stream"
-
-
-class RequestHeaders:
-    """aiohttp's request headers as the core reads headers (``get_all``, ``get``)."""
-
-    __slots__ = ("_headers",)
-
-    def __init__(self, headers: CIMultiDictProxy[str]) -> None:
-        self._headers = headers
-
-    def get_all(self, key: str, /) -> list[str]:
-        return self._headers.getall(key, [])
-
-    def get(self, key: str, /) -> str | None:
-        return self._headers.get(key)
-
-
-def peer_of(request: web.BaseRequest) -> str:
-    """The TCP peer's address."""
-    transport = request.transport
-    peer = transport.get_extra_info("peername") if transport is not None else None
-    return str(peer[0]) if peer else ""
 
 
 def answer(http: HttpAnswer) -> web.Response:
@@ -76,6 +55,8 @@ class HttpDoor:
         self._static = load_static() if services.config.serve_demo else {}
         app = web.Application(middlewares=[_json_errors], client_max_size=64 * 2**10)
         app.router.add_get(STREAM_PATH, self._stream_without_upgrade)
+        self.speech = SpeechApi(services)
+        self.speech.routes(app)
         for path in self._static:
             app.router.add_get(path, self._static_file)
         app.on_response_prepare.append(_server_header)

@@ -1,0 +1,504 @@
+"""The HTTP speech API: ``/tts`` and OpenAI's ``/v1/audio/speech``, streamed.
+
+Both endpoints run the same utterance as a WebSocket ``speak``
+(:class:`~ttsstream.core.utterance.Utterances`), with the same admission, cache,
+shared syntheses, fallback and limits; only the sink differs. Audio is written
+as it arrives: the status and headers go out with the first audio bytes, so an
+error before them is a proper status and body. A cached text is answered at once
+with its ``Content-Length``. After the first bytes, a failure ends the stream
+early: the connection is dropped before the chunked body's end (SSE: a last
+``error`` event), and the access log says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from ttsstream.core.admission import Refusal
+from ttsstream.core.fields import PROSODY_FIELDS, prosody_field, text_field, voice_field
+from ttsstream.core.router import Started
+from ttsstream.core.services import Services
+from ttsstream.core.utterance import ListenerGone, Summary
+from ttsstream.engines.base import SynthesisRequest, WordEvent
+from ttsstream.exceptions import (
+    BadJSON,
+    BadMessage,
+    BodyTooLarge,
+    ClientError,
+    HandshakeRefused,
+    RateLimited,
+    UnsupportedMediaType,
+)
+from ttsstream.http.errors import Shape, error_body, status_of
+from ttsstream.http.openai import MODELS, read_speech_call, voice_table
+from ttsstream.http.request import RequestHeaders, peer_of
+
+__all__ = ["SpeechApi"]
+
+#: Largest request body, in bytes (as the WebSocket's largest frame).
+MAX_BODY_BYTES = 64 * 2**10
+#: Headers a page from an allowed origin may read.
+_EXPOSED = "X-TTS-Cache, X-TTS-Engine, X-TTS-Voice, X-TTS-Fallback, X-Request-Id, Retry-After"
+#: Most seconds a CORS preflight answer is kept by the browser.
+_PREFLIGHT_MAX_AGE = "600"
+
+
+#: Reads a request into what to say, whether as SSE, and whether with word timestamps.
+Reader = Callable[[], Awaitable[tuple[SynthesisRequest, bool, bool]]]
+
+
+class SpeechApi:
+    """The handlers of the HTTP speech API, over the server's services.
+
+    Args:
+        services: The server's parts.
+    """
+
+    def __init__(self, services: Services) -> None:
+        self._services = services
+        self._config = services.config
+        self._voices = voice_table(services.config.voice_map)
+        #: Streams in progress, for a drain: their tasks and sinks.
+        self._streams: dict[asyncio.Task[Any], _Body] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def routes(self, app: web.Application) -> None:
+        """Add the API's routes to ``app``."""
+        app.router.add_post("/tts", self.tts)
+        app.router.add_get("/tts", self.tts)
+        app.router.add_post("/v1/audio/speech", self.openai_speech)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1/audio/voices", self.voices)
+        for path in ("/tts", "/v1/audio/speech", "/v1/models", "/v1/audio/voices"):
+            app.router.add_route("OPTIONS", path, self.preflight)
+
+    # Drain
+
+    @property
+    def streams_in_progress(self) -> int:
+        return len(self._streams)
+
+    async def wait_idle(self) -> None:
+        """Return once no stream is in progress."""
+        await self._idle.wait()
+
+    def cut(self) -> None:
+        """Stop the streams still in progress (a drain ran out of time)."""
+        for task, body in list(self._streams.items()):
+            body.cut = True
+            task.cancel()
+
+    # Endpoints
+
+    async def tts(self, request: web.Request) -> web.StreamResponse:
+        """``POST /tts`` (JSON body) or ``GET /tts?text=…``: the audio, streamed."""
+
+        async def read() -> tuple[SynthesisRequest, bool, bool]:
+            fields: Any = await _json_body(request) if request.method == "POST" else request.query
+            if not isinstance(fields, dict) and request.method == "POST":
+                raise BadMessage("the body must be a JSON object")
+            text = text_field(fields.get("text"), max_length=self._config.max_text_length)
+            prosody = {
+                name: value
+                for name in PROSODY_FIELDS
+                if (value := prosody_field(name, fields.get(name))) is not None
+            }
+            synthesis = await self._services.utterances.prepare(
+                text=text, voice=voice_field(fields.get("voice")), **prosody
+            )
+            return synthesis, False, False
+
+        return await self._serve(request, "tts", read)
+
+    async def openai_speech(self, request: web.Request) -> web.StreamResponse:
+        """``POST /v1/audio/speech``: OpenAI's contract, audio or server-sent events."""
+
+        async def read() -> tuple[SynthesisRequest, bool, bool]:
+            body = await _json_body(request)
+            if not isinstance(body, dict):
+                raise BadMessage("the body must be a JSON object")
+            call = read_speech_call(
+                body, voices=self._voices, max_text_length=self._config.max_text_length
+            )
+            synthesis = await self._services.utterances.prepare(
+                text=call.text, voice=call.voice, rate=call.rate
+            )
+            return synthesis, call.sse, call.timestamps
+
+        return await self._serve(request, "openai", read)
+
+    async def models(self, request: web.Request) -> web.StreamResponse:
+        """``GET /v1/models``: the model names ``/v1/audio/speech`` accepts."""
+        refused = self._admit_once(request, "openai")
+        if refused is not None:
+            return refused
+        return self._json(
+            request,
+            {
+                "object": "list",
+                "data": [
+                    {"id": model, "object": "model", "created": 0, "owned_by": "ttsstream"}
+                    for model in MODELS
+                ],
+            },
+        )
+
+    async def voices(self, request: web.Request) -> web.StreamResponse:
+        """``GET /v1/audio/voices``: every voice, and OpenAI's names with what they map to."""
+        refused = self._admit_once(request, "openai")
+        if refused is not None:
+            return refused
+        try:
+            voices = await self._services.speech.voices()
+        except ClientError as exc:
+            return self._error(request, exc, "openai")
+        locale = request.query.get("locale", "").lower()
+        listed = [
+            {"name": v.name, "locale": v.locale, "gender": v.gender, "engine": v.engine}
+            for v in voices
+            if not locale or v.locale.lower() == locale
+        ]
+        aliases = [
+            {"name": name, "voice": voice}
+            for name, voice in self._voices.items()
+            if not locale or voice.lower().startswith(locale + "-")
+        ]
+        return self._json(request, {"voices": listed, "aliases": aliases})
+
+    async def preflight(self, request: web.Request) -> web.StreamResponse:
+        """A browser's CORS preflight: allowed origins only."""
+        origin = request.headers.get("Origin")
+        if origin is None or not self._services.admission.origin_allowed(origin):
+            return web.Response(
+                status=403,
+                body=orjson.dumps(
+                    {"error": "origin_not_allowed", "message": "this origin may not connect"}
+                ),
+                content_type="application/json",
+            )
+        return web.Response(
+            status=204,
+            headers={
+                "Access-Control-Allow-Origin": origin,
+                "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+                "Access-Control-Allow-Headers": "Authorization, Content-Type, X-API-Key",
+                "Access-Control-Max-Age": _PREFLIGHT_MAX_AGE,
+                "Vary": "Origin",
+            },
+        )
+
+    # The one way a speech request is served
+
+    async def _serve(self, request: web.Request, shape: Shape, read: Reader) -> web.StreamResponse:
+        admission = self._services.admission
+        headers = RequestHeaders(request.headers)
+        client = admission.client_ip(headers, peer_of(request))
+        try:
+            admission.admit(request.path_qs, headers, client, endpoint=True)
+        except (HandshakeRefused, RateLimited) as refused:
+            return self._refused(request, refused, headers, client, shape)
+        request_id = "h-" + secrets.token_hex(6)
+        received_at = time.perf_counter()
+        task = asyncio.current_task()
+        assert task is not None
+        try:
+            try:
+                synthesis, sse, timestamps = await read()
+            except ClientError as exc:
+                self._services.stats.errors += 1
+                return self._error(request, exc, shape, request_id=request_id)
+            body = _Body(
+                request,
+                sse=sse,
+                timestamps=timestamps,
+                shape=shape,
+                request_id=request_id,
+                cors=self._cors(request),
+                send_timeout=self._config.send_timeout,
+                text_length=len(synthesis.text),
+            )
+            self._streams[task] = body
+            self._idle.clear()
+            try:
+                await self._services.utterances.run(
+                    synthesis,
+                    body,
+                    words="batch" if timestamps else "none",
+                    utterance_id=request_id,
+                    received_at=received_at,
+                    client_ip=client,
+                    connection=request_id,
+                    interface="http",
+                )
+            except asyncio.CancelledError:
+                if not body.cut:
+                    raise
+            return body.response
+        finally:
+            admission.release(client)
+            self._streams.pop(task, None)
+            if not self._streams:
+                self._idle.set()
+
+    def _admit_once(self, request: web.Request, shape: Shape) -> web.StreamResponse | None:
+        """Admission for a request that holds no stream: a refusal, or ``None``."""
+        admission = self._services.admission
+        headers = RequestHeaders(request.headers)
+        client = admission.client_ip(headers, peer_of(request))
+        try:
+            admission.admit(request.path_qs, headers, client, endpoint=True)
+        except (HandshakeRefused, RateLimited) as refused:
+            return self._refused(request, refused, headers, client, shape)
+        admission.release(client)
+        return None
+
+    def _refused(
+        self,
+        request: web.Request,
+        refused: Refusal,
+        headers: RequestHeaders,
+        client: str,
+        shape: Shape,
+    ) -> web.Response:
+        answer = self._services.admission.answer(
+            refused, headers=headers, client=client, path=request.path_qs
+        )
+        body = answer.body if shape == "tts" else error_body(refused, shape)
+        return web.Response(status=answer.status, body=body, headers=dict(answer.headers))
+
+    def _error(
+        self, request: web.Request, exc: BaseException, shape: Shape, *, request_id: str = ""
+    ) -> web.Response:
+        headers = {"Content-Type": "application/json", **self._cors(request)}
+        if request_id:
+            headers["X-Request-Id"] = request_id
+        if isinstance(exc, RateLimited):
+            headers["Retry-After"] = str(exc.retry_after)
+        return web.Response(status=status_of(exc), body=error_body(exc, shape), headers=headers)
+
+    def _json(self, request: web.Request, body: object) -> web.Response:
+        return web.Response(
+            body=orjson.dumps(body),
+            content_type="application/json",
+            headers=self._cors(request),
+        )
+
+    def _cors(self, request: web.Request) -> dict[str, str]:
+        origin = request.headers.get("Origin")
+        if origin is None or not self._services.admission.origin_allowed(origin):
+            return {}
+        return {
+            "Access-Control-Allow-Origin": origin,
+            "Access-Control-Expose-Headers": _EXPOSED,
+            "Vary": "Origin",
+        }
+
+
+async def _json_body(request: web.Request) -> Any:
+    """The request's JSON body (at most 64 KiB).
+
+    Raises:
+        UnsupportedMediaType: It is declared as something else than JSON.
+        BodyTooLarge: It is over 64 KiB.
+        BadJSON: It is not JSON.
+    """
+    if request.content_type not in ("application/json", "application/octet-stream"):
+        raise UnsupportedMediaType("send the body as JSON (Content-Type: application/json)")
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise BodyTooLarge("the request body is over 64 KiB")
+    try:
+        raw = (
+            await request.content.readexactly(request.content_length or 0)
+            if (request.content_length is not None)
+            else await request.content.read(MAX_BODY_BYTES + 1)
+        )
+    except asyncio.IncompleteReadError:
+        raise BadJSON("the body ended early") from None
+    if len(raw) > MAX_BODY_BYTES:
+        raise BodyTooLarge("the request body is over 64 KiB")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise BadJSON("the body is not valid JSON") from None
+
+
+class _Body:
+    """One utterance as an HTTP response body (a :class:`~ttsstream.core.utterance.Sink`):
+    the audio bytes as they come, or OpenAI's server-sent events."""
+
+    def __init__(
+        self,
+        request: web.Request,
+        *,
+        sse: bool,
+        timestamps: bool,
+        shape: Shape,
+        request_id: str,
+        cors: dict[str, str],
+        send_timeout: float,
+        text_length: int,
+    ) -> None:
+        self._request = request
+        self._text_length = text_length
+        self._sse = sse
+        self._timestamps = timestamps
+        self._shape = shape
+        self._request_id = request_id
+        self._cors = cors
+        self._send_timeout = send_timeout
+        self._started: Started | None = None
+        self._stream: web.StreamResponse | None = None
+        #: A replay's audio, written at once with its length at the end.
+        self._replay: list[bytes | memoryview] | None = None
+        #: What the handler returns: the stream once begun, else an answer given in full.
+        self.response: web.StreamResponse = web.Response(status=500)
+        self.cut = False
+        self._audio_bytes = 0
+
+    async def start(self, started: Started) -> None:
+        self._started = started
+        if started.cached and not self._sse:
+            self._replay = []
+
+    async def audio(self, data: bytes | memoryview) -> None:
+        self._audio_bytes += len(data)
+        if self._replay is not None:
+            self._replay.append(data)
+            return
+        if self._sse:
+            encoded = base64.b64encode(data).decode()
+            await self._write(_event({"type": "speech.audio.delta", "audio": encoded}))
+        else:
+            await self._write(data)
+
+    async def word(self, word: WordEvent) -> None:
+        await self.words((word,))
+
+    async def words(self, words: Sequence[WordEvent]) -> None:
+        if self._sse and self._timestamps:
+            await self._write(
+                _event({"type": "speech.words", "words": [_word(word) for word in words]})
+            )
+
+    async def end(self, summary: Summary) -> None:
+        if self._replay is not None:
+            audio = b"".join(self._replay)
+            self._replay = None
+            response = web.Response(body=audio, headers=self._headers())
+            self.response = response
+            return
+        if self._sse:
+            text_length = self._text_length
+            await self._write(
+                _event(
+                    {
+                        "type": "speech.audio.done",
+                        "usage": {
+                            "input_tokens": text_length,
+                            "output_tokens": round(summary.audio_ms),
+                            "total_tokens": text_length + round(summary.audio_ms),
+                        },
+                    }
+                )
+            )
+        stream = await self._begin()
+        try:
+            async with asyncio.timeout(self._send_timeout):
+                await stream.write_eof()
+        except (ConnectionError, TimeoutError):
+            raise ListenerGone() from None
+
+    async def fail(self, exc: BaseException, *, partial: bool) -> None:
+        if self._stream is None:
+            headers = {"Content-Type": "application/json", **self._cors}
+            headers["X-Request-Id"] = self._request_id
+            self.response = web.Response(
+                status=status_of(exc), body=error_body(exc, self._shape), headers=headers
+            )
+            return
+        if self._sse:
+            error = orjson.loads(error_body(exc, "openai"))["error"]
+            await self._write(_event({"type": "error", "error": error}))
+            await self._stream.write_eof()
+            return
+        # The audio cannot say it is incomplete: drop the connection before the
+        # chunked body's end, so that the client sees a truncated transfer.
+        transport = self._request.transport
+        if transport is not None:
+            transport.abort()
+
+    def finished(self) -> None:
+        pass
+
+    def _headers(self) -> dict[str, str]:
+        started = self._started
+        headers = {
+            "Content-Type": "text/event-stream" if self._sse else _mime(started),
+            "Cache-Control": "no-cache",
+            "X-Request-Id": self._request_id,
+            **self._cors,
+        }
+        if started is not None:
+            headers["X-TTS-Cache"] = "hit" if started.cached else "miss"
+            headers["X-TTS-Engine"] = started.engine
+            headers["X-TTS-Voice"] = started.voice
+            if started.fallback_reason is not None:
+                headers["X-TTS-Fallback"] = started.fallback_reason
+        if self._sse:
+            headers["X-Accel-Buffering"] = "no"  # nginx: pass each event on at once
+        return headers
+
+    async def _begin(self) -> web.StreamResponse:
+        if self._stream is None:
+            stream = web.StreamResponse(headers=self._headers())
+            stream.enable_chunked_encoding()
+            self.response = self._stream = stream
+            try:
+                await stream.prepare(self._request)
+            except ConnectionError:
+                raise ListenerGone() from None
+        return self._stream
+
+    async def _write(self, data: bytes | memoryview) -> None:
+        stream = await self._begin()
+        try:
+            async with asyncio.timeout(self._send_timeout):
+                await stream.write(data)
+        except ConnectionError:
+            raise ListenerGone() from None
+        except TimeoutError:
+            transport = self._request.transport
+            if transport is not None:
+                transport.abort()
+            raise _TooSlow() from None
+
+
+class _TooSlow(ListenerGone):
+    outcome = "too_slow"
+
+
+def _mime(started: Started | None) -> str:
+    return started.audio_format.mime_type if started is not None else "audio/mpeg"
+
+
+def _word(word: WordEvent) -> dict[str, Any]:
+    return {
+        "text": word.text,
+        "offset_ms": word.offset_ms,
+        "duration_ms": word.duration_ms,
+        "char_start": word.char_start,
+        "char_end": word.char_end,
+    }
+
+
+def _event(message: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(message) + b"\n\n"
