@@ -94,6 +94,18 @@ VOICES = [
         ("en-US", "GuyNeural", "Male"),
         ("fr-FR", "DeniseNeural", "Female"),
         ("de-DE", "ConradNeural", "Male"),
+        # The voices OpenAI's names map to by default (the real list has them too).
+        ("en-US", "AvaNeural", "Female"),
+        ("en-US", "AndrewNeural", "Male"),
+        ("en-GB", "RyanNeural", "Male"),
+        ("en-US", "EmmaNeural", "Female"),
+        ("en-US", "BrianNeural", "Male"),
+        ("en-GB", "SoniaNeural", "Female"),
+        ("en-US", "ChristopherNeural", "Male"),
+        ("en-US", "JennyNeural", "Female"),
+        ("en-US", "MichelleNeural", "Female"),
+        ("en-US", "AvaMultilingualNeural", "Female"),
+        ("en-US", "AndrewMultilingualNeural", "Male"),
     ]
 ]
 
