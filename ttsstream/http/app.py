@@ -76,6 +76,7 @@ class HttpDoor:
         """Close keep-alive connections, giving requests in progress ``grace`` seconds."""
         server = self._runner.server
         if server is not None:
+            server.pre_shutdown()  # idle keep-alive connections close now
             await server.shutdown(grace)
         await self._runner.cleanup()
 

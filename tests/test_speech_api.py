@@ -1,0 +1,467 @@
+"""The HTTP speech API: /tts and OpenAI's /v1/audio/speech, streamed, on the WebSocket's port."""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import base64
+from typing import Any
+
+import aiohttp
+import miniaudio
+import openai
+import orjson
+import pytest
+from openai._streaming import SSEDecoder
+
+from tests.conftest import (
+    MANY_CLIENTS,
+    TIMEOUT,
+    Clock,
+    ServerFactory,
+    connected,
+    wait_for_entries,
+)
+from tests.fake_edge import FRAME_BYTES, FakeEdge
+from ttsstream.http.openai import DEFAULT_VOICES, MODELS
+from ttsstream.server import Server
+
+TEXT = "Streaming over plain HTTP, as the upstream produces it."
+KEY = "http-api-key-0123456789"
+
+
+def http_of(server: Server) -> str:
+    return f"http://127.0.0.1:{server.port}"
+
+
+async def post(
+    server: Server, path: str, body: object, **options: Any
+) -> tuple[int, dict[str, str], bytes]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(http_of(server) + path, json=body, **options) as response,
+    ):
+        return response.status, dict(response.headers), await response.read()
+
+
+async def test_tts_streams_before_the_upstream_has_finished(server: Server, fake: FakeEdge) -> None:
+    """POST /tts answers 200 audio/mpeg, chunked, with the first bytes while the upstream
+    is paused mid-utterance; the whole body is the upstream's audio."""
+    fake.pause_after_chunks = 2
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(http_of(server) + "/tts", json={"text": TEXT}) as response,
+    ):
+        assert response.status == 200
+        assert response.headers["Content-Type"] == "audio/mpeg"
+        assert response.headers["Transfer-Encoding"] == "chunked"
+        assert response.headers["X-TTS-Cache"] == "miss"
+        assert response.headers["X-TTS-Engine"] == "edge"
+        assert response.headers["X-TTS-Voice"] == server.config.default_voice
+        assert response.headers["X-Request-Id"].startswith("h-")
+        first = await asyncio.wait_for(response.content.readany(), TIMEOUT)
+        assert first and fake.paused.is_set() and not fake.records[0].completed
+        fake.resume.set()
+        audio = first + await response.read()
+    assert audio == bytes(fake.records[0].audio)
+
+
+async def test_a_cached_text_comes_whole_with_its_length(server: Server, fake: FakeEdge) -> None:
+    """The second time, the text is a cache hit: Content-Length and the same bytes."""
+    _, headers, first = await post(server, "/tts", {"text": TEXT, "rate": "+10%"})
+    await wait_for_entries(server, 1)
+    status, headers, again = await post(server, "/tts", {"text": TEXT, "rate": "+10%"})
+    assert (status, headers["X-TTS-Cache"]) == (200, "hit")
+    assert headers["Content-Length"] == str(len(first)) and again == first
+    assert len(fake.records) == 1
+
+
+async def test_get_tts_takes_its_fields_from_the_query(server: Server, fake: FakeEdge) -> None:
+    """GET /tts?text=…&voice=…&pitch=… speaks with those fields (for <audio src>)."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(
+            http_of(server) + "/tts",
+            params={"text": "Hello there.", "voice": "en-US-GuyNeural", "pitch": "+5Hz"},
+        ) as response,
+    ):
+        assert response.status == 200
+        audio = await response.read()
+    assert audio == bytes(fake.records[0].audio)
+    assert (fake.records[0].voice.endswith("GuyNeural)"), fake.records[0].pitch) == (True, "+5Hz")
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "code", "param"),
+    [
+        ("/tts", {}, 400, "bad_message", "text"),
+        ("/tts", {"text": "   "}, 400, "empty_text", "text"),
+        ("/tts", {"text": "x" * 5001}, 400, "text_too_long", "text"),
+        ("/tts", {"text": "Hi", "voice": "Bob"}, 400, "invalid_voice", None),
+        ("/tts", {"text": "Hi", "voice": "en-US-NobodyNeural"}, 400, "invalid_voice", None),
+        ("/tts", {"text": "Hi", "rate": "fast"}, 400, "invalid_parameter", "rate"),
+        ("/tts", [1, 2], 400, "bad_message", None),
+        ("/v1/audio/speech", {"voice": "alloy", "input": "Hi"}, 400, "invalid_parameter", "model"),
+        ("/v1/audio/speech", {"model": "tts-1", "voice": "alloy"}, 400, "bad_message", "input"),
+        (
+            "/v1/audio/speech",
+            {"model": "tts-1", "voice": "alloy", "input": "Hi", "speed": 5},
+            400,
+            "invalid_parameter",
+            "speed",
+        ),
+        (
+            "/v1/audio/speech",
+            {"model": "tts-1", "voice": "alloy", "input": "Hi", "response_format": "opus"},
+            400,
+            "unsupported_format",
+            "response_format",
+        ),
+        (
+            "/v1/audio/speech",
+            {"model": "tts-1", "voice": "alloy", "input": "Hi", "stream_format": "x"},
+            400,
+            "invalid_parameter",
+            "stream_format",
+        ),
+    ],
+)
+async def test_bad_requests_get_a_status_and_a_stable_code(
+    server: Server,
+    fake: FakeEdge,
+    path: str,
+    body: object,
+    status: int,
+    code: str,
+    param: str | None,
+) -> None:
+    """Each bad request gets its status and code, in the endpoint's error shape."""
+    await server.services.speech.voices()  # the list is known: voices are checked
+    got, _, raw = await post(server, path, body)
+    assert got == status
+    error = orjson.loads(raw)
+    if path == "/tts":
+        assert error["error"] == code and error["message"]
+    else:
+        assert error["error"]["code"] == code and error["error"]["message"]
+        assert error["error"]["type"] == "invalid_request_error"
+        assert error["error"]["param"] == param
+    assert fake.records == []
+
+
+async def test_bodies_that_are_not_json_or_too_large(server: Server) -> None:
+    """415 for a body declared as something else, 400 bad_json for broken JSON, 413 past 64 KiB."""
+    async with aiohttp.ClientSession() as session:
+        for data, headers, status, code in [
+            (b"text=hi", {"Content-Type": "text/plain"}, 415, "unsupported_media_type"),
+            (b"{oops", {"Content-Type": "application/json"}, 400, "bad_json"),
+            (
+                orjson.dumps({"text": "y" * 70_000}),
+                {"Content-Type": "application/json"},
+                413,
+                "body_too_large",
+            ),
+        ]:
+            async with session.post(
+                http_of(server) + "/tts", data=data, headers=headers
+            ) as response:
+                assert response.status == status
+                assert orjson.loads(await response.read())["error"] == code
+
+
+async def test_upstream_failure_before_audio_is_a_status(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """Without a fallback, an upstream that refuses gives 503 upstream_unavailable."""
+    server = await start_server(with_offline=False, upstream_retries=0)
+    fake.refuse_status = 503
+    status, _, raw = await post(server, "/tts", {"text": TEXT})
+    assert (status, orjson.loads(raw)["error"]) == (503, "upstream_unavailable")
+    status, _, raw = await post(
+        server, "/v1/audio/speech", {"model": "tts-1", "voice": "alloy", "input": TEXT}
+    )
+    error = orjson.loads(raw)["error"]
+    assert (status, error["code"], error["type"]) == (503, "upstream_unavailable", "server_error")
+
+
+async def test_the_fallback_voice_says_so_in_a_header(server: Server, fake: FakeEdge) -> None:
+    """When Edge fails before audio, the offline voice speaks and X-TTS-Fallback says why."""
+    fake.refuse_status = 503
+    status, headers, audio = await post(server, "/tts", {"text": TEXT})
+    assert status == 200 and audio
+    assert (headers["X-TTS-Engine"], headers["X-TTS-Fallback"]) == (
+        "espeak",
+        "upstream_unavailable",
+    )
+
+
+async def test_a_failure_after_the_first_bytes_ends_the_stream_early(
+    server: Server, fake: FakeEdge
+) -> None:
+    """Audio cut mid-way: the chunked body never ends (the client sees a truncated
+    transfer); SSE: a last error event."""
+    fake.drop_after_chunks = 3
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await post(server, "/tts", {"text": TEXT})
+    status, _, raw = await post(
+        server,
+        "/v1/audio/speech",
+        {"model": "tts-1", "voice": "sage", "input": TEXT + " Again.", "stream_format": "sse"},
+    )
+    events = [orjson.loads(line[6:]) for line in raw.split(b"\n\n") if line]
+    assert status == 200 and events[0]["type"] == "speech.audio.delta"
+    assert events[-1]["type"] == "error"
+    assert events[-1]["error"]["code"] == "upstream_unavailable"
+
+
+async def test_a_websocket_and_an_http_request_share_one_synthesis(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """The same text asked at once on both doors: one upstream call, the same bytes."""
+    server = await start_server(**MANY_CLIENTS)
+    fake.pause_after_chunks = 1
+    async with connected(server) as client:
+        await client.speak(TEXT)
+        await asyncio.wait_for(fake.paused.wait(), TIMEOUT)
+        http = asyncio.create_task(post(server, "/tts", {"text": TEXT}))
+        for _ in range(int(TIMEOUT * 100)):
+            if server.stats.coalesced:
+                break
+            await asyncio.sleep(0.01)
+        fake.resume.set()
+        spoken = await client.until_final("u1")
+        status, headers, audio = await http
+    assert status == 200 and headers["X-TTS-Cache"] == "miss"
+    assert len(fake.records) == 1 and server.stats.coalesced == 1
+    assert audio == bytes(spoken.audio) == bytes(fake.records[0].audio)
+
+
+# Admission, as on the WebSocket
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("POST", {"headers": {"X-API-Key": KEY}}),
+        ("POST", {"headers": {"Authorization": f"Bearer {KEY}"}}),
+        ("GET", {"params": {"text": TEXT, "api_key": KEY}}),
+    ],
+)
+async def test_every_key_form_opens_the_api(
+    start_server: ServerFactory, method: str, options: dict[str, Any]
+) -> None:
+    """X-API-Key, Authorization: Bearer, and ?api_key= on a GET."""
+    server = await start_server(api_keys=(KEY,))
+    async with aiohttp.ClientSession() as session:
+        if method == "POST":
+            options = {**options, "json": {"text": TEXT}}
+        async with session.request(method, http_of(server) + "/tts", **options) as response:
+            assert response.status == 200
+            assert await response.read()
+
+
+async def test_refusals_over_http_are_those_of_the_websocket(start_server: ServerFactory) -> None:
+    """No key, a wrong key, a refused origin, a forged X-Forwarded-For, the rate limit,
+    the connection cap: refused as a handshake would be, in the endpoint's shape."""
+    clock = Clock()
+    server = await start_server(
+        api_keys=(KEY,),
+        allowed_origins=("https://app.example",),
+        rate_limit_requests=6,
+        trusted_proxies=("10.0.0.1",),
+    )
+    server.services.admission.limiter._clock = clock
+    key = {"X-API-Key": KEY}
+    for headers, status, code in [
+        ({}, 401, "unauthorized"),
+        ({"X-API-Key": "wrong"}, 401, "unauthorized"),
+        ({**key, "Origin": "https://evil.example"}, 403, "origin_not_allowed"),
+    ]:
+        got, _, raw = await post(server, "/tts", {"text": TEXT}, headers=headers)
+        assert (got, orjson.loads(raw)["error"]) == (status, code)
+        got, _, raw = await post(
+            server,
+            "/v1/audio/speech",
+            {"model": "tts-1", "voice": "alloy", "input": TEXT},
+            headers=headers,
+        )
+        assert (got, orjson.loads(raw)["error"]["code"]) == (status, code)
+    # A client that is not a trusted proxy cannot pick another IP to dodge the limit:
+    # its six requests above and these count against 127.0.0.1.
+    got, headers, raw = await post(
+        server, "/tts", {"text": TEXT}, headers={**key, "X-Forwarded-For": "203.0.113.9"}
+    )
+    assert got == 429 and orjson.loads(raw)["error"] == "rate_limited"
+    assert int(headers["Retry-After"]) >= 1
+    assert server.stats.auth_failures == 4 and server.stats.origin_rejected == 2
+
+
+async def test_a_stream_counts_as_a_connection(start_server: ServerFactory, fake: FakeEdge) -> None:
+    """With MAX_CONNECTIONS_PER_IP=1, an open WebSocket leaves no room for an HTTP stream,
+    and a stream in progress none for a WebSocket."""
+    server = await start_server(max_connections_per_ip=1)
+    async with connected(server):
+        status, _, raw = await post(server, "/tts", {"text": TEXT})
+        assert (status, orjson.loads(raw)["error"]) == (429, "too_many_connections")
+    for _ in range(int(TIMEOUT * 100)):
+        if server.services.admission.connections.total == 0:
+            break
+        await asyncio.sleep(0.01)
+    fake.pause_after_chunks = 1
+    stream = asyncio.create_task(post(server, "/tts", {"text": TEXT}))
+    await asyncio.wait_for(fake.paused.wait(), TIMEOUT)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{server.port}/v1/stream") as response,
+    ):
+        assert response.status == 429
+    fake.resume.set()
+    assert (await stream)[0] == 200
+
+
+async def test_cors_for_allowed_origins_only(start_server: ServerFactory) -> None:
+    """A preflight from an allowed origin is answered, and the response exposes the
+    X-TTS headers to it; another origin gets no CORS headers."""
+    server = await start_server(allowed_origins=("https://app.example",))
+    async with aiohttp.ClientSession() as session:
+        async with session.options(
+            http_of(server) + "/v1/audio/speech",
+            headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"},
+        ) as response:
+            assert response.status == 204
+            assert response.headers["Access-Control-Allow-Origin"] == "https://app.example"
+            assert "Authorization" in response.headers["Access-Control-Allow-Headers"]
+        async with session.options(
+            http_of(server) + "/tts", headers={"Origin": "https://evil.example"}
+        ) as response:
+            assert response.status == 403
+    _, headers, _ = await post(
+        server, "/tts", {"text": TEXT}, headers={"Origin": "https://app.example"}
+    )
+    assert headers["Access-Control-Allow-Origin"] == "https://app.example"
+    assert "X-TTS-Cache" in headers["Access-Control-Expose-Headers"]
+
+
+async def test_drain_finishes_streams_and_refuses_new_requests(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """While draining, a stream in progress finishes and a new request on a kept-alive
+    connection gets 503 shutting_down (the port takes no new connection)."""
+    server = await start_server()
+    async with aiohttp.ClientSession() as kept, aiohttp.ClientSession() as session:
+        async with kept.get(http_of(server) + "/v1/models") as warm:
+            assert warm.status == 200  # its connection stays open, idle
+        fake.pause_after_chunks = 2
+        async with session.post(http_of(server) + "/tts", json={"text": TEXT}) as response:
+            await asyncio.wait_for(response.content.readany(), TIMEOUT)
+            drain = asyncio.create_task(server.drain(TIMEOUT))
+            while server.state != "draining":
+                await asyncio.sleep(0.01)
+            async with kept.post(http_of(server) + "/tts", json={"text": "Too late."}) as late:
+                assert late.status == 503
+                assert orjson.loads(await late.read())["error"] == "shutting_down"
+            fake.resume.set()
+            audio = await response.read()
+        await asyncio.wait_for(drain, TIMEOUT)
+    assert audio and fake.records[0].completed
+
+
+# The official openai client
+
+
+def openai_client(server: Server, key: str = "unused") -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=http_of(server) + "/v1", api_key=key, max_retries=0)
+
+
+async def test_the_openai_sdk_streams_speech(server: Server, fake: FakeEdge) -> None:
+    """client.audio.speech.with_streaming_response.create streams MP3 that decodes to
+    the upstream's duration; every model name and OpenAI voice is accepted."""
+    client = openai_client(server)
+    async with client.audio.speech.with_streaming_response.create(
+        model="tts-1", voice="alloy", input=TEXT
+    ) as response:
+        assert response.headers["content-type"] == "audio/mpeg"
+        chunks = [chunk async for chunk in response.iter_bytes()]
+    audio = b"".join(chunks)
+    assert audio == bytes(fake.records[0].audio)
+    assert fake.records[0].voice.endswith("AvaNeural)")
+    decoded = miniaudio.mp3_read_s16(audio)
+    samples = array.array("h", decoded.samples)
+    assert len(samples) / 24 == pytest.approx(len(audio) / FRAME_BYTES * 24, rel=0.05)
+    assert len(MODELS) == 4 and len(DEFAULT_VOICES) == 13
+    for model, voice in zip(MODELS, ["echo", "nova", "cedar", "shimmer"], strict=True):
+        speech = await client.audio.speech.create(model=model, voice=voice, input="Hi.")
+        assert speech.content
+
+
+async def test_the_openai_sdk_reads_server_sent_events(server: Server, fake: FakeEdge) -> None:
+    """stream_format="sse": audio deltas as they come, word timestamps when asked, and a
+    last done event with usage, parsed by the SDK's own SSE decoder."""
+    client = openai_client(server)
+    async with client.audio.speech.with_streaming_response.create(
+        model="gpt-4o-mini-tts",
+        voice="coral",
+        input=TEXT,
+        stream_format="sse",
+        extra_body={"timestamps": True},
+    ) as response:
+        assert response.headers["content-type"] == "text/event-stream"
+        events = [
+            orjson.loads(event.data)
+            async for event in SSEDecoder().aiter_bytes(response.iter_bytes())
+        ]
+    kinds = [event["type"] for event in events]
+    assert kinds[-1] == "speech.audio.done" and kinds.count("speech.audio.done") == 1
+    audio = b"".join(
+        base64.b64decode(event["audio"])
+        for event in events
+        if event["type"] == "speech.audio.delta"
+    )
+    assert audio == bytes(fake.records[0].audio)
+    words = [word for event in events if event["type"] == "speech.words" for word in event["words"]]
+    assert [word["text"] for word in words] == [text for text, _, _ in fake.records[0].words]
+    assert events[-1]["usage"]["input_tokens"] == len(TEXT)
+
+
+async def test_the_openai_sdk_raises_its_own_errors(start_server: ServerFactory) -> None:
+    """A wrong key is openai.AuthenticationError; past the rate limit, openai.RateLimitError."""
+    server = await start_server(api_keys=(KEY,), rate_limit_requests=2)
+    with pytest.raises(openai.AuthenticationError):
+        await openai_client(server, "wrong").audio.speech.create(
+            model="tts-1", voice="alloy", input=TEXT
+        )
+    client = openai_client(server, KEY)
+    assert (await client.audio.speech.create(model="tts-1", voice="alloy", input="Hi.")).content
+    with pytest.raises(openai.RateLimitError):
+        await client.audio.speech.create(model="tts-1", voice="alloy", input="Hi.")
+
+
+async def test_models_and_voices(server: Server, fake: FakeEdge) -> None:
+    """GET /v1/models lists the four models (the SDK reads it); GET /v1/audio/voices the
+    voices and the OpenAI names with what they map to, filtered by locale."""
+    models = await openai_client(server).models.list()
+    assert [model.id for model in models.data] == list(MODELS)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(http_of(server) + "/v1/audio/voices") as response:
+            listed = orjson.loads(await response.read())
+        async with session.get(
+            http_of(server) + "/v1/audio/voices", params={"locale": "en-GB"}
+        ) as response:
+            british = orjson.loads(await response.read())
+    names = {voice["name"] for voice in listed["voices"]}
+    assert {voice["ShortName"] for voice in fake.voices} <= names and "espeak:fr" in names
+    assert {alias["name"]: alias["voice"] for alias in listed["aliases"]} == DEFAULT_VOICES
+    assert {voice["locale"] for voice in british["voices"]} == {"en-GB"}
+    assert {alias["name"] for alias in british["aliases"]} == {"ballad", "fable"}
+
+
+async def test_voice_map_overrides_the_default_table(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """VOICE_MAP=alloy=fr-FR-DeniseNeural speaks alloy with Denise."""
+    server = await start_server(voice_map=(("alloy", "fr-FR-DeniseNeural"),))
+    speech = await openai_client(server).audio.speech.create(
+        model="tts-1", voice="alloy", input="Bonjour."
+    )
+    assert speech.content
+    assert fake.records[0].voice.endswith("DeniseNeural)")
