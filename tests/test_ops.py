@@ -100,7 +100,7 @@ async def test_metrics_parse_and_match(server: Server, fake: FakeEdge) -> None:
         for family in text_string_to_metric_families(text)
         for sample in family.samples
     }
-    assert samples[("ttsstream_requests_total", (("outcome", "ok"),))] == 3
+    assert samples[("ttsstream_requests_total", (("interface", "ws"), ("outcome", "ok")))] == 3
     assert samples[("ttsstream_cache_hits_total", ())] == 1
     assert samples[("ttsstream_cache_misses_total", ())] == 2
     assert samples[("ttsstream_fallbacks_total", ())] == 1

@@ -64,6 +64,9 @@ async def test_tts_streams_before_the_upstream_has_finished(server: Server, fake
         fake.resume.set()
         audio = first + await response.read()
     assert audio == bytes(fake.records[0].audio)
+    stats = server.stats.snapshot()
+    assert stats["interfaces"] == {"ws": 0, "http": 1} and stats["total_requests"] == 1
+    assert server.stats.outcomes_by_interface["http", "ok"] == 1
 
 
 async def test_a_cached_text_comes_whole_with_its_length(server: Server, fake: FakeEdge) -> None:

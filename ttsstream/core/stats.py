@@ -38,6 +38,8 @@ class Stats:
     errors: int = 0
     #: Finished utterances by outcome: ok, cancelled, disconnected, too_slow, or an error code.
     outcomes: Counter[str] = field(default_factory=Counter)
+    #: Finished utterances by door (``ws``, ``http``) and outcome.
+    outcomes_by_interface: Counter[tuple[str, str]] = field(default_factory=Counter)
     bytes_sent: int = 0
     connections: int = 0
     active_utterances: int = 0
@@ -99,9 +101,10 @@ class Stats:
         """Record a time to first audio; ``source`` is cached, live or fallback."""
         self._ttfa_by_source[source].observe(seconds)
 
-    def finished(self, outcome: str) -> None:
-        """Count a finished utterance by its outcome."""
+    def finished(self, outcome: str, interface: str = "ws") -> None:
+        """Count a finished utterance by its outcome and the door it came through."""
         self.outcomes[outcome] += 1
+        self.outcomes_by_interface[interface, outcome] += 1
 
     def upstream_failed(self, code: str) -> None:
         """Count an Edge failure of kind ``code``."""
@@ -134,6 +137,14 @@ class Stats:
             "cache_evictions": self.cache_evictions,
             "cache_errors": self.cache_errors,
             "outcomes": dict(self.outcomes),
+            "interfaces": {
+                interface: sum(
+                    count
+                    for (door, _), count in self.outcomes_by_interface.items()
+                    if door == interface
+                )
+                for interface in ("ws", "http")
+            },
         }
 
     def metrics(self) -> bytes:
@@ -150,10 +161,12 @@ class _StatsCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         stats = self._stats
         requests = CounterMetricFamily(
-            "ttsstream_requests", "Finished utterances by outcome.", labels=["outcome"]
+            "ttsstream_requests",
+            "Finished utterances by door (ws, http) and outcome.",
+            labels=["interface", "outcome"],
         )
-        for outcome, count in sorted(stats.outcomes.items()):
-            requests.add_metric([outcome], count)
+        for (interface, outcome), count in sorted(stats.outcomes_by_interface.items()):
+            requests.add_metric([interface, outcome], count)
         yield requests
         upstream_errors = CounterMetricFamily(
             "ttsstream_upstream_errors", "Edge failures by kind.", labels=["kind"]
@@ -162,7 +175,11 @@ class _StatsCollector(Collector):
             upstream_errors.add_metric([kind], count)
         yield upstream_errors
         counters: tuple[tuple[str, str, int], ...] = (
-            ("ttsstream_speak_messages", "speak messages received.", stats.total_requests),
+            (
+                "ttsstream_speak_messages",
+                "Utterances asked for (speak messages and HTTP speech requests).",
+                stats.total_requests,
+            ),
             ("ttsstream_errors", "error messages sent to clients.", stats.errors),
             ("ttsstream_cache_hits", "Utterances replayed from the disk cache.", stats.cache_hits),
             ("ttsstream_cache_misses", "Cacheable utterances not on disk.", stats.cache_misses),

@@ -219,7 +219,7 @@ class Utterances:
         finally:
             sink.finished()
             stats.active_utterances -= 1
-            stats.finished(outcome)
+            stats.finished(outcome, interface)
             audio_format = started.audio_format if started else None
             access(
                 "utterance",
