@@ -324,3 +324,35 @@ async def test_demo_through_nginx_has_security_headers(stack: Stack) -> None:
         assert response.headers["Referrer-Policy"] == "no-referrer"
         assert "media-src 'self' blob:" in response.headers["Content-Security-Policy"]
         assert "TTSStreamClient" in await response.text() or "demo.js" in await response.text()
+
+
+async def test_http_speech_streams_through_nginx(stack: Stack, fake: FakeEdge) -> None:
+    """POST /tts and /v1/audio/speech reach the instances through nginx, and the first
+    audio bytes arrive while the upstream is paused (nginx buffers nothing)."""
+    base = stack.url.replace("wss://", "https://").replace("/v1/stream", "")
+    fake.pause_after_chunks = 2
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            base + "/tts", json={"text": "Streamed through the proxy."}, ssl=stack.tls
+        ) as response:
+            assert response.status == 200 and response.headers["X-TTS-Engine"] == "edge"
+            first = await asyncio.wait_for(response.content.readany(), TIMEOUT)
+            assert first and fake.paused.is_set() and not fake.records[0].completed
+            fake.resume.set()
+            audio = first + await response.read()
+        assert audio == bytes(fake.records[0].audio)
+        fake.pause_after_chunks = None
+        async with session.post(
+            base + "/v1/audio/speech",
+            json={
+                "model": "tts-1",
+                "voice": "alloy",
+                "input": "Server-sent.",
+                "stream_format": "sse",
+            },
+            ssl=stack.tls,
+        ) as response:
+            assert response.headers["Content-Type"] == "text/event-stream"
+            assert b"speech.audio.done" in await response.read()
+        async with session.get(base + "/v1/models", ssl=stack.tls) as response:
+            assert response.status == 200
