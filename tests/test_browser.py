@@ -268,3 +268,31 @@ async def test_demo_files_are_served_with_safe_headers(served: dict[str, str]) -
             assert "export class TTSStreamClient" in await module.text()
         async with session.get(served["url"] + "clients/../pyproject.toml") as escape:
             assert escape.status == 404
+
+
+async def test_an_audio_element_plays_tts_from_a_url(
+    browser: Browser, served: dict[str, str], fake: FakeEdge
+) -> None:
+    """<audio src="/tts?text=…"> plays in a page: Chromium streams the GET and its
+    playback clock advances, with the first audio before the upstream finished."""
+    # About 5.8 s of audio, then the upstream waits: Chromium reads some 30 KB of a
+    # stream of unknown length before it starts playing.
+    fake.pause_after_chunks = 60
+    page, problems = await open_demo(browser, served["url"])
+    await page.evaluate(
+        """() => {
+            const audio = document.createElement('audio');
+            audio.id = 'tts';
+            const text = 'A sentence read aloud by an audio element, from a plain URL. '
+                + 'It goes on for a while, so that the page plays its beginning long '
+                + 'before the speech service has produced its end, as a reader would.';
+            audio.src = '/tts?text=' + encodeURIComponent(text);
+            document.body.appendChild(audio);
+            audio.play();
+        }"""
+    )
+    await until(page, "document.querySelector('#tts').currentTime > 1.0")
+    assert fake.paused.is_set() and not fake.records[-1].completed  # still streaming
+    fake.resume.set()
+    error = await page.evaluate("() => document.querySelector('#tts').error")
+    assert error is None and problems == []

@@ -468,3 +468,75 @@ async def test_voice_map_overrides_the_default_table(
     )
     assert speech.content
     assert fake.records[0].voice.endswith("DeniseNeural)")
+
+
+async def test_a_stream_cut_by_a_drain_is_told_so(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """Past DRAIN_TIMEOUT a stream in progress ends: SSE with a shutting_down error event."""
+    server = await start_server()
+    fake.pause_after_chunks = 2
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            http_of(server) + "/v1/audio/speech",
+            json={"model": "tts-1", "voice": "alloy", "input": TEXT, "stream_format": "sse"},
+        ) as response,
+    ):
+        await asyncio.wait_for(response.content.readany(), TIMEOUT)
+        await asyncio.wait_for(server.drain(0.2), TIMEOUT)
+        raw = await asyncio.wait_for(response.read(), TIMEOUT)
+    last = orjson.loads(raw.strip().split(b"\n\n")[-1][6:])
+    assert (last["type"], last["error"]["code"]) == ("error", "shutting_down")
+    assert server.stats.outcomes_by_interface["http", "shutting_down"] == 1
+
+
+async def curl(*args: str) -> tuple[int, bytes, str]:
+    """Run curl (Debian's; .ci/run installs it); its exit code, body and headers."""
+    process = await asyncio.create_subprocess_exec(
+        "curl",
+        "--silent",
+        "--show-error",
+        "--dump-header",
+        "/dev/stderr",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    body, headers = await asyncio.wait_for(process.communicate(), TIMEOUT)
+    assert process.returncode is not None
+    return process.returncode, body, headers.decode()
+
+
+async def test_curl_speaks_with_and_without_a_key(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """The README's curl calls: POST /tts with X-API-Key, GET /tts?api_key=…, and 401
+    without a key."""
+    server = await start_server(api_keys=(KEY,))
+    url = http_of(server) + "/tts"
+    code, audio, headers = await curl(
+        "-H",
+        f"X-API-Key: {KEY}",
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        '{"text": "Hello from curl."}',
+        url,
+    )
+    assert code == 0 and "200 OK" in headers.splitlines()[0]
+    assert audio == bytes(fake.records[0].audio)
+    code, again, headers = await curl(
+        "--get",
+        "--data-urlencode",
+        "text=Hello from curl.",
+        "--data-urlencode",
+        f"api_key={KEY}",
+        url,
+    )
+    assert code == 0 and again == audio and "x-tts-cache" in headers.lower()
+    code, body, headers = await curl(
+        "-H", "Content-Type: application/json", "-d", '{"text": "No key."}', url
+    )
+    assert "401" in headers.splitlines()[0]
+    assert orjson.loads(body)["error"] == "unauthorized"

@@ -147,6 +147,7 @@ class Server:
         self.state = "closed"
         if self._voice_list is not None:
             self._voice_list.cancel()
+        self.http.speech.cut()
         if self._server is not None:
             self._server.close()
             # After a drain the listener is already closed; close what is still open.

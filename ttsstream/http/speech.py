@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -35,6 +36,7 @@ from ttsstream.exceptions import (
     ClientError,
     HandshakeRefused,
     RateLimited,
+    ShuttingDown,
     UnsupportedMediaType,
 )
 from ttsstream.http.errors import Shape, error_body, status_of
@@ -242,6 +244,13 @@ class SpeechApi:
             except asyncio.CancelledError:
                 if not body.cut:
                     raise
+                # Cut by a shutdown: the client learns it (503 before the first bytes,
+                # an SSE error event, or a truncated body).
+                with contextlib.suppress(ListenerGone):
+                    await body.fail(
+                        ShuttingDown("the server is shutting down before this utterance ended"),
+                        partial=True,
+                    )
             return body.response
         finally:
             admission.release(client)
