@@ -8,6 +8,7 @@ Modes:
     speak   clients speak texts through a ttsstream server (or the bare baseline)
     edge    clients call edge_tts.Communicate directly (baseline a)
     idle    clients connect and stay idle until ``stop`` arrives on stdin
+    http    clients POST /v1/audio/speech on kept-alive connections, reading the audio
 """
 
 from __future__ import annotations
@@ -149,6 +150,60 @@ async def edge_mode(spec: dict[str, Any]) -> dict[str, Any]:
     return {"results": results, "elapsed": time.perf_counter() - started, "dropped": 0}
 
 
+async def http_mode(spec: dict[str, Any]) -> dict[str, Any]:
+    import aiohttp
+
+    base = spec["url"]
+    sessions = [
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1))
+        for _ in range(spec["clients"])
+    ]
+    for session in sessions:  # each opens its kept-alive connection now
+        async with session.get(base + "/v1/models") as response:
+            await response.read()
+    print("ready", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    results: list[dict[str, Any]] = []
+    counter = 0
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        nonlocal counter
+        for index in range(spec["requests"]):
+            counter += 1
+            text = spec["texts"][0]
+            if spec.get("unique"):
+                text = f"{text} Number {spec['offset'] + counter}."
+            body = {"model": "tts-1", "voice": "sage", "input": text}
+            started = time.perf_counter()
+            try:
+                async with session.post(base + "/v1/audio/speech", json=body) as response:
+                    if response.status != 200:
+                        results.append({"error": str(response.status)})
+                        continue
+                    first_chunk = await response.content.readany()
+                    first = time.perf_counter() - started
+                    size = len(first_chunk) + len(await response.read())
+                    cached = response.headers.get("X-TTS-Cache") == "hit"
+            except Exception as exc:
+                results.append({"error": type(exc).__name__})
+                continue
+            results.append(
+                {
+                    "ttfb": first,
+                    "ttlb": time.perf_counter() - started,
+                    "bytes": size,
+                    "index": index,
+                    "cached": cached,
+                }
+            )
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client(session) for session in sessions))
+    elapsed = time.perf_counter() - started
+    await asyncio.gather(*(session.close() for session in sessions))
+    return {"results": results, "elapsed": elapsed, "dropped": 0}
+
+
 async def idle_mode(spec: dict[str, Any]) -> dict[str, Any]:
     headers = {"X-API-Key": spec["key"]} if spec.get("key") else None
     connections = []
@@ -178,7 +233,8 @@ async def idle_mode(spec: dict[str, Any]) -> dict[str, Any]:
 def main() -> None:
     with open(sys.argv[1]) as file:
         spec = json.load(file)
-    mode = {"speak": speak_mode, "edge": edge_mode, "idle": idle_mode}[spec["mode"]]
+    modes = {"speak": speak_mode, "edge": edge_mode, "idle": idle_mode, "http": http_mode}
+    mode = modes[spec["mode"]]
     try:
         import uvloop
 

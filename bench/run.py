@@ -14,6 +14,8 @@ Scenarios:
              about once a second), and closed-loop throughput against (b)
   3. idle    10,000 idle authenticated connections: RSS each; one utterance among them
   4. mixed   Zipf-distributed texts over a catalogue: hit rate, coalescing, latencies
+  5. http    OpenAI's POST /v1/audio/speech: time to first audio byte at 1, 10, 100
+             clients minus (a), and cached first byte at 1 and 100
 
     .venv/bin/python bench/run.py            # the full run, a few minutes
     .venv/bin/python bench/run.py --quick    # seconds; CI runs it so it cannot rot
@@ -336,6 +338,99 @@ class Bench:
                 await stop(server)
         self.out["live"] = rows
 
+    async def http(self) -> None:
+        levels = (1, 10) if self.quick else (1, 10, 100)
+        requests = 2 if self.quick else 10
+        rows, cached_rows = [], []
+        with tempfile.TemporaryDirectory() as cache:
+            server, url = await self.server(cache)
+            base = url.replace("ws://", "http://").replace("/v1/stream", "")
+            try:
+                for clients in levels:
+                    parts = split(clients, min(self.workers, clients))
+                    baseline_runs, our_runs = [], []
+                    cpu0, _, _ = usage(server.process.pid)
+                    for repeat in range(1 if self.quick else REPEATS):
+                        base_spec = {
+                            "mode": "edge",
+                            "wss_url": self.fake_urls[0],
+                            "clients": clients,
+                            "requests": requests,
+                            "texts": [TEXT],
+                            "offset": 10**8 * repeat + 5 * 10**7,
+                        }
+                        baseline_runs += await load([base_spec])
+                        our_runs += await load(
+                            [
+                                {
+                                    "mode": "http",
+                                    "url": base,
+                                    "clients": n,
+                                    "requests": requests,
+                                    "texts": [TEXT],
+                                    "unique": True,
+                                    "offset": 10**8 * repeat
+                                    + 5 * 10**7
+                                    + 10**6 * (i + 1)
+                                    + clients * 1000,
+                                }
+                                for i, n in enumerate(parts)
+                            ]
+                        )
+                    baseline, ours = summarize(baseline_runs), summarize(our_runs)
+                    cpu1, _, peak = usage(server.process.pid)
+                    rows.append(
+                        {
+                            "clients": clients,
+                            "baseline_first_p50": baseline["first_p50"],
+                            "baseline_first_p99": baseline["first_p99"],
+                            "first_p50": ours["first_p50"],
+                            "first_p99": ours["first_p99"],
+                            "added_p50": ours["first_p50"] - baseline["first_p50"],
+                            "added_p99": ours["first_p99"] - baseline["first_p99"],
+                            "errors": ours["errors"] + baseline["errors"],
+                            "requests": ours["requests"],
+                            "server_cpu_s": cpu1 - cpu0,
+                            "server_peak_rss_mb": peak / 2**20,
+                        }
+                    )
+                # Cached: one text, stored first, then asked by every client.
+                await load(
+                    [{"mode": "http", "url": base, "clients": 1, "requests": 1, "texts": [TEXT]}]
+                )
+                await asyncio.sleep(1.5)  # stored once no utterance waits (at most 1 s)
+                for clients in (1, 10) if self.quick else (1, 100):
+                    parts = split(clients, min(self.workers, clients))
+                    runs = await load(
+                        [
+                            {
+                                "mode": "http",
+                                "url": base,
+                                "clients": n,
+                                "requests": requests,
+                                "texts": [TEXT],
+                            }
+                            for n in parts
+                        ]
+                    )
+                    cached = summarize(runs)
+                    hits = sum(1 for run in runs for r in run["results"] if r.get("cached"))
+                    cached_rows.append(
+                        {
+                            "clients": clients,
+                            "requests": cached["requests"],
+                            "hits": hits,
+                            "first_p50": cached["first_p50"],
+                            "first_p99": cached["first_p99"],
+                            "last_p50": cached["last_p50"],
+                            "last_p99": cached["last_p99"],
+                            "errors": cached["errors"],
+                        }
+                    )
+            finally:
+                await stop(server)
+        self.out["http"] = {"live": rows, "cached": cached_rows}
+
     async def replay(self) -> None:
         levels = (1, 20) if self.quick else (1, 100, 1000)
         duration = 2.0 if self.quick else 10.0
@@ -647,6 +742,33 @@ def markdown(out: dict[str, Any]) -> str:
             f"errors {m['errors']}, dropped {m['dropped']}; server CPU {m['server_cpu_s']:.2f} s, "
             f"peak RSS {m['server_peak_rss_mb']:.0f} MB.",
         ]
+    if "http" in out:
+        lines += [
+            "",
+            "**5. HTTP, OpenAI's `POST /v1/audio/speech`, time to first audio byte, ms** "
+            "(kept-alive connections; baseline a: edge-tts alone)",
+            "",
+            "| clients | edge-tts p50 | p99 | ttsstream p50 | p99 | added p50 | added p99 | errors | server CPU s | peak RSS MB |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in out["http"]["live"]:
+            lines.append(
+                f"| {row['clients']} | {row['baseline_first_p50']:.1f} | "
+                f"{row['baseline_first_p99']:.1f} | {row['first_p50']:.1f} | "
+                f"{row['first_p99']:.1f} | {row['added_p50']:+.1f} | {row['added_p99']:+.1f} | "
+                f"{row['errors']} | {row['server_cpu_s']:.2f} | {row['server_peak_rss_mb']:.0f} |"
+            )
+        lines += [
+            "",
+            "| cached, clients | requests | hits | first byte p50 | p99 | last byte p50 | p99 | errors |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in out["http"]["cached"]:
+            lines.append(
+                f"| {row['clients']} | {row['requests']} | {row['hits']} | {row['first_p50']:.2f} | "
+                f"{row['first_p99']:.2f} | {row['last_p50']:.2f} | {row['last_p99']:.2f} | "
+                f"{row['errors']} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -655,7 +777,8 @@ async def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--ttfa", type=float, default=0.15, help="fake first-audio delay, s")
     parser.add_argument("--speed", type=float, default=4.0, help="fake audio pace × real time")
-    parser.add_argument("--only", nargs="*", default=["live", "replay", "idle", "mixed"])
+    scenarios = ["live", "replay", "idle", "mixed", "http"]
+    parser.add_argument("--only", nargs="*", default=scenarios)
     parser.add_argument("--out", type=Path, default=ROOT / "bench")
     args = parser.parse_args()
     fake = await start(
@@ -670,7 +793,7 @@ async def main() -> None:
     wss, voices = fake.match.split()
     bench = Bench(quick=args.quick, fake_urls=(wss, voices))
     previous = args.out / "results.json"
-    if set(args.only) != {"live", "replay", "idle", "mixed"} and previous.exists():
+    if set(args.only) != set(scenarios) and previous.exists():
         # A partial run updates the scenarios it ran and keeps the others.
         bench.out.update(json.loads(previous.read_text()))
     try:
