@@ -540,3 +540,32 @@ async def test_curl_speaks_with_and_without_a_key(
     )
     assert "401" in headers.splitlines()[0]
     assert orjson.loads(body)["error"] == "unauthorized"
+
+
+async def test_an_http_client_leaving_stops_nothing_shared(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """An HTTP client that disconnects mid-stream leaves the shared synthesis to the
+    WebSocket client that asked for the same text: it ends whole, and is cached."""
+    server = await start_server(**MANY_CLIENTS)
+    fake.pause_after_chunks = 2
+    async with connected(server) as client:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(http_of(server) + "/tts", json={"text": TEXT}) as response,
+        ):
+            await asyncio.wait_for(response.content.readany(), TIMEOUT)
+            await client.speak(TEXT)
+            while not server.stats.coalesced:
+                await asyncio.sleep(0.01)
+            assert response.connection is not None
+            transport = response.connection.transport
+            assert transport is not None
+            transport.abort()  # the HTTP client goes away
+        fake.resume.set()
+        result = await client.until_final("u1")
+    assert result.final["type"] == "end"
+    assert bytes(result.audio) == bytes(fake.records[0].audio)
+    assert len(fake.records) == 1
+    await wait_for_entries(server, 1)
+    assert server.stats.outcomes_by_interface["http", "disconnected"] == 1

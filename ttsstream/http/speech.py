@@ -47,6 +47,9 @@ __all__ = ["SpeechApi"]
 
 #: Largest request body, in bytes (as the WebSocket's largest frame).
 MAX_BODY_BYTES = 64 * 2**10
+#: Below this many bytes waiting to be sent, a write cannot wait (aiohttp drains above
+#: 64 KiB), so it is made without arming SEND_TIMEOUT's timer.
+SEND_BUFFER_LOW = 16 * 2**10
 #: Headers a page from an allowed origin may read.
 _EXPOSED = "X-TTS-Cache, X-TTS-Engine, X-TTS-Voice, X-TTS-Fallback, X-Request-Id, Retry-After"
 #: Most seconds a CORS preflight answer is kept by the browser.
@@ -76,7 +79,8 @@ class SpeechApi:
     def routes(self, app: web.Application) -> None:
         """Add the API's routes to ``app``."""
         app.router.add_post("/tts", self.tts)
-        app.router.add_get("/tts", self.tts)
+        # No HEAD: it would synthesize a body only to drop it.
+        app.router.add_get("/tts", self.tts, allow_head=False)
         app.router.add_post("/v1/audio/speech", self.openai_speech)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/audio/voices", self.voices)
@@ -479,7 +483,12 @@ class _Body:
 
     async def _write(self, data: bytes | memoryview) -> None:
         stream = await self._begin()
+        transport = self._request.transport
         try:
+            if transport is not None and transport.get_write_buffer_size() < SEND_BUFFER_LOW:
+                # Room in the buffer: the write does not wait, and needs no timer.
+                await stream.write(data)
+                return
             async with asyncio.timeout(self._send_timeout):
                 await stream.write(data)
         except ConnectionError:
