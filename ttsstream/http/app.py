@@ -17,9 +17,8 @@ from aiohttp import web
 
 from ttsstream.core.admission import HttpAnswer
 from ttsstream.core.services import Services
-from ttsstream.exceptions import HandshakeRefused, RateLimited
 from ttsstream.http.demo import load_static
-from ttsstream.http.request import RequestHeaders, peer_of
+from ttsstream.http.request import judge
 from ttsstream.http.speech import SpeechApi
 
 __all__ = ["STREAM_PATH", "HttpDoor"]
@@ -85,16 +84,10 @@ class HttpDoor:
 
     async def _stream_without_upgrade(self, request: web.Request) -> web.Response:
         """Judge it as a handshake; a browser page learns from the answer why it was refused."""
-        admission = self._services.admission
-        headers = RequestHeaders(request.headers)
-        client = admission.client_ip(headers, peer_of(request))
-        try:
-            admission.admit(request.path_qs, headers, client, endpoint=True)
-        except (HandshakeRefused, RateLimited) as refused:
-            return answer(
-                admission.answer(refused, headers=headers, client=client, path=request.path_qs)
-            )
-        admission.release(client)
+        judged = judge(self._services.admission, request)
+        if judged.answer is not None:
+            return answer(judged.answer)
+        self._services.admission.release(judged.client)
         return json_error(
             426,
             "upgrade_required",

@@ -1,11 +1,16 @@
-"""What the core needs of an aiohttp request: its headers as the core reads them, its peer."""
+"""What the core needs of an aiohttp request (its headers, its peer), and its admission."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
-__all__ = ["RequestHeaders", "peer_of"]
+from ttsstream.core.admission import Admission, HttpAnswer, Refusal
+from ttsstream.exceptions import HandshakeRefused, RateLimited
+
+__all__ = ["Judged", "RequestHeaders", "judge", "peer_of"]
 
 
 class RequestHeaders:
@@ -28,3 +33,26 @@ def peer_of(request: web.BaseRequest) -> str:
     transport = request.transport
     peer = transport.get_extra_info("peername") if transport is not None else None
     return str(peer[0]) if peer else ""
+
+
+@dataclass(frozen=True, slots=True)
+class Judged:
+    """What admission said of a request: its client, and the refusal if refused."""
+
+    client: str
+    refused: Refusal | None = None
+    #: The refusal's answer (protocol shape, CORS for allowed origins), counted and logged.
+    answer: HttpAnswer | None = None
+
+
+def judge(admission: Admission, request: web.BaseRequest) -> Judged:
+    """Admit ``request`` as a handshake would be (its connection counted: release it), or
+    say why not."""
+    headers = RequestHeaders(request.headers)
+    client = admission.client_ip(headers, peer_of(request))
+    try:
+        admission.admit(request.path_qs, headers, client, endpoint=True)
+    except (HandshakeRefused, RateLimited) as refused:
+        answer = admission.answer(refused, headers=headers, client=client, path=request.path_qs)
+        return Judged(client, refused, answer)
+    return Judged(client)

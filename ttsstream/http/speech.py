@@ -23,25 +23,23 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from ttsstream.core.admission import Refusal
 from ttsstream.core.fields import PROSODY_FIELDS, prosody_field, text_field, voice_field
 from ttsstream.core.router import Started
 from ttsstream.core.services import Services
 from ttsstream.core.utterance import ListenerGone, Summary
-from ttsstream.engines.base import SynthesisRequest, WordEvent
+from ttsstream.engines.base import SynthesisRequest, WordEvent, word_fields
 from ttsstream.exceptions import (
     BadJSON,
     BadMessage,
     BodyTooLarge,
     ClientError,
-    HandshakeRefused,
     RateLimited,
     ShuttingDown,
     UnsupportedMediaType,
 )
 from ttsstream.http.errors import Shape, error_body, status_of
 from ttsstream.http.openai import MODELS, read_speech_call, voice_table
-from ttsstream.http.request import RequestHeaders, peer_of
+from ttsstream.http.request import Judged, judge
 
 __all__ = ["SpeechApi"]
 
@@ -206,12 +204,10 @@ class SpeechApi:
 
     async def _serve(self, request: web.Request, shape: Shape, read: Reader) -> web.StreamResponse:
         admission = self._services.admission
-        headers = RequestHeaders(request.headers)
-        client = admission.client_ip(headers, peer_of(request))
-        try:
-            admission.admit(request.path_qs, headers, client, endpoint=True)
-        except (HandshakeRefused, RateLimited) as refused:
-            return self._refused(request, refused, headers, client, shape)
+        judged = judge(admission, request)
+        if judged.refused is not None:
+            return self._refused(judged, shape)
+        client = judged.client
         request_id = "h-" + secrets.token_hex(6)
         received_at = time.perf_counter()
         task = asyncio.current_task()
@@ -264,28 +260,17 @@ class SpeechApi:
 
     def _admit_once(self, request: web.Request, shape: Shape) -> web.StreamResponse | None:
         """Admission for a request that holds no stream: a refusal, or ``None``."""
-        admission = self._services.admission
-        headers = RequestHeaders(request.headers)
-        client = admission.client_ip(headers, peer_of(request))
-        try:
-            admission.admit(request.path_qs, headers, client, endpoint=True)
-        except (HandshakeRefused, RateLimited) as refused:
-            return self._refused(request, refused, headers, client, shape)
-        admission.release(client)
+        judged = judge(self._services.admission, request)
+        if judged.refused is not None:
+            return self._refused(judged, shape)
+        self._services.admission.release(judged.client)
         return None
 
-    def _refused(
-        self,
-        request: web.Request,
-        refused: Refusal,
-        headers: RequestHeaders,
-        client: str,
-        shape: Shape,
-    ) -> web.Response:
-        answer = self._services.admission.answer(
-            refused, headers=headers, client=client, path=request.path_qs
-        )
-        body = answer.body if shape == "tts" else error_body(refused, shape)
+    def _refused(self, judged: Judged, shape: Shape) -> web.Response:
+        """The refusal's answer, with the endpoint's error shape."""
+        assert judged.answer is not None and judged.refused is not None
+        answer = judged.answer
+        body = answer.body if shape == "tts" else error_body(judged.refused, shape)
         return web.Response(status=answer.status, body=body, headers=dict(answer.headers))
 
     def _error(
@@ -399,7 +384,7 @@ class _Body:
     async def words(self, words: Sequence[WordEvent]) -> None:
         if self._sse and self._timestamps:
             await self._write(
-                _event({"type": "speech.words", "words": [_word(word) for word in words]})
+                _event({"type": "speech.words", "words": [word_fields(word) for word in words]})
             )
 
     async def end(self, summary: Summary) -> None:
@@ -506,16 +491,6 @@ class _TooSlow(ListenerGone):
 
 def _mime(started: Started | None) -> str:
     return started.audio_format.mime_type if started is not None else "audio/mpeg"
-
-
-def _word(word: WordEvent) -> dict[str, Any]:
-    return {
-        "text": word.text,
-        "offset_ms": word.offset_ms,
-        "duration_ms": word.duration_ms,
-        "char_start": word.char_start,
-        "char_end": word.char_end,
-    }
 
 
 def _event(message: dict[str, Any]) -> bytes:
