@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 from ttsstream.cache.store import CacheEntry, DiskCache, _encode, cache_key
-from ttsstream.core.stats import Stats
 from ttsstream.engines.base import MP3_24KHZ_48KBPS, WordEvent
+from ttsstream.stats import Stats
 
 
 def main() -> None:

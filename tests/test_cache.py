@@ -32,7 +32,7 @@ from tests.conftest import (
 from tests.fake_edge import FakeEdge
 from tests.processes import LISTENING, environment, run, start_process
 from ttsstream.cache.flight import SharedSynthesis
-from ttsstream.cache.speech_cache import REPLAY_CHUNK_BYTES
+from ttsstream.core.speech_cache import REPLAY_CHUNK_BYTES
 from ttsstream.server import Server
 from ttsstream.ws.session import Session
 
@@ -155,7 +155,7 @@ async def test_store_waits_while_an_utterance_waits_for_first_audio(
 ) -> None:
     """A finished utterance is stored once no other utterance waits for its first audio."""
     monkeypatch.setattr(
-        "ttsstream.cache.speech_cache.STORE_DELAY_MAX", 60.0
+        "ttsstream.core.speech_cache.STORE_DELAY_MAX", 60.0
     )  # only the quiet can store it
     async with connected(server) as waiting:
         await held_before_first_audio(fake, waiting)
@@ -180,7 +180,7 @@ async def test_store_waits_at_most_store_delay_max(
     server: Server, fake: FakeEdge, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An utterance that never gets its first audio delays others' storing only so long."""
-    monkeypatch.setattr("ttsstream.cache.speech_cache.STORE_DELAY_MAX", 0.2)
+    monkeypatch.setattr("ttsstream.core.speech_cache.STORE_DELAY_MAX", 0.2)
     async with connected(server) as waiting:
         await held_before_first_audio(fake, waiting)
         await speak_once(server)
@@ -193,7 +193,7 @@ async def test_drain_stores_what_waits_to_be_stored(
     server: Server, fake: FakeEdge, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A server shutting down stores finished utterances still waiting for their turn."""
-    monkeypatch.setattr("ttsstream.cache.speech_cache.STORE_DELAY_MAX", 60.0)
+    monkeypatch.setattr("ttsstream.core.speech_cache.STORE_DELAY_MAX", 60.0)
     async with connected(server) as waiting:
         await held_before_first_audio(fake, waiting)
         await speak_once(server)

@@ -13,7 +13,6 @@ from ttsstream.core.admission import Admission
 from ttsstream.core.auth import ApiKeys, offered_keys, redact
 from ttsstream.core.clientip import client_ip, parse_networks
 from ttsstream.core.ratelimit import ConnectionCounter, MovingWindow
-from ttsstream.core.stats import Stats
 from ttsstream.exceptions import (
     EndpointNotFound,
     OriginNotAllowed,
@@ -22,6 +21,7 @@ from ttsstream.exceptions import (
     TooManyConnections,
     Unauthorized,
 )
+from ttsstream.stats import Stats
 
 
 def test_window_allows_the_limit_then_says_when_to_retry() -> None:

@@ -22,8 +22,8 @@ from websockets.protocol import State
 from tests.conftest import TIMEOUT, Client, Clock, ServerFactory, connected, url_of
 from tests.fake_edge import FakeEdge
 from tests.processes import LISTENING, environment, run, start_process
-from ttsstream.core.stats import Stats
 from ttsstream.server import Server
+from ttsstream.stats import Stats
 
 KEY = "s3cret-Key_123"
 OTHER_KEY = "rotated-key-456"

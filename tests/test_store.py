@@ -20,8 +20,8 @@ from ttsstream.cache.store import (
     DiskCache,
     cache_key,
 )
-from ttsstream.core.stats import Stats
 from ttsstream.engines.base import MP3_24KHZ_48KBPS, WordEvent
+from ttsstream.stats import Stats
 
 WORDS = (WordEvent("Hello", 100.0, 300.0, 0, 5), WordEvent("world", 450.0, 310.5, 7, 12))
 
@@ -194,7 +194,7 @@ async def test_abandoned_temporaries_are_removed_and_counted_until_then(tmp_path
 WRITER = """
 import asyncio, sys
 from pathlib import Path
-from ttsstream.core.stats import Stats
+from ttsstream.stats import Stats
 from ttsstream.cache.store import CacheEntry, DiskCache
 cache = DiskCache(Path(sys.argv[1]), max_bytes=2**40, stats=Stats())
 cache.open()
@@ -237,7 +237,7 @@ async def test_kill_9_mid_write_leaves_no_half_entry(tmp_path: Path) -> None:
 RACER = """
 import asyncio, sys
 from pathlib import Path
-from ttsstream.core.stats import Stats
+from ttsstream.stats import Stats
 from ttsstream.cache.store import CacheEntry, DiskCache
 from tests.conftest import entries
 cache = DiskCache(Path(sys.argv[1]), max_bytes=2**40, stats=Stats())

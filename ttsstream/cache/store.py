@@ -44,7 +44,7 @@ from typing import Any, TypeVar
 import orjson
 
 from ttsstream.engines.base import AudioFormat, WordEvent
-from ttsstream.core.stats import Stats
+from ttsstream.stats import Stats
 
 __all__ = ["FORMAT_VERSION", "CacheEntry", "DiskCache", "cache_key"]
 

@@ -1,1 +1,2 @@
-"""The speech core both doors use: routing and upstream protection, limits, keys, counters."""
+"""The speech core both doors use: admission, the utterance run, the cache layer, routing and
+upstream protection."""

@@ -23,7 +23,6 @@ from ttsstream.core.auth import ApiKeys, offered_keys, redact
 from ttsstream.core.clientip import client_ip
 from ttsstream.core.headers import HeaderValues
 from ttsstream.core.ratelimit import ConnectionCounter, MovingWindow
-from ttsstream.core.stats import Stats
 from ttsstream.exceptions import (
     EndpointNotFound,
     HandshakeRefused,
@@ -34,6 +33,7 @@ from ttsstream.exceptions import (
     Unauthorized,
 )
 from ttsstream.logs import access
+from ttsstream.stats import Stats
 
 __all__ = ["Admission", "HttpAnswer", "Refusal", "encode_refusal"]
 

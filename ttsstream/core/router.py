@@ -28,7 +28,6 @@ from dataclasses import dataclass, replace
 
 from ttsstream.config import Config
 from ttsstream.core.breaker import CircuitBreaker
-from ttsstream.core.stats import Stats
 from ttsstream.engines.base import (
     AudioChunk,
     AudioFormat,
@@ -48,6 +47,7 @@ from ttsstream.exceptions import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from ttsstream.stats import Stats
 
 __all__ = ["AUTO", "SpeechRouter", "Started", "speech_router"]
 

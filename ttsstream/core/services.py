@@ -10,14 +10,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ttsstream.cache.speech_cache import SpeechCache
 from ttsstream.cache.store import DiskCache
 from ttsstream.config import Config
 from ttsstream.core.admission import Admission
 from ttsstream.core.router import SpeechRouter, speech_router
-from ttsstream.core.stats import Stats
+from ttsstream.core.speech_cache import SpeechCache
 from ttsstream.core.utterance import Utterances
 from ttsstream.engines.base import Engine
+from ttsstream.stats import Stats
 
 __all__ = ["Services", "build_services"]
 

@@ -19,13 +19,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from ttsstream.cache.speech_cache import SpeechCache
 from ttsstream.config import Config
 from ttsstream.core.router import Started
-from ttsstream.core.stats import Stats
+from ttsstream.core.speech_cache import SpeechCache
 from ttsstream.engines.base import AudioChunk, SynthesisRequest, WordEvent
 from ttsstream.exceptions import ClientError, ShuttingDown, error_code
 from ttsstream.logs import access
+from ttsstream.stats import Stats
 
 __all__ = ["WORD_MODES", "ListenerGone", "Sink", "Summary", "Utterances"]
 

@@ -14,16 +14,16 @@ import contextlib
 import logging
 from collections.abc import AsyncGenerator
 
+from ttsstream.cache.flight import SharedSynthesis
+from ttsstream.cache.store import CacheEntry, DiskCache, cache_key
+from ttsstream.core.router import Speech, SpeechRouter, Started
 from ttsstream.engines.base import AudioChunk, AudioFormat, SynthesisRequest, Voice, WordEvent
 from ttsstream.engines.espeak import VOICE_PREFIX
-from ttsstream.cache.flight import SharedSynthesis
-from ttsstream.core.router import Speech, SpeechRouter, Started
-from ttsstream.core.stats import Stats
-from ttsstream.cache.store import CacheEntry, DiskCache, cache_key
+from ttsstream.stats import Stats
 
 __all__ = ["REPLAY_CHUNK_BYTES", "SpeechCache"]
 
-logger = logging.getLogger("ttsstream.cache.speech_cache")
+logger = logging.getLogger("ttsstream.core.speech_cache")
 
 #: Audio bytes per binary frame when replaying from disk (about 2.7 s of audio).
 REPLAY_CHUNK_BYTES = 16 * 2**10
