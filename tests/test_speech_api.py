@@ -569,3 +569,19 @@ async def test_an_http_client_leaving_stops_nothing_shared(
     assert len(fake.records) == 1
     await wait_for_entries(server, 1)
     assert server.stats.outcomes_by_interface["http", "disconnected"] == 1
+
+
+async def test_http_requests_are_counted_as_speaks_are(server: Server, fake: FakeEdge) -> None:
+    """/stats counts every speech request, refused or spoken, and every error answer,
+    on HTTP as on the WebSocket."""
+    async with connected(server) as client:
+        await client.speak("   ", id="empty")  # refused
+        await client.until_final("empty")
+        await client.speak(TEXT, id="spoken")
+        await client.until_final("spoken")
+    ws = server.stats.snapshot()
+    await post(server, "/tts", {"text": "   "})  # refused
+    await post(server, "/tts", {"text": TEXT + " Again."})
+    both = server.stats.snapshot()
+    assert (ws["total_requests"], ws["errors"]) == (2, 1)
+    assert (both["total_requests"], both["errors"]) == (4, 2)

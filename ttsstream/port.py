@@ -73,8 +73,11 @@ class SharedPortConnection(ServerConnection):
             return  # refused: closing
         transport = self._waiting
         assert transport is not None
+        # Only the new bytes (and the 3 before them) can complete the blank line: a head
+        # sent a byte at a time costs no rescan of what came before.
+        searched = max(0, len(self._head) - 3)
         self._head += data
-        end = self._head.find(b"\r\n\r\n")
+        end = self._head.find(b"\r\n\r\n", searched)
         if end < 0:
             if len(self._head) > MAX_HEAD_BYTES:
                 self._decide()

@@ -65,7 +65,6 @@ class Server:
         self.services = services
         self.config = services.config
         self.stats = services.stats
-        self.speech = services.speech
         self._admission = services.admission
         self._client_ips: dict[ServerConnection, str] = {}
         self._watchers: set[asyncio.Task[None]] = set()
@@ -207,7 +206,7 @@ class Server:
             await asyncio.wait(cuts, timeout=CLOSE_TIMEOUT_AT_ONCE)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(STORE_FLUSH_TIMEOUT):
-                await self.speech.finish_stores()
+                await self.services.speech.finish_stores()
         logger.info(
             "drained: %d of %d utterances finished, %d cut",
             waiting - unfinished,

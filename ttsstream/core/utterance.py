@@ -112,13 +112,13 @@ class Utterances:
     ) -> SynthesisRequest:
         """Accept an utterance (its fields already valid in form) or raise why not.
 
-        The door has counted the request against the client's rate limit.
+        The door has counted the request (``total_requests``) and against the
+        client's rate limit.
 
         Raises:
             ShuttingDown: The server is draining.
             InvalidVoice: No engine has the voice.
         """
-        self._stats.total_requests += 1
         if self.draining:
             raise ShuttingDown(
                 "the server is shutting down; reconnect in a moment", utterance_id=utterance_id

@@ -79,8 +79,9 @@ AHEAD_MS = 10_000.0
 
 #: A sentence end: ., !, ? or … (closing quotes or brackets may follow) then
 #: whitespace; a CJK full stop, exclamation or question mark; or a newline.
-#: The word a slice's rendering reads past its end, to make the pause before it.
-_NEXT_WORD = re.compile(r"\s*\S{1,32}")
+#: The word a slice's rendering reads past its end, to make the pause before it (a
+#: word eSpeak marks: leading quotes or brackets may come first, not a lone dash).
+_NEXT_WORD = re.compile(r"\s*[^\s\w]{0,3}\w\S{0,31}")
 _SENTENCE_END = re.compile(r"[.!?…]+[\"'”“’‘»«)\]]*\s+|[。！？]+[」』）]*\s*|\n+")
 
 # eSpeak NG's C API (speak_lib.h).

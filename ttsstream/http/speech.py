@@ -208,6 +208,7 @@ class SpeechApi:
         if judged.refused is not None:
             return self._refused(judged, shape)
         client = judged.client
+        self._services.stats.total_requests += 1
         request_id = "h-" + secrets.token_hex(6)
         received_at = time.perf_counter()
         task = asyncio.current_task()
@@ -355,7 +356,8 @@ class _Body:
         self._send_timeout = send_timeout
         self._started: Started | None = None
         self._stream: web.StreamResponse | None = None
-        #: A replay's audio, written at once with its length at the end.
+        #: A replay's audio (slices of the cache entry), written at once with its length
+        #: at the end.
         self._replay: list[bytes | memoryview] | None = None
         #: What the handler returns: the stream once begun, else an answer given in full.
         self.response: web.StreamResponse = web.Response(status=500)
@@ -389,12 +391,12 @@ class _Body:
 
     async def end(self, summary: Summary) -> None:
         if self._replay is not None:
-            audio = b"".join(self._replay)
-            self._replay = None
-            response = web.Response(body=audio, headers=self._headers())
-            self.response = response
-            return
-        if self._sse:
+            # The entry's own slices, with its length: no copy, no chunked encoding.
+            chunks, self._replay = self._replay, None
+            await self._begin(content_length=summary.byte_count)
+            for chunk in chunks:
+                await self._write(chunk)
+        elif self._sse:
             text_length = self._text_length
             await self._write(
                 _event(
@@ -455,10 +457,13 @@ class _Body:
             headers["X-Accel-Buffering"] = "no"  # nginx: pass each event on at once
         return headers
 
-    async def _begin(self) -> web.StreamResponse:
+    async def _begin(self, content_length: int | None = None) -> web.StreamResponse:
         if self._stream is None:
             stream = web.StreamResponse(headers=self._headers())
-            stream.enable_chunked_encoding()
+            if content_length is None:
+                stream.enable_chunked_encoding()
+            else:
+                stream.content_length = content_length
             self.response = self._stream = stream
             try:
                 await stream.prepare(self._request)

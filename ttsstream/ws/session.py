@@ -35,7 +35,6 @@ from ttsstream.exceptions import (
     InvalidParameter,
     NotFound,
     QueueFull,
-    RateLimited,
     ShuttingDown,
 )
 from ttsstream.ws.protocol import (
@@ -193,6 +192,7 @@ class Session:
             return
         try:
             if isinstance(message, Speak):
+                self._stats.total_requests += 1
                 await self._enqueue(message)
             elif isinstance(message, Cancel):
                 await self._cancel(message.id)
@@ -213,11 +213,7 @@ class Session:
         return "s-" + secrets.token_hex(6)
 
     async def _enqueue(self, request: Speak) -> None:
-        try:
-            self._admission.check_rate(self.client_ip, request.id)
-        except RateLimited:
-            self._stats.total_requests += 1  # a refused speak is a request too
-            raise
+        self._admission.check_rate(self.client_ip, request.id)
         synthesis = await self._utterances.prepare(
             text=request.text,
             voice=request.voice,
