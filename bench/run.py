@@ -272,128 +272,89 @@ class Bench:
         )
         return server, f"ws://{server.match}/v1/stream"
 
-    async def live(self) -> None:
+    async def against_baseline(
+        self, server: Process, ours: dict[str, Any], offset: int
+    ) -> list[dict[str, Any]]:
+        """Time to first audio through the server at each live level, against baseline (a).
+
+        ``ours`` is the load spec of the server's clients but for their number and
+        texts. Baseline and server take turns, REPEATS times, and the samples of all
+        turns are pooled: this machine's speed drifts by more than the differences
+        measured.
+        """
         levels = (1, 10) if self.quick else (1, 10, 100)
         requests = 2 if self.quick else 10
         rows = []
+        for clients in levels:
+            parts = split(clients, min(self.workers, clients))
+            baseline_runs, our_runs = [], []
+            cpu0, _, _ = usage(server.process.pid)
+            for repeat in range(1 if self.quick else REPEATS):
+                turn = offset + 10**8 * repeat
+                # Baseline (a) is one process on the server's core: what the server
+                # is, less ttsstream.
+                base = {
+                    "mode": "edge",
+                    "wss_url": self.fake_urls[0],
+                    "clients": clients,
+                    "requests": requests,
+                    "texts": [TEXT],
+                    "offset": turn,
+                }
+                baseline_runs += await load([base])
+                our_runs += await load(
+                    [
+                        {
+                            **ours,
+                            "clients": n,
+                            "requests": requests,
+                            "texts": [TEXT],
+                            "unique": True,
+                            "offset": turn + 10**6 * (i + 1) + clients * 1000,
+                        }
+                        for i, n in enumerate(parts)
+                    ]
+                )
+            baseline, summary = summarize(baseline_runs), summarize(our_runs)
+            cpu1, _, peak = usage(server.process.pid)
+            rows.append(
+                {
+                    "clients": clients,
+                    **{
+                        f"baseline_first_{p}": baseline[f"first_{p}"] for p in ("p50", "p95", "p99")
+                    },
+                    **{f"first_{p}": summary[f"first_{p}"] for p in ("p50", "p95", "p99")},
+                    **{
+                        f"added_{p}": summary[f"first_{p}"] - baseline[f"first_{p}"]
+                        for p in ("p50", "p95", "p99")
+                    },
+                    "errors": summary["errors"] + baseline["errors"],
+                    "dropped": summary["dropped"],
+                    "requests": summary["requests"],
+                    "server_cpu_s": cpu1 - cpu0,
+                    "server_peak_rss_mb": peak / 2**20,
+                }
+            )
+        return rows
+
+    async def live(self) -> None:
         with tempfile.TemporaryDirectory() as cache:
             server, url = await self.server(cache)
             try:
-                for clients in levels:
-                    parts = split(clients, min(self.workers, clients))
-                    baseline_runs, our_runs = [], []
-                    cpu0, _, _ = usage(server.process.pid)
-                    # Baseline and server take turns, REPEATS times, and the samples
-                    # of all turns are pooled: this machine's speed drifts by more
-                    # than the differences measured.
-                    for repeat in range(1 if self.quick else REPEATS):
-                        # Baseline (a) is one process on the server's core: what the
-                        # server is, less ttsstream.
-                        base = {
-                            "mode": "edge",
-                            "wss_url": self.fake_urls[0],
-                            "clients": clients,
-                            "requests": requests,
-                            "texts": [TEXT],
-                            "offset": 10**8 * repeat,
-                        }
-                        baseline_runs += await load([base])
-                        our_runs += await load(
-                            [
-                                {
-                                    "mode": "speak",
-                                    "url": url,
-                                    "clients": n,
-                                    "requests": requests,
-                                    "texts": [TEXT],
-                                    "words": "batch",  # as the bundled clients ask
-                                    "unique": True,
-                                    "offset": 10**8 * repeat + 10**6 * (i + 1) + clients * 1000,
-                                }
-                                for i, n in enumerate(parts)
-                            ]
-                        )
-                    baseline, ours = summarize(baseline_runs), summarize(our_runs)
-                    cpu1, _, peak = usage(server.process.pid)
-                    rows.append(
-                        {
-                            "clients": clients,
-                            "baseline_first_p50": baseline["first_p50"],
-                            "baseline_first_p95": baseline["first_p95"],
-                            "baseline_first_p99": baseline["first_p99"],
-                            "first_p50": ours["first_p50"],
-                            "first_p95": ours["first_p95"],
-                            "first_p99": ours["first_p99"],
-                            "added_p50": ours["first_p50"] - baseline["first_p50"],
-                            "added_p95": ours["first_p95"] - baseline["first_p95"],
-                            "added_p99": ours["first_p99"] - baseline["first_p99"],
-                            "errors": ours["errors"] + baseline["errors"],
-                            "dropped": ours["dropped"],
-                            "requests": ours["requests"],
-                            "server_cpu_s": cpu1 - cpu0,
-                            "server_peak_rss_mb": peak / 2**20,
-                        }
-                    )
+                # "words": "batch", as the bundled clients ask.
+                ours = {"mode": "speak", "url": url, "words": "batch"}
+                self.out["live"] = await self.against_baseline(server, ours, 0)
             finally:
                 await stop(server)
-        self.out["live"] = rows
 
     async def http(self) -> None:
-        levels = (1, 10) if self.quick else (1, 10, 100)
         requests = 2 if self.quick else 10
-        rows, cached_rows = [], []
+        cached_rows = []
         with tempfile.TemporaryDirectory() as cache:
             server, url = await self.server(cache)
             base = url.replace("ws://", "http://").replace("/v1/stream", "")
             try:
-                for clients in levels:
-                    parts = split(clients, min(self.workers, clients))
-                    baseline_runs, our_runs = [], []
-                    cpu0, _, _ = usage(server.process.pid)
-                    for repeat in range(1 if self.quick else REPEATS):
-                        base_spec = {
-                            "mode": "edge",
-                            "wss_url": self.fake_urls[0],
-                            "clients": clients,
-                            "requests": requests,
-                            "texts": [TEXT],
-                            "offset": 10**8 * repeat + 5 * 10**7,
-                        }
-                        baseline_runs += await load([base_spec])
-                        our_runs += await load(
-                            [
-                                {
-                                    "mode": "http",
-                                    "url": base,
-                                    "clients": n,
-                                    "requests": requests,
-                                    "texts": [TEXT],
-                                    "unique": True,
-                                    "offset": 10**8 * repeat
-                                    + 5 * 10**7
-                                    + 10**6 * (i + 1)
-                                    + clients * 1000,
-                                }
-                                for i, n in enumerate(parts)
-                            ]
-                        )
-                    baseline, ours = summarize(baseline_runs), summarize(our_runs)
-                    cpu1, _, peak = usage(server.process.pid)
-                    rows.append(
-                        {
-                            "clients": clients,
-                            "baseline_first_p50": baseline["first_p50"],
-                            "baseline_first_p99": baseline["first_p99"],
-                            "first_p50": ours["first_p50"],
-                            "first_p99": ours["first_p99"],
-                            "added_p50": ours["first_p50"] - baseline["first_p50"],
-                            "added_p99": ours["first_p99"] - baseline["first_p99"],
-                            "errors": ours["errors"] + baseline["errors"],
-                            "requests": ours["requests"],
-                            "server_cpu_s": cpu1 - cpu0,
-                            "server_peak_rss_mb": peak / 2**20,
-                        }
-                    )
+                rows = await self.against_baseline(server, {"mode": "http", "url": base}, 5 * 10**7)
                 # Cached: one text, stored first, then asked by every client.
                 await load(
                     [{"mode": "http", "url": base, "clients": 1, "requests": 1, "texts": [TEXT]}]

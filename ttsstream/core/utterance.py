@@ -27,7 +27,7 @@ from ttsstream.exceptions import ClientError, ShuttingDown, error_code
 from ttsstream.logs import access
 from ttsstream.stats import Stats
 
-__all__ = ["WORD_MODES", "ListenerGone", "Sink", "Summary", "Utterances"]
+__all__ = ["WORD_MODES", "ListenerGone", "Sink", "Summary", "Utterances", "cut_short"]
 
 logger = logging.getLogger("ttsstream.core.utterance")
 
@@ -145,7 +145,8 @@ class Utterances:
     ) -> str:
         """Speak ``request`` into ``sink``; its outcome (``ok``, ``cancelled``, an error code…).
 
-        A cancellation of the calling task is the client's cancel and propagates;
+        A cancellation of the calling task is the client's cancel and propagates (when
+        the sink says the server cut it, the sink is told ``shutting_down`` first);
         every other way it ends is told to the sink (unless the listener is gone).
 
         Args:
@@ -207,7 +208,12 @@ class Utterances:
             )
         except asyncio.CancelledError as exc:
             if _cancelling():
-                outcome = "shutting_down" if sink.cut else "cancelled"
+                outcome = "cancelled"
+                if sink.cut:
+                    # The server stops now: the client learns its utterance was cut.
+                    outcome = await self._failed(
+                        sink, cut_short(), utterance_id, partial=byte_count > 0
+                    )
                 raise
             # Another task's cancellation that leaked this far is a failure of this
             # utterance, not a cancel of it.
@@ -252,6 +258,11 @@ class Utterances:
         with contextlib.suppress(ListenerGone):
             await sink.fail(exc, partial=partial)
         return error_code(exc)
+
+
+def cut_short() -> ShuttingDown:
+    """What an utterance the server stops before its end (a drain ran out of time) is told."""
+    return ShuttingDown("the server is shutting down before this utterance ended")
 
 
 def _cancelling() -> bool:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -34,7 +33,6 @@ from ttsstream.exceptions import (
     BodyTooLarge,
     ClientError,
     RateLimited,
-    ShuttingDown,
     UnsupportedMediaType,
 )
 from ttsstream.http.errors import Shape, error_body, status_of
@@ -245,13 +243,8 @@ class SpeechApi:
             except asyncio.CancelledError:
                 if not body.cut:
                     raise
-                # Cut by a shutdown: the client learns it (503 before the first bytes,
-                # an SSE error event, or a truncated body).
-                with contextlib.suppress(ListenerGone):
-                    await body.fail(
-                        ShuttingDown("the server is shutting down before this utterance ended"),
-                        partial=True,
-                    )
+                # Cut by a shutdown, which the run told the client (503 before the first
+                # bytes, an SSE error event, or a truncated body).
             return body.response
         finally:
             admission.release(client)

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 
 from ttsstream.core.fields import (
-    MAX_VOICE_LENGTH,
     PROSODY_FIELDS,
     prosody_field,
     text_field,
@@ -33,7 +32,6 @@ from ttsstream.exceptions import (
 __all__ = [
     "MAX_FRAME_BYTES",
     "MAX_ID_LENGTH",
-    "MAX_VOICE_LENGTH",
     "MESSAGE_TYPES",
     "PROTOCOL_VERSION",
     "WORD_MODES",
@@ -61,14 +59,13 @@ MAX_FRAME_BYTES = 64 * 2**10
 #: Utterance ids are client-chosen strings of 1 to this many characters.
 MAX_ID_LENGTH = 64
 
-#: The ``type`` of every client message.
-MESSAGE_TYPES = ("speak", "cancel", "voices")
-
 
 @dataclass(frozen=True, slots=True)
 class Speak:
     """Speak ``text``; ``voice`` is ``None`` for the server's default voice."""
 
+    #: The message's ``type`` on the wire.
+    kind: ClassVar[str] = "speak"
     id: str
     text: str
     voice: str | None = None
@@ -83,6 +80,7 @@ class Speak:
 class Cancel:
     """Cancel one utterance, or all of the connection's when ``id`` is ``None``."""
 
+    kind: ClassVar[str] = "cancel"
     id: str | None = None
 
 
@@ -90,8 +88,12 @@ class Cancel:
 class ListVoices:
     """Ask for the voice list."""
 
+    kind: ClassVar[str] = "voices"
+
 
 ClientMessage = Speak | Cancel | ListVoices
+#: The ``type`` of every client message.
+MESSAGE_TYPES = tuple(message.kind for message in (Speak, Cancel, ListVoices))
 
 
 def parse_client_message(

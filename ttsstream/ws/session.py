@@ -28,18 +28,16 @@ from websockets.protocol import State
 from ttsstream import __version__
 from ttsstream.core.router import Started
 from ttsstream.core.services import Services
-from ttsstream.core.utterance import ListenerGone, Summary
+from ttsstream.core.utterance import ListenerGone, Summary, cut_short
 from ttsstream.engines.base import SynthesisRequest, WordEvent
 from ttsstream.exceptions import (
     ClientError,
     InvalidParameter,
     NotFound,
     QueueFull,
-    ShuttingDown,
 )
 from ttsstream.ws.protocol import (
     Cancel,
-    ClientMessage,
     ListVoices,
     Speak,
     encode_cancelled,
@@ -82,8 +80,6 @@ class Utterance:
     received_at: float
     #: Its end or error is being sent: too late to cancel.
     finishing: bool = False
-    #: Some of its audio was sent.
-    audio_sent: bool = False
     #: Cut by a shutdown before its end.
     cut: bool = False
 
@@ -199,7 +195,7 @@ class Session:
             elif isinstance(message, ListVoices):
                 self._ask_voices()
         except ClientError as exc:
-            exc.message_type = _TYPES[type(message)]
+            exc.message_type = message.kind
             await self._refuse(exc)
 
     async def _refuse(self, exc: ClientError) -> None:
@@ -274,24 +270,21 @@ class Session:
             await self._cut()
 
     async def _cut(self) -> None:
-        assert self._speaker is not None
-        stopped = ShuttingDown("the server is shutting down before this utterance ended")
+        speaker = self._speaker
+        assert speaker is not None
         current = self._current
         queued = list(self._pending)
         self._pending.clear()
         if current is not None and not current.finishing:
+            # The utterance run tells the client, then the speaker ends.
             current.cut = True
-            self._speaker.cancel()
-            self._track(self._speaker)
-            self._played(current)
-            self._stats.errors += 1
-            await self._send(
-                encode_error(stopped, utterance_id=current.id, partial=current.audio_sent)
-            )
+            speaker.cancel()
+            self._track(speaker)
+            await asyncio.wait({speaker}, timeout=UPSTREAM_CLOSE_TIMEOUT)
         for utterance in queued:
             self._ids.discard(utterance.id)
             self._stats.errors += 1
-            await self._send(encode_error(stopped, utterance_id=utterance.id))
+            await self._send(encode_error(cut_short(), utterance_id=utterance.id))
         self._idle.set()
 
     async def _cancel_playing(self, utterance: Utterance) -> None:
@@ -455,10 +448,6 @@ class Session:
             )
 
 
-#: The wire ``type`` of each parsed client message, for the ``for`` of its refusals.
-_TYPES: dict[type[ClientMessage], str] = {Speak: "speak", Cancel: "cancel", ListVoices: "voices"}
-
-
 class ClientTooSlow(ListenerGone):
     """The client did not read what was sent to it within SEND_TIMEOUT."""
 
@@ -495,7 +484,6 @@ class _Frames:
 
     async def audio(self, data: bytes | memoryview) -> None:
         await self._send(data, text=False)
-        self._utterance.audio_sent = True
 
     async def word(self, word: WordEvent) -> None:
         await self._send(encode_word(self._id, word))
