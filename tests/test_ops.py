@@ -305,7 +305,7 @@ async def test_second_signal_closes_at_once(fake: FakeEdge, tmp_path: Path) -> N
 
 async def test_json_logs_hold_fields_but_no_text_or_key(fake: FakeEdge, tmp_path: Path) -> None:
     """LOG_FORMAT=json writes one object per line; the access line has the documented fields
-    and neither the text nor the key."""
+    and neither the text nor the key, for a WebSocket speak and an HTTP request alike."""
     key = "LogSecretKey42"
     process, url, _ = await serve_process(
         fake, tmp_path, LOG_FORMAT="json", LOG_DIR=str(tmp_path / "logs"), TTS_API_KEY=key
@@ -317,12 +317,23 @@ async def test_json_logs_hold_fields_but_no_text_or_key(fake: FakeEdge, tmp_path
         await client.speak(text, id="p1")
         await client.until_final("p1")
     await refused_handshake(url + "?api_key=wrong" + key)
+    http = url.replace("ws://", "http://").replace("/v1/stream", "/tts")
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            http, json={"text": text + " Twice."}, headers={"X-API-Key": key}
+        ) as response:
+            assert response.status == 200 and await response.read()
+        async with session.post(http + "?api_key=wrong" + key, json={"text": text}) as response:
+            assert response.status == 401
     process.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(process.wait(), TIMEOUT) == 0
     access = (tmp_path / "logs" / "access.log").read_text()
     errors = (tmp_path / "logs" / "error.log").read_text()
     lines = [json.loads(line) for line in access.splitlines()]
-    (utterance,) = [line for line in lines if line["message"] == "utterance"]
+    utterance, over_http = [line for line in lines if line["message"] == "utterance"]
+    assert (utterance["interface"], over_http["interface"]) == ("ws", "http")
+    assert (over_http["outcome"], over_http["chars"]) == ("ok", len(text + " Twice."))
+    assert over_http["id"] == over_http["conn"] and over_http["id"].startswith("h-")
     assert {
         "ts",
         "level",
@@ -342,8 +353,8 @@ async def test_json_logs_hold_fields_but_no_text_or_key(fake: FakeEdge, tmp_path
     } <= set(utterance)
     assert (utterance["ip"], utterance["id"], utterance["chars"]) == ("127.0.0.1", "p1", len(text))
     assert (utterance["outcome"], utterance["engine"], len(utterance["key"])) == ("ok", "edge", 12)
-    (refusal,) = [line for line in lines if line["message"] == "handshake_refused"]
-    assert refusal["reason"] == "unauthorized"
+    refusals = [line for line in lines if line["message"] == "handshake_refused"]
+    assert [refusal["reason"] for refusal in refusals] == ["unauthorized", "unauthorized"]
     for line in errors.splitlines():
         json.loads(line)
     for secret in ("Private", "never be logged", key):
