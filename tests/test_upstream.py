@@ -265,3 +265,50 @@ async def test_edge_proxy_carries_every_upstream_connection(
         urlsplit(fake.voices_url).path,
     }
     assert all(request.get("Proxy-Authorization") == credentials for request in seen)
+
+
+async def _paced(gaps: list[float]) -> AsyncIterator[int]:
+    for number, gap in enumerate(gaps):
+        await asyncio.sleep(gap)
+        yield number
+
+
+async def _drain(deadline: Any, stream: AsyncIterator[int]) -> list[int]:
+    seen = []
+    try:
+        while True:
+            seen.append(await deadline.next(stream))
+    except StopAsyncIteration:
+        return seen
+    finally:
+        deadline.close()
+
+
+async def test_gap_deadline_bounds_each_wait_not_the_whole_stream() -> None:
+    """Many short gaps outlast the deadline together and pass; one long gap fails it."""
+    from ttsstream.engines.edge import _GapDeadline
+
+    assert await _drain(_GapDeadline(0.2), _paced([0.05] * 10)) == list(range(10))
+    seen: list[int] = []
+    deadline = _GapDeadline(0.2)
+    stream = _paced([0.05, 0.05, 1.0, 0.05])
+    with pytest.raises(TimeoutError):
+        while True:
+            seen.append(await deadline.next(stream))
+    deadline.close()
+    assert seen == [0, 1]
+
+
+async def test_gap_deadline_leaves_a_foreign_cancel_a_cancel() -> None:
+    """Cancelling the reader is a cancellation, never a timeout, and leaves no timer."""
+    from ttsstream.engines.edge import _GapDeadline
+
+    deadline = _GapDeadline(0.2)
+    task = asyncio.create_task(_drain(deadline, _paced([5.0])))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert deadline._timer is None
+    await asyncio.sleep(0.3)  # past the deadline: nothing fires into anything
+    assert not deadline._fired

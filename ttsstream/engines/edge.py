@@ -15,7 +15,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -178,13 +178,13 @@ class EdgeEngine:
 
         locator = WordLocator(request.text)
         stream = communicate.stream()
+        # edge-tts does not time out reads on an open socket: bound every wait.
+        gaps = _GapDeadline(self._timeout)
         audio_bytes = 0
         try:
             while True:
                 try:
-                    # edge-tts does not time out reads on an open socket: bound every wait.
-                    async with asyncio.timeout(self._timeout):
-                        chunk = await anext(stream)
+                    chunk = await gaps.next(stream)
                 except StopAsyncIteration:
                     break
                 if chunk["type"] == "audio":
@@ -206,6 +206,7 @@ class EdgeEngine:
         except (EdgeTTSException, aiohttp.ClientError) as exc:
             raise _upstream_error(exc) from None
         finally:
+            gaps.close()
             await stream.aclose()
 
         # edge-tts ends quietly when the service closes mid-stream: it only counts a
@@ -280,3 +281,62 @@ def _upstream_error(exc: BaseException) -> UpstreamError:
         return UpstreamUnavailable("could not reach the speech service")
     logger.warning("upstream protocol error: %s: %s", type(exc).__name__, exc)
     return UpstreamUnavailable("the speech service sent an invalid response")
+
+
+class _GapDeadline:
+    """A deadline on every wait for the upstream's next message, one timer per deadline.
+
+    Written by hand because ``asyncio.timeout`` around each ``anext`` arms and
+    cancels a timer per chunk, and that was 11 % of the event loop's busy time
+    at 100 live utterances (py-spy; bench/NOTES.md). Here a wait only notes when
+    it began; one timer per utterance wakes when the earliest possible deadline
+    passes and either re-arms for the wait in progress or cancels the waiting
+    task, which :meth:`next` turns into :class:`TimeoutError` exactly as
+    ``asyncio.timeout`` does (a cancellation from anyone else stays one).
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+        self._loop = asyncio.get_running_loop()
+        self._task: asyncio.Task[Any] | None = None
+        self._since: float | None = None
+        self._fired = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    async def next(self, stream: AsyncIterator[Any]) -> Any:
+        """``anext(stream)``, raising :class:`TimeoutError` if it waits ``seconds``."""
+        if self._fired:
+            raise TimeoutError
+        task = self._task
+        if task is None:  # one task reads an utterance's stream from start to end
+            task = self._task = asyncio.current_task()
+            assert task is not None
+        cancelling = task.cancelling()
+        self._since = now = self._loop.time()
+        if self._timer is None:
+            self._timer = self._loop.call_at(now + self._seconds, self._check)
+        try:
+            return await anext(stream)
+        except asyncio.CancelledError:
+            if self._fired and task.uncancel() <= cancelling:
+                raise TimeoutError from None
+            raise
+        finally:
+            self._since = None
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check(self) -> None:
+        self._timer = None
+        since, now = self._since, self._loop.time()
+        if since is None:  # between waits: the next wait arms a timer again
+            return
+        if now - since < self._seconds:
+            self._timer = self._loop.call_at(since + self._seconds, self._check)
+            return
+        self._fired = True
+        assert self._task is not None
+        self._task.cancel()
