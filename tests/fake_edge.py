@@ -50,6 +50,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 __all__ = [
+    "CORRUPT_FRAME",
     "FRAME_BYTES",
     "FRAME_MS",
     "FakeEdge",
@@ -57,6 +58,7 @@ __all__ = [
     "mp3_frames",
     "serve_forever",
     "spoken_words",
+    "voiced_frames",
 ]
 
 TOKEN = "6A5AA1D4EAFF4E9FB37E23D68491D6F4"
@@ -140,6 +142,43 @@ def tone_frames(count: int, start: int = 0) -> bytes:
     return audio[start * FRAME_BYTES : (start + count) * FRAME_BYTES]
 
 
+#: LAME's delay: a decoder plays 1,105 samples (576 of the encoder's, 529 of its own)
+#: before the first sample given to the encoder.
+LAME_DELAY_SAMPLES = 1105
+#: What the fake sends as a corrupt audio message: an MP3 frame header (MPEG-1 Layer
+#: III, free bit rate) then bytes that no decoder takes as that frame's content.
+CORRUPT_FRAME = b"\xff\xfb\x00\x00" + bytes(range(256)) * 3
+
+
+@functools.lru_cache(maxsize=32)
+def voiced_frames(timeline: tuple[tuple[str, int, int], ...], total_frames: int) -> bytes:
+    """``total_frames`` frames of MP3 in which each word of ``timeline`` is a tone.
+
+    ``timeline`` holds ``(word, offset_ms, duration_ms)``. The samples are encoded
+    LAME_DELAY_SAMPLES early, so that a decoder hears each word from its offset, as
+    a listener of the real service does.
+    """
+    import lameenc
+
+    rate = 24_000
+    samples = array.array("h", bytes(2 * (total_frames * 576 + LAME_DELAY_SAMPLES)))
+    for number, (_, offset_ms, duration_ms) in enumerate(timeline):
+        pitch = 300 + 60 * (number % 5)
+        first = offset_ms * rate // 1000
+        for i in range(first, first + duration_ms * rate // 1000):
+            samples[i] = int(9000 * math.sin(2 * math.pi * pitch * i / rate))
+    encoder = lameenc.Encoder()
+    encoder.set_channels(1)
+    encoder.set_bit_rate(48)
+    encoder.set_in_sample_rate(rate)
+    encoder.set_out_sample_rate(rate)
+    encoder.set_quality(7)
+    pcm = samples[LAME_DELAY_SAMPLES:].tobytes()
+    audio = bytes(encoder.encode(pcm)) + bytes(encoder.flush())
+    assert len(audio) >= total_frames * FRAME_BYTES
+    return audio[: total_frames * FRAME_BYTES]
+
+
 def mp3_frames(count: int, start: int = 0) -> bytes:
     """Return ``count`` valid silent MP3 frames, numbered from ``start`` in their padding."""
     frames = bytearray()
@@ -210,6 +249,11 @@ class FakeEdge:
         self.no_audio = False
         #: Send real, audible MP3 (a tone) instead of numbered silent frames.
         self.tone = False
+        #: Send real MP3 in which each word is a tone and the time between words is
+        #: silence, so that where a word is heard can be measured in decoded audio.
+        self.voiced = False
+        #: Corrupt the audio message after this many: bytes that no MP3 decoder takes.
+        self.corrupt_after_chunks: int | None = None
         self.voices: list[dict[str, Any]] = list(VOICES)
         # Records
         #: Keep a record of every synthesis (tests read them). A long-running fake
@@ -407,10 +451,16 @@ class FakeEdge:
                 else:
                     await ws.close()
                 return
-            if self.tone:
+            if self.voiced:
+                audio = voiced_frames(tuple(timeline), total_frames)[
+                    frame * FRAME_BYTES : (frame + count) * FRAME_BYTES
+                ]
+            elif self.tone:
                 audio = tone_frames(count, frame)
             else:
                 audio = mp3_frames(count, next(self._frame_numbers))
+            if self.corrupt_after_chunks is not None and chunks_sent == self.corrupt_after_chunks:
+                audio = CORRUPT_FRAME
             await ws.send(_audio_message(request_id, audio))
             if self.keep_records:
                 record.audio += audio

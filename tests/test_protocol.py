@@ -209,10 +209,17 @@ def test_encoded_messages_are_json_with_a_type() -> None:
     }
     start = orjson.loads(
         encode_start(
-            "u", voice="v", engine="edge", mime_type="audio/mpeg", sample_rate=24000, cached=False
+            "u",
+            voice="v",
+            engine="edge",
+            mime_type="audio/ogg; codecs=opus",
+            format_name="opus",
+            sample_rate=24000,
+            cached=False,
         )
     )
-    assert start["type"] == "start" and start["format"] == "audio/mpeg"
+    assert start["type"] == "start" and start["format"] == "audio/ogg; codecs=opus"
+    assert start["format_name"] == "opus"
     word = orjson.loads(encode_word("u", WordEvent("Hi", 100.0, 312.5, char_start=0, char_end=2)))
     assert word == {
         "type": "word",

@@ -115,7 +115,7 @@ async def test_get_tts_takes_its_fields_from_the_query(server: Server, fake: Fak
         ),
         (
             "/v1/audio/speech",
-            {"model": "tts-1", "voice": "alloy", "input": "Hi", "response_format": "opus"},
+            {"model": "tts-1", "voice": "alloy", "input": "Hi", "response_format": "vorbis"},
             400,
             "unsupported_format",
             "response_format",

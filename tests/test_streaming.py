@@ -29,6 +29,7 @@ async def test_utterance_streams_audio_and_words(client: Client, fake: FakeEdge)
         "id": "u1",
         "voice": "en-US-AriaNeural",
         "format": "audio/mpeg",
+        "format_name": "mp3",
         "sample_rate": 24000,
         "cached": False,
         "engine": "edge",

@@ -32,6 +32,7 @@ into the ``error`` message a client receives.
         └── UpstreamError           the speech service failed
             ├── UpstreamUnavailable     upstream_unavailable
             ├── UpstreamTimeout         upstream_timeout
+            ├── UpstreamBadAudio        upstream_bad_audio (its MP3 does not decode)
             └── NoAudio                 no_audio
 
 Anything else that escapes a handler is reported as ``internal``.
@@ -64,6 +65,7 @@ __all__ = [
     "Unauthorized",
     "UnsupportedFormat",
     "UnsupportedMediaType",
+    "UpstreamBadAudio",
     "UpstreamError",
     "UpstreamTimeout",
     "UpstreamUnavailable",
@@ -259,6 +261,12 @@ class UpstreamTimeout(UpstreamError):
     """No first audio within the deadline, or the stream stalled."""
 
     code = "upstream_timeout"
+
+
+class UpstreamBadAudio(UpstreamError):
+    """The engine's MP3 does not decode, so another format cannot be made from it."""
+
+    code = "upstream_bad_audio"
 
 
 class NoAudio(UpstreamError):

@@ -40,6 +40,8 @@ class Stats:
     outcomes: Counter[str] = field(default_factory=Counter)
     #: Finished utterances by door (``ws``, ``http``) and outcome.
     outcomes_by_interface: Counter[tuple[str, str]] = field(default_factory=Counter)
+    #: Finished utterances by the audio format they were sent in (``mp3``, ``opus``…).
+    formats: Counter[str] = field(default_factory=Counter)
     bytes_sent: int = 0
     connections: int = 0
     active_utterances: int = 0
@@ -137,6 +139,7 @@ class Stats:
             "cache_evictions": self.cache_evictions,
             "cache_errors": self.cache_errors,
             "outcomes": dict(self.outcomes),
+            "formats": dict(self.formats),
             "interfaces": {
                 interface: sum(
                     count

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from typing import TypeVar
 
+from ttsstream.audio.formats import FORMAT_NAMES, MP3, Format, format_named
 from ttsstream.exceptions import (
     BadMessage,
     ClientError,
@@ -19,7 +20,14 @@ from ttsstream.exceptions import (
     TextTooLong,
 )
 
-__all__ = ["MAX_VOICE_LENGTH", "PROSODY_FIELDS", "prosody_field", "text_field", "voice_field"]
+__all__ = [
+    "MAX_VOICE_LENGTH",
+    "PROSODY_FIELDS",
+    "format_field",
+    "prosody_field",
+    "text_field",
+    "voice_field",
+]
 
 # Limits
 #: Longest voice name accepted, in characters.
@@ -80,3 +88,21 @@ def prosody_field(field: str, value: object) -> str | None:
     if pattern.fullmatch(value) is None:
         raise _about(field, InvalidParameter(f'"{field}" must look like {form}'))
     return value
+
+
+def format_field(
+    value: object, *, field: str = "format", unknown: type[ClientError] = InvalidParameter
+) -> Format:
+    """An audio format's short name (:data:`~ttsstream.audio.formats.FORMATS`); mp3 if absent.
+
+    ``unknown`` is the error for a string that names no format: the WebSocket's
+    ``invalid_parameter``, HTTP's ``unsupported_format``.
+    """
+    if value is None:
+        return MP3
+    if not isinstance(value, str):
+        raise _about(field, BadMessage(f'"{field}" must be a string'))
+    found = format_named(value)
+    if found is None:
+        raise _about(field, unknown(f'"{field}" must be one of ' + ", ".join(FORMAT_NAMES)))
+    return found

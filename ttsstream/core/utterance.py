@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from ttsstream.audio.formats import MP3, Format
+from ttsstream.audio.transcode import Pipe
 from ttsstream.config import Config
 from ttsstream.core.router import Started
 from ttsstream.core.speech_cache import SpeechCache
@@ -137,6 +140,7 @@ class Utterances:
         sink: Sink,
         *,
         words: str = "each",
+        audio_format: Format = MP3,
         utterance_id: str,
         received_at: float,
         client_ip: str,
@@ -153,6 +157,7 @@ class Utterances:
             request: What to say.
             sink: Where the events go.
             words: One of :data:`WORD_MODES`.
+            audio_format: What the audio is sent as (made from the source as it streams).
             utterance_id: The utterance's id, for the access log.
             received_at: When the request arrived (``time.perf_counter()``).
             client_ip: The client's address, for the access log.
@@ -165,6 +170,7 @@ class Utterances:
         # Batched words go out just before the audio they describe; a replay may
         # then give all of them at once.
         events = self._speech.synthesize(request, words_ahead=batch)
+        pipe: Pipe | None = None
         held: list[WordEvent] = []
         started: Started | None = None
         byte_count = 0
@@ -175,32 +181,44 @@ class Utterances:
         try:
             async for event in events:
                 if isinstance(event, Started):
+                    pipe = Pipe(audio_format)
                     started = event
-                    await sink.start(event)
+                    if audio_format.transcoded:
+                        started = dataclasses.replace(event, audio_format=audio_format.audio_format)
+                    await sink.start(started)
                 elif isinstance(event, AudioChunk):
+                    assert pipe is not None
+                    data = await pipe.feed(event.data)
                     if held:
                         word_count += len(held)
                         await sink.words(held)
                         held = []
+                    if not data:
+                        continue
                     if ttfb_ms is None:
                         ttfb_ms = (time.perf_counter() - received_at) * 1000
                         stats.observe_first_audio(_source(started), ttfb_ms / 1000)
-                    await sink.audio(event.data)
-                    byte_count += len(event.data)
-                    stats.bytes_sent += len(event.data)
+                    await sink.audio(data)
+                    byte_count += len(data)
+                    stats.bytes_sent += len(data)
                 elif batch:
                     held.append(event)
                 elif each:
                     await sink.word(event)
                     word_count += 1
-            assert started is not None, "every utterance begins with Started"
+            assert started is not None and pipe is not None, "every utterance begins with Started"
             if held:
                 word_count += len(held)
                 await sink.words(held)
+            if tail := await pipe.finish():
+                ttfb_ms = ttfb_ms or (time.perf_counter() - received_at) * 1000
+                await sink.audio(tail)
+                byte_count += len(tail)
+                stats.bytes_sent += len(tail)
             await sink.end(
                 Summary(
                     byte_count=byte_count,
-                    audio_ms=started.audio_format.duration_ms(byte_count),
+                    audio_ms=pipe.duration_ms(byte_count),
                     words=word_count,
                     cached=started.cached,
                     ttfb_ms=ttfb_ms or 0.0,
@@ -224,9 +242,11 @@ class Utterances:
             outcome = await self._failed(sink, exc, utterance_id, partial=byte_count > 0)
         finally:
             sink.finished()
+            if pipe is not None:
+                pipe.close()
             stats.active_utterances -= 1
             stats.finished(outcome, interface)
-            audio_format = started.audio_format if started else None
+            stats.formats[audio_format.name] += 1
             access(
                 "utterance",
                 interface=interface,
@@ -240,7 +260,8 @@ class Utterances:
                 cached=bool(started and started.cached),
                 fallback=started.fallback_reason if started else None,
                 ttfb_ms=None if ttfb_ms is None else round(ttfb_ms, 1),
-                audio_ms=round(audio_format.duration_ms(byte_count), 1) if audio_format else 0.0,
+                format=audio_format.name,
+                audio_ms=round(pipe.duration_ms(byte_count), 1) if pipe else 0.0,
                 bytes=byte_count,
                 words=word_count,
                 outcome=outcome,

@@ -33,6 +33,8 @@ class AudioFormat:
     mime_type: str
     sample_rate: int
     bitrate_bps: int
+    #: The short name clients ask for it by (:mod:`ttsstream.audio.formats`).
+    name: str = "mp3"
 
     def duration_ms(self, byte_count: int) -> float:
         """Return the playing time of ``byte_count`` bytes of this constant-bitrate stream."""

@@ -33,6 +33,7 @@ _STATUS = {
     "shutting_down": 503,
     "upstream_unavailable": 503,
     "no_audio": 502,
+    "upstream_bad_audio": 502,
     "upstream_timeout": 504,
     "internal": 500,
 }

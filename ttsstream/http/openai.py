@@ -2,7 +2,8 @@
 
 ``POST /v1/audio/speech`` takes ``model``, ``input``, ``voice``, ``speed``,
 ``instructions`` (accepted, not used: Edge's voices take no instructions),
-``response_format`` and ``stream_format``; ttsstream adds ``timestamps`` (word
+``response_format`` (every format of :mod:`ttsstream.audio.formats`: OpenAI's
+six and ``webm``) and ``stream_format``; ttsstream adds ``timestamps`` (word
 events in the SSE stream). OpenAI's voice names map to Edge voices by
 :data:`DEFAULT_VOICES`, which ``VOICE_MAP`` overrides name by name; any Edge or
 ``espeak:`` voice may also be named directly.
@@ -14,7 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ttsstream.core.fields import text_field, voice_field
+from ttsstream.audio.formats import Format
+from ttsstream.core.fields import format_field, text_field, voice_field
 from ttsstream.exceptions import BadMessage, ClientError, InvalidParameter, UnsupportedFormat
 
 __all__ = ["DEFAULT_VOICES", "MODELS", "SpeechCall", "read_speech_call", "voice_table"]
@@ -39,8 +41,6 @@ DEFAULT_VOICES: dict[str, str] = {
     "cedar": "en-US-AndrewMultilingualNeural",
 }
 
-#: The audio formats OpenAI names; only mp3 is produced for now.
-_FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
 _STREAM_FORMATS = ("audio", "sse")
 _SPEED_MIN, _SPEED_MAX = 0.25, 4.0
 
@@ -54,6 +54,7 @@ class SpeechCall:
     rate: str
     sse: bool
     timestamps: bool
+    format: Format
 
 
 def voice_table(overrides: tuple[tuple[str, str], ...]) -> dict[str, str]:
@@ -93,17 +94,9 @@ def read_speech_call(
     if not isinstance(body.get("instructions", ""), str):
         raise _about("instructions", BadMessage('"instructions" must be a string'))
 
-    response_format = body.get("response_format", "mp3")
-    if response_format != "mp3":
-        known = isinstance(response_format, str) and response_format in _FORMATS
-        raise _about(
-            "response_format",
-            UnsupportedFormat(
-                f"{response_format!r} is not produced yet: ask for mp3"
-                if known
-                else '"response_format" must be one of ' + ", ".join(_FORMATS)
-            ),
-        )
+    audio_format = format_field(
+        body.get("response_format"), field="response_format", unknown=UnsupportedFormat
+    )
     stream_format = body.get("stream_format", "audio")
     if stream_format not in _STREAM_FORMATS:
         raise _about("stream_format", InvalidParameter('"stream_format" must be audio or sse'))
@@ -116,6 +109,7 @@ def read_speech_call(
         rate=f"{round((speed - 1) * 100):+d}%",
         sse=stream_format == "sse",
         timestamps=timestamps,
+        format=audio_format,
     )
 
 

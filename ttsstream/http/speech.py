@@ -17,12 +17,19 @@ import base64
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from aiohttp import web
 
-from ttsstream.core.fields import PROSODY_FIELDS, prosody_field, text_field, voice_field
+from ttsstream.audio.formats import MP3, Format
+from ttsstream.core.fields import (
+    PROSODY_FIELDS,
+    format_field,
+    prosody_field,
+    text_field,
+    voice_field,
+)
 from ttsstream.core.router import Started
 from ttsstream.core.services import Services
 from ttsstream.core.utterance import ListenerGone, Summary
@@ -33,6 +40,7 @@ from ttsstream.exceptions import (
     BodyTooLarge,
     ClientError,
     RateLimited,
+    UnsupportedFormat,
     UnsupportedMediaType,
 )
 from ttsstream.http.errors import Shape, error_body, status_of
@@ -52,8 +60,17 @@ _EXPOSED = "X-TTS-Cache, X-TTS-Engine, X-TTS-Voice, X-TTS-Fallback, X-Request-Id
 _PREFLIGHT_MAX_AGE = "600"
 
 
-#: Reads a request into what to say, whether as SSE, and whether with word timestamps.
-Reader = Callable[[], Awaitable[tuple[SynthesisRequest, bool, bool]]]
+class Asked(NamedTuple):
+    """What a speech request asks for."""
+
+    synthesis: SynthesisRequest
+    audio_format: Format
+    sse: bool = False
+    timestamps: bool = False
+
+
+#: Reads a request into what it asks for.
+Reader = Callable[[], Awaitable[Asked]]
 
 
 class SpeechApi:
@@ -104,7 +121,7 @@ class SpeechApi:
     async def tts(self, request: web.Request) -> web.StreamResponse:
         """``POST /tts`` (JSON body) or ``GET /tts?text=…``: the audio, streamed."""
 
-        async def read() -> tuple[SynthesisRequest, bool, bool]:
+        async def read() -> Asked:
             fields: Any = await _json_body(request) if request.method == "POST" else request.query
             if not isinstance(fields, dict) and request.method == "POST":
                 raise BadMessage("the body must be a JSON object")
@@ -114,17 +131,18 @@ class SpeechApi:
                 for name in PROSODY_FIELDS
                 if (value := prosody_field(name, fields.get(name))) is not None
             }
+            audio_format = format_field(fields.get("format"), unknown=UnsupportedFormat)
             synthesis = await self._services.utterances.prepare(
                 text=text, voice=voice_field(fields.get("voice")), **prosody
             )
-            return synthesis, False, False
+            return Asked(synthesis, audio_format)
 
         return await self._serve(request, "tts", read)
 
     async def openai_speech(self, request: web.Request) -> web.StreamResponse:
         """``POST /v1/audio/speech``: OpenAI's contract, audio or server-sent events."""
 
-        async def read() -> tuple[SynthesisRequest, bool, bool]:
+        async def read() -> Asked:
             body = await _json_body(request)
             if not isinstance(body, dict):
                 raise BadMessage("the body must be a JSON object")
@@ -134,7 +152,7 @@ class SpeechApi:
             synthesis = await self._services.utterances.prepare(
                 text=call.text, voice=call.voice, rate=call.rate
             )
-            return synthesis, call.sse, call.timestamps
+            return Asked(synthesis, call.format, call.sse, call.timestamps)
 
         return await self._serve(request, "openai", read)
 
@@ -213,27 +231,28 @@ class SpeechApi:
         assert task is not None
         try:
             try:
-                synthesis, sse, timestamps = await read()
+                asked = await read()
             except ClientError as exc:
                 self._services.stats.errors += 1
                 return self._error(request, exc, shape, request_id=request_id)
             body = _Body(
                 request,
-                sse=sse,
-                timestamps=timestamps,
+                sse=asked.sse,
+                timestamps=asked.timestamps,
                 shape=shape,
                 request_id=request_id,
                 cors=self._cors(request),
                 send_timeout=self._config.send_timeout,
-                text_length=len(synthesis.text),
+                text_length=len(asked.synthesis.text),
             )
             self._streams[task] = body
             self._idle.clear()
             try:
                 await self._services.utterances.run(
-                    synthesis,
+                    asked.synthesis,
                     body,
-                    words="batch" if timestamps else "none",
+                    words="batch" if asked.timestamps else "none",
+                    audio_format=asked.audio_format,
                     utterance_id=request_id,
                     received_at=received_at,
                     client_ip=client,
@@ -359,7 +378,7 @@ class _Body:
 
     async def start(self, started: Started) -> None:
         self._started = started
-        if started.cached and not self._sse:
+        if started.cached and not self._sse and started.audio_format.name == MP3.name:
             self._replay = []
 
     async def audio(self, data: bytes | memoryview) -> None:

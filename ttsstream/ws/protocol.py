@@ -12,8 +12,10 @@ from typing import Any, ClassVar
 
 import orjson
 
+from ttsstream.audio.formats import MP3, Format
 from ttsstream.core.fields import (
     PROSODY_FIELDS,
+    format_field,
     prosody_field,
     text_field,
     voice_field,
@@ -74,6 +76,8 @@ class Speak:
     pitch: str = "+0Hz"
     #: One of :data:`WORD_MODES`.
     words: str = "each"
+    #: What the audio is sent as.
+    format: Format = MP3
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +186,10 @@ def _parse_speak(message: dict[str, Any], utterance_id: str, max_text_length: in
     if words not in WORD_MODES:
         raise InvalidParameter('"words" must be one of ' + ", ".join(map(repr, WORD_MODES)))
 
-    return Speak(id=utterance_id, text=text, voice=voice, words=words, **prosody)
+    audio_format = format_field(message.get("format"))
+    return Speak(
+        id=utterance_id, text=text, voice=voice, words=words, format=audio_format, **prosody
+    )
 
 
 def _encode(message: dict[str, Any]) -> bytes:
@@ -208,6 +215,7 @@ def encode_start(
     voice: str,
     engine: str,
     mime_type: str,
+    format_name: str,
     sample_rate: int,
     cached: bool,
     fallback_reason: str | None = None,
@@ -222,6 +230,7 @@ def encode_start(
             "id": utterance_id,
             "voice": voice,
             "format": mime_type,
+            "format_name": format_name,
             "sample_rate": sample_rate,
             "cached": cached,
             "engine": engine,

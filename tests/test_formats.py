@@ -1,0 +1,325 @@
+"""Audio formats: every format made from the source MP3 as it streams, on both doors.
+
+Every output is decoded by PyAV's demuxers and decoders (independent of the
+encoders' settings in :mod:`ttsstream.audio.formats`), and PCM is compared
+exactly with a decode of the MP3.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import io
+import math
+from typing import Any
+
+import aiohttp
+import av
+import openai
+import pytest
+
+from tests.conftest import TIMEOUT, Client, ServerFactory, connected, speaks_fine, wait_for_entries
+from tests.fake_edge import CORRUPT_FRAME, FRAME_BYTES, FakeEdge, tone_frames
+from ttsstream.audio import transcode
+from ttsstream.audio.formats import FORMAT_NAMES, FORMATS, SAMPLE_RATE, format_for_path
+from ttsstream.audio.transcode import Transcoder
+from ttsstream.server import Server
+
+TEXT = "Formats stream as they are made, word after word after word."
+#: Every format but the source's own.
+MADE = [name for name in FORMAT_NAMES if name != "mp3"]
+#: PyAV's demuxer for each format's bytes.
+DEMUXERS = {
+    "mp3": "mp3",
+    "opus": "ogg",
+    "webm": "webm",
+    "aac": "aac",
+    "flac": "flac",
+    "wav": "wav",
+}
+
+
+def decode(name: str, data: bytes) -> tuple[array.array[int], int]:
+    """``data`` in format ``name`` decoded to 16-bit mono samples, and their rate."""
+    if name == "pcm":
+        return array.array("h", data), SAMPLE_RATE
+    samples = array.array("h")
+    with av.open(io.BytesIO(data), "r", format=DEMUXERS[name]) as container:
+        stream = container.streams.audio[0]
+        assert stream.codec_context.channels == 1, "mono"
+        rate = stream.codec_context.sample_rate
+        resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)
+        for frame in container.decode(stream):
+            for ready in resampler.resample(frame):
+                samples.frombytes(bytes(ready.planes[0])[: ready.samples * 2])
+    return samples, rate
+
+
+def rms(samples: array.array[int]) -> float:
+    return math.sqrt(sum(s * s for s in samples) / max(1, len(samples)))
+
+
+def longest_silence(samples: array.array[int], rate: int) -> float:
+    """The longest run of digital silence (exact zeros) past the first and before the
+    last 100 ms (where codecs prime and pad), in ms."""
+    edge = rate // 10
+    longest = run = 0
+    for sample in samples[edge:-edge]:
+        run = run + 1 if sample == 0 else 0
+        longest = max(longest, run)
+    return longest * 1000 / rate
+
+
+def onset_ms(samples: array.array[int], rate: int, after_ms: float) -> float:
+    """Where sound starts (5 ms windows over a threshold) from ``after_ms`` on."""
+    window = rate // 200
+    start = max(0, int(after_ms * rate / 1000))
+    for i in range(start, len(samples) - window, window // 5):
+        if rms(samples[i : i + window]) > 1500:
+            return i * 1000 / rate
+    raise AssertionError(f"no sound after {after_ms} ms")
+
+
+def transcode_all(name: str, mp3: bytes, chunk: int) -> tuple[bytes, list[int], Transcoder]:
+    transcoder = Transcoder(FORMATS[name])
+    pieces = [transcoder.feed_mp3(mp3[i : i + chunk]) for i in range(0, len(mp3), chunk)]
+    tail = transcoder.finish()
+    return b"".join(pieces) + tail, [len(p) for p in pieces], transcoder
+
+
+# The transcoder alone
+
+
+@pytest.mark.parametrize("name", MADE)
+def test_each_format_decodes_to_the_source_audio(name: str) -> None:
+    """Decoded by an independent decoder: the MP3's duration within 60 ms, audible, no
+    silence the source lacks, mono at the stated rate; bytes leave with every chunk."""
+    mp3 = tone_frames(200)  # 4.8 s of a two-tone sound
+    source, _ = decode("mp3", mp3)
+    made, sizes, transcoder = transcode_all(name, mp3, 4 * FRAME_BYTES)
+    samples, rate = decode(name, made)
+    # Opus is always decoded at 48 kHz; its stream says it was made from 24 kHz.
+    assert rate == (48_000 if FORMATS[name].codec == "libopus" else SAMPLE_RATE)
+    assert abs(len(samples) / rate - len(source) / SAMPLE_RATE) < 0.060
+    assert abs(transcoder.duration_ms - len(source) * 1000 / SAMPLE_RATE) < 1
+    assert rms(samples) > 0.5 * rms(source) > 1000
+    assert longest_silence(samples, rate) <= longest_silence(source, SAMPLE_RATE) + 1
+    # Streaming: all but the first couple of chunks yield bytes as they are fed.
+    assert sum(1 for size in sizes if size) >= len(sizes) - 3
+    if name in ("pcm", "wav"):
+        assert samples == source, "PCM is the MP3's decode, exactly"
+    if name == "wav":
+        assert made[4:8] == b"\xff\xff\xff\xff" and made[40:44] == b"\xff\xff\xff\xff"
+
+
+def test_a_corrupt_mp3_chunk_is_upstream_bad_audio() -> None:
+    from ttsstream.exceptions import UpstreamBadAudio
+
+    transcoder = Transcoder(FORMATS["opus"])
+    transcoder.feed_mp3(tone_frames(10))
+    with pytest.raises(UpstreamBadAudio):
+        # The parser holds a frame until the next one begins: the error comes with it.
+        transcoder.feed_mp3(CORRUPT_FRAME + tone_frames(10, 10))
+    transcoder.close()
+    assert transcode.open_transcoders == 0
+
+
+def test_formats_by_file_name() -> None:
+    assert format_for_path("out.OPUS") is FORMATS["opus"]
+    assert format_for_path("x/y.ogg") is FORMATS["opus"]
+    assert format_for_path("speech.wav") is FORMATS["wav"]
+    assert format_for_path("speech.txt") is None
+
+
+# Through the server
+
+
+async def speak_as(client: Client, name: str, id: str, **fields: Any) -> Any:
+    await client.speak(TEXT, id=id, format=name, words="batch", **fields)
+    return await client.until_final(id)
+
+
+async def test_every_format_over_the_websocket_keeps_words_where_they_are_heard(
+    server: Server, fake: FakeEdge
+) -> None:
+    """``start`` names the format (MIME and short name) and the real rate; ``end.audio_ms``
+    is the playing time; each word's offset is where its sound starts, within 30 ms."""
+    fake.voiced = True
+    async with connected(server) as client:
+        results = {name: await speak_as(client, name, f"u-{name}") for name in FORMAT_NAMES}
+    assert server.stats.snapshot()["formats"] == {name: 1 for name in FORMAT_NAMES}
+    mp3_ms = results["mp3"].final["audio_ms"]
+    for name, result in results.items():
+        start, end = result.messages[0], result.final
+        assert end["type"] == "end", (name, end)
+        assert start["format"] == FORMATS[name].mime_type and start["format_name"] == name
+        assert start["sample_rate"] == SAMPLE_RATE
+        samples, rate = decode(name, bytes(result.audio))
+        heard_ms = len(samples) * 1000 / rate
+        assert abs(heard_ms - mp3_ms) < 60, (name, heard_ms, mp3_ms)
+        assert abs(end["audio_ms"] - heard_ms) < 60, (name, end["audio_ms"], heard_ms)
+        words = result.batched_words
+        assert len(words) == len(TEXT.split())
+        for word in words:
+            heard = onset_ms(samples, rate, word["offset_ms"] - 25)
+            assert abs(heard - word["offset_ms"]) < 30, (name, word, heard)
+
+
+async def test_a_format_streams_before_the_upstream_pause_ends(
+    server: Server, fake: FakeEdge
+) -> None:
+    """Audio in every format arrives while the upstream is paused mid-utterance."""
+    fake.tone = True
+    fake.pause_after_chunks = 3
+    async with connected(server) as client:
+        for number, name in enumerate(MADE):
+            fake.paused.clear()
+            fake.resume.clear()
+            await client.speak(TEXT + f" {number}.", id=name, format=name)
+            while True:
+                await client.read_one()
+                if fake.paused.is_set() and len(client.so_far(name).audio) > 100:
+                    break
+            assert not fake.records[-1].completed
+            fake.resume.set()
+            assert (await client.until_final(name)).final["type"] == "end"
+
+
+async def test_a_replay_is_made_in_any_format(server: Server, fake: FakeEdge) -> None:
+    """One cache entry (the MP3) serves every format: no new upstream request."""
+    fake.tone = True
+    async with connected(server) as client:
+        first = await speak_as(client, "mp3", "first")
+        await wait_for_entries(server, 1)
+        again = await speak_as(client, "flac", "again")
+    assert len(fake.records) == 1
+    assert again.messages[0]["cached"] is True
+    assert abs(again.final["audio_ms"] - first.final["audio_ms"]) < 60
+    samples, rate = decode("flac", bytes(again.audio))
+    assert rate == SAMPLE_RATE and rms(samples) > 1000
+
+
+async def test_an_unknown_format_is_refused_and_nothing_is_lost(server: Server) -> None:
+    async with connected(server) as client:
+        await client.speak(TEXT, id="bad", format="ogg-vorbis")
+        error = (await client.until_final("bad")).final
+        assert error["code"] == "invalid_parameter" and "format" in error["message"]
+        await client.speak(TEXT, id="bad2", format=3)
+        assert (await client.until_final("bad2")).final["code"] == "bad_message"
+        await speaks_fine(client)
+
+
+async def test_a_corrupt_upstream_frame_ends_the_utterance_not_the_server(
+    server: Server, fake: FakeEdge
+) -> None:
+    """A frame no decoder takes: the transcoded utterance ends with upstream_bad_audio
+    (partial), the connection and the next utterance are fine, nothing leaks."""
+    fake.tone = True
+    fake.corrupt_after_chunks = 2
+    async with connected(server) as client:
+        result = await speak_as(client, "opus", "bad")
+        assert result.final["code"] == "upstream_bad_audio"
+        assert result.final["partial"] is True
+        fake.corrupt_after_chunks = None
+        assert (await speak_as(client, "opus", "good", rate="+5%")).final["type"] == "end"
+    assert transcode.open_transcoders == 0
+
+
+async def test_cancelled_transcodes_free_their_encoders(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """1,000 utterances cancelled mid-transcode leave no transcoder open, and memory flat."""
+    server = await start_server(rate_limit_requests=0)
+    fake.tone = True
+    fake.realtime_factor = 20
+    before = _rss()
+    async with connected(server) as client:
+        for round_ in range(1000):
+            id = f"c{round_}"
+            # Half the chunks large enough to be transcoded on a worker thread.
+            fake.frames_per_chunk = 4 if round_ % 2 else 4 * transcode.OFF_LOOP_BYTES // 500
+            await client.speak(f"Cancel me {round_ % 50}.", id=id, format=MADE[round_ % 6])
+            while not client.so_far(id).audio:
+                await client.read_one()
+            await client.send({"type": "cancel", "id": id})
+            assert (await client.until_final(id)).final["type"] in ("cancelled", "end")
+            if round_ == 99:
+                warm = _rss()
+        await speaks_fine(client)
+    for _ in range(50):
+        if transcode.open_transcoders == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert transcode.open_transcoders == 0
+    assert _rss() - warm < 20 * 2**20, (before, warm, _rss())
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096
+
+
+# HTTP
+
+
+def http_of(server: Server) -> str:
+    return f"http://127.0.0.1:{server.port}"
+
+
+async def test_the_openai_sdk_gets_every_response_format(server: Server, fake: FakeEdge) -> None:
+    """Each of OpenAI's response formats, asked through the official client, decodes."""
+    fake.tone = True
+    client = openai.AsyncOpenAI(base_url=http_of(server) + "/v1", api_key="x", max_retries=0)
+    for name in ("mp3", "opus", "aac", "flac", "wav", "pcm"):
+        async with client.audio.speech.with_streaming_response.create(
+            model="tts-1", voice="alloy", input=TEXT, response_format=name
+        ) as response:
+            assert response.headers["content-type"] == FORMATS[name].mime_type
+            audio = b"".join([chunk async for chunk in response.iter_bytes()])
+        samples, _ = decode(name, audio)
+        assert rms(samples) > 1000, name
+    assert len(fake.records) == 1, "one synthesis (then the cache) serves every format"
+
+
+async def test_http_formats_and_their_errors(server: Server, fake: FakeEdge) -> None:
+    """``format`` on /tts, ``webm`` on the OpenAI route; an unknown one is 400
+    unsupported_format on both, naming the field."""
+    fake.tone = True
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            http_of(server) + "/tts", json={"text": TEXT, "format": "wav"}
+        ) as response:
+            assert response.status == 200
+            assert response.headers["Content-Type"] == "audio/wav"
+            samples, rate = decode("wav", await response.read())
+            assert rate == SAMPLE_RATE and rms(samples) > 1000
+        async with session.get(
+            http_of(server) + "/tts", params={"text": TEXT, "format": "webm"}
+        ) as response:
+            assert response.headers["Content-Type"] == "audio/webm; codecs=opus"
+            assert rms(decode("webm", await response.read())[0]) > 1000
+        async with session.post(
+            http_of(server) + "/tts", json={"text": TEXT, "format": "mp4"}
+        ) as response:
+            assert response.status == 400
+            assert (await response.json())["error"] == "unsupported_format"
+        async with session.post(
+            http_of(server) + "/v1/audio/speech",
+            json={"model": "tts-1", "voice": "alloy", "input": TEXT, "response_format": "ogg"},
+        ) as response:
+            assert response.status == 400
+            error = (await response.json())["error"]
+            assert error["code"] == "unsupported_format" and error["param"] == "response_format"
+
+
+async def test_the_offline_voice_speaks_every_format(start_server: ServerFactory) -> None:
+    """The offline voice's audio is made into each format too."""
+    server = await start_server()
+    async with connected(server) as client:
+        for name in MADE:
+            result = await speak_as(client, name, f"o-{name}", voice="espeak:en")
+            assert result.final["type"] == "end", (name, result.final)
+            samples, _ = decode(name, bytes(result.audio))
+            assert rms(samples) > 300, name
+            assert result.messages[0]["engine"] == "espeak"
+    await asyncio.wait_for(asyncio.sleep(0), TIMEOUT)

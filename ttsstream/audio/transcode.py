@@ -1,0 +1,255 @@
+"""Making a format from the source MP3 as it streams, with PyAV (FFmpeg in the wheel).
+
+A :class:`Transcoder` decodes each MP3 chunk as it arrives and hands the decoded
+samples to the format's encoder and muxer at once; what the muxer writes is
+returned to the caller for sending. Nothing waits for the end of the utterance:
+muxers are set up to write as they go (:mod:`ttsstream.audio.formats`), and at
+the end the encoder is flushed. ``pcm`` and ``wav`` skip encoding (``wav`` is a
+fixed header, written by hand, then the samples). The offline voice hands its
+PCM to :meth:`Transcoder.feed_pcm`, so its audio is not decoded back from MP3.
+
+A transcoder holds FFmpeg contexts: :meth:`Transcoder.close` frees them, whether
+or not the utterance ended (a cancelled utterance's transcoder is closed by its
+pipe). :data:`open_transcoders` counts the live ones (``/stats``).
+
+:class:`Pipe` is what the utterance run uses: the source passes through it
+untouched for ``mp3``; for the other formats each chunk is transcoded on a
+worker thread when it is large enough for the hop to pay (FFmpeg's codecs run
+without the GIL), so that the event loop never stalls on an encoder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import av
+import av.error
+
+from ttsstream.audio.formats import MP3, SAMPLE_RATE, Format, wav_header
+from ttsstream.exceptions import UpstreamBadAudio
+
+__all__ = ["Pipe", "Transcoder", "open_transcoders"]
+
+logger = logging.getLogger("ttsstream.audio")
+
+#: Transcoders alive now (made, not yet closed).
+open_transcoders = 0
+#: Chunks of at least this many bytes of MP3 (about 0.3 s of audio) are transcoded
+#: on a worker thread; smaller ones cost less than the hop.
+OFF_LOOP_BYTES = 2048
+
+_executor: ThreadPoolExecutor | None = None
+
+
+def _workers() -> ThreadPoolExecutor:
+    global _executor
+    if _executor is None:
+        _executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="transcode")
+    return _executor
+
+
+class _Collect:
+    """The file object a muxer writes to: it keeps what was written until taken."""
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+
+    def write(self, data: Any) -> int:
+        self._parts.append(bytes(data))
+        return len(data)
+
+    def take(self) -> bytes:
+        if not self._parts:
+            return b""
+        data = b"".join(self._parts)
+        self._parts.clear()
+        return data
+
+
+class Transcoder:
+    """One utterance's source audio, turned into ``target`` chunk by chunk (synchronous).
+
+    Raises:
+        UpstreamBadAudio: (from the feed methods) the source does not decode.
+    """
+
+    def __init__(self, target: Format) -> None:
+        global open_transcoders
+        assert target.transcoded, "mp3 is sent as it is"
+        self.format = target
+        self._decoder: Any = av.CodecContext.create("mp3float", "r")
+        self._out = _Collect()
+        self._container: Any = None
+        self._stream: Any = None
+        sample_format = "s16"
+        if target.container is not None:
+            self._container = av.open(
+                self._out, "w", format=target.container, options=dict(target.container_options)
+            )
+            stream = self._container.add_stream(target.codec, rate=SAMPLE_RATE)
+            stream.layout = "mono"
+            if target.bit_rate is not None:
+                stream.bit_rate = target.bit_rate
+            self._stream = stream
+            sample_format = stream.format.name
+        self._resampler: Any = av.AudioResampler(
+            format=sample_format, layout="mono", rate=SAMPLE_RATE
+        )
+        self._pcm_resampler: Any = None
+        #: Samples given to the encoder (or sent as PCM) so far.
+        self.samples = 0
+        self._header = wav_header() if target.name == "wav" else b""
+        #: Samples of the source's start still to drop, and dropped.
+        self._skip = target.skip_samples
+        self._skipped = 0
+        self._closed = False
+        open_transcoders += 1
+
+    @property
+    def duration_ms(self) -> float:
+        """The playing time of what was made so far (the source's samples taken)."""
+        return (self.samples + self._skipped) * 1000 / SAMPLE_RATE
+
+    def feed_mp3(self, data: bytes | memoryview) -> bytes:
+        """Decode MP3 bytes (any cut) and return what the format has ready."""
+        try:
+            frames = [
+                frame
+                for packet in self._decoder.parse(bytes(data))
+                for frame in self._decoder.decode(packet)
+            ]
+        except av.error.FFmpegError as exc:
+            raise UpstreamBadAudio(f"the speech service's audio does not decode: {exc}") from None
+        return self._encode(frames)
+
+    def feed_pcm(self, pcm: bytes, sample_rate: int) -> bytes:
+        """Take 16-bit mono PCM at ``sample_rate`` and return what the format has ready."""
+        samples = len(pcm) // 2
+        if samples == 0:
+            return self._take()
+        frame = av.AudioFrame(format="s16", layout="mono", samples=samples)
+        frame.sample_rate = sample_rate
+        frame.planes[0].update(pcm[: samples * 2])
+        if sample_rate != SAMPLE_RATE:
+            if self._pcm_resampler is None:
+                self._pcm_resampler = av.AudioResampler(
+                    format="s16", layout="mono", rate=SAMPLE_RATE
+                )
+            return self._encode(self._pcm_resampler.resample(frame))
+        return self._encode([frame])
+
+    def finish(self) -> bytes:
+        """Flush the decoder and the encoder; the last bytes. The transcoder is closed."""
+        try:
+            frames = list(self._decoder.decode(None))
+        except av.error.FFmpegError:
+            frames = []
+        if self._pcm_resampler is not None:
+            frames += self._pcm_resampler.resample(None)
+        out = self._encode(frames) + self._encode(self._resampler.resample(None), resampled=True)
+        if self._stream is not None:
+            self._container.mux(self._stream.encode(None))
+        self.close()
+        return out + self._out.take()
+
+    def close(self) -> None:
+        """Free the FFmpeg contexts (idempotent)."""
+        global open_transcoders
+        if self._closed:
+            return
+        self._closed = True
+        open_transcoders -= 1
+        if self._container is not None:
+            try:
+                self._container.close()
+            except (av.error.FFmpegError, ValueError) as exc:  # a muxer that never started
+                logger.debug("transcoder: closing the muxer: %s", exc)
+        self._decoder = self._container = self._stream = None
+        self._resampler = self._pcm_resampler = None
+
+    def _encode(self, frames: list[Any], *, resampled: bool = False) -> bytes:
+        resampler = self._resampler
+        for frame in frames:
+            for resampled_frame in [frame] if resampled else resampler.resample(frame):
+                ready = self._skipping(resampled_frame) if self._skip else resampled_frame
+                if ready is None:
+                    continue
+                self.samples += ready.samples
+                if self._stream is None:
+                    self._out.write(memoryview(ready.planes[0])[: ready.samples * 2])
+                else:
+                    self._container.mux(self._stream.encode(ready))
+        return self._take()
+
+    def _skipping(self, frame: Any) -> Any:
+        """``frame`` less the samples still to skip (``None`` if nothing is left)."""
+        drop = min(self._skip, frame.samples)
+        self._skip -= drop
+        self._skipped += drop
+        if drop == frame.samples:
+            return None
+        width = frame.format.bytes  # mono: one plane, one sample after another
+        rest = av.AudioFrame(format=frame.format.name, layout="mono", samples=frame.samples - drop)
+        rest.sample_rate = SAMPLE_RATE
+        rest.planes[0].update(bytes(frame.planes[0])[drop * width : frame.samples * width])
+        return rest
+
+    def _take(self) -> bytes:
+        data = self._out.take()
+        if self._header and (data or self.samples == 0):
+            data, self._header = self._header + data, b""
+        return data
+
+
+class Pipe:
+    """The step between an utterance's source audio and its listener.
+
+    ``mp3`` passes through untouched; any other format goes through a
+    :class:`Transcoder`, large chunks on a worker thread.
+    """
+
+    def __init__(self, target: Format = MP3) -> None:
+        self.format = target
+        self._transcoder = Transcoder(target) if target.transcoded else None
+        #: The chunk being transcoded on a worker thread, if any.
+        self._busy: Future[bytes] | None = None
+
+    def duration_ms(self, byte_count: int) -> float:
+        """The playing time of what was sent (``byte_count`` bytes of it)."""
+        if self._transcoder is None:
+            return MP3.audio_format.duration_ms(byte_count)
+        return self._transcoder.duration_ms
+
+    async def feed(self, data: bytes | memoryview) -> bytes | memoryview:
+        """The bytes to send for the next source chunk (possibly none yet)."""
+        transcoder = self._transcoder
+        if transcoder is None:
+            return data
+        if len(data) < OFF_LOOP_BYTES:
+            return transcoder.feed_mp3(data)
+        self._busy = _workers().submit(transcoder.feed_mp3, bytes(data))
+        return await asyncio.wrap_future(self._busy)
+
+    async def finish(self) -> bytes:
+        """The last bytes to send, once the source has ended."""
+        if self._transcoder is None:
+            return b""
+        return self._transcoder.finish()
+
+    def close(self) -> None:
+        """Free the transcoder, whatever happened (idempotent).
+
+        A chunk still being transcoded (the utterance was cancelled meanwhile)
+        keeps it until that chunk is done; then it is freed on the event loop.
+        """
+        transcoder, busy = self._transcoder, self._busy
+        if transcoder is None:
+            return
+        if busy is None or busy.done():
+            transcoder.close()
+            return
+        loop = asyncio.get_running_loop()
+        busy.add_done_callback(lambda _: loop.call_soon_threadsafe(transcoder.close))
