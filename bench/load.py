@@ -25,12 +25,18 @@ from websockets.asyncio.client import ClientConnection, connect
 
 
 async def speak_once(
-    ws: ClientConnection, text: str, index: int, words: str | None = None
+    ws: ClientConnection,
+    text: str,
+    index: int,
+    words: str | None = None,
+    audio_format: str | None = None,
 ) -> dict[str, Any]:
     """One request; time to first audio byte and to the end, as the client sees them."""
     request = {"type": "speak", "id": f"b{index}", "text": text}
     if words is not None:
         request["words"] = words
+    if audio_format is not None:
+        request["format"] = audio_format
     started = time.perf_counter()
     await ws.send(orjson.dumps(request).decode())
     first = None
@@ -54,6 +60,7 @@ async def speak_once(
                 "frames": frames,
                 "index": index,
                 "cached": message.get("cached", False),
+                "audio_ms": message.get("audio_ms", 0.0),
             }
         if kind == "error":
             return {"error": message.get("code", "error")}
@@ -94,7 +101,9 @@ async def speak_mode(spec: dict[str, Any]) -> dict[str, Any]:
             else:
                 text = texts[0]
             try:
-                results.append(await speak_once(ws, text, done, spec.get("words")))
+                results.append(
+                    await speak_once(ws, text, done, spec.get("words"), spec.get("format"))
+                )
             except Exception as exc:
                 results.append({"error": type(exc).__name__})
                 return

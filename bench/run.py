@@ -16,6 +16,8 @@ Scenarios:
   4. mixed   Zipf-distributed texts over a catalogue: hit rate, coalescing, latencies
   5. http    OpenAI's POST /v1/audio/speech: time to first audio byte at 1, 10, 100
              clients minus (a), and cached first byte at 1 and 100
+  6. formats each audio format live at 10 clients, first byte against mp3 in the same
+             turns; the server's CPU per second of audio sent; each transcoder alone
 
     .venv/bin/python bench/run.py            # the full run, a few minutes
     .venv/bin/python bench/run.py --quick    # seconds; CI runs it so it cannot rot
@@ -392,6 +394,126 @@ class Bench:
                 await stop(server)
         self.out["http"] = {"live": rows, "cached": cached_rows}
 
+    async def formats(self) -> None:
+        sys.path.insert(0, str(ROOT))
+        from tests.fake_edge import tone_frames
+        from ttsstream.audio.formats import FORMAT_NAMES, FORMATS
+        from ttsstream.audio.transcode import Transcoder
+
+        clients = 4 if self.quick else 10
+        requests = 2 if self.quick else 10
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in FORMAT_NAMES}
+        cpu = dict.fromkeys(FORMAT_NAMES, 0.0)
+        replays: dict[str, dict[str, Any]] = {}
+        with tempfile.TemporaryDirectory() as cache:
+            server, url = await self.server(cache)
+            try:
+                # The formats take turns, REPEATS times, so that the machine's drift
+                # falls on all of them alike.
+                for repeat in range(1 if self.quick else REPEATS):
+                    for number, name in enumerate(FORMAT_NAMES):
+                        parts = split(clients, min(self.workers, clients))
+                        cpu0, _, _ = usage(server.process.pid)
+                        runs[name] += await load(
+                            [
+                                {
+                                    "mode": "speak",
+                                    "url": url,
+                                    "words": "batch",
+                                    "format": name,
+                                    "clients": n,
+                                    "requests": requests,
+                                    "texts": [TEXT],
+                                    "unique": True,
+                                    "offset": 7 * 10**8
+                                    + repeat * 10**7
+                                    + number * 10**6
+                                    + part * 10**5,
+                                }
+                                for part, n in enumerate(parts)
+                            ]
+                        )
+                        cpu[name] += usage(server.process.pid)[0] - cpu0
+                # Replays: one text, stored once, then asked in each format by every
+                # client in turn (each request waits for the previous one's end).
+                await load(
+                    [{"mode": "speak", "url": url, "clients": 1, "requests": 1, "texts": [TEXT]}]
+                )
+                await asyncio.sleep(1.5)  # stored once no utterance waits (at most 1 s)
+                for name in FORMAT_NAMES:
+                    parts = split(clients, min(self.workers, clients))
+                    cpu0, _, _ = usage(server.process.pid)
+                    replayed = await load(
+                        [
+                            {
+                                "mode": "speak",
+                                "url": url,
+                                "words": "batch",
+                                "format": name,
+                                "clients": n,
+                                "requests": requests,
+                                "texts": [TEXT],
+                            }
+                            for n in parts
+                        ]
+                    )
+                    summary = summarize(replayed)
+                    replays[name] = {
+                        "requests": summary["requests"],
+                        "cached": summary["cached"],
+                        "last_p50": summary["last_p50"],
+                        "last_p99": summary["last_p99"],
+                        "server_cpu_ms": (usage(server.process.pid)[0] - cpu0)
+                        * 1000
+                        / max(1, summary["requests"]),
+                    }
+            finally:
+                await stop(server)
+        mp3 = summarize(runs["mp3"])
+        live = []
+        for name in FORMAT_NAMES:
+            summary = summarize(runs[name])
+            audio_s = (
+                sum(r["audio_ms"] for run in runs[name] for r in run["results"] if "error" not in r)
+                / 1000
+            )
+            live.append(
+                {
+                    "format": name,
+                    "requests": summary["requests"],
+                    "errors": summary["errors"],
+                    "first_p50": summary["first_p50"],
+                    "first_p99": summary["first_p99"],
+                    "added_p50": summary["first_p50"] - mp3["first_p50"],
+                    "added_p99": summary["first_p99"] - mp3["first_p99"],
+                    # A stream plays in real time: CPU seconds per second of audio is
+                    # the share of one core each concurrently streamed utterance takes.
+                    "server_core_pct": cpu[name] / audio_s * 100 if audio_s else 0.0,
+                    **{f"replay_{key}": value for key, value in replays[name].items()},
+                }
+            )
+        # Each transcoder alone, on this process's thread: a minute of the fake's
+        # two-tone MP3 in the fake's 576-byte chunks.
+        source = tone_frames(60_000 // 24)
+        encoders = []
+        for name in FORMAT_NAMES:
+            if not FORMATS[name].transcoded:
+                continue
+            transcoder = Transcoder(FORMATS[name])
+            cpu0 = time.process_time()
+            size = sum(
+                len(transcoder.feed_mp3(source[i : i + 576])) for i in range(0, len(source), 576)
+            )
+            size += len(transcoder.finish())
+            encoders.append(
+                {
+                    "format": name,
+                    "core_pct": (time.process_time() - cpu0) / 60 * 100,
+                    "kbit_s": size * 8 / 60 / 1000,
+                }
+            )
+        self.out["formats"] = {"clients": clients, "live": live, "encoders": encoders}
+
     async def replay(self) -> None:
         levels = (1, 20) if self.quick else (1, 100, 1000)
         duration = 2.0 if self.quick else 10.0
@@ -730,6 +852,38 @@ def markdown(out: dict[str, Any]) -> str:
                 f"{row['first_p99']:.2f} | {row['last_p50']:.2f} | {row['last_p99']:.2f} | "
                 f"{row['errors']} |"
             )
+    if "formats" in out:
+        f = out["formats"]
+        lines += [
+            "",
+            f"**6. Formats**, live at {f['clients']} clients, each format's turn after the "
+            "others' (time to first audio byte, ms; server core share per streamed utterance)",
+            "",
+            "| format | requests | first byte p50 | p99 | added over mp3 p50 | p99 | "
+            "server, % of a core per stream | errors | replays (cached) | replay last byte p50 "
+            "| p99 | server CPU per replay, ms |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in f["live"]:
+            lines.append(
+                f"| {row['format']} | {row['requests']} | {row['first_p50']:.1f} | "
+                f"{row['first_p99']:.1f} | {row['added_p50']:+.1f} | {row['added_p99']:+.1f} | "
+                f"{row['server_core_pct']:.2f} | {row['errors']} | "
+                f"{row['replay_requests']} ({row['replay_cached']}) | "
+                f"{row['replay_last_p50']:.1f} | {row['replay_last_p99']:.1f} | "
+                f"{row['replay_server_cpu_ms']:.2f} |"
+            )
+        total = sum(row["core_pct"] for row in f["encoders"])
+        lines += [
+            "",
+            "Each transcoder alone, a minute of two-tone MP3 (decode, encode, mux), % of one "
+            "core per stream (and kbit/s made): "
+            + ", ".join(
+                f"{row['format']} {row['core_pct']:.2f} ({row['kbit_s']:.0f})"
+                for row in f["encoders"]
+            )
+            + f"; all together {total:.2f}.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -738,7 +892,7 @@ async def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--ttfa", type=float, default=0.15, help="fake first-audio delay, s")
     parser.add_argument("--speed", type=float, default=4.0, help="fake audio pace × real time")
-    scenarios = ["live", "replay", "idle", "mixed", "http"]
+    scenarios = ["live", "replay", "idle", "mixed", "http", "formats"]
     parser.add_argument("--only", nargs="*", default=scenarios)
     parser.add_argument("--out", type=Path, default=ROOT / "bench")
     args = parser.parse_args()

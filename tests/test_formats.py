@@ -135,7 +135,7 @@ def test_formats_by_file_name() -> None:
 
 
 async def speak_as(client: Client, name: str, id: str, **fields: Any) -> Any:
-    await client.speak(TEXT, id=id, format=name, words="batch", **fields)
+    await client.speak(TEXT, id=id, format=name, **{"words": "batch", **fields})
     return await client.until_final(id)
 
 
@@ -185,18 +185,42 @@ async def test_a_format_streams_before_the_upstream_pause_ends(
             assert (await client.until_final(name)).final["type"] == "end"
 
 
-async def test_a_replay_is_made_in_any_format(server: Server, fake: FakeEdge) -> None:
-    """One cache entry (the MP3) serves every format: no new upstream request."""
+async def test_a_replay_is_made_in_any_format_then_stored(server: Server, fake: FakeEdge) -> None:
+    """One cache entry (the MP3) serves every format: no new upstream request. A
+    format sent whole is stored beside it and replayed as it was sent."""
     fake.tone = True
     async with connected(server) as client:
         first = await speak_as(client, "mp3", "first")
         await wait_for_entries(server, 1)
+        made = await speak_as(client, "flac", "made")
+        await wait_for_entries(server, 2)
         again = await speak_as(client, "flac", "again")
+        with_each = await speak_as(client, "flac", "each", words="each")
     assert len(fake.records) == 1
-    assert again.messages[0]["cached"] is True
-    assert abs(again.final["audio_ms"] - first.final["audio_ms"]) < 60
-    samples, rate = decode("flac", bytes(again.audio))
+    assert made.messages[0]["cached"] is True and again.messages[0]["cached"] is True
+    assert abs(made.final["audio_ms"] - first.final["audio_ms"]) < 60
+    samples, rate = decode("flac", bytes(made.audio))
     assert rate == SAMPLE_RATE and rms(samples) > 1000
+    # The stored FLAC: the same bytes, words and playing time, in one burst.
+    assert bytes(again.audio) == bytes(made.audio) == bytes(with_each.audio)
+    assert again.batched_words == made.batched_words
+    assert [w["offset_ms"] for w in with_each.words] == [w["offset_ms"] for w in made.batched_words]
+    assert again.final["audio_ms"] == made.final["audio_ms"]
+    # Each word still comes before the audio it describes.
+    sent_ms = 0.0
+    per_byte = made.final["audio_ms"] / len(made.audio)
+    for frame in with_each.frames:
+        if isinstance(frame, bytes):
+            sent_ms += len(frame) * per_byte
+        elif frame["type"] == "word":
+            assert frame["offset_ms"] >= sent_ms - 1
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(http_of(server) + "/tts", json={"text": TEXT, "format": "flac"}) as response,
+    ):
+        assert response.headers["X-TTS-Cache"] == "hit"
+        assert response.headers["Content-Length"] == str(len(made.audio))
+        assert await response.read() == bytes(made.audio)
 
 
 async def test_an_unknown_format_is_refused_and_nothing_is_lost(server: Server) -> None:
@@ -236,8 +260,8 @@ async def test_cancelled_transcodes_free_their_encoders(
     async with connected(server) as client:
         for round_ in range(1000):
             id = f"c{round_}"
-            # Half the chunks large enough to be transcoded on a worker thread.
-            fake.frames_per_chunk = 4 if round_ % 2 else 4 * transcode.OFF_LOOP_BYTES // 500
+            # Chunks of 144 bytes, transcoded on the event loop, or of 2,880 on a worker.
+            fake.frames_per_chunk = 1 if round_ % 2 else 20
             await client.speak(f"Cancel me {round_ % 50}.", id=id, format=MADE[round_ % 6])
             while not client.so_far(id).audio:
                 await client.read_one()

@@ -56,6 +56,8 @@ class Format:
     bit_rate: int | None = None
     #: Muxer options that make the container streamable.
     container_options: dict[str, str] = field(default_factory=dict)
+    #: Encoder options.
+    codec_options: dict[str, str] = field(default_factory=dict)
     #: Samples of the decoded source's start padding replaced by the encoder's priming.
     skip_samples: int = 0
     #: Nominal bit rate of what is sent, bit/s.
@@ -94,9 +96,12 @@ FORMATS: dict[str, Format] = {
             extension="opus",
             container="ogg",
             codec="libopus",
-            bit_rate=32_000,
-            # Ogg pages of 60 ms instead of 1 s: each upstream chunk's audio leaves at once.
-            container_options={"page_duration": "60000"},
+            # 40 ms packets at 28 kbit/s, each in its own Ogg page (instead of pages of
+            # 1 s): about 32 kbit/s on the wire, and every upstream chunk's audio leaves
+            # with it but for the packet the muxer holds until the next one begins.
+            bit_rate=28_000,
+            codec_options={"frame_duration": "40"},
+            container_options={"page_duration": "20000"},
             nominal_bps=32_000,
         ),
         Format(
@@ -105,7 +110,8 @@ FORMATS: dict[str, Format] = {
             extension="webm",
             container="webm",
             codec="libopus",
-            bit_rate=32_000,
+            bit_rate=28_000,
+            codec_options={"frame_duration": "40"},
             # No cues, no seeking back to fix sizes; a cluster every 100 ms at most.
             container_options={"live": "1", "cluster_time_limit": "100"},
             nominal_bps=32_000,

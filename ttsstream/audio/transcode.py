@@ -14,8 +14,9 @@ pipe). :data:`open_transcoders` counts the live ones (``/stats``).
 
 :class:`Pipe` is what the utterance run uses: the source passes through it
 untouched for ``mp3``; for the other formats each chunk is transcoded on a
-worker thread when it is large enough for the hop to pay (FFmpeg's codecs run
-without the GIL), so that the event loop never stalls on an encoder.
+worker thread when it is large enough for the hop to pay (:data:`OFF_LOOP_BYTES`;
+FFmpeg's codecs run without the GIL), so that the event loop does not stall on
+an encoder.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import av
 import av.error
 
 from ttsstream.audio.formats import MP3, SAMPLE_RATE, Format, wav_header
+from ttsstream.engines.base import AudioFormat
 from ttsstream.exceptions import UpstreamBadAudio
 
 __all__ = ["Pipe", "Transcoder", "open_transcoders"]
@@ -37,9 +39,13 @@ logger = logging.getLogger("ttsstream.audio")
 
 #: Transcoders alive now (made, not yet closed).
 open_transcoders = 0
-#: Chunks of at least this many bytes of MP3 (about 0.3 s of audio) are transcoded
-#: on a worker thread; smaller ones cost less than the hop.
-OFF_LOOP_BYTES = 2048
+#: Source chunks of at least this many bytes are transcoded on a worker thread,
+#: where FFmpeg's time for them passes the hop's (about 0.2 ms on the 2-core test
+#: machine). Measured there per byte of MP3: 1.15 µs to Opus or AAC (decode and
+#: encode), 0.3 µs to FLAC, 0.15 µs to PCM or WAV (decode only); the codecs run
+#: without the GIL, so the worker threads use the other cores.
+OFF_LOOP_BYTES = 256
+_OFF_LOOP_BYTES_BY_FORMAT = {"flac": 1024, "wav": 2048, "pcm": 2048}
 
 _executor: ThreadPoolExecutor | None = None
 
@@ -89,7 +95,9 @@ class Transcoder:
             self._container = av.open(
                 self._out, "w", format=target.container, options=dict(target.container_options)
             )
-            stream = self._container.add_stream(target.codec, rate=SAMPLE_RATE)
+            stream = self._container.add_stream(
+                target.codec, rate=SAMPLE_RATE, options=dict(target.codec_options)
+            )
             stream.layout = "mono"
             if target.bit_rate is not None:
                 stream.bit_rate = target.bit_rate
@@ -211,24 +219,61 @@ class Pipe:
     :class:`Transcoder`, large chunks on a worker thread.
     """
 
-    def __init__(self, target: Format = MP3) -> None:
+    def __init__(
+        self,
+        target: Format = MP3,
+        transcoder: Transcoder | None = None,
+        *,
+        known_ms: float | None = None,
+    ) -> None:
         self.format = target
-        self._transcoder = Transcoder(target) if target.transcoded else None
+        self._transcoder = transcoder
+        #: The playing time of stored bytes of ``target`` that pass through.
+        self._known_ms = known_ms
+        self._off_loop_bytes = _OFF_LOOP_BYTES_BY_FORMAT.get(target.name, OFF_LOOP_BYTES)
         #: The chunk being transcoded on a worker thread, if any.
         self._busy: Future[bytes] | None = None
 
+    @property
+    def transcoding(self) -> bool:
+        """Whether the pipe makes its format (rather than passing bytes through)."""
+        return self._transcoder is not None
+
+    @classmethod
+    async def open(cls, target: Format, source: AudioFormat, audio_ms: float | None = None) -> Pipe:
+        """A pipe from ``source`` (the MP3, or stored bytes of ``target`` lasting
+        ``audio_ms``) to ``target``; an encoder is set up on a worker thread (FLAC's
+        takes 5 ms)."""
+        if not target.transcoded or source.name == target.name:
+            return cls(target, known_ms=audio_ms)
+        loop = asyncio.get_running_loop()
+        made = _workers().submit(Transcoder, target)
+        try:
+            transcoder: Transcoder = await asyncio.wrap_future(made)
+            return cls(target, transcoder)
+        except asyncio.CancelledError:
+            # Cancelled meanwhile: the transcoder being made is closed once it is.
+            def close(made: Future[Transcoder]) -> None:
+                if not made.cancelled() and made.exception() is None:
+                    loop.call_soon_threadsafe(made.result().close)
+
+            made.add_done_callback(close)
+            raise
+
     def duration_ms(self, byte_count: int) -> float:
         """The playing time of what was sent (``byte_count`` bytes of it)."""
-        if self._transcoder is None:
-            return MP3.audio_format.duration_ms(byte_count)
-        return self._transcoder.duration_ms
+        if self._transcoder is not None:
+            return self._transcoder.duration_ms
+        if self._known_ms is not None:
+            return self._known_ms
+        return MP3.audio_format.duration_ms(byte_count)
 
     async def feed(self, data: bytes | memoryview) -> bytes | memoryview:
         """The bytes to send for the next source chunk (possibly none yet)."""
         transcoder = self._transcoder
         if transcoder is None:
             return data
-        if len(data) < OFF_LOOP_BYTES:
+        if len(data) < self._off_loop_bytes:
             return transcoder.feed_mp3(data)
         self._busy = _workers().submit(transcoder.feed_mp3, bytes(data))
         return await asyncio.wrap_future(self._busy)

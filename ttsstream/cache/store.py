@@ -111,6 +111,9 @@ class CacheEntry:
     voice: str
     audio: bytes
     words: tuple[WordEvent, ...]
+    #: Playing time of ``audio`` when its length does not tell (a format made from
+    #: the MP3 and stored beside it); ``None`` for the MP3 itself.
+    audio_ms: float | None = None
 
 
 class CorruptEntry(Exception):
@@ -459,6 +462,8 @@ def _encode(entry: CacheEntry) -> bytes:
             "words": [
                 [w.text, w.offset_ms, w.duration_ms, w.char_start, w.char_end] for w in entry.words
             ],
+            # Only for a format made from the MP3: MP3 entries stay as they were.
+            **({} if entry.audio_ms is None else {"audio_ms": entry.audio_ms}),
         }
     )
     return _HEADER.pack(_MAGIC, FORMAT_VERSION, len(description)) + description + entry.audio
@@ -487,6 +492,7 @@ def _decode(data: bytes) -> CacheEntry:
             voice=str(description["voice"]),
             audio=audio,
             words=words,
+            audio_ms=None if description.get("audio_ms") is None else float(description["audio_ms"]),
         )
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise CorruptEntry(f"bad description: {type(exc).__name__}") from None

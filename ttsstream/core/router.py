@@ -76,6 +76,9 @@ class Started:
     fallback_reason: str | None = None
     #: Replayed from the disk cache.
     cached: bool = False
+    #: The whole utterance's playing time, when known before its audio (a stored
+    #: format other than MP3, whose length in bytes does not tell).
+    audio_ms: float | None = None
 
 
 Speech = Started | AudioChunk | WordEvent

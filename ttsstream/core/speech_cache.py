@@ -5,15 +5,23 @@ already in flight, then looks on disk, and only then synthesizes, sharing the
 new synthesis with every identical request that arrives while it runs. A
 synthesis that Edge completed without fallback is stored once it ended.
 Offline-voice utterances are not cached: eSpeak is faster than a disk read.
+
+Another audio format is made from the MP3 for each listener, which costs 10 to
+20 times the CPU of an MP3 replay (bench/NOTES.md): once an utterance has been
+sent whole in a format, those bytes are stored beside the MP3 (:meth:`keep_made`,
+under the key of the same request in that format), and a later request in that
+format replays them as they are.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncGenerator
 
+from ttsstream.audio.formats import MP3, Format
 from ttsstream.cache.flight import SharedSynthesis
 from ttsstream.cache.store import CacheEntry, DiskCache, cache_key
 from ttsstream.core.router import Speech, SpeechRouter, Started
@@ -69,9 +77,12 @@ class SpeechCache:
     async def check_voice(self, voice: str) -> None:
         await self.router.check_voice(voice)
 
-    def key_of(self, request: SynthesisRequest) -> str:
-        """The cache key of an Edge request (also what logs show instead of the text)."""
+    def key_of(self, request: SynthesisRequest, made_as: Format = MP3) -> str:
+        """The cache key of an Edge request (also what logs show instead of the text),
+        or of its audio made into another format."""
         engine, audio_format = self.router.online_engine
+        if made_as.transcoded:
+            audio_format = made_as.audio_format
         return cache_key(
             engine=engine,
             voice=request.voice,
@@ -83,18 +94,31 @@ class SpeechCache:
         )
 
     async def synthesize(
-        self, request: SynthesisRequest, *, words_ahead: bool = False
+        self, request: SynthesisRequest, *, words_ahead: bool = False, made_as: Format = MP3
     ) -> AsyncGenerator[Speech, None]:
         """Speak ``request`` from the cache, a shared synthesis, or a new one.
 
         With ``words_ahead``, a replay gives all its words before its first audio
-        instead of each word just before the audio frame it is in.
+        instead of each word just before the audio frame it is in. With
+        ``made_as`` another format than MP3, its stored bytes are replayed if
+        there are (``Started.audio_format`` then says so), else the MP3 comes.
         """
         if self.store is None or request.voice.startswith(VOICE_PREFIX):
             async with contextlib.aclosing(self.router.synthesize(request)) as events:
                 async for event in events:
                     yield event
             return
+
+        if made_as.transcoded:
+            made_key = self.key_of(request, made_as)
+            made = self._unwritten.get(made_key) or await self.store.get(made_key)
+            if made is not None and made.audio_ms:
+                self._stats.cache_hits += 1
+                bitrate = round(len(made.audio) * 8 * 1000 / made.audio_ms)
+                as_sent = dataclasses.replace(made_as.audio_format, bitrate_bps=max(1, bitrate))
+                for event in _replay(made, as_sent, words_ahead=words_ahead):
+                    yield event
+                return
 
         _, audio_format = self.router.online_engine
         key = self.key_of(request)
@@ -128,6 +152,35 @@ class SpeechCache:
         finally:
             if waiting:
                 self._started()
+
+    def keep_made(
+        self,
+        request: SynthesisRequest,
+        made_as: Format,
+        started: Started,
+        audio: bytes,
+        words: tuple[WordEvent, ...],
+        audio_ms: float,
+    ) -> None:
+        """Store ``audio``, a whole utterance made into ``made_as`` from Edge's MP3."""
+        if (
+            self.store is None
+            or not made_as.transcoded
+            or started.engine != "edge"
+            or started.fallback_reason is not None
+            or not audio
+        ):
+            return
+        key = self.key_of(request, made_as)
+        if key in self._unwritten:
+            return
+        entry = CacheEntry(
+            engine=started.engine, voice=started.voice, audio=audio, words=words, audio_ms=audio_ms
+        )
+        self._unwritten[key] = entry
+        write = asyncio.create_task(self._write_later(key, entry))
+        self._writes.add(write)
+        write.add_done_callback(self._writes.discard)
 
     def _joinable_flight(self, key: str) -> SharedSynthesis[Speech] | None:
         """The synthesis of ``key`` a request may join, if any (never a failed one)."""
@@ -201,7 +254,14 @@ def _replay(entry: CacheEntry, audio_format: AudioFormat, *, words_ahead: bool) 
     frame with ``words_ahead``.
     """
     events: list[Speech] = [
-        Started(entry.engine, entry.voice, audio_format, fallback_reason=None, cached=True)
+        Started(
+            entry.engine,
+            entry.voice,
+            audio_format,
+            fallback_reason=None,
+            cached=True,
+            audio_ms=entry.audio_ms,
+        )
     ]
     words = list(entry.words)
     next_word = len(words) if words_ahead else 0

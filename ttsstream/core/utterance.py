@@ -169,8 +169,11 @@ class Utterances:
         each = words == "each"
         # Batched words go out just before the audio they describe; a replay may
         # then give all of them at once.
-        events = self._speech.synthesize(request, words_ahead=batch)
+        events = self._speech.synthesize(request, words_ahead=batch, made_as=audio_format)
         pipe: Pipe | None = None
+        #: What is made into another format, kept to be stored whole (None: not kept).
+        made: list[bytes] | None = None
+        all_words: list[WordEvent] = []
         held: list[WordEvent] = []
         started: Started | None = None
         byte_count = 0
@@ -181,10 +184,11 @@ class Utterances:
         try:
             async for event in events:
                 if isinstance(event, Started):
-                    pipe = Pipe(audio_format)
+                    pipe = await Pipe.open(audio_format, event.audio_format, event.audio_ms)
                     started = event
-                    if audio_format.transcoded:
+                    if pipe.transcoding:
                         started = dataclasses.replace(event, audio_format=audio_format.audio_format)
+                        made = []
                     await sink.start(started)
                 elif isinstance(event, AudioChunk):
                     assert pipe is not None
@@ -195,17 +199,22 @@ class Utterances:
                         held = []
                     if not data:
                         continue
+                    if made is not None:
+                        made.append(bytes(data))
                     if ttfb_ms is None:
                         ttfb_ms = (time.perf_counter() - received_at) * 1000
                         stats.observe_first_audio(_source(started), ttfb_ms / 1000)
                     await sink.audio(data)
                     byte_count += len(data)
                     stats.bytes_sent += len(data)
-                elif batch:
-                    held.append(event)
-                elif each:
-                    await sink.word(event)
-                    word_count += 1
+                else:
+                    if made is not None:
+                        all_words.append(event)
+                    if batch:
+                        held.append(event)
+                    elif each:
+                        await sink.word(event)
+                        word_count += 1
             assert started is not None and pipe is not None, "every utterance begins with Started"
             if held:
                 word_count += len(held)
@@ -215,6 +224,17 @@ class Utterances:
                 await sink.audio(tail)
                 byte_count += len(tail)
                 stats.bytes_sent += len(tail)
+                if made is not None:
+                    made.append(tail)
+            if made is not None:
+                self._speech.keep_made(
+                    request,
+                    audio_format,
+                    started,
+                    b"".join(made),
+                    tuple(all_words),
+                    pipe.duration_ms(byte_count),
+                )
             await sink.end(
                 Summary(
                     byte_count=byte_count,

@@ -378,7 +378,9 @@ class _Body:
 
     async def start(self, started: Started) -> None:
         self._started = started
-        if started.cached and not self._sse and started.audio_format.name == MP3.name:
+        # A stored entry (the MP3, or a format made from it once and stored beside it).
+        stored = started.audio_format.name == MP3.name or started.audio_ms is not None
+        if started.cached and not self._sse and stored:
             self._replay = []
 
     async def audio(self, data: bytes | memoryview) -> None:
