@@ -38,7 +38,8 @@
  * @property {"start"} type
  * @property {string} id
  * @property {string} voice
- * @property {string} format
+ * @property {string} format       the MIME type of the audio sent
+ * @property {string} format_name  the short name (mp3, webm, opus…)
  * @property {number} sample_rate
  * @property {boolean} cached
  * @property {string} engine
@@ -110,6 +111,7 @@
  * @property {string} [volume] e.g. "-20%"
  * @property {string} [pitch]  e.g. "+5Hz"
  * @property {string} [id]     1 to 64 characters; made up when missing
+ * @property {string} [format] as the client's `format` option, for this utterance
  */
 
 /**
@@ -120,10 +122,40 @@
  * @property {boolean} [reconnect]      Reconnect after an abnormal close (default true).
  * @property {number} [maxBackoffMs]    Longest wait between reconnections (default 30000).
  * @property {boolean} [autoplay]       Call `audio.play()` when audio starts (default true).
+ * @property {string} [format]          "mp3" (default), "webm" (Opus: a third less
+ *   bandwidth; mp3 where Media Source Extensions cannot play WebM Opus), or another
+ *   format of docs/protocol.md, played once complete.
  * @property {typeof WebSocket} [WebSocket]  For tests: a WebSocket implementation.
  */
 
 export const SUBPROTOCOL = "ttsstream.v1";
+/** The Media Source Extensions type of each format the client plays as it arrives. */
+const STREAMED_TYPES = /** @type {Record<string, string>} */ ({
+  mp3: "audio/mpeg",
+  webm: 'audio/webm; codecs="opus"',
+});
+
+/**
+ * Whether Media Source Extensions play `type` here.
+ * @param {string | undefined} type
+ */
+function streamable(type) {
+  return (
+    type !== undefined &&
+    typeof MediaSource === "function" &&
+    typeof MediaSource.isTypeSupported === "function" &&
+    MediaSource.isTypeSupported(type)
+  );
+}
+
+/**
+ * The format to ask for: `requested`, except WebM where it cannot stream (then MP3).
+ * @param {string | undefined} requested
+ */
+export function formatToAsk(requested) {
+  const format = requested ?? "mp3";
+  return format === "webm" && !streamable(STREAMED_TYPES.webm) ? "mp3" : format;
+}
 const FIRST_BACKOFF_MS = 500;
 const KNOWN_TYPES = new Set([
   "hello",
@@ -209,13 +241,19 @@ export class TTSStreamError extends Error {
 }
 
 /**
- * Plays one utterance's MP3 chunks as they arrive: Media Source Extensions when the
- * browser supports `audio/mpeg` in them, else one blob once the audio is complete.
+ * Plays one utterance's audio chunks as they arrive: Media Source Extensions when the
+ * browser supports the format in them (`audio/mpeg`, WebM Opus), else one blob once
+ * the audio is complete.
  */
 class Player {
-  /** @param {boolean} autoplay */
-  constructor(autoplay) {
+  /**
+   * @param {boolean} autoplay
+   * @param {string} format  the short name asked for
+   */
+  constructor(autoplay, format = "mp3") {
     this.autoplay = autoplay;
+    this.format = format;
+    const type = STREAMED_TYPES[format];
     /** @type {HTMLAudioElement | null} */
     this.audio = typeof Audio === "function" ? new Audio() : null;
     /** @type {Uint8Array[]} */
@@ -230,10 +268,7 @@ class Player {
     this.buffer = null;
     /** @type {MediaSource | null} */
     this.source = null;
-    this.streaming =
-      this.audio !== null &&
-      typeof MediaSource === "function" &&
-      MediaSource.isTypeSupported("audio/mpeg");
+    this.streaming = this.audio !== null && streamable(type);
     if (this.streaming && this.audio) {
       const source = new MediaSource();
       this.source = source;
@@ -241,7 +276,7 @@ class Player {
       source.addEventListener(
         "sourceopen",
         () => {
-          this.buffer = source.addSourceBuffer("audio/mpeg");
+          this.buffer = source.addSourceBuffer(type);
           this.buffer.addEventListener("updateend", () => this.drain());
           this.drain();
         },
@@ -286,7 +321,9 @@ class Player {
     if (this.streaming) {
       this.drain();
     } else if (this.audio && !this.stopped) {
-      const blob = new Blob(/** @type {BlobPart[]} */ (this.all), { type: "audio/mpeg" });
+      const blob = new Blob(/** @type {BlobPart[]} */ (this.all), {
+        type: STREAMED_TYPES[this.format] ?? "",
+      });
       this.audio.src = URL.createObjectURL(blob);
       this.bytesAppended = blob.size;
       if (this.autoplay) this.audio.play().catch(() => {});
@@ -311,8 +348,9 @@ export class Utterance extends EventTarget {
    * @param {string} id
    * @param {string} text
    * @param {boolean} autoplay
+   * @param {string} [format]  the short name asked for
    */
-  constructor(client, id, text, autoplay) {
+  constructor(client, id, text, autoplay, format = "mp3") {
     super();
     this.client = client;
     this.id = id;
@@ -326,7 +364,7 @@ export class Utterance extends EventTarget {
     this.state = /** @type {"queued" | "playing" | "ended" | "failed" | "cancelled"} */ (
       "queued"
     );
-    this.player = new Player(autoplay);
+    this.player = new Player(autoplay, format);
     /** The element that plays this utterance (null outside a browser). */
     this.audio = this.player.audio;
     this.currentIndex = -1;
@@ -519,7 +557,8 @@ export class TTSStreamClient extends EventTarget {
    */
   speak(text, options = {}) {
     const id = options.id ?? `c${++this.counter}-${Date.now().toString(36)}`;
-    const utterance = new Utterance(this, id, text, this.options.autoplay ?? true);
+    const format = formatToAsk(options.format ?? this.options.format);
+    const utterance = new Utterance(this, id, text, this.options.autoplay ?? true, format);
     if (this.closed) {
       utterance.fail(new TTSStreamError("closed", "the client is closed"));
       return utterance;
@@ -532,6 +571,7 @@ export class TTSStreamClient extends EventTarget {
       const value = options[field];
       if (value) message[field] = value;
     }
+    if (format !== "mp3") message.format = format;
     this.send(message);
     return utterance;
   }

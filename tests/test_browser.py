@@ -296,3 +296,35 @@ async def test_an_audio_element_plays_tts_from_a_url(
     fake.resume.set()
     error = await page.evaluate("() => document.querySelector('#tts').error")
     assert error is None and problems == []
+
+
+async def test_the_client_plays_webm_opus_as_it_arrives(
+    browser: Browser, served: dict[str, str], fake: FakeEdge
+) -> None:
+    """``new TTSStreamClient(url, {format: "webm"})`` in Chromium: Opus in WebM through
+    Media Source Extensions, playing before the upstream has finished, to its end."""
+    fake.pause_after_chunks = 40  # 3.8 s of audio, then the upstream waits
+    page, problems = await open_demo(browser, served["url"])
+    assert await page.evaluate("() => MediaSource.isTypeSupported('audio/webm; codecs=\"opus\"')")
+    await page.evaluate(
+        """async () => {
+            const { TTSStreamClient } = await import('/clients/ttsstream.js');
+            const url = location.origin.replace('http', 'ws') + '/v1/stream';
+            const client = new TTSStreamClient(url, { format: 'webm' });
+            const u = client.speak('Opus in WebM plays as it arrives, through Media Source '
+                + 'Extensions, a third lighter than the MP3 it is made from, word by word.');
+            window.webm = u;
+            u.addEventListener('start', (e) => { window.webmStart = e.detail; });
+        }"""
+    )
+    await until(page, "window.webm.audio.currentTime > 0.5")
+    assert fake.paused.is_set() and not fake.records[-1].completed  # playing before the end
+    start = await page.evaluate("() => window.webmStart")
+    assert start["format_name"] == "webm" and start["format"] == "audio/webm; codecs=opus"
+    fake.resume.set()
+    await until(page, "window.webm.state === 'ended'")
+    await until(page, "window.webm.audio.ended", timeout=TIMEOUT * 4)
+    played = await page.evaluate("() => [window.webm.audio.currentTime, window.webm.end.audio_ms]")
+    assert abs(played[0] * 1000 - played[1]) < 100
+    assert await page.evaluate("() => window.webm.audio.error") is None
+    assert problems == []

@@ -94,6 +94,40 @@ async def test_say_writes_playable_mp3_words_and_srt(
     assert fake.records[0].voice.endswith("(en-US, GuyNeural)")
 
 
+async def test_say_picks_the_format_from_the_file_name(
+    served: ServerProcess, fake: FakeEdge, tmp_path: Path
+) -> None:
+    """``-o speech.opus`` asks for Opus and writes Ogg Opus; ``--format wav`` wins over
+    the extension; an unknown extension is MP3."""
+    fake.tone = True
+    for output, extra, magic in (
+        ("speech.opus", [], b"OggS"),
+        ("speech.flac", [], b"fLaC"),
+        ("speech.bin", ["--format", "wav"], b"RIFF"),
+        ("speech.audio", [], b"\xff\xf3"),
+    ):
+        status, stderr = await run(
+            [
+                str(CONSOLE_SCRIPT),
+                "say",
+                "Formats by name.",
+                "-o",
+                output,
+                "--url",
+                served.url,
+                *extra,
+            ],
+            cwd=tmp_path,
+        )
+        assert status == 0, stderr
+        assert (tmp_path / output).read_bytes().startswith(magic), output
+    status, stderr = await run(
+        [str(CONSOLE_SCRIPT), "say", "x", "-o", "x.mp3", "--format", "ogg", "--url", served.url],
+        cwd=tmp_path,
+    )
+    assert status == 2 and "invalid choice: 'ogg'" in stderr
+
+
 def _srt_time(ms: float) -> str:
     total = int(ms)
     hours, minutes, seconds = total // 3_600_000, total // 60_000 % 60, total // 1000 % 60

@@ -13,6 +13,7 @@ import orjson
 from websockets.exceptions import InvalidHandshake, InvalidStatus, WebSocketException
 
 from ttsstream import __version__, logs
+from ttsstream.audio.formats import FORMAT_NAMES, format_for_path
 from ttsstream.client import SpeechError, speak
 from ttsstream.config import Config, load_config
 from ttsstream.exceptions import ConfigError
@@ -40,7 +41,19 @@ def _parser() -> argparse.ArgumentParser:
 
     say = commands.add_parser("say", help="speak a text through a server, write MP3 and subtitles")
     say.add_argument("text", help="the text to speak")
-    say.add_argument("-o", "--output", type=Path, required=True, help="MP3 file to write")
+    say.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        help="audio file to write; its extension picks the format (.mp3, .opus or .ogg, "
+        ".webm, .aac, .flac, .wav, .pcm), else MP3",
+    )
+    say.add_argument(
+        "--format",
+        choices=FORMAT_NAMES,
+        help="audio format, whatever the output file's extension",
+    )
     say.add_argument("--voice", help="voice name (default: the server's)")
     say.add_argument("--rate", help='speaking rate such as "+10%%"')
     say.add_argument("--volume", help='volume such as "-20%%"')
@@ -107,6 +120,14 @@ def _event_loop(config: Config) -> Callable[[Coroutine[Any, Any, None]], None]:
     return asyncio.run
 
 
+def _format_of(args: argparse.Namespace) -> str:
+    """The format ``say`` asks for: ``--format``, else the output file's extension."""
+    if args.format is not None:
+        return str(args.format)
+    by_name = format_for_path(str(args.output))
+    return by_name.name if by_name is not None else "mp3"
+
+
 def _say(args: argparse.Namespace) -> int:
     try:
         result = asyncio.run(
@@ -118,6 +139,7 @@ def _say(args: argparse.Namespace) -> int:
                 volume=args.volume,
                 pitch=args.pitch,
                 api_key=args.api_key,
+                audio_format=_format_of(args),
             )
         )
     except SpeechError as exc:

@@ -42,6 +42,7 @@ async def speak(
     volume: str | None = None,
     pitch: str | None = None,
     api_key: str | None = None,
+    audio_format: str | None = None,
     # Timeouts
     open_timeout: float | None = 10,
 ) -> SpokenText:
@@ -53,7 +54,14 @@ async def speak(
     """
     # Batched words: the same words in fewer frames; kept as one dict per word.
     request: dict[str, Any] = {"type": "speak", "id": "say", "text": text, "words": "batch"}
-    for name, value in (("voice", voice), ("rate", rate), ("volume", volume), ("pitch", pitch)):
+    fields = (
+        ("voice", voice),
+        ("rate", rate),
+        ("volume", volume),
+        ("pitch", pitch),
+        ("format", audio_format),
+    )
+    for name, value in fields:
         if value is not None:
             request[name] = value
     result = SpokenText()

@@ -3,6 +3,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import {
   TTSStreamClient,
+  formatToAsk,
   parseServerMessage,
   sliceCodePoints,
   wordAt,
@@ -96,6 +97,35 @@ function connected(options = {}) {
   const socket = FakeSocket.instances[0];
   return { client, socket };
 }
+
+test("webm is asked for only where Media Source Extensions play it, else mp3", () => {
+  assert.equal(globalThis.MediaSource, undefined);
+  assert.equal(formatToAsk(undefined), "mp3");
+  assert.equal(formatToAsk("webm"), "mp3");
+  assert.equal(formatToAsk("flac"), "flac");
+  let { client, socket } = connected({ format: "webm" });
+  socket.open();
+  client.speak("Hi", { id: "a" });
+  assert.equal(socket.sent[0].format, undefined, "mp3 is the default: not sent");
+  globalThis.MediaSource = class {
+    static isTypeSupported(type) {
+      return type === 'audio/webm; codecs="opus"';
+    }
+  };
+  try {
+    assert.equal(formatToAsk("webm"), "webm");
+    ({ client, socket } = connected({ format: "webm" }));
+    socket.open();
+    client.speak("Hi", { id: "b" });
+    client.speak("Hi", { id: "c", format: "mp3" });
+    assert.deepEqual(
+      socket.sent.map((m) => m.format),
+      ["webm", undefined],
+    );
+  } finally {
+    delete globalThis.MediaSource;
+  }
+});
 
 test("the key travels as a subprotocol, never in the URL unless asked", () => {
   let { socket } = connected({ apiKey: "k1" });
