@@ -18,7 +18,7 @@ import av
 import openai
 import pytest
 
-from tests.conftest import TIMEOUT, Client, ServerFactory, connected, speaks_fine, wait_for_entries
+from tests.conftest import Client, ServerFactory, connected, speaks_fine, wait_for_entries
 from tests.fake_edge import CORRUPT_FRAME, FRAME_BYTES, FakeEdge, tone_frames
 from ttsstream.audio import transcode
 from ttsstream.audio.formats import FORMAT_NAMES, FORMATS, SAMPLE_RATE, format_for_path
@@ -255,6 +255,7 @@ async def test_cancelled_transcodes_free_their_encoders(
     """1,000 utterances cancelled mid-transcode leave no transcoder open, and memory flat."""
     server = await start_server(rate_limit_requests=0)
     fake.tone = True
+    fake.keep_records = False  # what the fake keeps is not the server's
     fake.realtime_factor = 20
     before = _rss()
     async with connected(server) as client:
@@ -276,6 +277,22 @@ async def test_cancelled_transcodes_free_their_encoders(
         await asyncio.sleep(0.02)
     assert transcode.open_transcoders == 0
     assert _rss() - warm < 20 * 2**20, (before, warm, _rss())
+
+
+def test_transcoders_closed_early_leave_nothing_behind() -> None:
+    """6,000 transcoders, closed mid-stream or finished: the process does not grow."""
+    source = tone_frames(20)
+    for number in range(6000):
+        transcoder = Transcoder(FORMATS[MADE[number % len(MADE)]])
+        transcoder.feed_mp3(source)
+        if number % 2:
+            transcoder.close()
+        else:
+            transcoder.finish()
+        if number == 999:
+            warm = _rss()
+    assert transcode.open_transcoders == 0
+    assert _rss() - warm < 2 * 2**20
 
 
 def _rss() -> int:
@@ -336,14 +353,46 @@ async def test_http_formats_and_their_errors(server: Server, fake: FakeEdge) -> 
             assert error["code"] == "unsupported_format" and error["param"] == "response_format"
 
 
-async def test_the_offline_voice_speaks_every_format(start_server: ServerFactory) -> None:
-    """The offline voice's audio is made into each format too."""
+async def test_the_offline_voice_speaks_every_format_from_its_pcm(
+    start_server: ServerFactory,
+) -> None:
+    """The offline voice's audio in each format is made from eSpeak's PCM (not from a
+    decode of its MP3): as long as its MP3, with its words where they are heard."""
     server = await start_server()
     async with connected(server) as client:
+        mp3 = await speak_as(client, "mp3", "o-mp3", voice="espeak:en")
+        mp3_samples, _ = decode("mp3", bytes(mp3.audio))
         for name in MADE:
             result = await speak_as(client, name, f"o-{name}", voice="espeak:en")
             assert result.final["type"] == "end", (name, result.final)
-            samples, _ = decode(name, bytes(result.audio))
-            assert rms(samples) > 300, name
             assert result.messages[0]["engine"] == "espeak"
-    await asyncio.wait_for(asyncio.sleep(0), TIMEOUT)
+            samples, rate = decode(name, bytes(result.audio))
+            assert rms(samples) > 300, name
+            heard_ms = len(samples) * 1000 / rate
+            assert abs(heard_ms - len(mp3_samples) / 24) < 60, (name, heard_ms)
+            assert abs(result.final["audio_ms"] - heard_ms) < 60, name
+            # eSpeak's own timing varies by some milliseconds between runs.
+            offsets = [word["offset_ms"] for word in result.batched_words]
+            assert offsets == pytest.approx([w["offset_ms"] for w in mp3.batched_words], abs=30)
+            if name == "pcm":
+                # Resampled from eSpeak's 22,050 Hz by FFmpeg, not LAME's MP3 decoded.
+                assert samples != mp3_samples[: len(samples)]
+                # The same speech: where the first word's sound starts agrees.
+                first = mp3.batched_words[0]["offset_ms"]
+                assert (
+                    abs(
+                        onset_ms(samples, rate, first - 40)
+                        - onset_ms(mp3_samples, 24_000, first - 40)
+                    )
+                    < 15
+                )
+
+
+def test_pcm_is_encoded_without_any_mp3_decoder() -> None:
+    """A transcoder fed PCM never makes an MP3 decoder."""
+    transcoder = Transcoder(FORMATS["opus"])
+    tone = array.array("h", (int(8000 * math.sin(i / 5)) for i in range(22_050)))
+    made = transcoder.feed_pcm(tone.tobytes(), 22_050) + transcoder.finish()
+    assert transcoder._decoder is None
+    samples, rate = decode("opus", made)
+    assert abs(len(samples) / rate - 1.0) < 0.03 and rms(samples) > 3000

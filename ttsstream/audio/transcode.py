@@ -5,8 +5,9 @@ samples to the format's encoder and muxer at once; what the muxer writes is
 returned to the caller for sending. Nothing waits for the end of the utterance:
 muxers are set up to write as they go (:mod:`ttsstream.audio.formats`), and at
 the end the encoder is flushed. ``pcm`` and ``wav`` skip encoding (``wav`` is a
-fixed header, written by hand, then the samples). The offline voice hands its
-PCM to :meth:`Transcoder.feed_pcm`, so its audio is not decoded back from MP3.
+fixed header, written by hand, then the samples). The offline voice's chunks
+carry the PCM they were encoded from, which goes to :meth:`Transcoder.feed_pcm`
+(resampled from eSpeak's 22,050 Hz), so its audio is not decoded back from MP3.
 
 A transcoder holds FFmpeg contexts: :meth:`Transcoder.close` frees them, whether
 or not the utterance ended (a cancelled utterance's transcoder is closed by its
@@ -22,6 +23,7 @@ an encoder.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -30,7 +32,7 @@ import av
 import av.error
 
 from ttsstream.audio.formats import MP3, SAMPLE_RATE, Format, wav_header
-from ttsstream.engines.base import AudioFormat
+from ttsstream.engines.base import AudioChunk, AudioFormat
 from ttsstream.exceptions import UpstreamBadAudio
 
 __all__ = ["Pipe", "Transcoder", "open_transcoders"]
@@ -86,7 +88,8 @@ class Transcoder:
         global open_transcoders
         assert target.transcoded, "mp3 is sent as it is"
         self.format = target
-        self._decoder: Any = av.CodecContext.create("mp3float", "r")
+        #: Made at the first MP3 fed (never when PCM comes instead).
+        self._decoder: Any = None
         self._out = _Collect()
         self._container: Any = None
         self._stream: Any = None
@@ -123,6 +126,8 @@ class Transcoder:
 
     def feed_mp3(self, data: bytes | memoryview) -> bytes:
         """Decode MP3 bytes (any cut) and return what the format has ready."""
+        if self._decoder is None:
+            self._decoder = av.CodecContext.create("mp3float", "r")
         try:
             frames = [
                 frame
@@ -151,10 +156,10 @@ class Transcoder:
 
     def finish(self) -> bytes:
         """Flush the decoder and the encoder; the last bytes. The transcoder is closed."""
-        try:
-            frames = list(self._decoder.decode(None))
-        except av.error.FFmpegError:
-            frames = []
+        frames = []
+        if self._decoder is not None:
+            with contextlib.suppress(av.error.FFmpegError):
+                frames = list(self._decoder.decode(None))
         if self._pcm_resampler is not None:
             frames += self._pcm_resampler.resample(None)
         out = self._encode(frames) + self._encode(self._resampler.resample(None), resampled=True)
@@ -268,14 +273,23 @@ class Pipe:
             return self._known_ms
         return MP3.audio_format.duration_ms(byte_count)
 
-    async def feed(self, data: bytes | memoryview) -> bytes | memoryview:
-        """The bytes to send for the next source chunk (possibly none yet)."""
+    async def feed(self, chunk: AudioChunk) -> bytes | memoryview:
+        """The bytes to send for the next source chunk (possibly none yet).
+
+        A chunk that carries its PCM (the offline voice's) is made from that PCM,
+        not from a decode of its MP3.
+        """
         transcoder = self._transcoder
         if transcoder is None:
-            return data
-        if len(data) < self._off_loop_bytes:
-            return transcoder.feed_mp3(data)
-        self._busy = _workers().submit(transcoder.feed_mp3, bytes(data))
+            return chunk.data
+        if chunk.pcm is not None:
+            if len(chunk.pcm) < 4 * self._off_loop_bytes:
+                return transcoder.feed_pcm(chunk.pcm, chunk.pcm_rate)
+            self._busy = _workers().submit(transcoder.feed_pcm, chunk.pcm, chunk.pcm_rate)
+        elif len(chunk.data) < self._off_loop_bytes:
+            return transcoder.feed_mp3(chunk.data)
+        else:
+            self._busy = _workers().submit(transcoder.feed_mp3, bytes(chunk.data))
         return await asyncio.wrap_future(self._busy)
 
     async def finish(self) -> bytes:

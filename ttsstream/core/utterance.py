@@ -192,7 +192,7 @@ class Utterances:
                     await sink.start(started)
                 elif isinstance(event, AudioChunk):
                     assert pipe is not None
-                    data = await pipe.feed(event.data)
+                    data = await pipe.feed(event)
                     if held:
                         word_count += len(held)
                         await sink.words(held)

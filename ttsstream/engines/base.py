@@ -62,9 +62,16 @@ class AudioChunk:
     """A piece of the encoded audio stream, forwarded as it arrived.
 
     A ``memoryview`` when it is a slice of a stored entry, so replay copies nothing.
+    An engine that makes PCM before encoding it (the offline voice) also gives
+    that PCM, so that other formats are made from it rather than from a decode of
+    ``data``: 16-bit mono samples at ``pcm_rate``, on the same timeline as the
+    MP3 (the encoder's delay as leading silence). Then ``data`` may be empty
+    while the encoder holds its output back.
     """
 
     data: bytes | memoryview
+    pcm: bytes | None = None
+    pcm_rate: int = 0
 
 
 @dataclass(frozen=True, slots=True)

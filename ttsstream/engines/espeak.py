@@ -378,7 +378,10 @@ class EspeakEngine:
         turns = _Turns(self, job, self._sample_rate)
         timeline = WordTimeline(request.text)
         encoder = _mp3_encoder(self._sample_rate)
-        held: deque[tuple[float, bytes]] = deque()
+        # Each MP3 chunk with the PCM it was encoded from (for other formats); the first
+        # PCM gets the encoder's delay as silence, so both keep the MP3's timeline.
+        held: deque[tuple[float, bytes, bytes]] = deque()
+        lead = bytes(2 * round(ENCODER_DELAY_MS * self._sample_rate / 1000))
         pcm_ms = 0.0
         turns.start()
         try:
@@ -393,18 +396,19 @@ class EspeakEngine:
                 if pcm:
                     pcm_ms += len(pcm) / 2 * 1000 / self._sample_rate
                     mp3 = await loop.run_in_executor(None, encoder.encode, pcm)
-                    if mp3:
-                        held.append((pcm_ms, bytes(mp3)))
+                    held.append((pcm_ms, bytes(mp3), lead + pcm))
+                    lead = b""
                 while held and held[0][0] <= timeline.known_until_ms:
-                    yield AudioChunk(held.popleft()[1])
+                    _, mp3, pcm = held.popleft()
+                    yield AudioChunk(mp3, pcm, self._sample_rate)
             if pcm_ms == 0:
                 raise NoAudio("the offline voice produced no audio")
             for word in timeline.finish(pcm_ms):
                 yield _delayed(word)
-            held.append((pcm_ms, bytes(await loop.run_in_executor(None, encoder.flush))))
-            for _, mp3 in held:
-                if mp3:
-                    yield AudioChunk(mp3)
+            held.append((pcm_ms, bytes(await loop.run_in_executor(None, encoder.flush)), b""))
+            for _, mp3, pcm in held:
+                if mp3 or pcm:
+                    yield AudioChunk(mp3, pcm, self._sample_rate)
         finally:
             # eSpeak stops at its next block; the thread then takes the next slice.
             job.cancelled.set()
