@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import array
 import asyncio
+import base64
 import io
+import json
 import math
 from typing import Any
 
@@ -339,6 +341,30 @@ async def test_http_formats_and_their_errors(server: Server, fake: FakeEdge) -> 
         ) as response:
             assert response.headers["Content-Type"] == "audio/webm; codecs=opus"
             assert rms(decode("webm", await response.read())[0]) > 1000
+        async with session.post(
+            http_of(server) + "/v1/audio/speech",
+            json={
+                "model": "tts-1",
+                "voice": "alloy",
+                "input": TEXT,
+                "response_format": "wav",
+                "stream_format": "sse",
+            },
+        ) as response:
+            assert response.headers["Content-Type"] == "text/event-stream"
+            events = [
+                json.loads(line[6:])
+                for line in (await response.text()).splitlines()
+                if line.startswith("data: ")
+            ]
+            audio = b"".join(
+                base64.b64decode(event["audio"])
+                for event in events
+                if event["type"] == "speech.audio.delta"
+            )
+            assert events[-1]["type"] == "speech.audio.done"
+            samples, rate = decode("wav", audio)
+            assert audio[:4] == b"RIFF" and rate == SAMPLE_RATE and rms(samples) > 1000
         async with session.post(
             http_of(server) + "/tts", json={"text": TEXT, "format": "mp4"}
         ) as response:
