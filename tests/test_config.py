@@ -79,6 +79,9 @@ def test_command_line_overrides_win(tmp_path: Path) -> None:
         ("EDGE_VOICES_URL", "ftp://example.com/list?x=1"),
         ("EDGE_PROXY", "socks5://proxy.internal:1080"),
         ("EDGE_PROXY", "proxy.internal:3128"),
+        ("REDIS_URL", "http://127.0.0.1:6379"),
+        ("REDIS_URL", "127.0.0.1:6379"),
+        ("REDIS_LEASE_SECONDS", "0.5"),
     ],
 )
 def test_bad_values_name_the_variable(variable: str, value: str) -> None:
@@ -98,6 +101,16 @@ def test_edge_proxy_credentials_stay_out_of_errors_and_repr() -> None:
     assert "proxy.internal:3128" in str(raised.value)
     config = load_config({"EDGE_PROXY": "http://user:hunter2@proxy.internal:3128"}, env_file=None)
     assert config.edge_proxy == "http://user:hunter2@proxy.internal:3128"
+    assert "hunter2" not in repr(config)
+
+
+def test_redis_password_stays_out_of_errors_and_repr() -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_config({"REDIS_URL": "http://:hunter2@redis.internal:6379"}, env_file=None)
+    assert "hunter2" not in str(raised.value) and "REDIS_URL" in str(raised.value)
+    config = load_config({"REDIS_URL": "rediss://:hunter2@redis.internal:6380/2"}, env_file=None)
+    assert config.redis_url == "rediss://:hunter2@redis.internal:6380/2"
+    assert config.redis_prefix == "ttsstream:" and config.redis_lease_seconds == 15.0
     assert "hunter2" not in repr(config)
 
 

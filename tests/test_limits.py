@@ -151,7 +151,7 @@ def test_redact_hides_keys_in_paths_and_subprotocols() -> None:
     assert redact("ttsstream.v1, key.s3cret") == "ttsstream.v1, key.[redacted]"
 
 
-def test_admission_decides_from_headers_and_peer_alone() -> None:
+async def test_admission_decides_from_headers_and_peer_alone() -> None:
     """One policy object admits or refuses from a path, plain headers and the peer:
     endpoint, rate limit, origin, key, connection cap, client IP behind a trusted proxy."""
     clock = Clock()
@@ -181,18 +181,18 @@ def test_admission_decides_from_headers_and_peer_alone() -> None:
     ]
     for path, headers, endpoint, refusal in refusals:
         with pytest.raises(refusal):
-            admission.admit(path, headers, "1.1.1.1", endpoint=endpoint)
-    admission.admit("/v1/stream?api_key=secret", Headers(), "1.1.1.1", endpoint=True)
+            await admission.admit(path, headers, "1.1.1.1", endpoint=endpoint)
+    await admission.admit("/v1/stream?api_key=secret", Headers(), "1.1.1.1", endpoint=True)
     with pytest.raises(TooManyConnections):
-        admission.admit("/v1/stream", keyed, "1.1.1.1", endpoint=True)
+        await admission.admit("/v1/stream", keyed, "1.1.1.1", endpoint=True)
     admission.release("1.1.1.1")
     with pytest.raises(RateLimited) as limited:  # the fifth in the window (not the 404)
-        admission.admit("/v1/stream", keyed, "1.1.1.1", endpoint=True)
+        await admission.admit("/v1/stream", keyed, "1.1.1.1", endpoint=True)
     answer = admission.answer(limited.value, headers=keyed, client="1.1.1.1", path="/v1/stream")
     assert answer.status == 429
     assert dict(answer.headers)["Retry-After"] == str(limited.value.retry_after)
     assert dict(answer.headers)["Access-Control-Allow-Origin"] == "https://app.example"
     assert stats.rate_limited == 1
     with pytest.raises(RateLimited):
-        admission.check_rate("1.1.1.1")
-    admission.check_rate("2.2.2.2")  # another client has its own window
+        await admission.check_rate("1.1.1.1")
+    await admission.check_rate("2.2.2.2")  # another client has its own window

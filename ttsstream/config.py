@@ -116,6 +116,15 @@ class Config:
     max_connections_per_ip: int = 20
     max_connections: int = 10_000
 
+    # Cluster
+    #: Redis shared by the instances of one cluster (``redis://[:password@]host:port/db``,
+    #: ``rediss://`` for TLS); None: one instance, nothing shared. Never in repr.
+    redis_url: str | None = field(default=None, repr=False)
+    #: Prefix of every key in Redis, so that several deployments can share one.
+    redis_prefix: str = "ttsstream:"
+    #: Seconds after which a dead instance's leases (its presence) lapse.
+    redis_lease_seconds: float = 15.0
+
     # Connection hygiene
     #: Seconds between pings to each client (a proxy's read timeout must be longer);
     #: a client that does not answer within as long is closed.
@@ -165,6 +174,14 @@ class Config:
             raise ConfigError("FALLBACK_VOICE", self.fallback_voice, _FALLBACK_FORM)
         _check_url("EDGE_WSS_URL", self.edge_wss_url, ("ws", "wss"))
         _check_url("EDGE_VOICES_URL", self.edge_voices_url, ("http", "https"))
+        if self.redis_url is not None:
+            parts = urlsplit(self.redis_url)
+            if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+                raise ConfigError("REDIS_URL", _without_password(self.redis_url), _REDIS_FORM)
+        if not self.redis_prefix or not self.redis_prefix.isprintable():
+            raise ConfigError(
+                "REDIS_PREFIX", self.redis_prefix, "printable text such as ttsstream:"
+            )
         if self.edge_proxy is not None:
             parts = urlsplit(self.edge_proxy)
             if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/"):
@@ -213,6 +230,7 @@ def _check_url(variable: str, url: str, schemes: tuple[str, ...]) -> None:
 
 _KEYS_FORM = "keys separated by commas, without spaces"
 _PROXY_FORM = "an http:// URL such as http://proxy.internal:3128 or http://user:password@host:port"
+_REDIS_FORM = "a URL such as redis://host:6379/0, redis://:password@host:6379 or rediss://…"
 _ORIGINS_FORM = "* or origins such as https://app.example.com separated by commas"
 _PROXIES_FORM = "IP addresses or CIDRs such as 127.0.0.1,10.0.0.0/8 separated by commas"
 
@@ -296,6 +314,7 @@ _LOWER_BOUNDS: dict[str, tuple[str, float, bool]] = {
     "MAX_CONNECTIONS_PER_IP": ("max_connections_per_ip", 1, False),
     "MAX_CONNECTIONS": ("max_connections", 1, False),
     "PING_INTERVAL": ("ping_interval", 0, True),
+    "REDIS_LEASE_SECONDS": ("redis_lease_seconds", 1, False),
     "IDLE_TIMEOUT": ("idle_timeout", 0, True),
     "SEND_TIMEOUT": ("send_timeout", 0, True),
     "DRAIN_TIMEOUT": ("drain_timeout", 0, False),
@@ -334,6 +353,9 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "MAX_CONNECTIONS_PER_IP": ("max_connections_per_ip", _integer, "an integer >= 1"),
     "MAX_CONNECTIONS": ("max_connections", _integer, "an integer >= 1"),
     "PING_INTERVAL": ("ping_interval", _number, "seconds > 0, such as 20"),
+    "REDIS_URL": ("redis_url", _optional_text, _REDIS_FORM),
+    "REDIS_PREFIX": ("redis_prefix", str.strip, "printable text such as ttsstream:"),
+    "REDIS_LEASE_SECONDS": ("redis_lease_seconds", _number, "seconds >= 1, such as 15"),
     "IDLE_TIMEOUT": ("idle_timeout", _number, "seconds > 0, such as 300"),
     "SEND_TIMEOUT": ("send_timeout", _number, "seconds > 0, such as 30"),
     "HEALTH_PORT": ("health_port", _integer, "an integer from 0 to 65535"),

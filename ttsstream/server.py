@@ -87,6 +87,8 @@ class Server:
         await self.ops.start()
         if self.services.store is not None:
             await asyncio.to_thread(self.services.store.open)
+        if self.services.cluster is not None:
+            await self.services.cluster.start()
         await self.http.start()
         self._server = await serve(
             self._handle,
@@ -163,6 +165,8 @@ class Server:
             await self.http.close(CLOSE_TIMEOUT_AT_ONCE)
             await self.ops.close()
             await self.services.router.aclose()
+            if self.services.cluster is not None:
+                await self.services.cluster.aclose()
 
     async def drain(self, grace: float) -> None:
         """Shut down gracefully: stop taking work, let utterances finish, then close.
@@ -255,13 +259,15 @@ class Server:
                 "that learns a key can use it from visitors' browsers"
             )
 
-    def _check_handshake(self, connection: ServerConnection, request: Request) -> Response | None:
+    async def _check_handshake(
+        self, connection: ServerConnection, request: Request
+    ) -> Response | None:
         """Admit the handshake, or answer it with an HTTP error and no upgrade."""
         peer = connection.remote_address[0] if connection.remote_address else ""
         ip = self._admission.client_ip(request.headers, peer)
         endpoint = urlsplit(request.path).path == STREAM_PATH
         try:
-            self._admission.admit(request.path, request.headers, ip, endpoint=endpoint)
+            await self._admission.admit(request.path, request.headers, ip, endpoint=endpoint)
         except (HandshakeRefused, RateLimited) as refused:
             answer = self._admission.answer(
                 refused, headers=request.headers, client=ip, path=request.path

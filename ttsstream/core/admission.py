@@ -22,7 +22,12 @@ from ttsstream.config import Config
 from ttsstream.core.auth import ApiKeys, offered_keys, redact
 from ttsstream.core.clientip import client_ip
 from ttsstream.core.headers import HeaderValues
-from ttsstream.core.ratelimit import ConnectionCounter, MovingWindow
+from ttsstream.core.ratelimit import (
+    ConnectionCounter,
+    LimiterUnavailable,
+    MovingWindow,
+    SharedLimiter,
+)
 from ttsstream.exceptions import (
     EndpointNotFound,
     HandshakeRefused,
@@ -76,12 +81,20 @@ class Admission:
     """
 
     def __init__(
-        self, config: Config, stats: Stats, *, clock: Callable[[], float] = time.monotonic
+        self,
+        config: Config,
+        stats: Stats,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        shared: SharedLimiter | None = None,
     ) -> None:
         self.keys = ApiKeys(config.api_keys)
+        #: This instance's own window: the limit alone, or when the shared one cannot answer.
         self.limiter = MovingWindow(
             config.rate_limit_requests, config.rate_limit_window, clock=clock
         )
+        #: The cluster's window (Redis), if any.
+        self.shared = shared
         self.connections = ConnectionCounter(
             per_ip=config.max_connections_per_ip, total=config.max_connections
         )
@@ -93,7 +106,7 @@ class Admission:
         """The client's address: the peer, or what a trusted proxy says it is."""
         return client_ip(peer, headers, self._trusted)
 
-    def admit(self, path: str, headers: HeaderValues, client: str, *, endpoint: bool) -> None:
+    async def admit(self, path: str, headers: HeaderValues, client: str, *, endpoint: bool) -> None:
         """Admit a request from ``client`` (see :meth:`client_ip`) and count its connection.
 
         Every request counts toward the rate limit, refused or not, so that keys
@@ -112,7 +125,7 @@ class Admission:
         """
         if not endpoint:
             raise EndpointNotFound("no such endpoint")
-        retry_after = self.limiter.hit(client)
+        retry_after = await self._hit(client)
         if retry_after is not None:
             raise RateLimited("too many requests from this client", retry_after=retry_after)
         if not self.origin_allowed(headers.get("Origin")):
@@ -125,13 +138,13 @@ class Admission:
         """An admitted connection ended."""
         self.connections.release(client)
 
-    def check_rate(self, client: str, utterance_id: str | None = None) -> None:
+    async def check_rate(self, client: str, utterance_id: str | None = None) -> None:
         """Count one more request on an admitted connection (a ``speak``, a ``voices``).
 
         Raises:
             RateLimited: The client is over its rate limit.
         """
-        retry_after = self.limiter.hit(client)
+        retry_after = await self._hit(client)
         if retry_after is not None:
             self._stats.rate_limited += 1
             raise RateLimited(
@@ -139,6 +152,16 @@ class Admission:
                 retry_after=retry_after,
                 utterance_id=utterance_id,
             )
+
+    async def _hit(self, client: str) -> int | None:
+        """One request of ``client``: in the cluster's window, else in this instance's."""
+        limiter = self.limiter
+        if self.shared is None or limiter.limit == 0:
+            return limiter.hit(client)
+        try:
+            return await self.shared.hit(client, limiter.limit, limiter.window)
+        except LimiterUnavailable:
+            return limiter.hit(client)
 
     def origin_allowed(self, origin: str | None) -> bool:
         """Whether a request from ``origin`` (``None``: not from a browser) is allowed."""

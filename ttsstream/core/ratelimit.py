@@ -16,13 +16,29 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Protocol
 
 from ttsstream.exceptions import ServerFull, TooManyConnections
 
-__all__ = ["ConnectionCounter", "MovingWindow"]
+__all__ = ["ConnectionCounter", "LimiterUnavailable", "MovingWindow", "SharedLimiter"]
 
 #: Most client IPs a limiter remembers; past it, the IP seen longest ago is dropped.
 MAX_TRACKED_IPS = 200_000
+
+
+class LimiterUnavailable(Exception):
+    """A shared limiter cannot decide now (its store is down or slow)."""
+
+
+class SharedLimiter(Protocol):
+    """A moving window every instance of a cluster counts in (``cluster/`` implements it)."""
+
+    async def hit(self, key: str, limit: int, window: float) -> int | None:
+        """As :meth:`MovingWindow.hit`, across instances.
+
+        Raises:
+            LimiterUnavailable: No decision could be had; the caller decides alone.
+        """
 
 
 class MovingWindow:

@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ttsstream.cache.store import DiskCache
+from ttsstream.cluster.link import RedisLink
+from ttsstream.cluster.ratelimit import SharedWindow
 from ttsstream.config import Config
 from ttsstream.core.admission import Admission
 from ttsstream.core.router import SpeechRouter, speech_router
@@ -36,6 +38,8 @@ class Services:
     speech: SpeechCache
     #: The speak policy and the utterance run: what both doors call.
     utterances: Utterances
+    #: The link to the cluster's Redis (``REDIS_URL``), or ``None`` for one instance.
+    cluster: RedisLink | None = None
 
 
 def build_services(
@@ -69,7 +73,16 @@ def build_services(
         if config.cache_enabled
         else None
     )
-    admission = Admission(config, stats, clock=clock)
+    cluster = (
+        RedisLink(
+            config.redis_url, prefix=config.redis_prefix, lease_seconds=config.redis_lease_seconds
+        )
+        if config.redis_url is not None
+        else None
+    )
+    admission = Admission(
+        config, stats, clock=clock, shared=SharedWindow(cluster) if cluster is not None else None
+    )
     speech = SpeechCache(router, store, stats)
     return Services(
         config=config,
@@ -79,4 +92,5 @@ def build_services(
         store=store,
         speech=speech,
         utterances=Utterances(config, speech, stats),
+        cluster=cluster,
     )

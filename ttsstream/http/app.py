@@ -84,7 +84,7 @@ class HttpDoor:
 
     async def _stream_without_upgrade(self, request: web.Request) -> web.Response:
         """Judge it as a handshake; a browser page learns from the answer why it was refused."""
-        judged = judge(self._services.admission, request)
+        judged = await judge(self._services.admission, request)
         if judged.answer is not None:
             return answer(judged.answer)
         self._services.admission.release(judged.client)

@@ -66,8 +66,12 @@ class OpsServer:
         breaker = router.breaker.status
         # Without Edge's voice list, voices are not checked before calling Edge.
         no_voice_list = router.edge_voices is None and router.edge_voices_error is not None
+        cluster = services.cluster
+        redis_down = cluster is not None and not cluster.up
         body = {
-            "status": "degraded" if breaker.state == "open" or no_voice_list else "healthy",
+            "status": (
+                "degraded" if breaker.state == "open" or no_voice_list or redis_down else "healthy"
+            ),
             "uptime_seconds": round(services.stats.uptime_seconds, 3),
             "cache_enabled": config.cache_enabled,
             "rate_limit": (
@@ -88,6 +92,8 @@ class OpsServer:
             },
             "fallback_voice": router.fallback_voice,
             "connections": services.stats.connections,
+            "cluster": "redis" if cluster is not None else "single",
+            "redis": cluster.snapshot() if cluster is not None else None,
         }
         return _json(body)
 
@@ -99,7 +105,14 @@ class OpsServer:
         )
 
     async def stats(self, request: web.Request) -> web.Response:
-        return _json(self._services.stats.snapshot())
+        cluster = self._services.cluster
+        return _json(
+            {
+                **self._services.stats.snapshot(),
+                "cluster": "redis" if cluster is not None else "single",
+                "redis": cluster.snapshot() if cluster is not None else None,
+            }
+        )
 
     async def metrics(self, request: web.Request) -> web.Response:
         response = web.Response(body=self._services.stats.metrics())

@@ -45,13 +45,13 @@ class Judged:
     answer: HttpAnswer | None = None
 
 
-def judge(admission: Admission, request: web.BaseRequest) -> Judged:
+async def judge(admission: Admission, request: web.BaseRequest) -> Judged:
     """Admit ``request`` as a handshake would be (its connection counted: release it), or
     say why not."""
     headers = RequestHeaders(request.headers)
     client = admission.client_ip(headers, peer_of(request))
     try:
-        admission.admit(request.path_qs, headers, client, endpoint=True)
+        await admission.admit(request.path_qs, headers, client, endpoint=True)
     except (HandshakeRefused, RateLimited) as refused:
         answer = admission.answer(refused, headers=headers, client=client, path=request.path_qs)
         return Judged(client, refused, answer)

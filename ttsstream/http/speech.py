@@ -158,7 +158,7 @@ class SpeechApi:
 
     async def models(self, request: web.Request) -> web.StreamResponse:
         """``GET /v1/models``: the model names ``/v1/audio/speech`` accepts."""
-        refused = self._admit_once(request, "openai")
+        refused = await self._admit_once(request, "openai")
         if refused is not None:
             return refused
         return self._json(
@@ -174,7 +174,7 @@ class SpeechApi:
 
     async def voices(self, request: web.Request) -> web.StreamResponse:
         """``GET /v1/audio/voices``: every voice, and OpenAI's names with what they map to."""
-        refused = self._admit_once(request, "openai")
+        refused = await self._admit_once(request, "openai")
         if refused is not None:
             return refused
         try:
@@ -220,7 +220,7 @@ class SpeechApi:
 
     async def _serve(self, request: web.Request, shape: Shape, read: Reader) -> web.StreamResponse:
         admission = self._services.admission
-        judged = judge(admission, request)
+        judged = await judge(admission, request)
         if judged.refused is not None:
             return self._refused(judged, shape)
         client = judged.client
@@ -271,9 +271,9 @@ class SpeechApi:
             if not self._streams:
                 self._idle.set()
 
-    def _admit_once(self, request: web.Request, shape: Shape) -> web.StreamResponse | None:
+    async def _admit_once(self, request: web.Request, shape: Shape) -> web.StreamResponse | None:
         """Admission for a request that holds no stream: a refusal, or ``None``."""
-        judged = judge(self._services.admission, request)
+        judged = await judge(self._services.admission, request)
         if judged.refused is not None:
             return self._refused(judged, shape)
         self._services.admission.release(judged.client)

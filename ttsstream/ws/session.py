@@ -193,7 +193,7 @@ class Session:
             elif isinstance(message, Cancel):
                 await self._cancel(message.id)
             elif isinstance(message, ListVoices):
-                self._ask_voices()
+                await self._ask_voices()
         except ClientError as exc:
             exc.message_type = message.kind
             await self._refuse(exc)
@@ -209,7 +209,7 @@ class Session:
         return "s-" + secrets.token_hex(6)
 
     async def _enqueue(self, request: Speak) -> None:
-        self._admission.check_rate(self.client_ip, request.id)
+        await self._admission.check_rate(self.client_ip, request.id)
         synthesis = await self._utterances.prepare(
             text=request.text,
             voice=request.voice,
@@ -345,9 +345,9 @@ class Session:
         self._ids.discard(utterance.id)
         self._last_activity = asyncio.get_running_loop().time()
 
-    def _ask_voices(self) -> None:
+    async def _ask_voices(self) -> None:
         """Take a ``voices`` request: it counts toward the rate limit, and waits its turn."""
-        self._admission.check_rate(self.client_ip)
+        await self._admission.check_rate(self.client_ip)
         if self._voices_wanted >= VOICES_PENDING_MAX:
             raise QueueFull(f"{VOICES_PENDING_MAX} voices replies are already pending")
         self._voices_wanted += 1

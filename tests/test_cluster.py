@@ -1,0 +1,189 @@
+"""Cluster mode on a real Redis: instances share one rate limit, and Redis failing
+fails no request.
+
+Several servers run in this process against one ``redis-server`` started for the
+test (persistence off); every client here is 127.0.0.1, so they all count in one
+client's window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from tests.conftest import TIMEOUT, ServerFactory, connected, speaks_fine, url_of
+from tests.redis_server import RedisServer, free_port
+from ttsstream.server import Server
+
+LIMIT = 10
+
+
+@pytest.fixture
+async def redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+async def side(server: Server, path: str) -> dict[str, Any]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{server.ops.port}{path}") as response,
+    ):
+        body: dict[str, Any] = orjson.loads(await response.read())
+        return body
+
+
+async def until(check: Any, timeout: float = TIMEOUT) -> None:
+    async with asyncio.timeout(timeout):
+        while not await check():
+            await asyncio.sleep(0.05)
+
+
+async def test_one_rate_limit_across_instances(
+    start_server: ServerFactory, redis: RedisServer
+) -> None:
+    """RATE_LIMIT_REQUESTS=10 over three instances: exactly 10 handshakes, speaks and HTTP
+    requests succeed together, whichever instance each reaches; the others are told
+    when to come back."""
+    servers = [
+        await start_server(
+            redis_url=redis.url, rate_limit_requests=LIMIT, max_connections_per_ip=100
+        )
+        for _ in range(3)
+    ]
+    refusals: list[int] = []
+
+    async def handshake(server: Server) -> bool:
+        try:
+            async with connect(url_of(server)) as ws:
+                await ws.recv()
+            return True
+        except InvalidStatus as refused:
+            assert refused.response.status_code == 429
+            refusals.append(int(refused.response.headers["Retry-After"]))
+            return False
+
+    async def http(server: Server) -> bool:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{server.port}/v1/models") as response,
+        ):
+            if response.status == 429:
+                refusals.append(int(response.headers["Retry-After"]))
+            return response.status == 200
+
+    admitted = 0
+    async with (
+        connected(servers[0]) as first,
+        connected(servers[1]) as second,
+        connected(servers[2]) as third,
+    ):
+        admitted += 3  # three handshakes
+        clients = [first, second, third]
+        for number in range(27):
+            kind = number % 3
+            if kind == 0:
+                client = clients[number // 3 % 3]
+                await client.speak("Hi.", id=f"s{number}")
+                final = (await client.until_final(f"s{number}")).final
+                if final["type"] == "error":
+                    assert final["code"] == "rate_limited"
+                    refusals.append(final["retry_after"])
+                admitted += final["type"] == "end"
+            elif kind == 1:
+                admitted += await http(servers[number // 3 % 3])
+            else:
+                admitted += await handshake(servers[number // 3 % 3])
+    assert admitted == LIMIT
+    assert len(refusals) == 30 - LIMIT
+    assert all(1 <= wait <= 60 for wait in refusals)
+    health = await side(servers[0], "/health")
+    assert health["cluster"] == "redis" and health["redis"]["state"] == "up"
+
+
+async def test_instances_hold_leases_and_a_dead_one_lapses(
+    start_server: ServerFactory, redis: RedisServer
+) -> None:
+    """Each instance counts the live ones; one that stops renewing (killed) stops counting
+    within REDIS_LEASE_SECONDS."""
+    servers = [await start_server(redis_url=redis.url, redis_lease_seconds=1.0) for _ in range(3)]
+
+    async def live(count: int) -> bool:
+        return bool((await side(servers[0], "/health"))["redis"]["instances"] == count)
+
+    await until(lambda: live(3))
+    stats = await side(servers[1], "/stats")
+    assert stats["cluster"] == "redis" and stats["redis"]["instances"] == 3
+    # As after kill -9: the lease is not given back, only no longer renewed.
+    link = servers[2].services.cluster
+    assert link is not None and link._keeper is not None
+    link._keeper.cancel()
+    await until(lambda: live(2), timeout=1.0 + 2.0)
+
+
+async def test_redis_failing_fails_no_request_and_shared_mode_comes_back(
+    start_server: ServerFactory, redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis killed: speaking goes on under the instance's own limits, /health says
+    degraded (once in the log); Redis back: shared mode resumes within 5 s by itself."""
+    server = await start_server(redis_url=redis.url)
+    assert (await side(server, "/health"))["status"] == "healthy"
+    await redis.stop()
+    async with connected(server) as client:
+        for number in range(5):
+            await speaks_fine(client, id=f"down{number}")
+    health = await side(server, "/health")
+    assert health["status"] == "degraded"
+    assert health["redis"]["state"] == "down" and health["redis"]["error"]
+    downs = [r for r in caplog.records if r.getMessage().startswith("redis: down")]
+    assert len(downs) == 1
+
+    await redis.start()
+
+    async def back() -> bool:
+        return bool((await side(server, "/health"))["redis"]["state"] == "up")
+
+    await until(back, timeout=5.0)
+    assert (await side(server, "/health"))["status"] == "healthy"
+    async with connected(server) as client:
+        await speaks_fine(client)
+
+
+@pytest.mark.parametrize("problem", ["wrong password", "nothing listening"])
+async def test_a_bad_redis_at_start_is_one_warning_and_one_instance(
+    start_server: ServerFactory,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    problem: str,
+) -> None:
+    """A wrong password or an unreachable Redis: the server starts, warns once, speaks
+    alone; the password is in no log line, no /stats, no /health."""
+    caplog.set_level(logging.INFO)
+    guarded = RedisServer(tmp_path, password="the-right-one")
+    await guarded.start()
+    try:
+        port = guarded.port if problem == "wrong password" else free_port()
+        url = f"redis://:s3cret-wrong-pw@127.0.0.1:{port}/0"
+        server = await start_server(redis_url=url)
+        async with connected(server) as client:
+            await speaks_fine(client)
+        downs = [r for r in caplog.records if r.getMessage().startswith("redis: down")]
+        assert len(downs) == 1, [r.getMessage() for r in caplog.records]
+        for body in (await side(server, "/stats"), await side(server, "/health")):
+            assert body["redis"]["state"] == "down"
+            assert "s3cret-wrong-pw" not in orjson.dumps(body).decode()
+        assert "s3cret-wrong-pw" not in caplog.text
+        assert (await side(server, "/health"))["status"] == "degraded"
+    finally:
+        await guarded.stop()

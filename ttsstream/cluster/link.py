@@ -1,0 +1,164 @@
+"""The cluster's link to Redis: one client, its state, and this instance's lease.
+
+Redis must never fail a request. Every operation goes through
+:meth:`RedisLink.call`, bounded by :data:`OPERATION_TIMEOUT`; a failure marks the
+link down (logged once, at the change), answers ``None`` so that the caller
+decides alone (its local limits), and a keeper task reconnects with backoff and
+brings the link back up by itself.
+
+The keeper also holds this instance's lease: a member of a sorted set scored by
+when it lapses, renewed every third of ``REDIS_LEASE_SECONDS``. The live
+instances are the members whose lease has not lapsed, so an instance killed
+with ``kill -9`` stops counting within a lease.
+
+Errors are logged by type and Redis's own message, which never holds the
+password; the URL is never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import redis.asyncio
+import redis.exceptions
+
+__all__ = ["OPERATION_TIMEOUT", "RedisLink"]
+
+logger = logging.getLogger("ttsstream.cluster")
+
+#: Longest one Redis operation may take before the instance decides alone, seconds.
+OPERATION_TIMEOUT = 0.05
+#: Longest a connection attempt may take, seconds.
+CONNECT_TIMEOUT = 1.0
+#: Waits between reconnection attempts, seconds: doubling from the first to the last.
+BACKOFF_FIRST, BACKOFF_MAX = 0.25, 2.0
+
+T = TypeVar("T")
+
+#: What a failing Redis raises through redis-py.
+_FAILURES = (redis.exceptions.RedisError, OSError, TimeoutError)
+
+
+class RedisLink:
+    """The instance's connection to the cluster's Redis.
+
+    Args:
+        url: ``redis://`` or ``rediss://`` URL (with its password, if any).
+        prefix: Put before every key.
+        lease_seconds: How long this instance counts as live without a renewal.
+    """
+
+    def __init__(self, url: str, *, prefix: str, lease_seconds: float) -> None:
+        self._client: Any = redis.asyncio.from_url(
+            url,
+            socket_connect_timeout=CONNECT_TIMEOUT,
+            socket_timeout=CONNECT_TIMEOUT,
+            retry_on_timeout=False,
+        )
+        self.prefix = prefix
+        self.lease_seconds = lease_seconds
+        #: This instance's id in the cluster (random, per process start).
+        self.instance = secrets.token_hex(6)
+        #: ``starting``, ``up`` or ``down``.
+        self.state = "starting"
+        #: Live instances, this one included, as of the last renewal.
+        self.instances = 0
+        #: Why the link is down (an error's type and message), else ``None``.
+        self.error: str | None = None
+        self._keeper: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    def key(self, *parts: str) -> str:
+        """A key in this deployment's namespace."""
+        return self.prefix + ":".join(parts)
+
+    @property
+    def up(self) -> bool:
+        return self.state == "up"
+
+    async def start(self) -> None:
+        """Connect (a failure is a warning: the instance runs alone meanwhile) and keep
+        the link and the lease."""
+        await self._renew()
+        self._keeper = asyncio.create_task(self._keep(), name="redis-keeper")
+
+    async def aclose(self) -> None:
+        """Stop the keeper, leave the cluster, close the connections."""
+        if self._keeper is not None:
+            self._keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keeper
+        if self.up:
+            with contextlib.suppress(*_FAILURES):
+                async with asyncio.timeout(CONNECT_TIMEOUT):
+                    await self._client.zrem(self.key("instances"), self.instance)
+        with contextlib.suppress(*_FAILURES):
+            await self._client.aclose()
+
+    async def call(self, operation: Callable[[Any], Awaitable[T]]) -> T | None:
+        """``operation(client)`` within OPERATION_TIMEOUT, or ``None`` if Redis is down,
+        failing or slow (then the link goes down until the keeper brings it back)."""
+        if not self.up:
+            return None
+        try:
+            async with asyncio.timeout(OPERATION_TIMEOUT):
+                return await operation(self._client)
+        except _FAILURES as exc:
+            self._down(exc)
+            return None
+
+    def snapshot(self) -> dict[str, Any]:
+        """What ``/health`` and ``/stats`` show of the cluster."""
+        return {
+            "state": "up" if self.up else "down",
+            "instances": self.instances if self.up else None,
+            "error": self.error,
+        }
+
+    async def _keep(self) -> None:
+        backoff = BACKOFF_FIRST
+        while True:
+            wait = self.lease_seconds / 3 if self.up else backoff
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()
+            self._wake.clear()
+            was_up = self.up
+            await self._renew()
+            backoff = BACKOFF_FIRST if self.up else min(backoff * 2, BACKOFF_MAX)
+            if not was_up and self.up:
+                backoff = BACKOFF_FIRST
+
+    async def _renew(self) -> None:
+        """Renew this instance's lease and count the live ones; up or down by the result."""
+        key = self.key("instances")
+        now = time.time()
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                async with self._client.pipeline(transaction=True) as pipe:
+                    pipe.zadd(key, {self.instance: now + self.lease_seconds})
+                    pipe.zremrangebyscore(key, "-inf", now)
+                    pipe.zcard(key)
+                    *_, live = await pipe.execute()
+        except _FAILURES as exc:
+            self._down(exc)
+            return
+        self.instances = int(live)
+        if not self.up:
+            logger.warning("redis: up; shared mode with %d live instances", self.instances)
+        self.state = "up"
+        self.error = None
+
+    def _down(self, exc: BaseException) -> None:
+        error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if self.state != "down":
+            logger.warning("redis: down (%s); each instance decides alone until it is back", error)
+            self._wake.set()  # the keeper starts reconnecting at once
+        self.state = "down"
+        self.error = error

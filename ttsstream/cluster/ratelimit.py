@@ -1,0 +1,70 @@
+"""The cluster's rate limit: one moving window per client IP in Redis, for every instance.
+
+One Lua script per decision (one round trip): it drops the hits older than the
+window, counts the rest, and either refuses with the time until the oldest
+leaves the window or records the hit. Time is Redis's own (``TIME``), so the
+instances' clocks need not agree. Written as a script rather than with the
+``limits`` library's Redis storage, whose moving window takes two round trips
+per hit (a read, then a separate Lua call to add) and reads each instance's
+clock. The client IP is stored hashed; nothing else about the client is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+from typing import Any
+
+from ttsstream.cluster.link import RedisLink
+from ttsstream.core.ratelimit import LimiterUnavailable
+
+__all__ = ["SharedWindow"]
+
+_SCRIPT = """
+local key = KEYS[1]
+local limit = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+if redis.call('ZCARD', key) >= limit then
+  local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  return tonumber(oldest[2]) + window - now
+end
+redis.call('ZADD', key, now, ARGV[3])
+redis.call('PEXPIRE', key, math.ceil(window / 1000))
+return -1
+"""
+
+
+class SharedWindow:
+    """At most ``limit`` hits per client IP in any ``window`` seconds, across the cluster
+    (a :class:`~ttsstream.core.ratelimit.SharedLimiter`)."""
+
+    def __init__(self, link: RedisLink) -> None:
+        self._link = link
+        self._script: Any = None
+        self._numbers = itertools.count()
+
+    async def hit(self, key: str, limit: int, window: float) -> int | None:
+        link = self._link
+        digest = hashlib.sha256(key.encode()).hexdigest()[:32]
+        member = f"{link.instance}:{next(self._numbers)}"
+
+        async def decide(client: Any) -> int:
+            if self._script is None:
+                self._script = client.register_script(_SCRIPT)
+            return int(
+                await self._script(
+                    keys=[link.key("rate", digest)],
+                    args=[limit, round(window * 1_000_000), member],
+                )
+            )
+
+        waited = await link.call(decide)
+        if waited is None:
+            raise LimiterUnavailable("redis is not answering")
+        if waited < 0:
+            return None
+        return max(1, math.ceil(waited / 1_000_000))
