@@ -187,3 +187,46 @@ async def test_a_bad_redis_at_start_is_one_warning_and_one_instance(
         assert (await side(server, "/health"))["status"] == "degraded"
     finally:
         await guarded.stop()
+
+
+async def test_connection_caps_count_every_instance_and_a_dead_ones_lapse(
+    start_server: ServerFactory, redis: RedisServer
+) -> None:
+    """MAX_CONNECTIONS_PER_IP=2 over three instances: a third connection anywhere is
+    refused; one closing frees a place; an instance that dies holding one (no renewal,
+    as after kill -9) frees its place within its lease. HTTP streams count as well."""
+    servers = [
+        await start_server(redis_url=redis.url, max_connections_per_ip=2, redis_lease_seconds=1.0)
+        for _ in range(3)
+    ]
+
+    async def refused(server: Server) -> bool:
+        try:
+            async with connect(url_of(server)) as ws:
+                await ws.recv()
+            return False
+        except InvalidStatus as refusal:
+            assert refusal.response.status_code == 429
+            return True
+
+    async with connected(servers[0]):
+        async with connected(servers[1]):
+            assert await refused(servers[2])
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(f"http://127.0.0.1:{servers[2].port}/v1/models") as response,
+            ):
+                assert response.status == 429
+                assert (await response.json())["error"]["code"] == "too_many_connections"
+
+        async def free_again() -> bool:
+            return not await refused(servers[2])
+
+        await until(free_again)  # the closed connection's place, told in the background
+        # servers[0] dies holding its connection: its count lapses with its lease.
+        async with connected(servers[1]):
+            assert await refused(servers[2])
+            link = servers[0].services.cluster
+            assert link is not None and link._keeper is not None
+            link._keeper.cancel()
+            await until(free_again, timeout=1.0 + 2.0)

@@ -73,6 +73,11 @@ class RedisLink:
         self.error: str | None = None
         self._keeper: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._when_up: list[Callable[[], None]] = []
+
+    def on_up(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` each time the link comes up (to publish what Redis may lack)."""
+        self._when_up.append(callback)
 
     def key(self, *parts: str) -> str:
         """A key in this deployment's namespace."""
@@ -144,16 +149,21 @@ class RedisLink:
                 async with self._client.pipeline(transaction=True) as pipe:
                     pipe.zadd(key, {self.instance: now + self.lease_seconds})
                     pipe.zremrangebyscore(key, "-inf", now)
+                    # What this instance holds lapses with its lease.
+                    pipe.pexpire(self.key("conns", self.instance), round(self.lease_seconds * 1000))
                     pipe.zcard(key)
                     *_, live = await pipe.execute()
         except _FAILURES as exc:
             self._down(exc)
             return
         self.instances = int(live)
-        if not self.up:
-            logger.warning("redis: up; shared mode with %d live instances", self.instances)
+        came_up = not self.up
         self.state = "up"
         self.error = None
+        if came_up:
+            logger.warning("redis: up; shared mode with %d live instances", self.instances)
+            for callback in self._when_up:
+                callback()
 
     def _down(self, exc: BaseException) -> None:
         error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

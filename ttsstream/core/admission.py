@@ -26,6 +26,7 @@ from ttsstream.core.ratelimit import (
     ConnectionCounter,
     LimiterUnavailable,
     MovingWindow,
+    SharedConnections,
     SharedLimiter,
 )
 from ttsstream.exceptions import (
@@ -87,6 +88,7 @@ class Admission:
         *,
         clock: Callable[[], float] = time.monotonic,
         shared: SharedLimiter | None = None,
+        shared_connections: SharedConnections | None = None,
     ) -> None:
         self.keys = ApiKeys(config.api_keys)
         #: This instance's own window: the limit alone, or when the shared one cannot answer.
@@ -95,9 +97,13 @@ class Admission:
         )
         #: The cluster's window (Redis), if any.
         self.shared = shared
+        #: The cluster's connection counts (Redis), if any; they mirror this instance's.
+        self.shared_connections = shared_connections
         self.connections = ConnectionCounter(
             per_ip=config.max_connections_per_ip, total=config.max_connections
         )
+        if shared_connections is not None:
+            shared_connections.mirror(self.connections)
         self._trusted = config.trusted_networks
         self._origins = config.allowed_origins
         self._stats = stats
@@ -132,11 +138,27 @@ class Admission:
             raise OriginNotAllowed("this origin may not connect")
         if not self.keys.accept(offered_keys(headers, path)):
             raise Unauthorized("a valid API key is required")
-        self.connections.acquire(client)
+        shared = self.shared_connections
+        if shared is None:
+            self.connections.acquire(client)
+            return
+        counter = self.connections
+        try:
+            await shared.acquire(client, counter.per_ip, counter.total_cap)
+        except LimiterUnavailable:
+            counter.acquire(client)
+            return
+        try:
+            counter.acquire(client)
+        except (TooManyConnections, ServerFull):
+            shared.release(client)
+            raise
 
     def release(self, client: str) -> None:
         """An admitted connection ended."""
         self.connections.release(client)
+        if self.shared_connections is not None:
+            self.shared_connections.release(client)
 
     async def check_rate(self, client: str, utterance_id: str | None = None) -> None:
         """Count one more request on an admitted connection (a ``speak``, a ``voices``).

@@ -20,7 +20,13 @@ from typing import Protocol
 
 from ttsstream.exceptions import ServerFull, TooManyConnections
 
-__all__ = ["ConnectionCounter", "LimiterUnavailable", "MovingWindow", "SharedLimiter"]
+__all__ = [
+    "ConnectionCounter",
+    "LimiterUnavailable",
+    "MovingWindow",
+    "SharedConnections",
+    "SharedLimiter",
+]
 
 #: Most client IPs a limiter remembers; past it, the IP seen longest ago is dropped.
 MAX_TRACKED_IPS = 200_000
@@ -39,6 +45,25 @@ class SharedLimiter(Protocol):
         Raises:
             LimiterUnavailable: No decision could be had; the caller decides alone.
         """
+
+
+class SharedConnections(Protocol):
+    """Open connections counted over every instance of a cluster (``cluster/`` implements it)."""
+
+    async def acquire(self, ip: str, per_ip: int, total: int) -> None:
+        """Count one more connection from ``ip`` if the cluster's caps allow it.
+
+        Raises:
+            ServerFull: The cluster is at ``total``.
+            TooManyConnections: ``ip`` is at ``per_ip`` across the cluster.
+            LimiterUnavailable: No decision could be had; the caller decides alone.
+        """
+
+    def release(self, ip: str) -> None:
+        """Count one connection from ``ip`` less (in the background)."""
+
+    def mirror(self, counter: ConnectionCounter) -> None:
+        """Publish this instance's counts whenever the shared store (re)connects."""
 
 
 class MovingWindow:
@@ -144,3 +169,7 @@ class ConnectionCounter:
 
     def of(self, ip: str) -> int:
         return self._by_ip.get(ip, 0)
+
+    def by_ip(self) -> dict[str, int]:
+        """A copy of the open connections per IP."""
+        return dict(self._by_ip)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ttsstream.cache.store import DiskCache
+from ttsstream.cluster.connections import SharedConnections
 from ttsstream.cluster.link import RedisLink
 from ttsstream.cluster.ratelimit import SharedWindow
 from ttsstream.config import Config
@@ -81,7 +82,11 @@ def build_services(
         else None
     )
     admission = Admission(
-        config, stats, clock=clock, shared=SharedWindow(cluster) if cluster is not None else None
+        config,
+        stats,
+        clock=clock,
+        shared=SharedWindow(cluster) if cluster is not None else None,
+        shared_connections=SharedConnections(cluster) if cluster is not None else None,
     )
     speech = SpeechCache(router, store, stats)
     return Services(

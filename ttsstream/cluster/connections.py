@@ -1,0 +1,127 @@
+"""The cluster's connection caps: open connections counted over every live instance.
+
+Each instance keeps its own counts (:class:`~ttsstream.core.ratelimit.ConnectionCounter`,
+the truth for its connections) and mirrors them in a Redis hash of its own
+(client IP, hashed, and ``*`` for its total), which expires with the instance's
+lease: counts of an instance that died leave with it. Admitting a connection is
+one Lua script, which sums the live instances' hashes and, if the caps allow,
+counts the new connection in this instance's hash; a connection's end writes
+this instance's count for that IP as it now is, and every reconnection to Redis
+publishes the whole mirror again, so whatever Redis lost or missed while down is
+put right by the next write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from typing import Any
+
+from ttsstream.cluster.link import RedisLink
+from ttsstream.core.ratelimit import ConnectionCounter, LimiterUnavailable
+from ttsstream.exceptions import ServerFull, TooManyConnections
+
+__all__ = ["SharedConnections"]
+
+#: The field of an instance's hash that holds its total.
+_TOTAL = "*"
+
+_ACQUIRE = """
+local now, ip = tonumber(ARGV[1]), ARGV[2]
+local per_ip, total = tonumber(ARGV[3]), tonumber(ARGV[4])
+local prefix, me, lease = ARGV[5], ARGV[6], tonumber(ARGV[7])
+local of_ip, all = 0, 0
+for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')) do
+  local counts = redis.call('HMGET', prefix .. 'conns:' .. member, ip, '*')
+  of_ip = of_ip + (tonumber(counts[1]) or 0)
+  all = all + (tonumber(counts[2]) or 0)
+end
+if all >= total then return 2 end
+if of_ip >= per_ip then return 1 end
+local mine = prefix .. 'conns:' .. me
+redis.call('HINCRBY', mine, ip, 1)
+redis.call('HINCRBY', mine, '*', 1)
+redis.call('PEXPIRE', mine, lease)
+return 0
+"""
+
+
+def _field(ip: str) -> str:
+    return hashlib.sha256(ip.encode()).hexdigest()[:32]
+
+
+class SharedConnections:
+    """Connection caps over the cluster (a :class:`~ttsstream.core.ratelimit.SharedConnections`)."""
+
+    def __init__(self, link: RedisLink) -> None:
+        self._link = link
+        self._script: Any = None
+        self._counter: ConnectionCounter | None = None
+        self._writes: set[asyncio.Task[None]] = set()
+
+    def mirror(self, counter: ConnectionCounter) -> None:
+        self._counter = counter
+        self._link.on_up(self._publish)
+
+    async def acquire(self, ip: str, per_ip: int, total: int) -> None:
+        link = self._link
+        lease_ms = round(link.lease_seconds * 1000)
+
+        async def decide(client: Any) -> int:
+            if self._script is None:
+                self._script = client.register_script(_ACQUIRE)
+            args = [time.time(), _field(ip), per_ip, total, link.prefix, link.instance, lease_ms]
+            return int(await self._script(keys=[link.key("instances")], args=args))
+
+        verdict = await link.call(decide)
+        if verdict is None:
+            raise LimiterUnavailable("redis is not answering")
+        if verdict == 2:
+            raise ServerFull("the server has too many connections; try again later")
+        if verdict == 1:
+            raise TooManyConnections(f"at most {per_ip} connections per client")
+
+    def release(self, ip: str) -> None:
+        counter = self._counter
+        if counter is None or not self._link.up:
+            return
+        count, total = counter.of(ip), counter.total
+        link = self._link
+        key, field = link.key("conns", link.instance), _field(ip)
+
+        async def write(client: Any) -> None:
+            async with client.pipeline(transaction=True) as pipe:
+                if count:
+                    pipe.hset(key, field, count)
+                else:
+                    pipe.hdel(key, field)
+                pipe.hset(key, _TOTAL, total)
+                pipe.pexpire(key, round(link.lease_seconds * 1000))
+                await pipe.execute()
+
+        self._spawn(link.call(write))
+
+    def _publish(self) -> None:
+        """Write this instance's whole mirror (after Redis came back)."""
+        counter = self._counter
+        if counter is None:
+            return
+        link = self._link
+        key = link.key("conns", link.instance)
+        counts = {_field(ip): count for ip, count in counter.by_ip().items()}
+        counts[_TOTAL] = counter.total
+
+        async def write(client: Any) -> None:
+            async with client.pipeline(transaction=True) as pipe:
+                pipe.delete(key)
+                pipe.hset(key, mapping=counts)
+                pipe.pexpire(key, round(link.lease_seconds * 1000))
+                await pipe.execute()
+
+        self._spawn(link.call(write))
+
+    def _spawn(self, write: Any) -> None:
+        task = asyncio.ensure_future(write)
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
