@@ -17,10 +17,19 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+import redis.asyncio as aioredis
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from tests.conftest import TIMEOUT, ServerFactory, connected, speaks_fine, url_of
+from tests.conftest import (
+    TIMEOUT,
+    ServerFactory,
+    connected,
+    speaks_fine,
+    url_of,
+    wait_for_entries,
+)
+from tests.fake_edge import FakeEdge
 from tests.redis_server import RedisServer, free_port
 from ttsstream.server import Server
 
@@ -230,3 +239,33 @@ async def test_connection_caps_count_every_instance_and_a_dead_ones_lapse(
             assert link is not None and link._keeper is not None
             link._keeper.cancel()
             await until(free_again, timeout=1.0 + 2.0)
+
+
+async def test_a_text_made_on_one_instance_is_a_hit_on_another(
+    start_server: ServerFactory, redis: RedisServer, fake: FakeEdge, tmp_path: Path
+) -> None:
+    """Each instance has its own disk; an entry made on A is replayed on C from Redis
+    (``cached: true``, the same bytes and words), then kept on C's disk too."""
+    first_server = await start_server(redis_url=redis.url, cache_dir=tmp_path / "a")
+    other = await start_server(redis_url=redis.url, cache_dir=tmp_path / "c")
+    async with connected(first_server) as client:
+        await client.speak("Made once, heard everywhere.", id="a", words="batch")
+        made = await client.until_final("a")
+    assert made.final["type"] == "end" and made.messages[0]["cached"] is False
+    shared = aioredis.from_url(redis.url)
+    try:
+
+        async def stored() -> bool:
+            return len(await shared.keys("ttsstream:entry:*")) == 1
+
+        await until(stored)
+    finally:
+        await shared.aclose()
+    async with connected(other) as client:
+        await client.speak("Made once, heard everywhere.", id="c", words="batch")
+        replayed = await client.until_final("c")
+    assert replayed.messages[0]["cached"] is True
+    assert bytes(replayed.audio) == bytes(made.audio)
+    assert replayed.batched_words == made.batched_words
+    assert len(fake.records) == 1
+    await wait_for_entries(other, 1)

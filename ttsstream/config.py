@@ -124,6 +124,8 @@ class Config:
     redis_prefix: str = "ttsstream:"
     #: Seconds after which a dead instance's leases (its presence) lapse.
     redis_lease_seconds: float = 15.0
+    #: Seconds a cache entry stays in Redis for the other instances after it was written.
+    cache_shared_ttl: float = 7 * 24 * 3600.0
 
     # Connection hygiene
     #: Seconds between pings to each client (a proxy's read timeout must be longer);
@@ -315,6 +317,7 @@ _LOWER_BOUNDS: dict[str, tuple[str, float, bool]] = {
     "MAX_CONNECTIONS": ("max_connections", 1, False),
     "PING_INTERVAL": ("ping_interval", 0, True),
     "REDIS_LEASE_SECONDS": ("redis_lease_seconds", 1, False),
+    "CACHE_SHARED_TTL": ("cache_shared_ttl", 1, False),
     "IDLE_TIMEOUT": ("idle_timeout", 0, True),
     "SEND_TIMEOUT": ("send_timeout", 0, True),
     "DRAIN_TIMEOUT": ("drain_timeout", 0, False),
@@ -356,6 +359,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "REDIS_URL": ("redis_url", _optional_text, _REDIS_FORM),
     "REDIS_PREFIX": ("redis_prefix", str.strip, "printable text such as ttsstream:"),
     "REDIS_LEASE_SECONDS": ("redis_lease_seconds", _number, "seconds >= 1, such as 15"),
+    "CACHE_SHARED_TTL": ("cache_shared_ttl", _number, "seconds >= 1, such as 604800"),
     "IDLE_TIMEOUT": ("idle_timeout", _number, "seconds > 0, such as 300"),
     "SEND_TIMEOUT": ("send_timeout", _number, "seconds > 0, such as 30"),
     "HEALTH_PORT": ("health_port", _integer, "an integer from 0 to 65535"),

@@ -39,14 +39,23 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import orjson
 
 from ttsstream.engines.base import AudioFormat, WordEvent
 from ttsstream.stats import Stats
 
-__all__ = ["FORMAT_VERSION", "CacheEntry", "DiskCache", "cache_key"]
+__all__ = [
+    "FORMAT_VERSION",
+    "CacheEntry",
+    "CorruptEntry",
+    "DiskCache",
+    "SharedTier",
+    "cache_key",
+    "decode_entry",
+    "encode_entry",
+]
 
 logger = logging.getLogger("ttsstream.cache.store")
 
@@ -450,6 +459,30 @@ def _running(pid: int) -> bool:
     except PermissionError:
         return True  # it runs, as another user
     return True
+
+
+def encode_entry(entry: CacheEntry) -> bytes:
+    """An entry as stored: header, description (with the audio's SHA-256), audio."""
+    return _encode(entry)
+
+
+def decode_entry(data: bytes) -> CacheEntry:
+    """An entry from what :func:`encode_entry` made.
+
+    Raises:
+        CorruptEntry: It is not whole, or its audio fails its checksum.
+    """
+    return _decode(data)
+
+
+class SharedTier(Protocol):
+    """Entries shared by a cluster's instances, behind the disk (``cluster/`` implements it)."""
+
+    async def get(self, key: str) -> CacheEntry | None:
+        """The entry, or ``None`` (missing, damaged, or the tier unavailable)."""
+
+    def put(self, key: str, entry: CacheEntry) -> None:
+        """Keep ``entry`` for the other instances (in the background)."""
 
 
 def _encode(entry: CacheEntry) -> bytes:

@@ -106,13 +106,15 @@ class RedisLink:
         with contextlib.suppress(*_FAILURES):
             await self._client.aclose()
 
-    async def call(self, operation: Callable[[Any], Awaitable[T]]) -> T | None:
-        """``operation(client)`` within OPERATION_TIMEOUT, or ``None`` if Redis is down,
+    async def call(
+        self, operation: Callable[[Any], Awaitable[T]], *, within: float = OPERATION_TIMEOUT
+    ) -> T | None:
+        """``operation(client)`` within ``within`` seconds, or ``None`` if Redis is down,
         failing or slow (then the link goes down until the keeper brings it back)."""
         if not self.up:
             return None
         try:
-            async with asyncio.timeout(OPERATION_TIMEOUT):
+            async with asyncio.timeout(within):
                 return await operation(self._client)
         except _FAILURES as exc:
             self._down(exc)

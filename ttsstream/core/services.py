@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ttsstream.cache.store import DiskCache
+from ttsstream.cluster.cache import SharedEntries
 from ttsstream.cluster.connections import SharedConnections
 from ttsstream.cluster.link import RedisLink
 from ttsstream.cluster.ratelimit import SharedWindow
@@ -88,7 +89,14 @@ def build_services(
         shared=SharedWindow(cluster) if cluster is not None else None,
         shared_connections=SharedConnections(cluster) if cluster is not None else None,
     )
-    speech = SpeechCache(router, store, stats)
+    speech = SpeechCache(
+        router,
+        store,
+        stats,
+        shared=(
+            SharedEntries(cluster, ttl=config.cache_shared_ttl) if cluster is not None else None
+        ),
+    )
     return Services(
         config=config,
         stats=stats,

@@ -23,7 +23,7 @@ from collections.abc import AsyncGenerator
 
 from ttsstream.audio.formats import MP3, Format
 from ttsstream.cache.flight import SharedSynthesis
-from ttsstream.cache.store import CacheEntry, DiskCache, cache_key
+from ttsstream.cache.store import CacheEntry, DiskCache, SharedTier, cache_key
 from ttsstream.core.router import Speech, SpeechRouter, Started
 from ttsstream.engines.base import AudioChunk, AudioFormat, SynthesisRequest, Voice, WordEvent
 from ttsstream.engines.espeak import VOICE_PREFIX
@@ -56,9 +56,18 @@ class SpeechCache:
         stats: Counters to update.
     """
 
-    def __init__(self, router: SpeechRouter, store: DiskCache | None, stats: Stats) -> None:
+    def __init__(
+        self,
+        router: SpeechRouter,
+        store: DiskCache | None,
+        stats: Stats,
+        *,
+        shared: SharedTier | None = None,
+    ) -> None:
         self.router = router
         self.store = store
+        #: The cluster's entries (Redis), looked at on a disk miss; written with the disk.
+        self.shared = shared
         self._stats = stats
         self._flights: dict[str, SharedSynthesis[Speech]] = {}
         #: Live utterances (synthesized or joined) that have no audio yet.
@@ -125,6 +134,10 @@ class SpeechCache:
         flight = self._joinable_flight(key)
         if flight is None:
             entry = self._unwritten.get(key) or await self.store.get(key)
+            if entry is None and self.shared is not None:
+                entry = await self.shared.get(key)
+                if entry is not None:  # another instance's: kept on this one's disk too
+                    self._write(key, entry, share=False)
             if entry is not None:
                 self._stats.cache_hits += 1
                 for event in _replay(entry, audio_format, words_ahead=words_ahead):
@@ -177,10 +190,7 @@ class SpeechCache:
         entry = CacheEntry(
             engine=started.engine, voice=started.voice, audio=audio, words=words, audio_ms=audio_ms
         )
-        self._unwritten[key] = entry
-        write = asyncio.create_task(self._write_later(key, entry))
-        self._writes.add(write)
-        write.add_done_callback(self._writes.discard)
+        self._write(key, entry)
 
     def _joinable_flight(self, key: str) -> SharedSynthesis[Speech] | None:
         """The synthesis of ``key`` a request may join, if any (never a failed one)."""
@@ -199,13 +209,22 @@ class SpeechCache:
         if self._writes:
             await asyncio.wait(self._writes)
 
-    async def _write_later(self, key: str, entry: CacheEntry) -> None:
+    def _write(self, key: str, entry: CacheEntry, *, share: bool = True) -> None:
+        """Keep ``entry`` in memory until it is written to disk (and the shared tier)."""
+        self._unwritten[key] = entry
+        write = asyncio.create_task(self._write_later(key, entry, share=share))
+        self._writes.add(write)
+        write.add_done_callback(self._writes.discard)
+
+    async def _write_later(self, key: str, entry: CacheEntry, *, share: bool) -> None:
         assert self.store is not None
         try:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(STORE_DELAY_MAX):
                     await self._quiet.wait()
             await self.store.put(key, entry)
+            if share and self.shared is not None:
+                self.shared.put(key, entry)
         finally:
             if self._unwritten.get(key) is entry:
                 del self._unwritten[key]
@@ -215,11 +234,8 @@ class SpeechCache:
             entry = _entry_of(events)
             if entry is None:
                 return
-            self._unwritten[key] = entry
+            self._write(key, entry)
             finished()
-            write = asyncio.create_task(self._write_later(key, entry))
-            self._writes.add(write)
-            write.add_done_callback(self._writes.discard)
 
         def finished() -> None:
             if self._flights.get(key) is flight:

@@ -1,0 +1,62 @@
+"""The cluster's shared cache tier: finished entries in Redis, behind each instance's disk.
+
+An entry written to an instance's disk is also written to Redis (the same
+checksummed bytes as on disk) with ``CACHE_SHARED_TTL``; an instance that misses
+on its disk looks there, and keeps what it finds on its own disk too. Redis
+bounds the tier by its own ``maxmemory`` with ``maxmemory-policy allkeys-lru``
+(docs/deployment.md). Writes go in the background; a read waits at most the
+link's operation deadline, as every Redis call, and a damaged entry is a miss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from ttsstream.cache.store import CacheEntry, CorruptEntry, decode_entry, encode_entry
+from ttsstream.cluster.link import RedisLink
+
+__all__ = ["SharedEntries"]
+
+logger = logging.getLogger("ttsstream.cluster")
+
+#: Reads of entries get this long (an entry is up to a few hundred KB), seconds.
+READ_TIMEOUT = 0.25
+
+
+class SharedEntries:
+    """Cache entries in Redis (a :class:`~ttsstream.cache.store.SharedTier`).
+
+    Args:
+        link: The cluster's Redis.
+        ttl: Seconds an entry is kept after it was last written.
+    """
+
+    def __init__(self, link: RedisLink, *, ttl: float) -> None:
+        self._link = link
+        self._ttl = max(1, round(ttl))
+        self._writes: set[asyncio.Task[Any]] = set()
+
+    async def get(self, key: str) -> CacheEntry | None:
+        data = await self._link.call(
+            lambda client: client.get(self._link.key("entry", key)), within=READ_TIMEOUT
+        )
+        if not data:
+            return None
+        try:
+            return decode_entry(bytes(data))
+        except CorruptEntry as exc:
+            logger.warning("shared cache: entry %s… is damaged (%s); a miss", key[:12], exc)
+            return None
+
+    def put(self, key: str, entry: CacheEntry) -> None:
+        data = encode_entry(entry)
+        write = asyncio.ensure_future(
+            self._link.call(
+                lambda client: client.set(self._link.key("entry", key), data, ex=self._ttl),
+                within=READ_TIMEOUT,
+            )
+        )
+        self._writes.add(write)
+        write.add_done_callback(self._writes.discard)
