@@ -269,3 +269,32 @@ async def test_a_text_made_on_one_instance_is_a_hit_on_another(
     assert replayed.batched_words == made.batched_words
     assert len(fake.records) == 1
     await wait_for_entries(other, 1)
+
+
+async def test_the_upstream_cap_holds_over_the_cluster(
+    start_server: ServerFactory, redis: RedisServer, fake: FakeEdge, tmp_path: Path
+) -> None:
+    """UPSTREAM_CONCURRENCY=2 over three instances: six connections speaking different
+    texts at once, two on each instance, never hold more than two Edge syntheses
+    together; all twelve texts are spoken."""
+    fake.first_audio_delay = 0.3
+    servers = [
+        await start_server(
+            redis_url=redis.url, upstream_concurrency=2, cache_dir=tmp_path / f"c{number}"
+        )
+        for number in range(3)
+    ]
+
+    async def speak_twice(server: Server, number: int) -> list[str]:
+        async with connected(server) as client:
+            for turn in range(2):
+                await client.speak(f"Text number {number} turn {turn}.", id=f"u{turn}")
+            return [(await client.until_final(f"u{turn}")).final["type"] for turn in range(2)]
+
+    # One connection speaks its utterances one after another: two connections each.
+    outcomes = await asyncio.gather(
+        *(speak_twice(server, number) for number in range(6) for server in [servers[number % 3]])
+    )
+    assert all(outcome == ["end", "end"] for outcome in outcomes)
+    assert len(fake.records) == 12
+    assert fake.max_active == 2

@@ -23,8 +23,9 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 from ttsstream.config import Config
 from ttsstream.core.breaker import CircuitBreaker
@@ -84,6 +85,17 @@ class Started:
 Speech = Started | AudioChunk | WordEvent
 
 
+class SharedSlots(Protocol):
+    """Upstream permits counted over a cluster (``cluster/`` implements it on Redis)."""
+
+    async def take(self) -> str | None:
+        """A permit, once there is room; ``None`` if none can be had (then the
+        instance's own cap holds alone)."""
+
+    def release(self, permit: str) -> None:
+        """Give ``permit`` back (in the background)."""
+
+
 class SpeechRouter:
     """Route utterances to engines, protecting the upstream and falling back.
 
@@ -94,6 +106,8 @@ class SpeechRouter:
         breaker: Guards the online engine.
         retries: Further attempts after a failed one, while no audio was sent.
         concurrency: Most simultaneous online syntheses.
+        shared_slots: The cluster's upstream permits (the same cap over every
+            instance), or ``None`` for one instance.
         timeout: Seconds for all attempts together to produce the first audio.
         stats: Counters to update.
     """
@@ -108,6 +122,7 @@ class SpeechRouter:
         # Limits
         retries: int = 2,
         concurrency: int = 16,
+        shared_slots: SharedSlots | None = None,
         # Timeouts
         timeout: float = 15.0,
         stats: Stats | None = None,
@@ -126,6 +141,8 @@ class SpeechRouter:
         self.breaker = breaker or CircuitBreaker()
         self._retries = retries
         self._slots = asyncio.Semaphore(concurrency)
+        #: The cluster's permits (Redis), if the server is in a cluster.
+        self.shared_slots = shared_slots
         self._timeout = timeout
         self.stats = stats or Stats()
         #: Edge's voice list: how many voices it has (``None`` until fetched), and
@@ -215,7 +232,7 @@ class SpeechRouter:
                     yield event
             return
 
-        async with self._slots:
+        async with self._slots, self._cluster_permit():
             try:
                 stream, first = await self._first_audio(request)
             except UpstreamError as exc:
@@ -246,6 +263,16 @@ class SpeechRouter:
         ) as events:
             async for event in events:
                 yield event
+
+    @contextlib.asynccontextmanager
+    async def _cluster_permit(self) -> AsyncIterator[None]:
+        """Hold one of the cluster's upstream permits, if the server is in a cluster."""
+        permit = await self.shared_slots.take() if self.shared_slots is not None else None
+        try:
+            yield
+        finally:
+            if permit is not None and self.shared_slots is not None:
+                self.shared_slots.release(permit)
 
     async def _first_audio(
         self, request: SynthesisRequest
@@ -319,11 +346,13 @@ def speech_router(
     stats: Stats | None = None,
     edge: Engine | None = None,
     with_offline: bool = True,
+    shared_slots: SharedSlots | None = None,
 ) -> SpeechRouter:
     """Build the engines and the router that ``config`` describes.
 
     Args:
         config: The settings.
+        shared_slots: The cluster's upstream permits, if the server is in a cluster.
         stats: Counters to update.
         edge: The online engine; by default Edge, as ``config`` says.
         with_offline: Load the offline voice when it is installed (tests turn it off
@@ -365,6 +394,7 @@ def speech_router(
         ),
         retries=config.upstream_retries,
         concurrency=config.upstream_concurrency,
+        shared_slots=shared_slots,
         timeout=config.upstream_timeout,
         stats=stats,
     )

@@ -15,6 +15,7 @@ from ttsstream.cluster.cache import SharedEntries
 from ttsstream.cluster.connections import SharedConnections
 from ttsstream.cluster.link import RedisLink
 from ttsstream.cluster.ratelimit import SharedWindow
+from ttsstream.cluster.slots import SharedSlots
 from ttsstream.config import Config
 from ttsstream.core.admission import Admission
 from ttsstream.core.router import SpeechRouter, speech_router
@@ -64,7 +65,22 @@ def build_services(
         ConfigError: A voice setting names an offline voice that is not available.
     """
     stats = Stats()
-    router = speech_router(config, stats=stats, edge=edge, with_offline=with_offline)
+    cluster = (
+        RedisLink(
+            config.redis_url, prefix=config.redis_prefix, lease_seconds=config.redis_lease_seconds
+        )
+        if config.redis_url is not None
+        else None
+    )
+    router = speech_router(
+        config,
+        stats=stats,
+        edge=edge,
+        with_offline=with_offline,
+        shared_slots=(
+            SharedSlots(cluster, config.upstream_concurrency) if cluster is not None else None
+        ),
+    )
     store = (
         DiskCache(
             config.cache_dir,
@@ -73,13 +89,6 @@ def build_services(
             memory_bytes=int(config.cache_memory_mb * 2**20),
         )
         if config.cache_enabled
-        else None
-    )
-    cluster = (
-        RedisLink(
-            config.redis_url, prefix=config.redis_prefix, lease_seconds=config.redis_lease_seconds
-        )
-        if config.redis_url is not None
         else None
     )
     admission = Admission(
