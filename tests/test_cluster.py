@@ -9,6 +9,7 @@ client's window.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,13 +24,16 @@ from websockets.exceptions import InvalidStatus
 
 from tests.conftest import (
     TIMEOUT,
+    Client,
     ServerFactory,
     connected,
+    connected_to,
     speaks_fine,
     url_of,
     wait_for_entries,
 )
 from tests.fake_edge import FakeEdge
+from tests.processes import serve_process
 from tests.redis_server import RedisServer, free_port
 from ttsstream.server import Server
 
@@ -298,3 +302,85 @@ async def test_the_upstream_cap_holds_over_the_cluster(
     assert all(outcome == ["end", "end"] for outcome in outcomes)
     assert len(fake.records) == 12
     assert fake.max_active == 2
+
+
+async def test_one_synthesis_per_text_over_the_cluster_and_live(
+    start_server: ServerFactory, redis: RedisServer, fake: FakeEdge, tmp_path: Path
+) -> None:
+    """30 identical requests spread over 3 instances at once: the upstream sees one
+    synthesis; every client gets its first audio while the upstream is still paused
+    mid-utterance (live, not a replay after the end), and the same bytes and words."""
+    fake.pause_after_chunks = 3
+    servers = [
+        await start_server(
+            redis_url=redis.url, max_connections_per_ip=100, cache_dir=tmp_path / f"c{number}"
+        )
+        for number in range(3)
+    ]
+    text = "Thirty listeners, three instances, one synthesis."
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [
+            await stack.enter_async_context(connected(servers[number % 3])) for number in range(30)
+        ]
+        for client in clients:
+            await client.speak(text, id="same", words="batch")
+
+        async def first_audio(client: Client) -> None:
+            while not client.so_far("same").audio:
+                await client.read_one()
+
+        await asyncio.wait_for(asyncio.gather(*map(first_audio, clients)), TIMEOUT)
+        assert fake.paused.is_set() and not fake.records[0].completed
+        fake.resume.set()
+        results = await asyncio.gather(*(client.until_final("same") for client in clients))
+    assert len(fake.records) == 1
+    audio = bytes(fake.records[0].audio)
+    assert all(result.final["type"] == "end" for result in results)
+    assert all(bytes(result.audio) == audio for result in results)
+    assert all(result.batched_words == results[0].batched_words for result in results)
+    assert len(results[0].batched_words) == len(text.split())
+
+
+async def test_an_owner_killed_mid_flight_leaves_no_one_hanging(
+    start_server: ServerFactory, redis: RedisServer, fake: FakeEdge, tmp_path: Path
+) -> None:
+    """The instance speaking a text is killed (-9) mid-utterance: a listener on another
+    instance that had its audio ends with upstream_unavailable (partial), in time; a
+    request after that gets the whole text from a new synthesis, never mixed audio."""
+    fake.pause_after_chunks = 3
+    owner, owner_url, _ = await serve_process(
+        fake,
+        tmp_path,
+        REDIS_URL=redis.url,
+        REDIS_LEASE_SECONDS="1",
+        UPSTREAM_TIMEOUT="3",
+        CACHE_DIR=str(tmp_path / "owner"),
+    )
+    other = await start_server(
+        redis_url=redis.url, redis_lease_seconds=1.0, upstream_timeout=3.0, cache_dir=tmp_path / "o"
+    )
+    text = "Spoken by an instance that will not live to finish it."
+    try:
+        async with connected_to(owner_url) as speaker, connected(other) as listener:
+            await speaker.speak(text, id="a")
+            while not speaker.so_far("a").audio:
+                await speaker.read_one()
+            await listener.speak(text, id="b")
+            while not listener.so_far("b").audio:
+                await listener.read_one()
+            owner.kill()
+            await owner.wait()
+            started = asyncio.get_running_loop().time()
+            ended = (await listener.until_final("b")).final
+            assert ended["code"] == "upstream_unavailable" and ended["partial"] is True
+            assert asyncio.get_running_loop().time() - started < 3.0 + 2.0
+            fake.pause_after_chunks = None
+            await listener.speak(text, id="c")
+            again = await listener.until_final("c")
+        assert again.final["type"] == "end"
+        assert len(fake.records) == 2
+        assert bytes(again.audio) == bytes(fake.records[1].audio)
+    finally:
+        if owner.returncode is None:
+            owner.kill()
+            await owner.wait()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from ttsstream.cache.store import DiskCache
 from ttsstream.cluster.cache import SharedEntries
 from ttsstream.cluster.connections import SharedConnections
+from ttsstream.cluster.flights import SharedFlights
 from ttsstream.cluster.link import RedisLink
 from ttsstream.cluster.ratelimit import SharedWindow
 from ttsstream.cluster.slots import SharedSlots
@@ -104,6 +105,9 @@ def build_services(
         stats,
         shared=(
             SharedEntries(cluster, ttl=config.cache_shared_ttl) if cluster is not None else None
+        ),
+        flights=(
+            SharedFlights(cluster, timeout=config.upstream_timeout) if cluster is not None else None
         ),
     )
     return Services(

@@ -19,7 +19,8 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Protocol
 
 from ttsstream.audio.formats import MP3, Format
 from ttsstream.cache.flight import SharedSynthesis
@@ -27,9 +28,10 @@ from ttsstream.cache.store import CacheEntry, DiskCache, SharedTier, cache_key
 from ttsstream.core.router import Speech, SpeechRouter, Started
 from ttsstream.engines.base import AudioChunk, AudioFormat, SynthesisRequest, Voice, WordEvent
 from ttsstream.engines.espeak import VOICE_PREFIX
+from ttsstream.exceptions import UpstreamUnavailable
 from ttsstream.stats import Stats
 
-__all__ = ["REPLAY_CHUNK_BYTES", "SpeechCache"]
+__all__ = ["REPLAY_CHUNK_BYTES", "ClusterFlights", "FlightLost", "SpeechCache"]
 
 logger = logging.getLogger("ttsstream.core.speech_cache")
 
@@ -37,6 +39,40 @@ logger = logging.getLogger("ttsstream.core.speech_cache")
 REPLAY_CHUNK_BYTES = 16 * 2**10
 #: Longest a finished utterance waits to be stored, in seconds (see SpeechCache).
 STORE_DELAY_MAX = 1.0
+
+
+#: Most times a request takes over a flight whose owner died before its first audio.
+TAKEOVERS = 3
+
+
+class FlightLost(Exception):
+    """A flight of another instance ended before its end (its owner, or Redis, is gone)."""
+
+    def __init__(self, *, audio_sent: bool) -> None:
+        super().__init__("the instance speaking this text is gone")
+        #: Whether this listener had already been given audio of it.
+        self.audio_sent = audio_sent
+
+
+class ClusterFlights(Protocol):
+    """Flights shared by a cluster's instances (``cluster/`` implements them on Redis)."""
+
+    async def claim(self, key: str) -> bool | None:
+        """Whether this instance now owns the flight of ``key``: ``False`` if another
+        does, ``None`` if that cannot be told (then the instance goes alone)."""
+
+    def publish(
+        self, key: str, events: AsyncGenerator[Speech, None]
+    ) -> AsyncGenerator[Speech, None]:
+        """The owner's events, passed on as they are and shared with other instances."""
+
+    def listen(self, key: str) -> AsyncIterator[Speech]:
+        """Another instance's flight of ``key``, from its start, live.
+
+        Raises:
+            FlightLost: It ended before its end.
+            ClientError: Its synthesis failed.
+        """
 
 
 class SpeechCache:
@@ -63,11 +99,14 @@ class SpeechCache:
         stats: Stats,
         *,
         shared: SharedTier | None = None,
+        flights: ClusterFlights | None = None,
     ) -> None:
         self.router = router
         self.store = store
         #: The cluster's entries (Redis), looked at on a disk miss; written with the disk.
         self.shared = shared
+        #: The cluster's flights (Redis): one synthesis per text over every instance.
+        self.flights = flights
         self._stats = stats
         self._flights: dict[str, SharedSynthesis[Speech]] = {}
         #: Live utterances (synthesized or joined) that have no audio yet.
@@ -146,8 +185,28 @@ class SpeechCache:
             # Another request may have started this synthesis during the disk read.
             flight = self._joinable_flight(key)
         self._stats.cache_misses += 1
+        publish = False
+        if flight is None and self.flights is not None:
+            for _ in range(TAKEOVERS):
+                owner = await self.flights.claim(key)
+                if owner is not False:
+                    publish = owner is True
+                    break
+                # Another instance is speaking this text: its events, live.
+                self._stats.coalesced += 1
+                try:
+                    async for event in self.flights.listen(key):
+                        yield event
+                    return
+                except FlightLost as lost:
+                    if lost.audio_sent:
+                        raise UpstreamUnavailable(
+                            "the instance speaking this text stopped before its end"
+                        ) from None
+                    logger.warning("flight %s…: its owner is gone; taking it over", key[:12])
+            flight = self._joinable_flight(key)
         if flight is None:
-            flight = self._start_flight(key, request)
+            flight = self._start_flight(key, request, publish=publish)
         else:
             self._stats.coalesced += 1
         # Until its first audio, this utterance holds back the storing of others.
@@ -229,7 +288,9 @@ class SpeechCache:
             if self._unwritten.get(key) is entry:
                 del self._unwritten[key]
 
-    def _start_flight(self, key: str, request: SynthesisRequest) -> SharedSynthesis[Speech]:
+    def _start_flight(
+        self, key: str, request: SynthesisRequest, *, publish: bool = False
+    ) -> SharedSynthesis[Speech]:
         async def store(events: list[Speech]) -> None:
             entry = _entry_of(events)
             if entry is None:
@@ -241,9 +302,10 @@ class SpeechCache:
             if self._flights.get(key) is flight:
                 del self._flights[key]
 
-        flight = SharedSynthesis(
-            self.router.synthesize(request), on_complete=store, on_finished=finished
-        )
+        source = self.router.synthesize(request)
+        if publish and self.flights is not None:
+            source = self.flights.publish(key, source)
+        flight = SharedSynthesis(source, on_complete=store, on_finished=finished)
         # A failed synthesis may still be here, closing its upstream: replace it.
         self._flights[key] = flight
         return flight
