@@ -4,7 +4,8 @@ Redis must never fail a request. Every operation goes through
 :meth:`RedisLink.call`, bounded by :data:`OPERATION_TIMEOUT`; a failure marks the
 link down (logged once, at the change), answers ``None`` so that the caller
 decides alone (its local limits), and a keeper task reconnects with backoff and
-brings the link back up by itself.
+brings the link back up by itself. A slow answer is also ``None``, and makes the
+keeper check Redis at once.
 
 The keeper also holds this instance's lease: a member of a sorted set scored by
 when it lapses, renewed every third of ``REDIS_LEASE_SECONDS``. The live
@@ -32,8 +33,9 @@ __all__ = ["OPERATION_TIMEOUT", "RedisLink"]
 
 logger = logging.getLogger("ttsstream.cluster")
 
-#: Longest one Redis operation may take before the instance decides alone, seconds.
-OPERATION_TIMEOUT = 0.05
+#: Longest one Redis operation may take before the instance decides alone, seconds
+#: (a loaded 2-core machine took over 50 ms now and then for a round trip).
+OPERATION_TIMEOUT = 0.2
 #: Longest a connection attempt may take, seconds.
 CONNECT_TIMEOUT = 1.0
 #: Waits between reconnection attempts, seconds: doubling from the first to the last.
@@ -71,6 +73,8 @@ class RedisLink:
         self.instances = 0
         #: Why the link is down (an error's type and message), else ``None``.
         self.error: str | None = None
+        #: Operations that took longer than their deadline (the instance decided alone).
+        self.slow = 0
         self._keeper: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._when_up: list[Callable[[], None]] = []
@@ -110,12 +114,22 @@ class RedisLink:
         self, operation: Callable[[Any], Awaitable[T]], *, within: float = OPERATION_TIMEOUT
     ) -> T | None:
         """``operation(client)`` within ``within`` seconds, or ``None`` if Redis is down,
-        failing or slow (then the link goes down until the keeper brings it back)."""
+        failing or slow.
+
+        A failure takes the link down until the keeper brings it back. A slow answer
+        only asks the keeper to check Redis at once (it goes down if Redis does not
+        answer within CONNECT_TIMEOUT): an instance whose own event loop was busy
+        must not leave the cluster for it.
+        """
         if not self.up:
             return None
         try:
             async with asyncio.timeout(within):
                 return await operation(self._client)
+        except TimeoutError:
+            self.slow += 1
+            self._wake.set()
+            return None
         except _FAILURES as exc:
             self._down(exc)
             return None
@@ -126,6 +140,7 @@ class RedisLink:
             "state": "up" if self.up else "down",
             "instances": self.instances if self.up else None,
             "error": self.error,
+            "slow_operations": self.slow,
         }
 
     async def _keep(self) -> None:
