@@ -139,6 +139,8 @@ async def test_health_is_degraded_while_the_breaker_is_open(
         },
         "fallback_voice": "espeak:auto",
         "connections": 0,
+        "cluster": "single",
+        "redis": None,
     }
     fake.refuse_status = 503
     async with connected(server) as client:
