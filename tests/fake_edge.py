@@ -115,7 +115,6 @@ VOICES = [
 @functools.cache
 def _tone() -> bytes:
     """A minute of an audible two-tone sound, encoded by LAME in the Edge format."""
-    import lameenc
 
     rate = 24_000
     samples = array.array(
@@ -125,15 +124,22 @@ def _tone() -> bytes:
             for i in range(rate * 60)
         ),
     )
+    audio = _lame(samples.tobytes())
+    assert len(audio) % FRAME_BYTES == 0, "CBR 48 kbit/s at 24 kHz: 144-byte frames"
+    return audio
+
+
+def _lame(pcm: bytes) -> bytes:
+    """24 kHz mono 16-bit PCM as MP3 in the Edge format (48 kbit/s CBR), by LAME."""
+    import lameenc
+
     encoder = lameenc.Encoder()
     encoder.set_channels(1)
     encoder.set_bit_rate(48)
-    encoder.set_in_sample_rate(rate)
-    encoder.set_out_sample_rate(rate)
+    encoder.set_in_sample_rate(24_000)
+    encoder.set_out_sample_rate(24_000)
     encoder.set_quality(7)
-    audio = bytes(encoder.encode(samples.tobytes())) + bytes(encoder.flush())
-    assert len(audio) % FRAME_BYTES == 0, "CBR 48 kbit/s at 24 kHz: 144-byte frames"
-    return audio
+    return bytes(encoder.encode(pcm)) + bytes(encoder.flush())
 
 
 def tone_frames(count: int, start: int = 0) -> bytes:
@@ -158,7 +164,6 @@ def voiced_frames(timeline: tuple[tuple[str, int, int], ...], total_frames: int)
     LAME_DELAY_SAMPLES early, so that a decoder hears each word from its offset, as
     a listener of the real service does.
     """
-    import lameenc
 
     rate = 24_000
     samples = array.array("h", bytes(2 * (total_frames * 576 + LAME_DELAY_SAMPLES)))
@@ -167,14 +172,7 @@ def voiced_frames(timeline: tuple[tuple[str, int, int], ...], total_frames: int)
         first = offset_ms * rate // 1000
         for i in range(first, first + duration_ms * rate // 1000):
             samples[i] = int(9000 * math.sin(2 * math.pi * pitch * i / rate))
-    encoder = lameenc.Encoder()
-    encoder.set_channels(1)
-    encoder.set_bit_rate(48)
-    encoder.set_in_sample_rate(rate)
-    encoder.set_out_sample_rate(rate)
-    encoder.set_quality(7)
-    pcm = samples[LAME_DELAY_SAMPLES:].tobytes()
-    audio = bytes(encoder.encode(pcm)) + bytes(encoder.flush())
+    audio = _lame(samples[LAME_DELAY_SAMPLES:].tobytes())
     assert len(audio) >= total_frames * FRAME_BYTES
     return audio[: total_frames * FRAME_BYTES]
 

@@ -10,6 +10,7 @@ proxy directive is the shipped one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -29,6 +30,7 @@ from websockets.exceptions import InvalidStatus
 from tests.conftest import TIMEOUT, Client
 from tests.fake_edge import FakeEdge
 from tests.processes import serve_process, stop
+from tests.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "nginx" / "ttsstream.conf"
@@ -182,20 +184,26 @@ class Stack:
             return results
 
 
-@pytest.fixture
-async def stack(fake: FakeEdge, tmp_path: Path) -> AsyncIterator[Stack]:
+@contextlib.asynccontextmanager
+async def nginx_in_front(
+    fake: FakeEdge, tmp_path: Path, count: int, **settings: str
+) -> AsyncIterator[Stack]:
+    """nginx with the shipped site config in front of ``count`` ttsstream processes."""
     assert Path(NGINX).exists(), "install Debian's nginx (apt-get install nginx)"
     cache = tmp_path / "shared-cache"
     instances, ports, sides = [], [], []
-    for index in range(2):
+    for index in range(count):
         workdir = tmp_path / f"instance{index}"
         workdir.mkdir()
         process, url, side = await serve_process(
             fake,
             workdir,
-            CACHE_DIR=str(cache),
-            RATE_LIMIT_REQUESTS=str(LIMIT),
-            PING_INTERVAL=str(PING_INTERVAL),
+            **{
+                "CACHE_DIR": str(cache),
+                "RATE_LIMIT_REQUESTS": str(LIMIT),
+                "PING_INTERVAL": str(PING_INTERVAL),
+                **settings,
+            },
         )
         instances.append(process)
         ports.append(int(url.rsplit(":", 1)[1].split("/")[0]))
@@ -238,6 +246,12 @@ async def stack(fake: FakeEdge, tmp_path: Path) -> AsyncIterator[Stack]:
         await asyncio.wait_for(nginx.wait(), TIMEOUT)
         for process in instances:
             await stop(process)
+
+
+@pytest.fixture
+async def stack(fake: FakeEdge, tmp_path: Path) -> AsyncIterator[Stack]:
+    async with nginx_in_front(fake, tmp_path, 2) as two:
+        yield two
 
 
 async def speaks(ws: ClientConnection, text: str = "Through nginx.") -> dict[str, Any]:
@@ -356,3 +370,49 @@ async def test_http_speech_streams_through_nginx(stack: Stack, fake: FakeEdge) -
             assert b"speech.audio.done" in await response.read()
         async with session.get(base + "/v1/models", ssl=stack.tls) as response:
             assert response.status == 200
+
+
+async def test_a_cluster_behind_nginx_is_one_server(fake: FakeEdge, tmp_path: Path) -> None:
+    """Three instances on one Redis behind the shipped nginx config: a client gets exactly
+    RATE_LIMIT_REQUESTS handshakes whichever instances nginx picks, and identical texts
+    spoken through nginx at once are one upstream synthesis."""
+    redis = RedisServer(tmp_path)
+    await redis.start()
+    try:
+        async with nginx_in_front(
+            fake, tmp_path, 3, REDIS_URL=redis.url, MAX_CONNECTIONS_PER_IP="100"
+        ) as cluster:
+            admitted = 0
+            for _ in range(3 * LIMIT):
+                try:
+                    ws = await cluster.client("127.0.0.2")
+                    await ws.close()
+                    admitted += 1
+                except InvalidStatus as refused:
+                    assert refused.response.status_code == 429
+            assert admitted == LIMIT
+            fake.pause_after_chunks = 2
+            clients = [await cluster.client(f"127.0.0.{10 + n}") for n in range(6)]
+            try:
+                spoken = await asyncio.gather(
+                    *(speaks(ws, "One text, one synthesis, three instances.") for ws in clients),
+                    _resume_when_paused(fake),
+                )
+            finally:
+                for ws in clients:
+                    await ws.close()
+            stats = await cluster.stats()
+            assert [s["redis"]["state"] for s in stats] == ["up"] * 3
+            assert max(s["redis"]["instances"] for s in stats) == 3  # the last one to start
+            assert sum(1 for s in stats if s["total_requests"]) >= 2, "nginx spread them"
+            assert len(fake.records) == 1
+            assert len({end["bytes"] for end in spoken[:-1]}) == 1
+    finally:
+        await redis.stop()
+
+
+async def _resume_when_paused(fake: FakeEdge) -> dict[str, Any]:
+    await asyncio.wait_for(fake.paused.wait(), TIMEOUT)
+    await asyncio.sleep(0.3)  # every client's request has reached an instance by now
+    fake.resume.set()
+    return {}
