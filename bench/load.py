@@ -93,7 +93,9 @@ async def speak_mode(spec: dict[str, Any]) -> dict[str, Any]:
                 return
             if not spec.get("duration") and done >= spec["requests"]:
                 return
-            if weights:
+            if spec.get("in_order"):
+                text = texts[done % len(texts)]
+            elif weights:
                 text = rng.choices(texts, weights)[0]
             elif spec.get("unique"):
                 counter += 1

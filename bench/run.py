@@ -18,6 +18,9 @@ Scenarios:
              clients minus (a), and cached first byte at 1 and 100
   6. formats each audio format live at 10 clients, first byte against mp3 in the same
              turns; the server's CPU per second of audio sent; each transcoder alone
+  7. cluster one instance in cluster mode (REDIS_URL, a local redis-server) against one
+             without, live at 100 clients; a second instance's first byte when it joins
+             the first one's synthesis of the same text; a third one's shared-tier hits
 
     .venv/bin/python bench/run.py            # the full run, a few minutes
     .venv/bin/python bench/run.py --quick    # seconds; CI runs it so it cannot rot
@@ -33,6 +36,7 @@ import json
 import os
 import platform
 import re
+import socket
 import sys
 import tempfile
 import time
@@ -194,6 +198,13 @@ async def results_of(workers: list[asyncio.subprocess.Process]) -> list[dict[str
         results.append(json.loads(path.read_text()))
         path.unlink()
     return results
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
 def split(total: int, parts: int) -> list[int]:
@@ -513,6 +524,121 @@ class Bench:
                 }
             )
         self.out["formats"] = {"clients": clients, "live": live, "encoders": encoders}
+
+    async def cluster(self) -> None:
+        port = free_port()
+        redis = await start(
+            [
+                "redis-server",
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            dict(os.environ),
+            r"(Ready to accept connections)",
+        )
+        redis_url = f"redis://127.0.0.1:{port}/0"
+        clients = 10 if self.quick else 100
+        requests = 2 if self.quick else 10
+        pairs = 3 if self.quick else 20
+        runs: dict[str, list[dict[str, Any]]] = {"single": [], "cluster": []}
+        servers: list[Process] = []
+        try:
+            with tempfile.TemporaryDirectory() as cache:
+                # A rate limit too high to refuse anything, so that every speak and
+                # handshake is decided by the limiter (in Redis, in cluster mode).
+                limits = {"RATE_LIMIT_REQUESTS": "100000000"}
+                single, single_url = await self.server(cache + "/single", **limits)
+                servers.append(single)
+                clustered = {"REDIS_URL": redis_url, **limits}
+                first, first_url = await self.server(cache + "/a", **clustered)
+                servers.append(first)
+                second, second_url = await self.server(cache + "/b", **clustered)
+                servers.append(second)
+                for repeat in range(1 if self.quick else REPEATS):
+                    for number, (name, url) in enumerate(
+                        (("single", single_url), ("cluster", first_url))
+                    ):
+                        runs[name] += await load(
+                            [
+                                {
+                                    "mode": "speak",
+                                    "url": url,
+                                    "words": "batch",
+                                    "clients": n,
+                                    "requests": requests,
+                                    "texts": [TEXT],
+                                    "unique": True,
+                                    "offset": 9 * 10**8
+                                    + repeat * 10**7
+                                    + number * 10**6
+                                    + part * 10**5,
+                                }
+                                for part, n in enumerate(split(clients, self.workers))
+                            ]
+                        )
+                alone, shared = summarize(runs["single"]), summarize(runs["cluster"])
+                # The same new text on two instances at once: one synthesizes, the
+                # other joins it through Redis; the gap between their first bytes.
+                gaps, texts = [], []
+                for number in range(pairs):
+                    text = f"{TEXT} Pair {number}."
+                    texts.append(text)
+                    both = await load(
+                        [
+                            {
+                                "mode": "speak",
+                                "url": url,
+                                "clients": 1,
+                                "requests": 1,
+                                "texts": [text],
+                            }
+                            for url in (first_url, second_url)
+                        ]
+                    )
+                    firsts = sorted(run["results"][0]["ttfb"] * 1000 for run in both)
+                    gaps.append(firsts[1] - firsts[0])
+                await asyncio.sleep(1.5)  # stored (disk, then Redis) once quiet
+                third, third_url = await self.server(cache + "/c", **clustered)
+                servers.append(third)
+                hits = await load(
+                    [
+                        {
+                            "mode": "speak",
+                            "url": third_url,
+                            "clients": 1,
+                            "requests": len(texts),
+                            "texts": texts,
+                            "in_order": True,
+                        }
+                    ]
+                )
+                tier = [r for r in hits[0]["results"] if "error" not in r]
+        finally:
+            for server in servers:
+                await stop(server)
+            await stop(redis)
+        self.out["cluster"] = {
+            "clients": clients,
+            "single_first_p50": alone["first_p50"],
+            "single_first_p99": alone["first_p99"],
+            "cluster_first_p50": shared["first_p50"],
+            "cluster_first_p99": shared["first_p99"],
+            "added_p50": shared["first_p50"] - alone["first_p50"],
+            "added_p99": shared["first_p99"] - alone["first_p99"],
+            "errors": alone["errors"] + shared["errors"],
+            "pairs": pairs,
+            "join_gap_p50": percentile(gaps, 0.5),
+            "join_gap_max": max(gaps),
+            "tier_requests": len(tier),
+            "tier_hits": sum(1 for r in tier if r.get("cached")),
+            "tier_first_p50": percentile([r["ttfb"] * 1000 for r in tier], 0.5),
+        }
 
     async def replay(self) -> None:
         levels = (1, 20) if self.quick else (1, 100, 1000)
@@ -884,6 +1010,21 @@ def markdown(out: dict[str, Any]) -> str:
             )
             + f"; all together {total:.2f}.",
         ]
+    if "cluster" in out:
+        c = out["cluster"]
+        lines += [
+            "",
+            f"**7. Cluster mode** (`REDIS_URL`, a local redis-server): live at {c['clients']} "
+            f"clients, first byte p50/p99 {c['single_first_p50']:.1f}/{c['single_first_p99']:.1f} "
+            f"ms for one instance alone, {c['cluster_first_p50']:.1f}/"
+            f"{c['cluster_first_p99']:.1f} ms in cluster mode: added {c['added_p50']:+.1f}/"
+            f"{c['added_p99']:+.1f} ms (errors {c['errors']}). The same new text asked on two "
+            f"instances at once ({c['pairs']} texts): the joiner's first byte came "
+            f"{c['join_gap_p50']:.1f} ms after the owner's (p50; at most "
+            f"{c['join_gap_max']:.1f}). Those texts on a third instance with an empty disk: "
+            f"{c['tier_hits']} of {c['tier_requests']} replayed from Redis, first byte p50 "
+            f"{c['tier_first_p50']:.1f} ms.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -892,7 +1033,7 @@ async def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--ttfa", type=float, default=0.15, help="fake first-audio delay, s")
     parser.add_argument("--speed", type=float, default=4.0, help="fake audio pace × real time")
-    scenarios = ["live", "replay", "idle", "mixed", "http", "formats"]
+    scenarios = ["live", "replay", "idle", "mixed", "http", "formats", "cluster"]
     parser.add_argument("--only", nargs="*", default=scenarios)
     parser.add_argument("--out", type=Path, default=ROOT / "bench")
     args = parser.parse_args()

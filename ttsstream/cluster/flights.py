@@ -45,6 +45,12 @@ STREAM_TTL = 60
 #: Longest one blocking read of a flight's stream waits, in ms.
 BLOCK_MS = 500
 
+# One round trip: the lock, and a clean stream for the new flight.
+_CLAIM = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
+redis.call('DEL', KEYS[2])
+return 1
+"""
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -73,13 +79,12 @@ class SharedFlights:
         ``None``: Redis cannot tell, the instance goes alone)."""
         link = self._link
         lease_ms = round(link.lease_seconds * 1000)
+        keys = [link.key("flight", key), link.key("events", key)]
         locked = await link.call(
-            lambda client: client.set(link.key("flight", key), link.instance, nx=True, px=lease_ms)
+            lambda client: client.eval(_CLAIM, 2, *keys, link.instance, lease_ms)
         )
-        if locked is None and not link.up:
+        if locked is None:
             return None
-        if locked:
-            await link.call(lambda client: client.delete(link.key("events", key)))
         return bool(locked)
 
     async def publish(

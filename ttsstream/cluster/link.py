@@ -67,7 +67,7 @@ class RedisLink:
         self.lease_seconds = lease_seconds
         #: This instance's id in the cluster (random, per process start).
         self.instance = secrets.token_hex(6)
-        #: ``starting``, ``up`` or ``down``.
+        #: ``starting``, ``up``, ``down`` or ``closed``.
         self.state = "starting"
         #: Live instances, this one included, as of the last renewal.
         self.instances = 0
@@ -103,7 +103,10 @@ class RedisLink:
             self._keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._keeper
-        if self.up:
+        was_up = self.up
+        # Closed: background writes still pending (counts, permits) now do nothing.
+        self.state = "closed"
+        if was_up:
             with contextlib.suppress(*_FAILURES):
                 async with asyncio.timeout(CONNECT_TIMEOUT):
                     await self._client.zrem(self.key("instances"), self.instance)
@@ -183,6 +186,8 @@ class RedisLink:
                 callback()
 
     def _down(self, exc: BaseException) -> None:
+        if self.state == "closed":
+            return
         error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if self.state != "down":
             logger.warning("redis: down (%s); each instance decides alone until it is back", error)
