@@ -1,10 +1,15 @@
 """One upstream call per text over the cluster, still streaming: flights in Redis.
 
 The instance that starts an Edge synthesis first takes the flight's lock (``SET
-NX`` with the instance's lease, renewed while it runs) and writes every event
-of it to a Redis Stream as it comes. An identical request on another instance
-finds the lock taken and reads that stream from its start, blocking for what
-comes next, so its client gets the audio and words live, from the first chunk.
+NX`` with the instance's lease, renewed while it runs). An identical request on
+another instance finds the lock taken, asks for the flight (a message on the
+deployment's ``want`` channel, to which each instance subscribes once), and
+reads the flight's Redis Stream from its start, blocking for what comes next.
+The owner writes a flight's events to its stream only once someone asked for
+it: first what it kept so far, then each event as it comes, so a joiner gets
+the audio and words live, from the first chunk, and a flight nobody joins costs
+Redis nothing but its lock. (Writing every flight out cost a fifth of the
+server's CPU at 100 live utterances.)
 
 If the owner dies, its lock lapses with its lease; a reader that sees the lock
 gone (or nothing new for ``UPSTREAM_TIMEOUT``) before the end is told
@@ -72,7 +77,12 @@ class SharedFlights:
     def __init__(self, link: RedisLink, *, timeout: float) -> None:
         self._link = link
         self._timeout = timeout
-        self._writers: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.Task[Any]] = set()
+        #: This instance's flights, by key: what they made so far, until another wants it.
+        self._own: dict[str, _Publication] = {}
+        #: Keys other instances asked for lately, and when (a want may come first).
+        self._wanted: dict[str, float] = {}
+        self._subscriber: asyncio.Task[None] | None = None
 
     async def claim(self, key: str) -> bool | None:
         """Whether this instance now owns the flight of ``key`` (``False``: another does;
@@ -93,22 +103,23 @@ class SharedFlights:
         """``events`` as they come, each also written to the flight's stream, in order, by
         a writer task (the owner's own clients never wait for Redis), which gives the
         lock back after the last."""
-        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
-        writer = asyncio.create_task(self._write(key, queue))
-        self._writers.add(writer)
-        writer.add_done_callback(self._writers.discard)
+        self._subscribe()
+        publication = self._own[key] = _Publication(self, key)
+        if self._wanted.pop(key, None) is not None:
+            publication.want()
         final: dict[str, Any] = {"k": "gone"}
         try:
             async for event in events:
-                queue.put_nowait(_encode(event))
+                publication.add(event)
                 yield event
             final = {"k": "end"}
         except Exception as exc:
             final = {"k": "error", "code": error_code(exc), "message": str(exc)}
             raise
         finally:
-            queue.put_nowait(final)
-            queue.put_nowait(None)
+            if self._own.get(key) is publication:
+                del self._own[key]
+            publication.end(final)
             await events.aclose()
 
     async def listen(self, key: str) -> AsyncIterator[Speech]:
@@ -121,6 +132,7 @@ class SharedFlights:
         link = self._link
         stream, lock = link.key("events", key), link.key("flight", key)
         loop = asyncio.get_running_loop()
+        await self._want(key)
         last = "0-0"
         audio_sent = False
         quiet_since = loop.time()
@@ -137,6 +149,8 @@ class SharedFlights:
                 owner = await link.call(lambda client: client.exists(lock))
                 if not owner or loop.time() - quiet_since > self._timeout:
                     raise FlightLost(audio_sent=audio_sent)
+                if last == "0-0":  # nothing yet: the owner may have missed the first ask
+                    await self._want(key)
                 continue
             quiet_since = loop.time()
             for entry_id, fields in entries:
@@ -152,6 +166,56 @@ class SharedFlights:
                 event = _decode(kind, fields)
                 audio_sent = audio_sent or isinstance(event, AudioChunk)
                 yield event
+
+    async def _want(self, key: str) -> None:
+        """Ask the owner of ``key``'s flight, whichever instance it is, to write it out."""
+        link = self._link
+        await link.call(lambda client: client.publish(link.key("want"), key))
+
+    def _subscribe(self) -> None:
+        """Listen for other instances' asks (one subscription per instance)."""
+        if self._subscriber is None or self._subscriber.done():
+            self._subscriber = asyncio.create_task(self._asked(), name="flights-wanted")
+            self._link.on_close(self._subscriber.cancel)
+
+    async def _asked(self) -> None:
+        link = self._link
+        while link.state != "closed":
+            if not link.up:
+                await asyncio.sleep(0.5)
+                continue
+            try:
+                async with link.client.pubsub() as pubsub:
+                    await pubsub.subscribe(link.key("want"))
+                    while link.state != "closed":
+                        message = await pubsub.get_message(
+                            ignore_subscribe_messages=True, timeout=1.0
+                        )
+                        if message is not None:
+                            self._on_want(message["data"].decode())
+            except Exception as exc:  # Redis went away: subscribe again once it is back
+                logger.debug("flights: subscription lost (%s)", type(exc).__name__)
+                await asyncio.sleep(0.5)
+
+    def _on_want(self, key: str) -> None:
+        publication = self._own.get(key)
+        if publication is not None:
+            publication.want()
+            return
+        # Not (yet) this instance's: remembered for a moment in case its flight starts now.
+        now = asyncio.get_running_loop().time()
+        self._wanted = {k: t for k, t in self._wanted.items() if now - t < 5.0}
+        self._wanted[key] = now
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.ensure_future(work)
+        self._writers.add(task)
+        task.add_done_callback(self._writers.discard)
+
+    async def _release_lock(self, key: str) -> None:
+        link = self._link
+        lock = link.key("flight", key)
+        await link.call(lambda client: client.eval(_RELEASE, 1, lock, link.instance))
 
     async def _write(self, key: str, queue: asyncio.Queue[dict[str, Any] | None]) -> None:
         link = self._link
@@ -175,7 +239,42 @@ class SharedFlights:
                 await link.call(add, within=1.0)
             if None in batch:
                 break
-        await link.call(lambda client: client.eval(_RELEASE, 1, lock, link.instance))
+        await self._release_lock(key)
+
+
+class _Publication:
+    """One flight of this instance: its events kept until another instance asks for
+    them, then written out (what was kept, and the rest as it comes)."""
+
+    def __init__(self, flights: SharedFlights, key: str) -> None:
+        self._flights = flights
+        self._key = key
+        self._kept: list[dict[str, Any]] = []
+        self._queue: asyncio.Queue[dict[str, Any] | None] | None = None
+
+    def add(self, event: Speech) -> None:
+        fields = _encode(event)
+        if self._queue is None:
+            self._kept.append(fields)
+        else:
+            self._queue.put_nowait(fields)
+
+    def want(self) -> None:
+        if self._queue is not None:
+            return
+        self._queue = asyncio.Queue()
+        for fields in self._kept:
+            self._queue.put_nowait(fields)
+        self._kept = []
+        self._flights._spawn(self._flights._write(self._key, self._queue))
+
+    def end(self, final: dict[str, Any]) -> None:
+        if self._queue is None:  # nobody asked: only the lock to give back
+            self._kept = []
+            self._flights._spawn(self._flights._release_lock(self._key))
+            return
+        self._queue.put_nowait(final)
+        self._queue.put_nowait(None)
 
 
 def _encode(event: Speech) -> dict[str, Any]:

@@ -78,6 +78,16 @@ class RedisLink:
         self._keeper: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._when_up: list[Callable[[], None]] = []
+        self._when_closing: list[Callable[[], Any]] = []
+
+    @property
+    def client(self) -> Any:
+        """The redis-py client, for what :meth:`call` cannot bound (a subscription)."""
+        return self._client
+
+    def on_close(self, callback: Callable[[], Any]) -> None:
+        """Call ``callback`` when the link closes (to stop what uses it)."""
+        self._when_closing.append(callback)
 
     def on_up(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` each time the link comes up (to publish what Redis may lack)."""
@@ -106,6 +116,8 @@ class RedisLink:
         was_up = self.up
         # Closed: background writes still pending (counts, permits) now do nothing.
         self.state = "closed"
+        for callback in self._when_closing:
+            callback()
         if was_up:
             with contextlib.suppress(*_FAILURES):
                 async with asyncio.timeout(CONNECT_TIMEOUT):
