@@ -83,6 +83,9 @@ class SharedFlights:
         #: Keys other instances asked for lately, and when (a want may come first).
         self._wanted: dict[str, float] = {}
         self._subscriber: asyncio.Task[None] | None = None
+        # Subscribed from the start (an ask made before would be lost), and again
+        # whenever Redis comes back.
+        link.on_up(self._subscribe)
 
     async def claim(self, key: str) -> bool | None:
         """Whether this instance now owns the flight of ``key`` (``False``: another does;
