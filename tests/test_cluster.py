@@ -432,3 +432,30 @@ async def test_redis_killed_under_load_fails_no_utterance(
         await until(both_up, timeout=5.0)
         await turn(4)
     assert outcomes == ["end"] * 250
+
+
+async def test_a_flight_longer_than_a_lease_is_still_one(
+    start_server: ServerFactory, redis: RedisServer, fake: FakeEdge, tmp_path: Path
+) -> None:
+    """An owner's synthesis that outlasts REDIS_LEASE_SECONDS keeps its lock: the same
+    text asked on another instance then joins it instead of calling Microsoft again."""
+    fake.pause_after_chunks = 2
+    owner, other = [
+        await start_server(
+            redis_url=redis.url, redis_lease_seconds=1.0, cache_dir=tmp_path / f"c{number}"
+        )
+        for number in range(2)
+    ]
+    text = "A long text, spoken for longer than a lease."
+    async with connected(owner) as speaker, connected(other) as listener:
+        await speaker.speak(text, id="a")
+        await asyncio.wait_for(fake.paused.wait(), TIMEOUT)
+        await asyncio.sleep(1.5)  # longer than the lease
+        await listener.speak(text, id="b")
+        while not listener.so_far("b").audio:
+            await listener.read_one()
+        fake.resume.set()
+        first, second = await speaker.until_final("a"), await listener.until_final("b")
+    assert first.final["type"] == second.final["type"] == "end"
+    assert len(fake.records) == 1
+    assert bytes(second.audio) == bytes(first.audio)

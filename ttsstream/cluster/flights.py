@@ -215,6 +215,14 @@ class SharedFlights:
         self._writers.add(task)
         task.add_done_callback(self._writers.discard)
 
+    async def _renew_lock(self, key: str) -> None:
+        link = self._link
+        lock = link.key("flight", key)
+        lease_ms = round(link.lease_seconds * 1000)
+        while True:
+            await asyncio.sleep(link.lease_seconds / 3)
+            await link.call(lambda client: client.pexpire(lock, lease_ms))
+
     async def _release_lock(self, key: str) -> None:
         link = self._link
         lock = link.key("flight", key)
@@ -254,6 +262,9 @@ class _Publication:
         self._key = key
         self._kept: list[dict[str, Any]] = []
         self._queue: asyncio.Queue[dict[str, Any] | None] | None = None
+        # The lock is renewed while the flight runs, asked for or not: a text that
+        # takes longer than a lease is still one flight.
+        self._renewal = asyncio.ensure_future(flights._renew_lock(key))
 
     def add(self, event: Speech) -> None:
         fields = _encode(event)
@@ -272,6 +283,7 @@ class _Publication:
         self._flights._spawn(self._flights._write(self._key, self._queue))
 
     def end(self, final: dict[str, Any]) -> None:
+        self._renewal.cancel()
         if self._queue is None:  # nobody asked: only the lock to give back
             self._kept = []
             self._flights._spawn(self._flights._release_lock(self._key))
