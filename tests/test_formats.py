@@ -365,6 +365,9 @@ async def test_http_formats_and_their_errors(server: Server, fake: FakeEdge) -> 
             assert events[-1]["type"] == "speech.audio.done"
             samples, rate = decode("wav", audio)
             assert audio[:4] == b"RIFF" and rate == SAMPLE_RATE and rms(samples) > 1000
+        # Counted by format as a WebSocket utterance is.
+        assert server.stats.outcomes_by_interface["http", "ok"] == 3
+        assert server.stats.snapshot()["formats"] == {"wav": 2, "webm": 1}
         async with session.post(
             http_of(server) + "/tts", json={"text": TEXT, "format": "mp4"}
         ) as response:

@@ -145,7 +145,7 @@ class Transcoder:
             return self._take()
         frame = av.AudioFrame(format="s16", layout="mono", samples=samples)
         frame.sample_rate = sample_rate
-        frame.planes[0].update(pcm[: samples * 2])
+        frame.planes[0].update(pcm if len(pcm) == samples * 2 else pcm[: samples * 2])
         if sample_rate != SAMPLE_RATE:
             if self._pcm_resampler is None:
                 self._pcm_resampler = av.AudioResampler(

@@ -230,8 +230,7 @@ class SharedFlights:
 
     async def _write(self, key: str, queue: asyncio.Queue[dict[str, Any] | None]) -> None:
         link = self._link
-        stream, lock = link.key("events", key), link.key("flight", key)
-        lease_ms = round(link.lease_seconds * 1000)
+        stream = link.key("events", key)
         while True:
             batch = [await queue.get()]
             while not queue.empty():
@@ -242,8 +241,7 @@ class SharedFlights:
                 async with client.pipeline(transaction=False) as pipe:
                     for fields in entries:
                         pipe.xadd(stream, fields)
-                    pipe.expire(stream, STREAM_TTL)
-                    pipe.pexpire(lock, lease_ms)  # the owner is alive: its lock is renewed
+                    pipe.expire(stream, STREAM_TTL)  # the lock is renewed apart
                     await pipe.execute()
 
             if entries:

@@ -166,11 +166,8 @@ class RedisLink:
                 async with asyncio.timeout(wait):
                     await self._wake.wait()
             self._wake.clear()
-            was_up = self.up
             await self._renew()
             backoff = BACKOFF_FIRST if self.up else min(backoff * 2, BACKOFF_MAX)
-            if not was_up and self.up:
-                backoff = BACKOFF_FIRST
 
     async def _renew(self) -> None:
         """Renew this instance's lease and count the live ones; up or down by the result."""
