@@ -459,3 +459,66 @@ async def test_a_flight_longer_than_a_lease_is_still_one(
     assert first.final["type"] == second.final["type"] == "end"
     assert len(fake.records) == 1
     assert bytes(second.audio) == bytes(first.audio)
+
+
+async def test_a_permit_given_back_is_taken_at_once_on_any_instance(
+    redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With one permit for the cluster, a waiter gets it as soon as it is given back,
+    by the same instance or another (the release is announced), not at its next
+    recheck (made an hour here); waiters on one instance get it in their order."""
+    from ttsstream.cluster import slots as slots_module
+    from ttsstream.cluster.link import RedisLink
+    from ttsstream.cluster.slots import SharedSlots
+
+    monkeypatch.setattr(slots_module, "RECHECK", 3600.0)
+    links = [RedisLink(redis.url, prefix="slots-test:", lease_seconds=15) for _ in range(2)]
+    here, there = (SharedSlots(link, 1) for link in links)
+    for link in links:
+        await link.start()
+    try:
+        await until(lambda: _subscribed(redis.url, 2))
+        held = await here.take()
+        assert held is not None
+        got: list[str] = []
+
+        async def wait(slots: SharedSlots, name: str) -> str | None:
+            permit = await slots.take()
+            got.append(name)
+            return permit
+
+        first = asyncio.create_task(wait(there, "there"))  # another instance
+        await asyncio.sleep(0.2)
+        assert not first.done()  # the cluster is full
+        here.release(held)
+        async with asyncio.timeout(TIMEOUT):
+            other = await first
+        assert other is not None and got == ["there"]
+        # Two waiters on one instance, the permit given back by another.
+        second = asyncio.create_task(wait(here, "here-1"))
+        third = asyncio.create_task(wait(here, "here-2"))
+        await asyncio.sleep(0.2)
+        assert not second.done() and not third.done()
+        there.release(other)
+        async with asyncio.timeout(TIMEOUT):
+            after = await second
+        assert after is not None and got == ["there", "here-1"]
+        await asyncio.sleep(0.2)
+        assert not third.done()
+        here.release(after)  # and by the same instance
+        async with asyncio.timeout(TIMEOUT):
+            last = await third
+        assert last is not None and got == ["there", "here-1", "here-2"]
+        here.release(last)
+    finally:
+        for link in links:
+            await link.aclose()
+
+
+async def _subscribed(url: str, count: int) -> bool:
+    client = aioredis.from_url(url)
+    try:
+        numbers = await client.pubsub_numsub("slots-test:upstream-freed")
+        return bool(numbers and numbers[0][1] >= count)
+    finally:
+        await client.aclose()

@@ -82,10 +82,9 @@ class SharedFlights:
         self._own: dict[str, _Publication] = {}
         #: Keys other instances asked for lately, and when (a want may come first).
         self._wanted: dict[str, float] = {}
-        self._subscriber: asyncio.Task[None] | None = None
         # Subscribed from the start (an ask made before would be lost), and again
         # whenever Redis comes back.
-        link.on_up(self._subscribe)
+        link.listen("want", self._on_want)
 
     async def claim(self, key: str) -> bool | None:
         """Whether this instance now owns the flight of ``key`` (``False``: another does;
@@ -100,13 +99,15 @@ class SharedFlights:
             return None
         return bool(locked)
 
+    def give_back(self, key: str) -> None:
+        self._spawn(self._release_lock(key))
+
     async def publish(
         self, key: str, events: AsyncGenerator[Speech, None]
     ) -> AsyncGenerator[Speech, None]:
         """``events`` as they come, each also written to the flight's stream, in order, by
         a writer task (the owner's own clients never wait for Redis), which gives the
         lock back after the last."""
-        self._subscribe()
         publication = self._own[key] = _Publication(self, key)
         if self._wanted.pop(key, None) is not None:
             publication.want()
@@ -172,35 +173,10 @@ class SharedFlights:
 
     async def _want(self, key: str) -> None:
         """Ask the owner of ``key``'s flight, whichever instance it is, to write it out."""
-        link = self._link
-        await link.call(lambda client: client.publish(link.key("want"), key))
+        await self._link.publish("want", key)
 
-    def _subscribe(self) -> None:
-        """Listen for other instances' asks (one subscription per instance)."""
-        if self._subscriber is None or self._subscriber.done():
-            self._subscriber = asyncio.create_task(self._asked(), name="flights-wanted")
-            self._link.on_close(self._subscriber.cancel)
-
-    async def _asked(self) -> None:
-        link = self._link
-        while link.state != "closed":
-            if not link.up:
-                await asyncio.sleep(0.5)
-                continue
-            try:
-                async with link.client.pubsub() as pubsub:
-                    await pubsub.subscribe(link.key("want"))
-                    while link.state != "closed":
-                        message = await pubsub.get_message(
-                            ignore_subscribe_messages=True, timeout=1.0
-                        )
-                        if message is not None:
-                            self._on_want(message["data"].decode())
-            except Exception as exc:  # Redis went away: subscribe again once it is back
-                logger.debug("flights: subscription lost (%s)", type(exc).__name__)
-                await asyncio.sleep(0.5)
-
-    def _on_want(self, key: str) -> None:
+    def _on_want(self, data: bytes) -> None:
+        key = data.decode()
         publication = self._own.get(key)
         if publication is not None:
             publication.want()

@@ -7,6 +7,10 @@ decides alone (its local limits), and a keeper task reconnects with backoff and
 brings the link back up by itself. A slow answer is also ``None``, and makes the
 keeper check Redis at once.
 
+Messages between instances (pub/sub) come through one subscription per
+instance, for every channel a part registered with :meth:`RedisLink.listen`,
+made again whenever Redis comes back.
+
 The keeper also holds this instance's lease: a member of a sorted set scored by
 when it lapses, renewed every third of ``REDIS_LEASE_SECONDS``. The live
 instances are the members whose lease has not lapsed, so an instance killed
@@ -79,6 +83,8 @@ class RedisLink:
         self._wake = asyncio.Event()
         self._when_up: list[Callable[[], None]] = []
         self._when_closing: list[Callable[[], Any]] = []
+        self._channels: dict[str, Callable[[bytes], None]] = {}
+        self._listener: asyncio.Task[None] | None = None
 
     @property
     def client(self) -> Any:
@@ -93,6 +99,17 @@ class RedisLink:
         """Call ``callback`` each time the link comes up (to publish what Redis may lack)."""
         self._when_up.append(callback)
 
+    def listen(self, channel: str, callback: Callable[[bytes], None]) -> None:
+        """Call ``callback(data)`` for each message published on ``channel`` (of this
+        deployment) by any instance; registered before :meth:`start`. Messages sent
+        while Redis is down or the subscription is being made again are lost, so a
+        listener must not depend on every one."""
+        self._channels[self.key(channel)] = callback
+
+    async def publish(self, channel: str, data: str) -> None:
+        """Publish ``data`` on ``channel`` to every instance's listener (this one's too)."""
+        await self.call(lambda client: client.publish(self.key(channel), data))
+
     def key(self, *parts: str) -> str:
         """A key in this deployment's namespace."""
         return self.prefix + ":".join(parts)
@@ -106,13 +123,16 @@ class RedisLink:
         the link and the lease."""
         await self._renew()
         self._keeper = asyncio.create_task(self._keep(), name="redis-keeper")
+        if self._channels:
+            self._listener = asyncio.create_task(self._listen(), name="redis-listener")
 
     async def aclose(self) -> None:
-        """Stop the keeper, leave the cluster, close the connections."""
-        if self._keeper is not None:
-            self._keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._keeper
+        """Stop the keeper and the listener, leave the cluster, close the connections."""
+        for task in (self._keeper, self._listener):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         was_up = self.up
         # Closed: background writes still pending (counts, permits) now do nothing.
         self.state = "closed"
@@ -157,6 +177,27 @@ class RedisLink:
             "error": self.error,
             "slow_operations": self.slow,
         }
+
+    async def _listen(self) -> None:
+        """Hold the subscription to every registered channel, made again after a failure."""
+        while True:
+            if not self.up:
+                await asyncio.sleep(0.25)
+                continue
+            try:
+                async with self._client.pubsub() as pubsub:
+                    await pubsub.subscribe(*self._channels)
+                    while True:
+                        message = await pubsub.get_message(
+                            ignore_subscribe_messages=True, timeout=1.0
+                        )
+                        if message is not None:
+                            callback = self._channels.get(message["channel"].decode())
+                            if callback is not None:
+                                callback(message["data"])
+            except _FAILURES as exc:  # Redis went away: subscribe again once it is back
+                logger.debug("redis: subscription lost (%s)", type(exc).__name__)
+                await asyncio.sleep(0.25)
 
     async def _keep(self) -> None:
         backoff = BACKOFF_FIRST

@@ -5,14 +5,22 @@ Microsoft throttles per egress address, which a cluster usually shares. A
 permit is a member of a sorted set scored by when it lapses; taking one is one
 Lua script (drop the lapsed, count, add if there is room). A held permit is
 renewed every third of ``REDIS_LEASE_SECONDS``, so the permits of an instance
-that died lapse with its lease. While the cluster is full, a synthesis waits,
-asking again every 20 to 100 ms; while Redis is down, each instance is held to
+that died lapse with its lease. While Redis is down, each instance is held to
 its own cap alone.
+
+While the cluster is full, a synthesis waits in its instance's queue, in the
+order they came. Giving a permit back is one script that also announces it on
+the ``upstream-freed`` channel; each instance then lets its first waiter ask
+again (and the giver does so at once), so a freed permit is taken within a
+round trip or two, as a local semaphore would hand it on. A waiter also asks
+again every :data:`RECHECK` seconds, for permits that lapse without a word
+(their instance died) and announcements lost while Redis was away.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import time
@@ -22,15 +30,24 @@ from ttsstream.cluster.link import RedisLink
 
 __all__ = ["SharedSlots"]
 
+# The room left after taking a permit, or -1 when the cluster is full.
 _TAKE = """
 local now, cap = tonumber(ARGV[1]), tonumber(ARGV[2])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) >= cap then return 0 end
+local held = redis.call('ZCARD', KEYS[1])
+if held >= cap then return -1 end
 redis.call('ZADD', KEYS[1], tonumber(ARGV[4]), ARGV[3])
+return cap - held - 1
+"""
+_GIVE = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('PUBLISH', ARGV[2], ARGV[3])
 return 1
 """
-#: Waits between asks while the cluster is full, seconds: growing from the first to the last.
-POLL_FIRST, POLL_MAX = 0.02, 0.1
+#: Longest a waiter waits for an announced release before asking again, seconds.
+RECHECK = 0.25
+#: The channel on which released permits are announced.
+FREED = "upstream-freed"
 
 
 class SharedSlots:
@@ -39,45 +56,89 @@ class SharedSlots:
     def __init__(self, link: RedisLink, cap: int) -> None:
         self._link = link
         self._cap = cap
-        self._script: Any = None
+        self._take_script: Any = None
+        self._give_script: Any = None
         self._numbers = itertools.count()
         self._renewals: dict[str, asyncio.Task[None]] = {}
         self._writes: set[asyncio.Task[Any]] = set()
+        #: This instance's syntheses waiting for the cluster to have room, in order.
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        link.listen(FREED, self._on_freed)
 
     async def take(self) -> str | None:
         """A permit once the cluster has room; ``None`` when Redis cannot tell (then the
         instance's own cap holds alone)."""
         link = self._link
         member = f"{link.instance}:{next(self._numbers)}"
-        wait = POLL_FIRST
+        # Behind those already waiting, if any: they came first.
+        queued = bool(self._waiters)
         while True:
+            if queued:
+                await self._wait_turn()
 
             async def ask(client: Any) -> int:
-                if self._script is None:
-                    self._script = client.register_script(_TAKE)
+                if self._take_script is None:
+                    self._take_script = client.register_script(_TAKE)
                 now = time.time()
                 args = [now, self._cap, member, now + link.lease_seconds]
-                return int(await self._script(keys=[link.key("upstream")], args=args))
+                return int(await self._take_script(keys=[link.key("upstream")], args=args))
 
-            granted = await link.call(ask)
-            if granted is None:
+            room = await link.call(ask)
+            if room is None:
                 return None
-            if granted:
+            if room >= 0:
+                if room > 0:
+                    self._wake_one()  # room for the next waiter too
                 self._renewals[member] = asyncio.create_task(self._renew(member))
                 return member
-            await asyncio.sleep(wait)
-            wait = min(wait * 2, POLL_MAX)
+            queued = True
 
     def release(self, permit: str) -> None:
         renewal = self._renewals.pop(permit, None)
         if renewal is not None:
             renewal.cancel()
-        link = self._link
-        write = asyncio.ensure_future(
-            link.call(lambda client: client.zrem(link.key("upstream"), permit))
-        )
+        write = asyncio.ensure_future(self._give(permit))
         self._writes.add(write)
         write.add_done_callback(self._writes.discard)
+
+    async def _give(self, permit: str) -> None:
+        link = self._link
+
+        async def give(client: Any) -> Any:
+            if self._give_script is None:
+                self._give_script = client.register_script(_GIVE)
+            args = [permit, link.key(FREED), link.instance]
+            return await self._give_script(keys=[link.key("upstream")], args=args)
+
+        await link.call(give)
+        self._wake_one()  # this instance's first waiter asks at once
+
+    async def _wait_turn(self) -> None:
+        """Wait until a permit is given back somewhere, or RECHECK passes."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(RECHECK):
+                    await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._wake_one()  # woken, but gone: the turn passes on
+            raise
+        finally:
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(waiter)
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _on_freed(self, data: bytes) -> None:
+        if data.decode() != self._link.instance:  # this instance's own were woken already
+            self._wake_one()
 
     async def _renew(self, member: str) -> None:
         link = self._link

@@ -61,6 +61,9 @@ class ClusterFlights(Protocol):
         """Whether this instance now owns the flight of ``key``: ``False`` if another
         does, ``None`` if that cannot be told (then the instance goes alone)."""
 
+    def give_back(self, key: str) -> None:
+        """Give back a claim of ``key`` that this instance will not fly (in the background)."""
+
     def publish(
         self, key: str, events: AsyncGenerator[Speech, None]
     ) -> AsyncGenerator[Speech, None]:
@@ -171,10 +174,11 @@ class SpeechCache:
         _, audio_format = self.router.online_engine
         key = self.key_of(request)
         flight = self._joinable_flight(key)
+        claimed: bool | None = None  # the cluster flight's claim, if made with the lookup
         if flight is None:
             entry = self._unwritten.get(key) or await self.store.get(key)
             if entry is None and self.shared is not None:
-                entry = await self.shared.get(key)
+                entry, claimed = await self._shared_lookup(key)
                 if entry is not None:  # another instance's: kept on this one's disk too
                     self._write(key, entry, share=False)
             if entry is not None:
@@ -186,9 +190,14 @@ class SpeechCache:
             flight = self._joinable_flight(key)
         self._stats.cache_misses += 1
         publish = False
+        if flight is not None and claimed and self.flights is not None:
+            self.flights.give_back(key)
         if flight is None and self.flights is not None:
-            for _ in range(TAKEOVERS):
-                owner = await self.flights.claim(key)
+            for attempt in range(TAKEOVERS):
+                if attempt == 0 and claimed is not None:
+                    owner: bool | None = claimed
+                else:
+                    owner = await self.flights.claim(key)
                 if owner is not False:
                     publish = owner is True
                     break
@@ -224,6 +233,18 @@ class SpeechCache:
         finally:
             if waiting:
                 self._started()
+
+    async def _shared_lookup(self, key: str) -> tuple[CacheEntry | None, bool | None]:
+        """The shared tier's entry of ``key``, and the cluster flight's claim asked at the
+        same time (one wait for Redis on a miss instead of two; a hit gives the claim
+        back). The claim is ``None`` when not asked or not known."""
+        assert self.shared is not None
+        if self.flights is None:
+            return await self.shared.get(key), None
+        entry, claimed = await asyncio.gather(self.shared.get(key), self.flights.claim(key))
+        if entry is not None and claimed:
+            self.flights.give_back(key)
+        return entry, claimed
 
     def keep_made(
         self,
