@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import ipaddress
 import json
 import re
 import shlex
@@ -143,35 +144,55 @@ async def test_healthcheck_command_works_against_a_server(fake: FakeEdge, tmp_pa
     assert await asyncio.wait_for(down.wait(), TIMEOUT) != 0
 
 
-def test_compose_runs_instances_behind_the_shipped_nginx_config() -> None:
-    """docker-compose.yml: nginx with nginx/ttsstream.conf, one instance per upstream line,
-    a shared cache volume, restarts, .env, and time to drain."""
+def test_compose_runs_a_scalable_cluster_behind_the_shipped_nginx_config() -> None:
+    """docker-compose.yml: nginx with nginx/ttsstream.conf and the compose upstream, one
+    `ttsstream` service that scales (no fixed names or published ports) on Redis, a
+    shared cache volume, restarts, .env, time to drain, and nginx's network trusted."""
     compose: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
     nginx = services["nginx"]
-    mounts = [volume.split(":") for volume in nginx["volumes"]]
-    config_mount = next(m for m in mounts if m[0].endswith("ttsstream.conf"))
-    assert (ROOT / config_mount[0]).resolve() == ROOT / "nginx" / "ttsstream.conf"
-    assert config_mount[1].startswith("/etc/nginx/conf.d/")
+    mounts = {Path(m.split(":")[0]).name: m.split(":")[1] for m in nginx["volumes"]}
+    assert mounts["ttsstream.conf"].startswith("/etc/nginx/conf.d/")
+    assert mounts["upstream-compose.conf"].startswith("/etc/nginx/conf.d/")
     assert {"80:80", "443:443"} <= set(nginx["ports"])
+    # `resolve` in an upstream needs nginx 1.27.3 or later.
+    version = tuple(int(part) for part in nginx["image"].split(":")[1].split("."))
+    assert version >= (1, 27), nginx["image"]
 
-    upstream_ports = re.findall(
-        r"^    server 127\.0\.0\.1:(\d+)", (ROOT / "nginx/ttsstream.conf").read_text(), re.M
-    )
-    instances = {name: s for name, s in services.items() if name.startswith("ttsstream")}
-    assert sorted(s["environment"]["PORT"] for s in instances.values()) == upstream_ports
-    for service in instances.values():
-        assert service["build"] == "."
-        assert service["network_mode"] == "service:nginx"
-        assert service["environment"]["HOST"] == "127.0.0.1"
-        assert service["restart"] in ("always", "unless-stopped")
-        assert service["env_file"][0]["path"] == ".env"
-        assert "ttsstream-cache:/var/cache/ttsstream" in service["volumes"]
-        grace = int(service["stop_grace_period"].rstrip("s"))
-        assert grace > Config().drain_timeout
-    health_ports = [s["environment"]["HEALTH_PORT"] for s in instances.values()]
-    assert len(set(health_ports + upstream_ports)) == len(health_ports) + len(upstream_ports)
+    instance = services["ttsstream"]
+    environment = instance["environment"]
+    upstream = (ROOT / "nginx" / "upstream-compose.conf").read_text()
+    assert re.search(rf"^\s+server ttsstream:{environment['PORT']} resolve", upstream, re.M)
+    assert re.search(r"^resolver 127\.0\.0\.11 ", upstream, re.M)  # Docker's DNS
+    assert "zone " in upstream  # `resolve` needs the upstream in shared memory
+    assert "upstream ttsstream {" in upstream
+    assert "proxy_pass http://ttsstream;" in (ROOT / "nginx" / "ttsstream.conf").read_text()
+    assert "ports" not in instance and "container_name" not in instance  # --scale works
+    assert instance["build"] == "."
+    assert environment["HOST"] == "0.0.0.0"
+    assert instance["restart"] in ("always", "unless-stopped")
+    assert instance["env_file"][0]["path"] == ".env"
+    assert "ttsstream-cache:/var/cache/ttsstream" in instance["volumes"]
     assert "ttsstream-cache" in compose["volumes"]
+    assert int(instance["stop_grace_period"].rstrip("s")) > Config().drain_timeout
+
+    # Redis: the compose network's name, persistence off, bounded by LRU eviction.
+    redis_url = environment["REDIS_URL"]
+    assert redis_url.startswith("redis://redis:6379/")
+    assert "redis" in instance["depends_on"] and "ttsstream" in nginx["depends_on"]
+    command = services["redis"]["command"]
+    assert command[command.index("--maxmemory-policy") + 1] == "allkeys-lru"
+    assert command[command.index("--save") + 1] == ""
+    assert command[command.index("--appendonly") + 1] == "no"
+
+    # nginx's address on the shared network is a trusted proxy, so the instances see
+    # the client's address (rate limits per client, not per nginx).
+    network = compose["networks"]["backend"]["ipam"]["config"][0]["subnet"]
+    for service in (nginx, instance, services["redis"]):
+        assert service["networks"] == ["backend"]
+    proxies = environment["TRUSTED_PROXIES"].split(",")
+    trusted = [ipaddress.IPv4Network(p.strip()) for p in proxies if ":" not in p]
+    assert any(ipaddress.IPv4Network(network).subnet_of(net) for net in trusted)
 
 
 def unit(name: str) -> dict[str, list[str]]:

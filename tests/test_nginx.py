@@ -34,6 +34,15 @@ from tests.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "nginx" / "ttsstream.conf"
+#: The instances on one host, as a host install copies it beside the site.
+UPSTREAM = ROOT / "nginx" / "upstream.conf"
+
+
+def shipped() -> str:
+    """The site config and its upstream, as nginx reads them (both in http {})."""
+    return UPSTREAM.read_text() + "\n" + SHIPPED.read_text()
+
+
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 #: The proxy read/send timeout of the test nginx, and the servers' ping interval below it.
 READ_TIMEOUT = 2
@@ -81,7 +90,7 @@ def site_config(
     read_timeout: int | None = None,
 ) -> str:
     """The shipped site config with ports, paths, TLS files and timeouts swapped."""
-    text = SHIPPED.read_text()
+    text = shipped()
     swaps = {
         "listen 80;": f"listen 127.0.0.1:{http_port};",
         "listen [::]:80;": "",
@@ -144,11 +153,12 @@ def free_port() -> int:
 
 
 def test_nginx_accepts_the_shipped_config(tmp_path: Path) -> None:
-    """`nginx -t` passes on nginx/ttsstream.conf as shipped, with test certificates."""
+    """`nginx -t` passes on nginx/ttsstream.conf and nginx/upstream.conf as shipped,
+    with test certificates."""
     assert Path(NGINX).exists(), "install Debian's nginx (apt-get install nginx)"
     cert, key = certificate(tmp_path)
     site = tmp_path / "ttsstream.conf"
-    text = SHIPPED.read_text()
+    text = shipped()
     text = text.replace("/etc/letsencrypt/live/tts.example.com/fullchain.pem", str(cert))
     text = text.replace("/etc/letsencrypt/live/tts.example.com/privkey.pem", str(key))
     site.write_text(text)
