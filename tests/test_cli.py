@@ -289,3 +289,162 @@ async def test_without_the_local_extra_the_server_says_so_and_runs(
     finally:
         process.send_signal(signal.SIGTERM)
         await asyncio.wait_for(process.wait(), TIMEOUT)
+
+
+async def say(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, stdin: bytes | None = None
+) -> tuple[int, bytes, str]:
+    """``ttsstream say …`` as a user runs it: status, standard output, standard error."""
+    process = await asyncio.create_subprocess_exec(
+        str(CONSOLE_SCRIPT),
+        "say",
+        *args,
+        cwd=cwd,
+        env=env,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(stdin), TIMEOUT * 2)
+    assert process.returncode is not None
+    return process.returncode, stdout, stderr.decode()
+
+
+def one_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+async def test_say_checks_where_it_writes_before_speaking(
+    served: ServerProcess, fake: FakeEdge, tmp_path: Path
+) -> None:
+    """An output, --words or --srt path in a missing directory (or a directory) is one
+    line and exit 2, before anything is synthesized."""
+    for extra in (
+        ["-o", "/nonexistent/dir/x.mp3"],
+        ["-o", "x.mp3", "--words", "missing/words.json"],
+        ["-o", "x.mp3", "--srt", "missing/subs.srt"],
+        ["-o", str(tmp_path)],
+    ):
+        status, _, stderr = await say("Hello.", *extra, "--url", served.url, cwd=tmp_path)
+        assert status == 2, extra
+        assert "cannot write" in one_line(stderr)
+    assert fake.records == []
+    assert not (tmp_path / "x.mp3").exists()
+
+
+async def test_say_refuses_text_that_is_not_utf8_or_too_long(
+    served: ServerProcess, fake: FakeEdge, tmp_path: Path
+) -> None:
+    """A non-UTF-8 argument or file is one line naming the byte (exit 2); a text over
+    the server's max_text_length (from hello) says so before sending (exit 1)."""
+    status, _, stderr = await say(
+        os.fsdecode(b"caf\xe9"), "-o", "x.mp3", "--url", served.url, cwd=tmp_path
+    )
+    assert status == 2 and "not UTF-8 (byte 0xe9" in one_line(stderr)
+    (tmp_path / "latin1.txt").write_bytes(b"d\xe9j\xe0 vu")
+    status, _, stderr = await say(
+        "-f", "latin1.txt", "-o", "x.mp3", "--url", served.url, cwd=tmp_path
+    )
+    assert status == 2 and "latin1.txt is not UTF-8 text (byte 0xe9 at 1)" in one_line(stderr)
+    status, _, stderr = await say(
+        "word " * 14_000, "-o", "x.mp3", "--url", served.url, cwd=tmp_path
+    )
+    assert status == 1
+    assert "text too long (70000 characters, limit 5000)" in one_line(stderr)
+    assert fake.records == []
+
+
+async def test_say_takes_the_key_from_the_environment_or_dotenv(
+    fake: FakeEdge, tmp_path: Path
+) -> None:
+    """Without --api-key, say sends the first key of TTS_API_KEY from the environment or
+    ./.env; without any, a 401 says how to pass one."""
+    env = environment(fake, TTS_API_KEY="first-key,second-key")
+    process = await start_process([sys.executable, "-m", "ttsstream", "serve"], env, tmp_path)
+    try:
+        url = f"ws://127.0.0.1:{await wait_listening(process)}/v1/stream"
+        client_env = {k: v for k, v in os.environ.items() if k != "TTS_API_KEY"}
+        workdir = tmp_path / "client"
+        workdir.mkdir()
+        status, _, stderr = await say(
+            "Hi.", "-o", "x.mp3", "--url", url, cwd=workdir, env=client_env
+        )
+        assert status == 1
+        line = one_line(stderr)
+        assert "HTTP 401" in line and "--api-key" in line and "TTS_API_KEY" in line
+        status, _, stderr = await say(
+            "Hi.",
+            "-o",
+            "x.mp3",
+            "--url",
+            url,
+            cwd=workdir,
+            env={**client_env, "TTS_API_KEY": "first-key,second-key"},
+        )
+        assert status == 0, stderr
+        (workdir / ".env").write_text("TTS_API_KEY=first-key\n")
+        status, _, stderr = await say(
+            "Hi.", "-o", "y.mp3", "--url", url, cwd=workdir, env=client_env
+        )
+        assert status == 0, stderr
+        assert (workdir / "y.mp3").read_bytes() == bytes(fake.records[0].audio)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.wait(), TIMEOUT)
+
+
+async def test_say_takes_negative_values_files_stdout_and_lists_voices(
+    served: ServerProcess, fake: FakeEdge, tmp_path: Path
+) -> None:
+    """--rate -50% (and --pitch/--volume below zero) reach Edge; -f FILE gives the text;
+    -o - writes the audio to standard output with the summary on standard error;
+    --list-voices --locale lists the server's voices of that locale."""
+    (tmp_path / "text.txt").write_text("Déjà vu, from a file.", encoding="utf-8")
+    status, stdout, stderr = await say(
+        "-f",
+        "text.txt",
+        "-o",
+        "-",
+        "--rate",
+        "-50%",
+        "--pitch",
+        "-5Hz",
+        "--volume",
+        "-10%",
+        "--url",
+        served.url,
+        cwd=tmp_path,
+    )
+    assert status == 0, stderr
+    record = fake.records[0]
+    assert (record.rate, record.pitch, record.volume) == ("-50%", "-5Hz", "-10%")
+    assert record.text == "Déjà vu, from a file."
+    assert stdout == bytes(record.audio)
+    assert one_line(stderr).startswith("standard output: ")
+    status, stdout, stderr = await say(
+        "-f", "-", "-o", "piped.mp3", "--url", served.url, cwd=tmp_path, stdin=b"From a pipe."
+    )
+    assert status == 0, stderr
+    assert fake.records[-1].text == "From a pipe."
+
+    status, stdout, stderr = await say(
+        "--list-voices", "--locale", "en-US", "--url", served.url, cwd=tmp_path
+    )
+    assert status == 0, stderr
+    rows = [line.split("\t") for line in stdout.decode().splitlines()]
+    assert rows and [row for row in rows if not row[1].startswith("en-US")] == []
+    assert "en-US-AriaNeural" in [row[0] for row in rows]
+    status, stdout, _ = await say("--list-voices", "--url", served.url, cwd=tmp_path)
+    locales = {line.split("\t")[1] for line in stdout.decode().splitlines()}
+    assert len(locales) > 1
+
+
+async def test_an_unknown_command_is_named(tmp_path: Path) -> None:
+    """``ttsstream sya hello`` says the command is unknown and lists the commands."""
+    status, stderr = await run([str(CONSOLE_SCRIPT), "sya", "hello"], cwd=tmp_path)
+    assert status == 2
+    line = stderr.strip()
+    assert "unknown command 'sya'" in line and "serve" in line and "say" in line

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
 import orjson
+from dotenv import dotenv_values
 from websockets.exceptions import InvalidHandshake, InvalidStatus, WebSocketException
 
 from ttsstream import __version__, logs
 from ttsstream.audio.formats import FORMAT_NAMES, format_for_path
-from ttsstream.client import SpeechError, speak
+from ttsstream.client import SpeechError, list_voices, speak
 from ttsstream.config import Config, load_config
 from ttsstream.exceptions import ConfigError
 from ttsstream.server import STREAM_PATH, run
@@ -23,6 +25,8 @@ from ttsstream.subtitles import to_srt
 __all__ = ["main"]
 
 _COMMANDS = ("serve", "say")
+#: Options of ``say`` whose values may start with a minus sign.
+_SIGNED = ("--rate", "--volume", "--pitch")
 DEFAULT_URL = f"ws://127.0.0.1:8765{STREAM_PATH}"
 
 
@@ -39,15 +43,22 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to listen on (overrides PORT)")
     serve.add_argument("--host", help="address to listen on (overrides HOST)")
 
-    say = commands.add_parser("say", help="speak a text through a server, write MP3 and subtitles")
-    say.add_argument("text", help="the text to speak")
+    say = commands.add_parser(
+        "say",
+        help="speak a text through a server, write audio and subtitles",
+        description="Speak a text through a ttsstream server; write its audio, word "
+        "events and subtitles. Values that start with a minus sign are taken as they "
+        "are: --rate -50%%, --pitch -5Hz.",
+    )
+    say.add_argument("text", nargs="?", help="the text to speak (or -f FILE)")
+    say.add_argument(
+        "-f", "--file", help="read the text from this UTF-8 file ('-': standard input)"
+    )
     say.add_argument(
         "-o",
         "--output",
-        type=Path,
-        required=True,
-        help="audio file to write; its extension picks the format (.mp3, .opus or .ogg, "
-        ".webm, .aac, .flac, .wav, .pcm), else MP3",
+        help="audio file to write ('-': standard output); its extension picks the format "
+        "(.mp3, .opus or .ogg, .webm, .aac, .flac, .wav, .pcm), else MP3",
     )
     say.add_argument(
         "--format",
@@ -55,25 +66,57 @@ def _parser() -> argparse.ArgumentParser:
         help="audio format, whatever the output file's extension",
     )
     say.add_argument("--voice", help="voice name (default: the server's)")
-    say.add_argument("--rate", help='speaking rate such as "+10%%"')
+    say.add_argument("--rate", help='speaking rate such as "+10%%" or "-50%%"')
     say.add_argument("--volume", help='volume such as "-20%%"')
-    say.add_argument("--pitch", help='pitch such as "+5Hz"')
+    say.add_argument("--pitch", help='pitch such as "+5Hz" or "-5Hz"')
     say.add_argument("--url", default=DEFAULT_URL, help=f"server URL (default {DEFAULT_URL})")
-    say.add_argument("--api-key", help="API key, sent as X-API-Key (see TTS_API_KEY)")
+    say.add_argument(
+        "--api-key",
+        help="API key, sent as X-API-Key (default: the first of TTS_API_KEY, from the "
+        "environment or .env)",
+    )
     say.add_argument("--words", type=Path, help="write the word events as JSON to this file")
     say.add_argument("--srt", type=Path, help="write SRT subtitles to this file")
+    say.add_argument("--list-voices", action="store_true", help="list the server's voices and exit")
+    say.add_argument("--locale", help="with --list-voices: only these (en, en-US, …)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args_list = list(sys.argv[1:] if argv is None else argv)
+    first = args_list[0] if args_list else "-"
+    if first not in _COMMANDS and not first.startswith("-") and not first.isdigit():
+        print(
+            f"ttsstream: unknown command {first!r} (commands: {', '.join(_COMMANDS)}; "
+            "ttsstream --help)",
+            file=sys.stderr,
+        )
+        return 2
     if not args_list or args_list[0] not in (*_COMMANDS, "-h", "--help", "--version"):
         args_list.insert(0, "serve")
-    args = _parser().parse_args(args_list)
+    args = _parser().parse_args(_signed_values(args_list))
     if args.command == "say":
         return _say(args)
     return _serve(args)
+
+
+def _signed_values(args: list[str]) -> list[str]:
+    """``--rate -50%`` as ``--rate=-50%``: argparse would take "-50%" for an option."""
+    joined: list[str] = []
+    values = iter(args)
+    for arg in values:
+        if arg in _SIGNED:
+            value = next(values, None)
+            if value is not None and value.startswith("-"):
+                joined.append(f"{arg}={value}")
+                continue
+            joined.append(arg)
+            if value is not None:
+                joined.append(value)
+            continue
+        joined.append(arg)
+    return joined
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -128,42 +171,151 @@ def _format_of(args: argparse.Namespace) -> str:
     return by_name.name if by_name is not None else "mp3"
 
 
+class _Usage(Exception):
+    """A ``say`` invocation that cannot work: one line, exit status 2."""
+
+
 def _say(args: argparse.Namespace) -> int:
+    try:
+        api_key = args.api_key or _key_from_environment()
+        if args.list_voices:
+            return _list_voices(args, api_key)
+        text = _text_of(args)
+        if args.output is None:
+            raise _Usage("an output file is needed: -o FILE (or -o - for standard output)")
+        for path in (args.output, args.words, args.srt):
+            if path is not None and str(path) != "-":
+                _check_writable(Path(path))
+    except _Usage as exc:
+        print(f"ttsstream say: {exc}", file=sys.stderr)
+        return 2
     try:
         result = asyncio.run(
             speak(
                 args.url,
-                args.text,
+                text,
                 voice=args.voice,
                 rate=args.rate,
                 volume=args.volume,
                 pitch=args.pitch,
-                api_key=args.api_key,
+                api_key=api_key,
                 audio_format=_format_of(args),
             )
         )
-    except SpeechError as exc:
-        print(f"ttsstream say: {exc}", file=sys.stderr)
+    except (SpeechError, InvalidStatus, OSError, InvalidHandshake, WebSocketException) as exc:
+        print(f"ttsstream say: {_failure(exc, args.url)}", file=sys.stderr)
         return 1
-    except InvalidStatus as exc:
-        print(f"ttsstream say: server refused: HTTP {exc.response.status_code}", file=sys.stderr)
+    except TimeoutError:
+        print(f"ttsstream say: cannot talk to {args.url}: timed out", file=sys.stderr)
         return 1
-    except (OSError, InvalidHandshake, WebSocketException, TimeoutError) as exc:
-        print(f"ttsstream say: cannot talk to {args.url}: {exc}", file=sys.stderr)
-        return 1
-    args.output.write_bytes(result.audio)
+    if args.output == "-":
+        sys.stdout.buffer.write(result.audio)
+        sys.stdout.buffer.flush()
+    else:
+        Path(args.output).write_bytes(result.audio)
     if args.words is not None:
         args.words.write_bytes(orjson.dumps(result.words, option=orjson.OPT_INDENT_2))
     if args.srt is not None:
-        args.srt.write_text(to_srt(args.text, result.words), encoding="utf-8")
+        args.srt.write_text(to_srt(text, result.words), encoding="utf-8")
     start, end = result.start, result.end
     engine = start.get("engine", "?")
     if start.get("fallback"):
         engine += f" (fallback: {start.get('fallback_reason')})"
+    shown = "standard output" if args.output == "-" else args.output
     print(
-        f"{args.output}: {end.get('bytes')} bytes, {end.get('audio_ms')} ms of audio, "
+        f"{shown}: {end.get('bytes')} bytes, {end.get('audio_ms')} ms of audio, "
         f"{end.get('words')} words, voice {start.get('voice')} by {engine}, "
         f"first audio after {end.get('ttfb_ms')} ms",
         file=sys.stderr,
     )
+    return 0
+
+
+def _key_from_environment() -> str | None:
+    """The first key of ``TTS_API_KEY``, from the environment, else from ``./.env``."""
+    value = os.environ.get("TTS_API_KEY")
+    if value is None and Path(".env").is_file():
+        value = dotenv_values(".env").get("TTS_API_KEY")
+    keys = [key.strip() for key in (value or "").split(",") if key.strip()]
+    return keys[0] if keys else None
+
+
+def _text_of(args: argparse.Namespace) -> str:
+    """The text to speak, from the argument or ``-f``; checked to be UTF-8."""
+    if (args.text is None) == (args.file is None):
+        raise _Usage("give the text to speak, or -f FILE (not both)")
+    if args.file is not None:
+        try:
+            data = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+        except OSError as exc:
+            raise _Usage(f"cannot read {args.file}: {exc.strerror}") from None
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _Usage(
+                f"{args.file} is not UTF-8 text (byte 0x{data[exc.start]:02x} at {exc.start})"
+            ) from None
+    text: str = args.text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        # Python keeps undecodable bytes of an argument as surrogates (0xDC80 + byte).
+        byte = ord(text[exc.start]) - 0xDC00
+        raise _Usage(
+            f"the text is not UTF-8 (byte 0x{byte:02x} at character {exc.start}): use a "
+            "UTF-8 terminal, or -f FILE with UTF-8 text"
+        ) from None
+    return text
+
+
+def _check_writable(path: Path) -> None:
+    """Refuse before synthesizing what could not be written after."""
+    folder = path.parent
+    if path.is_dir():
+        raise _Usage(f"cannot write {path}: it is a directory")
+    if not folder.is_dir():
+        raise _Usage(f"cannot write {path}: no directory {folder}")
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise _Usage(f"cannot write {path}: permission denied")
+
+
+def _failure(exc: BaseException, url: str) -> str:
+    """One line for what went wrong talking to the server."""
+    if isinstance(exc, SpeechError):
+        return str(exc)
+    if isinstance(exc, InvalidStatus):
+        status = exc.response.status_code
+        hint = {
+            401: ": an API key is needed (--api-key KEY, or TTS_API_KEY in the environment "
+            "or .env)",
+            403: ": the API key or the origin was refused",
+            429: ": too many requests from this address; try again later",
+        }.get(status, "")
+        return f"server refused: HTTP {status}{hint}"
+    return f"cannot talk to {url}: {exc}"
+
+
+def _list_voices(args: argparse.Namespace, api_key: str | None) -> int:
+    try:
+        voices = asyncio.run(list_voices(args.url, api_key=api_key))
+    except (SpeechError, InvalidStatus, OSError, InvalidHandshake, WebSocketException) as exc:
+        print(f"ttsstream say: {_failure(exc, args.url)}", file=sys.stderr)
+        return 1
+    except TimeoutError:
+        print(f"ttsstream say: cannot talk to {args.url}: timed out", file=sys.stderr)
+        return 1
+    wanted = (args.locale or "").lower()
+    shown = [
+        voice
+        for voice in voices
+        if not wanted
+        or str(voice.get("locale", "")).lower() == wanted
+        or str(voice.get("locale", "")).lower().startswith(wanted + "-")
+    ]
+    for voice in sorted(shown, key=lambda v: str(v.get("name"))):
+        print(
+            f"{voice.get('name')}\t{voice.get('locale')}\t{voice.get('gender')}\t"
+            f"{voice.get('engine')}"
+        )
+    print(f"{len(shown)} voices", file=sys.stderr)
     return 0

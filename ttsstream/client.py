@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 from websockets.asyncio.client import connect
 
-__all__ = ["SpeechError", "SpokenText", "speak"]
+__all__ = ["SpeechError", "SpokenText", "list_voices", "speak"]
 
 
 class SpeechError(Exception):
@@ -73,6 +73,13 @@ async def speak(
         max_size=None,
         compression=None,
     ) as ws:
+        hello = orjson.loads(await ws.recv())
+        limit = hello.get("max_text_length") if isinstance(hello, dict) else None
+        if isinstance(limit, int) and len(text) > limit:
+            # Refused here: a text past the frame size would only close the connection.
+            raise SpeechError(
+                "text_too_long", f"text too long ({len(text)} characters, limit {limit})"
+            )
         await ws.send(orjson.dumps(request).decode())
         async for frame in ws:
             if isinstance(frame, bytes):
@@ -95,3 +102,30 @@ async def speak(
                 raise SpeechError(message.get("code", "internal"), message.get("message", ""))
             # Anything else (hello, future message types) is ignored, as the protocol asks.
     raise SpeechError("closed", "the server closed the connection before the end")
+
+
+async def list_voices(
+    url: str, *, api_key: str | None = None, open_timeout: float | None = 10
+) -> list[dict[str, Any]]:
+    """The server's voices (``voices`` message), each a dict with ``name``, ``locale``,
+    ``gender`` and ``engine``.
+
+    Raises:
+        SpeechError: The server answered with an error.
+        websockets.exceptions.WebSocketException: The connection failed.
+    """
+    headers = {"X-API-Key": api_key} if api_key else None
+    async with connect(
+        url, additional_headers=headers, open_timeout=open_timeout, compression=None
+    ) as ws:
+        await ws.send(orjson.dumps({"type": "voices"}).decode())
+        async for frame in ws:
+            if isinstance(frame, bytes):
+                continue
+            message = orjson.loads(frame)
+            if message.get("type") == "voices":
+                voices: list[dict[str, Any]] = message.get("voices", [])
+                return voices
+            if message.get("type") == "error":
+                raise SpeechError(message.get("code", "internal"), message.get("message", ""))
+    raise SpeechError("closed", "the server closed the connection before answering")
