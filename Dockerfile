@@ -19,11 +19,15 @@ RUN useradd --system --uid 10001 --create-home --home-dir /var/lib/ttsstream tts
     && mkdir -p /var/cache/ttsstream \
     && chown ttsstream:ttsstream /var/cache/ttsstream
 COPY --from=build /opt/ttsstream /opt/ttsstream
+# The side port listens on every interface of the container so that probes from
+# outside it (an orchestrator's, your monitoring's) reach /health and /ready; the
+# image publishes nothing, so it stays private unless you publish it.
 ENV PATH=/opt/ttsstream/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HOST=0.0.0.0 \
     PORT=8765 \
     HEALTH_PORT=8766 \
+    HEALTH_HOST=0.0.0.0 \
     CACHE_DIR=/var/cache/ttsstream
 VOLUME ["/var/cache/ttsstream"]
 USER 10001:10001

@@ -448,3 +448,40 @@ async def test_an_unknown_command_is_named(tmp_path: Path) -> None:
     assert status == 2
     line = stderr.strip()
     assert "unknown command 'sya'" in line and "serve" in line and "say" in line
+
+
+async def test_a_taken_side_port_is_named_and_a_public_one_warned_about(
+    fake: FakeEdge, tmp_path: Path
+) -> None:
+    """With HEALTH_PORT taken, the one-line error names HEALTH_PORT and its address (not
+    the WebSocket's); a side port open to other hosts is a warning at start."""
+    taken = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = taken.sockets[0].getsockname()[1]
+    try:
+        status, stderr = await run(
+            [sys.executable, "-m", "ttsstream"],
+            cwd=tmp_path,
+            env=environment(fake, HEALTH_PORT=str(port)),
+        )
+    finally:
+        taken.close()
+        await taken.wait_closed()
+    assert status == 1
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith(f"ttsstream: cannot listen on 127.0.0.1:{port} (HEALTH_PORT): ")
+    assert "Traceback" not in stderr
+
+    process = await start_process(
+        [sys.executable, "-m", "ttsstream"], environment(fake, HEALTH_HOST="0.0.0.0"), tmp_path
+    )
+    assert process.stderr is not None
+    said = ""
+    try:
+        while not LISTENING.search(said.encode()):
+            line = await asyncio.wait_for(process.stderr.readline(), TIMEOUT)
+            assert line, said
+            said += line.decode()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.wait(), TIMEOUT)
+    assert "side port 0.0.0.0:" in said and "reachable from other hosts (HEALTH_HOST)" in said

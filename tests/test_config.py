@@ -132,3 +132,30 @@ def test_every_number_is_checked_at_its_lower_bound(variable: str) -> None:
         load_config({variable: str(minimum)}, env_file=None)
     else:
         load_config({variable: "0.5"}, env_file=None)
+
+
+def test_errors_show_the_value_as_typed_and_where_it_came_from(tmp_path: Path) -> None:
+    """A bad value is shown as the user typed it (not as parsed), with its file when it
+    came from .env; PORT equal to HEALTH_PORT is refused."""
+    with pytest.raises(ConfigError) as caught:
+        load_config({"CACHE_MAX_SIZE_MB": "-1"}, env_file=None)
+    assert "CACHE_MAX_SIZE_MB='-1' is invalid" in str(caught.value)
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("CACHE_MAX_SIZE_MB=-1\nQUEUE_SIZE=many\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config({"QUEUE_SIZE": "4"}, env_file=dotenv)
+    assert f"CACHE_MAX_SIZE_MB='-1' (from {dotenv}) is invalid" in str(caught.value)
+    with pytest.raises(ConfigError) as caught:
+        load_config({}, env_file=dotenv)
+    assert f"QUEUE_SIZE='many' (from {dotenv}) is invalid" in str(caught.value)
+    with pytest.raises(ConfigError) as caught:
+        load_config({"PORT": "9000", "HEALTH_PORT": "9000"}, env_file=None)
+    assert "HEALTH_PORT='9000'" in str(caught.value) and "other than PORT" in str(caught.value)
+    assert load_config({"PORT": "0", "HEALTH_PORT": "0"}, env_file=None).port == 0
+
+
+def test_the_side_port_is_on_loopback_unless_told() -> None:
+    """HEALTH_HOST defaults to 127.0.0.1 whatever HOST is (the side port has no keys)."""
+    config = load_config({"HOST": "0.0.0.0"}, env_file=None)
+    assert config.health_address == "127.0.0.1"
+    assert load_config({"HEALTH_HOST": "10.0.0.5"}, env_file=None).health_address == "10.0.0.5"

@@ -26,7 +26,7 @@ import yaml
 from tests.conftest import TIMEOUT
 from tests.fake_edge import FakeEdge
 from tests.processes import serve_process
-from ttsstream.config import Config
+from ttsstream.config import _VARIABLES, Config, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
@@ -248,3 +248,51 @@ def test_systemd_unit_is_hardened_and_drains() -> None:
     assert shlex.split(values["ExecReload"][0])[-2:] == ["-HUP", "$MAINPID"]
     template = unit("ttsstream@.service")
     assert template["ExecStart"] == ["/opt/ttsstream/.venv/bin/ttsstream serve %i"]
+
+
+def env_file(path: Path) -> dict[str, str]:
+    """A file of VAR=value lines as systemd's EnvironmentFile= and docker --env-file
+    read it: comments and blank lines skipped, an empty value kept."""
+    values = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            values[key.strip()] = value
+    return values
+
+
+def test_the_example_env_file_undoes_nothing_the_units_and_image_set() -> None:
+    """.env.example used as documented (systemd's EnvironmentFile=, whose lines override
+    the unit's Environment=; docker's --env-file, over the image's ENV) leaves the
+    cache and logs where the unit and image put them, and the side port where each
+    wants it; and every default it shows is the server's."""
+    example = env_file(ROOT / ".env.example")
+    for name, instance in (("ttsstream.service", ""), ("ttsstream@.service", "8765")):
+        environment: dict[str, str] = {}
+        for line in unit(name)["Environment"]:
+            for pair in shlex.split(line.replace("%i", instance)):
+                key, _, value = pair.partition("=")
+                environment[key] = value
+        config = load_config({**environment, **example}, env_file=None)
+        assert config.cache_dir == Path("/var/cache/ttsstream"), name
+        assert config.log_dir == Path(environment["LOG_DIR"]), name
+        assert config.health_host == "127.0.0.1", name
+    image_env = dict(
+        pair.split("=", 1)
+        for keyword, rest in final_stage()
+        if keyword == "ENV"
+        for pair in shlex.split(rest)
+    )
+    config = load_config({**image_env, **example}, env_file=None)
+    assert config.cache_dir == Path("/var/cache/ttsstream")
+    assert config.health_host == "0.0.0.0"  # probes from outside the container
+
+    shown = re.findall(r"^# ([A-Z_]+)=(.*)$", (ROOT / ".env.example").read_text(), re.M)
+    assert len(shown) == len(_VARIABLES)
+    defaults = Config()
+    for variable, value in shown:
+        if value:  # an empty one is "unset"
+            field = _VARIABLES[variable][0]
+            assert getattr(load_config({variable: value}, env_file=None), field) == getattr(
+                defaults, field
+            ), variable

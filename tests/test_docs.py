@@ -31,7 +31,7 @@ def test_every_variable_is_documented() -> None:
     readme, example = read("README.md"), read(".env.example")
     for variable in _VARIABLES:
         assert f"| `{variable}` |" in readme, variable
-        assert re.search(rf"^{variable}=", example, re.MULTILINE), variable
+        assert re.search(rf"^# {variable}=", example, re.MULTILINE), variable
 
 
 def test_every_error_code_is_documented() -> None:

@@ -18,7 +18,7 @@ from ttsstream import __version__, logs
 from ttsstream.audio.formats import FORMAT_NAMES, format_for_path
 from ttsstream.client import SpeechError, list_voices, speak
 from ttsstream.config import Config, load_config
-from ttsstream.exceptions import ConfigError
+from ttsstream.exceptions import CannotListen, ConfigError
 from ttsstream.server import STREAM_PATH, run
 from ttsstream.subtitles import to_srt
 
@@ -139,11 +139,8 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"ttsstream: configuration error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:
-        print(
-            f"ttsstream: cannot listen on {config.host}:{config.port}: {exc.strerror}",
-            file=sys.stderr,
-        )
+    except CannotListen as exc:
+        print(f"ttsstream: {exc}", file=sys.stderr)
         return 1
     finally:
         logs.shutdown()

@@ -50,8 +50,9 @@ class Config:
     port: int = 8765
     #: The HTTP side port for /health, /ready, /stats, /metrics, /voices (0: any free port).
     health_port: int = 8766
-    #: Where the side port listens; None: the same address as HOST.
-    health_host: str | None = None
+    #: Where the side port listens: loopback unless said otherwise (/stats, /metrics
+    #: and /voices have no authentication).
+    health_host: str = "127.0.0.1"
     #: Serve the demo page (GET /) and the browser client (GET /clients/…) on PORT.
     serve_demo: bool = True
 
@@ -159,6 +160,10 @@ class Config:
         for variable, port in (("PORT", self.port), ("HEALTH_PORT", self.health_port)):
             if port > 65535:
                 raise ConfigError(variable, str(port), _VARIABLES[variable][2])
+        if self.port == self.health_port != 0:
+            raise ConfigError(
+                "HEALTH_PORT", str(self.health_port), f"a port other than PORT ({self.port})"
+            )
         if self.log_format not in ("text", "json"):
             raise ConfigError("LOG_FORMAT", self.log_format, "text or json")
         if self.log_level not in _LOG_LEVELS:
@@ -209,7 +214,7 @@ class Config:
     @property
     def health_address(self) -> str:
         """Where the side port listens."""
-        return self.health_host or self.host
+        return self.health_host
 
     @property
     def cache_max_bytes(self) -> int:
@@ -394,7 +399,8 @@ def load_config(
     merged: dict[str, str] = {}
     if env_file is not None and env_file.is_file():
         merged.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
-    merged.update(os.environ if environ is None else environ)
+    environ_used = os.environ if environ is None else environ
+    merged.update(environ_used)
 
     values: dict[str, Any] = {}
     for variable, (name, parse, form) in _VARIABLES.items():
@@ -405,6 +411,19 @@ def load_config(
             values[name] = parse(raw)
         except ValueError:
             shown = "[redacted]" if variable == "TTS_API_KEY" else raw
-            raise ConfigError(variable, shown, form) from None
+            source = "" if variable in environ_used else f" (from {env_file})"
+            raise ConfigError(variable, shown, form, source=source) from None
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return Config(**values)
+    try:
+        return Config(**values)
+    except ConfigError as exc:
+        # Shown as typed (not as parsed: "-1", not "-1.0"), and where it came from.
+        raw = merged.get(exc.variable)
+        overridden = (
+            _VARIABLES[exc.variable][0] in overrides if exc.variable in _VARIABLES else False
+        )
+        if raw is not None and not overridden and exc.value != "[redacted]":
+            exc.value = raw
+            if exc.variable not in environ_used:
+                exc.source = f" (from {env_file})"
+        raise

@@ -80,14 +80,30 @@ class TTSStreamError(Exception):
 class ConfigError(TTSStreamError):
     """A configuration variable has a value the server cannot use."""
 
-    def __init__(self, variable: str, value: str, expected: str) -> None:
+    def __init__(self, variable: str, value: str, expected: str, *, source: str = "") -> None:
         super().__init__(variable, value, expected)
         self.variable = variable
         self.value = value
         self.expected = expected
+        #: Where the value came from, when not the environment (``" (from .env)"``).
+        self.source = source
 
     def __str__(self) -> str:
-        return f"{self.variable}={self.value!r} is invalid: expected {self.expected}"
+        return f"{self.variable}={self.value!r}{self.source} is invalid: expected {self.expected}"
+
+
+class CannotListen(TTSStreamError):
+    """A port the configuration names cannot be listened on."""
+
+    def __init__(self, variable: str, address: str, port: int, reason: str) -> None:
+        super().__init__(variable, address, port, reason)
+        self.variable = variable
+        self.address = address
+        self.port = port
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"cannot listen on {self.address}:{self.port} ({self.variable}): {self.reason}"
 
 
 class HandshakeRefused(TTSStreamError):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import ipaddress
 import logging
 import signal
 from collections.abc import Sequence
@@ -27,7 +28,7 @@ from ttsstream.config import Config
 from ttsstream.core.admission import HttpAnswer
 from ttsstream.core.auth import SUBPROTOCOL
 from ttsstream.core.services import Services, build_services
-from ttsstream.exceptions import HandshakeRefused, RateLimited
+from ttsstream.exceptions import CannotListen, HandshakeRefused, RateLimited
 from ttsstream.http.app import STREAM_PATH, HttpDoor
 from ttsstream.http.ops import OpsServer
 from ttsstream.port import shared_port_connection
@@ -82,33 +83,24 @@ class Server:
         """Start the side port, open the cache, listen, and fetch the voice list.
 
         Raises:
-            OSError: A port cannot be listened on.
+            CannotListen: A port cannot be listened on (which one, and why).
         """
-        await self.ops.start()
+        config = self.config
+        try:
+            await self.ops.start()
+        except OSError as exc:
+            raise CannotListen(
+                "HEALTH_PORT", config.health_address, config.health_port, _reason(exc)
+            ) from exc
         if self.services.store is not None:
             await asyncio.to_thread(self.services.store.open)
         if self.services.cluster is not None:
             await self.services.cluster.start()
         await self.http.start()
-        self._server = await serve(
-            self._handle,
-            self.config.host,
-            self.config.port,
-            # One port: connections that do not ask for a WebSocket go to the HTTP door.
-            create_connection=shared_port_connection(self.http.protocol),
-            process_request=self._check_handshake,
-            select_subprotocol=_select_subprotocol,
-            # Timeouts
-            open_timeout=HANDSHAKE_TIMEOUT,
-            ping_interval=self.config.ping_interval,
-            ping_timeout=self.config.ping_interval,
-            # Limits
-            max_size=MAX_FRAME_BYTES,
-            # MP3 does not compress; deflate would only cost CPU on every chunk.
-            compression=None,
-            server_header=None,
-            logger=_WEBSOCKETS_LOGGER,
-        )
+        try:
+            self._server = await self._listen()
+        except OSError as exc:
+            raise CannotListen("PORT", config.host, config.port, _reason(exc)) from exc
         self._port = next(iter(self._server.sockets)).getsockname()[1]
         self._warn_about_access()
         self._voice_list = asyncio.create_task(
@@ -244,8 +236,36 @@ class Server:
         self.close()
         await self.wait_closed()
 
+    async def _listen(self) -> WebSocketServer:
+        return await serve(
+            self._handle,
+            self.config.host,
+            self.config.port,
+            # One port: connections that do not ask for a WebSocket go to the HTTP door.
+            create_connection=shared_port_connection(self.http.protocol),
+            process_request=self._check_handshake,
+            select_subprotocol=_select_subprotocol,
+            # Timeouts
+            open_timeout=HANDSHAKE_TIMEOUT,
+            ping_interval=self.config.ping_interval,
+            ping_timeout=self.config.ping_interval,
+            # Limits
+            max_size=MAX_FRAME_BYTES,
+            # MP3 does not compress; deflate would only cost CPU on every chunk.
+            compression=None,
+            server_header=None,
+            logger=_WEBSOCKETS_LOGGER,
+        )
+
     def _warn_about_access(self) -> None:
-        loopback = self.config.host in ("127.0.0.1", "::1", "localhost")
+        if not _is_loopback(self.config.health_address):
+            logger.warning(
+                "the side port %s:%d is reachable from other hosts (HEALTH_HOST): /stats, "
+                "/metrics and /voices need no key; keep it on a private network",
+                self.config.health_address,
+                self.ops.port,
+            )
+        loopback = _is_loopback(self.config.host)
         keys_required = self._admission.keys.required
         if not keys_required and not loopback:
             logger.warning(
@@ -369,3 +389,16 @@ async def run(config: Config) -> None:
     server.close()
     await server.wait_closed()
     logger.info("stopped")
+
+
+def _is_loopback(address: str) -> bool:
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:  # a host name
+        return False
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)
