@@ -478,9 +478,9 @@ async def test_a_taken_side_port_is_named_and_a_public_one_warned_about(
     said = ""
     try:
         while not LISTENING.search(said.encode()):
-            line = await asyncio.wait_for(process.stderr.readline(), TIMEOUT)
-            assert line, said
-            said += line.decode()
+            said_now = await asyncio.wait_for(process.stderr.readline(), TIMEOUT)
+            assert said_now, said
+            said += said_now.decode()
     finally:
         process.send_signal(signal.SIGTERM)
         await asyncio.wait_for(process.wait(), TIMEOUT)
