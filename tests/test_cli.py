@@ -191,7 +191,8 @@ async def test_dotenv_file_and_positional_port(fake: FakeEdge, tmp_path: Path) -
 
 async def test_no_internet_still_speaks_offline(tmp_path: Path) -> None:
     """With Edge unreachable, the default server speaks through the offline voice, and say
-    writes an MP3 whose decoded duration matches end.audio_ms, with one event per word."""
+    writes an MP3 whose decoded duration matches end.audio_ms, with one event per word;
+    the error log says once that the upstream fails, not at every attempt."""
     probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
     dead = probe.sockets[0].getsockname()[1]
     probe.close()
@@ -222,9 +223,34 @@ async def test_no_internet_still_speaks_offline(tmp_path: Path) -> None:
             ],
             cwd=tmp_path,
         )
+        for number in range(5):
+            more, _ = await run(
+                [
+                    str(CONSOLE_SCRIPT),
+                    "say",
+                    f"Sentence {number}.",
+                    "-o",
+                    "more.mp3",
+                    "--url",
+                    f"ws://127.0.0.1:{port}/v1/stream",
+                ],
+                cwd=tmp_path,
+            )
+            assert more == 0
     finally:
         process.send_signal(signal.SIGTERM)
         await asyncio.wait_for(process.wait(), TIMEOUT)
+    # The error log: one line per change of the upstream's state, not per attempt or
+    # per utterance (six utterances, eight attempts here).
+    assert process.stderr is not None
+    warnings = [
+        line.split(" WARNING ", 1)[1]
+        for line in (await process.stderr.read()).decode().splitlines()
+        if " WARNING " in line
+    ]
+    assert len(warnings) == len(set(warnings)) <= 3, warnings
+    assert sum("upstream failing (upstream_unavailable" in w for w in warnings) == 1
+    assert sum("upstream breaker open" in w for w in warnings) == 1
     assert status == 0, stderr
     assert "by espeak (fallback: upstream_unavailable)" in stderr
     audio_ms = float(re.search(r"([0-9.]+) ms of audio", stderr).group(1))  # type: ignore[union-attr]

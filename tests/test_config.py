@@ -159,3 +159,23 @@ def test_the_side_port_is_on_loopback_unless_told() -> None:
     config = load_config({"HOST": "0.0.0.0"}, env_file=None)
     assert config.health_address == "127.0.0.1"
     assert load_config({"HEALTH_HOST": "10.0.0.5"}, env_file=None).health_address == "10.0.0.5"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "secret"),
+    [
+        ("EDGE_PROXY", "socks5://user:hunter2@proxy:1080", "hunter2"),
+        ("REDIS_URL", "mysql://:hunter2@db:3306/0", "hunter2"),
+        ("TTS_API_KEY", "has space", "has space"),
+    ],
+)
+def test_errors_from_dotenv_keep_secrets_out(
+    tmp_path: Path, variable: str, value: str, secret: str
+) -> None:
+    """A bad secret-bearing value from .env is named with its file, never shown as typed."""
+    dotenv = tmp_path / ".env"
+    dotenv.write_text(f"{variable}={value}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config({}, env_file=dotenv)
+    assert secret not in str(caught.value)
+    assert f"(from {dotenv})" in str(caught.value)

@@ -43,8 +43,12 @@ def test_every_error_code_is_documented() -> None:
         if isinstance(cls, type) and issubclass(cls, exceptions.ClientError)
     }
     assert "queue_full" in codes and "internal" in codes
+    # In the table itself: its rows run from its header to the first line that is
+    # not a row (a row after a paragraph would render as text).
+    table = protocol.split("## Error codes", 1)[1].split("| code | when |", 1)[1]
+    rows = table.split("\n\n", 1)[0]
     for code in codes:
-        assert f"| `{code}` |" in protocol, code
+        assert f"\n| `{code}` |" in rows, code
 
 
 def test_readme_quotes_the_latest_benchmark() -> None:

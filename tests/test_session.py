@@ -290,3 +290,33 @@ async def test_client_disconnect_closes_its_upstream(server: Server, fake: FakeE
         await asyncio.wait_for(fake.paused.wait(), TIMEOUT)
     await asyncio.wait_for(fake.records[0].closed.wait(), TIMEOUT)
     assert not fake.records[0].completed
+
+
+async def test_refusals_of_a_speak_without_id_carry_a_null_id(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """Whatever refuses a speak sent without an id (its text, its voice, a full queue),
+    the error's id is null, never a server-made id the client was never told; a
+    queue of one says "1 utterance is"."""
+    server = await start_server(queue_size=1)
+    fake.pause_after_chunks = 1
+    async with connected(server) as client:
+        await client.send({"type": "voices"})
+        assert (await client.next_loose())["type"] == "voices"
+        await client.send({"type": "speak", "text": "   "})
+        await client.send({"type": "speak", "text": "Hi.", "voice": "en-US-NobodyNeural"})
+        refusals = [await client.next_loose() for _ in range(2)]
+        assert [(r["code"], r["id"]) for r in refusals] == [
+            ("empty_text", None),
+            ("invalid_voice", None),
+        ]
+        await client.speak("Playing.", id="p")
+        await asyncio.wait_for(fake.paused.wait(), TIMEOUT)
+        await client.speak("Waiting.", id="w")
+        await client.send({"type": "speak", "text": "One too many."})
+        full = await client.next_loose()
+        assert (full["code"], full["id"]) == ("queue_full", None)
+        assert full["message"] == "1 utterance is already waiting"
+        fake.resume.set()
+        for id in ("p", "w"):
+            assert (await client.until_final(id)).final["type"] == "end"

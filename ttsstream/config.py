@@ -379,6 +379,10 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any], str]] = {
 assert {name for name, _, _ in _VARIABLES.values()} == {f.name for f in fields(Config)}
 
 
+#: Variables that may hold a password or key: errors show them redacted, never as typed.
+_SECRETS = frozenset({"TTS_API_KEY", "EDGE_PROXY", "REDIS_URL"})
+
+
 def load_config(
     environ: Mapping[str, str] | None = None,
     *,
@@ -422,8 +426,9 @@ def load_config(
         overridden = (
             _VARIABLES[exc.variable][0] in overrides if exc.variable in _VARIABLES else False
         )
-        if raw is not None and not overridden and exc.value != "[redacted]":
-            exc.value = raw
+        if raw is not None and not overridden:
+            if exc.variable not in _SECRETS:  # those are shown without their secrets
+                exc.value = raw
             if exc.variable not in environ_used:
                 exc.source = f" (from {env_file})"
         raise

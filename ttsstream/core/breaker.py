@@ -86,16 +86,29 @@ class CircuitBreaker:
 
     def record_success(self) -> None:
         """The upstream answered: close the breaker."""
-        self._failures = 0
+        failures, self._failures = self._failures, 0
         self._trial_out = False
         if self._state != "closed":
             self._change("closed")
+        elif failures:
+            logger.info("upstream answering again (after %d failures)", failures)
 
-    def record_failure(self, code: str) -> None:
-        """The upstream failed with error ``code``."""
+    def record_failure(self, code: str, detail: str = "") -> None:
+        """The upstream failed with error ``code`` (``detail``: what failed, for the log).
+
+        The log has one line per change of the upstream's state, not one per
+        attempt: the first failure, the breaker opening or closing, recovery.
+        """
         self._failures += 1
         self._last_error = code
         self._trial_out = False
+        if self._failures == 1 and self._state == "closed":
+            logger.warning(
+                "upstream failing (%s%s); the breaker opens after %d in a row",
+                code,
+                f": {detail}" if detail else "",
+                self._threshold,
+            )
         if self._state == "half-open" or (
             self._state == "closed" and self._failures >= self._threshold
         ):

@@ -239,7 +239,9 @@ class SpeechRouter:
                 fallback = self._fallback_for(request.voice)
                 if fallback is None or self.offline is None:
                     raise
-                logger.warning("edge failed before audio (%s): fallback to %s", exc.code, fallback)
+                # Per utterance: the access log has it (engine, fallback); the error
+                # log has the upstream's changes of state (the breaker).
+                logger.debug("edge failed before audio (%s): fallback to %s", exc.code, fallback)
                 reason = exc.code
                 self.stats.fallbacks += 1
             else:
@@ -250,7 +252,7 @@ class SpeechRouter:
                     async for event in stream:
                         yield event
                 except UpstreamError as exc:
-                    self.breaker.record_failure(exc.code)
+                    self.breaker.record_failure(exc.code, exc.message)
                     self.stats.upstream_failed(exc.code)
                     raise
                 finally:
@@ -326,9 +328,9 @@ class SpeechRouter:
                 # The service answered: this request, not the service, failed.
                 self.breaker.abandon_trial()
             else:
-                self.breaker.record_failure(failure.code)
+                self.breaker.record_failure(failure.code, failure.message)
             self.stats.upstream_failed(failure.code)
-            logger.info("edge attempt %d failed: %s", attempt + 1, failure.code)
+            logger.debug("edge attempt %d failed: %s", attempt + 1, failure.code)
         raise failure
 
     def _fallback_for(self, voice: str) -> str | None:

@@ -201,7 +201,7 @@ class EdgeEngine:
                     )
         except TimeoutError:
             kind = "first audio" if audio_bytes == 0 else "next chunk"
-            logger.warning("upstream timeout waiting for %s after %.1fs", kind, self._timeout)
+            logger.debug("upstream timeout waiting for %s after %.1fs", kind, self._timeout)
             raise UpstreamTimeout("the speech service did not answer in time") from None
         except (EdgeTTSException, aiohttp.ClientError) as exc:
             raise _upstream_error(exc) from None
@@ -213,7 +213,7 @@ class EdgeEngine:
         # piece's audio once that piece's turn.end arrived, so a shortfall means a drop.
         completed = communicate.state.get("cumulative_audio_bytes", audio_bytes)
         if completed != audio_bytes:
-            logger.warning(
+            logger.debug(
                 "upstream closed mid-stream: %d of %d bytes completed", completed, audio_bytes
             )
             raise UpstreamUnavailable("the speech service closed the stream early")
@@ -265,21 +265,22 @@ class EdgeEngine:
 
 
 def _upstream_error(exc: BaseException) -> UpstreamError:
-    """Map an edge-tts or aiohttp exception to the error the client sees, and log it."""
+    """Map an edge-tts or aiohttp exception to the error the client sees, and log it (at
+    DEBUG: the breaker logs the upstream's changes of state, once each)."""
     if isinstance(exc, SkewAdjustmentError) and exc.__cause__ is not None:
         # edge-tts retries a 403 after correcting its clock from the Date header;
         # without one it raises this instead of the 403 itself.
         exc = exc.__cause__
     if isinstance(exc, NoAudioReceived):
-        logger.warning("upstream sent no audio")
+        logger.debug("upstream sent no audio")
         return NoAudio("the speech service returned no audio")
     if isinstance(exc, aiohttp.ClientResponseError):
-        logger.warning("upstream refused: HTTP %s (%s)", exc.status, type(exc).__name__)
+        logger.debug("upstream refused: HTTP %s (%s)", exc.status, type(exc).__name__)
         return UpstreamUnavailable(f"the speech service refused the request (HTTP {exc.status})")
     if isinstance(exc, aiohttp.ClientError):
-        logger.warning("upstream unreachable: %s", type(exc).__name__)
+        logger.debug("upstream unreachable: %s", type(exc).__name__)
         return UpstreamUnavailable("could not reach the speech service")
-    logger.warning("upstream protocol error: %s: %s", type(exc).__name__, exc)
+    logger.debug("upstream protocol error: %s: %s", type(exc).__name__, exc)
     return UpstreamUnavailable("the speech service sent an invalid response")
 
 

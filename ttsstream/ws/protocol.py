@@ -7,7 +7,7 @@ by feeding it strings. ``docs/protocol.md`` is its specification.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import orjson
@@ -78,6 +78,8 @@ class Speak:
     words: str = "each"
     #: What the audio is sent as.
     format: Format = MP3
+    #: Whether the client gave the id (else the server made it, and a refusal says ``null``).
+    id_given: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +146,8 @@ def parse_client_message(
         if not isinstance(kind, str):
             raise BadMessage('message needs a string field "type"')
         if kind == "speak":
-            return _parse_speak(message, utterance_id or make_id(), max_text_length)
+            speak = _parse_speak(message, utterance_id or make_id(), max_text_length)
+            return speak if utterance_id else replace(speak, id_given=False)
         if kind == "cancel":
             return Cancel(id=utterance_id)
         if kind == "voices":
@@ -175,7 +178,7 @@ def _parse_id(message: dict[str, Any]) -> str | None:
 def _parse_speak(message: dict[str, Any], utterance_id: str, max_text_length: int) -> Speak:
     text = text_field(message.get("text"), max_length=max_text_length)
     voice = voice_field(message.get("voice"))
-    prosody: dict[str, str] = {}
+    prosody: dict[str, Any] = {}
     for field in PROSODY_FIELDS:
         if (value := prosody_field(field, message.get(field))) is not None:
             prosody[field] = value

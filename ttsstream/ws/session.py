@@ -196,6 +196,8 @@ class Session:
                 await self._ask_voices()
         except ClientError as exc:
             exc.message_type = message.kind
+            if isinstance(message, Speak) and not message.id_given:
+                exc.utterance_id = None  # the id the server made for it was never announced
             await self._refuse(exc)
 
     async def _refuse(self, exc: ClientError) -> None:
@@ -226,7 +228,9 @@ class Session:
         waiting = len(self._pending) - (1 if self._current is None and self._pending else 0)
         if waiting >= self._config.queue_size:
             raise QueueFull(
-                f"{self._config.queue_size} utterances are already waiting",
+                f"{self._config.queue_size} "
+                + ("utterance is" if self._config.queue_size == 1 else "utterances are")
+                + " already waiting",
                 utterance_id=request.id,
             )
         self._ids.add(request.id)
