@@ -178,9 +178,13 @@ class Client:
         if not isinstance(id, str):
             self.loose.append(frame)
             return
-        if frame["type"] == "error" and "for" in frame and id in self._open:
-            # A refused message that reused the id of an utterance in progress:
-            # by the protocol's rule, an error with "for" ends no utterance.
+        if frame["type"] == "error" and (
+            frame.get("for") in ("append", "flush", "finish")
+            or ("for" in frame and id in self._open)
+        ):
+            # A refused message that reused the id of an utterance in progress, or
+            # fed a streaming one: by the protocol's rule, an error with "for" ends
+            # no utterance.
             self.refusals.append(frame)
             return
         record = self._open.setdefault(id, Utterance(id))

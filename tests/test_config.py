@@ -125,13 +125,15 @@ def test_every_number_is_checked_at_its_lower_bound(variable: str) -> None:
     """The minimum is accepted (unless the bound is strict) and just below it is refused."""
     _, minimum, strict = _LOWER_BOUNDS[variable]
     below = str(minimum - 1) if not strict else "0"
+    # A segment's most characters may be as low as its fewest.
+    others = {"STREAM_MIN_CHARS": "1"} if variable == "STREAM_MAX_CHARS" else {}
     with pytest.raises(ConfigError) as raised:
-        load_config({variable: below}, env_file=None)
+        load_config({variable: below, **others}, env_file=None)
     assert raised.value.variable == variable
     if not strict:
-        load_config({variable: str(minimum)}, env_file=None)
+        load_config({variable: str(minimum), **others}, env_file=None)
     else:
-        load_config({variable: "0.5"}, env_file=None)
+        load_config({variable: "0.5", **others}, env_file=None)
 
 
 def test_errors_show_the_value_as_typed_and_where_it_came_from(tmp_path: Path) -> None:
@@ -179,3 +181,11 @@ def test_errors_from_dotenv_keep_secrets_out(
         load_config({}, env_file=dotenv)
     assert secret not in str(caught.value)
     assert f"(from {dotenv})" in str(caught.value)
+
+
+def test_a_segment_may_not_be_longer_at_least_than_at_most() -> None:
+    """STREAM_MAX_CHARS below STREAM_MIN_CHARS is refused, naming both."""
+    with pytest.raises(ConfigError) as raised:
+        load_config({"STREAM_MIN_CHARS": "50", "STREAM_MAX_CHARS": "40"}, env_file=None)
+    assert raised.value.variable == "STREAM_MAX_CHARS"
+    assert "STREAM_MIN_CHARS (50)" in str(raised.value)

@@ -97,6 +97,18 @@ class Config:
     #: Most utterances waiting on one connection behind the one being spoken.
     queue_size: int = 16
 
+    # Streaming input (text that arrives while it is spoken)
+    #: Fewest characters of a segment before a sentence end cuts it.
+    stream_min_chars: int = 20
+    #: Most characters of a segment (cut at the last space past it).
+    stream_max_chars: int = 300
+    #: Milliseconds buffered text waits without growing before it is cut as it is.
+    stream_max_wait_ms: float = 1000.0
+    #: Most characters of one streaming utterance's whole text.
+    max_stream_text_length: int = 100_000
+    #: Seconds without append, flush or finish before the server finishes the utterance.
+    stream_idle_timeout: float = 20.0
+
     # Access
     #: Keys that open the server (several during a rotation); empty: no authentication.
     #: Never in repr, so never in a log line.
@@ -160,6 +172,12 @@ class Config:
         for variable, port in (("PORT", self.port), ("HEALTH_PORT", self.health_port)):
             if port > 65535:
                 raise ConfigError(variable, str(port), _VARIABLES[variable][2])
+        if self.stream_max_chars < self.stream_min_chars:
+            raise ConfigError(
+                "STREAM_MAX_CHARS",
+                str(self.stream_max_chars),
+                f"an integer >= STREAM_MIN_CHARS ({self.stream_min_chars})",
+            )
         if self.port == self.health_port != 0:
             raise ConfigError(
                 "HEALTH_PORT", str(self.health_port), f"a port other than PORT ({self.port})"
@@ -314,6 +332,11 @@ _LOWER_BOUNDS: dict[str, tuple[str, float, bool]] = {
     "VOICES_TTL": ("voices_ttl", 0, True),
     "MAX_TEXT_LENGTH": ("max_text_length", 1, False),
     "QUEUE_SIZE": ("queue_size", 0, False),
+    "STREAM_MIN_CHARS": ("stream_min_chars", 1, False),
+    "STREAM_MAX_CHARS": ("stream_max_chars", 1, False),
+    "STREAM_MAX_WAIT_MS": ("stream_max_wait_ms", 0, True),
+    "MAX_STREAM_TEXT_LENGTH": ("max_stream_text_length", 1, False),
+    "STREAM_IDLE_TIMEOUT": ("stream_idle_timeout", 0, True),
     "CACHE_MEMORY_MB": ("cache_memory_mb", 0, False),
     "CACHE_MAX_SIZE_MB": ("cache_max_size_mb", 0, False),
     "RATE_LIMIT_REQUESTS": ("rate_limit_requests", 0, False),
@@ -352,6 +375,11 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "VOICES_TTL": ("voices_ttl", _number, "seconds > 0, such as 86400"),
     "MAX_TEXT_LENGTH": ("max_text_length", _integer, "an integer >= 1"),
     "QUEUE_SIZE": ("queue_size", _integer, "an integer >= 0"),
+    "STREAM_MIN_CHARS": ("stream_min_chars", _integer, "an integer >= 1"),
+    "STREAM_MAX_CHARS": ("stream_max_chars", _integer, "an integer >= STREAM_MIN_CHARS"),
+    "STREAM_MAX_WAIT_MS": ("stream_max_wait_ms", _number, "milliseconds > 0, such as 1000"),
+    "MAX_STREAM_TEXT_LENGTH": ("max_stream_text_length", _integer, "an integer >= 1"),
+    "STREAM_IDLE_TIMEOUT": ("stream_idle_timeout", _number, "seconds > 0, such as 20"),
     "TTS_API_KEY": ("api_keys", _list, _KEYS_FORM),
     "ALLOWED_ORIGINS": ("allowed_origins", _origins, _ORIGINS_FORM),
     "TRUSTED_PROXIES": ("trusted_proxies", _list, _PROXIES_FORM),

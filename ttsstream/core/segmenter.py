@@ -86,11 +86,11 @@ class Segmenter:
     """
 
     def __init__(self, *, min_chars: int = 20, max_chars: int = 300, clause_chars: int = 40):
-        if not 0 < min_chars <= max_chars or clause_chars > max_chars:
+        if not 0 < min_chars <= max_chars:
             raise ValueError("segment lengths must be 0 < min_chars <= max_chars")
         self._min = min_chars
         self._max = max_chars
-        self._clause = clause_chars
+        self._clause = min(clause_chars, max_chars)
         #: Text not yet cut into a segment.
         self._pending = ""
         #: Where ``_pending`` starts in the whole text.

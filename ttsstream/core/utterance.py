@@ -24,7 +24,9 @@ from ttsstream.audio.formats import MP3, Format
 from ttsstream.audio.transcode import Pipe
 from ttsstream.config import Config
 from ttsstream.core.router import Started
+from ttsstream.core.segmenter import Segmenter
 from ttsstream.core.speech_cache import SpeechCache
+from ttsstream.core.streaming import StreamingText, speak_stream
 from ttsstream.engines.base import AudioChunk, SynthesisRequest, WordEvent
 from ttsstream.exceptions import ClientError, ShuttingDown, error_code
 from ttsstream.logs import access
@@ -55,6 +57,8 @@ class Summary:
     words: int
     cached: bool
     ttfb_ms: float
+    #: A streaming utterance's segments: (spoken, of them replayed from the cache).
+    segments: tuple[int, int] | None = None
 
 
 class Sink(Protocol):
@@ -97,6 +101,7 @@ class Utterances:
     """
 
     def __init__(self, config: Config, speech: SpeechCache, stats: Stats) -> None:
+        self._config = config
         self._default_voice = config.default_voice
         self._speech = speech
         self._stats = stats
@@ -134,6 +139,16 @@ class Utterances:
             raise
         return SynthesisRequest(text=text, voice=voice, rate=rate, volume=volume, pitch=pitch)
 
+    def open_stream(self) -> StreamingText:
+        """The text of a new streaming utterance (its timers run until it is spoken)."""
+        config = self._config
+        return StreamingText(
+            Segmenter(min_chars=config.stream_min_chars, max_chars=config.stream_max_chars),
+            max_length=config.max_stream_text_length,
+            max_wait=config.stream_max_wait_ms / 1000,
+            idle_timeout=config.stream_idle_timeout,
+        )
+
     async def run(
         self,
         request: SynthesisRequest,
@@ -146,6 +161,7 @@ class Utterances:
         client_ip: str,
         connection: str,
         interface: str,
+        stream: StreamingText | None = None,
     ) -> str:
         """Speak ``request`` into ``sink``; its outcome (``ok``, ``cancelled``, an error code…).
 
@@ -163,13 +179,19 @@ class Utterances:
             client_ip: The client's address, for the access log.
             connection: The connection's id, for the access log.
             interface: ``ws`` or ``http``, for the access log.
+            stream: The text of a streaming utterance (then ``request`` gives its voice
+                and prosody, not its text).
         """
         stats = self._stats
         batch = words == "batch"
         each = words == "each"
         # Batched words go out just before the audio they describe; a replay may
         # then give all of them at once.
-        events = self._speech.synthesize(request, words_ahead=batch, made_as=audio_format)
+        events = (
+            self._speech.synthesize(request, words_ahead=batch, made_as=audio_format)
+            if stream is None
+            else speak_stream(self._speech, request, stream, words_ahead=batch)
+        )
         pipe: Pipe | None = None
         #: What is made into another format, kept to be stored whole (None: not kept).
         made: list[bytes] | None = None
@@ -188,7 +210,9 @@ class Utterances:
                     started = event
                     if pipe.transcoding:
                         started = dataclasses.replace(event, audio_format=audio_format.audio_format)
-                        made = []
+                        # Kept to be stored whole, unless it is streamed text (its
+                        # segments are stored one by one, as MP3).
+                        made = [] if stream is None else None
                     await sink.start(started)
                 elif isinstance(event, AudioChunk):
                     assert pipe is not None
@@ -242,6 +266,11 @@ class Utterances:
                     words=word_count,
                     cached=started.cached,
                     ttfb_ms=ttfb_ms or 0.0,
+                    segments=(
+                        None
+                        if stream is None
+                        else (stream.counts.segments, stream.counts.cached_segments)
+                    ),
                 )
             )
         except asyncio.CancelledError as exc:
@@ -275,8 +304,8 @@ class Utterances:
                 id=utterance_id,
                 voice=started.voice if started else request.voice,
                 engine=started.engine if started else None,
-                chars=len(request.text),
-                key=self._speech.key_of(request)[:12],
+                chars=len(request.text) if stream is None else stream.total,
+                key=self._speech.key_of(request)[:12] if stream is None else "stream",
                 cached=bool(started and started.cached),
                 fallback=started.fallback_reason if started else None,
                 ttfb_ms=None if ttfb_ms is None else round(ttfb_ms, 1),
@@ -287,6 +316,8 @@ class Utterances:
                 outcome=outcome,
             )
             await events.aclose()
+            if stream is not None:
+                stream.close()
         return outcome
 
     async def _failed(

@@ -28,6 +28,7 @@ from ttsstream.exceptions import (
     ClientError,
     InvalidParameter,
     RateLimited,
+    TextTooLong,
     error_code,
 )
 
@@ -37,8 +38,11 @@ __all__ = [
     "MESSAGE_TYPES",
     "PROTOCOL_VERSION",
     "WORD_MODES",
+    "Append",
     "Cancel",
     "ClientMessage",
+    "Finish",
+    "Flush",
     "ListVoices",
     "Speak",
     "encode_cancelled",
@@ -80,6 +84,8 @@ class Speak:
     format: Format = MP3
     #: Whether the client gave the id (else the server made it, and a refusal says ``null``).
     id_given: bool = True
+    #: A streaming utterance: ``text`` is its first piece (maybe empty), ``append``s follow.
+    stream: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,9 +103,36 @@ class ListVoices:
     kind: ClassVar[str] = "voices"
 
 
-ClientMessage = Speak | Cancel | ListVoices
+@dataclass(frozen=True, slots=True)
+class Append:
+    """More text for the open streaming utterance ``id`` (verbatim)."""
+
+    kind: ClassVar[str] = "append"
+    id: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Flush:
+    """Speak what the streaming utterance ``id`` has buffered now, even mid-sentence."""
+
+    kind: ClassVar[str] = "flush"
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """No more text for the streaming utterance ``id``: speak the rest, then ``end``."""
+
+    kind: ClassVar[str] = "finish"
+    id: str
+
+
+ClientMessage = Speak | Cancel | ListVoices | Append | Flush | Finish
 #: The ``type`` of every client message.
-MESSAGE_TYPES = tuple(message.kind for message in (Speak, Cancel, ListVoices))
+MESSAGE_TYPES = tuple(
+    message.kind for message in (Speak, Cancel, ListVoices, Append, Flush, Finish)
+)
 
 
 def parse_client_message(
@@ -152,7 +185,24 @@ def parse_client_message(
             return Cancel(id=utterance_id)
         if kind == "voices":
             return ListVoices()
-        raise BadMessage("unknown message type (expected speak, cancel or voices)")
+        if kind in ("append", "flush", "finish"):
+            if utterance_id is None:
+                raise BadMessage(f'"{kind}" needs the "id" of its streaming utterance')
+            if kind == "flush":
+                return Flush(id=utterance_id)
+            if kind == "finish":
+                return Finish(id=utterance_id)
+            text = message.get("text")
+            if not isinstance(text, str):
+                raise BadMessage('a string field "text" is required')
+            if len(text) > max_text_length:
+                raise TextTooLong(
+                    f"text has {len(text)} characters; the limit per append is {max_text_length}"
+                )
+            return Append(id=utterance_id, text=text)
+        raise BadMessage(
+            "unknown message type (expected speak, cancel, voices, append, flush or finish)"
+        )
     except ClientError as exc:
         exc.utterance_id = utterance_id
         exc.message_type = refused_type(kind)
@@ -176,7 +226,17 @@ def _parse_id(message: dict[str, Any]) -> str | None:
 
 
 def _parse_speak(message: dict[str, Any], utterance_id: str, max_text_length: int) -> Speak:
-    text = text_field(message.get("text"), max_length=max_text_length)
+    stream = message.get("stream", False)
+    if not isinstance(stream, bool):
+        raise BadMessage('"stream" must be true or false')
+    if stream:  # a first piece, maybe none: the text comes in appends
+        text = message.get("text", "")
+        if not isinstance(text, str):
+            raise BadMessage('"text" must be a string')
+        if len(text) > max_text_length:
+            raise TextTooLong(f"text has {len(text)} characters; the limit is {max_text_length}")
+    else:
+        text = text_field(message.get("text"), max_length=max_text_length)
     voice = voice_field(message.get("voice"))
     prosody: dict[str, Any] = {}
     for field in PROSODY_FIELDS:
@@ -191,7 +251,13 @@ def _parse_speak(message: dict[str, Any], utterance_id: str, max_text_length: in
 
     audio_format = format_field(message.get("format"))
     return Speak(
-        id=utterance_id, text=text, voice=voice, words=words, format=audio_format, **prosody
+        id=utterance_id,
+        text=text,
+        voice=voice,
+        words=words,
+        format=audio_format,
+        stream=stream,
+        **prosody,
     )
 
 
@@ -222,11 +288,14 @@ def encode_start(
     sample_rate: int,
     cached: bool,
     fallback_reason: str | None = None,
+    stream: bool = False,
 ) -> bytes:
     """Encode ``start``, sent before an utterance's first audio byte.
 
-    ``fallback_reason`` is the error code that made the offline voice speak instead.
+    ``fallback_reason`` is the error code that made the offline voice speak instead;
+    ``stream`` marks a streaming utterance.
     """
+    extra: dict[str, Any] = {"stream": True} if stream else {}
     return _encode(
         {
             "type": "start",
@@ -239,6 +308,7 @@ def encode_start(
             "engine": engine,
             "fallback": fallback_reason is not None,
             "fallback_reason": fallback_reason,
+            **extra,
         }
     )
 
@@ -261,8 +331,13 @@ def encode_end(
     words: int,
     cached: bool,
     ttfb_ms: float,
+    segments: tuple[int, int] | None = None,
 ) -> bytes:
-    """Encode ``end``, sent once an utterance's audio is complete."""
+    """Encode ``end``, sent once an utterance's audio is complete; a streaming one's has
+    ``segments`` (spoken, of them replayed from the cache)."""
+    extra: dict[str, Any] = (
+        {} if segments is None else {"segments": segments[0], "cached_segments": segments[1]}
+    )
     return _encode(
         {
             "type": "end",
@@ -272,6 +347,7 @@ def encode_end(
             "words": words,
             "cached": cached,
             "ttfb_ms": round(ttfb_ms, 3),
+            **extra,
         }
     )
 

@@ -28,6 +28,7 @@ from websockets.protocol import State
 from ttsstream import __version__
 from ttsstream.core.router import Started
 from ttsstream.core.services import Services
+from ttsstream.core.streaming import StreamingText
 from ttsstream.core.utterance import ListenerGone, Summary, cut_short
 from ttsstream.engines.base import SynthesisRequest, WordEvent
 from ttsstream.exceptions import (
@@ -37,7 +38,10 @@ from ttsstream.exceptions import (
     QueueFull,
 )
 from ttsstream.ws.protocol import (
+    Append,
     Cancel,
+    Finish,
+    Flush,
     ListVoices,
     Speak,
     encode_cancelled,
@@ -82,6 +86,8 @@ class Utterance:
     finishing: bool = False
     #: Cut by a shutdown before its end.
     cut: bool = False
+    #: The text of a streaming utterance, which its appends feed.
+    stream: StreamingText | None = None
 
     @property
     def id(self) -> str:
@@ -140,6 +146,8 @@ class Session:
             pass
         finally:
             watchdog.cancel()
+            for utterance in self._pending:
+                self._forget(utterance)
             # Closing the upstream of an utterance being spoken may take a while:
             # the speaker is waited for with the other background tasks, for a bounded time.
             self._speaker.cancel()
@@ -194,6 +202,8 @@ class Session:
                 await self._cancel(message.id)
             elif isinstance(message, ListVoices):
                 await self._ask_voices()
+            else:
+                self._feed(message)
         except ClientError as exc:
             exc.message_type = message.kind
             if isinstance(message, Speak) and not message.id_given:
@@ -209,6 +219,30 @@ class Session:
 
     def _new_id(self) -> str:
         return "s-" + secrets.token_hex(6)
+
+    def _feed(self, message: Append | Flush | Finish) -> None:
+        """Pass an ``append``, ``flush`` or ``finish`` to its open streaming utterance.
+
+        A refusal answers the message (``for`` it) and ends no utterance.
+        """
+        current = self._current
+        candidates = [*self._pending, *([current] if current is not None else [])]
+        utterance = next(
+            (u for u in candidates if u.id == message.id and u.stream is not None), None
+        )
+        if utterance is None or utterance.stream is None or utterance.finishing:
+            raise NotFound("no open streaming utterance has this id", utterance_id=message.id)
+        stream = utterance.stream
+        try:
+            if isinstance(message, Append):
+                stream.append(message.text)
+            elif isinstance(message, Flush):
+                stream.flush()
+            else:
+                stream.finish()
+        except ClientError as exc:
+            exc.utterance_id = message.id
+            raise
 
     async def _enqueue(self, request: Speak) -> None:
         await self._admission.check_rate(self.client_ip, request.id)
@@ -233,10 +267,20 @@ class Session:
                 + " already waiting",
                 utterance_id=request.id,
             )
+        stream = None
+        if request.stream:
+            stream = self._utterances.open_stream()
+            if request.text:
+                stream.append(request.text)
         self._ids.add(request.id)
         self._idle.clear()
         self._pending.append(
-            Utterance(request=request, synthesis=synthesis, received_at=time.perf_counter())
+            Utterance(
+                request=request,
+                synthesis=synthesis,
+                received_at=time.perf_counter(),
+                stream=stream,
+            )
         )
         self._wakeup.set()
 
@@ -249,7 +293,7 @@ class Session:
             if playing is not None:
                 await self._cancel_playing(playing)
             for utterance in queued:
-                self._ids.discard(utterance.id)
+                self._forget(utterance)
                 await self._send(encode_cancelled(utterance.id))
             return
         if playing is not None and playing.id == utterance_id:
@@ -258,7 +302,7 @@ class Session:
         for utterance in self._pending:
             if utterance.id == utterance_id:
                 self._pending.remove(utterance)
-                self._ids.discard(utterance.id)
+                self._forget(utterance)
                 await self._send(encode_cancelled(utterance.id))
                 return
         raise NotFound("no queued or playing utterance has this id", utterance_id=utterance_id)
@@ -286,7 +330,7 @@ class Session:
             self._track(speaker)
             await asyncio.wait({speaker}, timeout=UPSTREAM_CLOSE_TIMEOUT)
         for utterance in queued:
-            self._ids.discard(utterance.id)
+            self._forget(utterance)
             self._stats.errors += 1
             await self._send(encode_error(cut_short(), utterance_id=utterance.id))
         self._idle.set()
@@ -328,6 +372,7 @@ class Session:
                     client_ip=self.client_ip,
                     connection=self.connection_id,
                     interface="ws",
+                    stream=utterance.stream,
                 )
             except asyncio.CancelledError:
                 if _cancelling():
@@ -343,8 +388,16 @@ class Session:
                 if self._current is utterance:  # else a cancel already moved on
                     self._played(utterance)
 
+    def _forget(self, utterance: Utterance) -> None:
+        """A queued utterance will not play: its id is free, its text's timers stop."""
+        self._ids.discard(utterance.id)
+        if utterance.stream is not None:
+            utterance.stream.close()
+
     def _played(self, utterance: Utterance) -> None:
         """The utterance is over (spoken, failed or cancelled): the next one may play."""
+        if utterance.stream is not None:
+            utterance.stream.close()
         self._current = None
         self._ids.discard(utterance.id)
         self._last_activity = asyncio.get_running_loop().time()
@@ -485,6 +538,7 @@ class _Frames:
                 sample_rate=started.audio_format.sample_rate,
                 cached=started.cached,
                 fallback_reason=started.fallback_reason,
+                stream=self._utterance.stream is not None,
             )
         )
 
@@ -507,6 +561,7 @@ class _Frames:
                 words=summary.words,
                 cached=summary.cached,
                 ttfb_ms=summary.ttfb_ms,
+                segments=summary.segments,
             )
         )
 

@@ -1,0 +1,152 @@
+"""Streaming input: text that arrives while it is spoken (``speak`` with ``stream``,
+then ``append``, ``flush`` and ``finish``), against the real server and the fake."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tests.conftest import TIMEOUT, ServerFactory, connected, speaks_fine
+from tests.fake_edge import FakeEdge
+
+PIECES = [
+    "Hello there! I was just ",
+    "thinking about the weather. It ",
+    "is sunny today, and warm",
+    " enough for a walk. See you",
+]
+
+
+async def test_appended_text_is_spoken_segment_by_segment_as_one_utterance(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """Appends are cut at sentence ends and synthesized one segment each; the client
+    gets one start (stream: true), one audio stream (every segment's audio in order),
+    words whose offsets run on over the segments and whose ranges slice the whole
+    text, and an end with the segment counts."""
+    server = await start_server()
+    whole = "".join(PIECES)
+    async with connected(server) as client:
+        await client.send({"type": "speak", "id": "s1", "stream": True, "text": PIECES[0]})
+        for piece in PIECES[1:]:
+            await client.send({"type": "append", "id": "s1", "text": piece})
+        await client.send({"type": "finish", "id": "s1"})
+        result = await client.until_final("s1")
+        await speaks_fine(client)
+    start = result.messages[0]
+    assert start["type"] == "start" and start["stream"] is True
+    end = result.final
+    assert end["type"] == "end"
+    texts = [
+        "Hello there! I was just thinking about the weather.",
+        " It is sunny today, and warm enough for a walk.",
+        " See you",
+    ]
+    # (edge-tts sends each text without its leading space)
+    assert [record.text for record in fake.records[:-1]] == [t.strip() for t in texts]
+    assert (end["segments"], end["cached_segments"]) == (3, 0)
+    assert bytes(result.audio) == b"".join(bytes(r.audio) for r in fake.records[:-1])
+    assert end["bytes"] == len(result.audio)
+    words = result.words
+    assert end["words"] == len(words)
+    for word in words:
+        assert whole[word["char_start"] : word["char_end"]] == word["text"]
+    offsets = [word["offset_ms"] for word in words]
+    assert offsets == sorted(offsets)
+    # The second segment's first word comes after the whole first segment's audio.
+    first_ms = len(fake.records[0].audio) * 8 / 48
+    second = next(w for w in words if w["char_start"] >= len(texts[0]))
+    assert second["offset_ms"] >= first_ms
+
+
+async def test_segments_said_before_replay_from_the_cache(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """A sentence of an earlier reply is a cached segment of a later one."""
+    server = await start_server()
+    sentence = "This sentence comes back in every reply. "
+    async with connected(server) as client:
+        for number, id in enumerate(("a", "b")):
+            await client.send({"type": "speak", "id": id, "stream": True})
+            await client.send({"type": "append", "id": id, "text": sentence})
+            await client.send({"type": "append", "id": id, "text": f"Then part {number}."})
+            await client.send({"type": "finish", "id": id})
+            end = (await client.until_final(id)).final
+            assert end["type"] == "end"
+    assert (end["segments"], end["cached_segments"]) == (2, 1)
+    assert [r.text for r in fake.records] == [
+        sentence.strip(),
+        "Then part 0.",
+        "Then part 1.",
+    ]
+
+
+async def test_refused_appends_answer_for_themselves_and_end_nothing(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """append to an unknown id: not_found; after finish: invalid_parameter; both "for"
+    the append, with the id, and the utterance still ends well; flush twice is fine."""
+    server = await start_server()
+    async with connected(server) as client:
+        await client.send({"type": "append", "id": "nobody", "text": "Hi."})
+        refusal = await client.recv_message()
+        assert (refusal["code"], refusal["for"], refusal["id"]) == (
+            "not_found",
+            "append",
+            "nobody",
+        )
+        await client.send({"type": "speak", "id": "s", "stream": True})
+        await client.send({"type": "append", "id": "s", "text": "Something to say now"})
+        await client.send({"type": "flush", "id": "s"})
+        await client.send({"type": "flush", "id": "s"})
+        await client.send({"type": "finish", "id": "s"})
+        await client.send({"type": "append", "id": "s", "text": "Too late."})
+        result = await client.until_final("s")
+        assert result.final["type"] == "end" and result.final["segments"] == 1
+        late = client.refusals
+        assert len(late) == 1 and (late[0]["code"], late[0]["for"], late[0]["id"]) == (
+            "invalid_parameter",
+            "append",
+            "s",
+        )
+    assert [r.text for r in fake.records] == ["Something to say now"]
+
+
+async def test_waiting_text_is_spoken_and_a_silent_stream_finished(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """Text without a sentence end that stops growing is spoken after
+    STREAM_MAX_WAIT_MS; a stream nobody finishes ends after STREAM_IDLE_TIMEOUT."""
+    server = await start_server(stream_max_wait_ms=200.0, stream_idle_timeout=0.6)
+    async with connected(server) as client:
+        await client.send({"type": "speak", "id": "s", "stream": True, "text": "Well, let me"})
+        async with asyncio.timeout(TIMEOUT):
+            result = await client.until_final("s")
+    assert result.final["type"] == "end"
+    assert [r.text for r in fake.records] == ["Well, let me"]
+
+
+async def test_cancel_mid_stream_closes_every_upstream(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """A cancel while a segment streams and the next is synthesized ahead ends the
+    utterance with cancelled and leaves no upstream request open."""
+    server = await start_server()
+    fake.pause_after_chunks = 1
+    async with connected(server) as client:
+        await client.send({"type": "speak", "id": "s", "stream": True})
+        await client.send(
+            {
+                "type": "append",
+                "id": "s",
+                "text": "The first sentence is long enough. The second one too, surely. ",
+            }
+        )
+        await asyncio.wait_for(fake.paused.wait(), TIMEOUT)
+        await client.send({"type": "cancel", "id": "s"})
+        result = await client.until_final("s")
+        assert result.final["type"] == "cancelled"
+        fake.resume.set()
+        async with asyncio.timeout(TIMEOUT):
+            while fake.active:
+                await asyncio.sleep(0.01)
+        await speaks_fine(client)
