@@ -4,8 +4,10 @@ then ``append``, ``flush`` and ``finish``), against the real server and the fake
 from __future__ import annotations
 
 import asyncio
+import sys
+from pathlib import Path
 
-from tests.conftest import TIMEOUT, ServerFactory, connected, speaks_fine
+from tests.conftest import TIMEOUT, ServerFactory, connected, speaks_fine, url_of
 from tests.fake_edge import FakeEdge
 
 PIECES = [
@@ -150,3 +152,25 @@ async def test_cancel_mid_stream_closes_every_upstream(
             while fake.active:
                 await asyncio.sleep(0.01)
         await speaks_fine(client)
+
+
+async def test_the_readme_example_speaks_a_reply(
+    start_server: ServerFactory, fake: FakeEdge, tmp_path: Path
+) -> None:
+    """The README's "speak an LLM reply" example, run as written against a server,
+    writes the reply's audio: every segment's, in order."""
+    server = await start_server()
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    example = readme.split("Speak an LLM reply as it is written", 1)[1]
+    code = example.split("```python\n", 1)[1].split("```", 1)[0]
+    code = code.replace("ws://localhost:8765/v1/stream", url_of(server))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, cwd=tmp_path, stderr=asyncio.subprocess.PIPE
+    )
+    _, stderr = await asyncio.wait_for(process.communicate(), TIMEOUT)
+    assert process.returncode == 0, stderr.decode()
+    assert [r.text for r in fake.records] == [
+        "Sure! The weather today is sunny and warm.",
+        "Enjoy it.",
+    ]
+    assert (tmp_path / "reply.mp3").read_bytes() == b"".join(bytes(r.audio) for r in fake.records)
