@@ -511,3 +511,45 @@ async def test_a_taken_side_port_is_named_and_a_public_one_warned_about(
         process.send_signal(signal.SIGTERM)
         await asyncio.wait_for(process.wait(), TIMEOUT)
     assert "side port 0.0.0.0:" in said and "reachable from other hosts (HEALTH_HOST)" in said
+
+
+async def test_say_dash_streams_standard_input_as_it_is_read(
+    served: ServerProcess, fake: FakeEdge, tmp_path: Path
+) -> None:
+    """``some-llm | ttsstream say - -o reply.mp3``: text is spoken as it arrives on
+    standard input (its first sentence before the input ends), as one utterance, with
+    subtitles over the whole text."""
+    process = await asyncio.create_subprocess_exec(
+        str(CONSOLE_SCRIPT),
+        "say",
+        "-",
+        "-o",
+        "reply.mp3",
+        "--srt",
+        "reply.srt",
+        "--url",
+        served.url,
+        cwd=tmp_path,
+        stdin=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stdin is not None
+    process.stdin.write("The first sentence comes right away. The sec".encode())
+    await process.stdin.drain()
+    async with asyncio.timeout(TIMEOUT):
+        while not fake.records:  # spoken while the input is still open
+            await asyncio.sleep(0.02)
+    assert fake.records[0].text == "The first sentence comes right away."
+    process.stdin.write("ond one follows later. Déjà".encode())
+    process.stdin.close()
+    _, stderr = await asyncio.wait_for(process.communicate(), TIMEOUT * 2)
+    assert process.returncode == 0, stderr.decode()
+    assert [r.text for r in fake.records] == [
+        "The first sentence comes right away.",
+        "The second one follows later.",
+        "Déjà",
+    ]
+    audio = (tmp_path / "reply.mp3").read_bytes()
+    assert audio == b"".join(bytes(r.audio) for r in fake.records)
+    srt = (tmp_path / "reply.srt").read_text()
+    assert "The second one follows later." in srt and "Déjà" in srt

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import codecs
 import os
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,12 @@ def _parser() -> argparse.ArgumentParser:
         "events and subtitles. Values that start with a minus sign are taken as they "
         "are: --rate -50%%, --pitch -5Hz.",
     )
-    say.add_argument("text", nargs="?", help="the text to speak (or -f FILE)")
+    say.add_argument(
+        "text",
+        nargs="?",
+        help="the text to speak (or -f FILE); '-': standard input, spoken as it is read "
+        "(some-llm-cli | ttsstream say - -o reply.mp3)",
+    )
     say.add_argument(
         "-f", "--file", help="read the text from this UTF-8 file ('-': standard input)"
     )
@@ -177,7 +183,7 @@ def _say(args: argparse.Namespace) -> int:
         api_key = args.api_key or _key_from_environment()
         if args.list_voices:
             return _list_voices(args, api_key)
-        text = _text_of(args)
+        text: str | AsyncIterator[str] = _stdin_pieces() if args.text == "-" else _text_of(args)
         if args.output is None:
             raise _Usage("an output file is needed: -o FILE (or -o - for standard output)")
         for path in (args.output, args.words, args.srt):
@@ -213,7 +219,7 @@ def _say(args: argparse.Namespace) -> int:
     if args.words is not None:
         args.words.write_bytes(orjson.dumps(result.words, option=orjson.OPT_INDENT_2))
     if args.srt is not None:
-        args.srt.write_text(to_srt(text, result.words), encoding="utf-8")
+        args.srt.write_text(to_srt(result.text, result.words), encoding="utf-8")
     start, end = result.start, result.end
     engine = start.get("engine", "?")
     if start.get("fallback"):
@@ -226,6 +232,17 @@ def _say(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+async def _stdin_pieces() -> AsyncIterator[str]:
+    """Standard input as it is read (UTF-8; a bad byte becomes U+FFFD)."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    read = sys.stdin.buffer.read1 if hasattr(sys.stdin.buffer, "read1") else sys.stdin.buffer.read
+    while data := await asyncio.to_thread(read, 4096):
+        if text := decoder.decode(data):
+            yield text
+    if tail := decoder.decode(b"", final=True):
+        yield tail
 
 
 def _key_from_environment() -> str | None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 
 __all__ = ["SpeechError", "SpokenText", "list_voices", "speak"]
 
@@ -31,11 +34,13 @@ class SpokenText:
     start: dict[str, Any] = field(default_factory=dict)
     words: list[dict[str, Any]] = field(default_factory=list)
     end: dict[str, Any] = field(default_factory=dict)
+    #: The text spoken (for streamed text: every piece, as sent).
+    text: str = ""
 
 
 async def speak(
     url: str,
-    text: str,
+    text: str | AsyncIterator[str],
     *,
     voice: str | None = None,
     rate: str | None = None,
@@ -48,12 +53,22 @@ async def speak(
 ) -> SpokenText:
     """Connect to ``url``, speak ``text``, and return its audio and word events.
 
+    ``text`` may also be pieces that arrive over time (an LLM's reply, standard
+    input): they are streamed (``append``) as they come, and spoken as they are
+    complete sentences, as one utterance.
+
     Raises:
         SpeechError: The server refused or failed the utterance.
         websockets.exceptions.WebSocketException: The connection failed.
     """
     # Batched words: the same words in fewer frames; kept as one dict per word.
-    request: dict[str, Any] = {"type": "speak", "id": "say", "text": text, "words": "batch"}
+    pieces = None if isinstance(text, str) else text
+    request: dict[str, Any] = {"type": "speak", "id": "say", "words": "batch"}
+    result = SpokenText()
+    if isinstance(text, str):
+        request["text"] = result.text = text
+    else:
+        request["stream"] = True
     fields = (
         ("voice", voice),
         ("rate", rate),
@@ -64,7 +79,6 @@ async def speak(
     for name, value in fields:
         if value is not None:
             request[name] = value
-    result = SpokenText()
     headers = {"X-API-Key": api_key} if api_key else None
     async with connect(
         url,
@@ -75,32 +89,60 @@ async def speak(
     ) as ws:
         hello = orjson.loads(await ws.recv())
         limit = hello.get("max_text_length") if isinstance(hello, dict) else None
-        if isinstance(limit, int) and len(text) > limit:
+        if isinstance(text, str) and isinstance(limit, int) and len(text) > limit:
             # Refused here: a text past the frame size would only close the connection.
             raise SpeechError(
                 "text_too_long", f"text too long ({len(text)} characters, limit {limit})"
             )
         await ws.send(orjson.dumps(request).decode())
-        async for frame in ws:
-            if isinstance(frame, bytes):
-                result.audio += frame
-                continue
-            message = orjson.loads(frame)
-            kind = message.get("type")
-            if kind == "start":
-                result.start = message
-            elif kind == "word":
-                result.words.append(message)
-            elif kind == "words":
-                result.words.extend(
-                    {"type": "word", "id": message["id"], **word} for word in message["words"]
-                )
-            elif kind == "end":
-                result.end = message
-                return result
-            elif kind == "error":
-                raise SpeechError(message.get("code", "internal"), message.get("message", ""))
-            # Anything else (hello, future message types) is ignored, as the protocol asks.
+        feeder = None
+        if pieces is not None:
+            feeder = asyncio.create_task(
+                _append(ws, pieces, limit if isinstance(limit, int) else 4096, result)
+            )
+        try:
+            return await _collect(ws, result)
+        finally:
+            if feeder is not None:
+                feeder.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await feeder
+
+
+async def _append(
+    ws: ClientConnection, pieces: AsyncIterator[str], limit: int, result: SpokenText
+) -> None:
+    """Send the pieces as they come (each ``append`` within ``limit``), then ``finish``."""
+    async for piece in pieces:
+        result.text += piece
+        for start in range(0, len(piece), limit):
+            message = {"type": "append", "id": "say", "text": piece[start : start + limit]}
+            await ws.send(orjson.dumps(message).decode())
+    await ws.send(orjson.dumps({"type": "finish", "id": "say"}).decode())
+
+
+async def _collect(ws: ClientConnection, result: SpokenText) -> SpokenText:
+    """Read the utterance's frames into ``result`` until its end."""
+    async for frame in ws:
+        if isinstance(frame, bytes):
+            result.audio += frame
+            continue
+        message = orjson.loads(frame)
+        kind = message.get("type")
+        if kind == "start":
+            result.start = message
+        elif kind == "word":
+            result.words.append(message)
+        elif kind == "words":
+            result.words.extend(
+                {"type": "word", "id": message["id"], **word} for word in message["words"]
+            )
+        elif kind == "end":
+            result.end = message
+            return result
+        elif kind == "error" and message.get("for") not in ("append", "flush", "finish"):
+            raise SpeechError(message.get("code", "internal"), message.get("message", ""))
+        # Anything else (hello, future message types) is ignored, as the protocol asks.
     raise SpeechError("closed", "the server closed the connection before the end")
 
 
