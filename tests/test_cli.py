@@ -534,7 +534,7 @@ async def test_say_dash_streams_standard_input_as_it_is_read(
         stderr=asyncio.subprocess.PIPE,
     )
     assert process.stdin is not None
-    process.stdin.write("The first sentence comes right away. The sec".encode())
+    process.stdin.write(b"The first sentence comes right away. The sec")
     await process.stdin.drain()
     async with asyncio.timeout(TIMEOUT):
         while not fake.records:  # spoken while the input is still open
