@@ -551,8 +551,9 @@ class Bench:
         pairs = 3 if self.quick else 20
         runs: dict[str, list[dict[str, Any]]] = {"single": [], "cluster": []}
         servers: list[Process] = []
-        try:
-            with tempfile.TemporaryDirectory() as cache:
+        # The servers stop before their cache directories go (they may still be storing).
+        with tempfile.TemporaryDirectory() as cache:
+            try:
                 # A rate limit too high to refuse anything, so that every speak and
                 # handshake is decided by the limiter (in Redis, in cluster mode).
                 limits = {"RATE_LIMIT_REQUESTS": "100000000"}
@@ -622,10 +623,10 @@ class Bench:
                     ]
                 )
                 tier = [r for r in hits[0]["results"] if "error" not in r]
-        finally:
-            for server in servers:
-                await stop(server)
-            await stop(redis)
+            finally:
+                for server in servers:
+                    await stop(server)
+                await stop(redis)
         self.out["cluster"] = {
             "clients": clients,
             "single_first_p50": alone["first_p50"],

@@ -112,6 +112,7 @@
  * @property {string} [pitch]  e.g. "+5Hz"
  * @property {string} [id]     1 to 64 characters; made up when missing
  * @property {string} [format] as the client's `format` option, for this utterance
+ * @property {boolean} [stream] text comes later with write() (see `client.stream()`)
  */
 
 /**
@@ -381,6 +382,8 @@ export class Utterance extends EventTarget {
     this.resolve = resolve;
     this.reject = reject;
     this.frame = 0;
+    /** Made by `client.stream()`: text comes with write(). */
+    this.streaming = false;
     if (this.audio) {
       this.audio.addEventListener("play", () => this.followClock());
       this.audio.addEventListener("seeked", () => this.updateWord());
@@ -398,6 +401,35 @@ export class Utterance extends EventTarget {
     if (!this.audio) return null;
     const index = wordAt(this.words, this.audio.currentTime * 1000);
     return index >= 0 ? this.words[index] : null;
+  }
+
+  /**
+   * Streaming utterances (`client.stream()`): add text, spoken as it completes sentences.
+   * @param {string} text  appended verbatim (send your own spaces)
+   */
+  write(text) {
+    this.requireStream();
+    this.text += text;
+    this.client.send({ type: "append", id: this.id, text });
+  }
+
+  /** Streaming utterances: speak what is buffered now, even mid-sentence. */
+  flush() {
+    this.requireStream();
+    this.client.send({ type: "flush", id: this.id });
+  }
+
+  /** Streaming utterances: no more text; the rest is spoken, then `end`. */
+  finish() {
+    this.requireStream();
+    this.client.send({ type: "finish", id: this.id });
+  }
+
+  /** @private */
+  requireStream() {
+    if (!this.streaming) {
+      throw new TypeError("write/flush/finish are for client.stream() utterances");
+    }
   }
 
   /** Stop playing and ask the server to cancel; no more audio is appended. */
@@ -559,6 +591,7 @@ export class TTSStreamClient extends EventTarget {
     const id = options.id ?? `c${++this.counter}-${Date.now().toString(36)}`;
     const format = formatToAsk(options.format ?? this.options.format);
     const utterance = new Utterance(this, id, text, this.options.autoplay ?? true, format);
+    utterance.streaming = Boolean(options.stream);
     if (this.closed) {
       utterance.fail(new TTSStreamError("closed", "the client is closed"));
       return utterance;
@@ -572,7 +605,26 @@ export class TTSStreamClient extends EventTarget {
       if (value) message[field] = value;
     }
     if (format !== "mp3") message.format = format;
+    if (options.stream) message.stream = true;
     this.send(message);
+    return utterance;
+  }
+
+  /**
+   * A streaming utterance: text written while it is spoken (an LLM's reply), spoken
+   * sentence by sentence as one utterance, with one timeline of words.
+   *
+   *     const u = client.stream({ voice: "en-US-AriaNeural" });
+   *     u.write("Hello "); u.write("world. "); u.flush(); u.end();
+   *
+   * @param {SpeakOptions} [options]
+   * @returns {Utterance}  plays as it arrives; `write`, `flush`, `end` (or `finish`) feed it
+   */
+  stream(options = {}) {
+    const utterance = this.speak("", { ...options, stream: true });
+    // `u.end()` finishes the text until the `end` message arrives; then `u.end` is that
+    // message, as for every utterance. `u.finish()` does the same at any time.
+    /** @type {any} */ (utterance).end = () => utterance.finish();
     return utterance;
   }
 
@@ -634,6 +686,8 @@ export class TTSStreamClient extends EventTarget {
           // A refused speak fails the utterance it would have made, never one in progress.
           const refused = this.utterances.get(message.id);
           if (message.for === "speak" && refused && refused.state === "queued") break;
+          // A refused append, flush or finish: told to its utterance, which goes on.
+          if (refused) refused.emit("refused", message);
           return;
         }
         break;

@@ -328,3 +328,59 @@ async def test_the_client_plays_webm_opus_as_it_arrives(
     assert abs(played[0] * 1000 - played[1]) < 100
     assert await page.evaluate("() => window.webm.audio.error") is None
     assert problems == []
+
+
+async def test_the_client_streams_text_written_on_a_timer(
+    browser: Browser, served: dict[str, str], fake: FakeEdge
+) -> None:
+    """``client.stream()`` in Chromium, written a few characters at a time on a timer
+    (as an LLM writes): it starts playing before the text is finished, plays every
+    segment to the end as one utterance, and its words slice the whole text."""
+    page, problems = await open_demo(browser, served["url"])
+    await page.evaluate(
+        """async () => {
+            const { TTSStreamClient } = await import('/clients/ttsstream.js');
+            const url = location.origin.replace('http', 'ws') + '/v1/stream';
+            const client = new TTSStreamClient(url);
+            const text = 'Streaming text plays while it is written. Each sentence follows '
+                + 'the one before without a gap. The words light up in step.';
+            const u = client.stream();
+            window.streamed = u;
+            window.written = 0;
+            u.audio.addEventListener('playing', () => { window.writtenAtPlay = window.written; });
+            const timer = setInterval(() => {
+                if (window.written >= text.length) {
+                    clearInterval(timer);
+                    u.end();
+                    return;
+                }
+                u.write(text.slice(window.written, window.written + 4));
+                window.written += 4;
+            }, 100);
+        }"""
+    )
+    await until(page, "window.writtenAtPlay !== undefined")
+    # Playing began soon after the first sentence was written, long before the rest.
+    assert await page.evaluate("() => window.writtenAtPlay") < 90
+    assert await page.evaluate("() => window.written") < 120
+    await until(page, "window.streamed.state === 'ended'", timeout=TIMEOUT * 2)
+    await until(page, "window.streamed.audio.ended", timeout=TIMEOUT * 4)
+    result = await page.evaluate(
+        """() => {
+            const u = window.streamed;
+            return {
+                end: u.end,
+                start: u.start,
+                sliced: u.words.every(w => u.text.slice(w.char_start, w.char_end) === w.text),
+                words: u.words.length,
+                played: u.audio.currentTime * 1000,
+                error: u.audio.error,
+            };
+        }"""
+    )
+    assert result["start"]["stream"] is True
+    assert result["end"]["segments"] == 3 == len(fake.records)
+    assert result["sliced"] and result["words"] == result["end"]["words"] > 20
+    assert abs(result["played"] - result["end"]["audio_ms"]) < 100
+    assert result["error"] is None
+    assert problems == []

@@ -138,10 +138,12 @@ class StreamingText:
         return self._ready.popleft() if self._ready else None
 
     async def wait(self) -> None:
-        """Return once a segment is cut or the text is finished."""
-        while not self._ready and not self.finished:
-            self._changed.clear()
-            await self._changed.wait()
+        """Return once a segment was cut (and maybe taken already, by ``on_cut``) or the
+        text finished."""
+        if self._ready or self.finished:
+            return
+        self._changed.clear()
+        await self._changed.wait()
 
     def close(self) -> None:
         """Stop the timers (the utterance is over)."""
