@@ -174,3 +174,93 @@ async def test_the_readme_example_speaks_a_reply(
         "Enjoy it.",
     ]
     assert (tmp_path / "reply.mp3").read_bytes() == b"".join(bytes(r.audio) for r in fake.records)
+
+
+async def test_edge_failing_before_the_first_audio_makes_the_offline_voice_speak_it_all(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """Edge refusing from the start: the whole streamed reply is spoken by the offline
+    voice (start says so), every segment, in one voice."""
+    server = await start_server(upstream_retries=0)
+    fake.refuse_status = 503
+    async with connected(server) as client:
+        await client.send({"type": "speak", "id": "s", "stream": True, "text": PIECES[0]})
+        for piece in PIECES[1:]:
+            await client.send({"type": "append", "id": "s", "text": piece})
+        await client.send({"type": "finish", "id": "s"})
+        result = await client.until_final("s")
+    start = result.messages[0]
+    assert start["engine"] == "espeak" and start["fallback"] is True
+    assert result.final["type"] == "end" and result.final["segments"] == 3
+    assert len(result.audio) == result.final["bytes"] > 0
+
+
+async def test_edge_failing_after_the_first_segment_ends_the_reply_partial(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """A later segment that Edge fails is not spoken by another voice: the reply ends
+    with the error, partial (a listener never hears the speaker change)."""
+    server = await start_server(upstream_retries=0)
+    async with connected(server) as client:
+        await client.send(
+            {"type": "speak", "id": "s", "stream": True, "text": "The first sentence is spoken. "}
+        )
+        async with asyncio.timeout(TIMEOUT):
+            while not (fake.records and fake.records[0].completed):
+                await asyncio.sleep(0.01)
+        fake.refuse_status = 503
+        await client.send({"type": "append", "id": "s", "text": "The second one fails here."})
+        await client.send({"type": "finish", "id": "s"})
+        result = await client.until_final("s")
+    assert result.messages[0]["engine"] == "edge"
+    assert result.final["type"] == "error" and result.final["partial"] is True
+    assert result.final["code"] == "upstream_unavailable"
+    assert bytes(result.audio) == bytes(fake.records[0].audio)
+
+
+async def test_limits_of_a_streamed_text(start_server: ServerFactory, fake: FakeEdge) -> None:
+    """The opening speak counts once toward the rate limit, its appends not at all; a
+    text past MAX_STREAM_TEXT_LENGTH is refused (text_too_long, for the append) and
+    the utterance ends with what it had; finished with nothing to say: empty_text."""
+    server = await start_server(rate_limit_requests=3, max_stream_text_length=80)
+    async with connected(server) as client:  # the handshake: 1 request
+        await client.send({"type": "speak", "id": "s", "stream": True})  # 2
+        for _ in range(10):
+            await client.send({"type": "append", "id": "s", "text": "Some words. "})
+        result = await client.until_final("s")
+        assert result.final["type"] == "end"
+        assert [r["code"] for r in client.refusals][:1] == ["text_too_long"]
+        assert client.refusals[0]["for"] == "append" and client.refusals[0]["id"] == "s"
+        assert sum(len(r.text) for r in fake.records) <= 80
+        await client.send({"type": "speak", "id": "e", "stream": True, "text": "  "})  # 3
+        await client.send({"type": "finish", "id": "e"})
+        empty = await client.until_final("e")
+        assert (empty.final["type"], empty.final["code"]) == ("error", "empty_text")
+        await client.speak("Over the limit.", id="x")  # 4
+        assert (await client.until_final("x")).final["code"] == "rate_limited"
+
+
+async def test_a_client_leaving_mid_stream_leaves_no_upstream_open(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """Disconnecting while a segment streams and the next is synthesized ahead closes
+    both upstream requests."""
+    server = await start_server()
+    fake.pause_after_chunks = 1
+    async with connected(server) as client:
+        await client.send({"type": "speak", "id": "s", "stream": True})
+        await client.send(
+            {
+                "type": "append",
+                "id": "s",
+                "text": "The first sentence is long enough. The second one too, surely. ",
+            }
+        )
+        async with asyncio.timeout(TIMEOUT):
+            while fake.active < 2:
+                await asyncio.sleep(0.01)
+    fake.resume.set()
+    async with asyncio.timeout(TIMEOUT):
+        while fake.active:
+            await asyncio.sleep(0.01)
+    assert len(fake.records) == 2
