@@ -7,8 +7,11 @@ import asyncio
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import TIMEOUT, ServerFactory, connected, speaks_fine, url_of
 from tests.fake_edge import FakeEdge
+from tests.test_formats import decode, onset_ms
 
 PIECES = [
     "Hello there! I was just ",
@@ -264,3 +267,34 @@ async def test_a_client_leaving_mid_stream_leaves_no_upstream_open(
         while fake.active:
             await asyncio.sleep(0.01)
     assert len(fake.records) == 2
+
+
+@pytest.mark.parametrize("audio_format", ["mp3", "pcm"])
+async def test_after_twenty_segments_words_are_where_they_are_heard(
+    start_server: ServerFactory, fake: FakeEdge, audio_format: str
+) -> None:
+    """Twenty segments, each word a tone in the fake: in the decoded whole stream, every
+    word's offset_ms is where its sound starts, within 40 ms, and its characters slice
+    the whole text to the word."""
+    fake.voiced = True
+    server = await start_server()
+    sentences = [f"Sentence number {number} is here. " for number in range(20)]
+    whole = "".join(sentences)
+    async with connected(server) as client:
+        await client.send(
+            {"type": "speak", "id": "s", "stream": True, "words": "batch", "format": audio_format}
+        )
+        for sentence in sentences:
+            await client.send({"type": "append", "id": "s", "text": sentence})
+        await client.send({"type": "finish", "id": "s"})
+        result = await client.until_final("s")
+    assert result.final["type"] == "end" and result.final["segments"] == 20
+    samples, rate = decode(audio_format, bytes(result.audio))
+    words = result.batched_words
+    assert len(words) == len(whole.split())
+    for word in words:
+        assert whole[word["char_start"] : word["char_end"]] == word["text"].rstrip(".")
+        heard = onset_ms(samples, rate, word["offset_ms"] - 25)
+        assert abs(heard - word["offset_ms"]) < 40, (word, heard)
+    heard_ms = len(samples) * 1000 / rate
+    assert abs(heard_ms - result.final["audio_ms"]) < 60
