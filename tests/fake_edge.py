@@ -466,7 +466,9 @@ class FakeEdge:
             frame += count
             if self.chunk_delay:
                 await asyncio.sleep(self.chunk_delay)
-            if self.realtime_factor:
+            if self.realtime_factor and frame < total_frames:
+                # Paced as it is made; the end follows the last audio at once, as the
+                # real service sends turn.end as soon as synthesis is done.
                 await asyncio.sleep(count * FRAME_MS / 1000 / self.realtime_factor)
         await ws.send(_audio_message(request_id, b""))
         await ws.send(_text_message(request_id, "turn.end", "{}"))

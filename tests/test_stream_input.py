@@ -298,3 +298,46 @@ async def test_after_twenty_segments_words_are_where_they_are_heard(
         assert abs(heard - word["offset_ms"]) < 40, (word, heard)
     heard_ms = len(samples) * 1000 / rate
     assert abs(heard_ms - result.final["audio_ms"]) < 60
+
+
+async def test_no_gap_between_segments_at_real_time_pacing(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """The fake streams audio about as fast as it plays (1.2 times real time; Edge is
+    faster) after half a second of latency, and the text arrives faster than speech:
+    for every segment, its first audio byte reaches the client before a listener, who
+    started playing at the very first byte, reaches the end of the audio before it.
+    Without the lookahead, each segment's latency would be a gap. (At exactly real
+    time the margin is the last chunk of the segment before, 16 ms in one run.)"""
+    fake.realtime_factor = 1.2
+    fake.first_audio_delay = 0.5
+    server = await start_server()
+    sentences = ["The first sentence is this one. ", "A second sentence follows. "]
+    sentences += ["And the third one ends it all."]
+    arrivals: list[tuple[float, int]] = []  # (when, bytes so far) for every audio frame
+    loop = asyncio.get_running_loop()
+    async with connected(server) as client:
+        await client.send({"type": "speak", "id": "s", "stream": True, "words": "none"})
+        for sentence in sentences:
+            await client.send({"type": "append", "id": "s", "text": sentence})
+        await client.send({"type": "finish", "id": "s"})
+        received = 0
+        while True:
+            frame = await client.recv()
+            if isinstance(frame, bytes):
+                arrivals.append((loop.time(), received))
+                received += len(frame)
+            elif frame["type"] in ("end", "error"):
+                assert frame["type"] == "end"
+                break
+    sizes = [len(record.audio) for record in fake.records]
+    assert len(sizes) == 3 and sum(sizes) == received
+    started = arrivals[0][0]
+    margins = []
+    boundary = 0
+    for size in sizes[:-1]:
+        boundary += size
+        first_byte_at = next(when for when, before in arrivals if before >= boundary)
+        listener_at = started + boundary * 8 / 48_000  # 48 kbit/s: where the listener is
+        margins.append(listener_at - first_byte_at)
+    assert min(margins) > 0, margins
