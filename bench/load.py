@@ -5,7 +5,9 @@ It reads a JSON spec from argv, opens its connections, prints ``ready``, waits f
 their own processes keeps them off the server's event loop.
 
 Modes:
-    speak   clients speak texts through a ttsstream server (or the bare baseline)
+    speak   clients speak texts through a ttsstream server (or the bare baseline);
+            with "tokens_per_s", each text is streamed (speak with stream, one
+            append per word at that rate, finish), as an LLM's reply
     edge    clients call edge_tts.Communicate directly (baseline a)
     idle    clients connect and stay idle until ``stop`` arrives on stdin
     http    clients POST /v1/audio/speech on kept-alive connections, reading the audio
@@ -66,6 +68,76 @@ async def speak_once(
             return {"error": message.get("code", "error")}
 
 
+#: MP3 at 48 kbit/s: bytes per millisecond of audio, for the listener model.
+BYTES_PER_MS = 6
+
+
+async def stream_once(
+    ws: ClientConnection, text: str, index: int, tokens_per_s: float
+) -> dict[str, Any]:
+    """One streamed reply: its words appended at ``tokens_per_s``.
+
+    Measured: the time from sending the append that completed the first sentence
+    (its end and the space after it) to the first audio byte; and the smallest
+    slack of a listener who starts playing at the first byte: for every audio frame,
+    how long before the listener needs it that it arrived (negative: a gap).
+    """
+    utterance = f"b{index}"
+    tokens = [token + " " for token in text.split(" ")]
+    # The append that completes the first segment: a sentence end once the text has
+    # 20 characters (STREAM_MIN_CHARS), the space after it in the same append.
+    completing = next(
+        n
+        for n, token in enumerate(tokens)
+        if token.rstrip().endswith(".") and len("".join(tokens[: n + 1]).strip()) >= 20
+    )
+    started = time.perf_counter()
+    completed_at: list[float] = []
+
+    async def send() -> None:
+        request = {"type": "speak", "id": utterance, "stream": True, "words": "batch"}
+        await ws.send(orjson.dumps(request).decode())
+        for number, token in enumerate(tokens):
+            message = {"type": "append", "id": utterance, "text": token}
+            await ws.send(orjson.dumps(message).decode())
+            if number == completing:
+                completed_at.append(time.perf_counter())
+            await asyncio.sleep(1 / tokens_per_s)
+        await ws.send(orjson.dumps({"type": "finish", "id": utterance}).decode())
+
+    sender = asyncio.create_task(send())
+    first = None
+    size = 0
+    slack = float("inf")
+    try:
+        while True:
+            frame = await ws.recv()
+            now = time.perf_counter()
+            if isinstance(frame, bytes):
+                if first is None:
+                    first = now
+                else:  # when the listener needs this frame, less when it came
+                    slack = min(slack, first + size / BYTES_PER_MS / 1000 - now)
+                size += len(frame)
+                continue
+            message = orjson.loads(frame)
+            kind = message.get("type")
+            if kind == "end":
+                assert first is not None and completed_at
+                return {
+                    "first_after_sentence": first - completed_at[0],
+                    "ttlb": now - started,
+                    "bytes": size,
+                    "index": index,
+                    "segments": message.get("segments", 0),
+                    "min_slack": slack,
+                }
+            if kind == "error" and message.get("for") is None:
+                return {"error": message.get("code", "error")}
+    finally:
+        await sender
+
+
 async def speak_mode(spec: dict[str, Any]) -> dict[str, Any]:
     headers = {"X-API-Key": spec["key"]} if spec.get("key") else None
     connections = []
@@ -97,15 +169,21 @@ async def speak_mode(spec: dict[str, Any]) -> dict[str, Any]:
                 text = texts[done % len(texts)]
             elif weights:
                 text = rng.choices(texts, weights)[0]
+            elif spec.get("unique") == "first":  # a new first sentence, the rest as before
+                counter += 1
+                text = f"Reply {spec['offset'] + counter}. {texts[0]}"
             elif spec.get("unique"):
                 counter += 1
                 text = f"{texts[0]} Number {spec['offset'] + counter}."
             else:
                 text = texts[0]
             try:
-                results.append(
-                    await speak_once(ws, text, done, spec.get("words"), spec.get("format"))
-                )
+                if spec.get("tokens_per_s"):
+                    results.append(await stream_once(ws, text, done, spec["tokens_per_s"]))
+                else:
+                    results.append(
+                        await speak_once(ws, text, done, spec.get("words"), spec.get("format"))
+                    )
             except Exception as exc:
                 results.append({"error": type(exc).__name__})
                 return

@@ -21,6 +21,9 @@ Scenarios:
   7. cluster one instance in cluster mode (REDIS_URL, a local redis-server) against one
              without, live at 100 clients; a second instance's first byte when it joins
              the first one's synthesis of the same text; a third one's shared-tier hits
+  8. streaming  replies streamed a word at a time at 30 words/s, 1 and 10 clients: the
+             first byte after the first sentence is complete, against that sentence
+             spoken whole; the smallest slack of a listener playing from the first byte
 
     .venv/bin/python bench/run.py            # the full run, a few minutes
     .venv/bin/python bench/run.py --quick    # seconds; CI runs it so it cannot rot
@@ -524,6 +527,67 @@ class Bench:
                 }
             )
         self.out["formats"] = {"clients": clients, "live": live, "encoders": encoders}
+
+    async def streaming(self) -> None:
+        """Streaming input: words appended at 30 per second, as an LLM writes them."""
+        first_sentence = "Streaming replies start to speak at the first full sentence."
+        rest = "The next one follows without a gap. A third one ends the reply here."
+        requests = 2 if self.quick else 10
+        rows = []
+        with tempfile.TemporaryDirectory() as cache:
+            server, url = await self.server(cache)
+            try:
+                for clients in (1, 10):
+                    base: list[dict[str, Any]] = []
+                    streamed: list[dict[str, Any]] = []
+                    for repeat in range(1 if self.quick else REPEATS):
+                        offset = 7 * 10**8 + clients * 10**6 + repeat * 10**5
+                        # The baseline: the same first sentence (new each time), spoken
+                        # whole; then replies whose first sentence is new each time.
+                        for name, runs, extra in (
+                            ("base", base, {"texts": [first_sentence]}),
+                            (
+                                "stream",
+                                streamed,
+                                {"texts": [f"{first_sentence} {rest}"], "tokens_per_s": 30},
+                            ),
+                        ):
+                            runs += await load(
+                                [
+                                    {
+                                        "mode": "speak",
+                                        "url": url,
+                                        "clients": n,
+                                        "requests": requests,
+                                        "unique": "first",
+                                        "offset": offset + part * 10**4 + len(name) * 10**3,
+                                        **extra,
+                                    }
+                                    for part, n in enumerate(split(clients, self.workers))
+                                ]
+                            )
+                    base_ok = [r for run in base for r in run["results"] if "error" not in r]
+                    done = [r for run in streamed for r in run["results"] if "error" not in r]
+                    errors = sum(
+                        1 for run in base + streamed for r in run["results"] if "error" in r
+                    )
+                    base_ms = [r["ttfb"] * 1000 for r in base_ok]
+                    after_ms = [r["first_after_sentence"] * 1000 for r in done]
+                    rows.append(
+                        {
+                            "clients": clients,
+                            "base_p50": percentile(base_ms, 0.5),
+                            "stream_p50": percentile(after_ms, 0.5),
+                            "stream_p99": percentile(after_ms, 0.99),
+                            "added_p50": percentile(after_ms, 0.5) - percentile(base_ms, 0.5),
+                            "min_slack_ms": min(r["min_slack"] for r in done) * 1000,
+                            "segments": percentile([r["segments"] for r in done], 0.5),
+                            "errors": errors,
+                        }
+                    )
+            finally:
+                await stop(server)
+        self.out["streaming"] = rows
 
     async def cluster(self) -> None:
         port = free_port()
@@ -1029,6 +1093,23 @@ def markdown(out: dict[str, Any]) -> str:
             f"{c['tier_hits']} of {c['tier_requests']} replayed from Redis, first byte p50 "
             f"{c['tier_first_p50']:.1f} ms.",
         ]
+    if "streaming" in out:
+        lines += [
+            "",
+            "**8. Streaming input** (replies appended a word at a time at 30 words/s; "
+            "baseline: the same first sentence spoken whole), ms",
+            "",
+            "| clients | first sentence whole, first byte p50 | streamed, first byte after "
+            "the sentence was complete, p50 | p99 | added p50 | smallest listener slack "
+            "| segments | errors |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in out["streaming"]:
+            lines.append(
+                f"| {row['clients']} | {row['base_p50']:.1f} | {row['stream_p50']:.1f} | "
+                f"{row['stream_p99']:.1f} | {row['added_p50']:+.1f} | "
+                f"{row['min_slack_ms']:.0f} | {row['segments']:.0f} | {row['errors']} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -1037,7 +1118,7 @@ async def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--ttfa", type=float, default=0.15, help="fake first-audio delay, s")
     parser.add_argument("--speed", type=float, default=4.0, help="fake audio pace × real time")
-    scenarios = ["live", "replay", "idle", "mixed", "http", "formats", "cluster"]
+    scenarios = ["live", "replay", "idle", "mixed", "http", "formats", "cluster", "streaming"]
     parser.add_argument("--only", nargs="*", default=scenarios)
     parser.add_argument("--out", type=Path, default=ROOT / "bench")
     args = parser.parse_args()
