@@ -150,6 +150,9 @@ async def test_cancel_mid_stream_closes_every_upstream(
         await client.send({"type": "cancel", "id": "s"})
         result = await client.until_final("s")
         assert result.final["type"] == "cancelled"
+        await client.send({"type": "append", "id": "s", "text": "Anyone there?"})
+        refusal = await client.recv_message()
+        assert (refusal["code"], refusal["for"], refusal["id"]) == ("not_found", "append", "s")
         fake.resume.set()
         async with asyncio.timeout(TIMEOUT):
             while fake.active:
@@ -236,6 +239,9 @@ async def test_limits_of_a_streamed_text(start_server: ServerFactory, fake: Fake
         assert client.refusals[0]["for"] == "append" and client.refusals[0]["id"] == "s"
         assert sum(len(r.text) for r in fake.records) <= 80
         await client.send({"type": "speak", "id": "e", "stream": True, "text": "  "})  # 3
+        await client.send({"type": "append", "id": "e", "text": "x" * 5001})
+        too_long = await client.recv_message()
+        assert (too_long["code"], too_long["for"]) == ("text_too_long", "append")
         await client.send({"type": "finish", "id": "e"})
         empty = await client.until_final("e")
         assert (empty.final["type"], empty.final["code"]) == ("error", "empty_text")
