@@ -9,10 +9,11 @@ of them. The MP3 decoder's delay is part of that timeline (Edge's offsets
 describe the MP3 as a decoder plays it) and carries into every format made from
 its decoded samples. Opus signals its encoder's pre-skip in the stream (decoders
 remove it); FLAC, WAV and PCM add nothing. ADTS AAC cannot signal the AAC
-encoder's 1024 samples of priming, which every decoder plays; ``skip_samples``
-drops as many samples from the start of the decoded source, which are the MP3's
-own start padding (an MP3 decoder's first 529 samples and the encoder's delay,
-1,105 samples from LAME), so the priming takes their place and nothing moves.
+encoder's 1024 samples of priming, which every decoder plays before the source:
+its word offsets move later by as much (``priming_samples``, 42.7 ms). Dropping
+as many samples of the source's start instead would keep the offsets, but the
+encoder would then need 128 ms of source before its first packet, one upstream
+chunk more than the 85 ms it needs now.
 """
 
 from __future__ import annotations
@@ -58,10 +59,16 @@ class Format:
     container_options: dict[str, str] = field(default_factory=dict)
     #: Encoder options.
     codec_options: dict[str, str] = field(default_factory=dict)
-    #: Samples of the decoded source's start padding replaced by the encoder's priming.
-    skip_samples: int = 0
+    #: Encoder priming that the container cannot signal and every decoder plays before
+    #: the source: word offsets in this format move later by as much.
+    priming_samples: int = 0
     #: Nominal bit rate of what is sent, bit/s.
     nominal_bps: int = 0
+
+    @property
+    def priming_ms(self) -> float:
+        """How much later every word is heard in this format than in the MP3."""
+        return self.priming_samples * 1000 / SAMPLE_RATE
 
     @property
     def transcoded(self) -> bool:
@@ -123,7 +130,7 @@ FORMATS: dict[str, Format] = {
             container="adts",
             codec="aac",
             bit_rate=48_000,
-            skip_samples=1024,
+            priming_samples=1024,
             nominal_bps=48_000,
         ),
         Format(

@@ -113,16 +113,15 @@ class Transcoder:
         #: Samples given to the encoder (or sent as PCM) so far.
         self.samples = 0
         self._header = wav_header() if target.name == "wav" else b""
-        #: Samples of the source's start still to drop, and dropped.
-        self._skip = target.skip_samples
-        self._skipped = 0
+        self._priming = target.priming_samples
         self._closed = False
         open_transcoders += 1
 
     @property
     def duration_ms(self) -> float:
-        """The playing time of what was made so far (the source's samples taken)."""
-        return (self.samples + self._skipped) * 1000 / SAMPLE_RATE
+        """The playing time of what was made so far (the source's samples taken, and
+        the priming a decoder plays before them)."""
+        return (self.samples + self._priming) * 1000 / SAMPLE_RATE
 
     def feed_mp3(self, data: bytes | memoryview) -> bytes:
         """Decode MP3 bytes (any cut) and return what the format has ready."""
@@ -187,28 +186,13 @@ class Transcoder:
         resampler = self._resampler
         for frame in frames:
             for resampled_frame in [frame] if resampled else resampler.resample(frame):
-                ready = self._skipping(resampled_frame) if self._skip else resampled_frame
-                if ready is None:
-                    continue
+                ready = resampled_frame
                 self.samples += ready.samples
                 if self._stream is None:
                     self._out.write(memoryview(ready.planes[0])[: ready.samples * 2])
                 else:
                     self._container.mux(self._stream.encode(ready))
         return self._take()
-
-    def _skipping(self, frame: Any) -> Any:
-        """``frame`` less the samples still to skip (``None`` if nothing is left)."""
-        drop = min(self._skip, frame.samples)
-        self._skip -= drop
-        self._skipped += drop
-        if drop == frame.samples:
-            return None
-        width = frame.format.bytes  # mono: one plane, one sample after another
-        rest = av.AudioFrame(format=frame.format.name, layout="mono", samples=frame.samples - drop)
-        rest.sample_rate = SAMPLE_RATE
-        rest.planes[0].update(bytes(frame.planes[0])[drop * width : frame.samples * width])
-        return rest
 
     def _take(self) -> bytes:
         data = self._out.take()
@@ -243,6 +227,11 @@ class Pipe:
     def transcoding(self) -> bool:
         """Whether the pipe makes its format (rather than passing bytes through)."""
         return self._transcoder is not None
+
+    @property
+    def word_shift_ms(self) -> float:
+        """How much later the words are heard in what the pipe makes (AAC's priming)."""
+        return self.format.priming_ms if self._transcoder is not None else 0.0
 
     @classmethod
     async def open(cls, target: Format, source: AudioFormat, audio_ms: float | None = None) -> Pipe:

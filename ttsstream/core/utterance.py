@@ -232,6 +232,10 @@ class Utterances:
                     byte_count += len(data)
                     stats.bytes_sent += len(data)
                 else:
+                    if pipe is not None and pipe.word_shift_ms:
+                        event = dataclasses.replace(
+                            event, offset_ms=event.offset_ms + pipe.word_shift_ms
+                        )
                     if made is not None:
                         all_words.append(event)
                     if batch:
