@@ -10,10 +10,12 @@ describe the MP3 as a decoder plays it) and carries into every format made from
 its decoded samples. Opus signals its encoder's pre-skip in the stream (decoders
 remove it); FLAC, WAV and PCM add nothing. ADTS AAC cannot signal the AAC
 encoder's 1024 samples of priming, which every decoder plays before the source:
-its word offsets move later by as much (``priming_samples``, 42.7 ms). Dropping
-as many samples of the source's start instead would keep the offsets, but the
-encoder would then need 128 ms of source before its first packet, one upstream
-chunk more than the 85 ms it needs now.
+its word offsets move later by as much (``priming_samples``, 42.7 ms), and the
+source's last partial frame (under 43 ms of its trailing silence) is dropped
+rather than padded, so the audio is at most the priming longer than the MP3.
+Dropping as many samples of the source's start instead would keep the offsets,
+but the encoder would then need 128 ms of source before its first packet, one
+upstream chunk more than the 85 ms it needs now.
 """
 
 from __future__ import annotations

@@ -114,6 +114,10 @@ class Transcoder:
         self.samples = 0
         self._header = wav_header() if target.name == "wav" else b""
         self._priming = target.priming_samples
+        #: For a format with priming (AAC): whole encoder frames only, so that the last
+        #: partial one is dropped (under 43 ms of the source's trailing silence) rather
+        #: than padded, and the audio is at most its priming longer than the source.
+        self._frames: Any = av.AudioFifo() if self._priming else None
         self._closed = False
         open_transcoders += 1
 
@@ -186,12 +190,19 @@ class Transcoder:
         resampler = self._resampler
         for frame in frames:
             for resampled_frame in [frame] if resampled else resampler.resample(frame):
-                ready = resampled_frame
-                self.samples += ready.samples
                 if self._stream is None:
-                    self._out.write(memoryview(ready.planes[0])[: ready.samples * 2])
+                    self.samples += resampled_frame.samples
+                    self._out.write(
+                        memoryview(resampled_frame.planes[0])[: resampled_frame.samples * 2]
+                    )
+                elif self._frames is None:
+                    self.samples += resampled_frame.samples
+                    self._container.mux(self._stream.encode(resampled_frame))
                 else:
-                    self._container.mux(self._stream.encode(ready))
+                    self._frames.write(resampled_frame)
+                    while (whole := self._frames.read(self._priming)) is not None:
+                        self.samples += whole.samples
+                        self._container.mux(self._stream.encode(whole))
         return self._take()
 
     def _take(self) -> bytes:
