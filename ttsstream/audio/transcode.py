@@ -184,7 +184,7 @@ class Transcoder:
             except (av.error.FFmpegError, ValueError) as exc:  # a muxer that never started
                 logger.debug("transcoder: closing the muxer: %s", exc)
         self._decoder = self._container = self._stream = None
-        self._resampler = self._pcm_resampler = None
+        self._resampler = self._pcm_resampler = self._frames = None
 
     def _encode(self, frames: list[Any], *, resampled: bool = False) -> bytes:
         resampler = self._resampler
