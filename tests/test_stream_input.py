@@ -347,3 +347,20 @@ async def test_no_gap_between_segments_at_real_time_pacing(
         listener_at = started + boundary * 8 / 48_000  # 48 kbit/s: where the listener is
         margins.append(listener_at - first_byte_at)
     assert min(margins) > 0, margins
+
+
+async def test_at_most_two_segments_are_synthesized_at_once(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """Six sentences cut at once: the one playing and the next are synthesized, never
+    more; all six are spoken, in order."""
+    server = await start_server()
+    fake.first_audio_delay = 0.05
+    sentences = [f"This is sentence number {number} of six. " for number in range(6)]
+    async with connected(server) as client:
+        await client.send({"type": "speak", "id": "s", "stream": True, "text": "".join(sentences)})
+        await client.send({"type": "finish", "id": "s"})
+        result = await client.until_final("s")
+    assert result.final["type"] == "end" and result.final["segments"] == 6
+    assert fake.max_active == 2
+    assert [r.text for r in fake.records] == [s.strip() for s in sentences]
