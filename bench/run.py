@@ -541,7 +541,7 @@ class Bench:
                     base: list[dict[str, Any]] = []
                     streamed: list[dict[str, Any]] = []
                     for repeat in range(1 if self.quick else REPEATS):
-                        offset = 7 * 10**8 + clients * 10**6 + repeat * 10**5
+                        offset = 8 * 10**8 + clients * 10**6 + repeat * 10**5
                         # The baseline: the same first sentence (new each time), spoken
                         # whole; then replies whose first sentence is new each time.
                         for name, runs, extra in (
@@ -590,19 +590,12 @@ class Bench:
         self.out["streaming"] = rows
 
     async def cluster(self) -> None:
+        sys.path.insert(0, str(ROOT))
+        from tests.redis_server import redis_command
+
         port = free_port()
         redis = await start(
-            [
-                "redis-server",
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
+            redis_command(port),
             dict(os.environ),
             r"(Ready to accept connections)",
             # Beside the server: on the other core, which the fake service and the

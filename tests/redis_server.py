@@ -23,6 +23,20 @@ def free_port() -> int:
         return port
 
 
+def redis_command(
+    port: int, *, directory: Path | None = None, password: str | None = None
+) -> list[str]:
+    """``redis-server`` on 127.0.0.1:``port`` in the foreground, persistence off (the
+    tests' and the benchmark's)."""
+    args = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1"]
+    args += ["--save", "", "--appendonly", "no", "--daemonize", "no"]
+    if directory is not None:
+        args += ["--dir", str(directory)]
+    if password:
+        args += ["--requirepass", password]
+    return args
+
+
 class RedisServer:
     """One ``redis-server`` process, which a test may stop and start again on its port."""
 
@@ -41,23 +55,7 @@ class RedisServer:
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     async def start(self) -> None:
-        args = [
-            REDIS_SERVER,
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(self._directory),
-            "--daemonize",
-            "no",
-        ]
-        if self.password:
-            args += ["--requirepass", self.password]
+        args = redis_command(self.port, directory=self._directory, password=self.password)
         self._process = await asyncio.create_subprocess_exec(
             *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
         )

@@ -553,3 +553,35 @@ async def test_say_dash_streams_standard_input_as_it_is_read(
     assert audio == b"".join(bytes(r.audio) for r in fake.records)
     srt = (tmp_path / "reply.srt").read_text()
     assert "The second one follows later." in srt and "Déjà" in srt
+
+
+async def test_say_dash_ends_at_a_refusal_while_standard_input_stays_open(
+    served: ServerProcess, tmp_path: Path
+) -> None:
+    """A streamed reply the server refuses ends ``say -`` at once with the error, even
+    though standard input is still open (a reader left blocked on it must not keep
+    the command alive)."""
+    process = await asyncio.create_subprocess_exec(
+        str(CONSOLE_SCRIPT),
+        "say",
+        "-",
+        "-o",
+        "reply.mp3",
+        "--rate",
+        "fast",
+        "--url",
+        served.url,
+        cwd=tmp_path,
+        stdin=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stdin is not None and process.stderr is not None
+    try:
+        status = await asyncio.wait_for(process.wait(), TIMEOUT)
+    finally:
+        process.stdin.close()
+        if process.returncode is None:
+            process.kill()
+    assert status == 1
+    assert "invalid_parameter" in (await process.stderr.read()).decode()
+    assert not (tmp_path / "reply.mp3").exists()

@@ -57,6 +57,18 @@ async def side(server: Server, path: str) -> dict[str, Any]:
         return body
 
 
+async def handshake_refusal(server: Server) -> InvalidStatus | None:
+    """``None`` if a WebSocket handshake with ``server`` is admitted, else its refusal
+    (a 429: the limits are what these tests refuse on)."""
+    try:
+        async with connect(url_of(server)) as ws:
+            await ws.recv()
+        return None
+    except InvalidStatus as refusal:
+        assert refusal.response.status_code == 429
+        return refusal
+
+
 async def until(check: Any, timeout: float = TIMEOUT) -> None:
     async with asyncio.timeout(timeout):
         while not await check():
@@ -78,14 +90,10 @@ async def test_one_rate_limit_across_instances(
     refusals: list[int] = []
 
     async def handshake(server: Server) -> bool:
-        try:
-            async with connect(url_of(server)) as ws:
-                await ws.recv()
-            return True
-        except InvalidStatus as refused:
-            assert refused.response.status_code == 429
+        refused = await handshake_refusal(server)
+        if refused is not None:
             refusals.append(int(refused.response.headers["Retry-After"]))
-            return False
+        return refused is None
 
     async def http(server: Server) -> bool:
         async with (
@@ -218,13 +226,7 @@ async def test_connection_caps_count_every_instance_and_a_dead_ones_lapse(
     ]
 
     async def refused(server: Server) -> bool:
-        try:
-            async with connect(url_of(server)) as ws:
-                await ws.recv()
-            return False
-        except InvalidStatus as refusal:
-            assert refusal.response.status_code == 429
-            return True
+        return await handshake_refusal(server) is not None
 
     async with connected(servers[0]):
         async with connected(servers[1]):

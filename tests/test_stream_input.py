@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TIMEOUT, ServerFactory, connected, speaks_fine, url_of
+from tests.conftest import TIMEOUT, Client, ServerFactory, connected, speaks_fine, url_of
 from tests.fake_edge import FakeEdge
 from tests.test_formats import decode, onset_ms
 
@@ -130,6 +130,27 @@ async def test_waiting_text_is_spoken_and_a_silent_stream_finished(
     assert [r.text for r in fake.records] == ["Well, let me"]
 
 
+async def two_segments_under_way(client: Client, fake: FakeEdge) -> None:
+    """Open the streaming utterance "s" with two sentences; return once both are being
+    synthesized (the current one paused by the fake after its first chunk)."""
+    await client.send({"type": "speak", "id": "s", "stream": True})
+    await client.send(
+        {
+            "type": "append",
+            "id": "s",
+            "text": "The first sentence is long enough. The second one too, surely. ",
+        }
+    )
+    await active_upstreams(fake, 2)
+
+
+async def active_upstreams(fake: FakeEdge, count: int) -> None:
+    """Wait until the fake has ``count`` syntheses open."""
+    async with asyncio.timeout(TIMEOUT):
+        while fake.active != count:
+            await asyncio.sleep(0.01)
+
+
 async def test_cancel_mid_stream_closes_every_upstream(
     start_server: ServerFactory, fake: FakeEdge
 ) -> None:
@@ -138,15 +159,7 @@ async def test_cancel_mid_stream_closes_every_upstream(
     server = await start_server()
     fake.pause_after_chunks = 1
     async with connected(server) as client:
-        await client.send({"type": "speak", "id": "s", "stream": True})
-        await client.send(
-            {
-                "type": "append",
-                "id": "s",
-                "text": "The first sentence is long enough. The second one too, surely. ",
-            }
-        )
-        await asyncio.wait_for(fake.paused.wait(), TIMEOUT)
+        await two_segments_under_way(client, fake)
         await client.send({"type": "cancel", "id": "s"})
         result = await client.until_final("s")
         assert result.final["type"] == "cancelled"
@@ -154,9 +167,7 @@ async def test_cancel_mid_stream_closes_every_upstream(
         refusal = await client.recv_message()
         assert (refusal["code"], refusal["for"], refusal["id"]) == ("not_found", "append", "s")
         fake.resume.set()
-        async with asyncio.timeout(TIMEOUT):
-            while fake.active:
-                await asyncio.sleep(0.01)
+        await active_upstreams(fake, 0)
         await speaks_fine(client)
 
 
@@ -257,21 +268,9 @@ async def test_a_client_leaving_mid_stream_leaves_no_upstream_open(
     server = await start_server()
     fake.pause_after_chunks = 1
     async with connected(server) as client:
-        await client.send({"type": "speak", "id": "s", "stream": True})
-        await client.send(
-            {
-                "type": "append",
-                "id": "s",
-                "text": "The first sentence is long enough. The second one too, surely. ",
-            }
-        )
-        async with asyncio.timeout(TIMEOUT):
-            while fake.active < 2:
-                await asyncio.sleep(0.01)
+        await two_segments_under_way(client, fake)
     fake.resume.set()
-    async with asyncio.timeout(TIMEOUT):
-        while fake.active:
-            await asyncio.sleep(0.01)
+    await active_upstreams(fake, 0)
     assert len(fake.records) == 2
 
 

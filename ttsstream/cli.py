@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import codecs
+import contextlib
 import os
 import sys
+import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from dotenv import dotenv_values
@@ -24,6 +26,8 @@ from ttsstream.server import STREAM_PATH, run
 from ttsstream.subtitles import to_srt
 
 __all__ = ["main"]
+
+T = TypeVar("T")
 
 _COMMANDS = ("serve", "say")
 #: Options of ``say`` whose values may start with a minus sign.
@@ -183,7 +187,7 @@ def _say(args: argparse.Namespace) -> int:
         api_key = args.api_key or _key_from_environment()
         if args.list_voices:
             return _list_voices(args, api_key)
-        text: str | AsyncIterator[str] = _stdin_pieces() if args.text == "-" else _text_of(args)
+        text = _text_of(args)
         if args.output is None:
             raise _Usage("an output file is needed: -o FILE (or -o - for standard output)")
         for path in (args.output, args.words, args.srt):
@@ -192,24 +196,20 @@ def _say(args: argparse.Namespace) -> int:
     except _Usage as exc:
         print(f"ttsstream say: {exc}", file=sys.stderr)
         return 2
-    try:
-        result = asyncio.run(
-            speak(
-                args.url,
-                text,
-                voice=args.voice,
-                rate=args.rate,
-                volume=args.volume,
-                pitch=args.pitch,
-                api_key=api_key,
-                audio_format=_format_of(args),
-            )
-        )
-    except (SpeechError, InvalidStatus, OSError, InvalidHandshake, WebSocketException) as exc:
-        print(f"ttsstream say: {_failure(exc, args.url)}", file=sys.stderr)
-        return 1
-    except TimeoutError:
-        print(f"ttsstream say: cannot talk to {args.url}: timed out", file=sys.stderr)
+    result = _talk(
+        speak(
+            args.url,
+            text,
+            voice=args.voice,
+            rate=args.rate,
+            volume=args.volume,
+            pitch=args.pitch,
+            api_key=api_key,
+            audio_format=_format_of(args),
+        ),
+        args.url,
+    )
+    if result is None:
         return 1
     if args.output == "-":
         sys.stdout.buffer.write(result.audio)
@@ -235,10 +235,26 @@ def _say(args: argparse.Namespace) -> int:
 
 
 async def _stdin_pieces() -> AsyncIterator[str]:
-    """Standard input as it is read (UTF-8; a bad byte becomes U+FFFD)."""
+    """Standard input as it is read (UTF-8; a bad byte becomes U+FFFD).
+
+    Read on a daemon thread, not the loop's executor: a reply the server refused
+    must end ``say`` at once, not wait for standard input to be closed.
+    """
+    loop = asyncio.get_running_loop()
+    chunks: asyncio.Queue[bytes] = asyncio.Queue()
+    # The descriptor itself: a thread blocked in sys.stdin.buffer would hold its lock
+    # and abort the interpreter's exit.
+    stdin = sys.stdin.fileno()
+
+    def reader() -> None:
+        with contextlib.suppress(RuntimeError, OSError):  # the loop may be gone
+            while data := os.read(stdin, 4096):
+                loop.call_soon_threadsafe(chunks.put_nowait, data)
+            loop.call_soon_threadsafe(chunks.put_nowait, b"")
+
+    threading.Thread(target=reader, name="stdin", daemon=True).start()
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
-    read = sys.stdin.buffer.read1 if hasattr(sys.stdin.buffer, "read1") else sys.stdin.buffer.read
-    while data := await asyncio.to_thread(read, 4096):
+    while data := await chunks.get():
         if text := decoder.decode(data):
             yield text
     if tail := decoder.decode(b"", final=True):
@@ -254,10 +270,13 @@ def _key_from_environment() -> str | None:
     return keys[0] if keys else None
 
 
-def _text_of(args: argparse.Namespace) -> str:
-    """The text to speak, from the argument or ``-f``; checked to be UTF-8."""
+def _text_of(args: argparse.Namespace) -> str | AsyncIterator[str]:
+    """The text to speak, from the argument or ``-f``, checked to be UTF-8; or, for
+    ``-``, standard input as it is read."""
     if (args.text is None) == (args.file is None):
         raise _Usage("give the text to speak, or -f FILE (not both)")
+    if args.text == "-":
+        return _stdin_pieces()
     if args.file is not None:
         try:
             data = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
@@ -293,10 +312,22 @@ def _check_writable(path: Path) -> None:
         raise _Usage(f"cannot write {path}: permission denied")
 
 
+def _talk(work: Coroutine[Any, Any, T], url: str) -> T | None:
+    """Run ``work`` against the server at ``url``; ``None`` if it failed (said in one
+    line on standard error)."""
+    try:
+        return asyncio.run(work)
+    except (SpeechError, InvalidHandshake, WebSocketException, OSError) as exc:
+        print(f"ttsstream say: {_failure(exc, url)}", file=sys.stderr)
+        return None
+
+
 def _failure(exc: BaseException, url: str) -> str:
     """One line for what went wrong talking to the server."""
     if isinstance(exc, SpeechError):
         return str(exc)
+    if isinstance(exc, TimeoutError):
+        return f"cannot talk to {url}: timed out"
     if isinstance(exc, InvalidStatus):
         status = exc.response.status_code
         hint = {
@@ -310,13 +341,8 @@ def _failure(exc: BaseException, url: str) -> str:
 
 
 def _list_voices(args: argparse.Namespace, api_key: str | None) -> int:
-    try:
-        voices = asyncio.run(list_voices(args.url, api_key=api_key))
-    except (SpeechError, InvalidStatus, OSError, InvalidHandshake, WebSocketException) as exc:
-        print(f"ttsstream say: {_failure(exc, args.url)}", file=sys.stderr)
-        return 1
-    except TimeoutError:
-        print(f"ttsstream say: cannot talk to {args.url}: timed out", file=sys.stderr)
+    voices = _talk(list_voices(args.url, api_key=api_key), args.url)
+    if voices is None:
         return 1
     wanted = (args.locale or "").lower()
     shown = [

@@ -62,7 +62,6 @@ async def speak(
         websockets.exceptions.WebSocketException: The connection failed.
     """
     # Batched words: the same words in fewer frames; kept as one dict per word.
-    pieces = None if isinstance(text, str) else text
     request: dict[str, Any] = {"type": "speak", "id": "say", "words": "batch"}
     result = SpokenText()
     if isinstance(text, str):
@@ -96,9 +95,9 @@ async def speak(
             )
         await ws.send(orjson.dumps(request).decode())
         feeder = None
-        if pieces is not None:
+        if not isinstance(text, str):
             feeder = asyncio.create_task(
-                _append(ws, pieces, limit if isinstance(limit, int) else 4096, result)
+                _append(ws, text, limit if isinstance(limit, int) else 4096, result)
             )
         try:
             return await _collect(ws, result)

@@ -320,8 +320,6 @@ class Utterances:
                 outcome=outcome,
             )
             await events.aclose()
-            if stream is not None:
-                stream.close()
         return outcome
 
     async def _failed(

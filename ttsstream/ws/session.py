@@ -227,12 +227,10 @@ class Session:
         """
         current = self._current
         candidates = [*self._pending, *([current] if current is not None else [])]
-        utterance = next(
-            (u for u in candidates if u.id == message.id and u.stream is not None), None
-        )
-        if utterance is None or utterance.stream is None or utterance.finishing:
+        utterance = next((u for u in candidates if u.id == message.id), None)
+        stream = utterance.stream if utterance is not None and not utterance.finishing else None
+        if stream is None:
             raise NotFound("no open streaming utterance has this id", utterance_id=message.id)
-        stream = utterance.stream
         try:
             if isinstance(message, Append):
                 stream.append(message.text)
