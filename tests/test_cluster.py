@@ -524,3 +524,60 @@ async def _subscribed(url: str, count: int) -> bool:
         return bool(numbers and numbers[0][1] >= count)
     finally:
         await client.aclose()
+
+
+#: A script that keeps Redis busy for half a second (nothing else runs meanwhile).
+_BUSY = """
+local t = redis.call('TIME')
+local began = t[1] * 1000000 + t[2]
+repeat t = redis.call('TIME') until t[1] * 1000000 + t[2] - began > 500000
+return 1
+"""
+
+
+async def test_a_permit_or_lock_taken_past_its_deadline_is_given_back(
+    redis: RedisServer,
+) -> None:
+    """Redis busy past an operation's deadline: the instance goes alone (None), but
+    the permit or flight lock its script took once Redis got to it is given back,
+    so the cluster does not lose that place until a lease runs out (15 s); and the
+    links close at once afterwards."""
+    from ttsstream.cluster.flights import SharedFlights
+    from ttsstream.cluster.link import RedisLink
+    from ttsstream.cluster.slots import SharedSlots
+
+    links = [RedisLink(redis.url, prefix="late:", lease_seconds=15) for _ in range(2)]
+    slots = [SharedSlots(link, 1) for link in links]
+    flights = [SharedFlights(link, timeout=5) for link in links]
+    for link in links:
+        await link.start()
+    busy = aioredis.from_url(redis.url)
+
+    async def while_redis_is_busy(operation: Any) -> Any:
+        # Connections ready (a new one's handshake would time out before the
+        # operation is sent), then the operation, sent but answered too late.
+        await asyncio.gather(*(links[0].call(lambda c: c.ping()) for _ in range(3)))
+        hold = asyncio.ensure_future(busy.eval(_BUSY, 0))
+        await asyncio.sleep(0.05)
+        outcome = await operation
+        await hold
+        return outcome
+
+    try:
+        warm = await slots[0].take()  # the script is loaded: the next take sends it at once
+        assert warm is not None
+        slots[0].release(warm)
+        assert await while_redis_is_busy(slots[0].take()) is None  # decided alone
+        async with asyncio.timeout(2):
+            assert await slots[1].take() is not None
+        assert await while_redis_is_busy(flights[0].claim("some-text")) is None
+        async with asyncio.timeout(2):
+            while not await flights[1].claim("some-text"):
+                await asyncio.sleep(0.05)
+    finally:
+        await busy.aclose()
+        # Closing ends the link's tasks at once, even those whose cancellation
+        # redis-py turned into a connection error (they used to loop on).
+        async with asyncio.timeout(2):
+            for link in links:
+                await link.aclose()

@@ -96,6 +96,9 @@ class SharedFlights:
             lambda client: client.eval(_CLAIM, 2, *keys, link.instance, lease_ms)
         )
         if locked is None:
+            # Past its deadline the script may still have taken the lock: given back,
+            # or another instance would wait on a flight nobody writes out.
+            self.give_back(key)
             return None
         return bool(locked)
 

@@ -128,14 +128,16 @@ class RedisLink:
 
     async def aclose(self) -> None:
         """Stop the keeper and the listener, leave the cluster, close the connections."""
+        was_up = self.up
+        # Closed: the keeper's and the listener's loops end, and background writes
+        # still pending (counts, permits) do nothing.
+        self.state = "closed"
+        self._wake.set()
         for task in (self._keeper, self._listener):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        was_up = self.up
-        # Closed: background writes still pending (counts, permits) now do nothing.
-        self.state = "closed"
         for callback in self._when_closing:
             callback()
         if was_up:
@@ -166,6 +168,7 @@ class RedisLink:
             self._wake.set()
             return None
         except _FAILURES as exc:
+            _raise_if_cancelled(exc)
             self._down(exc)
             return None
 
@@ -179,8 +182,12 @@ class RedisLink:
         }
 
     async def _listen(self) -> None:
-        """Hold the subscription to every registered channel, made again after a failure."""
-        while True:
+        """Hold the subscription to every registered channel, made again after a failure.
+
+        It ends when the link closes, whatever redis-py makes of the cancellation
+        (it may surface as a connection error).
+        """
+        while self.state != "closed":
             if not self.up:
                 await asyncio.sleep(0.25)
                 continue
@@ -196,12 +203,13 @@ class RedisLink:
                             if callback is not None:
                                 callback(message["data"])
             except _FAILURES as exc:  # Redis went away: subscribe again once it is back
+                _raise_if_cancelled(exc)
                 logger.debug("redis: subscription lost (%s)", type(exc).__name__)
                 await asyncio.sleep(0.25)
 
     async def _keep(self) -> None:
         backoff = BACKOFF_FIRST
-        while True:
+        while self.state != "closed":
             wait = self.lease_seconds / 3 if self.up else backoff
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
@@ -224,7 +232,10 @@ class RedisLink:
                     pipe.zcard(key)
                     *_, live = await pipe.execute()
         except _FAILURES as exc:
+            _raise_if_cancelled(exc)
             self._down(exc)
+            return
+        if self.state == "closed":
             return
         self.instances = int(live)
         came_up = not self.up
@@ -244,3 +255,11 @@ class RedisLink:
             self._wake.set()  # the keeper starts reconnecting at once
         self.state = "down"
         self.error = error
+
+
+def _raise_if_cancelled(failure: BaseException) -> None:
+    """Go on with a cancellation that redis-py turned into a connection error: a loop
+    that took it for Redis failing would never end."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError() from failure

@@ -85,6 +85,9 @@ class SharedSlots:
 
             room = await link.call(ask)
             if room is None:
+                # Past its deadline the script may still have run: the permit is given
+                # back, or it would hold a place until it lapsed, with nobody to use it.
+                self.release(member)
                 return None
             if room >= 0:
                 if room > 0:
