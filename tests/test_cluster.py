@@ -463,6 +463,55 @@ async def test_a_flight_longer_than_a_lease_is_still_one(
     assert bytes(second.audio) == bytes(first.audio)
 
 
+async def test_a_speak_is_looked_up_while_its_rate_limit_is_decided(
+    start_server: ServerFactory, redis: RedisServer, fake: FakeEdge, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a cluster, a speak that plays at once is looked up in Redis (entry and flight
+    claim) while its rate limit is being decided there: one wait instead of two. A
+    speak the limit refuses gives its claim back at once (not when the lookup would
+    lapse, made an hour here), so the text is not held from other instances."""
+    from ttsstream.core import speech_cache
+
+    monkeypatch.setattr(speech_cache, "AHEAD_TTL", 3600.0)
+    # The handshake and a speak; the second speak is refused.
+    server = await start_server(redis_url=redis.url, rate_limit_requests=2)
+    link = server.services.cluster
+    assert link is not None
+    spans: dict[str, list[tuple[float, float]]] = {"rate": [], "claim": []}
+    call = link.call
+
+    async def timed(operation: Any, **kwargs: Any) -> Any:
+        name = operation.__qualname__
+        kind = "rate" if "SharedWindow" in name else "claim" if "claim" in name else None
+        began = asyncio.get_running_loop().time()
+        try:
+            return await call(operation, **kwargs)
+        finally:
+            if kind is not None:
+                spans[kind].append((began, asyncio.get_running_loop().time()))
+
+    monkeypatch.setattr(link, "call", timed)
+    async with connected(server) as client:
+        await client.speak("Looked up while counted.", id="a")
+        assert (await client.until_final("a")).final["type"] == "end"
+        (_, rate_ended), (claim_began, _) = spans["rate"][-1], spans["claim"][-1]
+        assert claim_began < rate_ended  # asked before the limit's answer came
+        await client.speak("Refused, and not held.", id="b")
+        refused = await client.until_final("b")
+    assert refused.final["type"] == "error" and refused.final["code"] == "rate_limited"
+    assert len(spans["claim"]) == 2  # it was claimed ahead, then given back:
+    redis_client = aioredis.from_url(redis.url)
+    try:
+        await until(lambda: _no_keys(redis_client, "ttsstream:flight:*"))
+    finally:
+        await redis_client.aclose()
+    assert len(fake.records) == 1
+
+
+async def _no_keys(client: Any, pattern: str) -> bool:
+    return not await client.keys(pattern)
+
+
 async def test_a_permit_given_back_is_taken_at_once_on_any_instance(
     redis: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -517,10 +566,87 @@ async def test_a_permit_given_back_is_taken_at_once_on_any_instance(
             await link.aclose()
 
 
-async def _subscribed(url: str, count: int) -> bool:
+async def test_spare_permits_skip_redis_and_go_back_when_wanted(
+    redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the cluster is far from its cap, a permit given back stays with its
+    instance as a spare: the next take makes no call to Redis. The spare still
+    counts: an instance that finds the cluster full gets it at once (announced, not
+    at a recheck, made an hour here). Spares unused go back after SPARE_IDLE, and
+    when the link closes."""
+    from ttsstream.cluster import slots as slots_module
+    from ttsstream.cluster.link import RedisLink
+    from ttsstream.cluster.slots import SharedSlots
+
+    monkeypatch.setattr(slots_module, "RECHECK", 3600.0)
+    links = [RedisLink(redis.url, prefix="spares:", lease_seconds=15) for _ in range(2)]
+    here, there = (SharedSlots(link, 8) for link in links)  # two spares at most
+    for link in links:
+        await link.start()
+    client = aioredis.from_url(redis.url)
+
+    async def held() -> int:
+        return int(await client.zcard("spares:upstream"))
+
+    calls = 0
+    call = links[0].call
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return await call(*args, **kwargs)
+
+    try:
+        await until(lambda: _subscribed(redis.url, 2, "spares:upstream-wanted"))
+        first = await here.take()
+        assert first is not None
+        here.release(first)
+        await asyncio.sleep(0.1)
+        assert await held() == 1  # kept as a spare
+        monkeypatch.setattr(links[0], "call", counted)
+        again = await here.take()
+        assert again == first and calls == 0  # no round trip
+        here.release(again)
+        # The other instance fills the cluster: the spare is the eighth place.
+        theirs = [await there.take() for _ in range(7)]
+        assert None not in theirs and await held() == 8
+        async with asyncio.timeout(TIMEOUT):
+            last = await there.take()  # full: asks for spares, which come back at once
+        assert last is not None and last not in theirs and await held() == 8
+        for permit in [*theirs, last]:
+            assert permit is not None
+            there.release(permit)  # the cluster was full: nothing kept
+        await until(lambda: _count(client, 0))
+        # A spare unused goes back by itself.
+        monkeypatch.setattr(slots_module, "SPARE_IDLE", 0.2)
+        before = calls
+        spare = await here.take()
+        assert spare is not None and calls == before + 1  # no spare left: asked Redis
+        here.release(spare)
+        assert await held() == 1
+        await until(lambda: _count(client, 0))
+        # And when the link closes.
+        monkeypatch.setattr(slots_module, "SPARE_IDLE", 3600.0)
+        spare = await here.take()
+        assert spare is not None
+        here.release(spare)
+        assert await held() == 1
+        await links[0].aclose()
+        assert await held() == 0
+    finally:
+        await client.aclose()
+        for link in links:
+            await link.aclose()
+
+
+async def _count(client: Any, expected: int) -> bool:
+    return int(await client.zcard("spares:upstream")) == expected
+
+
+async def _subscribed(url: str, count: int, channel: str = "slots-test:upstream-freed") -> bool:
     client = aioredis.from_url(url)
     try:
-        numbers = await client.pubsub_numsub("slots-test:upstream-freed")
+        numbers = await client.pubsub_numsub(channel)
         return bool(numbers and numbers[0][1] >= count)
     finally:
         await client.aclose()

@@ -82,7 +82,7 @@ class RedisLink:
         self._keeper: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._when_up: list[Callable[[], None]] = []
-        self._when_closing: list[Callable[[], Any]] = []
+        self._when_closing: list[Callable[[], Awaitable[None]]] = []
         self._channels: dict[str, Callable[[bytes], None]] = {}
         self._listener: asyncio.Task[None] | None = None
 
@@ -91,8 +91,9 @@ class RedisLink:
         """The redis-py client, for what :meth:`call` cannot bound (a subscription)."""
         return self._client
 
-    def on_close(self, callback: Callable[[], Any]) -> None:
-        """Call ``callback`` when the link closes (to stop what uses it)."""
+    def on_close(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Await ``callback()`` when the link closes, to give back what the instance
+        holds (:meth:`call` makes no more calls by then: use :attr:`client`)."""
         self._when_closing.append(callback)
 
     def on_up(self, callback: Callable[[], None]) -> None:
@@ -139,7 +140,7 @@ class RedisLink:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         for callback in self._when_closing:
-            callback()
+            await callback()
         if was_up:
             with contextlib.suppress(*_FAILURES):
                 async with asyncio.timeout(CONNECT_TIMEOUT):

@@ -15,6 +15,15 @@ again (and the giver does so at once), so a freed permit is taken within a
 round trip or two, as a local semaphore would hand it on. A waiter also asks
 again every :data:`RECHECK` seconds, for permits that lapse without a word
 (their instance died) and announcements lost while Redis was away.
+
+While the cluster is far from its cap, an instance keeps a few permits it gave
+back as spares (still members of the set, renewed with its lease), so its next
+synthesis starts without a round trip to Redis: each one is a wait for the
+event loop, about 10 ms on a busy instance (bench/NOTES.md). Spares never raise
+the cap (they are counted like any permit), lapse with the instance, and go
+back as soon as any instance finds the cluster full (it announces it on
+``upstream-wanted``), after :data:`SPARE_IDLE` seconds unused, or when the link
+closes.
 """
 
 from __future__ import annotations
@@ -35,7 +44,10 @@ _TAKE = """
 local now, cap = tonumber(ARGV[1]), tonumber(ARGV[2])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local held = redis.call('ZCARD', KEYS[1])
-if held >= cap then return -1 end
+if held >= cap then
+  redis.call('PUBLISH', ARGV[5], ARGV[6])
+  return -1
+end
 redis.call('ZADD', KEYS[1], tonumber(ARGV[4]), ARGV[3])
 return cap - held - 1
 """
@@ -48,6 +60,12 @@ return 1
 RECHECK = 0.25
 #: The channel on which released permits are announced.
 FREED = "upstream-freed"
+#: The channel on which an instance that found the cluster full asks for spares.
+WANTED = "upstream-wanted"
+#: Most spare permits an instance keeps (fewer with a small cap: a quarter of it).
+SPARES = 8
+#: A spare permit unused this long is given back, seconds.
+SPARE_IDLE = 2.0
 
 
 class SharedSlots:
@@ -63,12 +81,24 @@ class SharedSlots:
         self._writes: set[asyncio.Task[Any]] = set()
         #: This instance's syntheses waiting for the cluster to have room, in order.
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        #: Permits held for this instance's next syntheses, and when each goes back.
+        self._spares: dict[str, asyncio.TimerHandle] = {}
+        self._max_spares = min(SPARES, cap // 4)
+        #: The room the cluster had after this instance's last take (-1: full).
+        self._room = -1
         link.listen(FREED, self._on_freed)
+        link.listen(WANTED, self._on_wanted)
+        link.on_up(self._no_spares)  # Redis may have restarted without them
+        link.on_close(self._close)
 
     async def take(self) -> str | None:
         """A permit once the cluster has room; ``None`` when Redis cannot tell (then the
         instance's own cap holds alone)."""
         link = self._link
+        if self._spares and link.up:
+            member, idle = self._spares.popitem()
+            idle.cancel()
+            return member  # still renewed with the lease
         member = f"{link.instance}:{next(self._numbers)}"
         # Behind those already waiting, if any: they came first.
         queued = bool(self._waiters)
@@ -80,7 +110,14 @@ class SharedSlots:
                 if self._take_script is None:
                     self._take_script = client.register_script(_TAKE)
                 now = time.time()
-                args = [now, self._cap, member, now + link.lease_seconds]
+                args = [
+                    now,
+                    self._cap,
+                    member,
+                    now + link.lease_seconds,
+                    link.key(WANTED),
+                    link.instance,
+                ]
                 return int(await self._take_script(keys=[link.key("upstream")], args=args))
 
             room = await link.call(ask)
@@ -89,6 +126,7 @@ class SharedSlots:
                 # back, or it would hold a place until it lapsed, with nobody to use it.
                 self.release(member)
                 return None
+            self._room = room
             if room >= 0:
                 if room > 0:
                     self._wake_one()  # room for the next waiter too
@@ -97,6 +135,18 @@ class SharedSlots:
             queued = True
 
     def release(self, permit: str) -> None:
+        if (
+            len(self._spares) < self._max_spares
+            and self._room >= self._cap // 2
+            and not self._waiters
+            and self._link.up
+        ):
+            later = asyncio.get_running_loop().call_later(SPARE_IDLE, self._spare_idle, permit)
+            self._spares[permit] = later
+            return
+        self._give_back(permit)
+
+    def _give_back(self, permit: str) -> None:
         renewal = self._renewals.pop(permit, None)
         if renewal is not None:
             renewal.cancel()
@@ -138,6 +188,34 @@ class SharedSlots:
             if not waiter.done():
                 waiter.set_result(None)
                 return
+
+    def _spare_idle(self, permit: str) -> None:
+        if self._spares.pop(permit, None) is not None:
+            self._give_back(permit)
+
+    def _on_wanted(self, data: bytes) -> None:
+        """Some instance found the cluster full: the spares go back to it."""
+        self._no_spares()
+
+    def _no_spares(self) -> None:
+        """Give the spares back, and keep none until a take finds room again (also when
+        the link comes back: Redis may have restarted without them)."""
+        self._room = -1
+        for permit in list(self._spares):
+            self._spare_idle(permit)
+
+    async def _close(self) -> None:
+        """Give the spares back as the link closes (the link no longer makes calls)."""
+        spares = list(self._spares)
+        for permit in spares:
+            self._spares.pop(permit).cancel()
+            renewal = self._renewals.pop(permit, None)
+            if renewal is not None:
+                renewal.cancel()
+        if spares:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1):
+                    await self._link.client.zrem(self._link.key("upstream"), *spares)
 
     def _on_freed(self, data: bytes) -> None:
         if data.decode() != self._link.instance:  # this instance's own were woken already
