@@ -8,7 +8,8 @@ field as the error's ``param``.
 from __future__ import annotations
 
 import re
-from typing import TypeVar
+from collections.abc import Mapping
+from typing import TypedDict, TypeVar
 
 from ttsstream.audio.formats import FORMAT_NAMES, MP3, Format, format_named
 from ttsstream.exceptions import (
@@ -23,8 +24,10 @@ from ttsstream.exceptions import (
 __all__ = [
     "MAX_VOICE_LENGTH",
     "PROSODY_FIELDS",
+    "Prosody",
     "format_field",
     "prosody_field",
+    "prosody_fields",
     "text_field",
     "voice_field",
 ]
@@ -88,6 +91,26 @@ def prosody_field(field: str, value: object) -> str | None:
     if pattern.fullmatch(value) is None:
         raise _about(field, InvalidParameter(f'"{field}" must look like {form}'))
     return value
+
+
+class Prosody(TypedDict, total=False):
+    """The prosody fields a request gave (those it left out keep their defaults)."""
+
+    rate: str
+    volume: str
+    pitch: str
+
+
+def prosody_fields(fields: Mapping[str, object]) -> Prosody:
+    """The ``rate``, ``volume`` and ``pitch`` of ``fields`` that are there, checked."""
+    prosody = Prosody()
+    if (rate := prosody_field("rate", fields.get("rate"))) is not None:
+        prosody["rate"] = rate
+    if (volume := prosody_field("volume", fields.get("volume"))) is not None:
+        prosody["volume"] = volume
+    if (pitch := prosody_field("pitch", fields.get("pitch"))) is not None:
+        prosody["pitch"] = pitch
+    return prosody
 
 
 def format_field(

@@ -24,9 +24,8 @@ from aiohttp import web
 
 from ttsstream.audio.formats import MP3, Format
 from ttsstream.core.fields import (
-    PROSODY_FIELDS,
     format_field,
-    prosody_field,
+    prosody_fields,
     text_field,
     voice_field,
 )
@@ -126,11 +125,7 @@ class SpeechApi:
             if not isinstance(fields, dict) and request.method == "POST":
                 raise BadMessage("the body must be a JSON object")
             text = text_field(fields.get("text"), max_length=self._config.max_text_length)
-            prosody = {
-                name: value
-                for name in PROSODY_FIELDS
-                if (value := prosody_field(name, fields.get(name))) is not None
-            }
+            prosody = prosody_fields(fields)
             audio_format = format_field(fields.get("format"), unknown=UnsupportedFormat)
             synthesis = await self._services.utterances.prepare(
                 text=text, voice=voice_field(fields.get("voice")), **prosody
