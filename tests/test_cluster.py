@@ -463,55 +463,6 @@ async def test_a_flight_longer_than_a_lease_is_still_one(
     assert bytes(second.audio) == bytes(first.audio)
 
 
-async def test_a_speak_is_looked_up_while_its_rate_limit_is_decided(
-    start_server: ServerFactory, redis: RedisServer, fake: FakeEdge, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """In a cluster, a speak that plays at once is looked up in Redis (entry and flight
-    claim) while its rate limit is being decided there: one wait instead of two. A
-    speak the limit refuses gives its claim back at once (not when the lookup would
-    lapse, made an hour here), so the text is not held from other instances."""
-    from ttsstream.core import speech_cache
-
-    monkeypatch.setattr(speech_cache, "AHEAD_TTL", 3600.0)
-    # The handshake and a speak; the second speak is refused.
-    server = await start_server(redis_url=redis.url, rate_limit_requests=2)
-    link = server.services.cluster
-    assert link is not None
-    spans: dict[str, list[tuple[float, float]]] = {"rate": [], "claim": []}
-    call = link.call
-
-    async def timed(operation: Any, **kwargs: Any) -> Any:
-        name = operation.__qualname__
-        kind = "rate" if "SharedWindow" in name else "claim" if "claim" in name else None
-        began = asyncio.get_running_loop().time()
-        try:
-            return await call(operation, **kwargs)
-        finally:
-            if kind is not None:
-                spans[kind].append((began, asyncio.get_running_loop().time()))
-
-    monkeypatch.setattr(link, "call", timed)
-    async with connected(server) as client:
-        await client.speak("Looked up while counted.", id="a")
-        assert (await client.until_final("a")).final["type"] == "end"
-        (_, rate_ended), (claim_began, _) = spans["rate"][-1], spans["claim"][-1]
-        assert claim_began < rate_ended  # asked before the limit's answer came
-        await client.speak("Refused, and not held.", id="b")
-        refused = await client.until_final("b")
-    assert refused.final["type"] == "error" and refused.final["code"] == "rate_limited"
-    assert len(spans["claim"]) == 2  # it was claimed ahead, then given back:
-    redis_client = aioredis.from_url(redis.url)
-    try:
-        await until(lambda: _no_keys(redis_client, "ttsstream:flight:*"))
-    finally:
-        await redis_client.aclose()
-    assert len(fake.records) == 1
-
-
-async def _no_keys(client: Any, pattern: str) -> bool:
-    return not await client.keys(pattern)
-
-
 async def test_a_permit_given_back_is_taken_at_once_on_any_instance(
     redis: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -11,12 +11,6 @@ Another audio format is made from the MP3 for each listener, which costs 10 to
 sent whole in a format, those bytes are stored beside the MP3 (:meth:`keep_made`,
 under the key of the same request in that format), and a later request in that
 format replays them as they are.
-
-In a cluster, a miss asks Redis for the shared entry and the flight's claim.
-On a busy instance each wait for Redis costs about a turn of the event loop
-(10 ms at 100 live clients, bench/NOTES.md), so a door can start that lookup
-while the request's rate limit is being decided (:meth:`SpeechCache.look_ahead`):
-the two waits become one. A lookup nobody uses gives its claim back.
 """
 
 from __future__ import annotations
@@ -49,11 +43,6 @@ STORE_DELAY_MAX = 1.0
 
 #: Most times a request takes over a flight whose owner died before its first audio.
 TAKEOVERS = 3
-#: Longest a lookup made ahead waits for its utterance, seconds (then it is dropped).
-AHEAD_TTL = 2.0
-
-#: What a lookup finds: an entry, or none and the cluster flight's claim (if asked).
-_Found = tuple[CacheEntry | None, bool | None]
 
 
 class FlightLost(Exception):
@@ -132,8 +121,6 @@ class SpeechCache:
         #: Finished entries waiting to be written, by key; lookups find them here.
         self._unwritten: dict[str, CacheEntry] = {}
         self._writes: set[asyncio.Task[None]] = set()
-        #: Lookups started before their utterance runs (see look_ahead), by key.
-        self._ahead: dict[str, tuple[asyncio.Task[_Found], asyncio.TimerHandle]] = {}
 
     async def voices(self) -> list[Voice]:
         return await self.router.voices()
@@ -177,7 +164,6 @@ class SpeechCache:
             made_key = self.key_of(request, made_as)
             made = self._unwritten.get(made_key) or await self.store.get(made_key)
             if made is not None and made.audio_ms:
-                self.drop_ahead(request)
                 self._stats.cache_hits += 1
                 bitrate = round(len(made.audio) * 8 * 1000 / made.audio_ms)
                 as_sent = dataclasses.replace(made_as.audio_format, bitrate_bps=max(1, bitrate))
@@ -188,17 +174,13 @@ class SpeechCache:
         _, audio_format = self.router.online_engine
         key = self.key_of(request)
         flight = self._joinable_flight(key)
-        ahead = self._take_ahead(key)
         claimed: bool | None = None  # the cluster flight's claim, if made with the lookup
         if flight is None:
-            if ahead is not None:
-                try:
-                    entry, claimed = await asyncio.shield(ahead)
-                except asyncio.CancelledError:
-                    _give_back_when_done(ahead, key, self.flights)
-                    raise
-            else:
-                entry, claimed = await self._lookup(key)
+            entry = self._unwritten.get(key) or await self.store.get(key)
+            if entry is None and self.shared is not None:
+                entry, claimed = await self._shared_lookup(key)
+                if entry is not None:  # another instance's: kept on this one's disk too
+                    self._write(key, entry, share=False)
             if entry is not None:
                 self._stats.cache_hits += 1
                 for event in _replay(entry, audio_format, words_ahead=words_ahead):
@@ -206,8 +188,6 @@ class SpeechCache:
                 return
             # Another request may have started this synthesis during the disk read.
             flight = self._joinable_flight(key)
-        elif ahead is not None:
-            _give_back_when_done(ahead, key, self.flights)
         self._stats.cache_misses += 1
         publish = False
         if flight is not None and claimed and self.flights is not None:
@@ -253,55 +233,6 @@ class SpeechCache:
         finally:
             if waiting:
                 self._started()
-
-    @property
-    def looks_ahead(self) -> bool:
-        """Whether :meth:`look_ahead` can save a wait (the server is in a cluster)."""
-        return self.store is not None and self.shared is not None
-
-    def look_ahead(self, request: SynthesisRequest) -> bool:
-        """Start looking for ``request``'s entry (and claiming its cluster flight) for
-        an utterance about to run, which will use what it finds; ``False`` when there
-        is nothing to gain (no cluster, an offline voice, a lookup already under way).
-        :meth:`drop_ahead` gives up a lookup whose utterance was refused."""
-        if not self.looks_ahead or request.voice.startswith(VOICE_PREFIX):
-            return False
-        key = self.key_of(request)
-        if key in self._ahead or self._joinable_flight(key) is not None:
-            return False
-        lookup = asyncio.ensure_future(self._lookup(key))
-        expiry = asyncio.get_running_loop().call_later(AHEAD_TTL, self._drop_ahead, key)
-        self._ahead[key] = (lookup, expiry)
-        return True
-
-    def drop_ahead(self, request: SynthesisRequest) -> None:
-        """Give up the lookup made ahead for ``request`` (its utterance will not run)."""
-        self._drop_ahead(self.key_of(request))
-
-    def _drop_ahead(self, key: str) -> None:
-        lookup = self._take_ahead(key)
-        if lookup is not None:
-            _give_back_when_done(lookup, key, self.flights)
-
-    def _take_ahead(self, key: str) -> asyncio.Task[_Found] | None:
-        ahead = self._ahead.pop(key, None)
-        if ahead is None:
-            return None
-        lookup, expiry = ahead
-        expiry.cancel()
-        return lookup
-
-    async def _lookup(self, key: str) -> _Found:
-        """``key``'s entry from memory, disk or the shared tier (kept on disk too), or
-        none and the cluster flight's claim, asked with the shared tier's lookup."""
-        assert self.store is not None
-        entry = self._unwritten.get(key) or await self.store.get(key)
-        if entry is not None or self.shared is None:
-            return entry, None
-        entry, claimed = await self._shared_lookup(key)
-        if entry is not None:  # another instance's: kept on this one's disk too
-            self._write(key, entry, share=False)
-        return entry, claimed
 
     async def _shared_lookup(self, key: str) -> tuple[CacheEntry | None, bool | None]:
         """The shared tier's entry of ``key``, and the cluster flight's claim asked at the
@@ -413,20 +344,6 @@ def _entry_of(events: list[Speech]) -> CacheEntry | None:
         return None
     words = tuple(event for event in events if isinstance(event, WordEvent))
     return CacheEntry(engine=started.engine, voice=started.voice, audio=audio, words=words)
-
-
-def _give_back_when_done(
-    lookup: asyncio.Task[_Found], key: str, flights: ClusterFlights | None
-) -> None:
-    """Once ``lookup`` ends, give back the flight claim it made (nobody will fly it)."""
-
-    def done(task: asyncio.Task[_Found]) -> None:
-        if not task.cancelled() and task.exception() is None:
-            _, claimed = task.result()
-            if claimed and flights is not None:
-                flights.give_back(key)
-
-    lookup.add_done_callback(done)
 
 
 def _replay(entry: CacheEntry, audio_format: AudioFormat, *, words_ahead: bool) -> list[Speech]:

@@ -2,13 +2,11 @@
 
 :meth:`Utterances.prepare` applies the policy every door shares (no new work
 while draining, the rate limit, the default voice, the voice check) and gives the
-synthesis request; for an utterance that runs at once, its lookup in the cluster
-starts while the rate limit is being decided. :meth:`Utterances.run` speaks it
-through the cache and sends its events to a :class:`Sink`: it measures the
-first audio, holds word events back for a batch, counts the outcome and writes
-the utterance's one access-log line. It knows nothing of sockets: the WebSocket
-session is one sink (frames), the HTTP speech API another (a chunked body,
-server-sent events).
+synthesis request. :meth:`Utterances.run` speaks it through the cache and sends
+its events to a :class:`Sink`: it measures the first audio, holds word events
+back for a batch, counts the outcome and writes the utterance's one access-log
+line. It knows nothing of sockets: the WebSocket session is one sink (frames),
+the HTTP speech API another (a chunked body, server-sent events).
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -119,63 +117,16 @@ class Utterances:
         volume: str = "+0%",
         pitch: str = "+0Hz",
         utterance_id: str | None = None,
-        rate_check: Awaitable[None] | None = None,
-        soon: bool = False,
     ) -> SynthesisRequest:
         """Accept an utterance (its fields already valid in form) or raise why not.
 
-        Args:
-            rate_check: Counts the request against the client's rate limit (the door
-                gives it, from its admission); a refusal wins over the others.
-            soon: The utterance runs as soon as it is accepted: its lookup in the
-                cluster starts while the rate limit is decided (one wait for Redis
-                instead of two; see :meth:`SpeechCache.look_ahead`).
+        The door has counted the request (``total_requests``) and against the
+        client's rate limit.
 
         Raises:
-            RateLimited: The client is over its rate limit.
             ShuttingDown: The server is draining.
             InvalidVoice: No engine has the voice.
         """
-        checking = None
-        if rate_check is not None:
-            if soon and self._speech.looks_ahead:
-                checking = asyncio.ensure_future(rate_check)
-            else:
-                await rate_check  # at once (a task would cost a turn of the loop)
-        try:
-            request = await self._accept(text, voice, rate, volume, pitch, utterance_id)
-        except ClientError:
-            if checking is not None:
-                await checking  # over the limit: that is the answer
-            raise
-        except BaseException:
-            if checking is not None:
-                checking.cancel()
-            raise
-        if checking is None:
-            return request
-        ahead = not checking.done() and self._speech.look_ahead(request)
-        try:
-            await checking
-        except BaseException:
-            if ahead:
-                self._speech.drop_ahead(request)
-            raise
-        return request
-
-    def drop(self, request: SynthesisRequest) -> None:
-        """Forget ``request``, accepted with ``soon`` but not run after all."""
-        self._speech.drop_ahead(request)
-
-    async def _accept(
-        self,
-        text: str,
-        voice: str | None,
-        rate: str,
-        volume: str,
-        pitch: str,
-        utterance_id: str | None,
-    ) -> SynthesisRequest:
         if self.draining:
             raise ShuttingDown(
                 "the server is shutting down; reconnect in a moment", utterance_id=utterance_id

@@ -243,6 +243,7 @@ class Session:
             raise
 
     async def _enqueue(self, request: Speak) -> None:
+        await self._admission.check_rate(self.client_ip, request.id)
         synthesis = await self._utterances.prepare(
             text=request.text,
             voice=request.voice,
@@ -250,27 +251,20 @@ class Session:
             volume=request.volume,
             pitch=request.pitch,
             utterance_id=request.id,
-            rate_check=self._admission.check_rate(self.client_ip, request.id),
-            # Plays at once: nothing is playing or waiting, and its text is whole.
-            soon=self._current is None and not self._pending and not request.stream,
         )
-        try:
-            if request.id in self._ids:
-                raise InvalidParameter(
-                    f"id {request.id!r} is already queued or playing", utterance_id=request.id
-                )
-            # The first pending utterance is about to play when nothing is playing yet.
-            waiting = len(self._pending) - (1 if self._current is None and self._pending else 0)
-            if waiting >= self._config.queue_size:
-                raise QueueFull(
-                    f"{self._config.queue_size} "
-                    + ("utterance is" if self._config.queue_size == 1 else "utterances are")
-                    + " already waiting",
-                    utterance_id=request.id,
-                )
-        except ClientError:
-            self._utterances.drop(synthesis)
-            raise
+        if request.id in self._ids:
+            raise InvalidParameter(
+                f"id {request.id!r} is already queued or playing", utterance_id=request.id
+            )
+        # The first pending utterance is about to play when nothing is playing yet.
+        waiting = len(self._pending) - (1 if self._current is None and self._pending else 0)
+        if waiting >= self._config.queue_size:
+            raise QueueFull(
+                f"{self._config.queue_size} "
+                + ("utterance is" if self._config.queue_size == 1 else "utterances are")
+                + " already waiting",
+                utterance_id=request.id,
+            )
         stream = None
         if request.stream:
             stream = self._utterances.open_stream()
