@@ -19,7 +19,8 @@ Scenarios:
   6. formats each audio format live at 10 clients, first byte against mp3 in the same
              turns; the server's CPU per second of audio sent; each transcoder alone
   7. cluster one instance in cluster mode (REDIS_URL, a local redis-server) against one
-             without, live at 100 clients; a second instance's first byte when it joins
+             without, live at 100 clients (closed loop, then paced), with the server's
+             CPU per utterance; a second instance's first byte when it joins
              the first one's synthesis of the same text; a third one's shared-tier hits
   8. streaming  replies streamed a word at a time at 30 words/s, 1 and 10 clients: the
              first byte after the first sentence is complete, against that sentence
@@ -61,6 +62,8 @@ TICKS = os.sysconf("SC_CLK_TCK")
 WORD_MODES = ("each", "batch", "none")
 #: Turns of baseline (a) and server per live level in a full run.
 REPEATS = 3
+#: Mean seconds a paced client of scenario 7 thinks between two speaks.
+PACED_THINK = 2.0
 _DRAINS: set[asyncio.Future[bytes]] = set()
 #: Load process id -> the file it writes its results to.
 worker_outputs: dict[int, str] = {}
@@ -606,7 +609,13 @@ class Bench:
         clients = 10 if self.quick else 100
         requests = 2 if self.quick else 10
         pairs = 3 if self.quick else 20
-        runs: dict[str, list[dict[str, Any]]] = {"single": [], "cluster": []}
+        runs: dict[str, list[dict[str, Any]]] = {
+            "single": [],
+            "cluster": [],
+            "single_paced": [],
+            "cluster_paced": [],
+        }
+        cpu = dict.fromkeys(runs, 0.0)
         servers: list[Process] = []
         # The servers stop before their cache directories go (they may still be storing).
         with tempfile.TemporaryDirectory() as cache:
@@ -621,10 +630,19 @@ class Bench:
                 servers.append(first)
                 second, second_url = await self.server(cache + "/b", **clustered)
                 servers.append(second)
+                # Closed loop (each client's next speak as soon as the last one ended:
+                # the server's core is saturated), then paced (each client thinks
+                # PACED_THINK seconds on average between speaks: the server is not).
                 for repeat in range(1 if self.quick else REPEATS):
-                    for number, (name, url) in enumerate(
-                        (("single", single_url), ("cluster", first_url))
+                    for number, (name, server, url, think) in enumerate(
+                        (
+                            ("single", single, single_url, 0.0),
+                            ("cluster", first, first_url, 0.0),
+                            ("single_paced", single, single_url, PACED_THINK),
+                            ("cluster_paced", first, first_url, PACED_THINK),
+                        )
                     ):
+                        cpu0, _, _ = usage(server.process.pid)
                         runs[name] += await load(
                             [
                                 {
@@ -635,6 +653,7 @@ class Bench:
                                     "requests": requests,
                                     "texts": [TEXT],
                                     "unique": True,
+                                    "think": think,
                                     "offset": 9 * 10**8
                                     + repeat * 10**7
                                     + number * 10**6
@@ -643,7 +662,10 @@ class Bench:
                                 for part, n in enumerate(split(clients, self.workers))
                             ]
                         )
+                        cpu[name] += usage(server.process.pid)[0] - cpu0
                 alone, shared = summarize(runs["single"]), summarize(runs["cluster"])
+                alone_paced = summarize(runs["single_paced"])
+                shared_paced = summarize(runs["cluster_paced"])
                 # The same new text on two instances at once: one synthesizes, the
                 # other joins it through Redis; the gap between their first bytes.
                 gaps, texts = [], []
@@ -693,6 +715,19 @@ class Bench:
             "added_p50": shared["first_p50"] - alone["first_p50"],
             "added_p99": shared["first_p99"] - alone["first_p99"],
             "errors": alone["errors"] + shared["errors"],
+            "paced_think_s": PACED_THINK,
+            "paced_single_first_p50": alone_paced["first_p50"],
+            "paced_cluster_first_p50": shared_paced["first_p50"],
+            "paced_added_p50": shared_paced["first_p50"] - alone_paced["first_p50"],
+            "paced_added_p99": shared_paced["first_p99"] - alone_paced["first_p99"],
+            "paced_errors": alone_paced["errors"] + shared_paced["errors"],
+            # Server CPU per utterance, ms (closed loop and paced together).
+            "single_cpu_ms": 1000
+            * (cpu["single"] + cpu["single_paced"])
+            / max(1, alone["requests"] + alone_paced["requests"]),
+            "cluster_cpu_ms": 1000
+            * (cpu["cluster"] + cpu["cluster_paced"])
+            / max(1, shared["requests"] + shared_paced["requests"]),
             "pairs": pairs,
             "join_gap_p50": percentile(gaps, 0.5),
             "join_gap_max": max(gaps),
@@ -1079,7 +1114,13 @@ def markdown(out: dict[str, Any]) -> str:
             f"clients, first byte p50/p99 {c['single_first_p50']:.1f}/{c['single_first_p99']:.1f} "
             f"ms for one instance alone, {c['cluster_first_p50']:.1f}/"
             f"{c['cluster_first_p99']:.1f} ms in cluster mode: added {c['added_p50']:+.1f}/"
-            f"{c['added_p99']:+.1f} ms (errors {c['errors']}). The same new text asked on two "
+            f"{c['added_p99']:+.1f} ms (errors {c['errors']}). The same clients each "
+            f"thinking {c['paced_think_s']:.0f} s on average between speaks, so that the "
+            f"server is not saturated: {c['paced_single_first_p50']:.1f} ms alone, "
+            f"{c['paced_cluster_first_p50']:.1f} ms in cluster mode, added "
+            f"{c['paced_added_p50']:+.1f}/{c['paced_added_p99']:+.1f} ms (errors "
+            f"{c['paced_errors']}). Server CPU per utterance: {c['single_cpu_ms']:.1f} ms "
+            f"alone, {c['cluster_cpu_ms']:.1f} ms in cluster mode. The same new text asked on two "
             f"instances at once ({c['pairs']} texts): the joiner's first byte came "
             f"{c['join_gap_p50']:.1f} ms after the owner's (p50; at most "
             f"{c['join_gap_max']:.1f}). Those texts on a third instance with an empty disk: "
