@@ -463,6 +463,49 @@ async def test_a_flight_longer_than_a_lease_is_still_one(
     assert bytes(second.audio) == bytes(first.audio)
 
 
+async def test_a_shared_lookup_finds_the_entry_or_claims_the_flight_at_once(
+    redis: RedisServer,
+) -> None:
+    """A miss on disk asks Redis once: the stored entry (and no flight lock taken), or
+    the flight's claim (this instance's, or another's). A damaged entry is a miss,
+    and the flight is claimed after all."""
+    from ttsstream.cache.store import CacheEntry
+    from ttsstream.cluster.cache import SharedEntries
+    from ttsstream.cluster.flights import SharedFlights
+    from ttsstream.cluster.link import RedisLink
+    from ttsstream.engines.base import WordEvent
+
+    links = [RedisLink(redis.url, prefix="lookup:", lease_seconds=15) for _ in range(2)]
+    flights = [SharedFlights(link, timeout=5) for link in links]
+    tiers = [
+        SharedEntries(link, ttl=60, flights=flight)
+        for link, flight in zip(links, flights, strict=True)
+    ]
+    for link in links:
+        await link.start()
+    client = aioredis.from_url(redis.url)
+    try:
+        assert await tiers[0].find_or_claim("new-text") == (None, True)
+        assert await tiers[1].find_or_claim("new-text") == (None, False)  # owned by the first
+        entry = CacheEntry(
+            engine="edge",
+            voice="en-US-AvaNeural",
+            audio=b"\xff\xf3" * 500,
+            words=(WordEvent("Stored", 50.0, 300.0, 0, 6),),
+        )
+        tiers[0].put("stored-text", entry)
+        await until(lambda: client.exists("lookup:entry:stored-text"))
+        assert await tiers[1].find_or_claim("stored-text") == (entry, None)
+        assert not await client.exists("lookup:flight:stored-text")  # no lock taken
+        await client.set("lookup:entry:damaged-text", b"not an entry")
+        assert await tiers[1].find_or_claim("damaged-text") == (None, True)
+        assert await client.get("lookup:flight:damaged-text") == links[1].instance.encode()
+    finally:
+        await client.aclose()
+        for link in links:
+            await link.aclose()
+
+
 async def test_a_permit_given_back_is_taken_at_once_on_any_instance(
     redis: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

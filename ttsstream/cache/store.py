@@ -481,6 +481,10 @@ class SharedTier(Protocol):
     async def get(self, key: str) -> CacheEntry | None:
         """The entry, or ``None`` (missing, damaged, or the tier unavailable)."""
 
+    async def find_or_claim(self, key: str) -> tuple[CacheEntry | None, bool | None]:
+        """The entry; or, when there is none, whether this instance now owns the
+        cluster's flight of ``key`` (``None``: not known), asked in the same round trip."""
+
     def put(self, key: str, entry: CacheEntry) -> None:
         """Keep ``entry`` for the other instances (in the background)."""
 

@@ -15,6 +15,7 @@ import logging
 from typing import Any
 
 from ttsstream.cache.store import CacheEntry, CorruptEntry, decode_entry, encode_entry
+from ttsstream.cluster.flights import SharedFlights
 from ttsstream.cluster.link import RedisLink
 
 __all__ = ["SharedEntries"]
@@ -31,19 +32,39 @@ class SharedEntries:
     Args:
         link: The cluster's Redis.
         ttl: Seconds an entry is kept after it was last written.
+        flights: The cluster's flights, claimed in the lookup's round trip on a miss.
     """
 
-    def __init__(self, link: RedisLink, *, ttl: float) -> None:
+    def __init__(
+        self, link: RedisLink, *, ttl: float, flights: SharedFlights | None = None
+    ) -> None:
         self._link = link
         self._ttl = max(1, round(ttl))
+        self._flights = flights
         self._writes: set[asyncio.Task[Any]] = set()
 
     async def get(self, key: str) -> CacheEntry | None:
         data = await self._link.call(
             lambda client: client.get(self._link.key("entry", key)), within=READ_TIMEOUT
         )
-        if not data:
-            return None
+        return self._decoded(key, data) if data else None
+
+    async def find_or_claim(self, key: str) -> tuple[CacheEntry | None, bool | None]:
+        # One script, one wait: on a busy instance each wait for Redis costs a turn of
+        # the event loop, and two calls at once cost two tasks handed over (NOTES).
+        if self._flights is None:
+            return await self.get(key), None
+        found = await self._flights.find_or_claim(
+            key, self._link.key("entry", key), within=READ_TIMEOUT
+        )
+        if not isinstance(found, bytes):
+            return None, found
+        entry = self._decoded(key, found)
+        if entry is None:  # damaged: a miss, so the flight is claimed after all
+            return None, await self._flights.claim(key)
+        return entry, None
+
+    def _decoded(self, key: str, data: bytes) -> CacheEntry | None:
         try:
             return decode_entry(bytes(data))
         except CorruptEntry as exc:

@@ -56,6 +56,14 @@ if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 en
 redis.call('DEL', KEYS[2])
 return 1
 """
+# The same claim, unless the text's entry is stored (KEYS[3]): then the entry, and no lock.
+_FIND_OR_CLAIM = """
+local entry = redis.call('GET', KEYS[3])
+if entry then return {2, entry} end
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {0} end
+redis.call('DEL', KEYS[2])
+return {1}
+"""
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -101,6 +109,24 @@ class SharedFlights:
             self.give_back(key)
             return None
         return bool(locked)
+
+    async def find_or_claim(
+        self, key: str, entry_key: str, *, within: float
+    ) -> bytes | bool | None:
+        """The stored entry at ``entry_key`` (its bytes) if there is one, else whether
+        this instance now owns the flight of ``key``, in one round trip (``None``:
+        Redis cannot tell)."""
+        link = self._link
+        lease_ms = round(link.lease_seconds * 1000)
+        keys = [link.key("flight", key), link.key("events", key), entry_key]
+        found = await link.call(
+            lambda client: client.eval(_FIND_OR_CLAIM, 3, *keys, link.instance, lease_ms),
+            within=within,
+        )
+        if found is None:
+            self.give_back(key)  # the script may have run after the deadline, as in claim
+            return None
+        return bytes(found[1]) if found[0] == 2 else bool(found[0])
 
     def give_back(self, key: str) -> None:
         self._spawn(self._release_lock(key))

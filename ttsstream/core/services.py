@@ -99,16 +99,19 @@ def build_services(
         shared=SharedWindow(cluster) if cluster is not None else None,
         shared_connections=SharedConnections(cluster) if cluster is not None else None,
     )
+    flights = (
+        SharedFlights(cluster, timeout=config.upstream_timeout) if cluster is not None else None
+    )
     speech = SpeechCache(
         router,
         store,
         stats,
         shared=(
-            SharedEntries(cluster, ttl=config.cache_shared_ttl) if cluster is not None else None
+            SharedEntries(cluster, ttl=config.cache_shared_ttl, flights=flights)
+            if cluster is not None
+            else None
         ),
-        flights=(
-            SharedFlights(cluster, timeout=config.upstream_timeout) if cluster is not None else None
-        ),
+        flights=flights,
     )
     return Services(
         config=config,

@@ -235,16 +235,12 @@ class SpeechCache:
                 self._started()
 
     async def _shared_lookup(self, key: str) -> tuple[CacheEntry | None, bool | None]:
-        """The shared tier's entry of ``key``, and the cluster flight's claim asked at the
-        same time (one wait for Redis on a miss instead of two; a hit gives the claim
-        back). The claim is ``None`` when not asked or not known."""
+        """The shared tier's entry of ``key``, or none and the cluster flight's claim,
+        in one round trip to Redis. The claim is ``None`` when not asked or not known."""
         assert self.shared is not None
         if self.flights is None:
             return await self.shared.get(key), None
-        entry, claimed = await asyncio.gather(self.shared.get(key), self.flights.claim(key))
-        if entry is not None and claimed:
-            self.flights.give_back(key)
-        return entry, claimed
+        return await self.shared.find_or_claim(key)
 
     def keep_made(
         self,
