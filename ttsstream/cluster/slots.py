@@ -63,7 +63,7 @@ FREED = "upstream-freed"
 #: The channel on which an instance that found the cluster full asks for spares.
 WANTED = "upstream-wanted"
 #: Most spare permits an instance keeps (fewer with a small cap: a quarter of it).
-SPARES = 8
+SPARES = 16
 #: A spare permit unused this long is given back, seconds.
 SPARE_IDLE = 2.0
 
