@@ -506,6 +506,47 @@ async def test_a_shared_lookup_finds_the_entry_or_claims_the_flight_at_once(
             await link.aclose()
 
 
+async def test_a_connection_is_admitted_in_one_round_trip(
+    start_server: ServerFactory, redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a cluster, admitting a WebSocket or an HTTP request (its rate limit and its
+    connection caps) asks Redis once; one refused for its key is counted once too,
+    and takes no connection."""
+    server = await start_server(redis_url=redis.url, api_keys=("k" * 32,))
+    link = server.services.cluster
+    assert link is not None
+    asked: list[str] = []
+    call = link.call
+
+    async def counted(operation: Any, **kwargs: Any) -> Any:
+        decision = operation.__qualname__.split(".")[1]  # the method that asks
+        if decision in ("hit", "acquire", "hit_and_acquire"):
+            asked.append(decision)
+        return await call(operation, **kwargs)
+
+    monkeypatch.setattr(link, "call", counted)
+    async with connect(url_of(server), additional_headers={"X-API-Key": "k" * 32}) as ws:
+        await ws.recv()
+        assert asked == ["hit_and_acquire"]
+        assert server.services.admission.connections.total == 1
+    asked.clear()
+    with pytest.raises(InvalidStatus) as refused:
+        async with connect(url_of(server), additional_headers={"X-API-Key": "wrong"}):
+            pass
+    assert refused.value.response.status_code == 401
+    assert asked == ["hit"]
+    asked.clear()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(
+            url_of(server).replace("ws://", "http://").replace("/v1/stream", "/v1/models"),
+            headers={"X-API-Key": "k" * 32},
+        ) as response,
+    ):
+        assert response.status == 200
+    assert asked == ["hit_and_acquire"]
+
+
 async def test_a_permit_given_back_is_taken_at_once_on_any_instance(
     redis: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -4,8 +4,10 @@ Each instance keeps its own counts (:class:`~ttsstream.core.ratelimit.Connection
 the truth for its connections) and mirrors them in a Redis hash of its own
 (client IP, hashed, and ``*`` for its total), which expires with the instance's
 lease: counts of an instance that died leave with it. Admitting a connection is
-one Lua script, which sums the live instances' hashes and, if the caps allow,
-counts the new connection in this instance's hash; a connection's end writes
+one Lua script, which counts the request in its IP's rate window
+(:data:`~ttsstream.cluster.ratelimit.HIT_FUNCTION`), and if it is within it sums
+the live instances' hashes and, if the caps allow, counts the new connection in
+this instance's hash: one round trip per admission; a connection's end writes
 this instance's count for that IP as it now is, and every reconnection to Redis
 publishes the whole mirror again, so whatever Redis lost or missed while down is
 put right by the next write.
@@ -19,6 +21,7 @@ import time
 from typing import Any
 
 from ttsstream.cluster.link import RedisLink
+from ttsstream.cluster.ratelimit import HIT_FUNCTION, SharedWindow, retry_after
 from ttsstream.core.ratelimit import ConnectionCounter, LimiterUnavailable
 from ttsstream.exceptions import ServerFull, TooManyConnections
 
@@ -27,24 +30,52 @@ __all__ = ["SharedConnections"]
 #: The field of an instance's hash that holds its total.
 _TOTAL = "*"
 
-_ACQUIRE = """
-local now, ip = tonumber(ARGV[1]), ARGV[2]
-local per_ip, total = tonumber(ARGV[3]), tonumber(ARGV[4])
-local prefix, me, lease = ARGV[5], ARGV[6], tonumber(ARGV[7])
-local of_ip, all = 0, 0
-for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')) do
-  local counts = redis.call('HMGET', prefix .. 'conns:' .. member, ip, '*')
-  of_ip = of_ip + (tonumber(counts[1]) or 0)
-  all = all + (tonumber(counts[2]) or 0)
+# 0 once the connection is counted, 1 if its IP is at its cap, 2 if the cluster is.
+_ACQUIRE_FUNCTION = """
+local function acquire(instances, now, ip, per_ip, total, prefix, me, lease)
+  local of_ip, all = 0, 0
+  for _, member in ipairs(redis.call('ZRANGEBYSCORE', instances, now, '+inf')) do
+    local counts = redis.call('HMGET', prefix .. 'conns:' .. member, ip, '*')
+    of_ip = of_ip + (tonumber(counts[1]) or 0)
+    all = all + (tonumber(counts[2]) or 0)
+  end
+  if all >= total then return 2 end
+  if of_ip >= per_ip then return 1 end
+  local mine = prefix .. 'conns:' .. me
+  redis.call('HINCRBY', mine, ip, 1)
+  redis.call('HINCRBY', mine, '*', 1)
+  redis.call('PEXPIRE', mine, lease)
+  return 0
 end
-if all >= total then return 2 end
-if of_ip >= per_ip then return 1 end
-local mine = prefix .. 'conns:' .. me
-redis.call('HINCRBY', mine, ip, 1)
-redis.call('HINCRBY', mine, '*', 1)
-redis.call('PEXPIRE', mine, lease)
-return 0
 """
+_ACQUIRE_CALL = (
+    "acquire(KEYS[{k}], tonumber(ARGV[{a}]), ARGV[{a}+1], tonumber(ARGV[{a}+2]), "
+    "tonumber(ARGV[{a}+3]), ARGV[{a}+4], ARGV[{a}+5], tonumber(ARGV[{a}+6]))"
+)
+_ACQUIRE = _ACQUIRE_FUNCTION + "return " + _ACQUIRE_CALL.format(k=1, a=1) + "\n"
+# Admission in one round trip: the request's hit in its IP's rate window, then, if it
+# is within it, the connection: {wait in µs, 0} when over the rate limit (nothing
+# counted but the hit), else {-1, what acquire said}.
+_HIT_AND_ACQUIRE = (
+    HIT_FUNCTION
+    + _ACQUIRE_FUNCTION
+    + """
+local wait = hit(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3])
+if wait >= 0 then return {wait, 0} end
+return {-1, """
+    + _ACQUIRE_CALL.format(k=2, a=4)
+    + "}\n"
+)
+
+
+def _judge(verdict: int | None, per_ip: int) -> None:
+    """Raise what the acquire function's ``verdict`` means, if it refused."""
+    if verdict is None:
+        raise LimiterUnavailable("redis is not answering")
+    if verdict == 2:
+        raise ServerFull("the server has too many connections; try again later")
+    if verdict == 1:
+        raise TooManyConnections(f"at most {per_ip} connections per client")
 
 
 def _field(ip: str) -> str:
@@ -54,9 +85,11 @@ def _field(ip: str) -> str:
 class SharedConnections:
     """Connection caps over the cluster (a :class:`~ttsstream.core.ratelimit.SharedConnections`)."""
 
-    def __init__(self, link: RedisLink) -> None:
+    def __init__(self, link: RedisLink, window: SharedWindow | None = None) -> None:
         self._link = link
+        self._window = window
         self._script: Any = None
+        self._admit_script: Any = None
         self._counter: ConnectionCounter | None = None
         self._writes: set[asyncio.Task[None]] = set()
 
@@ -66,21 +99,43 @@ class SharedConnections:
 
     async def acquire(self, ip: str, per_ip: int, total: int) -> None:
         link = self._link
-        lease_ms = round(link.lease_seconds * 1000)
 
         async def decide(client: Any) -> int:
             if self._script is None:
                 self._script = client.register_script(_ACQUIRE)
-            args = [time.time(), _field(ip), per_ip, total, link.prefix, link.instance, lease_ms]
+            args = self._acquire_args(ip, per_ip, total)
             return int(await self._script(keys=[link.key("instances")], args=args))
 
-        verdict = await link.call(decide)
-        if verdict is None:
+        _judge(await link.call(decide), per_ip)
+
+    async def hit_and_acquire(
+        self, ip: str, limit: int, window: float, per_ip: int, total: int
+    ) -> int | None:
+        if self._window is None:
+            raise LimiterUnavailable("no shared rate window")
+        link = self._link
+        window_key, hit_args = self._window.hit_parts(ip, limit, window)
+
+        async def decide(client: Any) -> list[int]:
+            if self._admit_script is None:
+                self._admit_script = client.register_script(_HIT_AND_ACQUIRE)
+            args = [*hit_args, *self._acquire_args(ip, per_ip, total)]
+            keys = [window_key, link.key("instances")]
+            return [int(n) for n in await self._admit_script(keys=keys, args=args)]
+
+        answer = await link.call(decide)
+        if answer is None:
             raise LimiterUnavailable("redis is not answering")
-        if verdict == 2:
-            raise ServerFull("the server has too many connections; try again later")
-        if verdict == 1:
-            raise TooManyConnections(f"at most {per_ip} connections per client")
+        waited, verdict = answer
+        if waited >= 0:
+            return retry_after(waited)
+        _judge(verdict, per_ip)
+        return None
+
+    def _acquire_args(self, ip: str, per_ip: int, total: int) -> list[Any]:
+        link = self._link
+        lease_ms = round(link.lease_seconds * 1000)
+        return [time.time(), _field(ip), per_ip, total, link.prefix, link.instance, lease_ms]
 
     def release(self, ip: str) -> None:
         counter = self._counter

@@ -19,23 +19,25 @@ from typing import Any
 from ttsstream.cluster.link import RedisLink
 from ttsstream.core.ratelimit import LimiterUnavailable
 
-__all__ = ["SharedWindow"]
+__all__ = ["HIT_FUNCTION", "SharedWindow", "retry_after"]
 
-_SCRIPT = """
-local key = KEYS[1]
-local limit = tonumber(ARGV[1])
-local window = tonumber(ARGV[2])
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
-redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
-if redis.call('ZCARD', key) >= limit then
-  local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
-  return tonumber(oldest[2]) + window - now
+#: One hit in a window (µs): the wait until there is room, or -1 once the hit is
+#: counted. A Lua function, so that admission can run it in its own script too.
+HIT_FUNCTION = """
+local function hit(key, limit, window, member)
+  local clock = redis.call('TIME')
+  local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+  if redis.call('ZCARD', key) >= limit then
+    local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+    return tonumber(oldest[2]) + window - now
+  end
+  redis.call('ZADD', key, now, member)
+  redis.call('PEXPIRE', key, math.ceil(window / 1000))
+  return -1
 end
-redis.call('ZADD', key, now, ARGV[3])
-redis.call('PEXPIRE', key, math.ceil(window / 1000))
-return -1
 """
+_SCRIPT = HIT_FUNCTION + "return hit(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3])\n"
 
 
 class SharedWindow:
@@ -48,23 +50,28 @@ class SharedWindow:
         self._numbers = itertools.count()
 
     async def hit(self, key: str, limit: int, window: float) -> int | None:
-        link = self._link
-        digest = hashlib.sha256(key.encode()).hexdigest()[:32]
-        member = f"{link.instance}:{next(self._numbers)}"
+        window_key, args = self.hit_parts(key, limit, window)
 
         async def decide(client: Any) -> int:
             if self._script is None:
                 self._script = client.register_script(_SCRIPT)
-            return int(
-                await self._script(
-                    keys=[link.key("rate", digest)],
-                    args=[limit, round(window * 1_000_000), member],
-                )
-            )
+            return int(await self._script(keys=[window_key], args=args))
 
-        waited = await link.call(decide)
+        waited = await self._link.call(decide)
         if waited is None:
             raise LimiterUnavailable("redis is not answering")
-        if waited < 0:
-            return None
-        return max(1, math.ceil(waited / 1_000_000))
+        return retry_after(waited)
+
+    def hit_parts(self, key: str, limit: int, window: float) -> tuple[str, list[Any]]:
+        """The Redis key and the arguments of :data:`HIT_FUNCTION` for one hit of ``key``."""
+        link = self._link
+        digest = hashlib.sha256(key.encode()).hexdigest()[:32]
+        member = f"{link.instance}:{next(self._numbers)}"
+        return link.key("rate", digest), [limit, round(window * 1_000_000), member]
+
+
+def retry_after(waited: int) -> int | None:
+    """Whole seconds to wait, from what :data:`HIT_FUNCTION` returned (``None``: counted)."""
+    if waited < 0:
+        return None
+    return max(1, math.ceil(waited / 1_000_000))

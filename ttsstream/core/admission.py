@@ -131,27 +131,70 @@ class Admission:
         """
         if not endpoint:
             raise EndpointNotFound("no such endpoint")
-        retry_after = await self._hit(client)
+        refusal: HandshakeRefused | None = None
+        if not self.origin_allowed(headers.get("Origin")):
+            refusal = OriginNotAllowed("this origin may not connect")
+        elif not self.keys.accept(offered_keys(headers, path)):
+            refusal = Unauthorized("a valid API key is required")
+        if refusal is None and self._in_one_round_trip:
+            retry_after = await self._hit_and_count(client)
+        else:
+            retry_after = await self._hit(client)
         if retry_after is not None:
             raise RateLimited("too many requests from this client", retry_after=retry_after)
-        if not self.origin_allowed(headers.get("Origin")):
-            raise OriginNotAllowed("this origin may not connect")
-        if not self.keys.accept(offered_keys(headers, path)):
-            raise Unauthorized("a valid API key is required")
-        shared = self.shared_connections
+        if refusal is not None:
+            raise refusal
+        if not self._in_one_round_trip:
+            await self._count_connection(client)
+
+    @property
+    def _in_one_round_trip(self) -> bool:
+        """Whether the rate limit and the connection caps are both the cluster's (then
+        one script in Redis decides both)."""
+        return (
+            self.shared is not None
+            and self.shared_connections is not None
+            and self.limiter.limit > 0
+        )
+
+    async def _hit_and_count(self, client: str) -> int | None:
+        """One request of ``client`` in the cluster's window and, if it is within it, its
+        connection counted; the seconds to wait if it is not. Alone while Redis is away."""
+        shared, counter, limiter = self.shared_connections, self.connections, self.limiter
+        assert shared is not None
+        try:
+            retry_after = await shared.hit_and_acquire(
+                client, limiter.limit, limiter.window, counter.per_ip, counter.total_cap
+            )
+        except LimiterUnavailable:
+            retry_after = limiter.hit(client)
+            if retry_after is None:
+                counter.acquire(client)
+            return retry_after
+        if retry_after is None:
+            self._count_here(client)
+        return retry_after
+
+    async def _count_connection(self, client: str) -> None:
+        """Count ``client``'s new connection, in the cluster too if there is one."""
+        shared, counter = self.shared_connections, self.connections
         if shared is None:
-            self.connections.acquire(client)
+            counter.acquire(client)
             return
-        counter = self.connections
         try:
             await shared.acquire(client, counter.per_ip, counter.total_cap)
         except LimiterUnavailable:
             counter.acquire(client)
             return
+        self._count_here(client)
+
+    def _count_here(self, client: str) -> None:
+        """Count a connection the cluster counted in this instance's own counts too."""
+        assert self.shared_connections is not None
         try:
-            counter.acquire(client)
+            self.connections.acquire(client)
         except (TooManyConnections, ServerFull):
-            shared.release(client)
+            self.shared_connections.release(client)
             raise
 
     def release(self, client: str) -> None:

@@ -59,6 +59,19 @@ class SharedConnections(Protocol):
             LimiterUnavailable: No decision could be had; the caller decides alone.
         """
 
+    async def hit_and_acquire(
+        self, ip: str, limit: int, window: float, per_ip: int, total: int
+    ) -> int | None:
+        """Count a request from ``ip`` in the cluster's rate window (as
+        :meth:`SharedLimiter.hit`) and, if it is within it, its connection as
+        :meth:`acquire` does, in one round trip; the seconds to wait when it is not.
+
+        Raises:
+            ServerFull: The cluster is at ``total``.
+            TooManyConnections: ``ip`` is at ``per_ip`` across the cluster.
+            LimiterUnavailable: No decision could be had; the caller decides alone.
+        """
+
     def release(self, ip: str) -> None:
         """Count one connection from ``ip`` less (in the background)."""
 

@@ -92,12 +92,13 @@ def build_services(
         if config.cache_enabled
         else None
     )
+    window = SharedWindow(cluster) if cluster is not None else None
     admission = Admission(
         config,
         stats,
         clock=clock,
-        shared=SharedWindow(cluster) if cluster is not None else None,
-        shared_connections=SharedConnections(cluster) if cluster is not None else None,
+        shared=window,
+        shared_connections=SharedConnections(cluster, window) if cluster is not None else None,
     )
     flights = (
         SharedFlights(cluster, timeout=config.upstream_timeout) if cluster is not None else None
