@@ -269,6 +269,10 @@ async def test_a_text_made_on_one_instance_is_a_hit_on_another(
             return len(await shared.keys("ttsstream:entry:*")) == 1
 
         await until(stored)
+        # The same bytes as on the disk, checksum and all.
+        (name,) = await shared.keys("ttsstream:entry:*")
+        on_disk = [path for path in (tmp_path / "a").rglob("*") if path.is_file()]
+        assert [path.read_bytes() for path in on_disk] == [await shared.get(name)]
     finally:
         await shared.aclose()
     async with connected(other) as client:

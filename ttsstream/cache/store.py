@@ -334,16 +334,17 @@ class DiskCache:
 
     # Writes
 
-    async def put(self, key: str, entry: CacheEntry) -> None:
-        """Store ``entry`` atomically, then evict down to the size cap; disk errors are logged."""
+    async def put(self, key: str, entry: CacheEntry) -> bytes | None:
+        """Store ``entry`` atomically, then evict down to the size cap; disk errors are
+        logged. The stored bytes (:func:`encode_entry`), or ``None`` if none were."""
         try:
             # Encoding hashes the audio (about 0.3 ms for a sentence): in the writer
             # thread, which hashlib lets run without the GIL, not on the loop.
-            size = await self._in(self._writers, self._write, key, entry)
+            data = await self._in(self._writers, self._write, key, entry)
         except OSError as exc:
             self._disk_error("write", exc)
-            return
-        self._remember(key, size)
+            return None
+        self._remember(key, len(data))
         self._keep_hot(key, entry)
         self._touched[key] = time.monotonic()
         if time.monotonic() - self._swept_at > TEMP_SWEEP_SECONDS:
@@ -352,8 +353,9 @@ class DiskCache:
         victims = self._victims()
         if victims:
             await self._in(self._writers, self._unlink_all, victims)
+        return data
 
-    def _write(self, key: str, entry: CacheEntry) -> int:
+    def _write(self, key: str, entry: CacheEntry) -> bytes:
         data = _encode(entry)
         path = self._path(key)
         temp_dir = self.directory / _TEMP_DIR
@@ -371,7 +373,7 @@ class DiskCache:
                 temp.unlink()
             raise
         _fsync_directory(path.parent)
-        return len(data)
+        return data
 
     # Index
 
@@ -485,8 +487,9 @@ class SharedTier(Protocol):
         """The entry; or, when there is none, whether this instance now owns the
         cluster's flight of ``key`` (``None``: not known), asked in the same round trip."""
 
-    def put(self, key: str, entry: CacheEntry) -> None:
-        """Keep ``entry`` for the other instances (in the background)."""
+    def put(self, key: str, entry: CacheEntry, data: bytes | None = None) -> None:
+        """Keep ``entry`` for the other instances (in the background); ``data`` is its
+        :func:`encode_entry`, when the disk made it already."""
 
 
 def _encode(entry: CacheEntry) -> bytes:

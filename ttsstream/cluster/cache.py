@@ -71,8 +71,9 @@ class SharedEntries:
             logger.warning("shared cache: entry %s… is damaged (%s); a miss", key[:12], exc)
             return None
 
-    def put(self, key: str, entry: CacheEntry) -> None:
-        data = encode_entry(entry)
+    def put(self, key: str, entry: CacheEntry, data: bytes | None = None) -> None:
+        if data is None:
+            data = encode_entry(entry)  # on the loop: the disk did not write it
         write = asyncio.ensure_future(
             self._link.call(
                 lambda client: client.set(self._link.key("entry", key), data, ex=self._ttl),

@@ -298,9 +298,9 @@ class SpeechCache:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(STORE_DELAY_MAX):
                     await self._quiet.wait()
-            await self.store.put(key, entry)
+            data = await self.store.put(key, entry)
             if share and self.shared is not None:
-                self.shared.put(key, entry)
+                self.shared.put(key, entry, data)
         finally:
             if self._unwritten.get(key) is entry:
                 del self._unwritten[key]
