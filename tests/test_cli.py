@@ -513,26 +513,33 @@ async def test_a_taken_side_port_is_named_and_a_public_one_warned_about(
     assert "side port 0.0.0.0:" in said and "reachable from other hosts (HEALTH_HOST)" in said
 
 
-async def test_say_dash_streams_standard_input_as_it_is_read(
-    served: ServerProcess, fake: FakeEdge, tmp_path: Path
-) -> None:
-    """``some-llm | ttsstream say - -o reply.mp3``: text is spoken as it arrives on
-    standard input (its first sentence before the input ends), as one utterance, with
-    subtitles over the whole text."""
-    process = await asyncio.create_subprocess_exec(
+async def _say_dash(
+    served: ServerProcess, tmp_path: Path, *options: str
+) -> asyncio.subprocess.Process:
+    """``ttsstream say - -o reply.mp3 OPTIONS`` against ``served``, its standard input
+    and error piped."""
+    return await asyncio.create_subprocess_exec(
         str(CONSOLE_SCRIPT),
         "say",
         "-",
         "-o",
         "reply.mp3",
-        "--srt",
-        "reply.srt",
+        *options,
         "--url",
         served.url,
         cwd=tmp_path,
         stdin=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
+
+
+async def test_say_dash_streams_standard_input_as_it_is_read(
+    served: ServerProcess, fake: FakeEdge, tmp_path: Path
+) -> None:
+    """``some-llm | ttsstream say - -o reply.mp3``: text is spoken as it arrives on
+    standard input (its first sentence before the input ends), as one utterance, with
+    subtitles over the whole text."""
+    process = await _say_dash(served, tmp_path, "--srt", "reply.srt")
     assert process.stdin is not None
     process.stdin.write(b"The first sentence comes right away. The sec")
     await process.stdin.drain()
@@ -561,20 +568,7 @@ async def test_say_dash_ends_at_a_refusal_while_standard_input_stays_open(
     """A streamed reply the server refuses ends ``say -`` at once with the error, even
     though standard input is still open (a reader left blocked on it must not keep
     the command alive)."""
-    process = await asyncio.create_subprocess_exec(
-        str(CONSOLE_SCRIPT),
-        "say",
-        "-",
-        "-o",
-        "reply.mp3",
-        "--rate",
-        "fast",
-        "--url",
-        served.url,
-        cwd=tmp_path,
-        stdin=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    process = await _say_dash(served, tmp_path, "--rate", "fast")
     assert process.stdin is not None and process.stderr is not None
     try:
         status = await asyncio.wait_for(process.wait(), TIMEOUT)
