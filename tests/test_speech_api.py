@@ -5,6 +5,7 @@ from __future__ import annotations
 import array
 import asyncio
 import base64
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -372,11 +373,28 @@ async def test_drain_finishes_streams_and_refuses_new_requests(
 # The official openai client
 
 
-def openai_client(server: Server, key: str = "unused") -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=http_of(server) + "/v1", api_key=key, max_retries=0)
+OpenAIClients = Callable[..., openai.AsyncOpenAI]
 
 
-async def test_the_openai_sdk_streams_speech(server: Server, fake: FakeEdge) -> None:
+@pytest.fixture
+async def openai_client() -> AsyncIterator[OpenAIClients]:
+    """Make official clients of a server (``openai_client(server, key)``), each closed
+    at the test's end (left open, one would close in a later test's event loop)."""
+    clients: list[openai.AsyncOpenAI] = []
+
+    def make(server: Server, key: str = "unused") -> openai.AsyncOpenAI:
+        client = openai.AsyncOpenAI(base_url=http_of(server) + "/v1", api_key=key, max_retries=0)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        await client.close()
+
+
+async def test_the_openai_sdk_streams_speech(
+    server: Server, fake: FakeEdge, openai_client: OpenAIClients
+) -> None:
     """client.audio.speech.with_streaming_response.create streams MP3 that decodes to
     the upstream's duration; every model name and OpenAI voice is accepted."""
     client = openai_client(server)
@@ -397,7 +415,9 @@ async def test_the_openai_sdk_streams_speech(server: Server, fake: FakeEdge) -> 
         assert speech.content
 
 
-async def test_the_openai_sdk_reads_server_sent_events(server: Server, fake: FakeEdge) -> None:
+async def test_the_openai_sdk_reads_server_sent_events(
+    server: Server, fake: FakeEdge, openai_client: OpenAIClients
+) -> None:
     """stream_format="sse": audio deltas as they come, word timestamps when asked, and a
     last done event with usage, parsed by the SDK's own SSE decoder."""
     client = openai_client(server)
@@ -426,7 +446,9 @@ async def test_the_openai_sdk_reads_server_sent_events(server: Server, fake: Fak
     assert events[-1]["usage"]["input_tokens"] == len(TEXT)
 
 
-async def test_the_openai_sdk_raises_its_own_errors(start_server: ServerFactory) -> None:
+async def test_the_openai_sdk_raises_its_own_errors(
+    start_server: ServerFactory, openai_client: OpenAIClients
+) -> None:
     """A wrong key is openai.AuthenticationError; past the rate limit, openai.RateLimitError."""
     server = await start_server(api_keys=(KEY,), rate_limit_requests=2)
     with pytest.raises(openai.AuthenticationError):
@@ -439,7 +461,9 @@ async def test_the_openai_sdk_raises_its_own_errors(start_server: ServerFactory)
         await client.audio.speech.create(model="tts-1", voice="alloy", input="Hi.")
 
 
-async def test_models_and_voices(server: Server, fake: FakeEdge) -> None:
+async def test_models_and_voices(
+    server: Server, fake: FakeEdge, openai_client: OpenAIClients
+) -> None:
     """GET /v1/models lists the four models (the SDK reads it); GET /v1/audio/voices the
     voices and the OpenAI names with what they map to, filtered by locale."""
     models = await openai_client(server).models.list()
@@ -459,7 +483,7 @@ async def test_models_and_voices(server: Server, fake: FakeEdge) -> None:
 
 
 async def test_voice_map_overrides_the_default_table(
-    start_server: ServerFactory, fake: FakeEdge
+    start_server: ServerFactory, fake: FakeEdge, openai_client: OpenAIClients
 ) -> None:
     """VOICE_MAP=alloy=fr-FR-DeniseNeural speaks alloy with Denise."""
     server = await start_server(voice_map=(("alloy", "fr-FR-DeniseNeural"),))
