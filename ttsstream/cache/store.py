@@ -480,12 +480,10 @@ def decode_entry(data: bytes) -> CacheEntry:
 class SharedTier(Protocol):
     """Entries shared by a cluster's instances, behind the disk (``cluster/`` implements it)."""
 
-    async def get(self, key: str) -> CacheEntry | None:
-        """The entry, or ``None`` (missing, damaged, or the tier unavailable)."""
-
     async def find_or_claim(self, key: str) -> tuple[CacheEntry | None, bool | None]:
-        """The entry; or, when there is none, whether this instance now owns the
-        cluster's flight of ``key`` (``None``: not known), asked in the same round trip."""
+        """The entry (``None``: missing, damaged, or the tier unavailable); when there is
+        none, whether this instance now owns the cluster's flight of ``key`` (``None``:
+        not known), asked in the same round trip."""
 
     def put(self, key: str, entry: CacheEntry, data: bytes | None = None) -> None:
         """Keep ``entry`` for the other instances (in the background); ``data`` is its

@@ -35,25 +35,15 @@ class SharedEntries:
         flights: The cluster's flights, claimed in the lookup's round trip on a miss.
     """
 
-    def __init__(
-        self, link: RedisLink, *, ttl: float, flights: SharedFlights | None = None
-    ) -> None:
+    def __init__(self, link: RedisLink, *, ttl: float, flights: SharedFlights) -> None:
         self._link = link
         self._ttl = max(1, round(ttl))
         self._flights = flights
         self._writes: set[asyncio.Task[Any]] = set()
 
-    async def get(self, key: str) -> CacheEntry | None:
-        data = await self._link.call(
-            lambda client: client.get(self._link.key("entry", key)), within=READ_TIMEOUT
-        )
-        return self._decoded(key, data) if data else None
-
     async def find_or_claim(self, key: str) -> tuple[CacheEntry | None, bool | None]:
         # One script, one wait: on a busy instance each wait for Redis costs a turn of
         # the event loop, and two calls at once cost two tasks handed over (NOTES).
-        if self._flights is None:
-            return await self.get(key), None
         found = await self._flights.find_or_claim(
             key, self._link.key("entry", key), within=READ_TIMEOUT
         )

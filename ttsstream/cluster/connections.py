@@ -85,7 +85,7 @@ def _field(ip: str) -> str:
 class SharedConnections:
     """Connection caps over the cluster (a :class:`~ttsstream.core.ratelimit.SharedConnections`)."""
 
-    def __init__(self, link: RedisLink, window: SharedWindow | None = None) -> None:
+    def __init__(self, link: RedisLink, window: SharedWindow) -> None:
         self._link = link
         self._window = window
         self._script: Any = None
@@ -111,8 +111,6 @@ class SharedConnections:
     async def hit_and_acquire(
         self, ip: str, limit: int, window: float, per_ip: int, total: int
     ) -> int | None:
-        if self._window is None:
-            raise LimiterUnavailable("no shared rate window")
         link = self._link
         window_key, hit_args = self._window.hit_parts(ip, limit, window)
 

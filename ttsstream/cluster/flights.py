@@ -50,20 +50,24 @@ STREAM_TTL = 60
 #: Longest one blocking read of a flight's stream waits, in ms.
 BLOCK_MS = 500
 
-# One round trip: the lock, and a clean stream for the new flight.
-_CLAIM = """
-if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
-redis.call('DEL', KEYS[2])
-return 1
+# One round trip: the lock, and a clean stream for the new flight (1; 0 if taken).
+_CLAIM_FUNCTION = """
+local function claim(lock, events, owner, lease_ms)
+  if not redis.call('SET', lock, owner, 'NX', 'PX', lease_ms) then return 0 end
+  redis.call('DEL', events)
+  return 1
+end
 """
+_CLAIM = _CLAIM_FUNCTION + "return claim(KEYS[1], KEYS[2], ARGV[1], ARGV[2])\n"
 # The same claim, unless the text's entry is stored (KEYS[3]): then the entry, and no lock.
-_FIND_OR_CLAIM = """
+_FIND_OR_CLAIM = (
+    _CLAIM_FUNCTION
+    + """
 local entry = redis.call('GET', KEYS[3])
 if entry then return {2, entry} end
-if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {0} end
-redis.call('DEL', KEYS[2])
-return {1}
+return {claim(KEYS[1], KEYS[2], ARGV[1], ARGV[2])}
 """
+)
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0

@@ -141,7 +141,7 @@ class SharedSlots:
             and not self._waiters
             and self._link.up
         ):
-            later = asyncio.get_running_loop().call_later(SPARE_IDLE, self._spare_idle, permit)
+            later = asyncio.get_running_loop().call_later(SPARE_IDLE, self._return_spare, permit)
             self._spares[permit] = later
             return
         self._give_back(permit)
@@ -189,8 +189,11 @@ class SharedSlots:
                 waiter.set_result(None)
                 return
 
-    def _spare_idle(self, permit: str) -> None:
-        if self._spares.pop(permit, None) is not None:
+    def _return_spare(self, permit: str) -> None:
+        """Give a spare back (unused for SPARE_IDLE, or wanted elsewhere)."""
+        idle = self._spares.pop(permit, None)
+        if idle is not None:
+            idle.cancel()
             self._give_back(permit)
 
     def _on_wanted(self, data: bytes) -> None:
@@ -202,7 +205,7 @@ class SharedSlots:
         the link comes back: Redis may have restarted without them)."""
         self._room = -1
         for permit in list(self._spares):
-            self._spare_idle(permit)
+            self._return_spare(permit)
 
     async def _close(self) -> None:
         """Give the spares back as the link closes (the link no longer makes calls)."""

@@ -23,7 +23,6 @@ from ttsstream.exceptions import (
 
 __all__ = [
     "MAX_VOICE_LENGTH",
-    "PROSODY_FIELDS",
     "Prosody",
     "format_field",
     "prosody_field",
@@ -46,8 +45,6 @@ _PROSODY_FORMS = {
     "volume": (_PERCENT, '"+0%" (sign, digits, %)'),
     "pitch": (_HERTZ, '"+0Hz" (sign, digits, Hz)'),
 }
-#: The prosody fields, in the order of the protocol.
-PROSODY_FIELDS = tuple(_PROSODY_FORMS)
 
 E = TypeVar("E", bound=ClientError)
 

@@ -92,28 +92,18 @@ def build_services(
         if config.cache_enabled
         else None
     )
-    window = SharedWindow(cluster) if cluster is not None else None
-    admission = Admission(
-        config,
-        stats,
-        clock=clock,
-        shared=window,
-        shared_connections=SharedConnections(cluster, window) if cluster is not None else None,
-    )
-    flights = (
-        SharedFlights(cluster, timeout=config.upstream_timeout) if cluster is not None else None
-    )
-    speech = SpeechCache(
-        router,
-        store,
-        stats,
-        shared=(
-            SharedEntries(cluster, ttl=config.cache_shared_ttl, flights=flights)
-            if cluster is not None
-            else None
-        ),
-        flights=flights,
-    )
+    # The cluster's parts (Redis), when there is a cluster.
+    window: SharedWindow | None = None
+    connections: SharedConnections | None = None
+    flights: SharedFlights | None = None
+    entries: SharedEntries | None = None
+    if cluster is not None:
+        window = SharedWindow(cluster)
+        connections = SharedConnections(cluster, window)
+        flights = SharedFlights(cluster, timeout=config.upstream_timeout)
+        entries = SharedEntries(cluster, ttl=config.cache_shared_ttl, flights=flights)
+    admission = Admission(config, stats, clock=clock, shared=window, shared_connections=connections)
+    speech = SpeechCache(router, store, stats, shared=entries, flights=flights)
     return Services(
         config=config,
         stats=stats,

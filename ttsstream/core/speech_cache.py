@@ -178,7 +178,8 @@ class SpeechCache:
         if flight is None:
             entry = self._unwritten.get(key) or await self.store.get(key)
             if entry is None and self.shared is not None:
-                entry, claimed = await self._shared_lookup(key)
+                # One round trip: the entry, or the cluster flight's claim.
+                entry, claimed = await self.shared.find_or_claim(key)
                 if entry is not None:  # another instance's: kept on this one's disk too
                     self._write(key, entry, share=False)
             if entry is not None:
@@ -233,14 +234,6 @@ class SpeechCache:
         finally:
             if waiting:
                 self._started()
-
-    async def _shared_lookup(self, key: str) -> tuple[CacheEntry | None, bool | None]:
-        """The shared tier's entry of ``key``, or none and the cluster flight's claim,
-        in one round trip to Redis. The claim is ``None`` when not asked or not known."""
-        assert self.shared is not None
-        if self.flights is None:
-            return await self.shared.get(key), None
-        return await self.shared.find_or_claim(key)
 
     def keep_made(
         self,

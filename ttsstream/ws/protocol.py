@@ -13,13 +13,7 @@ from typing import Any, ClassVar
 import orjson
 
 from ttsstream.audio.formats import MP3, Format
-from ttsstream.core.fields import (
-    PROSODY_FIELDS,
-    format_field,
-    prosody_field,
-    text_field,
-    voice_field,
-)
+from ttsstream.core.fields import format_field, prosody_fields, text_field, voice_field
 from ttsstream.core.utterance import WORD_MODES
 from ttsstream.engines.base import Voice, WordEvent, word_fields
 from ttsstream.exceptions import (
@@ -238,10 +232,7 @@ def _parse_speak(message: dict[str, Any], utterance_id: str, max_text_length: in
     else:
         text = text_field(message.get("text"), max_length=max_text_length)
     voice = voice_field(message.get("voice"))
-    prosody: dict[str, Any] = {}
-    for field in PROSODY_FIELDS:
-        if (value := prosody_field(field, message.get(field))) is not None:
-            prosody[field] = value
+    prosody = prosody_fields(message)
 
     words = message.get("words", "each")
     if not isinstance(words, str):
