@@ -285,6 +285,44 @@ async def test_a_text_made_on_one_instance_is_a_hit_on_another(
     await wait_for_entries(other, 1)
 
 
+async def test_the_http_door_shares_flights_and_entries_over_the_cluster(
+    start_server: ServerFactory, redis: RedisServer, fake: FakeEdge, tmp_path: Path
+) -> None:
+    """Over HTTP as over the WebSocket: the same text posted to two instances at once is
+    one synthesis, the second instance's response streaming while the upstream is
+    paused mid-utterance; a third instance with an empty disk answers it from Redis
+    (``X-TTS-Cache: hit``), the same bytes."""
+    fake.pause_after_chunks = 3
+    servers = [
+        await start_server(redis_url=redis.url, cache_dir=tmp_path / f"c{number}")
+        for number in range(3)
+    ]
+    text = {"text": "Posted twice, made once."}
+    async with aiohttp.ClientSession() as session:
+        first = await session.post(f"http://127.0.0.1:{servers[0].port}/tts", json=text)
+        assert first.headers["X-TTS-Cache"] == "miss"
+        second = await asyncio.wait_for(
+            session.post(f"http://127.0.0.1:{servers[1].port}/tts", json=text), TIMEOUT
+        )
+        assert fake.paused.is_set() and not fake.records[0].completed  # joined live
+        fake.resume.set()
+        bodies = [await response.read() for response in (first, second)]
+        assert bodies[0] == bodies[1] == bytes(fake.records[0].audio)
+        shared = aioredis.from_url(redis.url)
+        try:
+            await until(lambda: _stored(shared))
+        finally:
+            await shared.aclose()
+        async with session.get(f"http://127.0.0.1:{servers[2].port}/tts", params=text) as replayed:
+            assert replayed.headers["X-TTS-Cache"] == "hit"
+            assert await replayed.read() == bodies[0]
+    assert len(fake.records) == 1
+
+
+async def _stored(client: Any) -> bool:
+    return bool(await client.keys("ttsstream:entry:*"))
+
+
 async def test_the_upstream_cap_holds_over_the_cluster(
     start_server: ServerFactory, redis: RedisServer, fake: FakeEdge, tmp_path: Path
 ) -> None:
