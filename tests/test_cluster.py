@@ -510,17 +510,19 @@ async def test_a_shared_lookup_finds_the_entry_or_claims_the_flight_at_once(
 ) -> None:
     """A miss on disk asks Redis once: the stored entry (and no flight lock taken), or
     the flight's claim (this instance's, or another's). A damaged entry is a miss,
-    and the flight is claimed after all."""
+    and the flight is claimed after all. With a request's rate-limit hit in the same
+    script, a hit over the limit looks nothing up and claims nothing."""
     from ttsstream.cache.store import CacheEntry
     from ttsstream.cluster.cache import SharedEntries
     from ttsstream.cluster.flights import SharedFlights
     from ttsstream.cluster.link import RedisLink
+    from ttsstream.cluster.ratelimit import SharedWindow
     from ttsstream.engines.base import WordEvent
 
     links = [RedisLink(redis.url, prefix="lookup:", lease_seconds=15) for _ in range(2)]
     flights = [SharedFlights(link, timeout=5) for link in links]
     tiers = [
-        SharedEntries(link, ttl=60, flights=flight)
+        SharedEntries(link, ttl=60, flights=flight, window=SharedWindow(link))
         for link, flight in zip(links, flights, strict=True)
     ]
     for link in links:
@@ -542,6 +544,17 @@ async def test_a_shared_lookup_finds_the_entry_or_claims_the_flight_at_once(
         await client.set("lookup:entry:damaged-text", b"not an entry")
         assert await tiers[1].find_or_claim("damaged-text") == (None, True)
         assert await client.get("lookup:flight:damaged-text") == links[1].instance.encode()
+        # Two requests a minute from this IP: the third is refused, with no claim.
+        ask = tiers[0].hit_then_find_or_claim
+        assert await ask("192.0.2.7", 2, 60.0, "first-text") == (None, None, True)
+        assert await ask("192.0.2.7", 2, 60.0, "stored-text") == (None, entry, None)
+        assert await ask("192.0.2.7", 2, 60.0, "third-text") == (60, None, None)
+        assert not await client.exists("lookup:flight:third-text")
+        assert await tiers[1].hit_then_find_or_claim("192.0.2.8", 2, 60.0, "first-text") == (
+            None,
+            None,
+            False,
+        )
     finally:
         await client.aclose()
         for link in links:
@@ -587,6 +600,61 @@ async def test_a_connection_is_admitted_in_one_round_trip(
     ):
         assert response.status == 200
     assert asked == ["hit_and_acquire"]
+
+
+async def test_a_speak_that_plays_at_once_asks_redis_once_before_its_upstream(
+    start_server: ServerFactory, redis: RedisServer, fake: FakeEdge, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a cluster, a new text spoken at once is counted in the rate window and looked
+    up in the shared tier (its flight claimed) by one script; a speak queued behind
+    another asks twice (its lookup waits for its turn). A speak refused after that
+    round trip gives back the flight it claimed."""
+    from ttsstream.engines.base import SynthesisRequest
+
+    server = await start_server(redis_url=redis.url)
+    link = server.services.cluster
+    assert link is not None
+    asked: list[str] = []
+    call = link.call
+
+    async def counted(operation: Any, **kwargs: Any) -> Any:
+        name = operation.__qualname__.split(".")[1]  # the method that asks
+        if name in ("hit", "find_or_claim", "claim"):
+            asked.append(name)
+        return await call(operation, **kwargs)
+
+    shared = aioredis.from_url(redis.url)
+    try:
+        async with connected(server) as client:
+            monkeypatch.setattr(link, "call", counted)
+            await client.speak("Asked once, with its rate limit.", id="a")
+            assert (await client.until_final("a")).final["type"] == "end"
+            assert asked == ["find_or_claim"]
+            await client.speak("Played at once.", id="b")
+            await client.speak("Queued behind it.", id="c")
+            assert (await client.until_final("b")).final["type"] == "end"
+            assert (await client.until_final("c")).final["type"] == "end"
+            assert asked == ["find_or_claim", "find_or_claim", "hit", "find_or_claim"]
+            # Every request was counted in the cluster's window: the handshake, 3 speaks.
+            (window,) = await shared.keys("ttsstream:rate:*")
+            assert await shared.zcard(window) == 4
+
+            asked.clear()
+            text, voice = "Refused for its voice.", "xx-XX-NobodyNeural"
+            await client.speak(text, id="d", voice=voice)
+            refused = await client.until_final("d")
+            assert refused.final["code"] == "invalid_voice"
+            assert asked == ["find_or_claim"]  # the flight was claimed with the rate limit…
+            key = server.services.speech.key_of(SynthesisRequest(text=text, voice=voice))
+
+            async def given_back() -> bool:
+                return not await shared.exists(f"ttsstream:flight:{key}")
+
+            await until(given_back)  # …and given back, long before its lease ends
+            assert await shared.zcard(window) == 5
+    finally:
+        await shared.aclose()
+    assert len(fake.records) == 3
 
 
 async def test_a_permit_given_back_is_taken_at_once_on_any_instance(

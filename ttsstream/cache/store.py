@@ -260,6 +260,16 @@ class DiskCache:
 
     # Reads
 
+    def holds(self, key: str) -> bool:
+        """Whether there is an entry for ``key`` (in memory, or a file: a stat, no read)."""
+        if key in self._hot:
+            return True
+        try:
+            os.stat(self._path(key))
+        except OSError:
+            return False
+        return True
+
     async def get(self, key: str) -> CacheEntry | None:
         """The entry for ``key``, or ``None``; a damaged entry is dropped and counted."""
         hot = self._hot.get(key)
@@ -484,6 +494,18 @@ class SharedTier(Protocol):
         """The entry (``None``: missing, damaged, or the tier unavailable); when there is
         none, whether this instance now owns the cluster's flight of ``key`` (``None``:
         not known), asked in the same round trip."""
+
+    async def hit_then_find_or_claim(
+        self, ip: str, limit: int, window: float, key: str
+    ) -> tuple[int | None, CacheEntry | None, bool | None]:
+        """A request of ``ip`` counted in the cluster's rate window (as
+        :meth:`~ttsstream.core.ratelimit.SharedLimiter.hit`) and, if it is within it,
+        :meth:`find_or_claim` of ``key``, in the same round trip: the seconds to wait
+        (then nothing was looked up), or ``None`` with the entry and the claim.
+
+        Raises:
+            LimiterUnavailable: The tier cannot answer; the caller decides alone.
+        """
 
     def put(self, key: str, entry: CacheEntry, data: bytes | None = None) -> None:
         """Keep ``entry`` for the other instances (in the background); ``data`` is its

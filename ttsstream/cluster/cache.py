@@ -17,6 +17,8 @@ from typing import Any
 from ttsstream.cache.store import CacheEntry, CorruptEntry, decode_entry, encode_entry
 from ttsstream.cluster.flights import SharedFlights
 from ttsstream.cluster.link import RedisLink
+from ttsstream.cluster.ratelimit import SharedWindow, retry_after
+from ttsstream.core.ratelimit import LimiterUnavailable
 
 __all__ = ["SharedEntries"]
 
@@ -33,12 +35,17 @@ class SharedEntries:
         link: The cluster's Redis.
         ttl: Seconds an entry is kept after it was last written.
         flights: The cluster's flights, claimed in the lookup's round trip on a miss.
+        window: The cluster's rate window, which a speak's lookup may count it in
+            (:meth:`hit_then_find_or_claim`).
     """
 
-    def __init__(self, link: RedisLink, *, ttl: float, flights: SharedFlights) -> None:
+    def __init__(
+        self, link: RedisLink, *, ttl: float, flights: SharedFlights, window: SharedWindow
+    ) -> None:
         self._link = link
         self._ttl = max(1, round(ttl))
         self._flights = flights
+        self._window = window
         self._writes: set[asyncio.Task[Any]] = set()
 
     async def find_or_claim(self, key: str) -> tuple[CacheEntry | None, bool | None]:
@@ -47,6 +54,25 @@ class SharedEntries:
         found = await self._flights.find_or_claim(
             key, self._link.key("entry", key), within=READ_TIMEOUT
         )
+        return (None, None) if found is None else await self._settled(key, found.found)
+
+    async def hit_then_find_or_claim(
+        self, ip: str, limit: int, window: float, key: str
+    ) -> tuple[int | None, CacheEntry | None, bool | None]:
+        window_key, hit_args = self._window.hit_parts(ip, limit, window)
+        found = await self._flights.find_or_claim(
+            key, self._link.key("entry", key), within=READ_TIMEOUT, hit=(window_key, hit_args)
+        )
+        if found is None:
+            raise LimiterUnavailable("redis is not answering")
+        if found.wait_us is not None:
+            return retry_after(found.wait_us), None, None
+        return None, *await self._settled(key, found.found)
+
+    async def _settled(
+        self, key: str, found: bytes | bool
+    ) -> tuple[CacheEntry | None, bool | None]:
+        """The entry and the claim, from what the lookup's script found."""
         if not isinstance(found, bytes):
             return None, found
         entry = self._decoded(key, found)

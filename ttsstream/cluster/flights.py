@@ -25,11 +25,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
 from ttsstream.cluster.link import RedisLink
+from ttsstream.cluster.ratelimit import HIT_FUNCTION
 from ttsstream.core.router import Speech, Started
 from ttsstream.core.speech_cache import FlightLost
 from ttsstream.engines.base import AudioChunk, AudioFormat, WordEvent, word_fields
@@ -41,7 +42,7 @@ from ttsstream.exceptions import (
     error_code,
 )
 
-__all__ = ["SharedFlights"]
+__all__ = ["Found", "SharedFlights"]
 
 logger = logging.getLogger("ttsstream.cluster")
 
@@ -59,19 +60,47 @@ local function claim(lock, events, owner, lease_ms)
 end
 """
 _CLAIM = _CLAIM_FUNCTION + "return claim(KEYS[1], KEYS[2], ARGV[1], ARGV[2])\n"
-# The same claim, unless the text's entry is stored (KEYS[3]): then the entry, and no lock.
+# The same claim, unless the text's entry is stored (``entry_key``): then {2, the entry},
+# and no lock.
+_FIND_OR_CLAIM_FUNCTION = """
+local function find_or_claim(lock, events, entry_key, owner, lease_ms)
+  local entry = redis.call('GET', entry_key)
+  if entry then return {2, entry} end
+  return {claim(lock, events, owner, lease_ms)}
+end
+"""
 _FIND_OR_CLAIM = (
     _CLAIM_FUNCTION
+    + _FIND_OR_CLAIM_FUNCTION
+    + "return find_or_claim(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2])\n"
+)
+# A speak's rate-limit hit first (KEYS[4]): over the limit, {3, µs to wait} and nothing
+# looked up or claimed; else the lookup as above.
+_HIT_THEN_FIND_OR_CLAIM = (
+    HIT_FUNCTION
+    + _CLAIM_FUNCTION
+    + _FIND_OR_CLAIM_FUNCTION
     + """
-local entry = redis.call('GET', KEYS[3])
-if entry then return {2, entry} end
-return {claim(KEYS[1], KEYS[2], ARGV[1], ARGV[2])}
+local wait = hit(KEYS[4], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5])
+if wait >= 0 then return {3, wait} end
+return find_or_claim(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2])
 """
 )
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+
+class Found(NamedTuple):
+    """What :meth:`SharedFlights.find_or_claim` found: the entry's bytes, or whether
+    the flight is now this instance's; or, when the request's rate-limit hit was
+    refused, the µs to wait (and nothing else)."""
+
+    found: bytes | bool = False
+    wait_us: int | None = None
+
+
 _ERRORS: dict[str, type[ClientError]] = {
     "upstream_timeout": UpstreamTimeout,
     "no_audio": NoAudio,
@@ -115,22 +144,40 @@ class SharedFlights:
         return bool(locked)
 
     async def find_or_claim(
-        self, key: str, entry_key: str, *, within: float
-    ) -> bytes | bool | None:
+        self,
+        key: str,
+        entry_key: str,
+        *,
+        within: float,
+        hit: tuple[str, list[Any]] | None = None,
+    ) -> Found | None:
         """The stored entry at ``entry_key`` (its bytes) if there is one, else whether
         this instance now owns the flight of ``key``, in one round trip (``None``:
-        Redis cannot tell)."""
+        Redis cannot tell).
+
+        With ``hit`` (the rate window's key and :data:`HIT_FUNCTION`'s arguments, from
+        :meth:`SharedWindow.hit_parts`), a request's hit is counted first in the same
+        script: if it is over the limit, the answer is the µs to wait, and nothing is
+        looked up or claimed.
+        """
         link = self._link
         lease_ms = round(link.lease_seconds * 1000)
         keys = [link.key("flight", key), link.key("events", key), entry_key]
+        args: list[Any] = [link.instance, lease_ms]
+        script = _FIND_OR_CLAIM
+        if hit is not None:
+            script = _HIT_THEN_FIND_OR_CLAIM
+            keys.append(hit[0])
+            args.extend(hit[1])
         found = await link.call(
-            lambda client: client.eval(_FIND_OR_CLAIM, 3, *keys, link.instance, lease_ms),
-            within=within,
+            lambda client: client.eval(script, len(keys), *keys, *args), within=within
         )
         if found is None:
             self.give_back(key)  # the script may have run after the deadline, as in claim
             return None
-        return bytes(found[1]) if found[0] == 2 else bool(found[0])
+        if found[0] == 3:
+            return Found(wait_us=int(found[1]))
+        return Found(bytes(found[1]) if found[0] == 2 else bool(found[0]))
 
     def give_back(self, key: str) -> None:
         self._spawn(self._release_lock(key))

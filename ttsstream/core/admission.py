@@ -29,6 +29,7 @@ from ttsstream.core.ratelimit import (
     SharedConnections,
     SharedLimiter,
 )
+from ttsstream.core.speech_cache import Lookahead
 from ttsstream.exceptions import (
     EndpointNotFound,
     HandshakeRefused,
@@ -203,13 +204,22 @@ class Admission:
         if self.shared_connections is not None:
             self.shared_connections.release(client)
 
-    async def check_rate(self, client: str, utterance_id: str | None = None) -> None:
+    async def check_rate(
+        self,
+        client: str,
+        utterance_id: str | None = None,
+        *,
+        lookahead: Lookahead | None = None,
+    ) -> None:
         """Count one more request on an admitted connection (a ``speak``, a ``voices``).
+
+        A speak's ``lookahead`` is asked of the cluster in the same round trip as its
+        rate limit (one script), when the limit is the cluster's.
 
         Raises:
             RateLimited: The client is over its rate limit.
         """
-        retry_after = await self._hit(client)
+        retry_after = await self._hit(client, lookahead)
         if retry_after is not None:
             self._stats.rate_limited += 1
             raise RateLimited(
@@ -218,12 +228,14 @@ class Admission:
                 utterance_id=utterance_id,
             )
 
-    async def _hit(self, client: str) -> int | None:
+    async def _hit(self, client: str, lookahead: Lookahead | None = None) -> int | None:
         """One request of ``client``: in the cluster's window, else in this instance's."""
         limiter = self.limiter
         if self.shared is None or limiter.limit == 0:
             return limiter.hit(client)
         try:
+            if lookahead is not None:
+                return await lookahead.hit(client, limiter.limit, limiter.window)
             return await self.shared.hit(client, limiter.limit, limiter.window)
         except LimiterUnavailable:
             return limiter.hit(client)

@@ -101,7 +101,9 @@ def build_services(
         window = SharedWindow(cluster)
         connections = SharedConnections(cluster, window)
         flights = SharedFlights(cluster, timeout=config.upstream_timeout)
-        entries = SharedEntries(cluster, ttl=config.cache_shared_ttl, flights=flights)
+        entries = SharedEntries(
+            cluster, ttl=config.cache_shared_ttl, flights=flights, window=window
+        )
     admission = Admission(config, stats, clock=clock, shared=window, shared_connections=connections)
     speech = SpeechCache(router, store, stats, shared=entries, flights=flights)
     return Services(

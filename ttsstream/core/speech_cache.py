@@ -31,7 +31,7 @@ from ttsstream.engines.espeak import VOICE_PREFIX
 from ttsstream.exceptions import UpstreamUnavailable
 from ttsstream.stats import Stats
 
-__all__ = ["REPLAY_CHUNK_BYTES", "ClusterFlights", "FlightLost", "SpeechCache"]
+__all__ = ["REPLAY_CHUNK_BYTES", "ClusterFlights", "FlightLost", "Lookahead", "SpeechCache"]
 
 logger = logging.getLogger("ttsstream.core.speech_cache")
 
@@ -76,6 +76,50 @@ class ClusterFlights(Protocol):
             FlightLost: It ended before its end.
             ClientError: Its synthesis failed.
         """
+
+
+class Lookahead:
+    """A request's cluster lookup, asked before it runs, in the round trip of its rate limit.
+
+    A speak that will play at once is counted in the cluster's rate window and
+    looked up in the shared tier (its entry, or its flight claimed) by one script:
+    one wait for Redis instead of two, which is what cluster mode added to a speak
+    (bench/NOTES.md). :meth:`SpeechCache.synthesize` takes the answer; :meth:`close`
+    gives back a claim that no synthesis took (the speak was refused, cancelled, or
+    its connection closed).
+    """
+
+    def __init__(self, key: str, shared: SharedTier, flights: ClusterFlights | None) -> None:
+        #: The cache key looked up.
+        self.key = key
+        self._shared = shared
+        self._flights = flights
+        self._answer: tuple[CacheEntry | None, bool | None] | None = None
+
+    async def hit(self, ip: str, limit: int, window: float) -> int | None:
+        """Count a request of ``ip`` in the cluster's window and, if it is within it,
+        look up :attr:`key`: the seconds to wait, or ``None``.
+
+        Raises:
+            LimiterUnavailable: The cluster cannot answer (then nothing was looked up).
+        """
+        retry_after, entry, claimed = await self._shared.hit_then_find_or_claim(
+            ip, limit, window, self.key
+        )
+        if retry_after is None:
+            self._answer = (entry, claimed)
+        return retry_after
+
+    def take(self) -> tuple[CacheEntry | None, bool | None] | None:
+        """The entry and the claim found (once), or ``None`` if nothing was asked."""
+        answer, self._answer = self._answer, None
+        return answer
+
+    def close(self) -> None:
+        """Give back a claim that was not taken."""
+        answer = self.take()
+        if answer is not None and answer[1] and self._flights is not None:
+            self._flights.give_back(self.key)
 
 
 class SpeechCache:
@@ -144,15 +188,35 @@ class SpeechCache:
             text=request.text,
         )
 
+    def look_ahead(self, request: SynthesisRequest) -> Lookahead | None:
+        """A :class:`Lookahead` for the MP3 of ``request``, when its lookup will ask the
+        cluster: it is an Edge request, and neither this instance's flights, memory nor
+        disk have it."""
+        if self.shared is None or self.store is None or request.voice.startswith(VOICE_PREFIX):
+            return None
+        key = self.key_of(request)
+        if self._joinable_flight(key) is not None or key in self._unwritten:
+            return None
+        if self.store.holds(key):
+            return None
+        return Lookahead(key, self.shared, self.flights)
+
     async def synthesize(
-        self, request: SynthesisRequest, *, words_ahead: bool = False, made_as: Format = MP3
+        self,
+        request: SynthesisRequest,
+        *,
+        words_ahead: bool = False,
+        made_as: Format = MP3,
+        lookahead: Lookahead | None = None,
     ) -> AsyncGenerator[Speech, None]:
         """Speak ``request`` from the cache, a shared synthesis, or a new one.
 
         With ``words_ahead``, a replay gives all its words before its first audio
         instead of each word just before the audio frame it is in. With
         ``made_as`` another format than MP3, its stored bytes are replayed if
-        there are (``Started.audio_format`` then says so), else the MP3 comes.
+        there are (``Started.audio_format`` then says so), else the MP3 comes. A
+        ``lookahead`` of the request that was answered stands for its lookup on disk
+        and in the cluster.
         """
         if self.store is None or request.voice.startswith(VOICE_PREFIX):
             async with contextlib.aclosing(self.router.synthesize(request)) as events:
@@ -174,14 +238,25 @@ class SpeechCache:
         _, audio_format = self.router.online_engine
         key = self.key_of(request)
         flight = self._joinable_flight(key)
-        claimed: bool | None = None  # the cluster flight's claim, if made with the lookup
+        answer = lookahead.take() if lookahead is not None and lookahead.key == key else None
+        # The cluster flight's claim, if made with the lookup.
+        claimed: bool | None = None if answer is None else answer[1]
         if flight is None:
-            entry = self._unwritten.get(key) or await self.store.get(key)
-            if entry is None and self.shared is not None:
-                # One round trip: the entry, or the cluster flight's claim.
-                entry, claimed = await self.shared.find_or_claim(key)
+            entry = self._unwritten.get(key)
+            if entry is None and answer is not None:
+                # Asked with the rate limit, just after the disk had missed.
+                entry = answer[0]
                 if entry is not None:  # another instance's: kept on this one's disk too
                     self._write(key, entry, share=False)
+            elif entry is None:
+                entry = await self.store.get(key)
+                if entry is None and self.shared is not None:
+                    # One round trip: the entry, or the cluster flight's claim.
+                    entry, claimed = await self.shared.find_or_claim(key)
+                    if entry is not None:
+                        self._write(key, entry, share=False)
+            if entry is not None and claimed and self.flights is not None:
+                self.flights.give_back(key)  # this instance stored it since the lookahead
             if entry is not None:
                 self._stats.cache_hits += 1
                 for event in _replay(entry, audio_format, words_ahead=words_ahead):

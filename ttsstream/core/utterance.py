@@ -25,7 +25,7 @@ from ttsstream.audio.transcode import Pipe
 from ttsstream.config import Config
 from ttsstream.core.router import Started
 from ttsstream.core.segmenter import Segmenter
-from ttsstream.core.speech_cache import SpeechCache
+from ttsstream.core.speech_cache import Lookahead, SpeechCache
 from ttsstream.core.streaming import StreamingText, speak_stream
 from ttsstream.engines.base import AudioChunk, SynthesisRequest, WordEvent
 from ttsstream.exceptions import ClientError, ShuttingDown, error_code
@@ -131,13 +131,31 @@ class Utterances:
             raise ShuttingDown(
                 "the server is shutting down; reconnect in a moment", utterance_id=utterance_id
             )
-        voice = voice or self._default_voice
+        request = self._request(text, voice, rate, volume, pitch)
         try:
-            await self._speech.check_voice(voice)
+            await self._speech.check_voice(request.voice)
         except ClientError as exc:
             exc.utterance_id = utterance_id
             raise
-        return SynthesisRequest(text=text, voice=voice, rate=rate, volume=volume, pitch=pitch)
+        return request
+
+    def look_ahead(
+        self, *, text: str, voice: str | None, rate: str, volume: str, pitch: str
+    ) -> Lookahead | None:
+        """The lookup of an utterance about to be prepared, to be asked of the cluster
+        with its rate limit (:meth:`Admission.check_rate`), if it will ask the cluster.
+
+        Only for an utterance that plays at once, in MP3: the answer is taken by its
+        run, or given back with :meth:`Lookahead.close`.
+        """
+        return self._speech.look_ahead(self._request(text, voice, rate, volume, pitch))
+
+    def _request(
+        self, text: str, voice: str | None, rate: str, volume: str, pitch: str
+    ) -> SynthesisRequest:
+        return SynthesisRequest(
+            text=text, voice=voice or self._default_voice, rate=rate, volume=volume, pitch=pitch
+        )
 
     def open_stream(self) -> StreamingText:
         """The text of a new streaming utterance (its timers run until it is spoken)."""
@@ -162,6 +180,7 @@ class Utterances:
         connection: str,
         interface: str,
         stream: StreamingText | None = None,
+        lookahead: Lookahead | None = None,
     ) -> str:
         """Speak ``request`` into ``sink``; its outcome (``ok``, ``cancelled``, an error code…).
 
@@ -181,6 +200,7 @@ class Utterances:
             interface: ``ws`` or ``http``, for the access log.
             stream: The text of a streaming utterance (then ``request`` gives its voice
                 and prosody, not its text).
+            lookahead: Its lookup, asked already (see :meth:`look_ahead`).
         """
         stats = self._stats
         batch = words == "batch"
@@ -188,7 +208,9 @@ class Utterances:
         # Batched words go out just before the audio they describe; a replay may
         # then give all of them at once.
         events = (
-            self._speech.synthesize(request, words_ahead=batch, made_as=audio_format)
+            self._speech.synthesize(
+                request, words_ahead=batch, made_as=audio_format, lookahead=lookahead
+            )
             if stream is None
             else speak_stream(self._speech, request, stream, words_ahead=batch)
         )

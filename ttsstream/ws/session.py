@@ -28,6 +28,7 @@ from websockets.protocol import State
 from ttsstream import __version__
 from ttsstream.core.router import Started
 from ttsstream.core.services import Services
+from ttsstream.core.speech_cache import Lookahead
 from ttsstream.core.streaming import StreamingText
 from ttsstream.core.utterance import ListenerGone, Summary, cut_short
 from ttsstream.engines.base import SynthesisRequest, WordEvent
@@ -88,6 +89,8 @@ class Utterance:
     cut: bool = False
     #: The text of a streaming utterance, which its appends feed.
     stream: StreamingText | None = None
+    #: Its lookup, asked of the cluster with its rate limit (it was to play at once).
+    lookahead: Lookahead | None = None
 
     @property
     def id(self) -> str:
@@ -243,7 +246,48 @@ class Session:
             raise
 
     async def _enqueue(self, request: Speak) -> None:
-        await self._admission.check_rate(self.client_ip, request.id)
+        # A speak that plays at once is looked up in the cluster with its rate limit.
+        lookahead = (
+            self._utterances.look_ahead(
+                text=request.text,
+                voice=request.voice,
+                rate=request.rate,
+                volume=request.volume,
+                pitch=request.pitch,
+            )
+            if self._current is None
+            and not self._pending
+            and not request.stream
+            and not request.format.transcoded
+            else None
+        )
+        try:
+            synthesis = await self._accept(request, lookahead)
+        except BaseException:
+            if lookahead is not None:
+                lookahead.close()
+            raise
+        stream = None
+        if request.stream:
+            stream = self._utterances.open_stream()
+            if request.text:
+                stream.append(request.text)
+        self._ids.add(request.id)
+        self._idle.clear()
+        self._pending.append(
+            Utterance(
+                request=request,
+                synthesis=synthesis,
+                received_at=time.perf_counter(),
+                stream=stream,
+                lookahead=lookahead,
+            )
+        )
+        self._wakeup.set()
+
+    async def _accept(self, request: Speak, lookahead: Lookahead | None) -> SynthesisRequest:
+        """The speak policy and this connection's own checks: what to say, or why not."""
+        await self._admission.check_rate(self.client_ip, request.id, lookahead=lookahead)
         synthesis = await self._utterances.prepare(
             text=request.text,
             voice=request.voice,
@@ -265,22 +309,7 @@ class Session:
                 + " already waiting",
                 utterance_id=request.id,
             )
-        stream = None
-        if request.stream:
-            stream = self._utterances.open_stream()
-            if request.text:
-                stream.append(request.text)
-        self._ids.add(request.id)
-        self._idle.clear()
-        self._pending.append(
-            Utterance(
-                request=request,
-                synthesis=synthesis,
-                received_at=time.perf_counter(),
-                stream=stream,
-            )
-        )
-        self._wakeup.set()
+        return synthesis
 
     async def _cancel(self, utterance_id: str | None) -> None:
         current = self._current
@@ -371,6 +400,7 @@ class Session:
                     connection=self.connection_id,
                     interface="ws",
                     stream=utterance.stream,
+                    lookahead=utterance.lookahead,
                 )
             except asyncio.CancelledError:
                 if _cancelling():
@@ -391,11 +421,15 @@ class Session:
         self._ids.discard(utterance.id)
         if utterance.stream is not None:
             utterance.stream.close()
+        if utterance.lookahead is not None:
+            utterance.lookahead.close()
 
     def _played(self, utterance: Utterance) -> None:
         """The utterance is over (spoken, failed or cancelled): the next one may play."""
         if utterance.stream is not None:
             utterance.stream.close()
+        if utterance.lookahead is not None:
+            utterance.lookahead.close()
         self._current = None
         self._ids.discard(utterance.id)
         self._last_activity = asyncio.get_running_loop().time()
