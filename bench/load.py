@@ -11,6 +11,7 @@ Modes:
     edge    clients call edge_tts.Communicate directly (baseline a)
     idle    clients connect and stay idle until ``stop`` arrives on stdin
     http    clients POST /v1/audio/speech on kept-alive connections, reading the audio
+            (HTTP/1.1 written and read by hand: see _HttpConnection)
 """
 
 from __future__ import annotations
@@ -239,57 +240,109 @@ async def edge_mode(spec: dict[str, Any]) -> dict[str, Any]:
     return {"results": results, "elapsed": time.perf_counter() - started, "dropped": 0}
 
 
-async def http_mode(spec: dict[str, Any]) -> dict[str, Any]:
-    import aiohttp
+class _HttpConnection:
+    """One kept-alive HTTP/1.1 connection, spoken by hand.
 
+    aiohttp's client cost the load processes about 0.4 ms of CPU per request, on
+    the core they share with the fake service: when 100 clients start at once, the
+    last request left its process about 20 ms after the first, which the benchmark
+    counted as the server's (bench/NOTES.md). This writes a request already
+    encoded and reads the answer's head and its chunked or sized body, no more.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, base: str) -> _HttpConnection:
+        host, _, port = base.removeprefix("http://").partition(":")
+        return cls(*await asyncio.open_connection(host, int(port)))
+
+    async def head(self) -> tuple[int, dict[str, str]]:
+        """The status and headers (lower-cased names) of the next answer."""
+        status = int((await self.reader.readline()).split()[1])
+        headers = {}
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        return status, headers
+
+    async def chunks(self, headers: dict[str, str]) -> Any:
+        """The body's pieces as they come (chunked, or sized at once)."""
+        if headers.get("transfer-encoding") == "chunked":
+            while size := int((await self.reader.readline()).split(b";")[0], 16):
+                yield await self.reader.readexactly(size)
+                await self.reader.readexactly(2)
+            await self.reader.readline()
+        else:
+            yield await self.reader.readexactly(int(headers.get("content-length", "0")))
+
+    async def ask(self, request: bytes) -> tuple[int, dict[str, str]]:
+        self.writer.write(request)
+        return await self.head()
+
+
+def _request(method: str, base: str, path: str, body: bytes = b"") -> bytes:
+    host = base.removeprefix("http://")
+    head = f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n"
+    if body:
+        head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    return head.encode() + b"\r\n" + body
+
+
+async def http_mode(spec: dict[str, Any]) -> dict[str, Any]:
     base = spec["url"]
-    sessions = [
-        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1))
-        for _ in range(spec["clients"])
-    ]
-    for session in sessions:  # each opens its kept-alive connection now
-        async with session.get(base + "/v1/models") as response:
-            await response.read()
+    connections = [await _HttpConnection.open(base) for _ in range(spec["clients"])]
+    for connection in connections:  # each kept-alive connection is used once first
+        status, headers = await connection.ask(_request("GET", base, "/v1/models"))
+        assert status == 200, status
+        async for _ in connection.chunks(headers):
+            pass
     print("ready", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
     results: list[dict[str, Any]] = []
     counter = 0
 
-    async def client(session: aiohttp.ClientSession) -> None:
+    async def client(connection: _HttpConnection) -> None:
         nonlocal counter
         for index in range(spec["requests"]):
             counter += 1
             text = spec["texts"][0]
             if spec.get("unique"):
                 text = f"{text} Number {spec['offset'] + counter}."
-            body = {"model": "tts-1", "voice": "sage", "input": text}
+            body = orjson.dumps({"model": "tts-1", "voice": "sage", "input": text})
+            request = _request("POST", base, "/v1/audio/speech", body)
             started = time.perf_counter()
             try:
-                async with session.post(base + "/v1/audio/speech", json=body) as response:
-                    if response.status != 200:
-                        results.append({"error": str(response.status)})
-                        continue
-                    first_chunk = await response.content.readany()
-                    first = time.perf_counter() - started
-                    size = len(first_chunk) + len(await response.read())
-                    cached = response.headers.get("X-TTS-Cache") == "hit"
+                status, headers = await connection.ask(request)
+                first: float | None = None
+                size = 0
+                async for piece in connection.chunks(headers):
+                    if first is None and piece:
+                        first = time.perf_counter() - started
+                    size += len(piece)
+                if status != 200 or first is None:
+                    results.append({"error": str(status)})
+                    continue
             except Exception as exc:
                 results.append({"error": type(exc).__name__})
-                continue
+                return
             results.append(
                 {
                     "ttfb": first,
                     "ttlb": time.perf_counter() - started,
                     "bytes": size,
                     "index": index,
-                    "cached": cached,
+                    "cached": headers.get("x-tts-cache") == "hit",
                 }
             )
 
     started = time.perf_counter()
-    await asyncio.gather(*(client(session) for session in sessions))
+    await asyncio.gather(*(client(connection) for connection in connections))
     elapsed = time.perf_counter() - started
-    await asyncio.gather(*(session.close() for session in sessions))
+    for connection in connections:
+        connection.writer.close()
     return {"results": results, "elapsed": elapsed, "dropped": 0}
 
 

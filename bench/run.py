@@ -292,22 +292,31 @@ class Bench:
         return server, f"ws://{server.match}/v1/stream"
 
     async def against_baseline(
-        self, server: Process, ours: dict[str, Any], offset: int
+        self,
+        server: Process,
+        ours: dict[str, Any],
+        offset: int,
+        *,
+        beside: dict[str, Any] | None = None,
     ) -> list[dict[str, Any]]:
         """Time to first audio through the server at each live level, against baseline (a).
 
         ``ours`` is the load spec of the server's clients but for their number and
         texts. Baseline and server take turns, REPEATS times, and the samples of all
         turns are pooled: this machine's speed drifts by more than the differences
-        measured.
+        measured. ``beside`` is another door's spec, timed in the same turns (before
+        ``ours`` in odd turns, after it in even ones), so that the two doors are
+        compared in the same minutes; its rows are ``beside_*``.
         """
         levels = (1, 10) if self.quick else (1, 10, 100)
         requests = 2 if self.quick else 10
         rows = []
         for clients in levels:
             parts = split(clients, min(self.workers, clients))
-            baseline_runs, our_runs = [], []
-            cpu0, _, _ = usage(server.process.pid)
+            baseline_runs: list[dict[str, Any]] = []
+            our_runs: list[dict[str, Any]] = []
+            beside_runs: list[dict[str, Any]] = []
+            cpu = 0.0
             for repeat in range(1 if self.quick else REPEATS):
                 turn = offset + 10**8 * repeat
                 # Baseline (a) is one process on the server's core: what the server
@@ -321,21 +330,40 @@ class Bench:
                     "offset": turn,
                 }
                 baseline_runs += await load([base])
-                our_runs += await load(
-                    [
-                        {
-                            **ours,
-                            "clients": n,
-                            "requests": requests,
-                            "texts": [TEXT],
-                            "unique": True,
-                            "offset": turn + 10**6 * (i + 1) + clients * 1000,
-                        }
-                        for i, n in enumerate(parts)
-                    ]
-                )
+                doors = [(ours, our_runs, 0)]
+                if beside is not None:
+                    doors.insert(repeat % 2, (beside, beside_runs, 10**7))
+                for spec, runs, shift in doors:
+                    cpu0, _, _ = usage(server.process.pid)
+                    runs += await load(
+                        [
+                            {
+                                **spec,
+                                "clients": n,
+                                "requests": requests,
+                                "texts": [TEXT],
+                                "unique": True,
+                                "offset": turn + shift + 10**6 * (i + 1) + clients * 1000,
+                            }
+                            for i, n in enumerate(parts)
+                        ]
+                    )
+                    if runs is our_runs:
+                        cpu += usage(server.process.pid)[0] - cpu0
             baseline, summary = summarize(baseline_runs), summarize(our_runs)
-            cpu1, _, peak = usage(server.process.pid)
+            _, _, peak = usage(server.process.pid)
+            if beside is not None:
+                other = summarize(beside_runs)
+                extra = {
+                    **{f"beside_first_{p}": other[f"first_{p}"] for p in ("p50", "p99")},
+                    **{
+                        f"beside_added_{p}": other[f"first_{p}"] - baseline[f"first_{p}"]
+                        for p in ("p50", "p99")
+                    },
+                    "beside_errors": other["errors"],
+                }
+            else:
+                extra = {}
             rows.append(
                 {
                     "clients": clients,
@@ -350,8 +378,9 @@ class Bench:
                     "errors": summary["errors"] + baseline["errors"],
                     "dropped": summary["dropped"],
                     "requests": summary["requests"],
-                    "server_cpu_s": cpu1 - cpu0,
+                    "server_cpu_s": cpu,
                     "server_peak_rss_mb": peak / 2**20,
+                    **extra,
                 }
             )
         return rows
@@ -373,7 +402,13 @@ class Bench:
             server, url = await self.server(cache)
             base = url.replace("ws://", "http://").replace("/v1/stream", "")
             try:
-                rows = await self.against_baseline(server, {"mode": "http", "url": base}, 5 * 10**7)
+                # The WebSocket in the same turns: the target is to add what it adds.
+                rows = await self.against_baseline(
+                    server,
+                    {"mode": "http", "url": base},
+                    5 * 10**7,
+                    beside={"mode": "speak", "url": url, "words": "none"},
+                )
                 # Cached: one text, stored first, then asked by every client.
                 await load(
                     [{"mode": "http", "url": base, "clients": 1, "requests": 1, "texts": [TEXT]}]
@@ -1051,17 +1086,25 @@ def markdown(out: dict[str, Any]) -> str:
         lines += [
             "",
             "**5. HTTP, OpenAI's `POST /v1/audio/speech`, time to first audio byte, ms** "
-            "(kept-alive connections; baseline a: edge-tts alone)",
+            "(kept-alive connections; baseline a: edge-tts alone; the WebSocket's `speak` "
+            "timed in the same turns, audio only as the HTTP body is)",
             "",
-            "| clients | edge-tts p50 | p99 | ttsstream p50 | p99 | added p50 | added p99 | errors | server CPU s | peak RSS MB |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| clients | edge-tts p50 | p99 | ttsstream p50 | p99 | added p50 | added p99 "
+            "| WebSocket added p50 | p99 | errors | server CPU s | peak RSS MB |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for row in out["http"]["live"]:
+            beside = (
+                f"{row['beside_added_p50']:+.1f} | {row['beside_added_p99']:+.1f}"
+                if "beside_added_p50" in row
+                else "– | –"
+            )
             lines.append(
                 f"| {row['clients']} | {row['baseline_first_p50']:.1f} | "
                 f"{row['baseline_first_p99']:.1f} | {row['first_p50']:.1f} | "
                 f"{row['first_p99']:.1f} | {row['added_p50']:+.1f} | {row['added_p99']:+.1f} | "
-                f"{row['errors']} | {row['server_cpu_s']:.2f} | {row['server_peak_rss_mb']:.0f} |"
+                f"{beside} | {row['errors'] + row.get('beside_errors', 0)} | "
+                f"{row['server_cpu_s']:.2f} | {row['server_peak_rss_mb']:.0f} |"
             )
         lines += [
             "",
