@@ -208,9 +208,13 @@ async def edge_mode(spec: dict[str, Any]) -> dict[str, Any]:
     results: list[dict[str, Any]] = []
     counter = 0
 
+    rng = random.Random(spec.get("seed", 0))
+
     async def client() -> None:
         nonlocal counter
         for index in range(spec["requests"]):
+            if spec.get("think"):
+                await asyncio.sleep(rng.expovariate(1 / spec["think"]))
             counter += 1
             text = f"{spec['texts'][0]} Number {spec['offset'] + counter}."
             started = time.perf_counter()
@@ -304,9 +308,13 @@ async def http_mode(spec: dict[str, Any]) -> dict[str, Any]:
     results: list[dict[str, Any]] = []
     counter = 0
 
+    rng = random.Random(spec.get("seed", 0))
+
     async def client(connection: _HttpConnection) -> None:
         nonlocal counter
         for index in range(spec["requests"]):
+            if spec.get("think"):
+                await asyncio.sleep(rng.expovariate(1 / spec["think"]))
             counter += 1
             text = spec["texts"][0]
             if spec.get("unique"):

@@ -298,6 +298,8 @@ class Bench:
         offset: int,
         *,
         beside: dict[str, Any] | None = None,
+        think: float = 0.0,
+        levels: tuple[int, ...] | None = None,
     ) -> list[dict[str, Any]]:
         """Time to first audio through the server at each live level, against baseline (a).
 
@@ -306,9 +308,12 @@ class Bench:
         turns are pooled: this machine's speed drifts by more than the differences
         measured. ``beside`` is another door's spec, timed in the same turns (before
         ``ours`` in odd turns, after it in even ones), so that the two doors are
-        compared in the same minutes; its rows are ``beside_*``.
+        compared in the same minutes; its rows are ``beside_*``. With ``think``, every
+        client (the baseline's too) thinks that many seconds on average before each
+        request, so that the server is not saturated.
         """
-        levels = (1, 10) if self.quick else (1, 10, 100)
+        if levels is None:
+            levels = (1, 10) if self.quick else (1, 10, 100)
         requests = 2 if self.quick else 10
         rows = []
         for clients in levels:
@@ -328,6 +333,7 @@ class Bench:
                     "requests": requests,
                     "texts": [TEXT],
                     "offset": turn,
+                    "think": think,
                 }
                 baseline_runs += await load([base])
                 doors = [(ours, our_runs, 0)]
@@ -343,6 +349,8 @@ class Bench:
                                 "requests": requests,
                                 "texts": [TEXT],
                                 "unique": True,
+                                "think": think,
+                                "seed": i,
                                 "offset": turn + shift + 10**6 * (i + 1) + clients * 1000,
                             }
                             for i, n in enumerate(parts)
@@ -403,12 +411,21 @@ class Bench:
             base = url.replace("ws://", "http://").replace("/v1/stream", "")
             try:
                 # The WebSocket in the same turns: the target is to add what it adds.
-                rows = await self.against_baseline(
+                http = {"mode": "http", "url": base}
+                ws = {"mode": "speak", "url": url, "words": "none"}
+                rows = await self.against_baseline(server, http, 5 * 10**7, beside=ws)
+                # The most clients again, each thinking between requests (as in
+                # scenario 7): closed loop, the server's core is saturated, and how
+                # fast the clients ask again decides the queue as much as the server.
+                paced = await self.against_baseline(
                     server,
-                    {"mode": "http", "url": base},
-                    5 * 10**7,
-                    beside={"mode": "speak", "url": url, "words": "none"},
+                    http,
+                    6 * 10**7,
+                    beside=ws,
+                    think=PACED_THINK,
+                    levels=(10,) if self.quick else (100,),
                 )
+                rows += [{**row, "think_s": PACED_THINK} for row in paced]
                 # Cached: one text, stored first, then asked by every client.
                 await load(
                     [{"mode": "http", "url": base, "clients": 1, "requests": 1, "texts": [TEXT]}]
@@ -1099,8 +1116,13 @@ def markdown(out: dict[str, Any]) -> str:
                 if "beside_added_p50" in row
                 else "– | –"
             )
+            clients = (
+                f"{row['clients']}, paced ({row['think_s']:.0f} s think)"
+                if row.get("think_s")
+                else str(row["clients"])
+            )
             lines.append(
-                f"| {row['clients']} | {row['baseline_first_p50']:.1f} | "
+                f"| {clients} | {row['baseline_first_p50']:.1f} | "
                 f"{row['baseline_first_p99']:.1f} | {row['first_p50']:.1f} | "
                 f"{row['first_p99']:.1f} | {row['added_p50']:+.1f} | {row['added_p99']:+.1f} | "
                 f"{beside} | {row['errors'] + row.get('beside_errors', 0)} | "
