@@ -69,6 +69,22 @@ async def handshake_refusal(server: Server) -> InvalidStatus | None:
         return refusal
 
 
+def count_calls(link: Any, monkeypatch: pytest.MonkeyPatch, names: tuple[str, ...]) -> list[str]:
+    """From now on, the names of the methods in ``names`` that ask Redis through
+    ``link``, in the order they ask."""
+    asked: list[str] = []
+    call = link.call
+
+    async def counted(operation: Any, **kwargs: Any) -> Any:
+        name = operation.__qualname__.split(".")[1]  # the method that asks
+        if name in names:
+            asked.append(name)
+        return await call(operation, **kwargs)
+
+    monkeypatch.setattr(link, "call", counted)
+    return asked
+
+
 async def until(check: Any, timeout: float = TIMEOUT) -> None:
     async with asyncio.timeout(timeout):
         while not await check():
@@ -570,16 +586,7 @@ async def test_a_connection_is_admitted_in_one_round_trip(
     server = await start_server(redis_url=redis.url, api_keys=("k" * 32,))
     link = server.services.cluster
     assert link is not None
-    asked: list[str] = []
-    call = link.call
-
-    async def counted(operation: Any, **kwargs: Any) -> Any:
-        decision = operation.__qualname__.split(".")[1]  # the method that asks
-        if decision in ("hit", "acquire", "hit_and_acquire"):
-            asked.append(decision)
-        return await call(operation, **kwargs)
-
-    monkeypatch.setattr(link, "call", counted)
+    asked = count_calls(link, monkeypatch, ("hit", "acquire", "hit_and_acquire"))
     async with connect(url_of(server), additional_headers={"X-API-Key": "k" * 32}) as ws:
         await ws.recv()
         assert asked == ["hit_and_acquire"]
@@ -614,19 +621,10 @@ async def test_a_speak_that_plays_at_once_asks_redis_once_before_its_upstream(
     server = await start_server(redis_url=redis.url)
     link = server.services.cluster
     assert link is not None
-    asked: list[str] = []
-    call = link.call
-
-    async def counted(operation: Any, **kwargs: Any) -> Any:
-        name = operation.__qualname__.split(".")[1]  # the method that asks
-        if name in ("hit", "find_or_claim", "claim"):
-            asked.append(name)
-        return await call(operation, **kwargs)
-
     shared = aioredis.from_url(redis.url)
     try:
         async with connected(server) as client:
-            monkeypatch.setattr(link, "call", counted)
+            asked = count_calls(link, monkeypatch, ("hit", "find_or_claim", "claim"))
             await client.speak("Asked once, with its rate limit.", id="a")
             assert (await client.until_final("a")).final["type"] == "end"
             assert asked == ["find_or_claim"]

@@ -1,8 +1,9 @@
 """One utterance, whichever door asked for it: the speak policy and the run.
 
-:meth:`Utterances.prepare` applies the policy every door shares (no new work
-while draining, the rate limit, the default voice, the voice check) and gives the
-synthesis request. :meth:`Utterances.run` speaks it through the cache and sends
+:meth:`Utterances.request` makes the synthesis request (the default voice) and
+:meth:`Utterances.accept` applies the policy every door shares (no new work while
+draining, the voice check; the door has counted the rate limit).
+:meth:`Utterances.run` speaks it through the cache and sends
 its events to a :class:`Sink`: it measures the first audio, holds word events
 back for a batch, counts the outcome and writes the utterance's one access-log
 line. It knows nothing of sockets: the WebSocket session is one sink (frames),
@@ -108,7 +109,7 @@ class Utterances:
         #: The server is shutting down: no new utterance is accepted.
         self.draining = False
 
-    async def prepare(
+    def request(
         self,
         *,
         text: str,
@@ -116,9 +117,15 @@ class Utterances:
         rate: str = "+0%",
         volume: str = "+0%",
         pitch: str = "+0Hz",
-        utterance_id: str | None = None,
     ) -> SynthesisRequest:
-        """Accept an utterance (its fields already valid in form) or raise why not.
+        """What an utterance asks for (its fields already valid in form), with the
+        default voice when it names none; :meth:`accept` it before it runs."""
+        return SynthesisRequest(
+            text=text, voice=voice or self._default_voice, rate=rate, volume=volume, pitch=pitch
+        )
+
+    async def accept(self, request: SynthesisRequest, *, utterance_id: str | None = None) -> None:
+        """Accept an utterance, or raise why not.
 
         The door has counted the request (``total_requests``) and against the
         client's rate limit.
@@ -131,31 +138,20 @@ class Utterances:
             raise ShuttingDown(
                 "the server is shutting down; reconnect in a moment", utterance_id=utterance_id
             )
-        request = self._request(text, voice, rate, volume, pitch)
         try:
             await self._speech.check_voice(request.voice)
         except ClientError as exc:
             exc.utterance_id = utterance_id
             raise
-        return request
 
-    def look_ahead(
-        self, *, text: str, voice: str | None, rate: str, volume: str, pitch: str
-    ) -> Lookahead | None:
-        """The lookup of an utterance about to be prepared, to be asked of the cluster
-        with its rate limit (:meth:`Admission.check_rate`), if it will ask the cluster.
+    def look_ahead(self, request: SynthesisRequest) -> Lookahead | None:
+        """The lookup of an utterance not yet accepted, to be asked of the cluster with
+        its rate limit (:meth:`Admission.check_rate`), if it will ask the cluster.
 
         Only for an utterance that plays at once, in MP3: the answer is taken by its
         run, or given back with :meth:`Lookahead.close`.
         """
-        return self._speech.look_ahead(self._request(text, voice, rate, volume, pitch))
-
-    def _request(
-        self, text: str, voice: str | None, rate: str, volume: str, pitch: str
-    ) -> SynthesisRequest:
-        return SynthesisRequest(
-            text=text, voice=voice or self._default_voice, rate=rate, volume=volume, pitch=pitch
-        )
+        return self._speech.look_ahead(request)
 
     def open_stream(self) -> StreamingText:
         """The text of a new streaming utterance (its timers run until it is spoken)."""

@@ -127,9 +127,11 @@ class SpeechApi:
             text = text_field(fields.get("text"), max_length=self._config.max_text_length)
             prosody = prosody_fields(fields)
             audio_format = format_field(fields.get("format"), unknown=UnsupportedFormat)
-            synthesis = await self._services.utterances.prepare(
+            utterances = self._services.utterances
+            synthesis = utterances.request(
                 text=text, voice=voice_field(fields.get("voice")), **prosody
             )
+            await utterances.accept(synthesis)
             return Asked(synthesis, audio_format)
 
         return await self._serve(request, "tts", read)
@@ -144,9 +146,9 @@ class SpeechApi:
             call = read_speech_call(
                 body, voices=self._voices, max_text_length=self._config.max_text_length
             )
-            synthesis = await self._services.utterances.prepare(
-                text=call.text, voice=call.voice, rate=call.rate
-            )
+            utterances = self._services.utterances
+            synthesis = utterances.request(text=call.text, voice=call.voice, rate=call.rate)
+            await utterances.accept(synthesis)
             return Asked(synthesis, call.format, call.sse, call.timestamps)
 
         return await self._serve(request, "openai", read)

@@ -246,15 +246,16 @@ class Session:
             raise
 
     async def _enqueue(self, request: Speak) -> None:
+        synthesis = self._utterances.request(
+            text=request.text,
+            voice=request.voice,
+            rate=request.rate,
+            volume=request.volume,
+            pitch=request.pitch,
+        )
         # A speak that plays at once is looked up in the cluster with its rate limit.
         lookahead = (
-            self._utterances.look_ahead(
-                text=request.text,
-                voice=request.voice,
-                rate=request.rate,
-                volume=request.volume,
-                pitch=request.pitch,
-            )
+            self._utterances.look_ahead(synthesis)
             if self._current is None
             and not self._pending
             and not request.stream
@@ -262,7 +263,7 @@ class Session:
             else None
         )
         try:
-            synthesis = await self._accept(request, lookahead)
+            await self._accept(request, synthesis, lookahead)
         except BaseException:
             if lookahead is not None:
                 lookahead.close()
@@ -285,17 +286,12 @@ class Session:
         )
         self._wakeup.set()
 
-    async def _accept(self, request: Speak, lookahead: Lookahead | None) -> SynthesisRequest:
-        """The speak policy and this connection's own checks: what to say, or why not."""
+    async def _accept(
+        self, request: Speak, synthesis: SynthesisRequest, lookahead: Lookahead | None
+    ) -> None:
+        """The speak policy and this connection's own checks; raise why not."""
         await self._admission.check_rate(self.client_ip, request.id, lookahead=lookahead)
-        synthesis = await self._utterances.prepare(
-            text=request.text,
-            voice=request.voice,
-            rate=request.rate,
-            volume=request.volume,
-            pitch=request.pitch,
-            utterance_id=request.id,
-        )
+        await self._utterances.accept(synthesis, utterance_id=request.id)
         if request.id in self._ids:
             raise InvalidParameter(
                 f"id {request.id!r} is already queued or playing", utterance_id=request.id
@@ -309,7 +305,6 @@ class Session:
                 + " already waiting",
                 utterance_id=request.id,
             )
-        return synthesis
 
     async def _cancel(self, utterance_id: str | None) -> None:
         current = self._current
