@@ -4,6 +4,9 @@ It reads a JSON spec from argv, opens its connections, prints ``ready``, waits f
 ``go`` on stdin, runs, and prints one JSON line of results. Running the clients in
 their own processes keeps them off the server's event loop.
 
+Every mode but idle takes "think" (mean seconds a client waits before each
+request) and "ramp" (seconds over which the clients' first requests are spread).
+
 Modes:
     speak   clients speak texts through a ttsstream server (or the bare baseline);
             with "tokens_per_s", each text is streamed (speak with stream, one
@@ -25,6 +28,18 @@ from typing import Any
 
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
+
+
+async def _ramp(spec: dict[str, Any], rng: random.Random) -> None:
+    """With "ramp", a client's first request waits a random part of that many seconds.
+
+    Closed-loop clients that all start at ``go`` send their requests together, and
+    since every request takes about as long, they keep arriving together, round after
+    round: the benchmark then measures a herd of N, not N clients at work. Spread over
+    about one request's length, they arrive as N independent clients do.
+    """
+    if spec.get("ramp"):
+        await asyncio.sleep(rng.uniform(0, spec["ramp"]))
 
 
 async def speak_once(
@@ -159,6 +174,7 @@ async def speak_mode(spec: dict[str, Any]) -> dict[str, Any]:
     async def client(number: int, ws: ClientConnection) -> None:
         nonlocal counter
         done = 0
+        await _ramp(spec, rng)
         while True:
             if spec.get("think"):
                 await asyncio.sleep(rng.expovariate(1 / spec["think"]))
@@ -212,6 +228,7 @@ async def edge_mode(spec: dict[str, Any]) -> dict[str, Any]:
 
     async def client() -> None:
         nonlocal counter
+        await _ramp(spec, rng)
         for index in range(spec["requests"]):
             if spec.get("think"):
                 await asyncio.sleep(rng.expovariate(1 / spec["think"]))
@@ -312,6 +329,7 @@ async def http_mode(spec: dict[str, Any]) -> dict[str, Any]:
 
     async def client(connection: _HttpConnection) -> None:
         nonlocal counter
+        await _ramp(spec, rng)
         for index in range(spec["requests"]):
             if spec.get("think"):
                 await asyncio.sleep(rng.expovariate(1 / spec["think"]))

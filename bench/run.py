@@ -15,7 +15,8 @@ Scenarios:
   3. idle    10,000 idle authenticated connections: RSS each; one utterance among them
   4. mixed   Zipf-distributed texts over a catalogue: hit rate, coalescing, latencies
   5. http    OpenAI's POST /v1/audio/speech: time to first audio byte at 1, 10, 100
-             clients minus (a), and cached first byte at 1 and 100
+             clients minus (a), the WebSocket in the same turns, paced at 100 too; a
+             cold herd (100 requests at once); cached first byte at 1 and 100
   6. formats each audio format live at 10 clients, first byte against mp3 in the same
              turns; the server's CPU per second of audio sent; each transcoder alone
   7. cluster one instance in cluster mode (REDIS_URL, a local redis-server) against one
@@ -29,6 +30,10 @@ Scenarios:
     .venv/bin/python bench/run.py            # the full run, a few minutes
     .venv/bin/python bench/run.py --quick    # seconds; CI runs it so it cannot rot
 
+Closed-loop clients (each asks again as soon as its last request ended) spread their
+first requests over RAMP seconds, so that N clients are N clients at work and not a
+herd re-formed every round; the herd is measured on its own (scenario 5).
+
 Writes bench/results.md and bench/results.json (or --out DIR).
 """
 
@@ -41,6 +46,7 @@ import os
 import platform
 import re
 import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -64,6 +70,12 @@ WORD_MODES = ("each", "batch", "none")
 REPEATS = 3
 #: Mean seconds a paced client of scenario 7 thinks between two speaks.
 PACED_THINK = 2.0
+#: Seconds over which closed-loop clients' first requests are spread: about one
+#: request's length at the fake's pace (TEXT is about 5 s of audio, sent at 4x).
+#: Started together, they would stay a herd round after round (load.py's _ramp).
+RAMP = 1.5
+#: Rounds of the cold herd (scenario 5): every client's one request sent at once.
+HERD_ROUNDS = 8
 _DRAINS: set[asyncio.Future[bytes]] = set()
 #: Load process id -> the file it writes its results to.
 worker_outputs: dict[int, str] = {}
@@ -310,11 +322,15 @@ class Bench:
         ``ours`` in odd turns, after it in even ones), so that the two doors are
         compared in the same minutes; its rows are ``beside_*``. With ``think``, every
         client (the baseline's too) thinks that many seconds on average before each
-        request, so that the server is not saturated.
+        request, so that the server is not saturated; without, the clients' first
+        requests are spread over RAMP seconds, and each asks again as soon as its
+        last request ended (closed loop).
         """
         if levels is None:
             levels = (1, 10) if self.quick else (1, 10, 100)
         requests = 2 if self.quick else 10
+        # Closed loop, the clients' first requests are spread (see RAMP).
+        ramp = 0.0 if think else RAMP
         rows = []
         for clients in levels:
             parts = split(clients, min(self.workers, clients))
@@ -334,6 +350,7 @@ class Bench:
                     "texts": [TEXT],
                     "offset": turn,
                     "think": think,
+                    "ramp": ramp,
                 }
                 baseline_runs += await load([base])
                 doors = [(ours, our_runs, 0)]
@@ -350,6 +367,7 @@ class Bench:
                                 "texts": [TEXT],
                                 "unique": True,
                                 "think": think,
+                                "ramp": ramp,
                                 "seed": i,
                                 "offset": turn + shift + 10**6 * (i + 1) + clients * 1000,
                             }
@@ -393,6 +411,60 @@ class Bench:
             )
         return rows
 
+    async def herd(self, doors: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """Every client's one request sent at the same moment, round after round.
+
+        ``doors`` maps a name to a load spec but for its clients; baseline (a) goes
+        first in each round's turns, then the doors in turn (their order rotating).
+        The median over the rounds of each round's p50 and slowest.
+        """
+        clients = 10 if self.quick else 100
+        rounds = 2 if self.quick else HERD_ROUNDS
+        times: dict[str, list[tuple[float, float]]] = {"edge": [], **{name: [] for name in doors}}
+        for number in range(rounds):
+            names = list(doors)
+            names = names[number % len(names) :] + names[: number % len(names)]
+            for name in ["edge", *names]:
+                offset = 7 * 10**8 + number * 10**7 + len(times[name]) * 10**6
+                if name == "edge":
+                    specs = [
+                        {
+                            "mode": "edge",
+                            "wss_url": self.fake_urls[0],
+                            "clients": clients,
+                            "requests": 1,
+                            "texts": [TEXT],
+                            "offset": offset,
+                        }
+                    ]
+                else:
+                    specs = [
+                        {
+                            **doors[name],
+                            "clients": n,
+                            "requests": 1,
+                            "texts": [TEXT],
+                            "unique": True,
+                            "offset": offset + 10**5 * (i + 1),
+                        }
+                        for i, n in enumerate(split(clients, min(self.workers, clients)))
+                    ]
+                runs = await load(specs)
+                firsts = [r["ttfb"] * 1000 for run in runs for r in run["results"] if "ttfb" in r]
+                times[name].append((percentile(firsts, 0.5), max(firsts)))
+                await asyncio.sleep(0.5)  # the round's entries stored before the next turn
+        return {
+            "clients": clients,
+            "rounds": rounds,
+            **{
+                name: {
+                    "p50": statistics.median(p50 for p50, _ in rows),
+                    "slowest": statistics.median(slowest for _, slowest in rows),
+                }
+                for name, rows in times.items()
+            },
+        }
+
     async def live(self) -> None:
         with tempfile.TemporaryDirectory() as cache:
             server, url = await self.server(cache)
@@ -426,6 +498,8 @@ class Bench:
                     levels=(10,) if self.quick else (100,),
                 )
                 rows += [{**row, "think_s": PACED_THINK} for row in paced]
+                # A cold herd: every client's request at the same moment.
+                herd = await self.herd({"WebSocket": ws, "HTTP": http})
                 # Cached: one text, stored first, then asked by every client.
                 await load(
                     [{"mode": "http", "url": base, "clients": 1, "requests": 1, "texts": [TEXT]}]
@@ -461,7 +535,7 @@ class Bench:
                     )
             finally:
                 await stop(server)
-        self.out["http"] = {"live": rows, "cached": cached_rows}
+        self.out["http"] = {"live": rows, "cached": cached_rows, "herd": herd}
 
     async def formats(self) -> None:
         sys.path.insert(0, str(ROOT))
@@ -706,6 +780,7 @@ class Bench:
                                     "texts": [TEXT],
                                     "unique": True,
                                     "think": think,
+                                    "ramp": 0.0 if think else RAMP,
                                     "offset": 9 * 10**8
                                     + repeat * 10**7
                                     + number * 10**6
@@ -1128,6 +1203,16 @@ def markdown(out: dict[str, Any]) -> str:
                 f"{beside} | {row['errors'] + row.get('beside_errors', 0)} | "
                 f"{row['server_cpu_s']:.2f} | {row['server_peak_rss_mb']:.0f} |"
             )
+        if "herd" in out["http"]:
+            h = out["http"]["herd"]
+            lines += [
+                "",
+                f"A cold herd, {h['clients']} clients sending at the same moment (median over "
+                f"{h['rounds']} rounds of the round's p50 / slowest, ms): edge-tts alone "
+                f"{h['edge']['p50']:.1f} / {h['edge']['slowest']:.1f}, the WebSocket "
+                f"{h['WebSocket']['p50']:.1f} / {h['WebSocket']['slowest']:.1f}, HTTP "
+                f"{h['HTTP']['p50']:.1f} / {h['HTTP']['slowest']:.1f}.",
+            ]
         lines += [
             "",
             "| cached, clients | requests | hits | first byte p50 | p99 | last byte p50 | p99 | errors |",
