@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -128,8 +129,20 @@ async def test_size_bound_applies_at_start(tmp_path: Path) -> None:
         lambda data: data[:-1] + bytes([data[-1] ^ 1]),  # one bit of audio flipped
         lambda data: b"",  # empty file
         lambda data: b"GIF89a" + data,  # not an entry at all
+        # What a power failure may leave of an entry written just before (not fsynced).
+        lambda data: bytes(len(data)),
+        lambda data: data[: len(data) // 2] + bytes(len(data) - len(data) // 2),
     ],
-    ids=["truncated_audio", "truncated_header", "bad_json", "bit_flip", "empty", "foreign"],
+    ids=[
+        "truncated_audio",
+        "truncated_header",
+        "bad_json",
+        "bit_flip",
+        "empty",
+        "foreign",
+        "zeroed",
+        "half_zeroed",
+    ],
 )
 async def test_corrupt_entry_is_dropped_and_counted(tmp_path: Path, damage: object) -> None:
     """A damaged entry reads as a miss, is deleted and counted; a new put replaces it."""
@@ -142,6 +155,23 @@ async def test_corrupt_entry_is_dropped_and_counted(tmp_path: Path, damage: obje
     assert stats.cache_errors == 1 and stats.cache_entries == 0
     await cache.put(key("a"), entry())
     assert await cache.get(key("a")) == entry()
+
+
+async def test_a_cache_emptied_by_hand_is_written_again(tmp_path: Path) -> None:
+    """Directories are made once, not per write: if an operator empties the cache
+    directory while the server runs, the next write makes them again."""
+    cache, stats = opened(tmp_path)
+    await cache.put(key("a"), entry())
+    for child in tmp_path.iterdir():
+        shutil.rmtree(child)
+    await cache.put(key("b"), entry())
+    await cache.put(key("a"), entry())
+    assert (tmp_path / key("b")[:2] / f"{key('b')}.tts").is_file()
+    assert (tmp_path / key("a")[:2] / f"{key('a')}.tts").is_file()
+    assert stats.cache_errors == 0
+    reopened, _ = opened(tmp_path)
+    assert await reopened.get(key("a")) == entry()
+    assert await reopened.get(key("b")) == entry()
 
 
 async def test_unusable_directory_never_raises(tmp_path: Path) -> None:

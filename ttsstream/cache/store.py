@@ -7,9 +7,16 @@ Layout under ``CACHE_DIR``::
 
 An entry file holds a small binary header, a JSON description (voice, engine,
 word events, audio length and SHA-256) and the MP3 bytes. It is written to a
-temporary file, flushed and fsynced, then renamed: a reader sees the whole entry
-or none, whatever moment the writer is killed. A damaged entry (truncated, bad
-JSON, checksum mismatch) is detected on read, dropped and counted.
+temporary file, then renamed: a reader sees the whole entry or none, whatever
+moment the writer is killed. A damaged entry (truncated, bad JSON, checksum
+mismatch) is detected on read, dropped and counted.
+
+Entries are not fsynced. A cache needs its entries whole, not durable: after a
+power failure an entry written just before may be missing, empty or zeroed, and
+the checksum makes that a miss (synthesized again), never wrong audio. An fsync
+of each entry and of its directory cost the writer thread a disk flush per
+utterance, and the server's p99 first byte about 25 ms at 100 live clients
+(bench/NOTES.md).
 
 Recency lives in the files' modification times (a hit touches its file), so the
 least-recently-used order survives a restart; the in-memory index is rebuilt
@@ -169,13 +176,15 @@ class DiskCache:
         self._swept_at = 0.0
         self._touch_interval = touch_interval
         # Reads and writes on threads of their own: a lookup must never queue behind a
-        # write's fsync (nor behind the default executor's other work).
+        # write (nor behind the default executor's other work).
         self._readers = ThreadPoolExecutor(
             max_workers=READ_THREADS, thread_name_prefix="cache-read"
         )
         self._writers = ThreadPoolExecutor(
             max_workers=WRITE_THREADS, thread_name_prefix="cache-write"
         )
+        #: Entry directories made (or found) by this instance: made once, not per write.
+        self._made: set[Path] = set()
 
     @staticmethod
     async def _in(executor: ThreadPoolExecutor, function: Callable[..., T], *args: Any) -> T:
@@ -368,22 +377,35 @@ class DiskCache:
     def _write(self, key: str, entry: CacheEntry) -> bytes:
         data = _encode(entry)
         path = self._path(key)
-        temp_dir = self.directory / _TEMP_DIR
-        temp_dir.mkdir(parents=True, exist_ok=True)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temp = temp_dir / f"{key}.{os.getpid()}.{secrets.token_hex(4)}.part"
         try:
-            with open(temp, "wb") as file:
-                file.write(data)
-                file.flush()
-                os.fsync(file.fileno())
+            self._write_file(path, data)
+        except FileNotFoundError:
+            # A directory went away (the cache was emptied by hand): make it again.
+            self._made.discard(path.parent)
+            self._write_file(path, data)
+        return data
+
+    def _write_file(self, path: Path, data: bytes) -> None:
+        """Write ``data`` as ``path``: a temporary file, renamed into place."""
+        parent = path.parent
+        if parent not in self._made:
+            (self.directory / _TEMP_DIR).mkdir(parents=True, exist_ok=True)
+            parent.mkdir(parents=True, exist_ok=True)
+            self._made.add(parent)
+        temp = f"{self.directory}/{_TEMP_DIR}/{path.stem}.{os.getpid()}.{secrets.token_hex(4)}.part"
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
             os.replace(temp, path)
         except BaseException:
             with contextlib.suppress(OSError):
-                temp.unlink()
+                os.unlink(temp)
             raise
-        _fsync_directory(path.parent)
-        return data
 
     # Index
 
@@ -561,13 +583,3 @@ def _decode(data: bytes) -> CacheEntry:
 def _touch(path: Path) -> None:
     with contextlib.suppress(OSError):
         os.utime(path)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename durable: fsync the directory that holds the new name."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
