@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from ttsstream.engines.base import WordEvent
@@ -51,30 +52,38 @@ class WordLocator:
         return found
 
     def _find(self, word: str, end: int) -> tuple[int, int] | None:
-        """The exact match, as :meth:`_search` finds one, with ``str.find``: a pattern
-        per word would be compiled for every word of a new text (``re``'s cache
-        keeps 512), about 1 % of the server's time under load (bench/NOTES.md)."""
-        text = self._text
-        first: tuple[int, int] | None = None
-        start = self._cursor
-        while (at := text.find(word, start, end)) >= 0:
-            span = (at, at + len(word))
-            if at == 0 or not text[at - 1].isalnum():
-                return span
-            if first is None:
-                first = span
-            start = span[1]  # as the pattern's matches, which do not overlap
-        return first
+        """The exact match, with ``str.find``: a pattern per word would be compiled for
+        every word of a new text (``re``'s cache keeps 512), about 1 % of the server's
+        time under load (bench/NOTES.md)."""
+        text, size = self._text, len(word)
+        at = text.find(word, self._cursor, end)
+        if at < 0:
+            return None
+        if self._starts_word(at):  # the usual case, answered without a generator
+            return at, at + size
+
+        def spans(at: int) -> Iterator[tuple[int, int]]:
+            while at >= 0:
+                yield at, at + size
+                at = text.find(word, at + size, end)  # as a pattern's, not overlapping
+
+        return self._best(spans(at))
 
     def _search(self, pattern: re.Pattern[str], end: int) -> tuple[int, int] | None:
+        return self._best(m.span() for m in pattern.finditer(self._text, self._cursor, end))
+
+    def _best(self, spans: Iterable[tuple[int, int]]) -> tuple[int, int] | None:
+        """The first span that starts a word, else the first span."""
         first: tuple[int, int] | None = None
-        for match in pattern.finditer(self._text, self._cursor, end):
-            span = match.span()
-            if span[0] == 0 or not self._text[span[0] - 1].isalnum():
+        for span in spans:
+            if self._starts_word(span[0]):
                 return span
             if first is None:
                 first = span
         return first
+
+    def _starts_word(self, at: int) -> bool:
+        return at == 0 or not self._text[at - 1].isalnum()
 
 
 _TRIM = "\"'“”‘’«»„‚‹›()[]{}<>.,;:!?¡¿…—–-*_/\\|~`"
