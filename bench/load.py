@@ -42,6 +42,12 @@ async def _ramp(spec: dict[str, Any], rng: random.Random) -> None:
         await asyncio.sleep(rng.uniform(0, spec["ramp"]))
 
 
+async def _think(spec: dict[str, Any], rng: random.Random) -> None:
+    """With "think", a client waits that many seconds on average before a request."""
+    if spec.get("think"):
+        await asyncio.sleep(rng.expovariate(1 / spec["think"]))
+
+
 async def speak_once(
     ws: ClientConnection,
     text: str,
@@ -176,8 +182,7 @@ async def speak_mode(spec: dict[str, Any]) -> dict[str, Any]:
         done = 0
         await _ramp(spec, rng)
         while True:
-            if spec.get("think"):
-                await asyncio.sleep(rng.expovariate(1 / spec["think"]))
+            await _think(spec, rng)
             if spec.get("duration") and time.perf_counter() >= deadline:
                 return
             if not spec.get("duration") and done >= spec["requests"]:
@@ -230,8 +235,7 @@ async def edge_mode(spec: dict[str, Any]) -> dict[str, Any]:
         nonlocal counter
         await _ramp(spec, rng)
         for index in range(spec["requests"]):
-            if spec.get("think"):
-                await asyncio.sleep(rng.expovariate(1 / spec["think"]))
+            await _think(spec, rng)
             counter += 1
             text = f"{spec['texts'][0]} Number {spec['offset'] + counter}."
             started = time.perf_counter()
@@ -331,8 +335,7 @@ async def http_mode(spec: dict[str, Any]) -> dict[str, Any]:
         nonlocal counter
         await _ramp(spec, rng)
         for index in range(spec["requests"]):
-            if spec.get("think"):
-                await asyncio.sleep(rng.expovariate(1 / spec["think"]))
+            await _think(spec, rng)
             counter += 1
             text = spec["texts"][0]
             if spec.get("unique"):

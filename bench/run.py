@@ -303,6 +303,39 @@ class Bench:
         )
         return server, f"ws://{server.match}/v1/stream"
 
+    def baseline_spec(
+        self, clients: int, requests: int, offset: int, **extra: Any
+    ) -> dict[str, Any]:
+        """Baseline (a)'s load: edge-tts alone, one process (on the server's core)."""
+        return {
+            "mode": "edge",
+            "wss_url": self.fake_urls[0],
+            "clients": clients,
+            "requests": requests,
+            "texts": [TEXT],
+            "offset": offset,
+            **extra,
+        }
+
+    def door_specs(
+        self, door: dict[str, Any], clients: int, requests: int, offset: int, **extra: Any
+    ) -> list[dict[str, Any]]:
+        """A door's load (``door`` but for its clients): new texts, split over the
+        load processes."""
+        return [
+            {
+                **door,
+                "clients": n,
+                "requests": requests,
+                "texts": [TEXT],
+                "unique": True,
+                "seed": i,
+                "offset": offset + 10**6 * (i + 1),
+                **extra,
+            }
+            for i, n in enumerate(split(clients, min(self.workers, clients)))
+        ]
+
     async def against_baseline(
         self,
         server: Process,
@@ -333,7 +366,6 @@ class Bench:
         ramp = 0.0 if think else RAMP
         rows = []
         for clients in levels:
-            parts = split(clients, min(self.workers, clients))
             baseline_runs: list[dict[str, Any]] = []
             our_runs: list[dict[str, Any]] = []
             beside_runs: list[dict[str, Any]] = []
@@ -342,38 +374,15 @@ class Bench:
                 turn = offset + 10**8 * repeat
                 # Baseline (a) is one process on the server's core: what the server
                 # is, less ttsstream.
-                base = {
-                    "mode": "edge",
-                    "wss_url": self.fake_urls[0],
-                    "clients": clients,
-                    "requests": requests,
-                    "texts": [TEXT],
-                    "offset": turn,
-                    "think": think,
-                    "ramp": ramp,
-                }
-                baseline_runs += await load([base])
+                paced = {"think": think, "ramp": ramp}
+                baseline_runs += await load([self.baseline_spec(clients, requests, turn, **paced)])
                 doors = [(ours, our_runs, 0)]
                 if beside is not None:
                     doors.insert(repeat % 2, (beside, beside_runs, 10**7))
                 for spec, runs, shift in doors:
                     cpu0, _, _ = usage(server.process.pid)
-                    runs += await load(
-                        [
-                            {
-                                **spec,
-                                "clients": n,
-                                "requests": requests,
-                                "texts": [TEXT],
-                                "unique": True,
-                                "think": think,
-                                "ramp": ramp,
-                                "seed": i,
-                                "offset": turn + shift + 10**6 * (i + 1) + clients * 1000,
-                            }
-                            for i, n in enumerate(parts)
-                        ]
-                    )
+                    at = turn + shift + clients * 1000
+                    runs += await load(self.door_specs(spec, clients, requests, at, **paced))
                     if runs is our_runs:
                         cpu += usage(server.process.pid)[0] - cpu0
             baseline, summary = summarize(baseline_runs), summarize(our_runs)
@@ -424,31 +433,14 @@ class Bench:
         for number in range(rounds):
             names = list(doors)
             names = names[number % len(names) :] + names[: number % len(names)]
-            for name in ["edge", *names]:
-                offset = 7 * 10**8 + number * 10**7 + len(times[name]) * 10**6
-                if name == "edge":
-                    specs = [
-                        {
-                            "mode": "edge",
-                            "wss_url": self.fake_urls[0],
-                            "clients": clients,
-                            "requests": 1,
-                            "texts": [TEXT],
-                            "offset": offset,
-                        }
-                    ]
-                else:
-                    specs = [
-                        {
-                            **doors[name],
-                            "clients": n,
-                            "requests": 1,
-                            "texts": [TEXT],
-                            "unique": True,
-                            "offset": offset + 10**5 * (i + 1),
-                        }
-                        for i, n in enumerate(split(clients, min(self.workers, clients)))
-                    ]
+            for position, name in enumerate(["edge", *names]):
+                # New texts for every turn: each door's own, none the cache has.
+                offset = 7 * 10**9 + number * 10**8 + position * 10**7
+                specs = (
+                    [self.baseline_spec(clients, 1, offset)]
+                    if name == "edge"
+                    else self.door_specs(doors[name], clients, 1, offset)
+                )
                 runs = await load(specs)
                 firsts = [r["ttfb"] * 1000 for run in runs for r in run["results"] if "ttfb" in r]
                 times[name].append((percentile(firsts, 0.5), max(firsts)))
@@ -487,8 +479,7 @@ class Bench:
                 ws = {"mode": "speak", "url": url, "words": "none"}
                 rows = await self.against_baseline(server, http, 5 * 10**7, beside=ws)
                 # The most clients again, each thinking between requests (as in
-                # scenario 7): closed loop, the server's core is saturated, and how
-                # fast the clients ask again decides the queue as much as the server.
+                # scenario 7), so that the server's core is not kept busy.
                 paced = await self.against_baseline(
                     server,
                     http,
