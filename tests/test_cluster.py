@@ -301,6 +301,62 @@ async def test_a_text_made_on_one_instance_is_a_hit_on_another(
     await wait_for_entries(other, 1)
 
 
+async def test_a_whole_flight_is_settled_with_its_entry_in_one_call(
+    start_server: ServerFactory,
+    redis: RedisServer,
+    fake: FakeEdge,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A flight that ends whole keeps its lock until its entry is written: then one
+    script stores the entry and gives the lock back. In between, the same text asked
+    on another instance joins the finished flight (its stream written out on
+    request), the same bytes and words, no second synthesis."""
+    owner = await start_server(redis_url=redis.url, cache_dir=tmp_path / "a")
+    other = await start_server(redis_url=redis.url, cache_dir=tmp_path / "b")
+    link = owner.services.cluster
+    assert link is not None
+    asked = count_calls(link, monkeypatch, ("find_or_claim", "_settle", "put", "claim"))
+    store = owner.services.speech.store
+    assert store is not None
+    may_write = asyncio.Event()
+    put = store.put
+
+    async def held_put(*args: Any) -> Any:
+        await may_write.wait()
+        return await put(*args)
+
+    monkeypatch.setattr(store, "put", held_put)
+    text = "Settled with its entry, in one call."
+    shared = aioredis.from_url(redis.url)
+    try:
+        async with connected(owner) as client:
+            await client.speak(text, id="a", words="batch")
+            made = await client.until_final("a")
+        assert made.final["type"] == "end"
+        (lock,) = await shared.keys("ttsstream:flight:*")
+        assert await shared.get(lock) == link.instance.encode()  # held: not yet settled
+        assert not await shared.keys("ttsstream:entry:*")
+        async with connected(other) as client:
+            await client.speak(text, id="b", words="batch")
+            joined = await client.until_final("b")
+        assert joined.final["type"] == "end" and joined.messages[0]["cached"] is False
+        assert bytes(joined.audio) == bytes(made.audio)
+        assert joined.batched_words == made.batched_words
+        assert len(fake.records) == 1
+        may_write.set()
+
+        async def settled() -> bool:
+            return (
+                not await shared.exists(lock) and len(await shared.keys("ttsstream:entry:*")) == 1
+            )
+
+        await until(settled)
+        assert asked == ["find_or_claim", "_settle"]
+    finally:
+        await shared.aclose()
+
+
 async def test_the_http_door_shares_flights_and_entries_over_the_cluster(
     start_server: ServerFactory, redis: RedisServer, fake: FakeEdge, tmp_path: Path
 ) -> None:

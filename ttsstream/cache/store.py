@@ -529,9 +529,13 @@ class SharedTier(Protocol):
             LimiterUnavailable: The tier cannot answer; the caller decides alone.
         """
 
-    def put(self, key: str, entry: CacheEntry, data: bytes | None = None) -> None:
+    def put(
+        self, key: str, entry: CacheEntry, data: bytes | None = None, *, settles: bool = False
+    ) -> None:
         """Keep ``entry`` for the other instances (in the background); ``data`` is its
-        :func:`encode_entry`, when the disk made it already."""
+        :func:`encode_entry`, when the disk made it already. With ``settles``, the
+        cluster flight of ``key`` that made it (this instance's) is given back in the
+        same round trip."""
 
 
 def _encode(entry: CacheEntry) -> bytes:

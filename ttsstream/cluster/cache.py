@@ -87,9 +87,15 @@ class SharedEntries:
             logger.warning("shared cache: entry %s… is damaged (%s); a miss", key[:12], exc)
             return None
 
-    def put(self, key: str, entry: CacheEntry, data: bytes | None = None) -> None:
+    def put(
+        self, key: str, entry: CacheEntry, data: bytes | None = None, *, settles: bool = False
+    ) -> None:
         if data is None:
             data = encode_entry(entry)  # on the loop: the disk did not write it
+        if settles:
+            entry_key = self._link.key("entry", key)
+            self._flights.settle(key, entry_key, data, ttl=self._ttl, within=READ_TIMEOUT)
+            return
         write = asyncio.ensure_future(
             self._link.call(
                 lambda client: client.set(self._link.key("entry", key), data, ex=self._ttl),

@@ -11,6 +11,16 @@ the audio and words live, from the first chunk, and a flight nobody joins costs
 Redis nothing but its lock. (Writing every flight out cost a fifth of the
 server's CPU at 100 live utterances.)
 
+A flight that ends whole keeps its lock until the cache has its entry: then
+:meth:`SharedFlights.settle` stores the entry in the shared tier and gives the
+lock back in one round trip, when the cache writes it (once no utterance waits for
+its first audio). Until then a joiner still finds the lock and gets the flight's
+stream written out, and after it finds the entry: there is no moment in between
+when the text would look new to the cluster. The locks of this instance's
+flights are renewed together, one pipeline a third of a lease. Each call to Redis
+costs the loop about 0.2 ms, and one made at the end of an utterance delays the
+next request of a client that asks again at once (bench/NOTES.md).
+
 If the owner dies, its lock lapses with its lease; a reader that sees the lock
 gone (or nothing new for ``UPSTREAM_TIMEOUT``) before the end is told
 :class:`FlightLost`, with whether it had passed on audio: one that had not
@@ -23,8 +33,9 @@ the instance's own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
 from typing import Any, NamedTuple
 
 import orjson
@@ -118,14 +129,18 @@ class SharedFlights:
     def __init__(self, link: RedisLink, *, timeout: float) -> None:
         self._link = link
         self._timeout = timeout
-        self._writers: set[asyncio.Task[Any]] = set()
-        #: This instance's flights, by key: what they made so far, until another wants it.
+        self._writers: set[asyncio.Task[None]] = set()
+        #: This instance's flights, by key, from their claim until they are settled:
+        #: what they made so far, until another instance wants it.
         self._own: dict[str, _Publication] = {}
+        #: Renews the locks of every flight in ``_own``, while there are any.
+        self._renewer: asyncio.Task[None] | None = None
         #: Keys other instances asked for lately, and when (a want may come first).
         self._wanted: dict[str, float] = {}
         # Subscribed from the start (an ask made before would be lost), and again
         # whenever Redis comes back.
         link.listen("want", self._on_want)
+        link.on_close(self._close)
 
     async def claim(self, key: str) -> bool | None:
         """Whether this instance now owns the flight of ``key`` (``False``: another does;
@@ -180,15 +195,25 @@ class SharedFlights:
         return Found(bytes(found[1]) if found[0] == 2 else bool(found[0]))
 
     def give_back(self, key: str) -> None:
-        self._spawn(self._release_lock(key))
+        """Give back the lock of ``key``: a claim not flown, or a whole flight of this
+        instance with no entry to store (in the background)."""
+        self._settle_later(key, None)
+
+    def settle(self, key: str, entry_key: str, data: bytes, *, ttl: int, within: float) -> None:
+        """Store a whole flight's entry at ``entry_key`` (for ``ttl`` s) and give its lock
+        back, in one round trip (in the background, after its stream, if it is written out)."""
+        self._settle_later(key, (entry_key, data, ttl, within))
 
     async def publish(
         self, key: str, events: AsyncGenerator[Speech, None]
     ) -> AsyncGenerator[Speech, None]:
-        """``events`` as they come, each also written to the flight's stream, in order, by
-        a writer task (the owner's own clients never wait for Redis), which gives the
-        lock back after the last."""
+        """``events`` as they come, each also written to the flight's stream once another
+        instance wants it, in order, by a writer task (the owner's own clients never
+        wait for Redis). A flight that fails gives its lock back at once; a whole one
+        keeps it until :meth:`settle` or :meth:`give_back`."""
         publication = self._own[key] = _Publication(self, key)
+        if self._renewer is None:
+            self._renewer = asyncio.create_task(self._renew_locks())
         if self._wanted.pop(key, None) is not None:
             publication.want()
         final: dict[str, Any] = {"k": "gone"}
@@ -201,9 +226,10 @@ class SharedFlights:
             final = {"k": "error", "code": error_code(exc), "message": str(exc)}
             raise
         finally:
-            if self._own.get(key) is publication:
+            whole = final["k"] == "end"
+            if not whole and self._own.get(key) is publication:
                 del self._own[key]
-            publication.end(final)
+            publication.end(final, release=not whole)
             await events.aclose()
 
     async def listen(self, key: str) -> AsyncIterator[Speech]:
@@ -266,32 +292,95 @@ class SharedFlights:
         self._wanted = {k: t for k, t in self._wanted.items() if now - t < 5.0}
         self._wanted[key] = now
 
-    def _spawn(self, work: Any) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(work)
         self._writers.add(task)
         task.add_done_callback(self._writers.discard)
+        return task
 
-    async def _renew_lock(self, key: str) -> None:
+    def _settle_later(self, key: str, entry: tuple[str, bytes, int, float] | None) -> None:
+        publication = self._own.get(key)
+        writer = None
+        if publication is not None and publication.ended:
+            del self._own[key]
+            writer = publication.writer
+        self._spawn(self._settle(key, writer, entry))
+
+    async def _settle(
+        self,
+        key: str,
+        writer: asyncio.Task[None] | None,
+        entry: tuple[str, bytes, int, float] | None,
+    ) -> None:
+        if writer is not None:
+            await writer  # the stream's end is written before the lock goes
         link = self._link
         lock = link.key("flight", key)
+        if entry is None:
+            await link.call(lambda client: client.eval(_RELEASE, 1, lock, link.instance))
+            return
+        entry_key, data, ttl, within = entry
+
+        async def store_and_release(client: Any) -> None:
+            # Not one script: Lua copies an entry's bytes twice, which made this call
+            # cost Redis 0.16 ms instead of 0.02.
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.set(entry_key, data, ex=ttl)
+                pipe.eval(_RELEASE, 1, lock, link.instance)
+                await pipe.execute()
+
+        await link.call(store_and_release, within=within)
+
+    async def _renew_locks(self) -> None:
+        """Renew the lock of every flight of this instance (one pipeline), a third of a
+        lease apart, while it has any: a text that takes longer than a lease is still
+        one flight."""
+        link = self._link
         lease_ms = round(link.lease_seconds * 1000)
-        while True:
-            await asyncio.sleep(link.lease_seconds / 3)
-            await link.call(lambda client: client.pexpire(lock, lease_ms))
+        try:
+            while self._own:
+                await asyncio.sleep(link.lease_seconds / 3)
+                locks = [link.key("flight", key) for key in self._own]
 
-    async def _release_lock(self, key: str) -> None:
-        link = self._link
-        lock = link.key("flight", key)
-        await link.call(lambda client: client.eval(_RELEASE, 1, lock, link.instance))
+                async def renew(client: Any, locks: list[str] = locks) -> None:
+                    async with client.pipeline(transaction=False) as pipe:
+                        for lock in locks:
+                            pipe.pexpire(lock, lease_ms)
+                        await pipe.execute()
 
-    async def _write(self, key: str, queue: asyncio.Queue[dict[str, Any] | None]) -> None:
+                if locks:
+                    await link.call(renew)
+        finally:
+            self._renewer = None
+
+    async def _close(self) -> None:
+        """Give back, as the link closes, the locks of whole flights not yet settled."""
+        if self._renewer is not None:
+            self._renewer.cancel()
+        locks = [self._link.key("flight", key) for key, own in self._own.items() if own.ended]
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(1):
+                for lock in locks:
+                    await self._link.client.eval(_RELEASE, 1, lock, self._link.instance)
+
+    async def _write(self, key: str, queue: asyncio.Queue[_Queued | None]) -> None:
         link = self._link
         stream = link.key("events", key)
+        release = False
         while True:
             batch = [await queue.get()]
             while not queue.empty():
                 batch.append(queue.get_nowait())
-            entries = [fields for fields in batch if fields is not None]
+            entries = [
+                item if isinstance(item, dict) else _encode(item)
+                for item in batch
+                if item is not None
+            ]
+            # A flight that failed gives its lock back after its last event; a whole
+            # one is settled by the cache.
+            release = release or any(
+                isinstance(item, dict) and item["k"] != "end" for item in batch
+            )
 
             async def add(client: Any, entries: list[dict[str, Any]] = entries) -> None:
                 async with client.pipeline(transaction=False) as pipe:
@@ -304,46 +393,57 @@ class SharedFlights:
                 await link.call(add, within=1.0)
             if None in batch:
                 break
-        await self._release_lock(key)
+        if release:
+            await self._settle(key, None, None)
+
+
+#: What a publication keeps and writes out: an event, or the flight's last fields.
+_Queued = Speech | dict[str, Any]
 
 
 class _Publication:
-    """One flight of this instance: its events kept until another instance asks for
-    them, then written out (what was kept, and the rest as it comes)."""
+    """One flight of this instance: its events kept (as they are: encoding them costs
+    only a flight that is wanted) until another instance asks for them, then written
+    out, what was kept and the rest as it comes; also after its end, until settled."""
 
     def __init__(self, flights: SharedFlights, key: str) -> None:
         self._flights = flights
         self._key = key
-        self._kept: list[dict[str, Any]] = []
-        self._queue: asyncio.Queue[dict[str, Any] | None] | None = None
-        # The lock is renewed while the flight runs, asked for or not: a text that
-        # takes longer than a lease is still one flight.
-        self._renewal = asyncio.ensure_future(flights._renew_lock(key))
+        self._kept: list[_Queued] = []
+        self._queue: asyncio.Queue[_Queued | None] | None = None
+        #: Writes the flight's stream, once wanted.
+        self.writer: asyncio.Task[None] | None = None
+        self.ended = False
 
     def add(self, event: Speech) -> None:
-        fields = _encode(event)
         if self._queue is None:
-            self._kept.append(fields)
+            self._kept.append(event)
         else:
-            self._queue.put_nowait(fields)
+            self._queue.put_nowait(event)
 
     def want(self) -> None:
         if self._queue is not None:
             return
         self._queue = asyncio.Queue()
-        for fields in self._kept:
-            self._queue.put_nowait(fields)
+        for item in self._kept:
+            self._queue.put_nowait(item)
+        if self.ended:
+            self._queue.put_nowait(None)
         self._kept = []
-        self._flights._spawn(self._flights._write(self._key, self._queue))
+        self.writer = self._flights._spawn(self._flights._write(self._key, self._queue))
 
-    def end(self, final: dict[str, Any]) -> None:
-        self._renewal.cancel()
-        if self._queue is None:  # nobody asked: only the lock to give back
+    def end(self, final: dict[str, Any], *, release: bool) -> None:
+        """The flight is over: ``final`` says how; ``release``: its lock goes back now
+        (after its stream, if written), else it waits to be settled."""
+        self.ended = True
+        if self._queue is not None:
+            self._queue.put_nowait(final)
+            self._queue.put_nowait(None)
+        elif release:  # nobody asked: only the lock to give back
             self._kept = []
-            self._flights._spawn(self._flights._release_lock(self._key))
-            return
-        self._queue.put_nowait(final)
-        self._queue.put_nowait(None)
+            self._flights._spawn(self._flights._settle(self._key, None, None))
+        else:  # kept whole, for a joiner that asks before it is settled
+            self._kept.append(final)
 
 
 def _encode(event: Speech) -> dict[str, Any]:

@@ -62,12 +62,17 @@ class ClusterFlights(Protocol):
         does, ``None`` if that cannot be told (then the instance goes alone)."""
 
     def give_back(self, key: str) -> None:
-        """Give back a claim of ``key`` that this instance will not fly (in the background)."""
+        """Give back a claim of ``key`` that this instance will not fly, or a whole flight
+        that leaves nothing to store (in the background)."""
 
     def publish(
         self, key: str, events: AsyncGenerator[Speech, None]
     ) -> AsyncGenerator[Speech, None]:
-        """The owner's events, passed on as they are and shared with other instances."""
+        """The owner's events, passed on as they are and shared with other instances.
+
+        A flight that fails is given back at its end; a whole one holds its claim
+        until it is settled: its entry put in the shared tier with ``settles``
+        (:meth:`~ttsstream.cache.store.SharedTier.put`), or :meth:`give_back`."""
 
     def listen(self, key: str) -> AsyncIterator[Speech]:
         """Another instance's flight of ``key``, from its start, live.
@@ -353,23 +358,32 @@ class SpeechCache:
         if self._writes:
             await asyncio.wait(self._writes)
 
-    def _write(self, key: str, entry: CacheEntry, *, share: bool = True) -> None:
-        """Keep ``entry`` in memory until it is written to disk (and the shared tier)."""
+    def _write(
+        self, key: str, entry: CacheEntry, *, share: bool = True, settles: bool = False
+    ) -> None:
+        """Keep ``entry`` in memory until it is written to disk (and the shared tier);
+        with ``settles``, the cluster flight that made it is given back with it."""
         self._unwritten[key] = entry
-        write = asyncio.create_task(self._write_later(key, entry, share=share))
+        write = asyncio.create_task(self._write_later(key, entry, share=share, settles=settles))
         self._writes.add(write)
         write.add_done_callback(self._writes.discard)
 
-    async def _write_later(self, key: str, entry: CacheEntry, *, share: bool) -> None:
+    async def _write_later(
+        self, key: str, entry: CacheEntry, *, share: bool, settles: bool
+    ) -> None:
         assert self.store is not None
+        settled = False
         try:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(STORE_DELAY_MAX):
                     await self._quiet.wait()
             data = await self.store.put(key, entry)
             if share and self.shared is not None:
-                self.shared.put(key, entry, data)
+                self.shared.put(key, entry, data, settles=settles)
+                settled = settles
         finally:
+            if settles and not settled and self.flights is not None:
+                self.flights.give_back(key)
             if self._unwritten.get(key) is entry:
                 del self._unwritten[key]
 
@@ -379,8 +393,10 @@ class SpeechCache:
         async def store(events: list[Speech]) -> None:
             entry = _entry_of(events)
             if entry is None:
+                if publish and self.flights is not None:
+                    self.flights.give_back(key)
                 return
-            self._write(key, entry)
+            self._write(key, entry, settles=publish)
             finished()
 
         def finished() -> None:
