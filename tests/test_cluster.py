@@ -765,6 +765,37 @@ async def test_a_permit_given_back_is_taken_at_once_on_any_instance(
             await link.aclose()
 
 
+async def test_permits_held_longer_than_a_lease_still_count(redis: RedisServer) -> None:
+    """Every permit an instance holds, spares too, is renewed while held (together,
+    in one call): held for three leases, they still count against the cap."""
+    from ttsstream.cluster.link import RedisLink
+    from ttsstream.cluster.slots import SharedSlots
+
+    links = [RedisLink(redis.url, prefix="renewed:", lease_seconds=0.6) for _ in range(2)]
+    here, there = SharedSlots(links[0], 8), SharedSlots(links[1], 8)  # two spares at most
+    for link in links:
+        await link.start()
+    client = aioredis.from_url(redis.url)
+    try:
+        held, spare = await here.take(), await here.take()
+        assert held is not None and spare is not None
+        here.release(spare)  # kept as a spare: still held
+        await asyncio.sleep(1.8)  # three leases
+        assert await client.zcard("renewed:upstream") == 2
+        theirs = [await there.take() for _ in range(7)]  # the seventh gets the spare
+        assert None not in theirs and await client.zcard("renewed:upstream") == 8
+        waiting = asyncio.ensure_future(there.take())
+        await asyncio.sleep(0.3)
+        assert not waiting.done()  # the held permit still counts
+        here.release(held)
+        async with asyncio.timeout(TIMEOUT):
+            assert await waiting is not None
+    finally:
+        await client.aclose()
+        for link in links:
+            await link.aclose()
+
+
 async def test_spare_permits_skip_redis_and_go_back_when_wanted(
     redis: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

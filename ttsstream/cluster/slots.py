@@ -3,10 +3,10 @@ over every instance.
 
 Microsoft throttles per egress address, which a cluster usually shares. A
 permit is a member of a sorted set scored by when it lapses; taking one is one
-Lua script (drop the lapsed, count, add if there is room). A held permit is
-renewed every third of ``REDIS_LEASE_SECONDS``, so the permits of an instance
-that died lapse with its lease. While Redis is down, each instance is held to
-its own cap alone.
+Lua script (drop the lapsed, count, add if there is room). The permits an
+instance holds are renewed together every third of ``REDIS_LEASE_SECONDS``,
+so the permits of an instance that died lapse with its lease. While Redis is
+down, each instance is held to its own cap alone.
 
 While the cluster is full, a synthesis waits in its instance's queue, in the
 order they came. Giving a permit back is one script that also announces it on
@@ -77,7 +77,9 @@ class SharedSlots:
         self._take_script: Any = None
         self._give_script: Any = None
         self._numbers = itertools.count()
-        self._renewals: dict[str, asyncio.Task[None]] = {}
+        #: The permits this instance holds (spares too), renewed together.
+        self._held: set[str] = set()
+        self._renewer: asyncio.Task[None] | None = None
         self._writes: set[asyncio.Task[Any]] = set()
         #: This instance's syntheses waiting for the cluster to have room, in order.
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
@@ -130,7 +132,9 @@ class SharedSlots:
             if room >= 0:
                 if room > 0:
                     self._wake_one()  # room for the next waiter too
-                self._renewals[member] = asyncio.create_task(self._renew(member))
+                self._held.add(member)
+                if self._renewer is None:
+                    self._renewer = asyncio.create_task(self._renew())
                 return member
             queued = True
 
@@ -147,9 +151,7 @@ class SharedSlots:
         self._give_back(permit)
 
     def _give_back(self, permit: str) -> None:
-        renewal = self._renewals.pop(permit, None)
-        if renewal is not None:
-            renewal.cancel()
+        self._held.discard(permit)
         write = asyncio.ensure_future(self._give(permit))
         self._writes.add(write)
         write.add_done_callback(self._writes.discard)
@@ -212,9 +214,9 @@ class SharedSlots:
         spares = list(self._spares)
         for permit in spares:
             self._spares.pop(permit).cancel()
-            renewal = self._renewals.pop(permit, None)
-            if renewal is not None:
-                renewal.cancel()
+            self._held.discard(permit)
+        if self._renewer is not None:
+            self._renewer.cancel()
         if spares:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(1):
@@ -224,14 +226,20 @@ class SharedSlots:
         if data.decode() != self._link.instance:  # this instance's own were woken already
             self._wake_one()
 
-    async def _renew(self, member: str) -> None:
+    async def _renew(self) -> None:
+        """Renew every permit this instance holds, in one call a third of a lease apart,
+        while it holds any (a task per permit cost a task switch each)."""
         link = self._link
-        with contextlib.suppress(asyncio.CancelledError):
-            while True:
+        try:
+            while self._held:
                 await asyncio.sleep(link.lease_seconds / 3)
                 expiry = time.time() + link.lease_seconds
+                members = dict.fromkeys(self._held, expiry)
 
-                def renew(client: Any, expiry: float = expiry) -> Any:
-                    return client.zadd(link.key("upstream"), {member: expiry}, xx=True)
+                def renew(client: Any, members: dict[str, float] = members) -> Any:
+                    return client.zadd(link.key("upstream"), members, xx=True)
 
-                await link.call(renew)
+                if members:
+                    await link.call(renew)
+        finally:
+            self._renewer = None
