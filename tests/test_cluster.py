@@ -357,6 +357,46 @@ async def test_a_whole_flight_is_settled_with_its_entry_in_one_call(
         await shared.aclose()
 
 
+async def test_a_joiner_whose_flight_was_stored_meanwhile_replays_it(
+    start_server: ServerFactory,
+    redis: RedisServer,
+    fake: FakeEdge,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A joiner that found the flight's lock, but whose ask the owner missed, and then
+    sees the lock go because the flight was settled (its entry stored), replays the
+    entry: no second synthesis."""
+    from ttsstream.cluster.flights import SharedFlights
+
+    monkeypatch.setattr(SharedFlights, "_on_want", lambda self, data: None)  # asks missed
+    owner = await start_server(redis_url=redis.url, cache_dir=tmp_path / "a")
+    other = await start_server(redis_url=redis.url, cache_dir=tmp_path / "b")
+    store = owner.services.speech.store
+    assert store is not None
+    may_write = asyncio.Event()
+    put = store.put
+
+    async def held_put(*args: Any) -> Any:
+        await may_write.wait()
+        return await put(*args)
+
+    monkeypatch.setattr(store, "put", held_put)
+    text = "Stored while its joiner waited."
+    async with connected(owner) as client:
+        await client.speak(text, id="a", words="batch")
+        made = await client.until_final("a")
+    async with connected(other) as client:
+        await client.speak(text, id="b", words="batch")
+        await asyncio.sleep(0.2)  # joined: reading a stream nobody writes
+        may_write.set()
+        replayed = await client.until_final("b")
+    assert replayed.final["type"] == "end" and replayed.messages[0]["cached"] is True
+    assert bytes(replayed.audio) == bytes(made.audio)
+    assert replayed.batched_words == made.batched_words
+    assert len(fake.records) == 1
+
+
 async def test_the_http_door_shares_flights_and_entries_over_the_cluster(
     start_server: ServerFactory, redis: RedisServer, fake: FakeEdge, tmp_path: Path
 ) -> None:

@@ -277,6 +277,15 @@ class SpeechCache:
             for attempt in range(TAKEOVERS):
                 if attempt == 0 and claimed is not None:
                     owner: bool | None = claimed
+                elif attempt > 0 and self.shared is not None:
+                    # The flight may have ended whole and been stored since it was
+                    # joined (its owner missed the ask): then its entry, not a new one.
+                    entry, owner = await self.shared.find_or_claim(key)
+                    if entry is not None:
+                        self._write(key, entry, share=False)
+                        for event in _replay(entry, audio_format, words_ahead=words_ahead):
+                            yield event
+                        return
                 else:
                     owner = await self.flights.claim(key)
                 if owner is not False:
@@ -293,7 +302,7 @@ class SpeechCache:
                         raise UpstreamUnavailable(
                             "the instance speaking this text stopped before its end"
                         ) from None
-                    logger.warning("flight %s…: its owner is gone; taking it over", key[:12])
+                    logger.warning("flight %s…: its owner stopped; asking again", key[:12])
             flight = self._joinable_flight(key)
         if flight is None:
             flight = self._start_flight(key, request, publish=publish)
