@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
@@ -68,6 +69,8 @@ TICKS = os.sysconf("SC_CLK_TCK")
 WORD_MODES = ("each", "batch", "none")
 #: Turns of baseline (a) and server per live level in a full run.
 REPEATS = 3
+#: Turns of scenario 7 (even: as many with one instance alone first as cluster mode first).
+CLUSTER_REPEATS = 4
 #: Mean seconds a paced client of scenario 7 thinks between two speaks.
 PACED_THINK = 2.0
 #: Seconds over which closed-loop clients' first requests are spread: about one
@@ -231,6 +234,10 @@ def split(total: int, parts: int) -> list[int]:
         for i in range(parts)
         if total // parts or i < total
     ]
+
+
+def _signed(values: list[float]) -> str:
+    return ", ".join(f"{value:+.1f}" for value in values) or "none"
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -733,6 +740,7 @@ class Bench:
             "cluster_paced": [],
         }
         cpu = dict.fromkeys(runs, 0.0)
+        turns: dict[str, list[float]] = {"closed": [], "paced": []}
         servers: list[Process] = []
         # The servers stop before their cache directories go (they may still be storing).
         with tempfile.TemporaryDirectory() as cache:
@@ -750,17 +758,23 @@ class Bench:
                 # Closed loop (each client's next speak as soon as the last one ended:
                 # the server's core is saturated), then paced (each client thinks
                 # PACED_THINK seconds on average between speaks: the server is not).
-                for repeat in range(1 if self.quick else REPEATS):
-                    for number, (name, server, url, think) in enumerate(
-                        (
-                            ("single", single, single_url, 0.0),
-                            ("cluster", first, first_url, 0.0),
-                            ("single_paced", single, single_url, PACED_THINK),
-                            ("cluster_paced", first, first_url, PACED_THINK),
-                        )
-                    ):
+                # In turns, one instance alone first then cluster mode first, so that
+                # neither always runs on a warmer machine; each turn's added p50 is kept.
+                modes = (
+                    ("single", single, single_url, 0.0),
+                    ("cluster", first, first_url, 0.0),
+                    ("single_paced", single, single_url, PACED_THINK),
+                    ("cluster_paced", first, first_url, PACED_THINK),
+                )
+                for repeat in range(1 if self.quick else CLUSTER_REPEATS):
+                    order = (
+                        [modes[:2], modes[2:]] if repeat % 2 == 0 else [modes[1::-1], modes[:1:-1]]
+                    )
+                    turn: dict[str, float] = {}
+                    for name, server, url, think in itertools.chain(*order):
+                        number = [mode[0] for mode in modes].index(name)
                         cpu0, _, _ = usage(server.process.pid)
-                        runs[name] += await load(
+                        this = await load(
                             [
                                 {
                                     "mode": "speak",
@@ -781,6 +795,10 @@ class Bench:
                             ]
                         )
                         cpu[name] += usage(server.process.pid)[0] - cpu0
+                        runs[name] += this
+                        turn[name] = summarize(this)["first_p50"]
+                    turns["closed"].append(turn["cluster"] - turn["single"])
+                    turns["paced"].append(turn["cluster_paced"] - turn["single_paced"])
                 alone, shared = summarize(runs["single"]), summarize(runs["cluster"])
                 alone_paced = summarize(runs["single_paced"])
                 shared_paced = summarize(runs["cluster_paced"])
@@ -832,12 +850,14 @@ class Bench:
             "cluster_first_p99": shared["first_p99"],
             "added_p50": shared["first_p50"] - alone["first_p50"],
             "added_p99": shared["first_p99"] - alone["first_p99"],
+            "turns_added_p50": turns["closed"],
             "errors": alone["errors"] + shared["errors"],
             "paced_think_s": PACED_THINK,
             "paced_single_first_p50": alone_paced["first_p50"],
             "paced_cluster_first_p50": shared_paced["first_p50"],
             "paced_added_p50": shared_paced["first_p50"] - alone_paced["first_p50"],
             "paced_added_p99": shared_paced["first_p99"] - alone_paced["first_p99"],
+            "paced_turns_added_p50": turns["paced"],
             "paced_errors": alone_paced["errors"] + shared_paced["errors"],
             # Server CPU per utterance, ms (closed loop and paced together).
             "single_cpu_ms": 1000
@@ -1255,12 +1275,14 @@ def markdown(out: dict[str, Any]) -> str:
             f"clients, first byte p50/p99 {c['single_first_p50']:.1f}/{c['single_first_p99']:.1f} "
             f"ms for one instance alone, {c['cluster_first_p50']:.1f}/"
             f"{c['cluster_first_p99']:.1f} ms in cluster mode: added {c['added_p50']:+.1f}/"
-            f"{c['added_p99']:+.1f} ms (errors {c['errors']}). The same clients each "
+            f"{c['added_p99']:+.1f} ms (errors {c['errors']}; added p50 turn by turn, "
+            f"{_signed(c.get('turns_added_p50', []))}). The same clients each "
             f"thinking {c['paced_think_s']:.0f} s on average between speaks, so that the "
             f"server is not saturated: {c['paced_single_first_p50']:.1f} ms alone, "
             f"{c['paced_cluster_first_p50']:.1f} ms in cluster mode, added "
             f"{c['paced_added_p50']:+.1f}/{c['paced_added_p99']:+.1f} ms (errors "
-            f"{c['paced_errors']}). Server CPU per utterance: {c['single_cpu_ms']:.1f} ms "
+            f"{c['paced_errors']}; turn by turn {_signed(c.get('paced_turns_added_p50', []))}"
+            f"). Server CPU per utterance: {c['single_cpu_ms']:.1f} ms "
             f"alone, {c['cluster_cpu_ms']:.1f} ms in cluster mode. The same new text asked on two "
             f"instances at once ({c['pairs']} texts): the joiner's first byte came "
             f"{c['join_gap_p50']:.1f} ms after the owner's (p50; at most "
