@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import json
 import os
 import platform
@@ -760,19 +759,18 @@ class Bench:
                 # PACED_THINK seconds on average between speaks: the server is not).
                 # In turns, one instance alone first then cluster mode first, so that
                 # neither always runs on a warmer machine; each turn's added p50 is kept.
-                modes = (
-                    ("single", single, single_url, 0.0),
-                    ("cluster", first, first_url, 0.0),
-                    ("single_paced", single, single_url, PACED_THINK),
-                    ("cluster_paced", first, first_url, PACED_THINK),
+                closed = (
+                    (0, "single", single, single_url, 0.0),
+                    (1, "cluster", first, first_url, 0.0),
+                )
+                paced = (
+                    (2, "single_paced", single, single_url, PACED_THINK),
+                    (3, "cluster_paced", first, first_url, PACED_THINK),
                 )
                 for repeat in range(1 if self.quick else CLUSTER_REPEATS):
-                    order = (
-                        [modes[:2], modes[2:]] if repeat % 2 == 0 else [modes[1::-1], modes[:1:-1]]
-                    )
+                    order = (*closed, *paced) if repeat % 2 == 0 else (*closed[::-1], *paced[::-1])
                     turn: dict[str, float] = {}
-                    for name, server, url, think in itertools.chain(*order):
-                        number = [mode[0] for mode in modes].index(name)
+                    for number, name, server, url, think in order:
                         cpu0, _, _ = usage(server.process.pid)
                         this = await load(
                             [
