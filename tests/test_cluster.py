@@ -85,6 +85,22 @@ def count_calls(link: Any, monkeypatch: pytest.MonkeyPatch, names: tuple[str, ..
     return asked
 
 
+def hold_cache_writes(server: Server, monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """From now on, ``server``'s cache writes (disk, then Redis) wait until the event
+    returned is set."""
+    store = server.services.speech.store
+    assert store is not None
+    may_write = asyncio.Event()
+    put = store.put
+
+    async def held_put(*args: Any) -> Any:
+        await may_write.wait()
+        return await put(*args)
+
+    monkeypatch.setattr(store, "put", held_put)
+    return may_write
+
+
 async def until(check: Any, timeout: float = TIMEOUT) -> None:
     async with asyncio.timeout(timeout):
         while not await check():
@@ -309,7 +325,7 @@ async def test_a_whole_flight_is_settled_with_its_entry_in_one_call(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A flight that ends whole keeps its lock until its entry is written: then one
-    script stores the entry and gives the lock back. In between, the same text asked
+    round trip stores the entry and gives the lock back. In between, the same text asked
     on another instance joins the finished flight (its stream written out on
     request), the same bytes and words, no second synthesis."""
     owner = await start_server(redis_url=redis.url, cache_dir=tmp_path / "a")
@@ -317,16 +333,7 @@ async def test_a_whole_flight_is_settled_with_its_entry_in_one_call(
     link = owner.services.cluster
     assert link is not None
     asked = count_calls(link, monkeypatch, ("find_or_claim", "_settle", "put", "claim"))
-    store = owner.services.speech.store
-    assert store is not None
-    may_write = asyncio.Event()
-    put = store.put
-
-    async def held_put(*args: Any) -> Any:
-        await may_write.wait()
-        return await put(*args)
-
-    monkeypatch.setattr(store, "put", held_put)
+    may_write = hold_cache_writes(owner, monkeypatch)
     text = "Settled with its entry, in one call."
     shared = aioredis.from_url(redis.url)
     try:
@@ -357,6 +364,43 @@ async def test_a_whole_flight_is_settled_with_its_entry_in_one_call(
         await shared.aclose()
 
 
+async def test_a_flight_that_fails_is_given_back_at_once(
+    start_server: ServerFactory, redis: RedisServer, fake: FakeEdge, tmp_path: Path
+) -> None:
+    """An owner's synthesis that breaks after its first audio ends its joiner on another
+    instance with the same error, after the audio they shared, and gives its lock back
+    at once (not at the end of a lease): the text is then spoken anew, whole."""
+    fake.pause_after_chunks = fake.drop_after_chunks = 2
+    owner = await start_server(redis_url=redis.url, cache_dir=tmp_path / "a")
+    other = await start_server(redis_url=redis.url, cache_dir=tmp_path / "b")
+    text = "Broken halfway, for everyone who heard it."
+    shared = aioredis.from_url(redis.url)
+    try:
+        async with connected(owner) as speaker, connected(other) as listener:
+            await speaker.speak(text, id="a")
+            await asyncio.wait_for(fake.paused.wait(), TIMEOUT)
+            await listener.speak(text, id="b")
+            while not listener.so_far("b").audio:
+                await listener.read_one()
+            fake.resume.set()
+            first, second = await speaker.until_final("a"), await listener.until_final("b")
+        assert first.final["code"] == second.final["code"] == "upstream_unavailable"
+        assert bytes(second.audio) == bytes(first.audio)
+
+        async def given_back() -> bool:
+            return not await shared.keys("ttsstream:flight:*")
+
+        await until(given_back, timeout=2.0)  # the lease is 15 s
+        fake.pause_after_chunks = fake.drop_after_chunks = None
+        async with connected(other) as client:
+            await client.speak(text, id="c")
+            again = await client.until_final("c")
+        assert again.final["type"] == "end" and again.messages[0]["cached"] is False
+        assert len(fake.records) == 2
+    finally:
+        await shared.aclose()
+
+
 async def test_a_joiner_whose_flight_was_stored_meanwhile_replays_it(
     start_server: ServerFactory,
     redis: RedisServer,
@@ -372,16 +416,7 @@ async def test_a_joiner_whose_flight_was_stored_meanwhile_replays_it(
     monkeypatch.setattr(SharedFlights, "_on_want", lambda self, data: None)  # asks missed
     owner = await start_server(redis_url=redis.url, cache_dir=tmp_path / "a")
     other = await start_server(redis_url=redis.url, cache_dir=tmp_path / "b")
-    store = owner.services.speech.store
-    assert store is not None
-    may_write = asyncio.Event()
-    put = store.put
-
-    async def held_put(*args: Any) -> Any:
-        await may_write.wait()
-        return await put(*args)
-
-    monkeypatch.setattr(store, "put", held_put)
+    may_write = hold_cache_writes(owner, monkeypatch)
     text = "Stored while its joiner waited."
     async with connected(owner) as client:
         await client.speak(text, id="a", words="batch")

@@ -366,7 +366,6 @@ class SharedFlights:
     async def _write(self, key: str, queue: asyncio.Queue[_Queued | None]) -> None:
         link = self._link
         stream = link.key("events", key)
-        release = False
         while True:
             batch = [await queue.get()]
             while not queue.empty():
@@ -376,11 +375,6 @@ class SharedFlights:
                 for item in batch
                 if item is not None
             ]
-            # A flight that failed gives its lock back after its last event; a whole
-            # one is settled by the cache.
-            release = release or any(
-                isinstance(item, dict) and item["k"] != "end" for item in batch
-            )
 
             async def add(client: Any, entries: list[dict[str, Any]] = entries) -> None:
                 async with client.pipeline(transaction=False) as pipe:
@@ -393,8 +387,6 @@ class SharedFlights:
                 await link.call(add, within=1.0)
             if None in batch:
                 break
-        if release:
-            await self._settle(key, None, None)
 
 
 #: What a publication keeps and writes out: an event, or the flight's last fields.
@@ -439,11 +431,11 @@ class _Publication:
         if self._queue is not None:
             self._queue.put_nowait(final)
             self._queue.put_nowait(None)
-        elif release:  # nobody asked: only the lock to give back
-            self._kept = []
-            self._flights._spawn(self._flights._settle(self._key, None, None))
-        else:  # kept whole, for a joiner that asks before it is settled
+        elif not release:  # kept whole, for a joiner that asks before it is settled
             self._kept.append(final)
+        if release:
+            self._kept = []
+            self._flights._spawn(self._flights._settle(self._key, self.writer, None))
 
 
 def _encode(event: Speech) -> dict[str, Any]:
