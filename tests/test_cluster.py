@@ -19,6 +19,7 @@ import aiohttp
 import orjson
 import pytest
 import redis.asyncio as aioredis
+import redis.exceptions as redis_exceptions
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
@@ -1012,3 +1013,126 @@ async def test_a_permit_or_lock_taken_past_its_deadline_is_given_back(
         async with asyncio.timeout(2):
             for link in links:
                 await link.aclose()
+
+
+async def test_the_quick_line_answers_each_call_in_order(redis: RedisServer) -> None:
+    """The line a request's lookup goes over: concurrent calls each get their own
+    reply, one that gave up takes its reply to nowhere, an error is raised in its call
+    only, and replies larger than a read and requests larger than the socket's buffer
+    go through whole."""
+    from ttsstream.cluster.line import QuickLine
+
+    line = QuickLine.for_url(redis.url, connect_timeout=TIMEOUT)
+    assert line is not None
+    try:
+        words = [f"word-{n}".encode() for n in range(200)]
+        assert await asyncio.gather(*(line.execute_command("ECHO", w) for w in words)) == words
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.05):
+                await line.execute_command("BLPOP", "nothing-here", 0.3)  # answers nil later
+        assert await line.execute_command("ECHO", "mine") == b"mine"
+        with pytest.raises(redis_exceptions.ResponseError):
+            await line.execute_command("NO-SUCH-COMMAND")
+        assert await line.execute_command("PING") == b"PONG"
+        big = bytes(range(256)) * (2**15)  # 8 MiB
+        assert await line.execute_command("SET", "big", big) == b"OK"
+        assert await line.execute_command("GET", "big") == big
+        assert line.at_once + line.later == 206
+    finally:
+        line.close()
+
+
+async def test_the_quick_line_sends_a_script_whole_only_when_redis_lacks_it(
+    redis: RedisServer,
+) -> None:
+    """Scripts go by their digest; whole the first time and after Redis lost them."""
+    from ttsstream.cluster.line import QuickLine
+
+    line = QuickLine.for_url(redis.url, connect_timeout=TIMEOUT)
+    assert line is not None
+    shared = aioredis.from_url(redis.url)
+    script = "return {KEYS[1], ARGV[1]}"
+    try:
+        for n in range(3):
+            assert await line.eval(script, 1, "k", n) == [b"k", str(n).encode()]
+        await shared.script_flush()
+        assert await line.eval(script, 1, "k", 3) == [b"k", b"3"]
+        stats = await shared.info("commandstats")
+        assert stats["cmdstat_eval"]["calls"] == 2
+        assert stats["cmdstat_evalsha"]["calls"] >= 2
+    finally:
+        line.close()
+        await shared.aclose()
+
+
+async def test_the_quick_line_logs_in_selects_and_names_itself(tmp_path: Path) -> None:
+    """With a password and a database in the URL: it logs in, works in that database,
+    names itself; a wrong password is an authentication error that does not hold it."""
+    from ttsstream.cluster.line import QuickLine
+
+    guarded = RedisServer(tmp_path, password="pa:ss@word")
+    await guarded.start()
+    url = f"redis://:pa%3Ass%40word@127.0.0.1:{guarded.port}/3"
+    line = QuickLine.for_url(url, name="ttsstream-test", connect_timeout=TIMEOUT)
+    wrong = QuickLine.for_url(url.replace("word", "wrong"), connect_timeout=TIMEOUT)
+    assert line is not None and wrong is not None
+    shared = aioredis.from_url(url)
+    try:
+        assert await line.execute_command("SET", "here", "yes") == b"OK"
+        assert await shared.get("here") == b"yes"
+        names = [client["name"] for client in await shared.client_list()]
+        assert "ttsstream-test" in names
+        with pytest.raises(redis_exceptions.AuthenticationError) as refused:
+            await wrong.execute_command("PING")
+        assert "pa:ss" not in str(refused.value)
+    finally:
+        line.close()
+        wrong.close()
+        await shared.aclose()
+        await guarded.stop()
+
+
+async def test_the_quick_line_fails_its_calls_when_redis_goes_and_opens_again(
+    redis: RedisServer,
+) -> None:
+    """Redis killed: the calls waiting fail at once (a connection error), as does a call
+    while it is away; once it is back, the next call opens the line again."""
+    from ttsstream.cluster.line import QuickLine
+
+    line = QuickLine.for_url(redis.url, connect_timeout=TIMEOUT)
+    assert line is not None
+    try:
+        assert await line.execute_command("PING") == b"PONG"
+        waiting = asyncio.ensure_future(line.execute_command("BLPOP", "nothing-here", 30))
+        await asyncio.sleep(0.1)
+        await redis.stop()
+        with pytest.raises(ConnectionError):
+            async with asyncio.timeout(TIMEOUT):
+                await waiting
+        with pytest.raises(OSError):
+            await line.execute_command("PING")
+        await redis.start()
+        assert await line.execute_command("PING") == b"PONG"
+    finally:
+        line.close()
+
+
+async def test_a_speaks_lookup_goes_over_the_quick_line(
+    start_server: ServerFactory, redis: RedisServer
+) -> None:
+    """In cluster mode a speak's lookup is sent on the instance's quick line (named after
+    the instance in Redis), by its script's digest once Redis has the script."""
+    server = await start_server(redis_url=redis.url)
+    link = server.services.cluster
+    assert link is not None
+    shared = aioredis.from_url(redis.url)
+    try:
+        async with connected(server) as client:
+            for n in range(2):
+                await client.speak(f"Looked up over the quick line, {n}.", id=str(n))
+                assert (await client.until_final(str(n))).final["type"] == "end"
+        quick = [c for c in await shared.client_list() if c["name"] == f"ttsstream-{link.instance}"]
+        assert len(quick) == 1
+        assert quick[0]["cmd"] == "evalsha"
+    finally:
+        await shared.aclose()

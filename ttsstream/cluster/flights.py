@@ -185,7 +185,9 @@ class SharedFlights:
             keys.append(hit[0])
             args.extend(hit[1])
         found = await link.call(
-            lambda client: client.eval(script, len(keys), *keys, *args), within=within
+            lambda client: client.eval(script, len(keys), *keys, *args),
+            within=within,
+            at_once=True,
         )
         if found is None:
             self.give_back(key)  # the script may have run after the deadline, as in claim

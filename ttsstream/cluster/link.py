@@ -33,6 +33,8 @@ from typing import Any, TypeVar
 import redis.asyncio
 import redis.exceptions
 
+from ttsstream.cluster.line import QuickLine
+
 __all__ = ["OPERATION_TIMEOUT", "RedisLink"]
 
 logger = logging.getLogger("ttsstream.cluster")
@@ -73,6 +75,11 @@ class RedisLink:
         self.lease_seconds = lease_seconds
         #: This instance's id in the cluster (random, per process start).
         self.instance = secrets.token_hex(6)
+        #: For the calls a request waits on (``at_once``): the reply is read in the
+        #: call when it is already there (``None`` for TLS, left to redis-py).
+        self._line = QuickLine.for_url(
+            url, name=f"ttsstream-{self.instance}", connect_timeout=CONNECT_TIMEOUT
+        )
         #: ``starting``, ``up``, ``down`` or ``closed``.
         self.state = "starting"
         #: Live instances, this one included, as of the last renewal.
@@ -149,12 +156,23 @@ class RedisLink:
                     await self._client.zrem(self.key("instances"), self.instance)
         with contextlib.suppress(*_FAILURES):
             await self._client.aclose()
+        if self._line is not None:
+            self._line.close()
 
     async def call(
-        self, operation: Callable[[Any], Awaitable[T]], *, within: float = OPERATION_TIMEOUT
+        self,
+        operation: Callable[[Any], Awaitable[T]],
+        *,
+        within: float = OPERATION_TIMEOUT,
+        at_once: bool = False,
     ) -> T | None:
         """``operation(client)`` within ``within`` seconds, or ``None`` if Redis is down,
         failing or slow.
+
+        With ``at_once``, for a call that a request waits on, ``client`` is the
+        :class:`~ttsstream.cluster.line.QuickLine` where there is one (it offers
+        ``eval`` and ``execute_command`` only): its reply is read as soon as it is
+        there, not at the event loop's next turn.
 
         A failure takes the link down until the keeper brings it back. A slow answer
         only asks the keeper to check Redis at once (it goes down if Redis does not
@@ -164,8 +182,9 @@ class RedisLink:
         if not self.up:
             return None
         try:
+            client = self._line if at_once and self._line is not None else self._client
             async with asyncio.timeout(within):
-                return await operation(self._client)
+                return await operation(client)
         except TimeoutError:
             self.slow += 1
             self._wake.set()
@@ -253,6 +272,8 @@ class RedisLink:
         if self.state == "closed":
             return
         error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if self._line is not None:
+            self._line.close()  # opened again by the first call once Redis is back
         if self.state != "down":
             logger.warning("redis: down (%s); each instance decides alone until it is back", error)
             self._wake.set()  # the keeper starts reconnecting at once

@@ -1,0 +1,260 @@
+"""A connection to Redis whose replies are read at once, for the calls a request waits on.
+
+Why by hand: redis-py's asyncio client reads a reply through the event loop's
+transport, so the caller always waits for the loop's next turn, even when the
+reply is already in the socket. With Redis on the instance's own machine, it
+usually is: the write wakes Redis, which answers before the write returns (80 %
+of the lookups on a loaded 2-core machine), and on a busy instance that turn
+was most of what cluster mode added to a request (bench/NOTES.md). No asyncio
+Redis client reads a reply in the call that sent it; this one does, and nothing
+else: one non-blocking socket, hiredis to encode commands and parse replies
+(the parser redis-py itself uses), and the loop's reader for a reply that is not
+there yet.
+
+Calls share the connection in order (a reply belongs to the oldest call still
+waiting; one that gave up takes its reply to nowhere). The connection is opened
+by the first call that needs it, with ``AUTH`` and ``SELECT`` from the URL, and
+dropped on any failure, failing the calls that wait on it: :class:`RedisLink`
+takes each failure as Redis failing, as for redis-py's own. ``rediss://`` stays
+on redis-py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import socket
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import hiredis
+import redis.exceptions
+
+__all__ = ["QuickLine"]
+
+#: What one read asks the socket for.
+READ_SIZE = 2**16
+
+
+class QuickLine:
+    """One connection to Redis, opened when first needed.
+
+    Args:
+        host, port, db, username, password: Where and as whom (from the URL).
+        name: The connection's name in Redis (``CLIENT LIST``).
+        connect_timeout: Longest an opening may take, seconds.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        db: int = 0,
+        username: str | None = None,
+        password: str | None = None,
+        name: str | None = None,
+        connect_timeout: float,
+    ) -> None:
+        self._address = (host, port)
+        self._hello: list[tuple[Any, ...]] = []
+        if password is not None:
+            self._hello.append(("AUTH", username, password) if username else ("AUTH", password))
+        if db:
+            self._hello.append(("SELECT", db))
+        if name is not None:
+            self._hello.append(("CLIENT", "SETNAME", name))
+        self._connect_timeout = connect_timeout
+        self._sock: socket.socket | None = None
+        self._opening: asyncio.Future[socket.socket] | None = None
+        self._parser = _parser()
+        self._waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self._unsent = bytearray()
+        self._digests: dict[str, str] = {}
+        #: Replies read in the call that sent the command, and the others.
+        self.at_once = 0
+        self.later = 0
+
+    @classmethod
+    def for_url(
+        cls, url: str, *, name: str | None = None, connect_timeout: float
+    ) -> QuickLine | None:
+        """A line to the Redis at ``url``, or ``None`` for one it does not speak to
+        (TLS)."""
+        parts = urlsplit(url)
+        if parts.scheme != "redis" or not parts.hostname:
+            return None
+        db = parts.path.strip("/")
+        return cls(
+            parts.hostname,
+            parts.port or 6379,
+            db=int(db) if db else 0,
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password is not None else None,
+            name=name,
+            connect_timeout=connect_timeout,
+        )
+
+    async def execute_command(self, *args: Any) -> Any:
+        """Send one command; its reply (a Redis error is raised as
+        :class:`redis.exceptions.ResponseError`)."""
+        sock = self._sock
+        if sock is None:
+            await self._open()
+            if (sock := self._sock) is None:
+                raise ConnectionError("redis connection lost")
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiting.append(waiter)
+        self._send(sock, hiredis.pack_command(args))
+        self._read()  # the reply may be there already: then no wait for the loop
+        if waiter.done():
+            self.at_once += 1
+        else:
+            self.later += 1
+        reply = await waiter
+        if isinstance(reply, redis.exceptions.ResponseError):
+            raise reply
+        return reply
+
+    async def eval(self, script: str, numkeys: int, *keys_and_args: Any) -> Any:
+        """Run a Lua script, sent by its digest (and whole, once, when Redis lacks it)."""
+        digest = self._digests.get(script)
+        if digest is None:
+            digest = self._digests[script] = hashlib.sha1(script.encode()).hexdigest()
+        try:
+            return await self.execute_command("EVALSHA", digest, numkeys, *keys_and_args)
+        except redis.exceptions.ResponseError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+        return await self.execute_command("EVAL", script, numkeys, *keys_and_args)
+
+    def close(self) -> None:
+        """Drop the connection (the next call opens another); idempotent."""
+        self._drop(ConnectionError("connection closed"))
+
+    async def _open(self) -> None:
+        """Open the connection: the first caller that needs it does, for all of them."""
+        if self._opening is None:
+            self._opening = asyncio.ensure_future(self._connect())
+            self._opening.add_done_callback(self._opened)
+        # Shielded: a caller that gives up does not stop the opening for the others.
+        await asyncio.shield(self._opening)
+
+    def _opened(self, opening: asyncio.Future[socket.socket]) -> None:
+        self._opening = None
+        if opening.cancelled() or opening.exception() is not None:
+            return
+        sock = opening.result()
+        self._sock = sock
+        self._parser = _parser()
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._read)
+
+    async def _connect(self) -> socket.socket:
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(self._connect_timeout):
+            host, port = self._address
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            failure: OSError = OSError(f"no address for {host}")
+            for family, kind, proto, _, address in infos:
+                sock = socket.socket(family, kind, proto)
+                try:
+                    sock.setblocking(False)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    await loop.sock_connect(sock, address)
+                    await self._greet(loop, sock)
+                except BaseException as exc:
+                    sock.close()
+                    if not isinstance(exc, OSError):
+                        raise
+                    failure = exc
+                    continue
+                return sock
+            raise failure
+
+    async def _greet(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+        """``AUTH`` and ``SELECT`` if the URL asks for them, and the name, before any call."""
+        if not self._hello:
+            return
+        await loop.sock_sendall(sock, b"".join(hiredis.pack_command(c) for c in self._hello))
+        parser, answered = _parser(), 0
+        while answered < len(self._hello):
+            data = await loop.sock_recv(sock, READ_SIZE)
+            if not data:
+                raise ConnectionError("closed by Redis")
+            parser.feed(data)
+            while (reply := parser.gets()) is not False:
+                if isinstance(reply, redis.exceptions.ResponseError):
+                    raise redis.exceptions.AuthenticationError(str(reply))
+                answered += 1
+
+    def _send(self, sock: socket.socket, data: bytes) -> None:
+        if not self._unsent:
+            try:
+                sent = sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self._drop(exc)
+                return
+            if sent == len(data):
+                return
+            asyncio.get_running_loop().add_writer(sock.fileno(), self._flush)
+            data = data[sent:]
+        self._unsent += data
+
+    def _flush(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        try:
+            sent = sock.send(self._unsent)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._drop(exc)
+            return
+        del self._unsent[:sent]
+        if not self._unsent:
+            asyncio.get_running_loop().remove_writer(sock.fileno())
+
+    def _read(self) -> None:
+        """Take what the socket holds, and hand each whole reply to its caller."""
+        sock = self._sock
+        if sock is None:
+            return
+        try:
+            while len(data := sock.recv(READ_SIZE)) == READ_SIZE:
+                self._parser.feed(data)
+            if not data:
+                raise ConnectionError("closed by Redis")
+            self._parser.feed(data)
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            self._drop(exc)
+            return
+        try:
+            while (reply := self._parser.gets()) is not False:
+                waiter = self._waiting.popleft()
+                if not waiter.done():  # else its caller gave up
+                    waiter.set_result(reply)
+        except (IndexError, hiredis.ProtocolError) as exc:  # not Redis speaking
+            self._drop(ConnectionError(f"{type(exc).__name__}: {exc}"))
+
+    def _drop(self, failure: OSError) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(sock.fileno())
+            loop.remove_writer(sock.fileno())
+            sock.close()
+        self._unsent.clear()
+        waiting, self._waiting = self._waiting, collections.deque()
+        for waiter in waiting:
+            if not waiter.done():
+                waiter.set_exception(ConnectionError(f"redis connection lost: {failure}"))
+
+
+def _parser() -> Any:
+    return hiredis.Reader(replyError=redis.exceptions.ResponseError)
