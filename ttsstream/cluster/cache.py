@@ -48,6 +48,10 @@ class SharedEntries:
         self._window = window
         self._writes: set[asyncio.Task[Any]] = set()
 
+    async def _store(self, key: str, data: bytes) -> None:
+        entry = ("SET", self._link.key("entry", key), data, "EX", self._ttl)
+        await self._link.run(entry, within=READ_TIMEOUT)
+
     async def find_or_claim(self, key: str) -> tuple[CacheEntry | None, bool | None]:
         # One script, one wait: on a busy instance each wait for Redis costs a turn of
         # the event loop, and two calls at once cost two tasks handed over (NOTES).
@@ -96,11 +100,6 @@ class SharedEntries:
             entry_key = self._link.key("entry", key)
             self._flights.settle(key, entry_key, data, ttl=self._ttl, within=READ_TIMEOUT)
             return
-        write = asyncio.ensure_future(
-            self._link.call(
-                lambda client: client.set(self._link.key("entry", key), data, ex=self._ttl),
-                within=READ_TIMEOUT,
-            )
-        )
+        write = asyncio.ensure_future(self._store(key, data))
         self._writes.add(write)
         write.add_done_callback(self._writes.discard)

@@ -88,8 +88,6 @@ class SharedConnections:
     def __init__(self, link: RedisLink, window: SharedWindow) -> None:
         self._link = link
         self._window = window
-        self._script: Any = None
-        self._admit_script: Any = None
         self._counter: ConnectionCounter | None = None
         self._writes: set[asyncio.Task[None]] = set()
 
@@ -100,13 +98,9 @@ class SharedConnections:
     async def acquire(self, ip: str, per_ip: int, total: int) -> None:
         link = self._link
 
-        async def decide(client: Any) -> int:
-            if self._script is None:
-                self._script = client.register_script(_ACQUIRE)
-            args = self._acquire_args(ip, per_ip, total)
-            return int(await self._script(keys=[link.key("instances")], args=args))
-
-        _judge(await link.call(decide), per_ip)
+        args = self._acquire_args(ip, per_ip, total)
+        verdict = await link.script(_ACQUIRE, [link.key("instances")], args)
+        _judge(None if verdict is None else int(verdict), per_ip)
 
     async def hit_and_acquire(
         self, ip: str, limit: int, window: float, per_ip: int, total: int
@@ -114,17 +108,11 @@ class SharedConnections:
         link = self._link
         window_key, hit_args = self._window.hit_parts(ip, limit, window)
 
-        async def decide(client: Any) -> list[int]:
-            if self._admit_script is None:
-                self._admit_script = client.register_script(_HIT_AND_ACQUIRE)
-            args = [*hit_args, *self._acquire_args(ip, per_ip, total)]
-            keys = [window_key, link.key("instances")]
-            return [int(n) for n in await self._admit_script(keys=keys, args=args)]
-
-        answer = await link.call(decide)
+        args = [*hit_args, *self._acquire_args(ip, per_ip, total)]
+        answer = await link.script(_HIT_AND_ACQUIRE, [window_key, link.key("instances")], args)
         if answer is None:
             raise LimiterUnavailable("redis is not answering")
-        waited, verdict = answer
+        waited, verdict = (int(n) for n in answer)
         if waited >= 0:
             return retry_after(waited)
         _judge(verdict, per_ip)
@@ -143,17 +131,9 @@ class SharedConnections:
         link = self._link
         key, field = link.key("conns", link.instance), _field(ip)
 
-        async def write(client: Any) -> None:
-            async with client.pipeline(transaction=True) as pipe:
-                if count:
-                    pipe.hset(key, field, count)
-                else:
-                    pipe.hdel(key, field)
-                pipe.hset(key, _TOTAL, total)
-                pipe.pexpire(key, round(link.lease_seconds * 1000))
-                await pipe.execute()
-
-        self._spawn(link.call(write))
+        change = ("HSET", key, field, count) if count else ("HDEL", key, field)
+        lease = ("PEXPIRE", key, round(link.lease_seconds * 1000))
+        self._spawn(link.run(("MULTI",), change, ("HSET", key, _TOTAL, total), lease, ("EXEC",)))
 
     def _publish(self) -> None:
         """Write this instance's whole mirror (after Redis came back)."""
@@ -165,14 +145,9 @@ class SharedConnections:
         counts = {_field(ip): count for ip, count in counter.by_ip().items()}
         counts[_TOTAL] = counter.total
 
-        async def write(client: Any) -> None:
-            async with client.pipeline(transaction=True) as pipe:
-                pipe.delete(key)
-                pipe.hset(key, mapping=counts)
-                pipe.pexpire(key, round(link.lease_seconds * 1000))
-                await pipe.execute()
-
-        self._spawn(link.call(write))
+        fields = [part for pair in counts.items() for part in pair]
+        lease = ("PEXPIRE", key, round(link.lease_seconds * 1000))
+        self._spawn(link.run(("MULTI",), ("DEL", key), ("HSET", key, *fields), lease, ("EXEC",)))
 
     def _spawn(self, write: Any) -> None:
         task = asyncio.ensure_future(write)

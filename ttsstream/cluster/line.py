@@ -99,35 +99,59 @@ class QuickLine:
     async def execute_command(self, *args: Any) -> Any:
         """Send one command; its reply (a Redis error is raised as
         :class:`redis.exceptions.ResponseError`)."""
+        (reply,) = await self.run(args)
+        return reply
+
+    async def eval(self, script: str, numkeys: int, *keys_and_args: Any) -> Any:
+        """Run a Lua script (as redis-py's ``eval``)."""
+        (reply,) = await self.run(("EVAL", script, numkeys, *keys_and_args))
+        return reply
+
+    async def run(self, *commands: tuple[Any, ...]) -> list[Any]:
+        """Send ``commands`` in one write; their replies, in order.
+
+        An ``EVAL`` goes by its script's digest (``EVALSHA``), and again whole if Redis
+        lacks the script (after the commands sent with it, then). The first error
+        among the replies is raised (:class:`redis.exceptions.ResponseError`), once
+        every reply is in.
+        """
+        sent = [self._by_digest(command) for command in commands]
+        replies = await self._exchange(sent)
+        lacking = [n for n, reply in enumerate(replies) if _lacks_script(reply)]
+        if lacking:
+            again = await self._exchange([commands[n] for n in lacking])
+            for n, reply in zip(lacking, again, strict=True):
+                replies[n] = reply
+        for reply in replies:
+            if isinstance(reply, redis.exceptions.ResponseError):
+                raise reply
+        return replies
+
+    async def _exchange(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         sock = self._sock
         if sock is None:
             await self._open()
             if (sock := self._sock) is None:
                 raise ConnectionError("redis connection lost")
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiting.append(waiter)
-        self._send(sock, hiredis.pack_command(args))
-        self._read()  # the reply may be there already: then no wait for the loop
-        if waiter.done():
+        loop = asyncio.get_running_loop()
+        waiters = [loop.create_future() for _ in commands]
+        self._waiting.extend(waiters)
+        self._send(sock, b"".join(hiredis.pack_command(command) for command in commands))
+        self._read()  # the replies may be there already: then no wait for the loop
+        if waiters[-1].done():
             self.at_once += 1
         else:
             self.later += 1
-        reply = await waiter
-        if isinstance(reply, redis.exceptions.ResponseError):
-            raise reply
-        return reply
+        return [await waiter for waiter in waiters]
 
-    async def eval(self, script: str, numkeys: int, *keys_and_args: Any) -> Any:
-        """Run a Lua script, sent by its digest (and whole, once, when Redis lacks it)."""
+    def _by_digest(self, command: tuple[Any, ...]) -> tuple[Any, ...]:
+        if command[0] != "EVAL":
+            return command
+        script = command[1]
         digest = self._digests.get(script)
         if digest is None:
             digest = self._digests[script] = hashlib.sha1(script.encode()).hexdigest()
-        try:
-            return await self.execute_command("EVALSHA", digest, numkeys, *keys_and_args)
-        except redis.exceptions.ResponseError as exc:
-            if not str(exc).startswith("NOSCRIPT"):
-                raise
-        return await self.execute_command("EVAL", script, numkeys, *keys_and_args)
+        return ("EVALSHA", digest, *command[2:])
 
     def close(self) -> None:
         """Drop the connection (the next call opens another); idempotent."""
@@ -254,6 +278,10 @@ class QuickLine:
         for waiter in waiting:
             if not waiter.done():
                 waiter.set_exception(ConnectionError(f"redis connection lost: {failure}"))
+
+
+def _lacks_script(reply: Any) -> bool:
+    return isinstance(reply, redis.exceptions.ResponseError) and str(reply).startswith("NOSCRIPT")
 
 
 def _parser() -> Any:

@@ -46,21 +46,15 @@ class SharedWindow:
 
     def __init__(self, link: RedisLink) -> None:
         self._link = link
-        self._script: Any = None
         self._numbers = itertools.count()
 
     async def hit(self, key: str, limit: int, window: float) -> int | None:
         window_key, args = self.hit_parts(key, limit, window)
 
-        async def decide(client: Any) -> int:
-            if self._script is None:
-                self._script = client.register_script(_SCRIPT)
-            return int(await self._script(keys=[window_key], args=args))
-
-        waited = await self._link.call(decide)
+        waited = await self._link.script(_SCRIPT, [window_key], args)
         if waited is None:
             raise LimiterUnavailable("redis is not answering")
-        return retry_after(waited)
+        return retry_after(int(waited))
 
     def hit_parts(self, key: str, limit: int, window: float) -> tuple[str, list[Any]]:
         """The Redis key and the arguments of :data:`HIT_FUNCTION` for one hit of ``key``."""

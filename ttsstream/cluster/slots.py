@@ -74,8 +74,6 @@ class SharedSlots:
     def __init__(self, link: RedisLink, cap: int) -> None:
         self._link = link
         self._cap = cap
-        self._take_script: Any = None
-        self._give_script: Any = None
         self._numbers = itertools.count()
         #: The permits this instance holds (spares too), renewed together.
         self._held: set[str] = set()
@@ -108,27 +106,17 @@ class SharedSlots:
             if queued:
                 await self._wait_turn()
 
-            async def ask(client: Any) -> int:
-                if self._take_script is None:
-                    self._take_script = client.register_script(_TAKE)
-                now = time.time()
-                args = [
-                    now,
-                    self._cap,
-                    member,
-                    now + link.lease_seconds,
-                    link.key(WANTED),
-                    link.instance,
-                ]
-                return int(await self._take_script(keys=[link.key("upstream")], args=args))
-
-            room = await link.call(ask)
-            if room is None:
+            now = time.time()
+            args = [now, self._cap, member, now + link.lease_seconds]
+            answer = await link.script(
+                _TAKE, [link.key("upstream")], [*args, link.key(WANTED), link.instance]
+            )
+            if answer is None:
                 # Past its deadline the script may still have run: the permit is given
                 # back, or it would hold a place until it lapsed, with nobody to use it.
                 self.release(member)
                 return None
-            self._room = room
+            self._room = room = int(answer)
             if room >= 0:
                 if room > 0:
                     self._wake_one()  # room for the next waiter too
@@ -159,13 +147,7 @@ class SharedSlots:
     async def _give(self, permit: str) -> None:
         link = self._link
 
-        async def give(client: Any) -> Any:
-            if self._give_script is None:
-                self._give_script = client.register_script(_GIVE)
-            args = [permit, link.key(FREED), link.instance]
-            return await self._give_script(keys=[link.key("upstream")], args=args)
-
-        await link.call(give)
+        await link.script(_GIVE, [link.key("upstream")], [permit, link.key(FREED), link.instance])
         self._wake_one()  # this instance's first waiter asks at once
 
     async def _wait_turn(self) -> None:
@@ -234,12 +216,8 @@ class SharedSlots:
             while self._held:
                 await asyncio.sleep(link.lease_seconds / 3)
                 expiry = time.time() + link.lease_seconds
-                members = dict.fromkeys(self._held, expiry)
-
-                def renew(client: Any, members: dict[str, float] = members) -> Any:
-                    return client.zadd(link.key("upstream"), members, xx=True)
-
-                if members:
-                    await link.call(renew)
+                scored = [part for member in self._held for part in (expiry, member)]
+                if scored:
+                    await link.run(("ZADD", link.key("upstream"), "XX", *scored))
         finally:
             self._renewer = None
