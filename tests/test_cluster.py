@@ -337,7 +337,7 @@ async def test_a_whole_flight_is_settled_with_its_entry_in_one_call(
     other = await start_server(redis_url=redis.url, cache_dir=tmp_path / "b")
     link = owner.services.cluster
     assert link is not None
-    asked = count_calls(link, monkeypatch, ("find_or_claim", "_settle", "_store", "claim"))
+    asked = count_calls(link, monkeypatch, ("find_or_claim", "_settle_all", "_store", "claim"))
     may_write = hold_cache_writes(owner, monkeypatch)
     text = "Settled with its entry, in one call."
     shared = aioredis.from_url(redis.url)
@@ -364,7 +364,7 @@ async def test_a_whole_flight_is_settled_with_its_entry_in_one_call(
             )
 
         await until(settled)
-        assert asked == ["find_or_claim", "_settle"]
+        assert asked == ["find_or_claim", "_settle_all"]
     finally:
         await shared.aclose()
 

@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from ttsstream.cluster.link import RedisLink
+from ttsstream.cluster.link import OPERATION_TIMEOUT, RedisLink
 from ttsstream.cluster.ratelimit import HIT_FUNCTION
 from ttsstream.core.router import Speech, Started
 from ttsstream.core.speech_cache import FlightLost
@@ -61,6 +61,9 @@ logger = logging.getLogger("ttsstream.cluster")
 STREAM_TTL = 60
 #: Longest one blocking read of a flight's stream waits, in ms.
 BLOCK_MS = 500
+#: Seconds the settles of whole flights wait for others, to go to Redis in one call:
+#: each call wakes Redis, which on the instance's core costs it CPU (bench/NOTES.md).
+SETTLE_DELAY = 0.05
 
 # One round trip: the lock, and a clean stream for the new flight (1; 0 if taken).
 _CLAIM_FUNCTION = """
@@ -133,6 +136,10 @@ class SharedFlights:
         #: This instance's flights, by key, from their claim until they are settled:
         #: what they made so far, until another instance wants it.
         self._own: dict[str, _Publication] = {}
+        #: Flights to settle (with their entries, if whole) in the next call, and the
+        #: task that makes it.
+        self._settling: list[tuple[str, tuple[str, bytes, int, float] | None]] = []
+        self._settler: asyncio.Task[None] | None = None
         #: Renews the locks of every flight in ``_own``, while there are any.
         self._renewer: asyncio.Task[None] | None = None
         #: Keys other instances asked for lately, and when (a want may come first).
@@ -295,34 +302,46 @@ class SharedFlights:
         return task
 
     def _settle_later(self, key: str, entry: tuple[str, bytes, int, float] | None) -> None:
-        publication = self._own.get(key)
-        writer = None
-        if publication is not None and publication.ended:
-            del self._own[key]
-            writer = publication.writer
-        self._spawn(self._settle(key, writer, entry))
+        """Settle ``key`` with the others of the next :data:`SETTLE_DELAY` seconds."""
+        self._settling.append((key, entry))
+        if self._settler is None:
+            self._settler = self._spawn(self._settle_soon())
 
-    async def _settle(
-        self,
-        key: str,
-        writer: asyncio.Task[None] | None,
-        entry: tuple[str, bytes, int, float] | None,
-    ) -> None:
-        if writer is not None:
-            await writer  # the stream's end is written before the lock goes
+    async def _settle_soon(self) -> None:
+        await asyncio.sleep(SETTLE_DELAY)
+        self._settler = None
+        await self._settle_all()
+
+    async def _settle_all(self) -> None:
+        """Store the entries waiting and give their locks back, in one call, each after
+        its stream (if it was written out: a joiner reads it to its end)."""
         link = self._link
-        lock = link.key("flight", key)
-        if entry is None:
-            await link.script(_RELEASE, [lock], [link.instance])
-            return
-        entry_key, data, ttl, within = entry
-        # Not one script: Lua copies an entry's bytes twice, which made this call cost
-        # Redis 0.16 ms instead of 0.02.
-        await link.run(
-            ("SET", entry_key, data, "EX", ttl),
-            ("EVAL", _RELEASE, 1, lock, link.instance),
-            within=within,
-        )
+        settling, self._settling = self._settling, []
+        writers: list[asyncio.Task[None]] = []
+        commands: list[tuple[Any, ...]] = []
+        within = 0.0
+        for key, entry in settling:
+            publication = self._own.get(key)
+            if publication is not None and publication.ended:
+                del self._own[key]
+                if publication.writer is not None:
+                    writers.append(publication.writer)
+            if entry is not None:
+                entry_key, data, ttl, entry_within = entry
+                # Not in the script: Lua copies an entry's bytes twice, which made this
+                # cost Redis 0.16 ms instead of 0.02.
+                commands.append(("SET", entry_key, data, "EX", ttl))
+                within = max(within, entry_within)
+            commands.append(("EVAL", _RELEASE, 1, link.key("flight", key), link.instance))
+        for writer in writers:
+            await writer
+        await link.run(*commands, within=within or OPERATION_TIMEOUT)
+
+    async def _release(self, key: str, writer: asyncio.Task[None] | None) -> None:
+        """Give back the lock of a flight that failed, at once (after its stream)."""
+        if writer is not None:
+            await writer
+        await self._link.script(_RELEASE, [self._link.key("flight", key)], [self._link.instance])
 
     async def _renew_locks(self) -> None:
         """Renew the lock of every flight of this instance (one pipeline), a third of a
@@ -414,7 +433,7 @@ class _Publication:
             self._kept.append(final)
         if release:
             self._kept = []
-            self._flights._spawn(self._flights._settle(self._key, self.writer, None))
+            self._flights._spawn(self._flights._release(self._key, self.writer))
 
 
 def _encode(event: Speech) -> dict[str, Any]:
