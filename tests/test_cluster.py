@@ -1041,10 +1041,12 @@ async def test_the_quick_line_answers_each_call_in_order(redis: RedisServer) -> 
         with pytest.raises(redis_exceptions.ResponseError):  # raised once all are in
             await line.run(("SET", "a", 1), ("NO-SUCH-COMMAND",), ("INCR", "a"))
         assert await line.execute_command("GET", "a") == b"2"
+        assert await line.execute_command("SET", "b", bytearray(b"any buffer")) == b"OK"
+        assert await line.execute_command("GET", "b") == b"any buffer"
         big = bytes(range(256)) * (2**15)  # 8 MiB
         assert await line.execute_command("SET", "big", big) == b"OK"
         assert await line.execute_command("GET", "big") == big
-        assert line.at_once + line.later == 208
+        assert line.at_once + line.later == 210
     finally:
         line.close()
 

@@ -13,13 +13,14 @@ server's CPU at 100 live utterances.)
 
 A flight that ends whole keeps its lock until the cache has its entry: then
 :meth:`SharedFlights.settle` stores the entry in the shared tier and gives the
-lock back in one round trip, when the cache writes it (once no utterance waits for
-its first audio). Until then a joiner still finds the lock and gets the flight's
-stream written out, and after it finds the entry: there is no moment in between
-when the text would look new to the cluster. The locks of this instance's
-flights are renewed together, one pipeline a third of a lease. Each call to Redis
-costs the loop about 0.2 ms, and one made at the end of an utterance delays the
-next request of a client that asks again at once (bench/NOTES.md).
+lock back, when the cache writes it (once no utterance waits for its first
+audio), in one call with the other flights settled within :data:`SETTLE_DELAY`.
+Until then a joiner still finds the lock and gets the flight's stream written
+out, and after it finds the entry: there is no moment in between when the text
+would look new to the cluster. The locks of this instance's flights are renewed
+together, in one call a third of a lease. Each call wakes Redis, which costs the
+instance's core CPU when they share it, and work at the end of an utterance
+delays the next request of a client that asks again at once (bench/NOTES.md).
 
 If the owner dies, its lock lapses with its lease; a reader that sees the lock
 gone (or nothing new for ``UPSTREAM_TIMEOUT``) before the end is told
@@ -204,7 +205,8 @@ class SharedFlights:
 
     def settle(self, key: str, entry_key: str, data: bytes, *, ttl: int, within: float) -> None:
         """Store a whole flight's entry at ``entry_key`` (for ``ttl`` s) and give its lock
-        back, in one round trip (in the background, after its stream, if it is written out)."""
+        back (in the background, with the others of the moment, after its stream, if it is
+        written out)."""
         self._settle_later(key, (entry_key, data, ttl, within))
 
     async def publish(

@@ -136,7 +136,7 @@ class QuickLine:
         loop = asyncio.get_running_loop()
         waiters = [loop.create_future() for _ in commands]
         self._waiting.extend(waiters)
-        self._send(sock, b"".join(hiredis.pack_command(command) for command in commands))
+        self._send(sock, b"".join(_pack(command) for command in commands))
         self._read()  # the replies may be there already: then no wait for the loop
         if waiters[-1].done():
             self.at_once += 1
@@ -200,7 +200,7 @@ class QuickLine:
         """``AUTH`` and ``SELECT`` if the URL asks for them, and the name, before any call."""
         if not self._hello:
             return
-        await loop.sock_sendall(sock, b"".join(hiredis.pack_command(c) for c in self._hello))
+        await loop.sock_sendall(sock, b"".join(_pack(command) for command in self._hello))
         parser, answered = _parser(), 0
         while answered < len(self._hello):
             data = await loop.sock_recv(sock, READ_SIZE)
@@ -278,6 +278,16 @@ class QuickLine:
         for waiter in waiting:
             if not waiter.done():
                 waiter.set_exception(ConnectionError(f"redis connection lost: {failure}"))
+
+
+def _pack(command: tuple[Any, ...]) -> bytes:
+    """A command as Redis reads it (hiredis takes ``bytes`` but no other buffer)."""
+    try:
+        return bytes(hiredis.pack_command(command))
+    except TypeError:
+        buffers = (bytearray, memoryview)
+        command = tuple(bytes(arg) if isinstance(arg, buffers) else arg for arg in command)
+        return bytes(hiredis.pack_command(command))
 
 
 def _lacks_script(reply: Any) -> bool:

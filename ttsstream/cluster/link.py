@@ -1,7 +1,11 @@
-"""The cluster's link to Redis: one client, its state, and this instance's lease.
+"""The cluster's link to Redis: its connections, its state, and this instance's lease.
 
 Redis must never fail a request. Every operation goes through
-:meth:`RedisLink.call`, bounded by :data:`OPERATION_TIMEOUT`; a failure marks the
+:meth:`RedisLink.call`, bounded by :data:`OPERATION_TIMEOUT`. The parts' calls
+(:meth:`RedisLink.run`, :meth:`RedisLink.script`) go over the instance's
+:class:`~ttsstream.cluster.line.QuickLine`, which reads a reply as soon as it is
+there; the lease, the subscription and blocking reads over redis-py's client
+(and every call, for ``rediss://``). A failure marks the
 link down (logged once, at the change), answers ``None`` so that the caller
 decides alone (its local limits), and a keeper task reconnects with backoff and
 brings the link back up by itself. A slow answer is also ``None``, and makes the
