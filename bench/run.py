@@ -745,6 +745,27 @@ class Bench:
         }
         cpu = dict.fromkeys(runs, 0.0)
         turns: dict[str, list[float]] = {"closed": [], "paced": [], "apart": []}
+
+        async def turn_load(url: str, think: float, offset: int) -> list[dict[str, Any]]:
+            """One turn at ``url``: every client speaking new texts (from ``offset``)."""
+            return await load(
+                [
+                    {
+                        "mode": "speak",
+                        "url": url,
+                        "words": "batch",
+                        "clients": n,
+                        "requests": requests,
+                        "texts": [TEXT],
+                        "unique": True,
+                        "think": think,
+                        "ramp": 0.0 if think else RAMP,
+                        "offset": offset + part * 10**5,
+                    }
+                    for part, n in enumerate(split(clients, self.workers))
+                ]
+            )
+
         servers: list[Process] = []
         # The servers stop before their cache directories go (they may still be storing).
         with tempfile.TemporaryDirectory() as cache:
@@ -780,25 +801,8 @@ class Bench:
                     turn: dict[str, float] = {}
                     for number, name, server, url, think in order:
                         cpu0, _, _ = usage(server.process.pid)
-                        this = await load(
-                            [
-                                {
-                                    "mode": "speak",
-                                    "url": url,
-                                    "words": "batch",
-                                    "clients": n,
-                                    "requests": requests,
-                                    "texts": [TEXT],
-                                    "unique": True,
-                                    "think": think,
-                                    "ramp": 0.0 if think else RAMP,
-                                    "offset": 9 * 10**8
-                                    + repeat * 10**7
-                                    + number * 10**6
-                                    + part * 10**5,
-                                }
-                                for part, n in enumerate(split(clients, self.workers))
-                            ]
+                        this = await turn_load(
+                            url, think, 9 * 10**8 + repeat * 10**7 + number * 10**6
                         )
                         cpu[name] += usage(server.process.pid)[0] - cpu0
                         runs[name] += this
@@ -812,24 +816,8 @@ class Bench:
                 for repeat in range(1 if self.quick else CLUSTER_REPEATS):
                     turn = {}
                     for number, name, _, url, _ in closed[:: 1 - 2 * (repeat % 2)]:
-                        this = await load(
-                            [
-                                {
-                                    "mode": "speak",
-                                    "url": url,
-                                    "words": "batch",
-                                    "clients": n,
-                                    "requests": requests,
-                                    "texts": [TEXT],
-                                    "unique": True,
-                                    "ramp": RAMP,
-                                    "offset": 8 * 10**8
-                                    + repeat * 10**7
-                                    + number * 10**6
-                                    + part * 10**5,
-                                }
-                                for part, n in enumerate(split(clients, self.workers))
-                            ]
+                        this = await turn_load(
+                            url, 0.0, 8 * 10**8 + repeat * 10**7 + number * 10**6
                         )
                         runs[f"{name}_apart"] += this
                         turn[name] = summarize(this)["first_p50"]

@@ -1019,6 +1019,12 @@ async def test_a_permit_or_lock_taken_past_its_deadline_is_given_back(
                 await link.aclose()
 
 
+async def ask(line: Any, *command: Any) -> Any:
+    """One command's reply over a :class:`~ttsstream.cluster.line.QuickLine`."""
+    (reply,) = await line.run(command)
+    return reply
+
+
 async def test_the_quick_line_answers_each_call_in_order(redis: RedisServer) -> None:
     """The line a request's lookup goes over: concurrent calls each get their own
     reply, one that gave up takes its reply to nowhere, an error is raised in its call
@@ -1030,23 +1036,22 @@ async def test_the_quick_line_answers_each_call_in_order(redis: RedisServer) -> 
     assert line is not None
     try:
         words = [f"word-{n}".encode() for n in range(200)]
-        assert await asyncio.gather(*(line.execute_command("ECHO", w) for w in words)) == words
+        assert await asyncio.gather(*(ask(line, "ECHO", w) for w in words)) == words
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.05):
-                await line.execute_command("BLPOP", "nothing-here", 0.3)  # answers nil later
-        assert await line.execute_command("ECHO", "mine") == b"mine"
+                await ask(line, "BLPOP", "nothing-here", 0.3)  # answers nil later
+        assert await ask(line, "ECHO", "mine") == b"mine"
         with pytest.raises(redis_exceptions.ResponseError):
-            await line.execute_command("NO-SUCH-COMMAND")
-        assert await line.execute_command("PING") == b"PONG"
+            await ask(line, "NO-SUCH-COMMAND")
+        assert await ask(line, "PING") == b"PONG"
         with pytest.raises(redis_exceptions.ResponseError):  # raised once all are in
             await line.run(("SET", "a", 1), ("NO-SUCH-COMMAND",), ("INCR", "a"))
-        assert await line.execute_command("GET", "a") == b"2"
-        assert await line.execute_command("SET", "b", bytearray(b"any buffer")) == b"OK"
-        assert await line.execute_command("GET", "b") == b"any buffer"
+        assert await ask(line, "GET", "a") == b"2"
+        assert await ask(line, "SET", "b", bytearray(b"any buffer")) == b"OK"
+        assert await ask(line, "GET", "b") == b"any buffer"
         big = bytes(range(256)) * (2**15)  # 8 MiB
-        assert await line.execute_command("SET", "big", big) == b"OK"
-        assert await line.execute_command("GET", "big") == big
-        assert line.at_once + line.later == 210
+        assert await ask(line, "SET", "big", big) == b"OK"
+        assert await ask(line, "GET", "big") == big
     finally:
         line.close()
 
@@ -1063,7 +1068,7 @@ async def test_the_quick_line_sends_a_script_whole_only_when_redis_lacks_it(
     script = "return {KEYS[1], ARGV[1]}"
     try:
         for n in range(3):
-            assert await line.eval(script, 1, "k", n) == [b"k", str(n).encode()]
+            assert await ask(line, "EVAL", script, 1, "k", n) == [b"k", str(n).encode()]
         await shared.script_flush()
         replies = await line.run(("EVAL", script, 1, "k", 3), ("SET", "after", "it"))
         assert replies == [[b"k", b"3"], b"OK"]
@@ -1077,7 +1082,8 @@ async def test_the_quick_line_sends_a_script_whole_only_when_redis_lacks_it(
 
 async def test_the_quick_line_logs_in_selects_and_names_itself(tmp_path: Path) -> None:
     """With a password and a database in the URL: it logs in, works in that database,
-    names itself; a wrong password is an authentication error that does not hold it."""
+    names itself; a wrong password is an authentication error that does not hold it, a
+    database out of range Redis's own error."""
     from ttsstream.cluster.line import QuickLine
 
     guarded = RedisServer(tmp_path, password="pa:ss@word")
@@ -1088,13 +1094,18 @@ async def test_the_quick_line_logs_in_selects_and_names_itself(tmp_path: Path) -
     assert line is not None and wrong is not None
     shared = aioredis.from_url(url)
     try:
-        assert await line.execute_command("SET", "here", "yes") == b"OK"
+        assert await ask(line, "SET", "here", "yes") == b"OK"
         assert await shared.get("here") == b"yes"
         names = [client["name"] for client in await shared.client_list()]
         assert "ttsstream-test" in names
         with pytest.raises(redis_exceptions.AuthenticationError) as refused:
-            await wrong.execute_command("PING")
+            await ask(wrong, "PING")
         assert "pa:ss" not in str(refused.value)
+        nowhere = QuickLine.for_url(url.replace("/3", "/99"), connect_timeout=TIMEOUT)
+        assert nowhere is not None
+        with pytest.raises(redis_exceptions.ResponseError) as no_such_db:
+            await ask(nowhere, "PING")  # a database out of range: no authentication error
+        assert not isinstance(no_such_db.value, redis_exceptions.AuthenticationError)
     finally:
         line.close()
         wrong.close()
@@ -1112,17 +1123,17 @@ async def test_the_quick_line_fails_its_calls_when_redis_goes_and_opens_again(
     line = QuickLine.for_url(redis.url, connect_timeout=TIMEOUT)
     assert line is not None
     try:
-        assert await line.execute_command("PING") == b"PONG"
-        waiting = asyncio.ensure_future(line.execute_command("BLPOP", "nothing-here", 30))
+        assert await ask(line, "PING") == b"PONG"
+        waiting = asyncio.ensure_future(ask(line, "BLPOP", "nothing-here", 30))
         await asyncio.sleep(0.1)
         await redis.stop()
         with pytest.raises(ConnectionError):
             async with asyncio.timeout(TIMEOUT):
                 await waiting
         with pytest.raises(OSError):
-            await line.execute_command("PING")
+            await ask(line, "PING")
         await redis.start()
-        assert await line.execute_command("PING") == b"PONG"
+        assert await ask(line, "PING") == b"PONG"
     finally:
         line.close()
 

@@ -48,10 +48,6 @@ class SharedEntries:
         self._window = window
         self._writes: set[asyncio.Task[Any]] = set()
 
-    async def _store(self, key: str, data: bytes) -> None:
-        entry = ("SET", self._link.key("entry", key), data, "EX", self._ttl)
-        await self._link.run(entry, within=READ_TIMEOUT)
-
     async def find_or_claim(self, key: str) -> tuple[CacheEntry | None, bool | None]:
         # One script, one wait: on a busy instance each wait for Redis costs a turn of
         # the event loop, and two calls at once cost two tasks handed over (NOTES).
@@ -97,9 +93,15 @@ class SharedEntries:
         if data is None:
             data = encode_entry(entry)  # on the loop: the disk did not write it
         if settles:
-            entry_key = self._link.key("entry", key)
-            self._flights.settle(key, entry_key, data, ttl=self._ttl, within=READ_TIMEOUT)
+            self._flights.settle(key, self._setting(key, data), within=READ_TIMEOUT)
             return
         write = asyncio.ensure_future(self._store(key, data))
         self._writes.add(write)
         write.add_done_callback(self._writes.discard)
+
+    async def _store(self, key: str, data: bytes) -> None:
+        await self._link.run(self._setting(key, data), within=READ_TIMEOUT)
+
+    def _setting(self, key: str, data: bytes) -> tuple[Any, ...]:
+        """The command that stores an entry's bytes for the tier's TTL."""
+        return ("SET", self._link.key("entry", key), data, "EX", self._ttl)

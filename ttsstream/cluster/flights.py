@@ -139,7 +139,7 @@ class SharedFlights:
         self._own: dict[str, _Publication] = {}
         #: Flights to settle (with their entries, if whole) in the next call, and the
         #: task that makes it.
-        self._settling: list[tuple[str, tuple[str, bytes, int, float] | None]] = []
+        self._settling: list[tuple[str, tuple[tuple[Any, ...], float] | None]] = []
         self._settler: asyncio.Task[None] | None = None
         #: Renews the locks of every flight in ``_own``, while there are any.
         self._renewer: asyncio.Task[None] | None = None
@@ -203,11 +203,11 @@ class SharedFlights:
         instance with no entry to store (in the background)."""
         self._settle_later(key, None)
 
-    def settle(self, key: str, entry_key: str, data: bytes, *, ttl: int, within: float) -> None:
-        """Store a whole flight's entry at ``entry_key`` (for ``ttl`` s) and give its lock
-        back (in the background, with the others of the moment, after its stream, if it is
-        written out)."""
-        self._settle_later(key, (entry_key, data, ttl, within))
+    def settle(self, key: str, store: tuple[Any, ...], *, within: float) -> None:
+        """Store a whole flight's entry (``store``: the command that does) and give its
+        lock back (in the background, with the others of the moment, after its stream,
+        if it is written out), within ``within`` seconds."""
+        self._settle_later(key, (store, within))
 
     async def publish(
         self, key: str, events: AsyncGenerator[Speech, None]
@@ -303,7 +303,7 @@ class SharedFlights:
         task.add_done_callback(self._writers.discard)
         return task
 
-    def _settle_later(self, key: str, entry: tuple[str, bytes, int, float] | None) -> None:
+    def _settle_later(self, key: str, entry: tuple[tuple[Any, ...], float] | None) -> None:
         """Settle ``key`` with the others of the next :data:`SETTLE_DELAY` seconds."""
         self._settling.append((key, entry))
         if self._settler is None:
@@ -329,10 +329,10 @@ class SharedFlights:
                 if publication.writer is not None:
                     writers.append(publication.writer)
             if entry is not None:
-                entry_key, data, ttl, entry_within = entry
-                # Not in the script: Lua copies an entry's bytes twice, which made this
-                # cost Redis 0.16 ms instead of 0.02.
-                commands.append(("SET", entry_key, data, "EX", ttl))
+                # Not in the release's script: Lua copies an entry's bytes twice, which
+                # made this cost Redis 0.16 ms instead of 0.02.
+                store, entry_within = entry
+                commands.append(store)
                 within = max(within, entry_within)
             commands.append(("EVAL", _RELEASE, 1, link.key("flight", key), link.instance))
         for writer in writers:

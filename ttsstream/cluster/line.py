@@ -1,4 +1,4 @@
-"""A connection to Redis whose replies are read at once, for the calls a request waits on.
+"""The instance's connection to Redis, whose replies are read as soon as they are there.
 
 Why by hand: redis-py's asyncio client reads a reply through the event loop's
 transport, so the caller always waits for the loop's next turn, even when the
@@ -72,9 +72,6 @@ class QuickLine:
         self._waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
         self._unsent = bytearray()
         self._digests: dict[str, str] = {}
-        #: Replies read in the call that sent the command, and the others.
-        self.at_once = 0
-        self.later = 0
 
     @classmethod
     def for_url(
@@ -95,17 +92,6 @@ class QuickLine:
             name=name,
             connect_timeout=connect_timeout,
         )
-
-    async def execute_command(self, *args: Any) -> Any:
-        """Send one command; its reply (a Redis error is raised as
-        :class:`redis.exceptions.ResponseError`)."""
-        (reply,) = await self.run(args)
-        return reply
-
-    async def eval(self, script: str, numkeys: int, *keys_and_args: Any) -> Any:
-        """Run a Lua script (as redis-py's ``eval``)."""
-        (reply,) = await self.run(("EVAL", script, numkeys, *keys_and_args))
-        return reply
 
     async def run(self, *commands: tuple[Any, ...]) -> list[Any]:
         """Send ``commands`` in one write; their replies, in order.
@@ -138,10 +124,6 @@ class QuickLine:
         self._waiting.extend(waiters)
         self._send(sock, b"".join(_pack(command) for command in commands))
         self._read()  # the replies may be there already: then no wait for the loop
-        if waiters[-1].done():
-            self.at_once += 1
-        else:
-            self.later += 1
         return [await waiter for waiter in waiters]
 
     def _by_digest(self, command: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -209,7 +191,9 @@ class QuickLine:
             parser.feed(data)
             while (reply := parser.gets()) is not False:
                 if isinstance(reply, redis.exceptions.ResponseError):
-                    raise redis.exceptions.AuthenticationError(str(reply))
+                    if self._hello[answered][0] == "AUTH":
+                        raise redis.exceptions.AuthenticationError(str(reply))
+                    raise reply
                 answered += 1
 
     def _send(self, sock: socket.socket, data: bytes) -> None:

@@ -163,10 +163,7 @@ class RedisLink:
             self._line.close()
 
     async def call(
-        self,
-        operation: Callable[[Any], Awaitable[T]],
-        *,
-        within: float = OPERATION_TIMEOUT,
+        self, operation: Callable[[Any], Awaitable[T]], *, within: float = OPERATION_TIMEOUT
     ) -> T | None:
         """``operation(client)`` within ``within`` seconds, or ``None`` if Redis is down,
         failing or slow.
