@@ -369,6 +369,48 @@ async def test_a_whole_flight_is_settled_with_its_entry_in_one_call(
         await shared.aclose()
 
 
+async def test_flights_that_end_together_are_settled_by_one_call_and_one_script(
+    start_server: ServerFactory,
+    redis: RedisServer,
+    fake: FakeEdge,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Flights whose entries are written within the settle delay go to Redis together:
+    one call stores every entry and one script gives back every lock, and only the
+    locks that are still the instance's."""
+    server = await start_server(redis_url=redis.url)
+    link = server.services.cluster
+    assert link is not None
+    asked = count_calls(link, monkeypatch, ("_settle_all",))
+    may_write = hold_cache_writes(server, monkeypatch)
+    shared = aioredis.from_url(redis.url)
+    texts = [f"Settled together, {n}." for n in range(3)]
+    try:
+        async with connected(server) as client:
+            for n, text in enumerate(texts):
+                await client.speak(text, id=str(n))
+                assert (await client.until_final(str(n))).final["type"] == "end"
+        locks = sorted(await shared.keys("ttsstream:flight:*"))
+        assert len(locks) == 3
+        # One lock taken over meanwhile (its lease lapsed, another instance took it).
+        await shared.set(locks[0], "another-instance")
+        scripts = (await shared.info("commandstats")).get("cmdstat_evalsha", {}).get("calls", 0)
+        may_write.set()
+
+        async def settled() -> bool:
+            return len(await shared.keys("ttsstream:entry:*")) == 3
+
+        await until(settled)
+        assert asked == ["_settle_all"]
+        stats = await shared.info("commandstats")
+        assert stats["cmdstat_evalsha"]["calls"] == scripts + 1
+        assert await shared.keys("ttsstream:flight:*") == [locks[0]]
+        assert await shared.get(locks[0]) == b"another-instance"
+    finally:
+        await shared.aclose()
+    assert len(fake.records) == 3
+
+
 async def test_a_flight_that_fails_is_given_back_at_once(
     start_server: ServerFactory, redis: RedisServer, fake: FakeEdge, tmp_path: Path
 ) -> None:
@@ -1139,7 +1181,7 @@ async def test_the_quick_line_fails_its_calls_when_redis_goes_and_opens_again(
 
 
 async def test_a_speaks_calls_go_over_the_quick_line(
-    start_server: ServerFactory, redis: RedisServer
+    start_server: ServerFactory, redis: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """In cluster mode a speak's calls to Redis (its lookup, its entry stored with its
     lock given back) go over the instance's quick line, named after the instance, and
@@ -1149,6 +1191,7 @@ async def test_a_speaks_calls_go_over_the_quick_line(
     assert link is not None
     shared = aioredis.from_url(redis.url)
     sent: list[tuple[str, str]] = []  # (the client's address, the command), from MONITOR
+    settles = count_calls(link, monkeypatch, ("_settle_all",))
 
     async def watch() -> None:
         async with shared.monitor() as monitor:
@@ -1163,6 +1206,7 @@ async def test_a_speaks_calls_go_over_the_quick_line(
         await asyncio.sleep(0.2)  # MONITOR is on
         for round in range(2):  # the first sends each script whole once
             sent.clear()
+            settles.clear()
             async with connected(server) as client:
                 for n in range(2):
                     await client.speak(f"Over the quick line, {round}.{n}.", id=str(n))
@@ -1180,8 +1224,9 @@ async def test_a_speaks_calls_go_over_the_quick_line(
         ]
         on_line = [command for where, command in sent if where == quick]
         elsewhere = [command for where, command in sent if where != quick]
-        # The handshake's admission, 2 lookups and 2 locks given back, by digest.
-        assert on_line.count("EVALSHA") == 5, on_line
+        # The handshake's admission, 2 lookups and the locks given back (one script per
+        # settle: the two flights may be settled together), by digest.
+        assert settles and on_line.count("EVALSHA") == 3 + len(settles), on_line
         assert on_line.count("SET") == 2  # the entries
         assert not {"EVALSHA", "EVAL", "SET"} & set(elsewhere), elsewhere
         assert "EVAL" not in on_line

@@ -399,3 +399,44 @@ async def test_sighup_reopens_log_files(fake: FakeEdge, tmp_path: Path) -> None:
     rotated_in = (logs / "access.log").read_text()
     assert "id=after" in rotated_in and "id=before" not in rotated_in
     assert "log files reopened" in (logs / "error.log").read_text()
+
+
+async def test_time_to_first_audio_counts_the_admission(
+    start_server: ServerFactory, fake: FakeEdge, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The time to first audio runs from the request's arrival, before its admission
+    (which asks Redis in a cluster): a slow admission shows in the speak's ``ttfb_ms``
+    and in the first-audio histogram, on both doors."""
+    server = await start_server()
+    admission = server.services.admission
+    check_rate, admit = admission.check_rate, admission.admit
+    slow = 0.3
+
+    async def slow_check_rate(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(slow)
+        return await check_rate(*args, **kwargs)
+
+    async def slow_admit(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(slow)
+        return await admit(*args, **kwargs)
+
+    async with connected(server) as client:
+        monkeypatch.setattr(admission, "check_rate", slow_check_rate)
+        await client.speak("Admitted slowly.", id="a")
+        end = (await client.until_final("a")).final
+    assert end["type"] == "end" and end["ttfb_ms"] >= slow * 1000
+
+    registry = server.services.stats.registry
+    name = "ttsstream_time_to_first_audio_seconds_sum"
+    before = registry.get_sample_value(name, {"source": "live"}) or 0.0
+    monkeypatch.setattr(admission, "admit", slow_admit)
+    url = url_of(server).replace("ws://", "http://").replace("/v1/stream", "/tts")
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url, json={"text": "Admitted slowly, over HTTP."}) as response,
+    ):
+        assert response.status == 200
+        assert await response.read()
+    after = registry.get_sample_value(name, {"source": "live"})
+    assert after is not None and after - before >= slow
+    assert len(fake.records) == 2

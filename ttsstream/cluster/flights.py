@@ -101,9 +101,14 @@ if wait >= 0 then return {3, wait} end
 return find_or_claim(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2])
 """
 )
+# Gives back each lock in KEYS that is still this instance's (ARGV[1]): one script for
+# all the flights of a settle, since each script call costs Redis more than its commands.
 _RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
+local released = 0
+for _, lock in ipairs(KEYS) do
+  if redis.call('GET', lock) == ARGV[1] then released = released + redis.call('DEL', lock) end
+end
+return released
 """
 
 
@@ -321,6 +326,7 @@ class SharedFlights:
         settling, self._settling = self._settling, []
         writers: list[asyncio.Task[None]] = []
         commands: list[tuple[Any, ...]] = []
+        locks: list[str] = []
         within = 0.0
         for key, entry in settling:
             publication = self._own.get(key)
@@ -334,7 +340,8 @@ class SharedFlights:
                 store, entry_within = entry
                 commands.append(store)
                 within = max(within, entry_within)
-            commands.append(("EVAL", _RELEASE, 1, link.key("flight", key), link.instance))
+            locks.append(link.key("flight", key))
+        commands.append(("EVAL", _RELEASE, len(locks), *locks, link.instance))
         for writer in writers:
             await writer
         await link.run(*commands, within=within or OPERATION_TIMEOUT)
@@ -367,8 +374,8 @@ class SharedFlights:
         locks = [self._link.key("flight", key) for key, own in self._own.items() if own.ended]
         with contextlib.suppress(Exception):
             async with asyncio.timeout(1):
-                for lock in locks:
-                    await self._link.client.eval(_RELEASE, 1, lock, self._link.instance)
+                if locks:
+                    await self._link.client.eval(_RELEASE, len(locks), *locks, self._link.instance)
 
     async def _write(self, key: str, queue: asyncio.Queue[_Queued | None]) -> None:
         link = self._link

@@ -216,6 +216,8 @@ class SpeechApi:
     # The one way a speech request is served
 
     async def _serve(self, request: web.Request, shape: Shape, read: Reader) -> web.StreamResponse:
+        # Before admission, which may ask Redis: the time to first audio includes it.
+        received_at = time.perf_counter()
         admission = self._services.admission
         judged = await judge(admission, request)
         if judged.refused is not None:
@@ -223,7 +225,6 @@ class SpeechApi:
         client = judged.client
         self._services.stats.total_requests += 1
         request_id = "h-" + secrets.token_hex(6)
-        received_at = time.perf_counter()
         task = asyncio.current_task()
         assert task is not None
         try:

@@ -246,6 +246,8 @@ class Session:
             raise
 
     async def _enqueue(self, request: Speak) -> None:
+        # Before admission, which may ask Redis: the time to first audio includes it.
+        received_at = time.perf_counter()
         synthesis = self._utterances.request(
             text=request.text,
             voice=request.voice,
@@ -279,7 +281,7 @@ class Session:
             Utterance(
                 request=request,
                 synthesis=synthesis,
-                received_at=time.perf_counter(),
+                received_at=received_at,
                 stream=stream,
                 lookahead=lookahead,
             )
