@@ -20,10 +20,11 @@ Scenarios:
   6. formats each audio format live at 10 clients, first byte against mp3 in the same
              turns; the server's CPU per second of audio sent; each transcoder alone
   7. cluster one instance in cluster mode (REDIS_URL, a local redis-server) against one
-             without, live at 100 clients (closed loop, then paced), with the server's
-             CPU per utterance, Redis on the server's core; the closed loop again with
-             Redis on the other core; a second instance's first byte when it joins
-             the first one's synthesis of the same text; a third one's shared-tier hits
+             without, loaded at once, live at 100 clients (50 each; paced, then closed
+             loop), with the server's CPU per utterance, Redis on the server's core;
+             the closed loop again with Redis on the other core; a second instance's
+             first byte when it joins the first one's synthesis of the same text; a
+             third one's shared-tier hits
   8. streaming  replies streamed a word at a time at 30 words/s, 1 and 10 clients: the
              first byte after the first sentence is complete, against that sentence
              spoken whole; the smallest slack of a listener playing from the first byte
@@ -69,10 +70,9 @@ TICKS = os.sysconf("SC_CLK_TCK")
 WORD_MODES = ("each", "batch", "none")
 #: Turns of baseline (a) and server per live level in a full run.
 REPEATS = 3
-#: Turns of scenario 7 (even: as many with one instance alone first as cluster mode first):
-#: closed loop, and paced (each paced turn is longer; one closed turn's p50 moves by
-#: more than the 1 ms target from the next, on this machine).
-CLUSTER_REPEATS, CLUSTER_PACED_REPEATS = 8, 4
+#: Paired turns of scenario 7: closed loop (each with Redis beside, then apart), and
+#: paced (each paced turn is longer).
+CLUSTER_REPEATS, CLUSTER_PACED_REPEATS = 8, 8
 #: Mean seconds a paced client of scenario 7 thinks between two speaks.
 PACED_THINK = 2.0
 #: Seconds over which closed-loop clients' first requests are spread: about one
@@ -743,28 +743,51 @@ class Bench:
             "single_apart": [],
             "cluster_apart": [],
         }
-        cpu = dict.fromkeys(runs, 0.0)
-        turns: dict[str, list[float]] = {"closed": [], "paced": [], "apart": []}
+        # By setting (closed loop with Redis beside, the same apart, paced): CPU seconds
+        # of the two instances and of Redis, seconds of load, each turn's added p50.
+        settings = {"closed": ("single", "cluster"), "apart": ("single_apart", "cluster_apart")}
+        settings["paced"] = ("single_paced", "cluster_paced")
+        cpu, redis_cpu = dict.fromkeys(runs, 0.0), dict.fromkeys(settings, 0.0)
+        wall = dict.fromkeys(settings, 0.0)
+        turns: dict[str, list[float]] = {setting: [] for setting in settings}
 
-        async def turn_load(url: str, think: float, offset: int) -> list[dict[str, Any]]:
-            """One turn at ``url``: every client speaking new texts (from ``offset``)."""
-            return await load(
-                [
-                    {
-                        "mode": "speak",
-                        "url": url,
-                        "words": "batch",
-                        "clients": n,
-                        "requests": requests,
-                        "texts": [TEXT],
-                        "unique": True,
-                        "think": think,
-                        "ramp": 0.0 if think else RAMP,
-                        "offset": offset + part * 10**5,
-                    }
-                    for part, n in enumerate(split(clients, self.workers))
-                ]
-            )
+        def half_load(url: str, think: float, offset: int) -> list[dict[str, Any]]:
+            """Half the clients at ``url``, each speaking new texts (from ``offset``)."""
+            return [
+                {
+                    "mode": "speak",
+                    "url": url,
+                    "words": "batch",
+                    "clients": n,
+                    "requests": requests,
+                    "texts": [TEXT],
+                    "unique": True,
+                    "think": think,
+                    "ramp": 0.0 if think else RAMP,
+                    "offset": offset + part * 10**5,
+                    "seed": part,
+                }
+                for part, n in enumerate(split(clients // 2, self.workers))
+            ]
+
+        async def paired_turn(setting: str, think: float, offset: int) -> None:
+            """One turn of ``setting``: the instance alone and the one in cluster mode
+            loaded at once, half the clients each, so that both see the same machine."""
+            alone_name, shared_name = settings[setting]
+            pids = (single.process.pid, first.process.pid, redis.process.pid)
+            before = [usage(pid)[0] for pid in pids]
+            specs = half_load(single_url, think, offset)
+            specs += half_load(first_url, think, offset + 10**6)
+            done = await load(specs)
+            after = [usage(pid)[0] for pid in pids]
+            alone, shared = done[: len(done) // 2], done[len(done) // 2 :]
+            cpu[alone_name] += after[0] - before[0]
+            cpu[shared_name] += after[1] - before[1]
+            redis_cpu[setting] += after[2] - before[2]
+            runs[alone_name] += alone
+            runs[shared_name] += shared
+            wall[setting] += summarize(done)["elapsed"]
+            turns[setting].append(summarize(shared)["first_p50"] - summarize(alone)["first_p50"])
 
         servers: list[Process] = []
         # The servers stop before their cache directories go (they may still be storing).
@@ -780,48 +803,20 @@ class Bench:
                 servers.append(first)
                 second, second_url = await self.server(cache + "/b", **clustered)
                 servers.append(second)
-                # Closed loop (each client's next speak as soon as the last one ended:
-                # the server's core is saturated), then paced (each client thinks
-                # PACED_THINK seconds on average between speaks: the server is not).
-                # In turns, one instance alone first then cluster mode first, so that
-                # neither always runs on a warmer machine; each turn's added p50 is kept.
-                closed = (
-                    (0, "single", single, single_url, 0.0),
-                    (1, "cluster", first, first_url, 0.0),
-                )
-                paced = (
-                    (2, "single_paced", single, single_url, PACED_THINK),
-                    (3, "cluster_paced", first, first_url, PACED_THINK),
-                )
+                # Both instances on the server's core, loaded at once (paired turns):
+                # one instance's p50 moves by more than the 1 ms target from one turn
+                # to the next, with the fake service and the load clients (bench/NOTES.md).
+                # Paced (each client thinks PACED_THINK s on average between speaks: the
+                # core is not saturated), then closed loop (each client asks again at
+                # once: it is), then the closed loop with Redis moved to the other core.
+                base = 9 * 10**8
+                for repeat in range(1 if self.quick else CLUSTER_PACED_REPEATS):
+                    await paired_turn("paced", PACED_THINK, base + repeat * 10**7)
                 for repeat in range(1 if self.quick else CLUSTER_REPEATS):
-                    step = 1 if repeat % 2 == 0 else -1
-                    order = closed[::step]
-                    if repeat < CLUSTER_PACED_REPEATS:
-                        order += paced[::step]
-                    turn: dict[str, float] = {}
-                    for number, name, server, url, think in order:
-                        cpu0, _, _ = usage(server.process.pid)
-                        this = await turn_load(
-                            url, think, 9 * 10**8 + repeat * 10**7 + number * 10**6
-                        )
-                        cpu[name] += usage(server.process.pid)[0] - cpu0
-                        runs[name] += this
-                        turn[name] = summarize(this)["first_p50"]
-                    turns["closed"].append(turn["cluster"] - turn["single"])
-                    if "cluster_paced" in turn:
-                        turns["paced"].append(turn["cluster_paced"] - turn["single_paced"])
-                # The closed loop again with Redis moved to the other core, where a
-                # deployment's Redis would not share the instance's CPU either.
+                    await paired_turn("closed", 0.0, base + (20 + repeat) * 10**7)
                 os.sched_setaffinity(redis.process.pid, OTHER_CPUS)
                 for repeat in range(1 if self.quick else CLUSTER_REPEATS):
-                    turn = {}
-                    for number, name, _, url, _ in closed[:: 1 - 2 * (repeat % 2)]:
-                        this = await turn_load(
-                            url, 0.0, 8 * 10**8 + repeat * 10**7 + number * 10**6
-                        )
-                        runs[f"{name}_apart"] += this
-                        turn[name] = summarize(this)["first_p50"]
-                    turns["apart"].append(turn["cluster"] - turn["single"])
+                    await paired_turn("apart", 0.0, base + (40 + repeat) * 10**7)
                 alone, shared = summarize(runs["single"]), summarize(runs["cluster"])
                 alone_apart = summarize(runs["single_apart"])
                 shared_apart = summarize(runs["cluster_apart"])
@@ -886,10 +881,36 @@ class Bench:
             "paced_think_s": PACED_THINK,
             "paced_single_first_p50": alone_paced["first_p50"],
             "paced_cluster_first_p50": shared_paced["first_p50"],
+            "paced_single_first_p99": alone_paced["first_p99"],
+            "paced_cluster_first_p99": shared_paced["first_p99"],
             "paced_added_p50": shared_paced["first_p50"] - alone_paced["first_p50"],
             "paced_added_p99": shared_paced["first_p99"] - alone_paced["first_p99"],
             "paced_turns_added_p50": turns["paced"],
             "paced_errors": alone_paced["errors"] + shared_paced["errors"],
+            # By setting: the share of the server's core the two instances used (and
+            # Redis, where it was beside them), CPU over the loads' seconds; Redis's CPU
+            # per utterance in cluster mode, ms; the turns' added p50, mean and spread.
+            "busy": {
+                setting: (
+                    cpu[names[0]]
+                    + cpu[names[1]]
+                    + (redis_cpu[setting] if setting != "apart" else 0)
+                )
+                / wall[setting]
+                for setting, names in settings.items()
+                if wall[setting]
+            },
+            "redis_cpu_ms": {
+                setting: 1000 * redis_cpu[setting] / max(1, summarize(runs[names[1]])["requests"])
+                for setting, names in settings.items()
+            },
+            "turns_mean_sd": {
+                setting: (
+                    statistics.fmean(added),
+                    statistics.stdev(added) if len(added) > 1 else 0.0,
+                )
+                for setting, added in turns.items()
+            },
             # Server CPU per utterance, ms (closed loop and paced together).
             "single_cpu_ms": 1000
             * (cpu["single"] + cpu["single_paced"])
@@ -1300,27 +1321,43 @@ def markdown(out: dict[str, Any]) -> str:
         ]
     if "cluster" in out:
         c = out["cluster"]
+
+        def busy(setting: str) -> str:
+            share = c.get("busy", {}).get(setting)
+            return "?" if share is None else f"{100 * share:.0f} %"
+
+        def spread(setting: str) -> str:
+            mean, sd = c.get("turns_mean_sd", {}).get(setting, (float("nan"),) * 2)
+            return f"mean {mean:+.1f}, sd {sd:.1f}"
+
         lines += [
             "",
-            f"**7. Cluster mode** (`REDIS_URL`, a local redis-server): live at {c['clients']} "
-            f"clients, first byte p50/p99 {c['single_first_p50']:.1f}/{c['single_first_p99']:.1f} "
-            f"ms for one instance alone, {c['cluster_first_p50']:.1f}/"
-            f"{c['cluster_first_p99']:.1f} ms in cluster mode: added {c['added_p50']:+.1f}/"
-            f"{c['added_p99']:+.1f} ms (errors {c['errors']}; added p50 turn by turn, "
-            f"{_signed(c.get('turns_added_p50', []))}). With Redis moved to the other "
-            f"core (beside the fake service and the load clients, not the instance): "
+            f"**7. Cluster mode** (`REDIS_URL`, a local redis-server), {c['clients']} live "
+            f"clients: one instance alone and one in cluster mode, both on the server's core, "
+            f"loaded at once with half the clients each (paired turns), Redis on that core "
+            f"unless said; added p50 = cluster mode's first-byte p50 minus the alone one's. "
+            f"Each client thinking {c['paced_think_s']:.0f} s on average between speaks (the "
+            f"core {busy('paced')} busy): first byte p50/p99 {c['paced_single_first_p50']:.1f}/"
+            f"{c['paced_single_first_p99']:.1f} ms alone, {c['paced_cluster_first_p50']:.1f}/"
+            f"{c['paced_cluster_first_p99']:.1f} ms in cluster mode, added "
+            f"{c['paced_added_p50']:+.1f}/{c['paced_added_p99']:+.1f} ms (errors "
+            f"{c['paced_errors']}; added p50 turn by turn {spread('paced')}: "
+            f"{_signed(c.get('paced_turns_added_p50', []))}). Each client asking again the "
+            f"moment it is answered (closed loop, the core {busy('closed')} busy; Redis's "
+            f"CPU {c.get('redis_cpu_ms', {}).get('closed', float('nan')):.2f} ms per "
+            f"utterance in cluster mode): {c['single_first_p50']:.1f}/{c['single_first_p99']:.1f} ms alone, "
+            f"{c['cluster_first_p50']:.1f}/{c['cluster_first_p99']:.1f} ms in cluster mode, "
+            f"added {c['added_p50']:+.1f}/{c['added_p99']:+.1f} ms (errors {c['errors']}; "
+            f"turn by turn {spread('closed')}: {_signed(c.get('turns_added_p50', []))}). The "
+            f"closed loop with Redis moved to the other core (beside the fake service and the "
+            f"load clients; the server's core {busy('apart')} busy): "
             f"{c['apart_single_first_p50']:.1f} ms alone, "
             f"{c['apart_cluster_first_p50']:.1f} ms in cluster mode, added "
             f"{c['apart_added_p50']:+.1f}/{c['apart_added_p99']:+.1f} ms (errors "
-            f"{c['apart_errors']}; turn by turn {_signed(c.get('apart_turns_added_p50', []))}"
-            f"). The same clients each "
-            f"thinking {c['paced_think_s']:.0f} s on average between speaks, so that the "
-            f"server is not saturated: {c['paced_single_first_p50']:.1f} ms alone, "
-            f"{c['paced_cluster_first_p50']:.1f} ms in cluster mode, added "
-            f"{c['paced_added_p50']:+.1f}/{c['paced_added_p99']:+.1f} ms (errors "
-            f"{c['paced_errors']}; turn by turn {_signed(c.get('paced_turns_added_p50', []))}"
-            f"). Server CPU per utterance: {c['single_cpu_ms']:.1f} ms "
-            f"alone, {c['cluster_cpu_ms']:.1f} ms in cluster mode. The same new text asked on two "
+            f"{c['apart_errors']}; turn by turn {spread('apart')}: "
+            f"{_signed(c.get('apart_turns_added_p50', []))}). Server CPU per utterance: "
+            f"{c['single_cpu_ms']:.1f} ms alone, {c['cluster_cpu_ms']:.1f} ms in cluster mode. "
+            f"The same new text asked on two "
             f"instances at once ({c['pairs']} texts): the joiner's first byte came "
             f"{c['join_gap_p50']:.1f} ms after the owner's (p50; at most "
             f"{c['join_gap_max']:.1f}). Those texts on a third instance with an empty disk: "
