@@ -85,8 +85,6 @@ async def speak_once(
                 "index": index,
                 "cached": message.get("cached", False),
                 "audio_ms": message.get("audio_ms", 0.0),
-                # The server's own time from the speak to its first audio, s.
-                "server_ttfb": message.get("ttfb_ms", 0.0) / 1000,
             }
         if kind == "error":
             return {"error": message.get("code", "error")}

@@ -777,10 +777,11 @@ class Bench:
             pids = (single.process.pid, first.process.pid, redis.process.pid)
             before = [usage(pid)[0] for pid in pids]
             specs = half_load(single_url, think, offset)
+            alone_specs = len(specs)
             specs += half_load(first_url, think, offset + 10**6)
             done = await load(specs)
             after = [usage(pid)[0] for pid in pids]
-            alone, shared = done[: len(done) // 2], done[len(done) // 2 :]
+            alone, shared = done[:alone_specs], done[alone_specs:]
             cpu[alone_name] += after[0] - before[0]
             cpu[shared_name] += after[1] - before[1]
             redis_cpu[setting] += after[2] - before[2]
@@ -1322,7 +1323,7 @@ def markdown(out: dict[str, Any]) -> str:
     if "cluster" in out:
         c = out["cluster"]
 
-        def busy(setting: str) -> str:
+        def busy_share(setting: str) -> str:
             share = c.get("busy", {}).get(setting)
             return "?" if share is None else f"{100 * share:.0f} %"
 
@@ -1337,20 +1338,20 @@ def markdown(out: dict[str, Any]) -> str:
             f"loaded at once with half the clients each (paired turns), Redis on that core "
             f"unless said; added p50 = cluster mode's first-byte p50 minus the alone one's. "
             f"Each client thinking {c['paced_think_s']:.0f} s on average between speaks (the "
-            f"core {busy('paced')} busy): first byte p50/p99 {c['paced_single_first_p50']:.1f}/"
+            f"core {busy_share('paced')} busy): first byte p50/p99 {c['paced_single_first_p50']:.1f}/"
             f"{c['paced_single_first_p99']:.1f} ms alone, {c['paced_cluster_first_p50']:.1f}/"
             f"{c['paced_cluster_first_p99']:.1f} ms in cluster mode, added "
             f"{c['paced_added_p50']:+.1f}/{c['paced_added_p99']:+.1f} ms (errors "
             f"{c['paced_errors']}; added p50 turn by turn {spread('paced')}: "
             f"{_signed(c.get('paced_turns_added_p50', []))}). Each client asking again the "
-            f"moment it is answered (closed loop, the core {busy('closed')} busy; Redis's "
+            f"moment it is answered (closed loop, the core {busy_share('closed')} busy; Redis's "
             f"CPU {c.get('redis_cpu_ms', {}).get('closed', float('nan')):.2f} ms per "
             f"utterance in cluster mode): {c['single_first_p50']:.1f}/{c['single_first_p99']:.1f} ms alone, "
             f"{c['cluster_first_p50']:.1f}/{c['cluster_first_p99']:.1f} ms in cluster mode, "
             f"added {c['added_p50']:+.1f}/{c['added_p99']:+.1f} ms (errors {c['errors']}; "
             f"turn by turn {spread('closed')}: {_signed(c.get('turns_added_p50', []))}). The "
             f"closed loop with Redis moved to the other core (beside the fake service and the "
-            f"load clients; the server's core {busy('apart')} busy): "
+            f"load clients; the server's core {busy_share('apart')} busy): "
             f"{c['apart_single_first_p50']:.1f} ms alone, "
             f"{c['apart_cluster_first_p50']:.1f} ms in cluster mode, added "
             f"{c['apart_added_p50']:+.1f}/{c['apart_added_p99']:+.1f} ms (errors "
