@@ -270,7 +270,7 @@ class BrokenEngine:
 
 async def test_unexpected_failure_is_internal_and_reveals_nothing() -> None:
     """A bug in an engine gives internal with no detail, and the connection keeps working."""
-    config = Config(host="127.0.0.1", port=0)
+    config = Config(host="127.0.0.1", port=0, health_port=0)
     services = build_services(config, edge=BrokenEngine(), with_offline=False)
     async with Server(services) as server, connected(server) as client:
         for id in ("a", "b"):
