@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from tests.fake_edge import FakeEdge
 from tests.processes import serve_process
 from ttsstream import __version__
 from ttsstream.core.breaker import CircuitBreaker
+from ttsstream.logs import fields_of
 from ttsstream.server import Server
 
 
@@ -440,3 +442,39 @@ async def test_time_to_first_audio_counts_the_admission(
     after = registry.get_sample_value(name, {"source": "live"})
     assert after is not None and after - before >= slow
     assert len(fake.records) == 2
+
+
+async def test_access_log_tells_the_upstreams_time_from_the_servers(
+    start_server: ServerFactory,
+    fake: FakeEdge,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An utterance Edge spoke logs Edge's time to first audio (``upstream_ms``) beside
+    its ``ttfb_ms``: a slow admission is in the latter only, a slow Edge in both; a
+    replay has none."""
+    caplog.set_level(logging.INFO, logger="ttsstream.access")
+    server = await start_server()
+    admission = server.services.admission
+    check_rate = admission.check_rate
+    slow_admission, slow_edge = 0.3, 0.2
+
+    async def slow_check_rate(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(slow_admission)
+        return await check_rate(*args, **kwargs)
+
+    monkeypatch.setattr(admission, "check_rate", slow_check_rate)
+    fake.first_audio_delay = slow_edge
+    async with connected(server) as client:
+        for number in (1, 2):  # the second is a replay
+            await client.speak("Timed twice.", id=f"u{number}")
+            assert (await client.until_final(f"u{number}")).final["type"] == "end"
+    live, replay = [
+        fields_of(r)
+        for r in caplog.records
+        if r.name == "ttsstream.access" and fields_of(r).get("id") in ("u1", "u2")
+    ]
+    assert live["cached"] is False and replay["cached"] is True
+    assert slow_edge * 1000 <= live["upstream_ms"] <= live["ttfb_ms"] - slow_admission * 1000
+    assert replay["upstream_ms"] is None and replay["ttfb_ms"] >= slow_admission * 1000
+    assert len(fake.records) == 1

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -80,6 +81,11 @@ class Started:
     #: The whole utterance's playing time, when known before its audio (a stored
     #: format other than MP3, whose length in bytes does not tell).
     audio_ms: float | None = None
+    #: Edge's time to first audio for this synthesis, ms: from asking it (an upstream
+    #: slot held) to its first audio, retries included. ``None`` for a replay, the
+    #: offline voice, or a synthesis made by another instance of the cluster. With
+    #: the request's ``ttfb_ms`` it tells the server's time from the upstream's.
+    upstream_ms: float | None = None
 
 
 Speech = Started | AudioChunk | WordEvent
@@ -233,6 +239,7 @@ class SpeechRouter:
             return
 
         async with self._slots, self._cluster_permit():
+            asked = time.perf_counter()
             try:
                 stream, first = await self._first_audio(request)
             except UpstreamError as exc:
@@ -245,7 +252,10 @@ class SpeechRouter:
                 reason = exc.code
                 self.stats.fallbacks += 1
             else:
-                yield Started(self.edge.name, request.voice, self.edge.audio_format)
+                upstream_ms = (time.perf_counter() - asked) * 1000
+                yield Started(
+                    self.edge.name, request.voice, self.edge.audio_format, upstream_ms=upstream_ms
+                )
                 try:
                     for event in first:
                         yield event

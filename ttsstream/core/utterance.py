@@ -331,6 +331,11 @@ class Utterances:
                 cached=bool(started and started.cached),
                 fallback=started.fallback_reason if started else None,
                 ttfb_ms=None if ttfb_ms is None else round(ttfb_ms, 1),
+                upstream_ms=(
+                    round(started.upstream_ms, 1)
+                    if started is not None and started.upstream_ms is not None
+                    else None
+                ),
                 format=audio_format.name,
                 audio_ms=round(pipe.duration_ms(byte_count), 1) if pipe else 0.0,
                 bytes=byte_count,
