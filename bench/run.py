@@ -90,6 +90,8 @@ worker_outputs: dict[int, str] = {}
 class Process:
     process: asyncio.subprocess.Process
     match: str
+    #: Its standard output so far, when started with ``keep_output``.
+    output: bytearray = field(default_factory=bytearray)
 
 
 def _cpus() -> tuple[set[int], set[int]]:
@@ -114,7 +116,12 @@ def on_cpus(cpus: set[int]) -> Any:
 
 
 async def start(
-    args: list[str], env: dict[str, str], pattern: str, cpus: set[int] = OTHER_CPUS
+    args: list[str],
+    env: dict[str, str],
+    pattern: str,
+    cpus: set[int] = OTHER_CPUS,
+    *,
+    keep_output: bool = False,
 ) -> Process:
     process = await asyncio.create_subprocess_exec(
         *args,
@@ -140,12 +147,35 @@ async def start(
                 for other in pending:
                     other.cancel()
                 # Keep draining both pipes so the process never blocks on a full one.
-                _DRAINS.add(asyncio.ensure_future(process.stdout.read()))
+                started = Process(process, match.group(1))
+                _DRAINS.add(
+                    asyncio.ensure_future(
+                        _keep(process.stdout, started.output)
+                        if keep_output
+                        else process.stdout.read()
+                    )
+                )
                 _DRAINS.add(asyncio.ensure_future(process.stderr.read()))
-                return Process(process, match.group(1))
+                return started
             if line:
                 pending[asyncio.ensure_future(stream.readline())] = stream
     raise RuntimeError(f"{args} exited before starting")
+
+
+async def _keep(stream: asyncio.StreamReader, into: bytearray) -> bytes:
+    while chunk := await stream.read(2**16):
+        into += chunk
+    return b""
+
+
+#: An access-log line of an utterance Edge spoke: its time to first audio, and Edge's.
+_SPOKEN = re.compile(rb" utterance .* ttfb_ms=([0-9.]+) upstream_ms=([0-9.]+) ")
+
+
+def own_times(output: bytes | bytearray) -> list[float]:
+    """The server's own part of each Edge utterance's time to first audio, in ms
+    (``ttfb_ms`` minus ``upstream_ms``, from the access log in ``output``)."""
+    return [float(ttfb) - float(upstream) for ttfb, upstream in _SPOKEN.findall(output)]
 
 
 async def stop(process: Process) -> None:
@@ -304,11 +334,18 @@ class Bench:
         return env
 
     async def server(self, cache: str, **extra: str) -> tuple[Process, str]:
+        return await self.logged_server(cache, extra, keep_output=False)
+
+    async def logged_server(
+        self, cache: str, extra: dict[str, str], *, keep_output: bool = True
+    ) -> tuple[Process, str]:
+        """A server as :meth:`server` starts one, whose output is kept (``keep_output``)."""
         server = await start(
             [PYTHON, "-m", "ttsstream", "serve"],
             self.server_env(cache, **extra),
             r"listening on (127\.0\.0\.1:\d+)",
             cpus=SERVER_CPUS,
+            keep_output=keep_output,
         )
         return server, f"ws://{server.match}/v1/stream"
 
@@ -750,6 +787,12 @@ class Bench:
         cpu, redis_cpu = dict.fromkeys(runs, 0.0), dict.fromkeys(settings, 0.0)
         wall = dict.fromkeys(settings, 0.0)
         turns: dict[str, list[float]] = {setting: [] for setting in settings}
+        # The server's own part of each time to first audio (ttfb_ms - upstream_ms, from
+        # the access logs), by run; each turn's added p50 of it, by setting. Without the
+        # fake service's and the clients' timing, it is the same comparison with less
+        # noise: the two modes differ only before Edge is asked and after it answers.
+        own: dict[str, list[float]] = {name: [] for name in runs}
+        own_turns: dict[str, list[float]] = {setting: [] for setting in settings}
 
         def half_load(url: str, think: float, offset: int) -> list[dict[str, Any]]:
             """Half the clients at ``url``, each speaking new texts (from ``offset``)."""
@@ -776,6 +819,7 @@ class Bench:
             alone_name, shared_name = settings[setting]
             pids = (single.process.pid, first.process.pid, redis.process.pid)
             before = [usage(pid)[0] for pid in pids]
+            logged = (len(single.output), len(first.output))
             specs = half_load(single_url, think, offset)
             alone_specs = len(specs)
             specs += half_load(first_url, think, offset + 10**6)
@@ -789,6 +833,12 @@ class Bench:
             runs[shared_name] += shared
             wall[setting] += summarize(done)["elapsed"]
             turns[setting].append(summarize(shared)["first_p50"] - summarize(alone)["first_p50"])
+            await asyncio.sleep(0.3)  # the access log is written within 50 ms, in bursts
+            alone_own = own_times(single.output[logged[0] :])
+            shared_own = own_times(first.output[logged[1] :])
+            own[alone_name] += alone_own
+            own[shared_name] += shared_own
+            own_turns[setting].append(percentile(shared_own, 0.5) - percentile(alone_own, 0.5))
 
         servers: list[Process] = []
         # The servers stop before their cache directories go (they may still be storing).
@@ -797,10 +847,10 @@ class Bench:
                 # A rate limit too high to refuse anything, so that every speak and
                 # handshake is decided by the limiter (in Redis, in cluster mode).
                 limits = {"RATE_LIMIT_REQUESTS": "100000000"}
-                single, single_url = await self.server(cache + "/single", **limits)
+                single, single_url = await self.logged_server(cache + "/single", limits)
                 servers.append(single)
                 clustered = {"REDIS_URL": redis_url, **limits}
-                first, first_url = await self.server(cache + "/a", **clustered)
+                first, first_url = await self.logged_server(cache + "/a", clustered)
                 servers.append(first)
                 second, second_url = await self.server(cache + "/b", **clustered)
                 servers.append(second)
@@ -911,6 +961,21 @@ class Bench:
                     statistics.stdev(added) if len(added) > 1 else 0.0,
                 )
                 for setting, added in turns.items()
+            },
+            # The server's own part of the time to first audio (see ``own``): p50 by run,
+            # ms; the added p50 by setting, pooled, and the turns' mean and spread.
+            "own_p50": {name: percentile(values, 0.5) for name, values in own.items()},
+            "own_added_p50": {
+                setting: percentile(own[names[1]], 0.5) - percentile(own[names[0]], 0.5)
+                for setting, names in settings.items()
+            },
+            "own_turns_added_p50": own_turns,
+            "own_turns_mean_sd": {
+                setting: (
+                    statistics.fmean(added),
+                    statistics.stdev(added) if len(added) > 1 else 0.0,
+                )
+                for setting, added in own_turns.items()
             },
             # Server CPU per utterance, ms (closed loop and paced together).
             "single_cpu_ms": 1000
@@ -1365,6 +1430,34 @@ def markdown(out: dict[str, Any]) -> str:
             f"{c['tier_hits']} of {c['tier_requests']} replayed from Redis, first byte p50 "
             f"{c['tier_first_p50']:.1f} ms.",
         ]
+        if "own_p50" in c:
+            lines += [
+                "",
+                "The server's own part of each Edge utterance's time to first audio (its "
+                "access log's `ttfb_ms` minus `upstream_ms`: before Edge was asked and after "
+                "it answered, where the two modes differ; logged to 0.1 ms), p50, ms:",
+                "",
+                "| setting | alone | cluster mode | added, pooled | added, turns' mean (sd) |",
+                "|---|---:|---:|---:|---:|",
+            ]
+            labels = {
+                "paced": f"paced ({c['paced_think_s']:.0f} s think)",
+                "closed": "closed loop",
+                "apart": "closed loop, Redis on the other core",
+            }
+            names = {
+                "paced": ("single_paced", "cluster_paced"),
+                "closed": ("single", "cluster"),
+                "apart": ("single_apart", "cluster_apart"),
+            }
+            for setting, label in labels.items():
+                alone_name, shared_name = names[setting]
+                mean, sd = c["own_turns_mean_sd"][setting]
+                lines.append(
+                    f"| {label} | {c['own_p50'][alone_name]:.1f} | "
+                    f"{c['own_p50'][shared_name]:.1f} | "
+                    f"**{c['own_added_p50'][setting]:+.1f}** | {mean:+.2f} ({sd:.2f}) |"
+                )
     if "streaming" in out:
         lines += [
             "",
