@@ -836,6 +836,8 @@ class Bench:
             await asyncio.sleep(0.3)  # the access log is written within 50 ms, in bursts
             alone_own = own_times(single.output[logged[0] :])
             shared_own = own_times(first.output[logged[1] :])
+            if not alone_own or not shared_own:  # the access log's format changed
+                raise RuntimeError("no Edge utterance with upstream_ms in the access logs")
             own[alone_name] += alone_own
             own[shared_name] += shared_own
             own_turns[setting].append(percentile(shared_own, 0.5) - percentile(alone_own, 0.5))
