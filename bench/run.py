@@ -81,6 +81,15 @@ PACED_THINK = 2.0
 RAMP = 1.5
 #: Rounds of the cold herd (scenario 5): every client's one request sent at once.
 HERD_ROUNDS = 8
+#: Scenario 7's settings, in the order they run: the runs of the instance alone and of
+#: the one in cluster mode. Paced (each client thinks PACED_THINK s on average between
+#: speaks), closed loop (each asks again at once), and the closed loop with Redis moved
+#: to the other core.
+CLUSTER_SETTINGS = {
+    "paced": ("single_paced", "cluster_paced"),
+    "closed": ("single", "cluster"),
+    "apart": ("single_apart", "cluster_apart"),
+}
 _DRAINS: set[asyncio.Future[bytes]] = set()
 #: Load process id -> the file it writes its results to.
 worker_outputs: dict[int, str] = {}
@@ -270,6 +279,11 @@ def split(total: int, parts: int) -> list[int]:
 
 def _signed(values: list[float]) -> str:
     return ", ".join(f"{value:+.1f}" for value in values) or "none"
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    """The mean of ``values`` and their sample standard deviation (0 for one value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -773,17 +787,11 @@ class Bench:
         requests = 2 if self.quick else 10
         pairs = 3 if self.quick else 20
         runs: dict[str, list[dict[str, Any]]] = {
-            "single": [],
-            "cluster": [],
-            "single_paced": [],
-            "cluster_paced": [],
-            "single_apart": [],
-            "cluster_apart": [],
+            name: [] for names in CLUSTER_SETTINGS.values() for name in names
         }
-        # By setting (closed loop with Redis beside, the same apart, paced): CPU seconds
-        # of the two instances and of Redis, seconds of load, each turn's added p50.
-        settings = {"closed": ("single", "cluster"), "apart": ("single_apart", "cluster_apart")}
-        settings["paced"] = ("single_paced", "cluster_paced")
+        # By setting (CLUSTER_SETTINGS): CPU seconds of the two instances and of Redis,
+        # seconds of load, each turn's added p50.
+        settings = CLUSTER_SETTINGS
         cpu, redis_cpu = dict.fromkeys(runs, 0.0), dict.fromkeys(settings, 0.0)
         wall = dict.fromkeys(settings, 0.0)
         turns: dict[str, list[float]] = {setting: [] for setting in settings}
@@ -957,13 +965,7 @@ class Bench:
                 setting: 1000 * redis_cpu[setting] / max(1, summarize(runs[names[1]])["requests"])
                 for setting, names in settings.items()
             },
-            "turns_mean_sd": {
-                setting: (
-                    statistics.fmean(added),
-                    statistics.stdev(added) if len(added) > 1 else 0.0,
-                )
-                for setting, added in turns.items()
-            },
+            "turns_mean_sd": {setting: mean_sd(added) for setting, added in turns.items()},
             # The server's own part of the time to first audio (see ``own``): p50 by run,
             # ms; the added p50 by setting, pooled, and the turns' mean and spread.
             "own_p50": {name: percentile(values, 0.5) for name, values in own.items()},
@@ -972,13 +974,7 @@ class Bench:
                 for setting, names in settings.items()
             },
             "own_turns_added_p50": own_turns,
-            "own_turns_mean_sd": {
-                setting: (
-                    statistics.fmean(added),
-                    statistics.stdev(added) if len(added) > 1 else 0.0,
-                )
-                for setting, added in own_turns.items()
-            },
+            "own_turns_mean_sd": {setting: mean_sd(added) for setting, added in own_turns.items()},
             # Server CPU per utterance, ms (closed loop and paced together).
             "single_cpu_ms": 1000
             * (cpu["single"] + cpu["single_paced"])
@@ -1447,13 +1443,8 @@ def markdown(out: dict[str, Any]) -> str:
                 "closed": "closed loop",
                 "apart": "closed loop, Redis on the other core",
             }
-            names = {
-                "paced": ("single_paced", "cluster_paced"),
-                "closed": ("single", "cluster"),
-                "apart": ("single_apart", "cluster_apart"),
-            }
             for setting, label in labels.items():
-                alone_name, shared_name = names[setting]
+                alone_name, shared_name = CLUSTER_SETTINGS[setting]
                 mean, sd = c["own_turns_mean_sd"][setting]
                 lines.append(
                     f"| {label} | {c['own_p50'][alone_name]:.1f} | "
