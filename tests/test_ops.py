@@ -403,6 +403,30 @@ async def test_sighup_reopens_log_files(fake: FakeEdge, tmp_path: Path) -> None:
     assert "log files reopened" in (logs / "error.log").read_text()
 
 
+def slow_admission(monkeypatch: pytest.MonkeyPatch, server: Server, seconds: float) -> None:
+    """Make both doors' admission (a speak's rate check, an HTTP request's) take
+    ``seconds`` longer, as a slow Redis would."""
+    admission = server.services.admission
+    for name in ("check_rate", "admit"):
+        decide = getattr(admission, name)
+
+        async def slowly(*args: Any, decide: Any = decide, **kwargs: Any) -> Any:
+            await asyncio.sleep(seconds)
+            return await decide(*args, **kwargs)
+
+        monkeypatch.setattr(admission, name, slowly)
+
+
+async def post_tts(server: Server, text: str) -> None:
+    url = url_of(server).replace("ws://", "http://").replace("/v1/stream", "/tts")
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url, json={"text": text}) as response,
+    ):
+        assert response.status == 200
+        assert await response.read()
+
+
 async def test_time_to_first_audio_counts_the_admission(
     start_server: ServerFactory, fake: FakeEdge, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -410,20 +434,9 @@ async def test_time_to_first_audio_counts_the_admission(
     (which asks Redis in a cluster): a slow admission shows in the speak's ``ttfb_ms``
     and in the first-audio histogram, on both doors."""
     server = await start_server()
-    admission = server.services.admission
-    check_rate, admit = admission.check_rate, admission.admit
     slow = 0.3
-
-    async def slow_check_rate(*args: Any, **kwargs: Any) -> Any:
-        await asyncio.sleep(slow)
-        return await check_rate(*args, **kwargs)
-
-    async def slow_admit(*args: Any, **kwargs: Any) -> Any:
-        await asyncio.sleep(slow)
-        return await admit(*args, **kwargs)
-
+    slow_admission(monkeypatch, server, slow)
     async with connected(server) as client:
-        monkeypatch.setattr(admission, "check_rate", slow_check_rate)
         await client.speak("Admitted slowly.", id="a")
         end = (await client.until_final("a")).final
     assert end["type"] == "end" and end["ttfb_ms"] >= slow * 1000
@@ -431,14 +444,7 @@ async def test_time_to_first_audio_counts_the_admission(
     registry = server.services.stats.registry
     name = "ttsstream_time_to_first_audio_seconds_sum"
     before = registry.get_sample_value(name, {"source": "live"}) or 0.0
-    monkeypatch.setattr(admission, "admit", slow_admit)
-    url = url_of(server).replace("ws://", "http://").replace("/v1/stream", "/tts")
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(url, json={"text": "Admitted slowly, over HTTP."}) as response,
-    ):
-        assert response.status == 200
-        assert await response.read()
+    await post_tts(server, "Admitted slowly, over HTTP.")
     after = registry.get_sample_value(name, {"source": "live"})
     assert after is not None and after - before >= slow
     assert len(fake.records) == 2
@@ -451,30 +457,23 @@ async def test_access_log_tells_the_upstreams_time_from_the_servers(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """An utterance Edge spoke logs Edge's time to first audio (``upstream_ms``) beside
-    its ``ttfb_ms``: a slow admission is in the latter only, a slow Edge in both; a
-    replay has none."""
+    its ``ttfb_ms``, on both doors: a slow admission is in the latter only, a slow Edge
+    in both; a replay has none."""
     caplog.set_level(logging.INFO, logger="ttsstream.access")
     server = await start_server()
-    admission = server.services.admission
-    check_rate = admission.check_rate
-    slow_admission, slow_edge = 0.3, 0.2
-
-    async def slow_check_rate(*args: Any, **kwargs: Any) -> Any:
-        await asyncio.sleep(slow_admission)
-        return await check_rate(*args, **kwargs)
-
-    monkeypatch.setattr(admission, "check_rate", slow_check_rate)
+    slow, slow_edge = 0.3, 0.2
+    slow_admission(monkeypatch, server, slow)
     fake.first_audio_delay = slow_edge
     async with connected(server) as client:
         for number in (1, 2):  # the second is a replay
             await client.speak("Timed twice.", id=f"u{number}")
             assert (await client.until_final(f"u{number}")).final["type"] == "end"
-    live, replay = [
-        fields_of(r)
-        for r in caplog.records
-        if r.name == "ttsstream.access" and fields_of(r).get("id") in ("u1", "u2")
-    ]
-    assert live["cached"] is False and replay["cached"] is True
-    assert slow_edge * 1000 <= live["upstream_ms"] <= live["ttfb_ms"] - slow_admission * 1000
-    assert replay["upstream_ms"] is None and replay["ttfb_ms"] >= slow_admission * 1000
-    assert len(fake.records) == 1
+    await post_tts(server, "Timed over HTTP.")
+    lines = [fields_of(r) for r in caplog.records if r.name == "ttsstream.access"]
+    live, replay = [line for line in lines if line.get("id") in ("u1", "u2")]
+    (http,) = [line for line in lines if line.get("interface") == "http"]
+    assert live["cached"] is False and replay["cached"] is True and http["cached"] is False
+    for spoken in (live, http):
+        assert slow_edge * 1000 <= spoken["upstream_ms"] <= spoken["ttfb_ms"] - slow * 1000
+    assert replay["upstream_ms"] is None and replay["ttfb_ms"] >= slow * 1000
+    assert len(fake.records) == 2
