@@ -90,7 +90,7 @@ CLUSTER_SETTINGS = {
     "closed": ("single", "cluster"),
     "apart": ("single_apart", "cluster_apart"),
 }
-_DRAINS: set[asyncio.Future[bytes]] = set()
+_DRAINS: set[asyncio.Future[Any]] = set()
 #: Load process id -> the file it writes its results to.
 worker_outputs: dict[int, str] = {}
 
@@ -171,10 +171,9 @@ async def start(
     raise RuntimeError(f"{args} exited before starting")
 
 
-async def _keep(stream: asyncio.StreamReader, into: bytearray) -> bytes:
+async def _keep(stream: asyncio.StreamReader, into: bytearray) -> None:
     while chunk := await stream.read(2**16):
         into += chunk
-    return b""
 
 
 #: An access-log line of an utterance Edge spoke: its time to first audio, and Edge's.
