@@ -35,8 +35,13 @@ async def fake() -> AsyncIterator[FakeEdge]:
 
 ServerFactory = Callable[..., Awaitable[Server]]
 
-#: Settings for a test that opens many connections from 127.0.0.1 at once.
-MANY_CLIENTS: dict[str, Any] = {"max_connections_per_ip": 1000, "rate_limit_requests": 0}
+#: Settings for a test that opens many connections from 127.0.0.1 at once (they stand
+#: for many clients: no limit per IP, nor a share of the upstream's slots).
+MANY_CLIENTS: dict[str, Any] = {
+    "max_connections_per_ip": 1000,
+    "rate_limit_requests": 0,
+    "upstream_concurrency_per_ip": 1000,
+}
 
 
 @pytest.fixture

@@ -16,8 +16,17 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from websockets.asyncio.client import connect
 
-from tests.conftest import TIMEOUT, Client, ServerFactory, connected, speaks_fine
+from tests.conftest import (
+    TIMEOUT,
+    Client,
+    ServerFactory,
+    Utterance,
+    connected,
+    speaks_fine,
+    url_of,
+)
 from tests.fake_edge import FakeEdge, spoken_words
 from ttsstream.logs import fields_of
 from ttsstream.server import Server
@@ -26,6 +35,9 @@ from ttsstream.server import Server
 SHORT = 0.3
 #: Settings of every server here: failures are not retried nor spoken by a fallback.
 AS_IS = {"fallback_voice": None, "upstream_retries": 0}
+#: Two clients, told apart by the address their proxy (127.0.0.1, trusted) forwards:
+#: one with long syntheses and a backlog, one that speaks now and then.
+HEAVY, LIGHT = "10.0.0.1", "10.0.0.2"
 
 
 @pytest.fixture
@@ -312,3 +324,154 @@ async def test_gap_deadline_leaves_a_foreign_cancel_a_cancel() -> None:
     assert deadline._timer is None
     await asyncio.sleep(0.3)  # past the deadline: nothing fires into anything
     assert not deadline._fired
+
+
+# Upstream slots shared between clients
+
+
+@contextlib.asynccontextmanager
+async def connected_from(server: Server, ip: str) -> AsyncIterator[Client]:
+    """A client of ``server`` whose address, as its trusted proxy forwards it, is ``ip``."""
+    async with connect(
+        url_of(server),
+        additional_headers={"X-Forwarded-For": ip},
+        max_size=None,
+        compression=None,
+    ) as ws:
+        client = Client(ws)
+        client.hello = await client.recv_message()
+        yield client
+
+
+async def until(check: Callable[[], bool]) -> None:
+    """Wait until ``check()`` holds (at most TIMEOUT)."""
+    async with asyncio.timeout(TIMEOUT):
+        while not check():
+            await asyncio.sleep(0.01)
+
+
+async def first_audio(client: Client, id: str = "u1") -> Utterance:
+    """What has come of utterance ``id`` up to its first audio."""
+    while not client.so_far(id).audio:
+        await client.read_one()
+    return client.so_far(id)
+
+
+async def test_a_client_at_its_share_leaves_the_other_slots_to_others(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """UPSTREAM_CONCURRENCY=2, one per IP: while one client's synthesis holds a slot (Edge
+    paused) and two more of its texts wait, another client gets the free slot and its
+    first audio at once, before anything of the first client's moves."""
+    server = await start_server(**AS_IS, upstream_concurrency=2, upstream_concurrency_per_ip=1)
+    slots = server.services.router.slots
+    fake.pause_after_chunks = 1
+    async with contextlib.AsyncExitStack() as stack:
+        heavy = [await stack.enter_async_context(connected_from(server, HEAVY)) for _ in range(3)]
+        for number, client in enumerate(heavy):
+            await client.speak(f"Heavy text number {number}.")
+        await until(lambda: fake.paused.is_set() and slots.waiting == 2)
+        assert slots.held_by(HEAVY) == 1 and slots.free == 1
+        light = await stack.enter_async_context(connected_from(server, LIGHT))
+        await light.speak("Light text.")
+        started = await first_audio(light)
+        assert started.messages[0]["engine"] == "edge"
+        # The first client's synthesis is still paused, its backlog still waiting.
+        assert not fake.records[0].completed and slots.waiting == 2
+        assert [record.text for record in fake.records][1:] == ["Light text."]
+
+
+async def test_a_freed_slot_goes_to_another_client_before_a_backlog(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """UPSTREAM_CONCURRENCY=1: one client's synthesis holds the slot and two more of its
+    texts wait; another client's text, asked after them, is spoken next."""
+    server = await start_server(**AS_IS, upstream_concurrency=1)
+    slots = server.services.router.slots
+    fake.pause_after_chunks = 1
+    async with contextlib.AsyncExitStack() as stack:
+        heavy = [await stack.enter_async_context(connected_from(server, HEAVY)) for _ in range(3)]
+        await heavy[0].speak("Heavy text number 0.")
+        await until(fake.paused.is_set)
+        for number, client in enumerate(heavy[1:], 1):
+            await client.speak(f"Heavy text number {number}.")
+        await until(lambda: slots.waiting == 2)
+        light = await stack.enter_async_context(connected_from(server, LIGHT))
+        await light.speak("Light text.")
+        await until(lambda: slots.waiting == 3)
+        fake.pause_after_chunks = None
+        fake.resume.set()
+        for client in (*heavy, light):
+            assert (await client.until_final("u1")).final["type"] == "end"
+    texts = [record.text for record in fake.records]
+    assert texts[:2] == ["Heavy text number 0.", "Light text."]
+    assert sorted(texts[2:]) == ["Heavy text number 1.", "Heavy text number 2."]
+
+
+#: A text whose synthesis lasts a while (about 240 chunks of audio).
+LONG_TEXT = " ".join(f"word{number}" for number in range(60))
+
+
+@pytest.mark.parametrize("fallback_voice", ["espeak:auto", None], ids=["fallback", "none"])
+async def test_the_wait_for_a_slot_counts_toward_upstream_timeout(
+    start_server: ServerFactory, fake: FakeEdge, fallback_voice: str | None
+) -> None:
+    """While another client's long synthesis holds the only slot, a request is spoken by
+    the offline voice (or fails with upstream_timeout) once UPSTREAM_TIMEOUT has passed,
+    not when the slot frees; Edge is not blamed for it."""
+    deadline = TIMEOUT / 10
+    server = await start_server(
+        upstream_concurrency=1,
+        upstream_retries=0,
+        upstream_timeout=deadline,
+        fallback_voice=fallback_voice,
+    )
+    # The holder streams on, each gap well within UPSTREAM_TIMEOUT.
+    fake.chunk_delay = deadline / 10
+    loop = asyncio.get_running_loop()
+    async with connected_from(server, HEAVY) as heavy, connected_from(server, LIGHT) as light:
+        await heavy.speak(LONG_TEXT)
+        await first_audio(heavy)
+        asked = loop.time()
+        await light.speak("Light text.")
+        result = await light.until_final("u1")
+        waited = loop.time() - asked
+        assert not fake.records[0].completed  # the slot is still held
+    assert waited >= deadline
+    if fallback_voice is None:
+        assert result.final["code"] == "upstream_timeout" and result.audio == b""
+    else:
+        start = result.messages[0]
+        assert (start["engine"], start["fallback_reason"]) == ("espeak", "upstream_timeout")
+        assert result.final["type"] == "end" and result.audio
+    assert len(fake.records) == 1  # the request never reached Edge
+    services = server.services
+    assert services.stats.upstream_errors == 0
+    assert services.stats.fallbacks == (0 if fallback_voice is None else 1)
+    assert services.router.breaker.status.consecutive_failures == 0
+    assert services.router.slots.held_by(LIGHT) == 0
+
+
+async def test_a_cancelled_wait_for_a_slot_takes_nothing(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """An utterance cancelled while it waits for the only slot takes none, keeps none
+    once the holder is done, and the next utterance runs alone on Edge."""
+    server = await start_server(**AS_IS, upstream_concurrency=1)
+    slots = server.services.router.slots
+    fake.pause_after_chunks = 1
+    async with connected_from(server, HEAVY) as heavy, connected_from(server, LIGHT) as light:
+        await heavy.speak("Holding the slot.")
+        await until(fake.paused.is_set)
+        await light.speak("Waiting for it.")
+        await until(lambda: slots.waiting == 1)
+        await light.send({"type": "cancel", "id": "u1"})
+        assert (await light.until_final("u1")).final["type"] == "cancelled"
+        await until(lambda: slots.waiting == 0)
+        assert (slots.free, slots.held_by(HEAVY), slots.held_by(LIGHT)) == (0, 1, 0)
+        fake.pause_after_chunks = None
+        fake.resume.set()
+        assert (await heavy.until_final("u1")).final["type"] == "end"
+        await until(lambda: slots.free == 1)
+        await speaks_fine(light)
+    assert len(fake.records) == 2 and fake.max_active == 1

@@ -39,6 +39,12 @@ DEFAULT_EDGE_WSS_URL = f"wss://{_EDGE_BASE}/edge/v1?TrustedClientToken={_EDGE_TO
 DEFAULT_EDGE_VOICES_URL = f"https://{_EDGE_BASE}/voices/list?trustedclienttoken={_EDGE_TOKEN}"
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+#: With UPSTREAM_CONCURRENCY_PER_IP=0, one IP holds at most UPSTREAM_CONCURRENCY
+#: divided by this (a quarter)…
+UPSTREAM_SHARE_DIVISOR = 4
+#: …but at least this many upstream slots (a streaming utterance holds two: the
+#: segment playing and the next).
+UPSTREAM_SLOTS_PER_IP_MIN = 2
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,6 +82,9 @@ class Config:
     breaker_cooldown: float = 30.0
     #: Most simultaneous Edge syntheses for the whole server.
     upstream_concurrency: int = 16
+    #: Most of them one client IP holds at once; 0: a quarter of UPSTREAM_CONCURRENCY,
+    #: at least 2 (:attr:`upstream_slots_per_ip`). UPSTREAM_CONCURRENCY or more: no cap.
+    upstream_concurrency_per_ip: int = 0
 
     # Cache
     cache_enabled: bool = True
@@ -230,6 +239,16 @@ class Config:
         return parse_networks(self.trusted_proxies)
 
     @property
+    def upstream_slots_per_ip(self) -> int:
+        """Most Edge syntheses one client IP holds at once: UPSTREAM_CONCURRENCY_PER_IP,
+        or for 0 a quarter of UPSTREAM_CONCURRENCY but at least 2 (a streaming
+        utterance holds two), never more than UPSTREAM_CONCURRENCY."""
+        share = self.upstream_concurrency_per_ip or max(
+            UPSTREAM_SLOTS_PER_IP_MIN, self.upstream_concurrency // UPSTREAM_SHARE_DIVISOR
+        )
+        return min(share, self.upstream_concurrency)
+
+    @property
     def health_address(self) -> str:
         """Where the side port listens."""
         return self.health_host
@@ -328,6 +347,7 @@ _LOWER_BOUNDS: dict[str, tuple[str, float, bool]] = {
     "BREAKER_FAILURES": ("breaker_failures", 1, False),
     "BREAKER_COOLDOWN": ("breaker_cooldown", 0, False),
     "UPSTREAM_CONCURRENCY": ("upstream_concurrency", 1, False),
+    "UPSTREAM_CONCURRENCY_PER_IP": ("upstream_concurrency_per_ip", 0, False),
     "UPSTREAM_TIMEOUT": ("upstream_timeout", 0, True),
     "VOICES_TTL": ("voices_ttl", 0, True),
     "MAX_TEXT_LENGTH": ("max_text_length", 1, False),
@@ -360,6 +380,11 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "BREAKER_FAILURES": ("breaker_failures", _integer, "an integer >= 1"),
     "BREAKER_COOLDOWN": ("breaker_cooldown", _number, "seconds >= 0, such as 30"),
     "UPSTREAM_CONCURRENCY": ("upstream_concurrency", _integer, "an integer >= 1"),
+    "UPSTREAM_CONCURRENCY_PER_IP": (
+        "upstream_concurrency_per_ip",
+        _integer,
+        "an integer >= 0 (0: a quarter of UPSTREAM_CONCURRENCY, at least 2)",
+    ),
     "EDGE_WSS_URL": ("edge_wss_url", str.strip, "a ws:// or wss:// URL with a query string"),
     "EDGE_VOICES_URL": (
         "edge_voices_url",

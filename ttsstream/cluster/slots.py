@@ -9,7 +9,11 @@ so the permits of an instance that died lapse with its lease. While Redis is
 down, each instance is held to its own cap alone.
 
 While the cluster is full, a synthesis waits in its instance's queue, in the
-order they came. Giving a permit back is one script that also announces it on
+order they came (the order in which the instance's own slots, shared fairly
+between its clients, were given: :mod:`ttsstream.core.slots`; the fairness
+between clients is the instance's, the cap is the cluster's). A waiter that is
+cancelled (its utterance, or its ``UPSTREAM_TIMEOUT``) takes no permit: one
+that was being taken is given back. Giving a permit back is one script that also announces it on
 the ``upstream-freed`` channel; each instance then lets its first waiter ask
 again (and the giver does so at once), so a freed permit is taken within a
 round trip or two, as a local semaphore would hand it on. A waiter also asks
@@ -108,13 +112,20 @@ class SharedSlots:
 
             now = time.time()
             args = [now, self._cap, member, now + link.lease_seconds]
-            answer = await link.script(
-                _TAKE, [link.key("upstream")], [*args, link.key(WANTED), link.instance]
-            )
+            try:
+                answer = await link.script(
+                    _TAKE, [link.key("upstream")], [*args, link.key(WANTED), link.instance]
+                )
+            except BaseException:
+                # Cancelled (its utterance, or its deadline) while the script was sent:
+                # it may still have run, and nobody would renew nor use the permit.
+                self._give_back(member)
+                raise
             if answer is None:
                 # Past its deadline the script may still have run: the permit is given
-                # back, or it would hold a place until it lapsed, with nobody to use it.
-                self.release(member)
+                # back (not kept as a spare: it may not be in the set), or it would hold
+                # a place until it lapsed, with nobody to use it.
+                self._give_back(member)
                 return None
             self._room = room = int(answer)
             if room >= 0:

@@ -3,9 +3,15 @@
 :class:`SpeechRouter` sends ``espeak:`` voices to the offline engine and every
 other voice to Edge, with:
 
-- a cap on simultaneous Edge syntheses (``UPSTREAM_CONCURRENCY``), taken in order;
-- retries with jittered exponential backoff while no audio was sent, all within
-  one ``UPSTREAM_TIMEOUT`` deadline (``UPSTREAM_RETRIES``);
+- a cap on simultaneous Edge syntheses (``UPSTREAM_CONCURRENCY``), shared fairly
+  between clients (:class:`~ttsstream.core.slots.FairSlots`: at most
+  ``UPSTREAM_CONCURRENCY_PER_IP`` each, a freed slot to the client holding the
+  fewest), and in a cluster the cluster's permit too;
+- one ``UPSTREAM_TIMEOUT`` deadline for the wait for a slot and every attempt up
+  to the first audio: a request that gets no slot in time is spoken by the
+  fallback (``upstream_timeout``) instead of waiting for other clients' work;
+- retries with jittered exponential backoff while no audio was sent, within that
+  deadline (``UPSTREAM_RETRIES``);
 - a circuit breaker that stops calling Edge after repeated failures;
 - fallback to the offline voice when Edge fails before any audio. Audio of two
   engines is never mixed: once Edge audio went out, a failure is an error.
@@ -14,7 +20,8 @@ other voice to Edge, with:
 the service's: it does not count toward the breaker, so that no client can open
 it for everyone with voices or texts the service refuses. Edge's voice list is
 kept fresh in the background (:meth:`SpeechRouter.keep_voices_fresh`), so that
-unknown voices are refused before any call.
+unknown voices are refused before any call. Nor is a slot that was not free in
+time: the upstream did not fail, the server was busy.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from typing import Protocol
 
 from ttsstream.config import Config
 from ttsstream.core.breaker import CircuitBreaker
+from ttsstream.core.slots import FairSlots
 from ttsstream.engines.base import (
     AudioChunk,
     AudioFormat,
@@ -112,9 +120,12 @@ class SpeechRouter:
         breaker: Guards the online engine.
         retries: Further attempts after a failed one, while no audio was sent.
         concurrency: Most simultaneous online syntheses.
+        per_client: Most of them one client (:attr:`SynthesisRequest.client`) holds
+            at once; ``None`` for no cap of its own.
         shared_slots: The cluster's upstream permits (the same cap over every
             instance), or ``None`` for one instance.
-        timeout: Seconds for all attempts together to produce the first audio.
+        timeout: Seconds for the wait for a slot and all attempts together to
+            produce the first audio.
         stats: Counters to update.
     """
 
@@ -128,6 +139,7 @@ class SpeechRouter:
         # Limits
         retries: int = 2,
         concurrency: int = 16,
+        per_client: int | None = None,
         shared_slots: SharedSlots | None = None,
         # Timeouts
         timeout: float = 15.0,
@@ -137,6 +149,8 @@ class SpeechRouter:
             raise ValueError("retries must be >= 0")
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
+        if per_client is not None and per_client < 1:
+            raise ValueError("per_client must be >= 1")
         if fallback_voice not in (None, AUTO) and (
             offline is not None and not offline.has_voice(fallback_voice)
         ):
@@ -146,7 +160,8 @@ class SpeechRouter:
         self.fallback_voice = fallback_voice if offline is not None else None
         self.breaker = breaker or CircuitBreaker()
         self._retries = retries
-        self._slots = asyncio.Semaphore(concurrency)
+        #: This instance's upstream slots, shared fairly between clients.
+        self.slots = FairSlots(concurrency, per_client=per_client)
         #: The cluster's permits (Redis), if the server is in a cluster.
         self.shared_slots = shared_slots
         self._timeout = timeout
@@ -238,19 +253,15 @@ class SpeechRouter:
                     yield event
             return
 
-        async with self._slots, self._cluster_permit():
-            asked = time.perf_counter()
+        deadline = asyncio.get_running_loop().time() + self._timeout
+        failure: UpstreamError
+        async with contextlib.AsyncExitStack() as slot:
             try:
-                stream, first = await self._first_audio(request)
+                await slot.enter_async_context(self._upstream_slot(request.client, deadline))
+                asked = time.perf_counter()
+                stream, first = await self._first_audio(request, deadline)
             except UpstreamError as exc:
-                fallback = self._fallback_for(request.voice)
-                if fallback is None or self.offline is None:
-                    raise
-                # Per utterance: the access log has it (engine, fallback); the error
-                # log has the upstream's changes of state (the breaker).
-                logger.debug("edge failed before audio (%s): fallback to %s", exc.code, fallback)
-                reason = exc.code
-                self.stats.fallbacks += 1
+                failure = exc
             else:
                 upstream_ms = (time.perf_counter() - asked) * 1000
                 yield Started(
@@ -269,7 +280,14 @@ class SpeechRouter:
                     await stream.aclose()
                 return
         # The fallback runs outside the Edge slot: it does not load the upstream.
-        yield Started(self.offline.name, fallback, self.offline.audio_format, reason)
+        fallback = self._fallback_for(request.voice)
+        if fallback is None or self.offline is None:
+            raise failure
+        # Per utterance: the access log has it (engine, fallback); the error log has
+        # the upstream's changes of state (the breaker).
+        logger.debug("edge failed before audio (%s): fallback to %s", failure.code, fallback)
+        self.stats.fallbacks += 1
+        yield Started(self.offline.name, fallback, self.offline.audio_format, failure.code)
         async with contextlib.aclosing(
             self.offline.synthesize(replace(request, voice=fallback))
         ) as events:
@@ -277,19 +295,40 @@ class SpeechRouter:
                 yield event
 
     @contextlib.asynccontextmanager
-    async def _cluster_permit(self) -> AsyncIterator[None]:
-        """Hold one of the cluster's upstream permits, if the server is in a cluster."""
-        permit = await self.shared_slots.take() if self.shared_slots is not None else None
+    async def _upstream_slot(self, client: str, deadline: float) -> AsyncIterator[None]:
+        """Hold an upstream slot for ``client``: this instance's (its fair share) and, in
+        a cluster, one of the cluster's permits, each taken before ``deadline``.
+
+        Raises:
+            UpstreamTimeout: No slot was free before ``deadline`` (nothing is held then).
+        """
+        busy = UpstreamTimeout("no upstream slot was free in time; the server is busy")
         try:
-            yield
+            async with asyncio.timeout_at(deadline):
+                await self.slots.take(client)
+        except TimeoutError:
+            raise busy from None
+        try:
+            permit: str | None = None
+            if self.shared_slots is not None:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        permit = await self.shared_slots.take()
+                except TimeoutError:
+                    raise busy from None
+            try:
+                yield
+            finally:
+                if permit is not None and self.shared_slots is not None:
+                    self.shared_slots.release(permit)
         finally:
-            if permit is not None and self.shared_slots is not None:
-                self.shared_slots.release(permit)
+            self.slots.give_back(client)
 
     async def _first_audio(
-        self, request: SynthesisRequest
+        self, request: SynthesisRequest, deadline: float
     ) -> tuple[AsyncGenerator[SynthesisEvent, None], list[SynthesisEvent]]:
-        """Open Edge and read up to its first audio chunk, retrying while time is left.
+        """Open Edge and read up to its first audio chunk, retrying until ``deadline``
+        (the event loop's time).
 
         Returns:
             The open stream and the events read from it, ending with the first audio.
@@ -298,7 +337,6 @@ class SpeechRouter:
             UpstreamError: Every attempt failed, the deadline passed, or the breaker is open.
         """
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._timeout
         failure: UpstreamError = UpstreamUnavailable(
             "the speech service is failing; requests to it are paused"
         )
@@ -406,6 +444,7 @@ def speech_router(
         ),
         retries=config.upstream_retries,
         concurrency=config.upstream_concurrency,
+        per_client=config.upstream_slots_per_ip,
         shared_slots=shared_slots,
         timeout=config.upstream_timeout,
         stats=stats,

@@ -198,6 +198,7 @@ class Utterances:
                 and prosody, not its text).
             lookahead: Its lookup, asked already (see :meth:`look_ahead`).
         """
+        request = dataclasses.replace(request, client=client_ip)  # for its share of Edge
         stats = self._stats
         batch = words == "batch"
         each = words == "each"

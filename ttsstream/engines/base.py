@@ -11,7 +11,7 @@ This module does no I/O; engines live in their own modules (:mod:`ttsstream.engi
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 __all__ = [
@@ -55,6 +55,10 @@ class SynthesisRequest:
     rate: str = "+0%"
     volume: str = "+0%"
     pitch: str = "+0Hz"
+    #: Who asks (the client's IP; the tenant once there are tenants), for the fair
+    #: share of the upstream's slots. Not part of what is said: not compared, and no
+    #: engine reads it.
+    client: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True, slots=True)
