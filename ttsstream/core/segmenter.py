@@ -11,9 +11,15 @@ decides both when speech can start and how natural it sounds. The rules:
 - The utterance's first segment may also end at a clause mark (``,;:—`` followed
   by whitespace, or the full-width ``，、；：``) once it has ``clause_chars``
   characters, so that speech starts sooner.
-- No segment is longer than ``max_chars``: past it, the text is cut at the last
-  whitespace (inside a word only when there is none, as in Chinese).
+- No segment is longer than ``max_chars`` (closers after a mark count too): past
+  it, the text is cut at the last whitespace (inside a word only when there is
+  none, as in Chinese).
 - :meth:`Segmenter.flush` cuts whatever is buffered, even mid-sentence.
+- A piece with nothing to speak (no letter or digit: ``. . .``, a line of dashes,
+  emoji, blank lines) is cut like any other and dropped: it gives no segment, and
+  the next segment starts after it (a segment's ``start`` keeps the offsets
+  right). Merging it into the next segment instead would keep it buffered, and a
+  client sending only such text would make the buffer grow without bound.
 
 A period is not a sentence end when the text cannot tell: when its token holds
 another period (``e.g.``, ``U.S.``, ``example.com.``) or ``://``, is a single
@@ -23,8 +29,11 @@ more text (a later sentence end, ``max_chars``, a flush, or the caller's
 timeout). ``3.14`` never ends a sentence: no whitespace follows its period.
 
 Every decision depends only on the text up to a short look-ahead, so the same
-text gives the same cuts however it was split into appends, and each character
-is examined a bounded number of times (linear in the text).
+text gives the same cuts however it was split into appends. Whatever the text,
+at most ``max_chars`` characters stay buffered between appends, and each
+character is examined a bounded number of times: an ``append`` costs time
+linear in its text plus the buffer it copies (the scan resumes where the last
+one stopped; nothing is sliced or stripped again per mark).
 
 Written by hand: sentence splitters (``pysbd``, ``nltk``'s punkt, ``blingfire``)
 work on whole texts and would be run again over the buffer on every append, and
@@ -46,6 +55,8 @@ _CLAUSE_MARKS = frozenset(",;:—")
 _WIDE_CLAUSE_MARKS = frozenset("，、；：")
 #: What may stand between a sentence mark and the whitespace after it.
 _CLOSERS = frozenset("\"'”’»)]}」』")
+#: Every character that may end a segment.
+_MARKS = _SENTENCE_MARKS | _WIDE_SENTENCE_MARKS | _CLAUSE_MARKS | _WIDE_CLAUSE_MARKS | {"\n"}
 #: Abbreviations whose period ends no sentence (compared lowercased, without it).
 _ABBREVIATIONS = frozenset(
     {
@@ -91,12 +102,20 @@ class Segmenter:
         self._min = min_chars
         self._max = max_chars
         self._clause = min(clause_chars, max_chars)
-        #: Text not yet cut into a segment.
+        #: Text not yet cut into a segment (at most ``max_chars`` between appends).
         self._pending = ""
         #: Where ``_pending`` starts in the whole text.
         self._offset = 0
-        #: How far ``_pending`` was examined (a cut needs what follows a mark).
+        # Where the scan of _pending stands, so that an append goes on from there
+        # (indices into _pending):
+        #: The next index to examine (a cut needs what follows a mark).
         self._scanned = 0
+        #: The segment's text before it is whitespace (its first non-space is not).
+        self._lead = 0
+        #: The last non-space character examined (negative: none in ``_pending``).
+        self._last = -1
+        #: Where the closers seen after the mark at ``_scanned`` end.
+        self._closers_end = 0
         #: Whether a segment was cut already (the clause rule is for the first).
         self._cut_any = False
 
@@ -112,29 +131,36 @@ class Segmenter:
 
     def append(self, text: str) -> list[Segment]:
         """Add ``text``; the segments that can be cut now, in order."""
-        self._pending += text
+        pending = self._pending + text
         segments: list[Segment] = []
-        start = 0  # of the current segment in _pending
+        start = 0  # of the current segment in pending
         position = self._scanned
-        pending = self._pending
         while position < len(pending):
-            cut = self._cut_at(pending, start, position)
+            char = pending[position]
+            cut = self._cut_at(pending, start, position) if char in _MARKS else -1
             if cut is None:  # more text is needed to decide at this position
+                self._closers_end = len(pending)
                 break
             if cut < 0:  # no cut here
+                if not char.isspace():
+                    self._last = position
                 position += 1
-                if position - start > self._max:
-                    cut = self._longest(pending, start)
-                else:
+                if position - start <= self._max:
                     continue
-            if self._speakable(pending[start:cut]):  # else it stays with the next one
-                segments.append(Segment(pending[start:cut], self._offset + start))
+                cut = self._longest(pending, start)
+            piece = pending[start:cut]
+            if self._speakable(piece):  # else dropped (see the module)
+                segments.append(Segment(piece, self._offset + start))
                 self._cut_any = True
-                start = cut
+            start = cut
+            self._lead = max(self._lead, cut)
             position = max(position, cut)
         self._pending = pending[start:]
         self._offset += start
         self._scanned = position - start
+        self._lead -= start
+        self._last -= start
+        self._closers_end -= start
         return segments
 
     def flush(self) -> list[Segment]:
@@ -142,56 +168,83 @@ class Segmenter:
         text, start = self._pending, self._offset
         self._pending = ""
         self._offset += len(text)
-        self._scanned = 0
+        self._scanned = self._lead = self._closers_end = 0
+        self._last = -1
         if not self._speakable(text):
             return []
         self._cut_any = True
         return [Segment(text, start)]
 
     def _cut_at(self, text: str, start: int, position: int) -> int | None:
-        """Where a segment ends if ``text[position]`` ends it (the index after the mark
-        and any closers), ``-1`` if it does not, ``None`` if what follows is not here yet.
+        """Where a segment ends if the mark ``text[position]`` ends it (the index after
+        the mark and any closers), ``-1`` if it does not, ``None`` if what follows is not
+        here yet. No cut makes the segment longer than ``max_chars``.
         """
         char = text[position]
+        limit = start + self._max  # the furthest cut
         if char == "\n":
-            return position + 1 if self._long(text, start, position, self._min) else -1
+            if position < limit and self._long(text, start, position, self._min):
+                return position + 1
+            return -1
         if char in _WIDE_SENTENCE_MARKS:
             if not self._long(text, start, position, self._min):
                 return -1
-            return self._after_closers(text, position + 1)
+            return self._after_closers(text, position + 1, limit)
         if char in _WIDE_CLAUSE_MARKS:
-            return position + 1 if self._first_clause(text, start, position) else -1
+            if position < limit and self._first_clause(text, start, position):
+                return position + 1
+            return -1
         if char in _SENTENCE_MARKS:
             if not self._long(text, start, position, self._min):
                 return -1
-            end = self._after_closers(text, position + 1)
-            if end is None:
-                return None
+            end = self._after_closers(text, position + 1, limit)
+            if end is None or end < 0:
+                return end
             if not text[end].isspace():
                 return -1
             if char == "." and self._doubtful_period(text, start, position):
                 return -1
             return end
-        if char in _CLAUSE_MARKS and self._first_clause(text, start, position):
+        if char in _CLAUSE_MARKS and position < limit and self._first_clause(text, start, position):
             if position + 1 >= len(text):
                 return None
             return position + 1 if text[position + 1].isspace() else -1
         return -1
 
-    @staticmethod
-    def _long(text: str, start: int, position: int, least: int) -> bool:
-        """Whether the segment up to ``position`` has ``least`` characters (ends trimmed)."""
-        return len(text[start : position + 1].strip()) >= least
+    def _long(self, text: str, start: int, position: int, least: int) -> bool:
+        """Whether the segment up to the mark at ``position`` has ``least`` characters
+        (ends trimmed).
+
+        In constant time, amortised: the segment's first non-space is looked for from
+        where the last look stopped, and its last is noted as the text is examined.
+        """
+        last = position if not text[position].isspace() else self._last
+        if last < start:
+            return False  # whitespace only
+        lead = self._lead
+        while text[lead].isspace():  # stops at ``last`` at the latest
+            lead += 1
+        self._lead = lead
+        return last - lead + 1 >= least
 
     def _first_clause(self, text: str, start: int, position: int) -> bool:
         return not self._cut_any and self._long(text, start, position, self._clause)
 
-    @staticmethod
-    def _after_closers(text: str, index: int) -> int | None:
-        """The index after any closing quotes or brackets from ``index``; ``None`` when
-        the text ends there (a closer may still come)."""
-        while index < len(text) and text[index] in _CLOSERS:
+    def _after_closers(self, text: str, index: int, limit: int) -> int | None:
+        """The index after any closing quotes or brackets from ``index`` (just after a
+        mark); ``-1`` when they run past ``limit``, the furthest cut; ``None`` when the
+        text ends first (a closer may still come).
+
+        The closers seen at the last append are not examined again.
+        """
+        # Marks are no closers: only the mark the last append stopped at is after
+        # _closers_end, and the closers up to it follow that mark.
+        index = max(index, self._closers_end)
+        end = min(len(text), limit + 1)
+        while index < end and text[index] in _CLOSERS:
             index += 1
+        if index > limit:
+            return -1
         return None if index >= len(text) else index
 
     @staticmethod
