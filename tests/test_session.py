@@ -3,18 +3,41 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator
+import logging
+import time
+from collections.abc import AsyncGenerator, Sequence
+from pathlib import Path
+from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tests.conftest import TIMEOUT, Client, ServerFactory, connected, speaks_fine, url_of
+from tests.conftest import (
+    TIMEOUT,
+    Client,
+    ServerFactory,
+    connected,
+    connected_to,
+    speaks_fine,
+    url_of,
+)
 from tests.fake_edge import FakeEdge, spoken_words
+from tests.processes import serve_process, stop
 from ttsstream.config import Config
+from ttsstream.core.router import Started
 from ttsstream.core.services import build_services
-from ttsstream.engines.base import MP3_24KHZ_48KBPS, SynthesisEvent, SynthesisRequest, Voice
+from ttsstream.core.utterance import Summary
+from ttsstream.engines.base import (
+    MP3_24KHZ_48KBPS,
+    SynthesisEvent,
+    SynthesisRequest,
+    Voice,
+    WordEvent,
+)
+from ttsstream.logs import fields_of
 from ttsstream.server import Server
 from ttsstream.ws.protocol import MAX_FRAME_BYTES
 
@@ -292,6 +315,58 @@ async def test_client_disconnect_closes_its_upstream(server: Server, fake: FakeE
     assert not fake.records[0].completed
 
 
+class FaultySink:
+    """A sink with a bug: its audio, its failure and its end all raise."""
+
+    cut = False
+    gone = False
+
+    async def start(self, started: Started) -> None:
+        pass
+
+    async def audio(self, data: bytes | memoryview) -> None:
+        raise RuntimeError("audio")
+
+    async def word(self, word: WordEvent) -> None:
+        pass
+
+    async def words(self, words: Sequence[WordEvent]) -> None:
+        pass
+
+    async def end(self, summary: Summary) -> None:
+        pass
+
+    async def fail(self, exc: BaseException, *, partial: bool) -> None:
+        raise RuntimeError("fail")
+
+    def finished(self) -> None:
+        raise RuntimeError("finished")
+
+
+async def test_whatever_a_sink_raises_the_utterance_is_cleaned_up(
+    server: Server, fake: FakeEdge, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A sink that raises everywhere does not keep its utterance active: it is counted,
+    has its access-log line and its upstream is closed (the bug still propagates)."""
+    caplog.set_level(logging.INFO, logger="ttsstream.access")
+    utterances = server.services.utterances
+    fake.pause_after_chunks = 1
+    with pytest.raises(RuntimeError):
+        await utterances.run(
+            utterances.request(text="A sink with a bug.", voice=None),
+            FaultySink(),
+            utterance_id="faulty",
+            received_at=time.perf_counter(),
+            client_ip="127.0.0.1",
+            connection="test",
+            interface="ws",
+        )
+    assert server.stats.active_utterances == 0
+    (line,) = [fields_of(r) for r in caplog.records if r.name == "ttsstream.access"]
+    assert (line["id"], line["outcome"]) == ("faulty", "internal")
+    await asyncio.wait_for(fake.records[0].closed.wait(), TIMEOUT)
+
+
 async def test_refusals_of_a_speak_without_id_carry_a_null_id(
     start_server: ServerFactory, fake: FakeEdge
 ) -> None:
@@ -320,3 +395,63 @@ async def test_refusals_of_a_speak_without_id_carry_a_null_id(
         fake.resume.set()
         for id in ("p", "w"):
             assert (await client.until_final(id)).final["type"] == "end"
+
+
+#: Cached replays a test drops the connection of, per format.
+DROPPED_REPLAYS = 15
+
+
+async def test_a_replay_dropped_mid_way_still_ends_its_utterance(
+    fake: FakeEdge, tmp_path: Path
+) -> None:
+    """A client that drops its TCP connection during cached replays (Opus, then MP3) leaves
+    no utterance active, gets one access-log line per utterance saying ``disconnected``,
+    and no error in the server's log (a process: its event loop is uvloop's, as deployed)."""
+    fake.tone = True
+    logs = tmp_path / "logs"
+    process, url, side = await serve_process(
+        fake,
+        tmp_path,
+        LOG_DIR=str(logs),
+        LOG_FORMAT="json",
+        RATE_LIMIT_REQUESTS="0",
+        MAX_CONNECTIONS_PER_IP="1000",
+    )
+    text = "A replay that nobody stays to hear, long enough to take a few frames. " * 8
+    try:
+        # Only the MP3 is stored: each Opus replay is made from it as it is sent.
+        async with connected_to(url) as client:
+            await client.speak(text, id="stored")
+            assert (await client.until_final("stored")).final["type"] == "end"
+        for _ in range(int(TIMEOUT * 100)):
+            if list((tmp_path / "cache").glob("*/*.tts")):
+                break
+            await asyncio.sleep(0.01)
+        dropped = {
+            f"{name}-{number}" for name in ("opus", "mp3") for number in range(DROPPED_REPLAYS)
+        }
+        for id in sorted(dropped):
+            async with connected_to(url) as client:
+                await client.speak(text, id=id, format=id.split("-")[0])
+                start = await client.recv_message()
+                assert (start["type"], start["cached"]) == ("start", True)
+                client.ws.transport.abort()
+        stats: dict[str, Any] = {}
+        lines: list[dict[str, Any]] = []
+        async with aiohttp.ClientSession() as session:
+            for _ in range(int(TIMEOUT * 100)):
+                async with session.get(f"http://{side}/stats") as response:
+                    stats = await response.json()
+                logged = map(orjson.loads, (logs / "access.log").read_bytes().splitlines())
+                lines = [line for line in logged if line.get("id") in dropped]
+                if stats["active_utterances"] == 0 and len(lines) == len(dropped):
+                    break
+                await asyncio.sleep(0.01)
+        assert stats["active_utterances"] == 0, stats
+        assert sorted(line["id"] for line in lines) == sorted(dropped)
+        # Some replays may be written whole before the connection drops.
+        assert {line["outcome"] for line in lines} <= {"disconnected", "cancelled", "ok"}
+        errors = (logs / "error.log").read_text()
+        assert "Traceback" not in errors and '"level":"ERROR"' not in errors, errors
+    finally:
+        await stop(process)

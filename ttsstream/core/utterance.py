@@ -301,19 +301,20 @@ class Utterances:
                 outcome = "cancelled"
                 if sink.cut:
                     # The server stops now: the client learns its utterance was cut.
-                    outcome = await self._failed(
-                        sink, cut_short(), utterance_id, partial=byte_count > 0
-                    )
+                    cut = cut_short()
+                    outcome = error_code(cut)
+                    await self._failed(sink, cut, utterance_id, partial=byte_count > 0)
                 raise
             # Another task's cancellation that leaked this far is a failure of this
             # utterance, not a cancel of it.
-            outcome = await self._failed(sink, exc, utterance_id, partial=byte_count > 0)
+            outcome = error_code(exc)
+            await self._failed(sink, exc, utterance_id, partial=byte_count > 0)
         except ListenerGone as gone:
             outcome = gone.outcome
         except Exception as exc:
-            outcome = await self._failed(sink, exc, utterance_id, partial=byte_count > 0)
+            outcome = error_code(exc)
+            await self._failed(sink, exc, utterance_id, partial=byte_count > 0)
         finally:
-            sink.finished()
             if pipe is not None:
                 pipe.close()
             stats.active_utterances -= 1
@@ -343,19 +344,23 @@ class Utterances:
                 words=word_count,
                 outcome=outcome,
             )
-            await events.aclose()
+            # The sink last, after the utterance's own cleanup: whatever it raises (a
+            # bug, which propagates), the utterance is over and counted.
+            try:
+                sink.finished()
+            finally:
+                await events.aclose()
         return outcome
 
     async def _failed(
         self, sink: Sink, exc: BaseException, utterance_id: str, *, partial: bool
-    ) -> str:
-        """Tell the sink why the utterance failed; its outcome code."""
+    ) -> None:
+        """Tell the sink why the utterance failed."""
         if not isinstance(exc, ClientError):
             logger.error("utterance=%r failed", utterance_id, exc_info=exc)
         self._stats.errors += 1
         with contextlib.suppress(ListenerGone):
             await sink.fail(exc, partial=partial)
-        return error_code(exc)
 
 
 def cut_short() -> ShuttingDown:

@@ -501,7 +501,9 @@ class Session:
         sock = self._ws.transport.get_extra_info("socket")
         if sock is None:
             return
-        with contextlib.suppress(OSError):  # not TCP, or already closed
+        # Not TCP, or already closed (asyncio's socket then raises OSError, uvloop's
+        # ValueError).
+        with contextlib.suppress(OSError, ValueError):
             sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, int(on))
             self._corked = on
 
