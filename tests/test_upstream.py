@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
+import aiohttp
 import pytest
 from websockets.asyncio.client import connect
 
@@ -357,19 +358,48 @@ async def first_audio(client: Client, id: str = "u1") -> Utterance:
     return client.so_far(id)
 
 
+@contextlib.asynccontextmanager
+async def speaking_from(server: Server, ip: str, text: str, door: str) -> AsyncIterator[None]:
+    """A request of client ``ip`` to speak ``text`` through ``door`` (``ws``, or ``http``:
+    ``POST /tts``), kept open (its audio unread) until the block ends."""
+    if door == "ws":
+        async with connected_from(server, ip) as client:
+            await client.speak(text)
+            yield
+        return
+    url = f"http://127.0.0.1:{server.port}/tts"
+
+    async def post() -> None:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(url, json={"text": text}, headers={"X-Forwarded-For": ip}),
+        ):
+            await asyncio.Event().wait()
+
+    request = asyncio.create_task(post())
+    try:
+        yield
+    finally:
+        request.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await request
+
+
+@pytest.mark.parametrize("door", ["ws", "http"])
 async def test_a_client_at_its_share_leaves_the_other_slots_to_others(
-    start_server: ServerFactory, fake: FakeEdge
+    start_server: ServerFactory, fake: FakeEdge, door: str
 ) -> None:
     """UPSTREAM_CONCURRENCY=2, one per IP: while one client's synthesis holds a slot (Edge
-    paused) and two more of its texts wait, another client gets the free slot and its
-    first audio at once, before anything of the first client's moves."""
+    paused) and two more of its texts wait (asked over either door), another client gets
+    the free slot and its first audio at once, before anything of the first client's
+    moves."""
     server = await start_server(**AS_IS, upstream_concurrency=2, upstream_concurrency_per_ip=1)
     slots = server.services.router.slots
     fake.pause_after_chunks = 1
     async with contextlib.AsyncExitStack() as stack:
-        heavy = [await stack.enter_async_context(connected_from(server, HEAVY)) for _ in range(3)]
-        for number, client in enumerate(heavy):
-            await client.speak(f"Heavy text number {number}.")
+        for number in range(3):
+            text = f"Heavy text number {number}."
+            await stack.enter_async_context(speaking_from(server, HEAVY, text, door))
         await until(lambda: fake.paused.is_set() and slots.waiting == 2)
         assert slots.held_by(HEAVY) == 1 and slots.free == 1
         light = await stack.enter_async_context(connected_from(server, LIGHT))
