@@ -367,6 +367,34 @@ async def test_whatever_a_sink_raises_the_utterance_is_cleaned_up(
     await asyncio.wait_for(fake.records[0].closed.wait(), TIMEOUT)
 
 
+async def test_a_client_that_leaves_mid_utterance_is_disconnected_not_cancelled(
+    server: Server, fake: FakeEdge, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client whose connection closes while its utterance waits for the upstream is
+    logged and counted ``disconnected``, as one that stops reading is; a cancel it sent
+    is still ``cancelled``."""
+    caplog.set_level(logging.INFO, logger="ttsstream.access")
+    fake.pause_after_chunks = 1
+    async with connected(server) as client:
+        await client.speak("Nobody will hear the end of this sentence.", id="left")
+        await asyncio.wait_for(fake.paused.wait(), TIMEOUT)
+    fake.paused.clear()
+    async with connected(server) as client:
+        await client.speak("This one is cancelled by its client.", id="called-off")
+        await asyncio.wait_for(fake.paused.wait(), TIMEOUT)
+        await client.send({"type": "cancel", "id": "called-off"})
+        assert (await client.until_final("called-off")).final["type"] == "cancelled"
+    outcomes: dict[str, str] = {}
+    for _ in range(int(TIMEOUT * 100)):
+        lines = [fields_of(r) for r in caplog.records if r.name == "ttsstream.access"]
+        outcomes = {line["id"]: line["outcome"] for line in lines if "outcome" in line}
+        if len(outcomes) == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert outcomes == {"left": "disconnected", "called-off": "cancelled"}
+    assert server.stats.outcomes_by_interface["ws", "disconnected"] == 1
+
+
 async def test_refusals_of_a_speak_without_id_carry_a_null_id(
     start_server: ServerFactory, fake: FakeEdge
 ) -> None:
@@ -450,7 +478,7 @@ async def test_a_replay_dropped_mid_way_still_ends_its_utterance(
         assert stats["active_utterances"] == 0, stats
         assert sorted(line["id"] for line in lines) == sorted(dropped)
         # Some replays may be written whole before the connection drops.
-        assert {line["outcome"] for line in lines} <= {"disconnected", "cancelled", "ok"}
+        assert {line["outcome"] for line in lines} <= {"disconnected", "ok"}
         errors = (logs / "error.log").read_text()
         assert "Traceback" not in errors and '"level":"ERROR"' not in errors, errors
     finally:

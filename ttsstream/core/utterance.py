@@ -70,6 +70,10 @@ class Sink(Protocol):
     def cut(self) -> bool:
         """Whether the server cut the utterance (a drain ran out of time)."""
 
+    @property
+    def gone(self) -> bool:
+        """Whether the client's connection is closed (a cancel is then its disconnect)."""
+
     async def start(self, started: Started) -> None:
         """Who speaks the utterance; first of all."""
 
@@ -181,7 +185,8 @@ class Utterances:
         """Speak ``request`` into ``sink``; its outcome (``ok``, ``cancelled``, an error code…).
 
         A cancellation of the calling task is the client's cancel and propagates (when
-        the sink says the server cut it, the sink is told ``shutting_down`` first);
+        the sink says the server cut it, the sink is told ``shutting_down`` first; when
+        it says the client's connection is closed, the outcome is ``disconnected``);
         every other way it ends is told to the sink (unless the listener is gone).
 
         Args:
@@ -304,6 +309,9 @@ class Utterances:
                     cut = cut_short()
                     outcome = error_code(cut)
                     await self._failed(sink, cut, utterance_id, partial=byte_count > 0)
+                elif sink.gone:
+                    # Cancelled because the client left, not by its cancel.
+                    outcome = ListenerGone.outcome
                 raise
             # Another task's cancellation that leaked this far is a failure of this
             # utterance, not a cancel of it.

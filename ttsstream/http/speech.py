@@ -374,6 +374,11 @@ class _Body:
         self.cut = False
         self._audio_bytes = 0
 
+    @property
+    def gone(self) -> bool:
+        transport = self._request.transport
+        return transport is None or transport.is_closing()
+
     async def start(self, started: Started) -> None:
         self._started = started
         # A stored entry (the MP3, or a format made from it once and stored beside it).

@@ -177,6 +177,11 @@ class Session:
             return
 
     @property
+    def closed(self) -> bool:
+        """Whether the connection is closed (the client left, or was closed)."""
+        return self._ws.state is State.CLOSED
+
+    @property
     def utterances_in_progress(self) -> int:
         """Utterances queued or playing."""
         return len(self._pending) + (self._current is not None)
@@ -554,6 +559,10 @@ class _Frames:
     @property
     def cut(self) -> bool:
         return self._utterance.cut
+
+    @property
+    def gone(self) -> bool:
+        return self._session.closed
 
     async def start(self, started: Started) -> None:
         if started.cached:
