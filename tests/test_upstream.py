@@ -444,11 +444,15 @@ LONG_TEXT = " ".join(f"word{number}" for number in range(60))
 
 @pytest.mark.parametrize("fallback_voice", ["espeak:auto", None], ids=["fallback", "none"])
 async def test_the_wait_for_a_slot_counts_toward_upstream_timeout(
-    start_server: ServerFactory, fake: FakeEdge, fallback_voice: str | None
+    start_server: ServerFactory,
+    fake: FakeEdge,
+    fallback_voice: str | None,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """While another client's long synthesis holds the only slot, a request is spoken by
     the offline voice (or fails with upstream_timeout) once UPSTREAM_TIMEOUT has passed,
-    not when the slot frees; Edge is not blamed for it."""
+    not when the slot frees; Edge is not blamed for it, the operator is told."""
+    caplog.set_level(logging.WARNING, logger="ttsstream.core.router")
     deadline = TIMEOUT / 10
     server = await start_server(
         upstream_concurrency=1,
@@ -480,6 +484,8 @@ async def test_the_wait_for_a_slot_counts_toward_upstream_timeout(
     assert services.stats.fallbacks == (0 if fallback_voice is None else 1)
     assert services.router.breaker.status.consecutive_failures == 0
     assert services.router.slots.held_by(LIGHT) == 0
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "ttsstream.core.router"]
+    assert warning.startswith("upstream slots: a request got none of this instance's")
 
 
 async def test_a_cancelled_wait_for_a_slot_takes_nothing(

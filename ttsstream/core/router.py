@@ -18,10 +18,10 @@ other voice to Edge, with:
 
 ``no_audio`` (the service answered, with no audio) is the request's failure, not
 the service's: it does not count toward the breaker, so that no client can open
-it for everyone with voices or texts the service refuses. Edge's voice list is
-kept fresh in the background (:meth:`SpeechRouter.keep_voices_fresh`), so that
-unknown voices are refused before any call. Nor is a slot that was not free in
-time: the upstream did not fail, the server was busy.
+it for everyone with voices or texts the service refuses; nor does a wait for a
+slot that outlasted the deadline (the server was busy, Edge did not fail). Edge's
+voice list is kept fresh in the background (:meth:`SpeechRouter.keep_voices_fresh`),
+so that unknown voices are refused before any call.
 """
 
 from __future__ import annotations
@@ -162,6 +162,8 @@ class SpeechRouter:
         self._retries = retries
         #: This instance's upstream slots, shared fairly between clients.
         self.slots = FairSlots(concurrency, per_client=per_client)
+        #: A request waited too long for a slot, and a request still waits for one.
+        self._waited_too_long = False
         #: The cluster's permits (Redis), if the server is in a cluster.
         self.shared_slots = shared_slots
         self._timeout = timeout
@@ -284,8 +286,8 @@ class SpeechRouter:
         if fallback is None or self.offline is None:
             raise failure
         # Per utterance: the access log has it (engine, fallback); the error log has
-        # the upstream's changes of state (the breaker).
-        logger.debug("edge failed before audio (%s): fallback to %s", failure.code, fallback)
+        # the upstream's changes of state (the breaker, the slots all taken).
+        logger.debug("no edge audio (%s): fallback to %s", failure.message, fallback)
         self.stats.fallbacks += 1
         yield Started(self.offline.name, fallback, self.offline.audio_format, failure.code)
         async with contextlib.aclosing(
@@ -302,12 +304,14 @@ class SpeechRouter:
         Raises:
             UpstreamTimeout: No slot was free before ``deadline`` (nothing is held then).
         """
-        busy = UpstreamTimeout("no upstream slot was free in time; the server is busy")
         try:
             async with asyncio.timeout_at(deadline):
                 await self.slots.take(client)
         except TimeoutError:
-            raise busy from None
+            raise self._busy("this instance's") from None
+        if self._waited_too_long and not self.slots.waiting:
+            self._waited_too_long = False
+            logger.info("upstream slots: no request waits for one any more")
         try:
             permit: str | None = None
             if self.shared_slots is not None:
@@ -315,7 +319,7 @@ class SpeechRouter:
                     async with asyncio.timeout_at(deadline):
                         permit = await self.shared_slots.take()
                 except TimeoutError:
-                    raise busy from None
+                    raise self._busy("the cluster's") from None
             try:
                 yield
             finally:
@@ -323,6 +327,24 @@ class SpeechRouter:
                     self.shared_slots.release(permit)
         finally:
             self.slots.give_back(client)
+
+    def _busy(self, whose: str) -> UpstreamTimeout:
+        """What a request that got none of ``whose`` upstream slots in time fails with;
+        logged once until no request waits for a slot any more."""
+        if not self._waited_too_long:
+            self._waited_too_long = True
+            slots = self.slots
+            logger.warning(
+                "upstream slots: a request got none of %s within UPSTREAM_TIMEOUT "
+                "(here %d of %d free, at most %d per client, %d waiting); "
+                "such requests go to the fallback",
+                whose,
+                slots.free,
+                slots.capacity,
+                slots.per_client,
+                slots.waiting,
+            )
+        return UpstreamTimeout("no upstream slot was free in time; the server is busy")
 
     async def _first_audio(
         self, request: SynthesisRequest, deadline: float
