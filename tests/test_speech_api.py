@@ -5,6 +5,8 @@ from __future__ import annotations
 import array
 import asyncio
 import base64
+import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -24,6 +26,7 @@ from tests.conftest import (
     wait_for_entries,
 )
 from tests.fake_edge import FRAME_BYTES, FakeEdge
+from ttsstream.http import speech
 from ttsstream.http.openai import DEFAULT_VOICES, MODELS
 from ttsstream.server import Server
 
@@ -609,3 +612,160 @@ async def test_http_requests_are_counted_as_speaks_are(server: Server, fake: Fak
     both = server.stats.snapshot()
     assert (ws["total_requests"], ws["errors"]) == (2, 1)
     assert (both["total_requests"], both["errors"]) == (4, 2)
+
+
+# Request bodies on the wire
+
+
+async def _answer_of(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """Read one HTTP/1.1 answer given in full (with its Content-Length)."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {
+        name.strip().lower(): value.strip()
+        for name, _, value in (line.partition(":") for line in lines if line)
+    }
+    body = await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), TIMEOUT)
+    return int(status_line.split()[1]), headers, body
+
+
+def _head(path: str, **headers: str) -> bytes:
+    lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", "Content-Type: application/json"]
+    lines += [f"{name.replace('_', '-')}: {value}" for name, value in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def _chunk(data: bytes) -> bytes:
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/tts", {"text": TEXT}),
+        ("/v1/audio/speech", {"model": "tts-1", "voice": "alloy", "input": TEXT}),
+    ],
+)
+async def test_a_chunked_body_is_read_to_its_end(
+    server: Server, fake: FakeEdge, path: str, body: dict[str, Any]
+) -> None:
+    """A chunked body whose second half comes after the server began reading it is
+    read whole: the audio, not bad_json."""
+    raw = orjson.dumps(body)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(_head(path, Transfer_Encoding="chunked") + _chunk(raw[:10]))
+        # The handler reads the body once admitted (the request is counted then).
+        while server.stats.total_requests == 0:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(TIMEOUT / 50)  # the second segment comes later
+        writer.write(_chunk(raw[10:]) + b"0\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    assert fake.records[0].text == (body.get("text") or body["input"])
+
+
+async def test_a_chunked_body_over_the_limit_is_413(server: Server) -> None:
+    """A chunked body past 64 KiB, in pieces, gets 413 body_too_large."""
+    piece = b" " * 2**14
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(_head("/tts", Transfer_Encoding="chunked") + _chunk(b'{"text": "Hi"}'))
+        for _ in range(5):
+            writer.write(_chunk(piece))
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        status, _, answer = await _answer_of(reader)
+    finally:
+        writer.close()
+    assert (status, orjson.loads(answer)["error"]) == (413, "body_too_large")
+
+
+async def _trickle(writer: asyncio.StreamWriter, pause: float) -> None:
+    """Send a body a byte at a time, ``pause`` seconds apart, until it is closed."""
+    with contextlib.suppress(ConnectionError):
+        while not writer.is_closing():
+            await asyncio.sleep(pause)
+            writer.write(b" ")
+            await writer.drain()
+
+
+async def test_a_trickled_body_gets_408_and_frees_its_connection(
+    start_server: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bodies that keep coming a byte at a time past BODY_TIMEOUT get 408 body_timeout
+    (both error shapes), and the connection slots they took are free again."""
+    monkeypatch.setattr(speech, "BODY_TIMEOUT", TIMEOUT / 10)
+    slots = 5
+    server = await start_server(max_connections_per_ip=slots)
+    paths = ["/tts", "/v1/audio/speech"] * slots
+    connections = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(slots)]
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    tricklers = []
+    for (_, writer), path in zip(connections, paths, strict=False):
+        writer.write(_head(path, Content_Length="1000") + b'{"text": "Slow')
+        tricklers.append(asyncio.create_task(_trickle(writer, speech.BODY_TIMEOUT / 10)))
+    try:
+        answers = [await _answer_of(reader) for reader, _ in connections]
+        took = loop.time() - began
+    finally:
+        for _, writer in connections:
+            writer.close()
+        await asyncio.gather(*tricklers)
+    for (status, headers, body), path in zip(answers, paths, strict=False):
+        assert (status, headers["connection"]) == (408, "close")
+        error = orjson.loads(body)
+        assert (error["error"] if path == "/tts" else error["error"]["code"]) == "body_timeout"
+    assert speech.BODY_TIMEOUT <= took < speech.BODY_TIMEOUT + TIMEOUT
+    assert server.services.admission.connections.total == 0
+    status, _, audio = await post(server, "/tts", {"text": TEXT})
+    assert status == 200 and audio
+
+
+async def test_a_drain_does_not_wait_for_a_trickled_body(
+    start_server: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A body still coming when a drain ends is answered 503 shutting_down, and the
+    server closes within its drain time, not the body's deadline."""
+    monkeypatch.setattr(speech, "BODY_TIMEOUT", TIMEOUT * 4)
+    server = await start_server()
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(_head("/tts", Content_Length="1000") + b'{"text": "Slow')
+    trickler = asyncio.create_task(_trickle(writer, TIMEOUT / 50))
+    try:
+        while server.stats.total_requests == 0:
+            await asyncio.sleep(0.01)
+        async with asyncio.timeout(TIMEOUT):
+            await server.drain(TIMEOUT / 10)
+            await server.wait_closed()
+        status, _, body = await _answer_of(reader)
+    finally:
+        writer.close()
+        await trickler
+    assert (status, orjson.loads(body)["error"]) == (503, "shutting_down")
+
+
+async def test_a_body_that_ends_early_is_no_server_error(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that leaves before its body's declared end is counted as a refused
+    request (bad_json), not logged as an error of the server."""
+    caplog.set_level(logging.WARNING)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(_head("/tts", Content_Length="1000") + b'{"text": "Cut')
+        while server.stats.total_requests == 0:
+            await asyncio.sleep(0.01)
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
+    finally:
+        writer.close()
+    for _ in range(int(TIMEOUT * 100)):
+        if server.stats.errors:
+            break
+        await asyncio.sleep(0.01)
+    assert server.stats.errors == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]

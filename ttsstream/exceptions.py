@@ -24,6 +24,7 @@ into the ``error`` message a client receives.
         │   ├── InvalidParameter        invalid_parameter
         │   ├── UnsupportedFormat       unsupported_format
         │   ├── BodyTooLarge            body_too_large (HTTP)
+        │   ├── BodyTimeout             body_timeout (HTTP)
         │   ├── UnsupportedMediaType    unsupported_media_type (HTTP)
         │   ├── QueueFull               queue_full
         │   ├── NotFound                not_found
@@ -43,6 +44,7 @@ from __future__ import annotations
 __all__ = [
     "BadJSON",
     "BadMessage",
+    "BodyTimeout",
     "BodyTooLarge",
     "ClientError",
     "ConfigError",
@@ -226,6 +228,12 @@ class BodyTooLarge(RequestError):
     """An HTTP request body over 64 KiB."""
 
     code = "body_too_large"
+
+
+class BodyTimeout(RequestError):
+    """An HTTP request body that did not arrive whole within its deadline."""
+
+    code = "body_timeout"
 
 
 class UnsupportedMediaType(RequestError):

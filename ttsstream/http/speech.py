@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NamedTuple
 
 import orjson
-from aiohttp import web
+from aiohttp import StreamReader, web
 
 from ttsstream.audio.formats import MP3, Format
 from ttsstream.core.fields import (
@@ -36,9 +37,11 @@ from ttsstream.engines.base import SynthesisRequest, WordEvent, word_fields
 from ttsstream.exceptions import (
     BadJSON,
     BadMessage,
+    BodyTimeout,
     BodyTooLarge,
     ClientError,
     RateLimited,
+    ShuttingDown,
     UnsupportedFormat,
     UnsupportedMediaType,
 )
@@ -50,6 +53,11 @@ __all__ = ["SpeechApi"]
 
 #: Largest request body, in bytes (as the WebSocket's largest frame).
 MAX_BODY_BYTES = 64 * 2**10
+#: Seconds a request body has to arrive whole, from when the admitted request starts
+#: reading it (as a head has the shared port's ``HEAD_TIMEOUT``). A body sent slower
+#: is answered 408 ``body_timeout``, and the connection slot its admission took is
+#: free again.
+BODY_TIMEOUT = 10.0
 #: Below this many bytes waiting to be sent, a write cannot wait (aiohttp drains above
 #: 64 KiB), so it is made without arming SEND_TIMEOUT's timer.
 SEND_BUFFER_LOW = 16 * 2**10
@@ -85,6 +93,11 @@ class SpeechApi:
         self._voices = voice_table(services.config.voice_map)
         #: Streams in progress, for a drain: their tasks and sinks.
         self._streams: dict[asyncio.Task[Any], _Body] = {}
+        #: Requests reading their body (which a drain does not wait for: once read, a
+        #: request is refused with ``shutting_down`` anyway).
+        self._reading: set[asyncio.Task[Any]] = set()
+        #: :meth:`cut` ran: the server stops.
+        self._stopped = False
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -110,9 +123,13 @@ class SpeechApi:
         await self._idle.wait()
 
     def cut(self) -> None:
-        """Stop the streams still in progress (a drain ran out of time)."""
+        """Stop the streams still in progress (a drain ran out of time), and the requests
+        still reading their body (answered 503 ``shutting_down``)."""
+        self._stopped = True
         for task, body in list(self._streams.items()):
             body.cut = True
+            task.cancel()
+        for task in self._reading:
             task.cancel()
 
     # Endpoints
@@ -228,11 +245,26 @@ class SpeechApi:
         task = asyncio.current_task()
         assert task is not None
         try:
+            self._reading.add(task)
             try:
                 asked = await read()
             except ClientError as exc:
-                self._services.stats.errors += 1
-                return self._error(request, exc, shape, request_id=request_id)
+                return self._unread(request, exc, shape, request_id)
+            except asyncio.CancelledError:
+                if not self._stopped:
+                    raise
+                task.uncancel()
+                refusal = ShuttingDown("the server is shutting down; reconnect in a moment")
+                response = self._unread(request, refusal, shape, request_id)
+                # The answer goes out now, and the connection with it: the server does
+                # not stay to read (and drop) the rest of the body, as aiohttp would.
+                with contextlib.suppress(ConnectionError):
+                    await response.prepare(request)
+                    await response.write_eof()
+                request.protocol.force_close()
+                return response
+            finally:
+                self._reading.discard(task)
             body = _Body(
                 request,
                 sse=asked.sse,
@@ -268,6 +300,17 @@ class SpeechApi:
             self._streams.pop(task, None)
             if not self._streams:
                 self._idle.set()
+
+    def _unread(
+        self, request: web.Request, exc: ClientError, shape: Shape, request_id: str
+    ) -> web.Response:
+        """The answer to a request refused as it was read, counted as an error."""
+        self._services.stats.errors += 1
+        response = self._error(request, exc, shape, request_id=request_id)
+        if not request.content.is_eof():
+            # Its body was not read to the end: the connection carries no other request.
+            response.force_close()
+        return response
 
     async def _admit_once(self, request: web.Request, shape: Shape) -> web.StreamResponse | None:
         """Admission for a request that holds no stream: a refusal, or ``None``."""
@@ -313,31 +356,50 @@ class SpeechApi:
 
 
 async def _json_body(request: web.Request) -> Any:
-    """The request's JSON body (at most 64 KiB).
+    """The request's JSON body, read to its end (at most 64 KiB, within BODY_TIMEOUT).
 
     Raises:
         UnsupportedMediaType: It is declared as something else than JSON.
-        BodyTooLarge: It is over 64 KiB.
-        BadJSON: It is not JSON.
+        BodyTooLarge: It is over 64 KiB (as its length says, or as it comes).
+        BodyTimeout: It did not arrive whole within BODY_TIMEOUT.
+        BadJSON: It is not JSON, or ended early.
     """
     if request.content_type not in ("application/json", "application/octet-stream"):
         raise UnsupportedMediaType("send the body as JSON (Content-Type: application/json)")
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise BodyTooLarge("the request body is over 64 KiB")
     try:
-        raw = (
-            await request.content.readexactly(request.content_length or 0)
-            if (request.content_length is not None)
-            else await request.content.read(MAX_BODY_BYTES + 1)
-        )
-    except asyncio.IncompleteReadError:
+        async with asyncio.timeout(BODY_TIMEOUT):
+            raw = await _read_to_end(request.content)
+    except TimeoutError:
+        raise BodyTimeout(
+            f"the request body did not arrive within {BODY_TIMEOUT:g} seconds"
+        ) from None
+    except ConnectionError:
+        # The client closed its side before the body's end.
         raise BadJSON("the body ended early") from None
-    if len(raw) > MAX_BODY_BYTES:
-        raise BodyTooLarge("the request body is over 64 KiB")
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise BadJSON("the body is not valid JSON") from None
+
+
+async def _read_to_end(content: StreamReader) -> bytes:
+    """A body to its end, which may come in several pieces (chunks, TCP segments): a
+    read gives only what has arrived so far.
+
+    Raises:
+        BodyTooLarge: It is over MAX_BODY_BYTES.
+    """
+    pieces: list[bytes] = []
+    size = 0
+    # One byte more than the limit allows tells a body over it.
+    while piece := await content.read(MAX_BODY_BYTES + 1 - size):
+        size += len(piece)
+        if size > MAX_BODY_BYTES:
+            raise BodyTooLarge("the request body is over 64 KiB")
+        pieces.append(piece)
+    return b"".join(pieces)
 
 
 class _Body:
