@@ -13,8 +13,9 @@ import redis.asyncio as aioredis
 
 from tests.conftest import TIMEOUT
 from tests.redis_server import RedisServer
-from ttsstream.config import Config, ConfigError, load_config
+from ttsstream.config import Config, load_config
 from ttsstream.core.slots import FairSlots
+from ttsstream.exceptions import ConfigError
 
 
 async def settled() -> None:
