@@ -73,6 +73,60 @@ async def test_every_credential_form_is_accepted(keyed: Server, options: dict[st
         await speaks(ws)
 
 
+#: Wrong keys a request that tries many at once offers beside a right one.
+MANY_GUESSES = 500
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"additional_headers": [("X-API-Key", KEY), ("X-API-Key", OTHER_KEY)]},
+        {
+            "additional_headers": [("X-API-Key", f"guess-{n}") for n in range(100)]
+            + [("Authorization", f"Bearer {KEY}")]
+        },
+        {
+            "subprotocols": ["ttsstream.v1"]
+            + [f"key.guess-{n}" for n in range(MANY_GUESSES)]
+            + [f"key.{KEY}"]
+        },
+        {
+            "additional_headers": {"X-API-Key": "wrong"},
+            "subprotocols": ["ttsstream.v1", f"key.{KEY}"],
+        },
+        {"additional_headers": {"Authorization": f"Bearer {KEY}"}, "path": f"?api_key={OTHER_KEY}"},
+    ],
+    ids=[
+        "two-valid-headers",
+        "many-headers",
+        "many-subprotocols",
+        "header-and-subprotocol",
+        "bearer-and-query",
+    ],
+)
+async def test_one_key_per_request(keyed: Server, options: dict[str, Any]) -> None:
+    """A handshake that offers two different keys, in any forms, gets 400 ambiguous_key
+    and no upgrade, even when one of them is right."""
+    url = url_of(keyed) + options.pop("path", "")
+    status, body, _ = await refused(url, **options)
+    assert (status, body["error"]) == (400, "ambiguous_key")
+    assert keyed.stats.auth_failures == 1
+
+
+async def test_the_same_key_in_several_forms_is_one_key(keyed: Server) -> None:
+    """One key repeated in every form (headers, subprotocol, query) opens the server."""
+    async with connect(
+        url_of(keyed) + f"?api_key={KEY}",
+        additional_headers=[
+            ("X-API-Key", KEY),
+            ("X-API-Key", KEY),
+            ("Authorization", f"Bearer {KEY}"),
+        ],
+        subprotocols=["ttsstream.v1", f"key.{KEY}", f"key.{KEY}"],
+    ) as ws:
+        await speaks(ws)
+
+
 @pytest.mark.parametrize(
     "options",
     [

@@ -267,6 +267,27 @@ async def test_every_key_form_opens_the_api(
             assert await response.read()
 
 
+async def test_one_key_per_http_request(start_server: ServerFactory) -> None:
+    """Two different keys (even the right one beside a guess) get 400 ambiguous_key on
+    /tts and /v1/audio/speech, each in its error shape; the same key twice speaks."""
+    server = await start_server(api_keys=(KEY,))
+    two = [("X-API-Key", "a-guess"), ("Authorization", f"Bearer {KEY}")]
+    status, _, raw = await post(server, "/tts", {"text": TEXT}, headers=two)
+    assert (status, orjson.loads(raw)["error"]) == (400, "ambiguous_key")
+    status, _, raw = await post(
+        server,
+        f"/v1/audio/speech?api_key={KEY}",
+        {"model": "tts-1", "voice": "alloy", "input": TEXT},
+        headers={"Authorization": "Bearer another-guess"},
+    )
+    error = orjson.loads(raw)["error"]
+    assert (status, error["code"], error["type"]) == (400, "ambiguous_key", "invalid_request_error")
+    assert server.stats.auth_failures == 2
+    same = [("X-API-Key", KEY), ("Authorization", f"Bearer {KEY}")]
+    status, _, audio = await post(server, "/tts", {"text": TEXT}, headers=same)
+    assert status == 200 and audio
+
+
 async def test_refusals_over_http_are_those_of_the_websocket(start_server: ServerFactory) -> None:
     """No key, a wrong key, a refused origin, a forged X-Forwarded-For, the rate limit,
     the connection cap: refused as a handshake would be, in the endpoint's shape."""

@@ -11,6 +11,7 @@ into the ``error`` message a client receives.
     ├── HandshakeRefused            the handshake is answered with an HTTP error, no upgrade
     │   ├── EndpointNotFound            404 not_found
     │   ├── Unauthorized                401 unauthorized
+    │   ├── AmbiguousKey                400 ambiguous_key (two different keys offered)
     │   ├── OriginNotAllowed            403 origin_not_allowed
     │   ├── TooManyConnections          429 too_many_connections (per IP)
     │   └── ServerFull                  503 server_full
@@ -42,6 +43,7 @@ Anything else that escapes a handler is reported as ``internal``.
 from __future__ import annotations
 
 __all__ = [
+    "AmbiguousKey",
     "BadJSON",
     "BadMessage",
     "BodyTimeout",
@@ -134,6 +136,13 @@ class Unauthorized(HandshakeRefused):
 
     status = 401
     code = "unauthorized"
+
+
+class AmbiguousKey(HandshakeRefused):
+    """The request offered two different API keys: one request tries one key."""
+
+    status = 400
+    code = "ambiguous_key"
 
 
 class OriginNotAllowed(HandshakeRefused):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import orjson
 
 from ttsstream.config import Config
-from ttsstream.core.auth import ApiKeys, offered_keys, redact
+from ttsstream.core.auth import ApiKeys, offered_key, redact
 from ttsstream.core.clientip import client_ip
 from ttsstream.core.headers import HeaderValues
 from ttsstream.core.ratelimit import (
@@ -31,6 +31,7 @@ from ttsstream.core.ratelimit import (
 )
 from ttsstream.core.speech_cache import Lookahead
 from ttsstream.exceptions import (
+    AmbiguousKey,
     EndpointNotFound,
     HandshakeRefused,
     OriginNotAllowed,
@@ -127,7 +128,8 @@ class Admission:
             endpoint: Whether ``path`` names an endpoint.
 
         Raises:
-            HandshakeRefused: Not an endpoint, bad origin or key, or a connection cap.
+            HandshakeRefused: Not an endpoint, bad origin or key (or two different
+                keys), or a connection cap.
             RateLimited: The client is over its rate limit.
         """
         if not endpoint:
@@ -135,8 +137,8 @@ class Admission:
         refusal: HandshakeRefused | None = None
         if not self.origin_allowed(headers.get("Origin")):
             refusal = OriginNotAllowed("this origin may not connect")
-        elif not self.keys.accept(offered_keys(headers, path)):
-            refusal = Unauthorized("a valid API key is required")
+        elif self.keys.required:
+            refusal = self._check_key(headers, path)
         if refusal is None and self._in_one_round_trip:
             retry_after = await self._hit_and_count(client)
         else:
@@ -147,6 +149,17 @@ class Admission:
             raise refusal
         if not self._in_one_round_trip:
             await self._count_connection(client)
+
+    def _check_key(self, headers: HeaderValues, path: str) -> HandshakeRefused | None:
+        """Why the request's key does not open the server, if it does not: none, a
+        wrong one, or several different ones (one request tries one key)."""
+        try:
+            key = offered_key(headers, path)
+        except AmbiguousKey as ambiguous:
+            return ambiguous
+        if key is None or not self.keys.accept((key,)):
+            return Unauthorized("a valid API key is required")
+        return None
 
     @property
     def _in_one_round_trip(self) -> bool:
@@ -269,7 +282,7 @@ class Admission:
     def _count(self, refused: Refusal) -> None:
         if isinstance(refused, RateLimited | TooManyConnections | ServerFull):
             self._stats.rate_limited += 1
-        elif isinstance(refused, Unauthorized):
+        elif isinstance(refused, Unauthorized | AmbiguousKey):
             self._stats.auth_failures += 1
         elif isinstance(refused, OriginNotAllowed):
             self._stats.origin_rejected += 1

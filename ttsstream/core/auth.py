@@ -4,7 +4,9 @@ A client proves itself with one of: ``X-API-Key: <key>``;
 ``Authorization: Bearer <key>``; the subprotocol pair ``["ttsstream.v1",
 "key.<key>"]`` (browsers cannot set headers on a WebSocket; the server selects
 and echoes only ``ttsstream.v1``); or ``?api_key=<key>`` in the URL (least safe:
-proxies log URLs). Keys are compared in constant time and never logged.
+proxies log URLs). A request offers one key: the same key in several forms is
+that key, two different ones are refused (a request cannot try many keys at
+once). Keys are compared in constant time and never logged.
 """
 
 from __future__ import annotations
@@ -15,8 +17,16 @@ from collections.abc import Iterable, Sequence
 from urllib.parse import parse_qsl, urlsplit
 
 from ttsstream.core.headers import HeaderValues
+from ttsstream.exceptions import AmbiguousKey
 
-__all__ = ["KEY_SUBPROTOCOL_PREFIX", "SUBPROTOCOL", "ApiKeys", "offered_keys", "redact"]
+__all__ = [
+    "KEY_SUBPROTOCOL_PREFIX",
+    "SUBPROTOCOL",
+    "ApiKeys",
+    "offered_key",
+    "offered_keys",
+    "redact",
+]
 
 #: The protocol's subprotocol name; the only one the server ever selects.
 SUBPROTOCOL = "ttsstream.v1"
@@ -57,6 +67,20 @@ class ApiKeys:
 
     def __repr__(self) -> str:
         return f"ApiKeys({len(self._keys)} keys)"
+
+
+def offered_key(headers: HeaderValues, path: str) -> str | None:
+    """The one key a request offers, in any of the accepted forms (``None``: none).
+
+    Raises:
+        AmbiguousKey: It offers two different keys.
+    """
+    # The offered values are compared with each other, not with a key: nothing
+    # secret is timed here.
+    keys = set(offered_keys(headers, path))
+    if len(keys) > 1:
+        raise AmbiguousKey("several different API keys were offered: send one")
+    return keys.pop() if keys else None
 
 
 def offered_keys(headers: HeaderValues, path: str) -> list[str]:
