@@ -202,3 +202,142 @@ def test_ten_thousand_one_character_appends_take_linear_time() -> None:
 
     small, large = per_character(10_000), per_character(40_000)
     assert large < small * 3, (small, large)
+
+
+#: The longest segment in the tests that use it (the default).
+MAX_CHARS = 300
+#: Ordinary text: the baseline of the timing tests.
+PROSE = "This is one sentence of a long reply, with a clause or two. "
+#: Every kind of text with nothing to speak, mixed.
+UNSPEAKABLE_MIX = '. ,,,, - \n😀😀. \n\n"")) —。，」 '
+#: Text that made the segmenter rescan its whole buffer, or grow it without bound
+#: (issue 31): an opening, then a unit repeated.
+PATHOLOGICAL: dict[str, tuple[str, str]] = {
+    "spaced periods": ("", ". "),
+    "commas": ("", ",,,, "),
+    "dashes and newlines": ("", "- \n"),
+    "emoji sentences": ("", "😀😀. "),
+    "blank lines": ("", "\n"),
+    "quotes after a sentence": ("This sentence is surely long enough. ", '"'),
+    "brackets right after a sentence": ("This sentence is surely long enough.", ")"),
+    "no whitespace": ("", "😀"),
+    "full-width marks": ("", "。」，"),
+    "a mix": ("", UNSPEAKABLE_MIX),
+    "a mix between sentences": ("", "Some words to say. " + UNSPEAKABLE_MIX * 200),
+}
+#: Characters of the long texts, and of each append (MAX_STREAM_TEXT_LENGTH, and the
+#: protocol's max_text_length).
+LONG_TEXT = 100_000
+LONG_APPEND = 5_000
+
+
+def test_a_piece_with_nothing_to_speak_is_dropped() -> None:
+    """A line of dashes long enough to be cut is dropped, not spoken with the next
+    sentence, which starts after it; its offset still indexes the whole text."""
+    text = "- - - - - - - - - - - -\nHello there, this is a new line. And"
+    segmenter = Segmenter()
+    segments = segmenter.append(text)
+    assert [(s.text, s.start) for s in segments] == [("Hello there, this is a new line.", 24)]
+    assert text[segments[0].start : segments[0].end] == segments[0].text
+    assert segmenter.pending == " And"
+
+
+def test_no_mark_cuts_a_segment_past_max_chars() -> None:
+    """A newline as the segment's character max_chars + 1 does not cut there (as
+    character max_chars it does); closers after a period count too: past max_chars,
+    the text is cut at the last space, as any long text."""
+    segmenter = Segmenter(min_chars=1, max_chars=5)
+    assert [s.text for s in segmenter.append("abcd\nfg")] == ["abcd\n"]
+    segmenter = Segmenter(min_chars=1, max_chars=5)
+    assert [s.text for s in segmenter.append("abcde\nfg")] == ["abcde"]
+    assert segmenter.pending == "\nfg"
+    sentence = "This sentence is long enough."
+    segmenter = Segmenter(max_chars=MAX_CHARS)
+    segments = segmenter.append(sentence + '"' * 400 + " more")
+    assert [s.text for s in segments] == ["This sentence is long ", "enough." + '"' * 293]
+    assert segmenter.pending == '"' * 107 + " more"
+
+
+def repeated(opening: str, unit: str, length: int) -> str:
+    """``opening``, then ``unit`` repeated, ``length`` characters in all."""
+    return (opening + unit * (length // len(unit) + 1))[:length]
+
+
+def seconds_to_cut(text: str, size: int, **settings: int) -> float:
+    """The best of three times to append ``text`` in ``size``-character pieces and flush."""
+    best = float("inf")
+    for _ in range(3):
+        segmenter = Segmenter(**settings)
+        started = time.perf_counter()
+        for start in range(0, len(text), size):
+            segmenter.append(text[start : start + size])
+        segmenter.flush()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def assert_accounts_for(text: str, segments: list[Segment]) -> None:
+    """Each segment is the text at its offsets, in order, within MAX_CHARS, and what lies
+    between them (what was dropped) has no letter or digit."""
+    end = 0
+    for segment in segments:
+        assert segment.start >= end
+        assert not any(char.isalnum() for char in text[end : segment.start])
+        assert text[segment.start : segment.end] == segment.text
+        assert len(segment.text) <= MAX_CHARS
+        end = segment.end
+    assert not any(char.isalnum() for char in text[end:])
+
+
+@pytest.mark.parametrize(("opening", "unit"), PATHOLOGICAL.values(), ids=list(PATHOLOGICAL))
+def test_a_long_pathological_text_stays_bounded_and_takes_linear_time(
+    opening: str, unit: str
+) -> None:
+    """100,000 characters of the kind in 5,000-character appends: at most max_chars stay
+    buffered after every append, the segments and the dropped pieces account for the
+    text, and it takes at most ten times as long as prose."""
+    text = repeated(opening, unit, LONG_TEXT)
+    segmenter = Segmenter(max_chars=MAX_CHARS)
+    segments = []
+    for start in range(0, len(text), LONG_APPEND):
+        segments += segmenter.append(text[start : start + LONG_APPEND])
+        assert len(segmenter.pending) <= MAX_CHARS
+    segments += segmenter.flush()
+    assert_accounts_for(text, segments)
+    if any(char.isalnum() for char in unit):
+        assert len(segments) >= LONG_TEXT // len(unit) // 2
+    prose = seconds_to_cut(repeated("", PROSE, LONG_TEXT), LONG_APPEND, max_chars=MAX_CHARS)
+    pathological = seconds_to_cut(text, LONG_APPEND, max_chars=MAX_CHARS)
+    assert pathological < 10 * prose, (prose, pathological)
+
+
+#: A wide max_chars for the test of one-character appends: rescanning a buffer that
+#: long on each append would cost far more than the append.
+WIDE_MAX_CHARS = 2_000
+
+
+@pytest.mark.parametrize(
+    "unit",
+    [
+        "This sentence is surely long enough." + ")" * (WIDE_MAX_CHARS - 100) + " ",
+        ". ",
+        "\n",
+        "😀",
+        UNSPEAKABLE_MIX,
+    ],
+    ids=[
+        "closers right after sentences",
+        "spaced periods",
+        "blank lines",
+        "no whitespace",
+        "a mix",
+    ],
+)
+def test_one_character_appends_of_any_text_take_linear_time(unit: str) -> None:
+    """20,000 one-character appends of the kind take at most ten times as long as
+    prose, with max_chars 2,000: no append examines again what an earlier one did
+    (closers after a mark, say)."""
+    count = 20_000
+    prose = seconds_to_cut(repeated("", PROSE, count), 1, max_chars=WIDE_MAX_CHARS)
+    pathological = seconds_to_cut(repeated("", unit, count), 1, max_chars=WIDE_MAX_CHARS)
+    assert pathological < 10 * prose, (prose, pathological)

@@ -237,8 +237,8 @@ class Segmenter:
 
         The closers seen at the last append are not examined again.
         """
-        # Marks are no closers: only the mark the last append stopped at is after
-        # _closers_end, and the closers up to it follow that mark.
+        # The closers up to _closers_end follow the mark the last append stopped at
+        # (they were seen then); any later mark comes after them: no mark is a closer.
         index = max(index, self._closers_end)
         end = min(len(text), limit + 1)
         while index < end and text[index] in _CLOSERS:
