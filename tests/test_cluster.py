@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import sys
 from collections.abc import AsyncIterator
@@ -1235,3 +1236,67 @@ async def test_a_speaks_calls_go_over_the_quick_line(
         with contextlib.suppress(asyncio.CancelledError):
             await watching
         await shared.aclose()
+
+
+def unretrieved(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """What asyncio said of futures whose exception nobody took (once collected)."""
+    gc.collect()
+    return [r.getMessage() for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
+async def test_a_call_of_several_commands_cut_by_redis_leaves_no_future_behind(
+    redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis killed under a call of several commands, and under one whose caller gave up:
+    each call fails (or has failed) once, and no reply's future is left with an
+    exception nobody took."""
+    from ttsstream.cluster.line import QuickLine
+
+    line = QuickLine.for_url(redis.url, connect_timeout=TIMEOUT)
+    assert line is not None
+    try:
+        assert await ask(line, "PING") == b"PONG"
+        # Each waits for its BLPOP first, as a call waits for a busy Redis.
+        waiting = asyncio.ensure_future(
+            line.run(("BLPOP", "nothing-here", 30), ("PING",), ("PING",))
+        )
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(TIMEOUT / 50):
+                await line.run(("BLPOP", "nothing-here", 30), ("PING",), ("PING",))
+        await redis.stop()
+        with pytest.raises(ConnectionError):
+            async with asyncio.timeout(TIMEOUT):
+                await waiting
+        del waiting
+    finally:
+        line.close()
+    assert unretrieved(caplog) == []
+
+
+async def test_redis_killed_under_an_instance_leaves_no_future_behind(
+    start_server: ServerFactory, redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis busy, then killed, while an instance's connection counts are being written
+    (several commands a call): the instance goes on alone, and asyncio reports no
+    future with an exception nobody took."""
+    server = await start_server(redis_url=redis.url, rate_limit_requests=0)
+    async with connected(server) as client:
+        await speaks_fine(client)
+    # A script that never ends: Redis answers nothing more until it is killed.
+    _, busy = await asyncio.open_connection("127.0.0.1", redis.port)
+    busy.write(b"*3\r\n$4\r\nEVAL\r\n$17\r\nwhile true do end\r\n$1\r\n0\r\n")
+    try:
+        for _ in range(3):
+            async with connected(server) as client:
+                await speaks_fine(client)
+        await redis.stop()
+    finally:
+        busy.close()
+
+    async def down() -> bool:
+        return bool((await side(server, "/health"))["redis"]["state"] == "down")
+
+    await until(down)
+    async with connected(server) as client:
+        await speaks_fine(client)
+    assert unretrieved(caplog) == []

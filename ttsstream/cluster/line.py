@@ -124,7 +124,18 @@ class QuickLine:
         self._waiting.extend(waiters)
         self._send(sock, b"".join(_pack(command) for command in commands))
         self._read()  # the replies may be there already: then no wait for the loop
-        return [await waiter for waiter in waiters]
+        try:
+            return [await waiter for waiter in waiters]
+        except BaseException:
+            # The call failed (the connection dropped) or gave up at one reply: the
+            # others' failures are taken here (else asyncio reports each as never
+            # retrieved), and those still to come go to nowhere.
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.cancel()
+                elif not waiter.cancelled():
+                    waiter.exception()
+            raise
 
     def _by_digest(self, command: tuple[Any, ...]) -> tuple[Any, ...]:
         if command[0] != "EVAL":
