@@ -18,6 +18,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.protocol import State
+from websockets.typing import Subprotocol
 
 from tests.conftest import TIMEOUT, Client, Clock, ServerFactory, connected, url_of
 from tests.fake_edge import FakeEdge
@@ -122,7 +123,7 @@ async def test_the_same_key_in_several_forms_is_one_key(keyed: Server) -> None:
             ("X-API-Key", KEY),
             ("Authorization", f"Bearer {KEY}"),
         ],
-        subprotocols=["ttsstream.v1", f"key.{KEY}", f"key.{KEY}"],
+        subprotocols=[Subprotocol(p) for p in ("ttsstream.v1", f"key.{KEY}", f"key.{KEY}")],
     ) as ws:
         await speaks(ws)
 
