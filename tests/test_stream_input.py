@@ -6,10 +6,20 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
 
-from tests.conftest import TIMEOUT, Client, ServerFactory, connected, speaks_fine, url_of
+from tests.conftest import (
+    MANY_CLIENTS,
+    TIMEOUT,
+    Client,
+    ServerFactory,
+    connected,
+    speaks_fine,
+    url_of,
+)
 from tests.fake_edge import FakeEdge
 from tests.test_formats import decode, onset_ms
 
@@ -363,3 +373,82 @@ async def test_at_most_two_segments_are_synthesized_at_once(
     assert result.final["type"] == "end" and result.final["segments"] == 6
     assert fake.max_active == 2
     assert [r.text for r in fake.records] == [s.strip() for s in sentences]
+
+
+#: Text with nothing to speak, of the kinds issue 31 reported.
+UNSPEAKABLE = ". . . . ,,,, - \n😀😀. "
+#: How much slower than before another client may be answered while that text streams
+#: (or TIMEOUT / STALL_FLOOR_DIVISOR, if more: a tiny baseline must not make it flaky).
+STALL_RATIO = 10
+STALL_FLOOR_DIVISOR = 10
+
+
+async def test_a_long_stream_with_nothing_to_speak_stalls_no_other_client(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """While one client streams MAX_STREAM_TEXT_LENGTH characters with nothing to speak
+    in appends of max_text_length, another client's speak of a cached text and /health
+    answer about as fast as before; that text reaches no upstream and ends empty_text."""
+    server = await start_server(**MANY_CLIENTS)
+    health_url = f"http://127.0.0.1:{server.ops.port}/health"
+    cached = "This sentence is spoken from the cache."
+    loop = asyncio.get_running_loop()
+    async with (
+        connected(server) as other,
+        connected(server) as streamer,
+        aiohttp.ClientSession() as http,
+    ):
+
+        async def spoken(id: str) -> float:
+            """Seconds to the end of a speak of the cached text."""
+            started = loop.time()
+            await other.speak(cached, id=id)
+            end = (await other.until_final(id)).final
+            assert end["type"] == "end" and end["cached"] is True, end
+            return loop.time() - started
+
+        async def answered() -> float:
+            """Seconds to /health's answer."""
+            started = loop.time()
+            async with http.get(health_url) as response:
+                assert response.status == 200
+                await response.read()
+            return loop.time() - started
+
+        async def latencies(id: str) -> tuple[float, float]:
+            """The seconds of ``spoken`` and ``answered``, asked at once."""
+            return await asyncio.gather(spoken(id), answered())
+
+        await other.speak(cached, id="first")  # synthesized; then replayed from the cache
+        assert (await other.until_final("first")).final["type"] == "end"
+        before = [await latencies(f"before {number}") for number in range(5)]
+        floor = TIMEOUT / STALL_FLOOR_DIVISOR
+        speak_bound = max(STALL_RATIO * max(s for s, _ in before), floor)
+        health_bound = max(STALL_RATIO * max(h for _, h in before), floor)
+
+        async def stream() -> dict[str, Any]:
+            """Stream the text with nothing to speak, finish it: its last message."""
+            length = server.config.max_stream_text_length
+            piece = streamer.hello["max_text_length"]
+            text = (UNSPEAKABLE * (length // len(UNSPEAKABLE) + 1))[:length]
+            await streamer.send({"type": "speak", "id": "s", "stream": True})
+            for start in range(0, length, piece):
+                await streamer.send(
+                    {"type": "append", "id": "s", "text": text[start : start + piece]}
+                )
+            await streamer.send({"type": "finish", "id": "s"})
+            return (await streamer.until_final("s")).final
+
+        streaming = asyncio.create_task(stream())
+        during: list[tuple[float, float]] = []
+        try:
+            while not streaming.done():
+                during.append(await latencies(f"during {len(during)}"))
+                speak_s, health_s = during[-1]
+                assert speak_s < speak_bound and health_s < health_bound, (before, during)
+            final = await streaming
+        finally:
+            streaming.cancel()
+    assert (final["type"], final["code"]) == ("error", "empty_text")
+    assert streamer.refusals == []
+    assert [record.text for record in fake.records] == [cached]
