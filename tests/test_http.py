@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
 
 import aiohttp
 import orjson
 import pytest
+from websockets.asyncio.client import connect
 
-from tests.conftest import TIMEOUT, ServerFactory, connected, speaks_fine
+from tests.conftest import TIMEOUT, Client, ServerFactory, connected, speaks_fine, url_of
 from ttsstream import port
 from ttsstream.server import Server
 
@@ -89,3 +92,197 @@ async def test_a_slow_request_head_is_bounded_in_time_and_size(
     writer.close()
     async with connected(server) as client:
         await speaks_fine(client)
+
+
+async def _exchange(sock: socket.socket, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send one request on a kept-alive socket; read its whole answer (Content-Length)."""
+    loop = asyncio.get_running_loop()
+    await loop.sock_sendall(sock, request)
+    received = b""
+    while b"\r\n\r\n" not in received:
+        chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), TIMEOUT)
+        assert chunk, "the server closed the connection"
+        received += chunk
+    head, body = received.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+    length = int(headers["content-length"])
+    while len(body) < length:
+        chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), TIMEOUT)
+        assert chunk, "the server closed the connection"
+        body += chunk
+    return int(lines[0].split()[1]), headers, body
+
+
+async def _kept_alive(server: Server) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", server.port))
+    return sock
+
+
+def _get(path: str) -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+
+
+async def test_a_kept_alive_connection_becomes_a_websocket(server: Server) -> None:
+    """The demo page's sequence on one connection (as a proxy's upstream keep-alive
+    reuses it): GET /, its script, then the WebSocket handshake, which is accepted."""
+    for _ in range(3):
+        sock = await _kept_alive(server)
+        for path in ("/", "/clients/ttsstream.js", "/nope"):
+            status, headers, _ = await _exchange(sock, _get(path))
+            assert status in (200, 404) and headers.get("connection") != "close"
+        assert server.stats.http_connections == 1
+        async with connect(url_of(server), sock=sock) as ws:
+            client = Client(ws)
+            client.hello = await client.recv_message()
+            await speaks_fine(client)
+            assert server.stats.http_connections == 0  # it is a WebSocket now
+            assert server.stats.connections == 1
+    assert server.services.admission.sockets.total == 0
+
+
+async def test_a_post_body_then_a_websocket_on_one_connection(server: Server) -> None:
+    """A request with a body, then the handshake: the front finds the next head."""
+    sock = await _kept_alive(server)
+    body = b'{"text": 5}'
+    request = (
+        b"POST /tts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    status, _, answer = await _exchange(sock, request)
+    assert status == 400 and orjson.loads(answer)["error"] == "bad_message"
+    async with connect(url_of(server), sock=sock) as ws:
+        client = Client(ws)
+        client.hello = await client.recv_message()
+        await speaks_fine(client)
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        # A later head over 16 KiB, in one piece and sent as one line after another.
+        b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-Junk: " + b"j" * (port.MAX_HEAD_BYTES + 1) + b"\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\n"
+        + b"".join(b"X-J%d: %s\r\n" % (n, b"j" * 4000) for n in range(6))
+        + b"\r\n",
+    ],
+)
+async def test_a_later_head_is_bounded_in_size(server: Server, request_bytes: bytes) -> None:
+    """The second request's head on a kept-alive connection is held to 16 KiB too."""
+    sock = await _kept_alive(server)
+    assert (await _exchange(sock, _get("/")))[0] == 200
+    status, headers, body = await _exchange(sock, request_bytes)
+    assert status == 431 and headers["connection"] == "close"
+    assert orjson.loads(body)["error"] == "bad_request"
+    sock.close()
+
+
+async def test_a_first_head_over_the_limit_in_one_read_is_refused(server: Server) -> None:
+    """A whole 24 KB head arriving at once is refused, not only one that trickles."""
+    sock = await _kept_alive(server)
+    request = b"GET / HTTP/1.1\r\nHost: x\r\nX-Junk: " + b"j" * 24_000 + b"\r\n\r\n"
+    status, _, body = await _exchange(sock, request)
+    assert status == 431 and orjson.loads(body)["error"] == "bad_request"
+    sock.close()
+
+
+async def test_a_later_head_has_a_deadline(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second head sent a byte at a time is dropped HEAD_TIMEOUT after its first byte."""
+    monkeypatch.setattr(port, "HEAD_TIMEOUT", 0.3)
+    sock = await _kept_alive(server)
+    loop = asyncio.get_running_loop()
+    assert (await _exchange(sock, _get("/")))[0] == 200
+    closed = False
+    for byte in b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"s" * 10_000:
+        try:
+            await loop.sock_sendall(sock, bytes([byte]))
+            if await asyncio.wait_for(loop.sock_recv(sock, 1), 0.05) == b"":
+                closed = True
+                break
+        except TimeoutError:
+            continue
+        except ConnectionError:
+            closed = True
+            break
+    assert closed
+    sock.close()
+
+
+async def test_idle_http_connections_are_counted_capped_and_closed(
+    start_server: ServerFactory,
+) -> None:
+    """300 kept-alive connections from one client: MAX_CONNECTIONS_PER_IP of them are
+    served and counted in /stats, the rest refused with 429; the served ones close
+    after IDLE_TIMEOUT, and nothing stays counted."""
+    server = await start_server(
+        trusted_proxies=("10.255.255.1",),  # 127.0.0.1 is a client like any other here
+        max_connections_per_ip=5,
+        idle_timeout=1.0,
+        rate_limit_requests=0,
+    )
+    socks = [await _kept_alive(server) for _ in range(300)]
+    served, refused = [], 0
+    for sock in socks:
+        status, _, body = await _exchange(sock, _get("/nope"))
+        if status == 404:
+            served.append(sock)
+        else:
+            assert status == 429 and orjson.loads(body)["error"] == "too_many_connections"
+            refused += 1
+    assert (len(served), refused) == (5, 295)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{server.ops.port}/stats") as response:
+            assert (await response.json())["http_connections"] == 5
+        async with session.get(f"http://127.0.0.1:{server.ops.port}/metrics") as response:
+            assert "ttsstream_http_connections 5.0" in await response.text()
+    loop = asyncio.get_running_loop()
+    for sock in served:  # closed by the server once idle
+        assert await asyncio.wait_for(loop.sock_recv(sock, 1), TIMEOUT) == b""
+    for sock in socks:
+        sock.close()
+    for _ in range(int(TIMEOUT * 100)):
+        if server.services.admission.sockets.total == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert server.services.admission.sockets.total == 0
+    assert server.stats.http_connections == 0
+    async with connected(server) as client:
+        await speaks_fine(client)
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        # A POST asking for an upgrade: answered, not dropped.
+        b"POST /tts HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b'Content-Type: application/json\r\nContent-Length: 17\r\n\r\n{"text": "Hello"}',
+        # A handshake with bytes behind it before its answer.
+        b"GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        b"garbage",
+    ],
+)
+async def test_a_bad_upgrade_is_answered(server: Server, request_bytes: bytes) -> None:
+    """An upgrade that cannot be taken gets a JSON 400, then the connection closes."""
+    sock = await _kept_alive(server)
+    status, headers, body = await _exchange(sock, request_bytes)
+    assert status == 400 and headers["connection"] == "close"
+    assert orjson.loads(body)["error"] == "bad_request"
+    sock.close()
+
+
+async def test_malformed_requests_log_one_line_without_traceback(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Many requests that are not HTTP: each gets a JSON 400; the log gets one line."""
+    caplog.set_level(logging.INFO)
+    for _ in range(50):
+        sock = await _kept_alive(server)
+        status, _, body = await _exchange(sock, b"GET / HTTP/1.1\r\nBad Header\r\n\r\n")
+        assert status == 400 and orjson.loads(body)["error"] == "bad_request"
+        sock.close()
+    lines = [r for r in caplog.records if "malformed" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelno == logging.WARNING
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]

@@ -31,7 +31,7 @@ from ttsstream.core.services import Services, build_services
 from ttsstream.exceptions import CannotListen, HandshakeRefused, RateLimited
 from ttsstream.http.app import STREAM_PATH, HttpDoor
 from ttsstream.http.ops import OpsServer
-from ttsstream.port import shared_port_connection
+from ttsstream.port import PortGate, http_response, shared_port_connection
 from ttsstream.ws.protocol import MAX_FRAME_BYTES
 from ttsstream.ws.session import Session
 
@@ -242,7 +242,7 @@ class Server:
             self.config.host,
             self.config.port,
             # One port: connections that do not ask for a WebSocket go to the HTTP door.
-            create_connection=shared_port_connection(self.http.protocol),
+            create_connection=shared_port_connection(_Gate(self.services, self.http)),
             process_request=self._check_handshake,
             select_subprotocol=_select_subprotocol,
             # Timeouts
@@ -325,6 +325,34 @@ class Server:
         logger.debug("conn=%s closed code=%s", session.connection_id, connection.close_code)
 
 
+class _Gate(PortGate):
+    """The shared port's questions about each TCP connection, answered by admission (its
+    caps), the stats and the HTTP door."""
+
+    def __init__(self, services: Services, http: HttpDoor) -> None:
+        self._admission = services.admission
+        self._stats = services.stats
+        self._http = http
+
+    def opened(self, peer: str) -> bytes | None:
+        refused = self._admission.open_socket(peer)
+        if refused is None:
+            return None
+        return http_response(refused.status, refused.body, refused.headers)
+
+    def closed(self, peer: str) -> None:
+        self._admission.close_socket(peer)
+
+    def http_protocol(self) -> asyncio.Protocol:
+        return self._http.protocol()
+
+    def http_opened(self) -> None:
+        self._stats.http_connections += 1
+
+    def http_closed(self) -> None:
+        self._stats.http_connections -= 1
+
+
 async def _close_within(connection: ServerConnection, grace: float) -> None:
     """Close with 1001; drop the TCP connection if the client does not take the close."""
     try:
@@ -360,6 +388,7 @@ async def run(config: Config) -> None:
     SIGHUP reopens the log files.
     """
     loop = asyncio.get_running_loop()
+    _fit_file_limit(config.max_connections)
     server = Server(build_services(config))
     try:
         await server.start()
@@ -389,6 +418,36 @@ async def run(config: Config) -> None:
     server.close()
     await server.wait_closed()
     logger.info("stopped")
+
+
+#: File descriptors kept beside the connections: the cache, logs, Redis, Edge, the side port.
+SPARE_FILES = 256
+
+
+def _fit_file_limit(max_connections: int) -> None:
+    """Raise the open-file limit toward ``MAX_CONNECTIONS``, as far as the hard limit
+    allows; warn when connections could still run out of file descriptors first."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = max_connections + SPARE_FILES
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        logger.warning(
+            "the open-file limit (%d) is below MAX_CONNECTIONS (%d) plus %d: past about "
+            "%d connections, new ones and /health fail; raise the limit (LimitNOFILE=, "
+            "ulimit -n) or lower MAX_CONNECTIONS",
+            soft,
+            max_connections,
+            SPARE_FILES,
+            soft - SPARE_FILES,
+        )
 
 
 def _is_loopback(address: str) -> bool:

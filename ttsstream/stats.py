@@ -43,7 +43,10 @@ class Stats:
     #: Finished utterances by the audio format they were sent in (``mp3``, ``opus``…).
     formats: Counter[str] = field(default_factory=Counter)
     bytes_sent: int = 0
+    #: Open WebSocket connections.
     connections: int = 0
+    #: Open connections serving HTTP (kept alive between requests too).
+    http_connections: int = 0
     active_utterances: int = 0
 
     # Refusals
@@ -126,6 +129,7 @@ class Stats:
             "rate_limited": self.rate_limited,
             "requests_per_second": round(self.total_requests / uptime, 3) if uptime else 0.0,
             "connections": self.connections,
+            "http_connections": self.http_connections,
             "active_utterances": self.active_utterances,
             "upstream_requests": self.upstream_requests,
             "upstream_errors": self.upstream_errors,
@@ -204,6 +208,11 @@ class _StatsCollector(Collector):
             yield CounterMetricFamily(name, documentation, value=count)
         gauges: tuple[tuple[str, str, float], ...] = (
             ("ttsstream_connections", "Open WebSocket connections.", stats.connections),
+            (
+                "ttsstream_http_connections",
+                "Open connections serving HTTP, idle kept-alive ones included.",
+                stats.http_connections,
+            ),
             ("ttsstream_active_utterances", "Utterances being spoken.", stats.active_utterances),
             ("ttsstream_cache_entries", "Entries in the disk cache.", stats.cache_entries),
             ("ttsstream_cache_size_bytes", "Size of the disk cache.", stats.cache_bytes),

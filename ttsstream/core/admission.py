@@ -20,7 +20,7 @@ import orjson
 
 from ttsstream.config import Config
 from ttsstream.core.auth import ApiKeys, offered_key, redact
-from ttsstream.core.clientip import client_ip
+from ttsstream.core.clientip import client_ip, is_trusted
 from ttsstream.core.headers import HeaderValues
 from ttsstream.core.ratelimit import (
     ConnectionCounter,
@@ -106,9 +106,34 @@ class Admission:
         )
         if shared_connections is not None:
             shared_connections.mirror(self.connections)
+        #: Open TCP connections of this instance (idle kept-alive HTTP ones too), by peer.
+        self.sockets = ConnectionCounter(
+            per_ip=config.max_connections_per_ip, total=config.max_connections
+        )
         self._trusted = config.trusted_networks
         self._origins = config.allowed_origins
         self._stats = stats
+
+    def open_socket(self, peer: str) -> HttpAnswer | None:
+        """Count a new TCP connection from ``peer``; the refusal's answer if it is over a
+        cap (counted and logged).
+
+        Every connection counts toward ``MAX_CONNECTIONS``, and toward
+        ``MAX_CONNECTIONS_PER_IP`` unless ``peer`` is a trusted proxy (whose connections
+        carry many clients: each request is judged by its own client then). These are
+        this instance's sockets, not the cluster's: a file descriptor is a process's.
+        """
+        try:
+            self.sockets.acquire(peer, capped=not is_trusted(peer, self._trusted))
+        except (TooManyConnections, ServerFull) as refused:
+            self._count(refused)
+            access("connection_refused", ip=peer, reason=refused.code)
+            return encode_refusal(refused)
+        return None
+
+    def close_socket(self, peer: str) -> None:
+        """A TCP connection :meth:`open_socket` counted ended."""
+        self.sockets.release(peer)
 
     def client_ip(self, headers: HeaderValues, peer: str) -> str:
         """The client's address: the peer, or what a trusted proxy says it is."""

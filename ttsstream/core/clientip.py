@@ -29,7 +29,7 @@ def client_ip(peer: str, headers: HeaderValues, trusted: Sequence[Network]) -> s
     of ours vouches for), else ``X-Real-IP``. A client that is not a trusted proxy
     cannot change its IP by sending these headers.
     """
-    if not _is_trusted(peer, trusted):
+    if not is_trusted(peer, trusted):
         return peer
     hops = [
         hop.strip()
@@ -41,7 +41,7 @@ def client_ip(peer: str, headers: HeaderValues, trusted: Sequence[Network]) -> s
         address = _address(hop)
         if address is None:
             break  # garbage in the chain: nothing left of it can be believed
-        if not _is_trusted(address, trusted):
+        if not is_trusted(address, trusted):
             return address
     real_ip = _address(headers.get("X-Real-IP") or "")
     return real_ip if real_ip is not None else peer
@@ -54,7 +54,8 @@ def _address(text: str) -> str | None:
         return None
 
 
-def _is_trusted(address: str, trusted: Sequence[Network]) -> bool:
+def is_trusted(address: str, trusted: Sequence[Network]) -> bool:
+    """Whether ``address`` is one of the trusted proxies."""
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:

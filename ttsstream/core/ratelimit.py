@@ -157,8 +157,12 @@ class ConnectionCounter:
         self.total = 0
         self._by_ip: dict[str, int] = {}
 
-    def acquire(self, ip: str) -> None:
+    def acquire(self, ip: str, *, capped: bool = True) -> None:
         """Count one more connection from ``ip``.
+
+        Args:
+            capped: Whether ``MAX_CONNECTIONS_PER_IP`` applies (not to a trusted proxy,
+                whose connections carry many clients).
 
         Raises:
             ServerFull: The server is at ``MAX_CONNECTIONS``.
@@ -166,7 +170,7 @@ class ConnectionCounter:
         """
         if self.total >= self.total_cap:
             raise ServerFull("the server has too many connections; try again later")
-        if self._by_ip.get(ip, 0) >= self.per_ip:
+        if capped and self._by_ip.get(ip, 0) >= self.per_ip:
             raise TooManyConnections(f"at most {self.per_ip} connections per client")
         self.total += 1
         self._by_ip[ip] = self._by_ip.get(ip, 0) + 1

@@ -1,15 +1,20 @@
 """The HTTP door on the WebSocket's port: the demo files, and JSON answers for the rest.
 
 An aiohttp application served by aiohttp's low-level request handler, which
-:mod:`ttsstream.port` gives every connection that does not ask for a WebSocket.
+:mod:`ttsstream.port` gives every request that does not ask for a WebSocket.
 Unknown paths get 404 and wrong methods 405, both with the JSON error body of
 refusals; a plain ``GET /v1/stream`` is judged like a handshake (so the browser
 client learns why its WebSocket was refused) and, if admitted, answered 426.
+A request that is not valid HTTP gets 400 ``bad_request`` and one rate-limited
+log line, never a traceback. A kept-alive connection idles out after
+``IDLE_TIMEOUT``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import Awaitable, Callable
 
 import orjson
@@ -20,11 +25,17 @@ from ttsstream.core.services import Services
 from ttsstream.http.demo import load_static
 from ttsstream.http.request import judge
 from ttsstream.http.speech import SpeechApi
+from ttsstream.port import front_of
 
-__all__ = ["STREAM_PATH", "HttpDoor"]
+__all__ = ["MALFORMED_LOG_INTERVAL", "STREAM_PATH", "HttpDoor"]
+
+logger = logging.getLogger("ttsstream.http")
 
 #: The one WebSocket endpoint of protocol v1.
 STREAM_PATH = "/v1/stream"
+#: Seconds between two log lines about requests that are not valid HTTP (the ones
+#: between are counted in the next line).
+MALFORMED_LOG_INTERVAL = 10.0
 
 
 def answer(http: HttpAnswer) -> web.Response:
@@ -52,7 +63,9 @@ class HttpDoor:
     def __init__(self, services: Services) -> None:
         self._services = services
         self._static = load_static() if services.config.serve_demo else {}
-        app = web.Application(middlewares=[_json_errors], client_max_size=64 * 2**10)
+        self._idle_timeout = services.config.idle_timeout
+        self._malformed = _MalformedLog()
+        app = web.Application(middlewares=[_front_door, _json_errors], client_max_size=64 * 2**10)
         app.router.add_get(STREAM_PATH, self._stream_without_upgrade)
         self.speech = SpeechApi(services)
         self.speech.routes(app)
@@ -69,7 +82,13 @@ class HttpDoor:
         """A request handler for one connection (aiohttp's low-level server)."""
         server = self._runner.server
         assert server is not None, "the HTTP door is not started"
-        return server()
+        return _RequestHandler(
+            server,
+            loop=asyncio.get_running_loop(),
+            keepalive_timeout=self._idle_timeout,
+            access_log=None,
+            malformed=self._malformed,
+        )
 
     async def close(self, grace: float) -> None:
         """Close keep-alive connections, giving requests in progress ``grace`` seconds."""
@@ -102,6 +121,82 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 async def _server_header(request: web.BaseRequest, response: web.StreamResponse) -> None:
     """Name the server without giving away versions (aiohttp's default does)."""
     response.headers["Server"] = "ttsstream"
+
+
+class _MalformedLog:
+    """One log line per ``MALFORMED_LOG_INTERVAL`` about requests that are not HTTP."""
+
+    def __init__(self) -> None:
+        self._next = 0.0
+        self._unlogged = 0
+
+    def note(self, client: str | None, status: int) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._unlogged += 1
+            return
+        more, self._unlogged = self._unlogged, 0
+        self._next = now + MALFORMED_LOG_INTERVAL
+        logger.warning(
+            "malformed HTTP request from %s: answered %d (%d more since the last line)",
+            client or "?",
+            status,
+            more,
+        )
+
+
+class _RequestHandler(web.RequestHandler):
+    """aiohttp's handler, answering requests that are not valid HTTP with JSON and a
+    rate-limited line instead of a traceback (what the request held is never logged)."""
+
+    def __init__(self, *args: object, malformed: _MalformedLog, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._malformed = malformed
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status >= 500:  # a fault of ours: its traceback is wanted
+            return super().handle_error(request, status, exc, message)
+        self._malformed.note(request.remote, status)
+        if request.writer.output_size > 0:
+            raise ConnectionError("an answer was sent already")
+        response = json_error(status, "bad_request", "the request is not valid HTTP/1.1")
+        response.force_close()
+        return response
+
+
+@web.middleware
+async def _front_door(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Tell the shared port's front where each request ends (so that it reads the next
+    head itself), and refuse an upgrade to WebSocket that is not a ``GET``."""
+    front = front_of(request.transport)
+    if front is None:
+        return await handler(request)
+    front.request_started()
+    try:
+        if "websocket" in request.headers.get("Upgrade", "").lower():
+            # An upgrade the front could not take: not a GET, or behind a request whose
+            # body was not read to its end.
+            message = (
+                "a WebSocket handshake is a GET request"
+                if request.method != "GET"
+                else "this connection cannot become a WebSocket now: open a new one"
+            )
+            response = json_error(400, "bad_request", message)
+            response.force_close()
+            return response
+        return await handler(request)
+    finally:
+        front.request_ended(
+            body_read=request.content.is_eof(),
+            body_length=request.content_length,
+            chunked="chunked" in request.headers.get("Transfer-Encoding", "").lower(),
+        )
 
 
 @web.middleware
