@@ -20,6 +20,7 @@ from ttsstream.cache.store import (
     CacheEntry,
     DiskCache,
     cache_key,
+    variant_key,
 )
 from ttsstream.engines.base import MP3_24KHZ_48KBPS, WordEvent
 from ttsstream.stats import Stats
@@ -93,6 +94,32 @@ async def test_least_recently_used_is_evicted_first(tmp_path: Path) -> None:
     assert cache.total_bytes <= ENTRY_BYTES * 3.5
     assert stats.cache_evictions == 1
     assert len(list(tmp_path.glob("*/*.tts"))) == 3
+
+
+async def test_variants_push_out_at_most_their_share_of_entries(tmp_path: Path) -> None:
+    """Formats made from the MP3 take at most a quarter of the cache: past it their own
+    least recently used go first, so MP3 entries keep three quarters of the room, before
+    and after a restart."""
+    cache, _ = opened(tmp_path, max_bytes=ENTRY_BYTES * 8)
+    assert cache.variant_max_bytes == ENTRY_BYTES * 2
+    sources = [key(f"text {number}") for number in range(8)]
+    for source in sources:
+        await cache.put(source, entry())
+    for round_ in range(3):
+        for source in sources:
+            await cache.put(variant_key(source, "opus"), entry(fill=b"v"))
+            assert cache.variant_bytes <= cache.variant_max_bytes
+            assert cache.total_bytes <= cache.max_bytes
+        kept = [source for source in sources if await cache.get(source) is not None]
+        # Six MP3s keep their room; the two oldest made way for two variants.
+        assert kept == sources[2:], round_
+    variants = {path.name for path in tmp_path.glob("*/*-opus.tts")}
+    assert variants == {f"{variant_key(sources[n], 'opus')}.tts" for n in (6, 7)}
+    restarted, _ = opened(tmp_path, max_bytes=ENTRY_BYTES * 8)
+    assert restarted.variant_bytes == 2 * ENTRY_BYTES
+    await restarted.put(variant_key(sources[2], "aac"), entry(fill=b"v"))
+    assert await restarted.get(sources[2]) is not None
+    assert await restarted.get(variant_key(sources[6], "opus")) is None
 
 
 async def test_restart_keeps_entries_and_recency(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 Layout under ``CACHE_DIR``::
 
     ab/abcdef….tts      an entry, named by its key (fanned out by the key's first two hex digits)
+    ab/abcdef…-opus.tts an utterance made into another format, beside its MP3 (a variant)
     tmp/<key>.<pid>.<random>.part   entries being written; renamed into place once complete
 
 An entry file holds a small binary header, a JSON description (voice, engine,
@@ -28,6 +29,11 @@ evicts by what it has seen: with N instances, the directory may hold up to N ×
 A temporary file whose writer is gone (killed mid-write) is removed at start and
 by a sweep at most once a minute while entries are written; until then it counts
 toward the cache's size, so the size cap holds.
+
+Variants (:func:`variant_key`) count toward the size cap too, and may take at most
+:data:`VARIANT_SHARE` of it: past that the least recently used variants are evicted
+first, so that formats made from the MP3 never push out more than that share of
+MP3 entries.
 """
 
 from __future__ import annotations
@@ -62,6 +68,8 @@ __all__ = [
     "cache_key",
     "decode_entry",
     "encode_entry",
+    "is_variant",
+    "variant_key",
 ]
 
 logger = logging.getLogger("ttsstream.cache.store")
@@ -85,6 +93,10 @@ STALE_TEMP_SECONDS = 300.0
 ABANDONED_TEMP_SECONDS = 1.0
 #: Seconds between sweeps of abandoned temporary files while entries are written.
 TEMP_SWEEP_SECONDS = 60.0
+#: The share of the cache's size that variants may take at most.
+VARIANT_SHARE = 0.25
+#: Between an entry's key and a format's name in a variant's key (never in a key).
+_VARIANT_MARK = "-"
 
 
 @functools.lru_cache(maxsize=1024)
@@ -119,6 +131,16 @@ def cache_key(
     return hashlib.sha256(material).hexdigest()
 
 
+def variant_key(key: str, format_name: str) -> str:
+    """The key of entry ``key``'s utterance made into format ``format_name`` (a variant)."""
+    return f"{key}{_VARIANT_MARK}{format_name}"
+
+
+def is_variant(key: str) -> bool:
+    """Whether ``key`` is a variant's (:func:`variant_key`)."""
+    return _VARIANT_MARK in key
+
+
 @dataclass(frozen=True, slots=True)
 class CacheEntry:
     """One finished utterance: its audio and word events, as first sent."""
@@ -142,6 +164,10 @@ class DiskCache:
     The most recently used entries are also kept in memory, decoded, up to
     ``memory_bytes``: a hit on one of them needs no disk read and no thread.
 
+    Variants (:func:`variant_key`) are evicted first, least recently used first, while
+    they take more than ``variant_share`` of ``max_bytes``; then any entry is, least
+    recently used first, while all take more than ``max_bytes``.
+
     Args:
         directory: Where entries live; created if missing.
         max_bytes: Total size above which entries are evicted.
@@ -149,6 +175,7 @@ class DiskCache:
         memory_bytes: Audio bytes of hot entries kept in memory; 0 keeps none.
         touch_interval: Seconds between two recordings on disk of hits on the same
             in-memory entry (their recency, which survives restarts).
+        variant_share: The share of ``max_bytes`` that variants may take, from 0 to 1.
     """
 
     def __init__(
@@ -159,15 +186,23 @@ class DiskCache:
         stats: Stats,
         memory_bytes: int = 32 * 2**20,
         touch_interval: float = 1.0,
+        variant_share: float = VARIANT_SHARE,
     ) -> None:
         if max_bytes < 0 or memory_bytes < 0:
             raise ValueError("max_bytes and memory_bytes must be >= 0")
+        if not 0 <= variant_share <= 1:
+            raise ValueError("variant_share must be from 0 to 1")
         self.directory = directory
         self.max_bytes = max_bytes
         self.memory_bytes = memory_bytes
+        #: The most that variants may take of the cache's size, bytes.
+        self.variant_max_bytes = int(max_bytes * variant_share)
         self._stats = stats
         self._index: OrderedDict[str, int] = OrderedDict()  # key -> file size, oldest first
         self._bytes = 0
+        #: The variants of the index, oldest first, and their total size.
+        self._variants: OrderedDict[str, int] = OrderedDict()
+        self._variant_bytes = 0
         self._hot: OrderedDict[str, CacheEntry] = OrderedDict()
         self._hot_bytes = 0
         self._touched: dict[str, float] = {}
@@ -210,6 +245,8 @@ class DiskCache:
         found.sort(key=lambda item: item[1])
         self._index = OrderedDict((key, size) for key, _, size in found)
         self._bytes = sum(self._index.values())
+        self._variants = OrderedDict((key, size) for key, _, size in found if is_variant(key))
+        self._variant_bytes = sum(self._variants.values())
         self._temps = {}
         self._count_temporaries(temps)
         self._evict()
@@ -286,6 +323,8 @@ class DiskCache:
             self._hot.move_to_end(key)
             if key in self._index:
                 self._index.move_to_end(key)
+                if key in self._variants:
+                    self._variants.move_to_end(key)
             self._touch_later(key)
             return hot
         try:
@@ -417,23 +456,41 @@ class DiskCache:
     def total_bytes(self) -> int:
         return self._bytes
 
+    @property
+    def variant_bytes(self) -> int:
+        """What the variants take of :attr:`total_bytes`."""
+        return self._variant_bytes
+
     def _remember(self, key: str, size: int) -> None:
         self._bytes += size - self._index.get(key, 0)
         self._index[key] = size
         self._index.move_to_end(key)
+        if is_variant(key):
+            self._variant_bytes += size - self._variants.get(key, 0)
+            self._variants[key] = size
+            self._variants.move_to_end(key)
         self._publish()
 
     def _forget(self, key: str) -> None:
         self._bytes -= self._index.pop(key, 0)
+        self._variant_bytes -= self._variants.pop(key, 0)
         self._drop_hot(key)
         self._publish()
 
     def _victims(self) -> list[str]:
-        """Take least-recently-used keys off the index until it fits the cap."""
+        """Take least-recently-used keys off the index until it fits the cap: variants
+        first while they are over their share."""
         victims = []
+        while self._variant_bytes > self.variant_max_bytes and self._variants:
+            key, size = self._variants.popitem(last=False)
+            self._variant_bytes -= size
+            self._bytes -= self._index.pop(key, 0)
+            self._drop_hot(key)
+            victims.append(key)
         while self._bytes > self.max_bytes and self._index:
             key, size = self._index.popitem(last=False)
             self._bytes -= size
+            self._variant_bytes -= self._variants.pop(key, 0)
             self._drop_hot(key)
             victims.append(key)
         self._stats.cache_evictions += len(victims)
@@ -578,7 +635,9 @@ def _decode(data: bytes) -> CacheEntry:
             voice=str(description["voice"]),
             audio=audio,
             words=words,
-            audio_ms=None if description.get("audio_ms") is None else float(description["audio_ms"]),
+            audio_ms=None
+            if description.get("audio_ms") is None
+            else float(description["audio_ms"]),
         )
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise CorruptEntry(f"bad description: {type(exc).__name__}") from None
