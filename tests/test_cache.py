@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 from websockets.asyncio.client import connect
 
 from tests.conftest import (
@@ -31,8 +32,11 @@ from tests.conftest import (
 )
 from tests.fake_edge import FakeEdge
 from tests.processes import LISTENING, environment, run, start_process
+from tests.redis_server import RedisServer
+from ttsstream.audio.formats import FORMAT_NAMES, FORMATS
 from ttsstream.cache.flight import SharedSynthesis
 from ttsstream.core.speech_cache import REPLAY_CHUNK_BYTES
+from ttsstream.engines.base import SynthesisRequest
 from ttsstream.server import Server
 from ttsstream.ws.session import Session
 
@@ -254,6 +258,52 @@ async def test_finished_synthesis_is_freed_without_the_cycle_collector() -> None
         gc.enable()
 
 
+async def test_a_bounded_flight_keeps_only_what_its_slowest_listener_lacks() -> None:
+    """Past its bound a flight is neither joined nor stored: it drops what every listener
+    took, and its source waits for the slowest listener, so it keeps at most the bound and
+    one event however fast its source is; every listener still gets every event."""
+    made = 0
+    both_listen = asyncio.Event()
+
+    async def source() -> AsyncGenerator[bytes, None]:
+        nonlocal made
+        await both_listen.wait()
+        for number in range(100):
+            made += 1
+            yield bytes([number]) * 10
+
+    completed: list[list[bytes]] = []
+
+    async def on_complete(events: list[bytes]) -> None:
+        completed.append(events)
+
+    flight = SharedSynthesis(source(), on_complete=on_complete, size=len, max_kept=50)
+    slow, fast = flight.listen(), flight.listen()
+    firsts = [asyncio.ensure_future(anext(listener)) for listener in (slow, fast)]
+    await asyncio.sleep(0)
+    both_listen.set()
+    slow_got, fast_got = [[await first] for first in firsts]
+
+    async def read_fast() -> None:
+        async for event in fast:
+            fast_got.append(event)
+
+    reading = asyncio.create_task(read_fast())
+    while flight.whole:
+        await asyncio.sleep(0)
+    assert not flight.joinable
+    async for event in slow:
+        slow_got.append(event)
+        for _ in range(5):
+            await asyncio.sleep(0)  # the source and the fast listener run as far as they may
+        assert flight.kept <= 50 + 10
+        assert made <= len(slow_got) + 6
+        assert len(fast_got) <= len(slow_got) + 6
+    await reading
+    assert slow_got == fast_got == [bytes([number]) * 10 for number in range(100)]
+    assert completed == [] and flight.events == [] and flight.kept == 0
+
+
 async def test_joiner_mid_stream_gets_everything(server: Server, fake: FakeEdge) -> None:
     """A request joining while the synthesis is paused mid-way still gets the whole audio."""
     fake.pause_after_chunks = 3
@@ -388,6 +438,78 @@ async def test_corrupt_entry_is_synthesized_live_and_replaced(
     assert server.stats.cache_errors == 1
     await wait_for_entries(server, 1)
     assert (await speak_once(server)).messages[0]["cached"] is True
+
+
+async def test_formats_leave_the_mp3s_their_room(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """Cached texts asked in every format keep their MP3s: FLAC, WAV and PCM are never
+    stored, and the encoded formats stored beside them take at most a quarter of the cache
+    (least recently used among themselves first)."""
+    fake.tone = True
+    texts = [f"{number}: " + "Long enough to weigh on a small cache. " * 8 for number in range(6)]
+    first = await start_server()
+    for text in texts:
+        await speak_once(first, text)
+    await wait_for_entries(first, len(texts))
+    assert first.services.store is not None
+    mp3_bytes = first.services.store.total_bytes
+    # A second instance on the same disk, whose cache these MP3s fill.
+    server = await start_server(cache_max_size_mb=mp3_bytes * 1.05 / 2**20)
+    store = server.services.store
+    assert store is not None and store.entries == len(texts)
+    for name in ("flac", "wav", "pcm"):
+        for text in texts:
+            assert (await speak_once(server, text, format=name)).final["type"] == "end"
+    # Nothing was stored, nothing evicted: every format was made from a cached MP3.
+    assert len(fake.records) == len(texts)
+    assert store.entries == len(entries(server)) == len(texts)
+    for name in ("opus", "webm", "aac"):
+        for text in texts:
+            assert (await speak_once(server, text, format=name)).final["type"] == "end"
+        # Written last of them (then evicted at once if that is its turn).
+        last = server.services.speech.key_of(
+            SynthesisRequest(text=texts[-1], voice=server.config.default_voice), FORMATS[name]
+        )
+        async with asyncio.timeout(TIMEOUT):
+            while not store.holds(last):
+                await asyncio.sleep(0.01)
+    assert store.variant_bytes <= store.variant_max_bytes
+    largest = max(path.stat().st_size for path in entries(server) if "-" not in path.stem)
+    assert store.total_bytes - store.variant_bytes >= (
+        store.max_bytes - store.variant_max_bytes - largest
+    )
+    assert len([path for path in entries(server) if "-" not in path.stem]) >= 4
+
+
+async def test_redis_keeps_only_the_mp3(
+    start_server: ServerFactory, fake: FakeEdge, tmp_path: Path
+) -> None:
+    """A text asked in every format puts one entry in the cluster's Redis, its MP3: the
+    other instances make the formats from it; the encoded ones are on this disk only."""
+    redis = RedisServer(tmp_path)
+    await redis.start()
+    shared = aioredis.from_url(redis.url)
+    try:
+        server = await start_server(redis_url=redis.url)
+        fake.tone = True
+        for name in FORMAT_NAMES:
+            assert (await speak_once(server, format=name)).final["type"] == "end"
+        await wait_for_entries(server, 4)  # the MP3, and the Opus, WebM and AAC made of it
+        # Written after all of those: once it is in Redis, so would they be.
+        await speak_once(server, "Another text, to be shared after the first.")
+
+        async def shared_entries() -> list[Any]:
+            return list(await shared.keys("ttsstream:entry:*"))
+
+        async with asyncio.timeout(TIMEOUT):
+            while len(await shared_entries()) < 2:
+                await asyncio.sleep(0.02)
+        assert len(await shared_entries()) == 2
+        assert len(fake.records) == 2
+    finally:
+        await shared.aclose()
+        await redis.stop()
 
 
 def unshare_available() -> bool:

@@ -10,9 +10,14 @@ from __future__ import annotations
 import array
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import math
+import statistics
+import threading
+import time
+import tracemalloc
 from typing import Any
 
 import aiohttp
@@ -20,16 +25,31 @@ import av
 import openai
 import pytest
 
-from tests.conftest import Client, ServerFactory, connected, speaks_fine, wait_for_entries
-from tests.fake_edge import CORRUPT_FRAME, FRAME_BYTES, FakeEdge, tone_frames
+from tests.conftest import (
+    MANY_CLIENTS,
+    TIMEOUT,
+    Client,
+    ServerFactory,
+    connected,
+    entries,
+    speaks_fine,
+    wait_for_entries,
+)
+from tests.fake_edge import CORRUPT_FRAME, FRAME_BYTES, FakeEdge, mp3_frames, tone_frames
 from ttsstream.audio import transcode
 from ttsstream.audio.formats import FORMAT_NAMES, FORMATS, SAMPLE_RATE, format_for_path
-from ttsstream.audio.transcode import Transcoder
+from ttsstream.audio.transcode import Transcoder, TranscodeWorkers
+from ttsstream.cache.store import CacheEntry
+from ttsstream.core import speech_cache
+from ttsstream.core.router import Started
+from ttsstream.engines.base import AudioChunk, SynthesisRequest
 from ttsstream.server import Server
 
 TEXT = "Formats stream as they are made, word after word after word."
 #: Every format but the source's own.
 MADE = [name for name in FORMAT_NAMES if name != "mp3"]
+#: The formats made again for every request, never stored.
+UNKEPT = [name for name in MADE if not FORMATS[name].kept]
 #: PyAV's demuxer for each format's bytes.
 DEMUXERS = {
     "mp3": "mp3",
@@ -131,6 +151,51 @@ def test_a_corrupt_mp3_chunk_is_upstream_bad_audio() -> None:
     assert transcode.open_transcoders == 0
 
 
+async def test_transcode_workers_take_clients_in_turn() -> None:
+    """A client with ten jobs queued gets a thread no more often than one with a single
+    job: that job runs after at most one more of the busy client's per thread."""
+    workers = TranscodeWorkers(threads=2)
+    ran: list[str] = []
+    go = threading.Event()
+
+    def job(name: str) -> str:
+        go.wait(TIMEOUT)
+        ran.append(name)
+        return name
+
+    busy = [workers.submit("198.51.100.1", job, f"busy {number}") for number in range(10)]
+    other = workers.submit("198.51.100.2", job, "other")
+    assert workers.waiting == 9
+    go.set()
+    assert await other.result == "other"
+    await asyncio.gather(*(each.result for each in busy))
+    assert ran.index("other") <= 3, ran
+
+
+async def test_a_cancelled_job_never_runs_or_hands_back_what_it_made() -> None:
+    """A job whose caller gave up is dropped if it waits for a thread; if it was running,
+    what it made goes to ``discard`` (a transcoder is closed, not leaked)."""
+    workers = TranscodeWorkers(threads=1)
+    go = threading.Event()
+    discarded: list[str] = []
+
+    def make() -> str:
+        go.wait(TIMEOUT)
+        return "made"
+
+    running = workers.submit("a", make, discard=discarded.append)
+    waiting = workers.submit("a", discarded.append, "ran")
+    running.result.cancel()
+    waiting.result.cancel()
+    freed = asyncio.Event()
+    running.when_free(freed.set)
+    go.set()
+    await asyncio.wait_for(freed.wait(), TIMEOUT)
+    follower = workers.submit("a", lambda: "next")
+    assert await follower.result == "next"
+    assert discarded == ["made"]
+
+
 def test_formats_by_file_name() -> None:
     assert format_for_path("out.OPUS") is FORMATS["opus"]
     assert format_for_path("x/y.ogg") is FORMATS["opus"]
@@ -193,22 +258,29 @@ async def test_a_format_streams_before_the_upstream_pause_ends(
 
 
 async def test_a_replay_is_made_in_any_format_then_stored(server: Server, fake: FakeEdge) -> None:
-    """One cache entry (the MP3) serves every format: no new upstream request. A
-    format sent whole is stored beside it and replayed as it was sent."""
+    """One cache entry (the MP3) serves every format: no new upstream request. An
+    encoded format sent whole is stored beside it and replayed as it was sent; FLAC,
+    WAV and PCM are made again each time, never stored."""
     fake.tone = True
     async with connected(server) as client:
         first = await speak_as(client, "mp3", "first")
         await wait_for_entries(server, 1)
-        made = await speak_as(client, "flac", "made")
+        for name in UNKEPT:
+            assert (await speak_as(client, name, name)).final["type"] == "end"
+        made = await speak_as(client, "opus", "made")
         await wait_for_entries(server, 2)
-        again = await speak_as(client, "flac", "again")
-        with_each = await speak_as(client, "flac", "each", words="each")
+        again = await speak_as(client, "opus", "again")
+        with_each = await speak_as(client, "opus", "each", words="each")
     assert len(fake.records) == 1
+    assert [path.name.split(".")[0][64:] for path in entries(server)] in (
+        ["", "-opus"],
+        ["-opus", ""],
+    )
     assert made.messages[0]["cached"] is True and again.messages[0]["cached"] is True
     assert abs(made.final["audio_ms"] - first.final["audio_ms"]) < 60
-    samples, rate = decode("flac", bytes(made.audio))
-    assert rate == SAMPLE_RATE and rms(samples) > 1000
-    # The stored FLAC: the same bytes, words and playing time, in one burst.
+    samples, rate = decode("opus", bytes(made.audio))
+    assert rate == 48_000 and rms(samples) > 1000
+    # The stored Opus: the same bytes, words and playing time, in one burst.
     assert bytes(again.audio) == bytes(made.audio) == bytes(with_each.audio)
     assert again.batched_words == made.batched_words
     assert [w["offset_ms"] for w in with_each.words] == [w["offset_ms"] for w in made.batched_words]
@@ -223,11 +295,188 @@ async def test_a_replay_is_made_in_any_format_then_stored(server: Server, fake: 
             assert frame["offset_ms"] >= sent_ms - 1
     async with (
         aiohttp.ClientSession() as session,
-        session.post(http_of(server) + "/tts", json={"text": TEXT, "format": "flac"}) as response,
+        session.post(http_of(server) + "/tts", json={"text": TEXT, "format": "opus"}) as response,
     ):
         assert response.headers["X-TTS-Cache"] == "hit"
         assert response.headers["Content-Length"] == str(len(made.audio))
         assert await response.read() == bytes(made.audio)
+
+
+async def cache_mp3(server: Server, text: str, mp3: bytes) -> None:
+    """Store ``mp3`` as the cached MP3 of ``text`` in the default voice."""
+    voice = server.config.default_voice
+    key = server.services.speech.key_of(SynthesisRequest(text=text, voice=voice))
+    assert server.services.store is not None
+    await server.services.store.put(key, CacheEntry("edge", voice, mp3, words=()))
+
+
+def count_transcoders(monkeypatch: pytest.MonkeyPatch) -> list[Transcoder]:
+    """Every :class:`Transcoder` made from now on (the list fills as they are)."""
+    made: list[Transcoder] = []
+
+    class Counted(Transcoder):
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            made.append(self)
+
+    monkeypatch.setattr(transcode, "Transcoder", Counted)
+    return made
+
+
+async def test_identical_format_requests_share_one_transcode(
+    server: Server, fake: FakeEdge, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two requests for one text in Opus share one transcode, which goes on for the one
+    left when the other cancels mid-way, and is stored once whole."""
+    made = count_transcoders(monkeypatch)
+    fake.tone = True
+    fake.pause_after_chunks = 2
+    async with connected(server) as first, connected(server) as second:
+        await first.speak(TEXT, id="first", format="opus")
+        await asyncio.wait_for(fake.paused.wait(), TIMEOUT)
+        await second.speak(TEXT, id="second", format="opus")
+        while not second.so_far("second").audio:
+            await second.read_one()  # what was made so far, at once
+        await first.send({"type": "cancel", "id": "first"})
+        assert (await first.until_final("first")).final["type"] == "cancelled"
+        fake.resume.set()
+        heard = await second.until_final("second")
+    assert heard.final["type"] == "end"
+    assert len(made) == 1 and len(fake.records) == 1
+    assert server.stats.coalesced == 1
+    await wait_for_entries(server, 2)
+    async with connected(server) as client:
+        again = await speak_as(client, "opus", "again", words="each")
+    assert again.messages[0]["cached"] is True
+    assert bytes(again.audio) == bytes(heard.audio)
+    assert [w["offset_ms"] for w in again.words] == [w["offset_ms"] for w in heard.words]
+    assert len(made) == 1
+
+
+async def test_a_transcode_keeps_at_most_its_bound_for_a_slow_listener(
+    start_server: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long cached text in Opus for a listener that stops taking it: the shared transcode
+    runs ahead up to VARIANT_MAX_BYTES, then holds at most that and a chunk while it waits
+    for the listener; it is not stored, and the listener still gets all of it."""
+    bound = 32 * 2**10
+    monkeypatch.setattr(speech_cache, "VARIANT_MAX_BYTES", bound)
+    made = count_transcoders(monkeypatch)
+    server = await start_server()
+    text = "A minute of sound, for a listener who reads slowly."
+    mp3 = tone_frames(2400)
+    await cache_mp3(server, text, mp3)
+    speech = server.services.speech
+    request = SynthesisRequest(text=text, voice=server.config.default_voice)
+    #: Opus made of a piece of MP3 is smaller than that piece.
+    chunk_most = speech_cache.MADE_PIECE_BYTES
+    audio = bytearray()
+    async with contextlib.aclosing(speech.synthesize(request, made_as=FORMATS["opus"])) as events:
+        assert isinstance(await anext(events), Started)
+        async with asyncio.timeout(TIMEOUT):
+            while speech.made_bytes <= bound:
+                await asyncio.sleep(0.01)
+        async for event in events:
+            assert speech.made_bytes <= bound + chunk_most
+            if isinstance(event, AudioChunk):
+                audio += event.data
+    assert speech.made_bytes == 0
+    samples, rate = decode("opus", bytes(audio))
+    assert abs(len(samples) / rate - len(mp3) / FRAME_BYTES * 0.024) < 0.06
+    async with connected(server) as client:
+        await client.speak(text, id="again", format="opus")
+        again = await client.until_final("again")
+    # Made again (an Ogg stream's serial number is drawn anew each time).
+    assert len(again.audio) == len(audio) and bytes(again.audio) != bytes(audio)
+    assert len(made) == 2, "too long to be stored: made again"
+
+
+async def test_one_clients_transcodes_leave_others_their_turn(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """Another client's first Opus byte, while one client has twelve long Opus transcodes
+    running, stays within twice what it is without them (it was 4 to 8 times)."""
+    server = await start_server(**MANY_CLIENTS)
+    loads = [f"Five minutes of sound, number {number}." for number in range(12)]
+    others = [f"Ten seconds of sound, number {number}." for number in range(10)]
+    for text in loads:
+        await cache_mp3(server, text, tone_frames(2400) * 5)
+    for text in others:
+        await cache_mp3(server, text, tone_frames(400))
+    url = http_of(server) + "/tts"
+
+    async with aiohttp.ClientSession() as session:
+
+        async def first_byte(text: str) -> float:
+            began = time.perf_counter()
+            async with session.post(
+                url,
+                json={"text": text, "format": "opus"},
+                headers={"X-Forwarded-For": "198.51.100.2"},
+            ) as response:
+                assert response.status == 200
+                assert await response.content.readany()
+                return time.perf_counter() - began
+
+        async def load(text: str, started: asyncio.Event) -> None:
+            async with session.post(
+                url,
+                json={"text": text, "format": "opus"},
+                headers={"X-Forwarded-For": "198.51.100.1"},
+            ) as response:
+                while await response.content.readany():
+                    started.set()
+
+        alone = [await first_byte(text) for text in others[:5]]
+        started = [asyncio.Event() for _ in loads]
+        loading = [asyncio.create_task(load(*each)) for each in zip(loads, started, strict=True)]
+        try:
+            await asyncio.wait_for(asyncio.gather(*(each.wait() for each in started)), TIMEOUT)
+            beside = [await first_byte(text) for text in others[5:]]
+            still_loading = sum(not task.done() for task in loading)
+        finally:
+            for task in loading:
+                task.cancel()
+            await asyncio.gather(*loading, return_exceptions=True)
+    assert still_loading == len(loads), "the load ran throughout"
+    assert statistics.median(beside) <= 2 * statistics.median(alone) + TIMEOUT / 50, (
+        alone,
+        beside,
+    )
+
+
+async def test_pcm_streams_of_a_long_text_keep_no_copy_of_their_output(
+    start_server: ServerFactory,
+) -> None:
+    """20 PCM streams at once of one cached long MP3: the process's Python memory grows by
+    less than 3 streams' whole output at any moment (each stream used to keep all of its
+    output, to be stored)."""
+    server = await start_server(**MANY_CLIENTS)
+    text = "A long text, heard by twenty clients in PCM."
+    mp3 = mp3_frames(4000)  # 96 s
+    pcm_bytes = 4000 * 576 * 2
+    await cache_mp3(server, text, mp3)
+    url = http_of(server) + "/tts"
+    async with aiohttp.ClientSession() as session:
+
+        async def listen() -> int:
+            async with session.post(url, json={"text": text, "format": "pcm"}) as response:
+                got = 0
+                while chunk := await response.content.readany():
+                    got += len(chunk)
+                return got
+
+        tracemalloc.start()
+        try:
+            before, _ = tracemalloc.get_traced_memory()
+            heard = await asyncio.wait_for(
+                asyncio.gather(*(listen() for _ in range(20))), TIMEOUT * 4
+            )
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert heard == [pcm_bytes] * 20
+    assert peak - before < 3 * pcm_bytes, (peak - before) / pcm_bytes
 
 
 async def test_an_unknown_format_is_refused_and_nothing_is_lost(server: Server) -> None:

@@ -17,16 +17,30 @@ pipe). :data:`open_transcoders` counts the live ones (``/stats``).
 untouched for ``mp3``; for the other formats each chunk is transcoded on a
 worker thread when it is large enough for the hop to pay (:data:`OFF_LOOP_BYTES`;
 FFmpeg's codecs run without the GIL), so that the event loop does not stall on
-an encoder.
+an encoder. A pipe also passes through bytes already made in its format (a
+stored one, or a shared transcode's :class:`MadeChunk`).
+
+The worker threads are shared fairly between clients (:class:`TranscodeWorkers`):
+each piece of work waits in its client's queue, a free thread takes the next
+client's in turn, and a client has at most :data:`PER_CLIENT_THREADS` running. One
+client's dozen transcodes then delay another client's by one piece of work at
+most, not by a dozen: its first Opus byte beside them was 4 to 8 times later than
+without them when the threads took work in arrival order, and is now about as
+soon (tests/test_formats.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import weakref
+from collections import OrderedDict, deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import av
 import av.error
@@ -35,7 +49,17 @@ from ttsstream.audio.formats import MP3, SAMPLE_RATE, Format, wav_header
 from ttsstream.engines.base import AudioChunk, AudioFormat
 from ttsstream.exceptions import UpstreamBadAudio
 
-__all__ = ["Pipe", "Transcoder", "open_transcoders"]
+__all__ = [
+    "PER_CLIENT_THREADS",
+    "WORKER_THREADS",
+    "MadeChunk",
+    "Pipe",
+    "TranscodeJob",
+    "TranscodeWorkers",
+    "Transcoder",
+    "open_transcoders",
+    "transcode_workers",
+]
 
 logger = logging.getLogger("ttsstream.audio")
 
@@ -48,15 +72,200 @@ open_transcoders = 0
 #: without the GIL, so the worker threads use the other cores.
 OFF_LOOP_BYTES = 256
 _OFF_LOOP_BYTES_BY_FORMAT = {"flac": 1024, "wav": 2048, "pcm": 2048}
+#: Threads that transcode: the codecs run without the GIL, so they use the other core.
+WORKER_THREADS = 2
+#: Jobs of one client that run at once: one client's transcodes never hold every
+#: thread (and the cores and the GIL with them), so another client's work finds
+#: one free, and the event loop a core.
+PER_CLIENT_THREADS = 1
+
+T = TypeVar("T")
 
 _executor: ThreadPoolExecutor | None = None
 
 
-def _workers() -> ThreadPoolExecutor:
+def _threads() -> ThreadPoolExecutor:
     global _executor
     if _executor is None:
-        _executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="transcode")
+        _executor = ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="transcode")
     return _executor
+
+
+class TranscodeJob(Generic[T]):
+    """One piece of transcoding work (a transcoder made, a chunk transcoded), queued
+    for a worker thread; :attr:`result` is awaited by who asked for it."""
+
+    def __init__(
+        self,
+        client: str,
+        function: Callable[..., T],
+        args: tuple[Any, ...],
+        discard: Callable[[T], None] | None,
+    ) -> None:
+        #: Whose work it is.
+        self.client = client
+        self.function = function
+        self.args = args
+        #: What it returned; cancelling it before a thread takes the job drops the job.
+        self.result: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        #: Whether a thread runs it now.
+        self.running = False
+        self._discard = discard
+        self._when_free: list[Callable[[], None]] = []
+
+    def when_free(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once no thread runs this job (at once if none does)."""
+        if self.running:
+            self._when_free.append(callback)
+        else:
+            callback()
+
+    def _ended(self, done: Future[T] | None) -> None:
+        """The job ran (``done``) or was dropped (``None``): hand over what it made."""
+        self.running = False
+        if done is not None:
+            error = done.exception()
+            if self.result.done():
+                if error is None and self._discard is not None:
+                    self._discard(done.result())  # nobody waits for it any more
+            elif error is not None:
+                self.result.set_exception(error)
+            else:
+                self.result.set_result(done.result())
+        callbacks, self._when_free = self._when_free, []
+        for callback in callbacks:
+            callback()
+
+    def _orphaned(self, done: Future[T]) -> None:
+        """The job ran, but its loop is closed: free what it made (on its thread)."""
+        if self._discard is not None and done.exception() is None:
+            self._discard(done.result())
+        callbacks, self._when_free = self._when_free, []
+        for callback in callbacks:
+            callback()
+
+
+class TranscodeWorkers:
+    """The worker threads, shared fairly between clients (one per event loop).
+
+    Jobs wait in one queue per client; a free thread takes the first job of the
+    client whose turn it is, and that client's turn comes again after every other
+    waiting client's (round robin). A client has at most ``per_client`` jobs
+    running at once, however many it has waiting. A client with many transcodes in
+    progress thus gets a thread as often as one with a single transcode, no more,
+    and never all of them.
+
+    Args:
+        threads: Jobs run at once (on :data:`WORKER_THREADS` threads shared by every loop).
+        per_client: Jobs of one client run at once.
+    """
+
+    def __init__(self, threads: int = WORKER_THREADS, per_client: int = PER_CLIENT_THREADS) -> None:
+        if threads < 1 or per_client < 1:
+            raise ValueError("threads and per_client must be >= 1")
+        self._threads = threads
+        self._per_client = per_client
+        self._running = 0
+        #: Jobs running, by client.
+        self._running_by_client: dict[str, int] = {}
+        self._waiting: OrderedDict[str, deque[TranscodeJob[Any]]] = OrderedDict()
+
+    @property
+    def waiting(self) -> int:
+        """Jobs queued, not yet running."""
+        return sum(len(jobs) for jobs in self._waiting.values())
+
+    def submit(
+        self,
+        client: str,
+        function: Callable[..., T],
+        *args: Any,
+        discard: Callable[[T], None] | None = None,
+    ) -> TranscodeJob[T]:
+        """Queue ``function(*args)`` for ``client``'s turn.
+
+        Args:
+            client: Whose work it is (the client's IP address; ``""`` if unknown).
+            function: Run on a worker thread.
+            discard: Called on the loop with what ``function`` returned if nobody
+                waits for it any more (its result was cancelled while it ran).
+        """
+        job = TranscodeJob(client, function, args, discard)
+        self._waiting.setdefault(client, deque()).append(job)
+        self._start_next()
+        return job
+
+    def _start_next(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._running < self._threads:
+            client = next(
+                (
+                    client
+                    for client in self._waiting
+                    if self._running_by_client.get(client, 0) < self._per_client
+                ),
+                None,
+            )
+            if client is None:
+                return
+            jobs = self._waiting[client]
+            job = jobs.popleft()
+            if jobs:
+                self._waiting.move_to_end(client)  # its next job waits for the others'
+            else:
+                del self._waiting[client]
+            if job.result.cancelled():
+                job._ended(None)  # nobody waits for it: never run
+                continue
+            self._running += 1
+            self._running_by_client[client] = self._running_by_client.get(client, 0) + 1
+            job.running = True
+            _threads().submit(job.function, *job.args).add_done_callback(
+                functools.partial(self._ran_in_thread, loop, job)
+            )
+
+    def _ran_in_thread(
+        self, loop: asyncio.AbstractEventLoop, job: TranscodeJob[Any], done: Future[Any]
+    ) -> None:
+        try:
+            loop.call_soon_threadsafe(self._ran, job, done)
+        except RuntimeError:
+            # The loop was closed meanwhile (at exit): nobody will take what the job
+            # made, which is freed here.
+            job._orphaned(done)
+
+    def _ran(self, job: TranscodeJob[Any], done: Future[Any]) -> None:
+        self._running -= 1
+        left = self._running_by_client[job.client] - 1
+        if left:
+            self._running_by_client[job.client] = left
+        else:
+            del self._running_by_client[job.client]
+        job._ended(done)
+        self._start_next()
+
+
+_workers_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, TranscodeWorkers] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def transcode_workers() -> TranscodeWorkers:
+    """The running event loop's :class:`TranscodeWorkers`."""
+    loop = asyncio.get_running_loop()
+    workers = _workers_by_loop.get(loop)
+    if workers is None:
+        workers = _workers_by_loop[loop] = TranscodeWorkers()
+    return workers
+
+
+@dataclass(frozen=True, slots=True)
+class MadeChunk(AudioChunk):
+    """Bytes of a format already made from the MP3 (by a transcode that several
+    listeners share), with the playing time of all that was made up to their end:
+    the bytes of an encoded format do not tell it."""
+
+    made_ms: float = 0.0
 
 
 class _Collect:
@@ -215,8 +424,10 @@ class Transcoder:
 class Pipe:
     """The step between an utterance's source audio and its listener.
 
-    ``mp3`` passes through untouched; any other format goes through a
-    :class:`Transcoder`, large chunks on a worker thread.
+    ``mp3`` passes through untouched, and so do bytes already made in ``target``
+    (stored, or a shared transcode's :class:`MadeChunk`); any other source goes
+    through a :class:`Transcoder`, large chunks on a worker thread in ``client``'s
+    turn (:class:`TranscodeWorkers`).
     """
 
     def __init__(
@@ -225,14 +436,17 @@ class Pipe:
         transcoder: Transcoder | None = None,
         *,
         known_ms: float | None = None,
+        client: str = "",
     ) -> None:
         self.format = target
         self._transcoder = transcoder
-        #: The playing time of stored bytes of ``target`` that pass through.
+        #: The playing time of bytes of ``target`` that pass through, when their
+        #: length does not tell it (stored, or made by a shared transcode).
         self._known_ms = known_ms
+        self._client = client
         self._off_loop_bytes = _OFF_LOOP_BYTES_BY_FORMAT.get(target.name, OFF_LOOP_BYTES)
-        #: The chunk being transcoded on a worker thread, if any.
-        self._busy: Future[bytes] | None = None
+        #: The chunk being transcoded on a worker thread (or waiting for one), if any.
+        self._busy: TranscodeJob[bytes] | None = None
 
     @property
     def transcoding(self) -> bool:
@@ -245,25 +459,23 @@ class Pipe:
         return self.format.priming_ms if self._transcoder is not None else 0.0
 
     @classmethod
-    async def open(cls, target: Format, source: AudioFormat, audio_ms: float | None = None) -> Pipe:
-        """A pipe from ``source`` (the MP3, or stored bytes of ``target`` lasting
-        ``audio_ms``) to ``target``; an encoder is set up on a worker thread (FLAC's
-        takes 5 ms)."""
+    async def open(
+        cls,
+        target: Format,
+        source: AudioFormat,
+        audio_ms: float | None = None,
+        *,
+        client: str = "",
+    ) -> Pipe:
+        """A pipe from ``source`` (the MP3, or bytes of ``target`` already made, lasting
+        ``audio_ms`` if known) to ``target``; an encoder is set up on a worker thread
+        (FLAC's takes 5 ms), in ``client``'s turn."""
         if not target.transcoded or source.name == target.name:
-            return cls(target, known_ms=audio_ms)
-        loop = asyncio.get_running_loop()
-        made = _workers().submit(Transcoder, target)
-        try:
-            transcoder: Transcoder = await asyncio.wrap_future(made)
-            return cls(target, transcoder)
-        except asyncio.CancelledError:
-            # Cancelled meanwhile: the transcoder being made is closed once it is.
-            def close(made: Future[Transcoder]) -> None:
-                if not made.cancelled() and made.exception() is None:
-                    loop.call_soon_threadsafe(made.result().close)
-
-            made.add_done_callback(close)
-            raise
+            return cls(target, known_ms=audio_ms, client=client)
+        made = transcode_workers().submit(client, Transcoder, target, discard=Transcoder.close)
+        # Cancelled meanwhile: a transcoder made all the same is closed (``discard``).
+        transcoder: Transcoder = await made.result
+        return cls(target, transcoder, client=client)
 
     def duration_ms(self, byte_count: int) -> float:
         """The playing time of what was sent (``byte_count`` bytes of it)."""
@@ -281,16 +493,22 @@ class Pipe:
         """
         transcoder = self._transcoder
         if transcoder is None:
+            if isinstance(chunk, MadeChunk):
+                self._known_ms = chunk.made_ms
             return chunk.data
         if chunk.pcm is not None:
             if len(chunk.pcm) < 4 * self._off_loop_bytes:
                 return transcoder.feed_pcm(chunk.pcm, chunk.pcm_rate)
-            self._busy = _workers().submit(transcoder.feed_pcm, chunk.pcm, chunk.pcm_rate)
+            self._busy = transcode_workers().submit(
+                self._client, transcoder.feed_pcm, chunk.pcm, chunk.pcm_rate
+            )
         elif len(chunk.data) < self._off_loop_bytes:
             return transcoder.feed_mp3(chunk.data)
         else:
-            self._busy = _workers().submit(transcoder.feed_mp3, bytes(chunk.data))
-        return await asyncio.wrap_future(self._busy)
+            self._busy = transcode_workers().submit(
+                self._client, transcoder.feed_mp3, bytes(chunk.data)
+            )
+        return await self._busy.result
 
     async def finish(self) -> bytes:
         """The last bytes to send, once the source has ended."""
@@ -302,13 +520,14 @@ class Pipe:
         """Free the transcoder, whatever happened (idempotent).
 
         A chunk still being transcoded (the utterance was cancelled meanwhile)
-        keeps it until that chunk is done; then it is freed on the event loop.
+        keeps it until that chunk is done; then it is freed on the event loop. A
+        chunk still waiting for a thread is dropped.
         """
         transcoder, busy = self._transcoder, self._busy
         if transcoder is None:
             return
-        if busy is None or busy.done():
+        if busy is None:
             transcoder.close()
             return
-        loop = asyncio.get_running_loop()
-        busy.add_done_callback(lambda _: loop.call_soon_threadsafe(transcoder.close))
+        busy.result.cancel()
+        busy.when_free(transcoder.close)

@@ -12,6 +12,12 @@ that moment (``on_finished`` runs then, so a registry forgets it before its
 upstream has closed), and a new identical request starts a new synthesis. A
 listener never receives another task's cancellation: a synthesis stopped while
 listened to (at shutdown) fails them with an ordinary :class:`UpstreamUnavailable`.
+
+What a synthesis keeps may be bounded (``max_kept``, for a transcode's output,
+which unlike the MP3 may be made faster than it is listened to): past the bound
+it is no longer whole, so it is neither joined nor stored; it drops the events
+every listener has taken, and its source waits while the slowest listener is
+more than the bound behind.
 """
 
 from __future__ import annotations
@@ -34,8 +40,11 @@ class SharedSynthesis(Generic[T]):
     Args:
         source: The synthesis; started at once in its own task.
         on_complete: Awaited with every event once the source ended without error
-            (to store the result), before the synthesis stops being joinable.
+            (to store the result), before the synthesis stops being joinable; not
+            when it went past ``max_kept``.
         on_finished: Called when the synthesis is over and no longer joinable.
+        size: An event's size, counted against ``max_kept`` (bytes of audio, say).
+        max_kept: Most of ``size`` kept at once; ``None`` keeps every event.
     """
 
     def __init__(
@@ -44,35 +53,57 @@ class SharedSynthesis(Generic[T]):
         *,
         on_complete: Callable[[list[T]], Awaitable[None]] | None = None,
         on_finished: Callable[[], None] | None = None,
+        size: Callable[[T], int] | None = None,
+        max_kept: int | None = None,
     ) -> None:
+        if max_kept is not None and (size is None or max_kept < 0):
+            raise ValueError("max_kept needs size, and must be >= 0")
+        #: The events kept: every one from the first while :attr:`whole`, else those
+        #: that some listener has yet to take.
         self.events: list[T] = []
         self.done = False
         #: The last listener left before the end: never to be joined again.
         self.abandoned = False
+        #: Every event since the first is kept (it never went past ``max_kept``).
+        self.whole = True
+        #: The size of the events kept.
+        self.kept = 0
         self.error: Exception | None = None
         self.listeners = 0
         self._source = source
         self._on_complete = on_complete
         self._on_finished = on_finished
+        self._size = size
+        self._max_kept = max_kept
+        #: How many events were dropped from the front of :attr:`events`.
+        self._dropped = 0
+        #: Each listener's position (the number of the next event it takes), once the
+        #: synthesis is no longer whole.
+        self._positions: dict[object, int] = {}
         self._changed = asyncio.Event()
+        self._taken = asyncio.Event()
         self._task = asyncio.create_task(self._pump())
 
     @property
     def joinable(self) -> bool:
-        """Whether a new listener may join: neither abandoned nor failed (a synthesis
-        that succeeded is replayed from memory until its registry lets it go)."""
-        return not self.abandoned and (not self.done or self.error is None)
+        """Whether a new listener may join: neither abandoned, past its bound, nor failed
+        (a synthesis that succeeded is replayed from memory until its registry lets it go)."""
+        return not self.abandoned and self.whole and (not self.done or self.error is None)
 
     async def listen(self) -> AsyncGenerator[T, None]:
         """Every event from the first, then live ones; raises the source's error if it failed."""
-        assert self.joinable, "an abandoned or failed synthesis is never joined"
+        assert self.joinable, "an abandoned, unbounded or failed synthesis is never joined"
         self.listeners += 1
-        position = 0
+        me = object()
+        self._positions[me] = 0
         try:
             while True:
-                while position < len(self.events):
-                    yield self.events[position]
-                    position += 1
+                while (position := self._positions[me]) < self._dropped + len(self.events):
+                    event = self.events[position - self._dropped]
+                    self._positions[me] = position + 1
+                    if not self.whole:
+                        self._drop_taken()
+                    yield event
                 if self.done:
                     if self.error is not None:
                         raise self.error
@@ -80,16 +111,42 @@ class SharedSynthesis(Generic[T]):
                 await self._changed.wait()
         finally:
             self.listeners -= 1
+            del self._positions[me]
             if self.listeners == 0 and not self.done:
                 self.abandoned = True
                 self._release()
                 self._task.cancel()
+            elif not self.whole:
+                self._drop_taken()
+
+    def _drop_taken(self) -> None:
+        """Drop the events every listener has taken, and let the source go on if it waits."""
+        taken = min(self._positions.values(), default=self._dropped + len(self.events))
+        count = taken - self._dropped
+        if count <= 0:
+            return
+        assert self._size is not None
+        self.kept -= sum(self._size(event) for event in self.events[:count])
+        del self.events[:count]
+        self._dropped = taken
+        self._taken.set()
+        self._taken.clear()
 
     async def _pump(self) -> None:
         try:
             async for event in self._source:
                 self.events.append(event)
                 self._wake()
+                if self._size is None or self._max_kept is None:
+                    continue
+                self.kept += self._size(event)
+                if self.kept > self._max_kept and self.whole:
+                    # Past the bound: neither joined nor stored from now on.
+                    self.whole = False
+                    self._release()
+                    self._drop_taken()
+                while self.kept > self._max_kept:
+                    await self._taken.wait()
         except asyncio.CancelledError:
             # Abandoned (nobody hears this) or stopped at shutdown: the listeners
             # left get an ordinary error, never this task's cancellation.
@@ -102,7 +159,7 @@ class SharedSynthesis(Generic[T]):
             self._wake()
             await self._source.aclose()
         try:
-            if self.error is None and self._on_complete is not None:
+            if self.error is None and self.whole and self._on_complete is not None:
                 await self._on_complete(self.events)
         finally:
             self._release()

@@ -1,11 +1,15 @@
 """The cluster's shared cache tier: finished entries in Redis, behind each instance's disk.
 
-An entry written to an instance's disk is also written to Redis (the same
+An MP3 entry written to an instance's disk is also written to Redis (the same
 checksummed bytes as on disk) with ``CACHE_SHARED_TTL``; an instance that misses
-on its disk looks there, and keeps what it finds on its own disk too. Redis
-bounds the tier by its own ``maxmemory`` with ``maxmemory-policy allkeys-lru``
-(docs/deployment.md). Writes go in the background; a read waits at most the
-link's operation deadline, as every Redis call, and a damaged entry is a miss.
+on its disk looks there, and keeps what it finds on its own disk too. The formats
+made from an MP3 are never written here (the speech cache keeps them on the disk
+of the instance that made them): another instance makes them from the shared MP3,
+while keeping them would multiply the tier (a long text's MP3 took 1.75 MB of
+Redis; with its six other formats, 30 MB). Redis bounds the tier by its own
+``maxmemory`` with ``maxmemory-policy allkeys-lru`` (docs/deployment.md). Writes
+go in the background; a read waits at most the link's operation deadline, as
+every Redis call, and a damaged entry is a miss.
 """
 
 from __future__ import annotations

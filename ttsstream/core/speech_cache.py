@@ -6,11 +6,17 @@ new synthesis with every identical request that arrives while it runs. A
 synthesis that Edge completed without fallback is stored once it ended.
 Offline-voice utterances are not cached: eSpeak is faster than a disk read.
 
-Another audio format is made from the MP3 for each listener, which costs 10 to
-20 times the CPU of an MP3 replay (bench/NOTES.md): once an utterance has been
-sent whole in a format, those bytes are stored beside the MP3 (:meth:`keep_made`,
-under the key of the same request in that format), and a later request in that
-format replays them as they are.
+Another audio format is made from the MP3, which costs 10 to 20 times the CPU
+of an MP3 replay in an encoded format (bench/NOTES.md). For a kept format
+(:attr:`~ttsstream.audio.formats.Format.kept`: Opus, WebM, AAC), the cache makes
+it: one transcode of the MP3 per text and format at a time, which identical
+requests join as they join a synthesis, and which goes on while any of them
+listens; made whole, it is stored beside the MP3 on this instance's disk (never
+in the cluster's shared tier: another instance makes it from the shared MP3, in
+at most a couple of seconds of CPU), and a later request replays it as it is. What a
+transcode keeps in memory is bounded (:data:`VARIANT_MAX_BYTES`); past that, it is
+neither joined nor stored. The other formats (FLAC, WAV, PCM: cheap to make,
+large to keep) are made by each listener's own pipe from the MP3 that comes.
 """
 
 from __future__ import annotations
@@ -19,19 +25,29 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Protocol
 
 from ttsstream.audio.formats import MP3, Format
+from ttsstream.audio.transcode import MadeChunk, Pipe
 from ttsstream.cache.flight import SharedSynthesis
-from ttsstream.cache.store import CacheEntry, DiskCache, SharedTier, cache_key
+from ttsstream.cache.store import CacheEntry, DiskCache, SharedTier, cache_key, variant_key
 from ttsstream.core.router import Speech, SpeechRouter, Started
 from ttsstream.engines.base import AudioChunk, AudioFormat, SynthesisRequest, Voice, WordEvent
 from ttsstream.engines.espeak import VOICE_PREFIX
 from ttsstream.exceptions import UpstreamUnavailable
 from ttsstream.stats import Stats
 
-__all__ = ["REPLAY_CHUNK_BYTES", "ClusterFlights", "FlightLost", "Lookahead", "SpeechCache"]
+__all__ = [
+    "MADE_PIECE_BYTES",
+    "REPLAY_CHUNK_BYTES",
+    "VARIANT_MAX_BYTES",
+    "ClusterFlights",
+    "FlightLost",
+    "Lookahead",
+    "SpeechCache",
+]
 
 logger = logging.getLogger("ttsstream.core.speech_cache")
 
@@ -39,6 +55,16 @@ logger = logging.getLogger("ttsstream.core.speech_cache")
 REPLAY_CHUNK_BYTES = 16 * 2**10
 #: Longest a finished utterance waits to be stored, in seconds (see SpeechCache).
 STORE_DELAY_MAX = 1.0
+#: MP3 bytes a shared transcode makes into its format at a time: a replayed chunk
+#: (REPLAY_CHUNK_BYTES) is made in four pieces, so that its first bytes leave after
+#: about 4 ms of encoding rather than 15, and another client's work waits for a
+#: thread that long at most.
+MADE_PIECE_BYTES = 4 * 2**10
+#: Most bytes of a kept format that one shared transcode holds in memory: all it made
+#: (to be joined, and stored), or once past that, what its slowest listener has yet
+#: to take (its transcode then waits for that listener). The longest text allowed by
+#: default (5,000 characters, about 5 minutes) makes under 1.8 MB of Opus or AAC.
+VARIANT_MAX_BYTES = 2 * 2**20
 
 
 #: Most times a request takes over a flight whose owner died before its first audio.
@@ -161,6 +187,8 @@ class SpeechCache:
         self.flights = flights
         self._stats = stats
         self._flights: dict[str, SharedSynthesis[Speech]] = {}
+        #: Shared transcodes alive (joinable or not), for :attr:`made_bytes`.
+        self._made_flights: weakref.WeakSet[SharedSynthesis[Speech]] = weakref.WeakSet()
         #: Live utterances (synthesized or joined) that have no audio yet.
         self._starting = 0
         #: Set while no utterance waits for its first audio (or once closing).
@@ -179,11 +207,9 @@ class SpeechCache:
 
     def key_of(self, request: SynthesisRequest, made_as: Format = MP3) -> str:
         """The cache key of an Edge request (also what logs show instead of the text),
-        or of its audio made into another format."""
+        or of its audio made into another format (:func:`~ttsstream.cache.store.variant_key`)."""
         engine, audio_format = self.router.online_engine
-        if made_as.transcoded:
-            audio_format = made_as.audio_format
-        return cache_key(
+        key = cache_key(
             engine=engine,
             voice=request.voice,
             rate=request.rate,
@@ -192,6 +218,12 @@ class SpeechCache:
             audio_format=audio_format,
             text=request.text,
         )
+        return variant_key(key, made_as.name) if made_as.transcoded else key
+
+    @property
+    def made_bytes(self) -> int:
+        """Bytes of kept formats that shared transcodes hold in memory now."""
+        return sum(flight.kept for flight in self._made_flights)
 
     def look_ahead(self, request: SynthesisRequest) -> Lookahead | None:
         """A :class:`Lookahead` for the MP3 of ``request``, when its lookup will ask the
@@ -218,8 +250,10 @@ class SpeechCache:
 
         With ``words_ahead``, a replay gives all its words before its first audio
         instead of each word just before the audio frame it is in. With
-        ``made_as`` another format than MP3, its stored bytes are replayed if
-        there are (``Started.audio_format`` then says so), else the MP3 comes. A
+        ``made_as`` a kept format, the audio comes in that format
+        (``Started.audio_format`` says so): its stored bytes, or a transcode shared
+        with identical requests (words moved by the format's priming); with any
+        other format, the MP3 comes, for the listener to make its format. A
         ``lookahead`` of the request that was answered stands for its lookup on disk
         and in the cluster.
         """
@@ -229,16 +263,13 @@ class SpeechCache:
                     yield event
             return
 
-        if made_as.transcoded:
-            made_key = self.key_of(request, made_as)
-            made = self._unwritten.get(made_key) or await self.store.get(made_key)
-            if made is not None and made.audio_ms:
-                self._stats.cache_hits += 1
-                bitrate = round(len(made.audio) * 8 * 1000 / made.audio_ms)
-                as_sent = dataclasses.replace(made_as.audio_format, bitrate_bps=max(1, bitrate))
-                for event in _replay(made, as_sent, words_ahead=words_ahead):
+        if made_as.kept:
+            async with contextlib.aclosing(
+                self._made(request, made_as, words_ahead=words_ahead)
+            ) as events:
+                async for event in events:
                     yield event
-                return
+            return
 
         _, audio_format = self.router.online_engine
         key = self.key_of(request)
@@ -324,31 +355,65 @@ class SpeechCache:
             if waiting:
                 self._started()
 
-    def keep_made(
-        self,
-        request: SynthesisRequest,
-        made_as: Format,
-        started: Started,
-        audio: bytes,
-        words: tuple[WordEvent, ...],
-        audio_ms: float,
-    ) -> None:
-        """Store ``audio``, a whole utterance made into ``made_as`` from Edge's MP3."""
-        if (
-            self.store is None
-            or not made_as.transcoded
-            or started.engine != "edge"
-            or started.fallback_reason is not None
-            or not audio
-        ):
-            return
+    async def _made(
+        self, request: SynthesisRequest, made_as: Format, *, words_ahead: bool
+    ) -> AsyncGenerator[Speech, None]:
+        """``request`` in ``made_as``: stored, or the transcode in flight, or a new one."""
+        assert self.store is not None
         key = self.key_of(request, made_as)
-        if key in self._unwritten:
+        made = self._unwritten.get(key) or await self.store.get(key)
+        if made is not None and made.audio_ms:
+            self._stats.cache_hits += 1
+            bitrate = round(len(made.audio) * 8 * 1000 / made.audio_ms)
+            as_sent = dataclasses.replace(made_as.audio_format, bitrate_bps=max(1, bitrate))
+            for event in _replay(made, as_sent, words_ahead=words_ahead):
+                yield event
             return
-        entry = CacheEntry(
-            engine=started.engine, voice=started.voice, audio=audio, words=words, audio_ms=audio_ms
+        flight = self._joinable_flight(key)
+        joined = flight is not None
+        if flight is None:
+            flight = self._start_made(key, request, made_as)
+        else:
+            self._stats.coalesced += 1
+        async with contextlib.aclosing(flight.listen()) as events:
+            async for event in events:
+                if joined and isinstance(event, Started):
+                    # The transcode's MP3 was counted for the request that started it.
+                    if event.cached:
+                        self._stats.cache_hits += 1
+                    else:
+                        self._stats.cache_misses += 1
+                yield event
+
+    def _start_made(
+        self, key: str, request: SynthesisRequest, made_as: Format
+    ) -> SharedSynthesis[Speech]:
+        """A transcode of ``request``'s MP3 into ``made_as``, shared, stored once whole.
+
+        Its work is done in the turn of the client that started it."""
+        assert self.store is not None
+        room = min(VARIANT_MAX_BYTES, self.store.variant_max_bytes)
+
+        async def store(events: list[Speech]) -> None:
+            entry = _made_entry_of(events)
+            if entry is not None and len(entry.audio) <= room:
+                self._write(key, entry, share=False)
+            finished()
+
+        def finished() -> None:
+            if self._flights.get(key) is flight:
+                del self._flights[key]
+
+        flight = SharedSynthesis(
+            _made_from(self.synthesize(request), made_as, client=request.client),
+            on_complete=store,
+            on_finished=finished,
+            size=_audio_bytes,
+            max_kept=VARIANT_MAX_BYTES,
         )
-        self._write(key, entry)
+        self._flights[key] = flight
+        self._made_flights.add(flight)
+        return flight
 
     def _joinable_flight(self, key: str) -> SharedSynthesis[Speech] | None:
         """The synthesis of ``key`` a request may join, if any (never a failed one)."""
@@ -433,6 +498,76 @@ def _entry_of(events: list[Speech]) -> CacheEntry | None:
         return None
     words = tuple(event for event in events if isinstance(event, WordEvent))
     return CacheEntry(engine=started.engine, voice=started.voice, audio=audio, words=words)
+
+
+async def _made_from(
+    source: AsyncGenerator[Speech, None], target: Format, *, client: str
+) -> AsyncGenerator[Speech, None]:
+    """``source``'s events with its MP3 made into ``target`` as it comes: its bytes in
+    :class:`MadeChunk` events (one per MADE_PIECE_BYTES of MP3, possibly empty), its
+    words moved by the format's priming."""
+    pipe: Pipe | None = None
+    try:
+        async with contextlib.aclosing(source) as events:
+            async for event in events:
+                if isinstance(event, Started):
+                    pipe = await Pipe.open(target, event.audio_format, client=client)
+                    yield dataclasses.replace(
+                        event, audio_format=target.audio_format, audio_ms=None
+                    )
+                elif isinstance(event, AudioChunk):
+                    assert pipe is not None
+                    for piece in _pieces(event):
+                        made = bytes(await pipe.feed(piece))
+                        yield MadeChunk(made, made_ms=pipe.duration_ms(0))
+                elif target.priming_samples:
+                    yield dataclasses.replace(event, offset_ms=event.offset_ms + target.priming_ms)
+                else:
+                    yield event
+        if pipe is not None:
+            tail = await pipe.finish()
+            yield MadeChunk(tail, made_ms=pipe.duration_ms(0))
+    finally:
+        if pipe is not None:
+            pipe.close()
+
+
+def _pieces(chunk: AudioChunk) -> list[AudioChunk]:
+    """``chunk`` cut into pieces of MADE_PIECE_BYTES of MP3 (one, if it carries PCM)."""
+    data = chunk.data
+    if chunk.pcm is not None or len(data) <= MADE_PIECE_BYTES:
+        return [chunk]
+    return [
+        AudioChunk(data[offset : offset + MADE_PIECE_BYTES])
+        for offset in range(0, len(data), MADE_PIECE_BYTES)
+    ]
+
+
+def _audio_bytes(event: Speech) -> int:
+    """What an event weighs in a shared transcode's bound: its audio bytes."""
+    return len(event.data) if isinstance(event, AudioChunk) else 0
+
+
+def _made_entry_of(events: list[Speech]) -> CacheEntry | None:
+    """The entry of an utterance made whole into another format from Edge's MP3, or
+    ``None`` if it must not be stored (the offline voice spoke it)."""
+    if not events or not isinstance(events[0], Started):
+        return None
+    started = events[0]
+    if started.engine != "edge" or started.fallback_reason is not None:
+        return None
+    chunks = [event for event in events if isinstance(event, MadeChunk)]
+    audio = b"".join(chunk.data for chunk in chunks)
+    if not audio:
+        return None
+    words = tuple(event for event in events if isinstance(event, WordEvent))
+    return CacheEntry(
+        engine=started.engine,
+        voice=started.voice,
+        audio=audio,
+        words=words,
+        audio_ms=chunks[-1].made_ms,
+    )
 
 
 def _replay(entry: CacheEntry, audio_format: AudioFormat, *, words_ahead: bool) -> list[Speech]:

@@ -217,9 +217,6 @@ class Utterances:
             else speak_stream(self._speech, request, stream, words_ahead=batch)
         )
         pipe: Pipe | None = None
-        #: What is made into another format, kept to be stored whole (None: not kept).
-        made: list[bytes] | None = None
-        all_words: list[WordEvent] = []
         held: list[WordEvent] = []
         started: Started | None = None
         byte_count = 0
@@ -230,13 +227,12 @@ class Utterances:
         try:
             async for event in events:
                 if isinstance(event, Started):
-                    pipe = await Pipe.open(audio_format, event.audio_format, event.audio_ms)
+                    pipe = await Pipe.open(
+                        audio_format, event.audio_format, event.audio_ms, client=client_ip
+                    )
                     started = event
                     if pipe.transcoding:
                         started = dataclasses.replace(event, audio_format=audio_format.audio_format)
-                        # Kept to be stored whole, unless it is streamed text (its
-                        # segments are stored one by one, as MP3).
-                        made = [] if stream is None else None
                     await sink.start(started)
                 elif isinstance(event, AudioChunk):
                     assert pipe is not None
@@ -247,8 +243,6 @@ class Utterances:
                         held = []
                     if not data:
                         continue
-                    if made is not None:
-                        made.append(bytes(data))
                     if ttfb_ms is None:
                         ttfb_ms = (time.perf_counter() - received_at) * 1000
                         stats.observe_first_audio(_source(started), ttfb_ms / 1000)
@@ -260,8 +254,6 @@ class Utterances:
                         event = dataclasses.replace(
                             event, offset_ms=event.offset_ms + pipe.word_shift_ms
                         )
-                    if made is not None:
-                        all_words.append(event)
                     if batch:
                         held.append(event)
                     elif each:
@@ -276,17 +268,6 @@ class Utterances:
                 await sink.audio(tail)
                 byte_count += len(tail)
                 stats.bytes_sent += len(tail)
-                if made is not None:
-                    made.append(tail)
-            if made is not None:
-                self._speech.keep_made(
-                    request,
-                    audio_format,
-                    started,
-                    b"".join(made),
-                    tuple(all_words),
-                    pipe.duration_ms(byte_count),
-                )
             await sink.end(
                 Summary(
                     byte_count=byte_count,
