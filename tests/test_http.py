@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 
@@ -13,7 +14,7 @@ from websockets.asyncio.client import connect
 
 from tests.conftest import TIMEOUT, Client, ServerFactory, connected, speaks_fine, url_of
 from ttsstream import port
-from ttsstream.server import Server
+from ttsstream.server import STREAM_PATH, Server
 
 
 def http_of(server: Server) -> str:
@@ -121,6 +122,14 @@ async def _kept_alive(server: Server) -> socket.socket:
     return sock
 
 
+async def _closed_by_server(sock: socket.socket) -> bool:
+    """Whether the server closes ``sock`` (end of stream or reset) within TIMEOUT."""
+    try:
+        return await asyncio.wait_for(asyncio.get_running_loop().sock_recv(sock, 1), TIMEOUT) == b""
+    except ConnectionError:
+        return True
+
+
 def _get(path: str) -> bytes:
     return f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
 
@@ -174,8 +183,9 @@ async def test_a_later_head_is_bounded_in_size(server: Server, request_bytes: by
     sock = await _kept_alive(server)
     assert (await _exchange(sock, _get("/")))[0] == 200
     status, headers, body = await _exchange(sock, request_bytes)
-    assert status == 431 and headers["connection"] == "close"
+    assert status == 431 and headers["server"] == "ttsstream"
     assert orjson.loads(body)["error"] == "bad_request"
+    assert await _closed_by_server(sock)
     sock.close()
 
 
@@ -211,11 +221,13 @@ async def test_a_later_head_has_a_deadline(server: Server, monkeypatch: pytest.M
 
 
 async def test_idle_http_connections_are_counted_capped_and_closed(
-    start_server: ServerFactory,
+    start_server: ServerFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """300 kept-alive connections from one client: MAX_CONNECTIONS_PER_IP of them are
-    served and counted in /stats, the rest refused with 429; the served ones close
-    after IDLE_TIMEOUT, and nothing stays counted."""
+    served and counted in /stats, the rest refused (429 while MAX_LINGERING_REFUSALS
+    wait to be read, dropped past that); the served ones close after IDLE_TIMEOUT,
+    and nothing stays counted."""
+    monkeypatch.setattr(port, "REFUSAL_LINGER", TIMEOUT)  # every answer is read in time
     server = await start_server(
         trusted_proxies=("10.255.255.1",),  # 127.0.0.1 is a client like any other here
         max_connections_per_ip=5,
@@ -223,15 +235,20 @@ async def test_idle_http_connections_are_counted_capped_and_closed(
         rate_limit_requests=0,
     )
     socks = [await _kept_alive(server) for _ in range(300)]
-    served, refused = [], 0
+    served, answered, dropped = [], 0, 0
     for sock in socks:
-        status, _, body = await _exchange(sock, _get("/nope"))
+        try:
+            status, _, body = await _exchange(sock, _get("/nope"))
+        except (AssertionError, ConnectionError):
+            dropped += 1
+            continue
         if status == 404:
             served.append(sock)
         else:
             assert status == 429 and orjson.loads(body)["error"] == "too_many_connections"
-            refused += 1
-    assert (len(served), refused) == (5, 295)
+            answered += 1
+    assert len(served) == 5
+    assert answered == port.MAX_LINGERING_REFUSALS and dropped == 295 - answered
     async with aiohttp.ClientSession() as session:
         async with session.get(f"http://127.0.0.1:{server.ops.port}/stats") as response:
             assert (await response.json())["http_connections"] == 5
@@ -264,12 +281,16 @@ async def test_idle_http_connections_are_counted_capped_and_closed(
         b"garbage",
     ],
 )
-async def test_a_bad_upgrade_is_answered(server: Server, request_bytes: bytes) -> None:
-    """An upgrade that cannot be taken gets a JSON 400, then the connection closes."""
+@pytest.mark.parametrize("later", [False, True], ids=["first", "later"])
+async def test_a_bad_upgrade_is_answered(server: Server, request_bytes: bytes, later: bool) -> None:
+    """An upgrade that cannot be taken, as a connection's first request or a later one,
+    gets a JSON 400, then the connection closes."""
     sock = await _kept_alive(server)
-    status, headers, body = await _exchange(sock, request_bytes)
-    assert status == 400 and headers["connection"] == "close"
-    assert orjson.loads(body)["error"] == "bad_request"
+    if later:
+        assert (await _exchange(sock, _get("/")))[0] == 200
+    status, _, body = await _exchange(sock, request_bytes)
+    assert status == 400 and orjson.loads(body)["error"] == "bad_request"
+    assert await _closed_by_server(sock)
     sock.close()
 
 
@@ -280,9 +301,109 @@ async def test_malformed_requests_log_one_line_without_traceback(
     caplog.set_level(logging.INFO)
     for _ in range(50):
         sock = await _kept_alive(server)
-        status, _, body = await _exchange(sock, b"GET / HTTP/1.1\r\nBad Header\r\n\r\n")
+        status, headers, body = await _exchange(sock, b"GET / HTTP/1.1\r\nBad Header\r\n\r\n")
         assert status == 400 and orjson.loads(body)["error"] == "bad_request"
+        assert headers["server"] == "ttsstream"  # no versions given away
         sock.close()
     lines = [r for r in caplog.records if "malformed" in r.getMessage()]
     assert len(lines) == 1 and lines[0].levelno == logging.WARNING
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+
+
+_HANDSHAKE = (
+    b"GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+async def test_a_handshake_inside_a_pipelined_body_is_body(server: Server) -> None:
+    """Pipelined requests whose body holds what looks like a chunked end and a handshake:
+    aiohttp frames them, so the handshake's bytes stay body and nothing is upgraded."""
+    sock = await _kept_alive(server)
+    loop = asyncio.get_running_loop()
+    part = b"xxxx0\r\n\r\n"
+    await loop.sock_sendall(
+        sock,
+        b"POST /nope HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\n\r\n"
+        b"POST /nope HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+        % (len(part) + len(_HANDSHAKE), part),
+    )
+    await asyncio.sleep(0.3)  # both requests are handled; the body's rest comes apart
+    await loop.sock_sendall(sock, _HANDSHAKE + _get("/nope"))
+    received = b""
+    while received.count(b"HTTP/1.1 404") < 3:  # the request after the body is HTTP too
+        chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), TIMEOUT)
+        assert chunk
+        received += chunk
+    assert b"101 Switching Protocols" not in received
+    assert server.stats.connections == 0
+    sock.close()
+
+
+async def test_a_body_in_pieces_after_a_refusal_still_lets_the_connection_upgrade(
+    start_server: ServerFactory,
+) -> None:
+    """A request refused before its body was read (401), the body arriving in two
+    pieces, then a handshake with the key on the same connection: it is accepted."""
+    key = "k" * 16
+    server = await start_server(api_keys=(key,))
+    sock = await _kept_alive(server)
+    loop = asyncio.get_running_loop()
+    body = orjson.dumps({"text": "hello " * 3000})
+    await loop.sock_sendall(
+        sock,
+        b"POST /tts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body[:1400]),
+    )
+    await asyncio.sleep(0.05)  # the second piece comes in a later read
+    status, _, answer = await _exchange(sock, body[1400:])
+    assert status == 401 and orjson.loads(answer)["error"] == "unauthorized"
+    async with connect(url_of(server, f"{STREAM_PATH}?api_key={key}"), sock=sock) as ws:
+        client = Client(ws)
+        client.hello = await client.recv_message()
+        await speaks_fine(client)
+
+
+async def test_refused_connections_hold_few_file_descriptors(
+    start_server: ServerFactory,
+) -> None:
+    """Connections over MAX_CONNECTIONS that send nothing: at most MAX_LINGERING_REFUSALS
+    wait for their heads, the others are dropped at once."""
+    server = await start_server(max_connections=2, rate_limit_requests=0)
+    held = [await _kept_alive(server) for _ in range(2)]
+    refused = [await _kept_alive(server) for _ in range(3 * port.MAX_LINGERING_REFUSALS)]
+    fronts = server._front.fronts
+    for _ in range(int(TIMEOUT * 100)):
+        if server.services.admission.sockets.total == 2 and fronts.lingering:
+            break
+        await asyncio.sleep(0.01)
+    assert 0 < fronts.lingering <= port.MAX_LINGERING_REFUSALS
+    loop = asyncio.get_running_loop()
+    for sock in refused:  # answered 503 then closed, or dropped at once
+        answer = b""
+        with contextlib.suppress(ConnectionError):
+            while chunk := await asyncio.wait_for(loop.sock_recv(sock, 65536), TIMEOUT):
+                answer += chunk
+        assert answer == b"" or answer.startswith(b"HTTP/1.1 503 ")
+        sock.close()
+    for sock in held:
+        sock.close()
+
+
+async def test_closing_the_server_ends_every_connection(start_server: ServerFactory) -> None:
+    """A connection mid-way through its first head and a kept-alive HTTP connection are
+    both closed, and uncounted, when the server has closed."""
+    server = await start_server()
+    loop = asyncio.get_running_loop()
+    partial = await _kept_alive(server)
+    await loop.sock_sendall(partial, b"GET / HTTP/1.1\r\nHost: x\r\n")
+    kept = await _kept_alive(server)
+    assert (await _exchange(kept, _get("/")))[0] == 200
+    server.close()
+    await asyncio.wait_for(server.wait_closed(), TIMEOUT)
+    assert server.services.admission.sockets.total == 0
+    assert server.stats.http_connections == 0
+    for sock in (partial, kept):
+        assert await _closed_by_server(sock)
+        sock.close()

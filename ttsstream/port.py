@@ -7,23 +7,19 @@ is the connection's front door:
 - At accept it counts the connection (:meth:`PortGate.opened`: per client IP and in
   total, so that idle kept-alive connections cannot take every file descriptor); a
   connection over a cap gets the refusal at once and is closed.
-- It reads each request head itself, bounded in size (``MAX_HEAD_BYTES``) and time
-  (``HEAD_TIMEOUT`` from the head's first byte), and then decides:
-
-  - ``GET`` asking for ``Upgrade: websocket`` becomes a WebSocket connection:
-    websockets' own handshake runs on the head, with every check of the handshake;
-  - any other request is given, with the head, to an aiohttp request handler (the
-    HTTP speech API, the demo files), which answers it and keeps the connection
-    alive; the next request head comes back here, so an upgrade is taken on any
-    request of a kept-alive connection (a proxy such as nginx reuses its upstream
-    connections: the demo page's ``GET /``, its scripts, then its WebSocket).
-
-Between requests, the HTTP door tells the front when a request ended
-(:meth:`SharedPortConnection.request_ended`). When the front cannot tell where the
-next head starts (a body not read to its end, a pipelined request), it passes the
-rest of the connection through to aiohttp, whose own limits (line and header sizes,
-``IDLE_TIMEOUT`` between requests) still hold; only the WebSocket upgrade is then
-refused (aiohttp answers it), never misread.
+- It reads the first request head itself, bounded in size (``MAX_HEAD_BYTES``) and
+  time (``HEAD_TIMEOUT``), and decides: ``GET`` asking for ``Upgrade: websocket``
+  becomes a WebSocket connection (websockets' own handshake runs on the head, with
+  every check of the handshake); anything else goes, with the head, to an aiohttp
+  request handler (the HTTP speech API, the demo files), which keeps the
+  connection alive.
+- aiohttp parses the later requests (it orders pipelined ones, and stops at an
+  upgrade). A later ``GET`` asking for a WebSocket is handed back here by the HTTP
+  door (:meth:`SharedPortConnection.upgrade`): a proxy such as nginx reuses its
+  upstream connections, so the demo page's ``GET /``, its scripts and then its
+  WebSocket may all come on one connection. A later head must also arrive within
+  ``HEAD_TIMEOUT`` of its first byte (the door tells when each request starts and
+  ends), and the door holds it to ``MAX_HEAD_BYTES``.
 
 The hand-over is what uvicorn does on an upgrade: websockets 17 cannot stream an
 HTTP body and refuses methods other than GET, aiohttp can. Written by hand because
@@ -42,6 +38,7 @@ from websockets.asyncio.server import ServerConnection
 __all__ = [
     "HEAD_TIMEOUT",
     "MAX_HEAD_BYTES",
+    "MAX_LINGERING_REFUSALS",
     "REFUSAL_LINGER",
     "PortGate",
     "SharedPortConnection",
@@ -53,6 +50,9 @@ __all__ = [
 # Limits
 #: Largest request head, in bytes (websockets' own limit is 8 KiB per line).
 MAX_HEAD_BYTES = 16 * 2**10
+#: Refused connections kept open at once to read their heads; past it, a refused
+#: connection is dropped at once (each holds a file descriptor).
+MAX_LINGERING_REFUSALS = 64
 
 # Timeouts
 #: Seconds a client has to send a whole request head: the first from the connection's
@@ -65,18 +65,19 @@ REFUSAL_LINGER = 1.0
 #: A header line ``Upgrade: websocket`` (any case; other protocols may be listed too).
 _UPGRADE = re.compile(rb"^upgrade:[^\r\n]*\bwebsocket\b", re.IGNORECASE | re.MULTILINE)
 _END_OF_HEAD = b"\r\n\r\n"
-#: What ends a chunked body with no trailer.
-_LAST_CHUNK = b"0\r\n\r\n"
 
-_REASONS = {400: "Bad Request", 429: "Too Many Requests", 431: "Request Header Fields Too Large"}
-_REASONS[503] = "Service Unavailable"
+_REASONS = {
+    400: "Bad Request",
+    429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
+    503: "Service Unavailable",
+}
 
 
 def http_response(status: int, body: bytes, headers: tuple[tuple[str, str], ...] = ()) -> bytes:
     """An HTTP/1.1 response that closes the connection, as bytes to write."""
-    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}"]
-    names = {name.lower() for name, _ in headers}
-    if "content-type" not in names:
+    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}", "Server: ttsstream"]
+    if not any(name.lower() == "content-type" for name, _ in headers):
         lines.append("Content-Type: application/json")
     lines += [f"{name}: {value}" for name, value in headers]
     lines += [f"Content-Length: {len(body)}", "Connection: close", "", ""]
@@ -90,9 +91,6 @@ def _error(status: int, code: str, message: str) -> bytes:
 _HEAD_TOO_LARGE = _error(431, "bad_request", f"the request head is over {MAX_HEAD_BYTES} bytes")
 _BYTES_BEFORE_UPGRADE = _error(
     400, "bad_request", "no data may follow a WebSocket handshake request before its answer"
-)
-_UPGRADE_PIPELINED = _error(
-    400, "bad_request", "a WebSocket handshake may not follow requests still being answered"
 )
 
 
@@ -115,49 +113,59 @@ class PortGate(Protocol):
         """A connection that served HTTP ended or became a WebSocket."""
 
 
+class _Fronts:
+    """The shared port's connections that neither websockets nor aiohttp knows yet
+    (reading their first head, or refused), so that closing the server can end them."""
+
+    def __init__(self) -> None:
+        self.unserved: set[SharedPortConnection] = set()
+        self.lingering = 0
+
+    def abort_unserved(self) -> None:
+        for front in list(self.unserved):
+            front.abort()
+
+
 class SharedPortConnection(ServerConnection):
     """A connection of the shared port: WebSocket on an upgrade request, else HTTP.
 
-    Until a head is complete, nothing of websockets runs: its handler starts only
-    for an upgrade. :attr:`gate` counts the connection and makes the aiohttp handler.
+    Until the first head is complete, nothing of websockets runs: its handler starts
+    only for an upgrade. :attr:`gate` counts the connection and makes the aiohttp
+    handler.
     """
 
     gate: PortGate
+    fronts: _Fronts
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        #: The head being read (only while reading one).
+        #: The first head, while it is read.
         self._head = bytearray()
-        #: Reading a head: the front decides what the next request is.
-        self._reading_head = True
         #: Counted by the gate (its peer, to release it).
         self._peer: str | None = None
         #: The connection became a WebSocket: websockets handles everything now.
         self._upgraded = False
-        #: Refused or closing: what arrives is dropped.
-        self._done = False
+        #: Refused: what arrives is dropped.
+        self._refused = False
+        self._lingering = False
         self._tcp: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
-        #: aiohttp's handler, once a request was HTTP.
+        #: aiohttp's handler, once the connection serves HTTP.
         self._http: asyncio.Protocol | None = None
-        #: Requests aiohttp is handling (the door's middleware tells).
+        #: Requests aiohttp is handling (the door tells).
         self._active = 0
-        #: The front lost track of where heads start: aiohttp gets every byte.
-        self._passthrough = False
-        #: Bytes given to aiohttp since the last head, and their last few.
-        self._after_head = 0
-        self._tail = b""
 
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
         tcp = self._tcp = cast(asyncio.Transport, transport)
+        self.fronts.unserved.add(self)
         peername = tcp.get_extra_info("peername")
         peer = str(peername[0]) if peername else ""
         refusal = self.gate.opened(peer)
         if refusal is not None:
-            self._refuse(refusal, linger=REFUSAL_LINGER)
+            self._refuse(refusal, linger=True)
             return
         self._peer = peer
         self._timer = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, tcp.abort)
@@ -165,29 +173,36 @@ class SharedPortConnection(ServerConnection):
     def data_received(self, data: bytes) -> None:
         if self._upgraded:
             super().data_received(data)
-        elif self._done:
+        elif self._http is not None:
+            if self._active == 0 and self._timer is None:
+                # A later head begins: it has HEAD_TIMEOUT from its first byte.
+                self._timer = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, self._late_head)
+            self._http.data_received(data)
+        elif self._refused:
             if _END_OF_HEAD in data and self._tcp is not None:
                 self._tcp.close()  # the refusal was written: the head is read
-        elif self._reading_head:
-            self._read_head(data)
         else:
-            self._to_http(data)
+            self._read_head(data)
 
     def eof_received(self) -> None:
         # Returning None closes the transport, as websockets and aiohttp want.
         if self._upgraded:
             super().eof_received()
-        elif self._http is not None and not self._reading_head:
+        elif self._http is not None:
             self._http.eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_timer()
+        self.fronts.unserved.discard(self)
+        if self._lingering:
+            self._lingering = False
+            self.fronts.lingering -= 1
         if self._upgraded:
             super().connection_lost(exc)
         elif self._http is not None:
             self._http.connection_lost(exc)
+            self._http = None
             self.gate.http_closed()
-        self._done = True
         if self._peer is not None:
             self.gate.closed(self._peer)
             self._peer = None
@@ -204,43 +219,44 @@ class SharedPortConnection(ServerConnection):
         elif self._http is not None:
             self._http.resume_writing()
 
-    # The HTTP door's view of its requests
+    def abort(self) -> None:
+        """Drop the connection now."""
+        if self._tcp is not None:
+            self._tcp.abort()
+
+    # What the HTTP door tells of its requests
 
     def request_started(self) -> None:
-        """aiohttp began to handle a request of this connection."""
+        """aiohttp has a request's head and began to handle it."""
         self._active += 1
+        self._stop_timer()
 
-    def request_ended(self, *, body_read: bool, body_length: int | None, chunked: bool) -> None:
-        """aiohttp's handler for a request of this connection returned.
-
-        Args:
-            body_read: Its whole body arrived (aiohttp parsed it to the end).
-            body_length: Its ``Content-Length``, if it had one.
-            chunked: Its body came in chunks.
-        """
+    def request_ended(self) -> None:
+        """aiohttp's handler for a request of this connection returned."""
         self._active = max(0, self._active - 1)
-        if self._passthrough or self._reading_head or self._done or self._upgraded:
-            return
-        # The next byte starts a head only if aiohttp got exactly this request.
-        if not body_read:
-            aligned = False
-        elif chunked:
-            aligned = self._tail.endswith(_LAST_CHUNK)
-        else:
-            aligned = self._after_head == (body_length or 0)
-        if aligned and self._active == 0:
-            self._reading_head = True
-        else:
-            self._passthrough = True
 
-    # Heads
+    def upgrade(self, head: bytes, http: asyncio.Protocol) -> None:
+        """Make this HTTP connection a WebSocket at a later request's ``head``.
+
+        ``http`` (aiohttp's handler, handling that request) forgets the connection
+        without closing it: with no transport it writes and closes nothing.
+        """
+        tcp = self._tcp
+        assert tcp is not None and http is self._http
+        cast(Any, http).transport = None
+        http.connection_lost(None)
+        self._http = None
+        self.gate.http_closed()
+        self._active = 0
+        self._stop_timer()
+        tcp.resume_reading()  # aiohttp pauses reading behind an upgrade
+        self._upgraded = True
+        super().connection_made(tcp)
+        super().data_received(head)
+
+    # The first head
 
     def _read_head(self, data: bytes) -> None:
-        tcp = self._tcp
-        assert tcp is not None
-        if not self._head and self._http is not None:
-            # A later head: its time counts from its first byte.
-            self._timer = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, tcp.abort)
         # Only the new bytes (and the 3 before them) can complete the blank line: a head
         # sent a byte at a time costs no rescan of what came before.
         searched = max(0, len(self._head) - 3)
@@ -257,63 +273,46 @@ class SharedPortConnection(ServerConnection):
         received = bytes(self._head)
         self._head = bytearray()
         self._stop_timer()
+        self.fronts.unserved.discard(self)
+        tcp = self._tcp
+        assert tcp is not None
         if _UPGRADE.search(received, 0, end) and received.startswith(b"GET "):
-            self._upgrade(received, end)
-        else:
-            self._reading_head = False
-            self._after_head = -end  # what follows the head is counted from 0
-            self._tail = b""
-            self._to_http(received)
-
-    def _upgrade(self, received: bytes, end: int) -> None:
-        """Hand the connection to websockets at this head."""
-        tcp = self._tcp
-        assert tcp is not None
-        if len(received) > end:
-            self._refuse(_BYTES_BEFORE_UPGRADE)
-            return
-        http = self._http
-        if http is not None:
-            if self._active or tcp.get_write_buffer_size():
-                self._refuse(_UPGRADE_PIPELINED)
+            if len(received) > end:
+                self._refuse(_BYTES_BEFORE_UPGRADE)
                 return
-            # aiohttp forgets the connection without closing it: with no transport it
-            # closes nothing, and its idle handler task ends.
-            cast(Any, http).transport = None
-            http.connection_lost(None)
-            self._http = None
-            self.gate.http_closed()
-            tcp.resume_reading()
-        self._upgraded = True
-        super().connection_made(tcp)
-        super().data_received(received)
+            self._upgraded = True
+            super().connection_made(tcp)
+            super().data_received(received)
+            return
+        http = self._http = self.gate.http_protocol()
+        self.gate.http_opened()
+        http.connection_made(tcp)
+        http.data_received(received)
 
-    def _to_http(self, data: bytes) -> None:
-        tcp = self._tcp
-        assert tcp is not None
-        http = self._http
-        if http is None:
-            http = self._http = self.gate.http_protocol()
-            self.gate.http_opened()
-            http.connection_made(tcp)
-        if not self._passthrough:
-            self._after_head += len(data)
-            self._tail = (self._tail + data)[-len(_LAST_CHUNK) :]
-        http.data_received(data)
+    def _late_head(self) -> None:
+        """A later head did not arrive whole in time (or bytes came and no request)."""
+        self._timer = None
+        if self._active == 0 and not self._upgraded:
+            self.abort()
 
-    def _refuse(self, response: bytes, *, linger: float | None = None) -> None:
+    def _refuse(self, response: bytes, *, linger: bool = False) -> None:
         """Answer ``response`` and close: at once, or once the head is read (at most
-        ``linger`` seconds)."""
+        ``REFUSAL_LINGER`` seconds, while fewer than ``MAX_LINGERING_REFUSALS`` do)."""
         tcp = self._tcp
         assert tcp is not None
-        self._done = True
+        self._refused = True
         self._head = bytearray()
         self._stop_timer()
+        if linger and self.fronts.lingering >= MAX_LINGERING_REFUSALS:
+            tcp.abort()
+            return
         tcp.write(response)
-        if linger is None:
+        if not linger:
             tcp.close()
-        else:
-            self._timer = asyncio.get_running_loop().call_later(linger, tcp.close)
+            return
+        self._lingering = True
+        self.fronts.lingering += 1
+        self._timer = asyncio.get_running_loop().call_later(REFUSAL_LINGER, tcp.close)
 
     def _stop_timer(self) -> None:
         if self._timer is not None:
@@ -323,8 +322,10 @@ class SharedPortConnection(ServerConnection):
 
 def shared_port_connection(gate: PortGate) -> type[SharedPortConnection]:
     """The connection class for websockets' ``create_connection``, counting and serving
-    HTTP through ``gate``."""
-    return type("SharedPortConnection", (SharedPortConnection,), {"gate": gate})
+    HTTP through ``gate``; its ``fronts`` are the connections to end on closing."""
+    return type(
+        "SharedPortConnection", (SharedPortConnection,), {"gate": gate, "fronts": _Fronts()}
+    )
 
 
 def front_of(transport: asyncio.BaseTransport | None) -> SharedPortConnection | None:

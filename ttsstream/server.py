@@ -77,7 +77,9 @@ class Server:
         self._port: int | None = None
         self._voice_list: asyncio.Task[None] | None = None
         self._ops_closed = False
+        self._http_closed = False
         self.http = HttpDoor(services)
+        self._front = shared_port_connection(_Gate(services, self.http))
 
     async def start(self) -> None:
         """Start the side port, open the cache, listen, and fetch the voice list.
@@ -146,15 +148,24 @@ class Server:
             # After a drain the listener is already closed; close what is still open.
             for connection in self.connections:
                 self._spawn_close(connection, CLOSE_TIMEOUT_AT_ONCE)
+        # Connections still sending their first head belong to no door yet.
+        self._front.fronts.abort_unserved()
 
     async def wait_closed(self) -> None:
         """Return once the listener is closed, every session has finished, the side
         port is down and the engines are closed."""
+        if self.state == "closed" and not self._http_closed:
+            # HTTP connections first: the listener's own wait (Python 3.12 and newer)
+            # waits for every connection, kept-alive ones too.
+            self._http_closed = True
+            await self.http.close(CLOSE_TIMEOUT_AT_ONCE)
         if self._server is not None:
             await self._server.wait_closed()
         if not self._ops_closed:
             self._ops_closed = True
-            await self.http.close(CLOSE_TIMEOUT_AT_ONCE)
+            if not self._http_closed:
+                self._http_closed = True
+                await self.http.close(CLOSE_TIMEOUT_AT_ONCE)
             await self.ops.close()
             await self.services.router.aclose()
             if self.services.cluster is not None:
@@ -242,7 +253,7 @@ class Server:
             self.config.host,
             self.config.port,
             # One port: connections that do not ask for a WebSocket go to the HTTP door.
-            create_connection=shared_port_connection(_Gate(self.services, self.http)),
+            create_connection=self._front,
             process_request=self._check_handshake,
             select_subprotocol=_select_subprotocol,
             # Timeouts

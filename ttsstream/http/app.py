@@ -19,13 +19,14 @@ from collections.abc import Awaitable, Callable
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
 
 from ttsstream.core.admission import HttpAnswer
 from ttsstream.core.services import Services
 from ttsstream.http.demo import load_static
 from ttsstream.http.request import judge
 from ttsstream.http.speech import SpeechApi
-from ttsstream.port import front_of
+from ttsstream.port import MAX_HEAD_BYTES, front_of
 
 __all__ = ["MALFORMED_LOG_INTERVAL", "STREAM_PATH", "HttpDoor"]
 
@@ -162,41 +163,58 @@ class _RequestHandler(web.RequestHandler):
     ) -> web.StreamResponse:
         if status >= 500:  # a fault of ours: its traceback is wanted
             return super().handle_error(request, status, exc, message)
+        if isinstance(exc, LineTooLong):
+            status = 431
         self._malformed.note(request.remote, status)
         if request.writer.output_size > 0:
             raise ConnectionError("an answer was sent already")
-        response = json_error(status, "bad_request", "the request is not valid HTTP/1.1")
-        response.force_close()
+        response = _closing(status, "the request is not valid HTTP/1.1")
+        # aiohttp's on_response_prepare does not run for a request it could not parse.
+        response.headers["Server"] = "ttsstream"
         return response
 
 
 @web.middleware
 async def _front_door(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Tell the shared port's front where each request ends (so that it reads the next
-    head itself), and refuse an upgrade to WebSocket that is not a ``GET``."""
+    """Tell the shared port's front when each request starts and ends (a later head's
+    deadline), hold a later head to its size, and hand a later WebSocket handshake
+    back to the front (an upgrade that is not a ``GET`` is refused)."""
     front = front_of(request.transport)
     if front is None:
         return await handler(request)
     front.request_started()
     try:
+        head = _head_of(request)
+        if len(head) > MAX_HEAD_BYTES:
+            return _closing(431, f"the request head is over {MAX_HEAD_BYTES} bytes")
         if "websocket" in request.headers.get("Upgrade", "").lower():
-            # An upgrade the front could not take: not a GET, or behind a request whose
-            # body was not read to its end.
-            message = (
-                "a WebSocket handshake is a GET request"
-                if request.method != "GET"
-                else "this connection cannot become a WebSocket now: open a new one"
-            )
-            response = json_error(400, "bad_request", message)
-            response.force_close()
-            return response
+            if request.method != "GET":
+                return _closing(400, "a WebSocket handshake is a GET request")
+            # aiohttp keeps what came after an upgrade's head here, unparsed.
+            if getattr(request.protocol, "_message_tail", b""):
+                return _closing(
+                    400, "no data may follow a WebSocket handshake request before its answer"
+                )
+            front.upgrade(head, request.protocol)
+            return web.Response()  # never sent: aiohttp has no transport any more
         return await handler(request)
     finally:
-        front.request_ended(
-            body_read=request.content.is_eof(),
-            body_length=request.content_length,
-            chunked="chunked" in request.headers.get("Transfer-Encoding", "").lower(),
-        )
+        front.request_ended()
+
+
+def _head_of(request: web.BaseRequest) -> bytes:
+    """The request's head as it came (request line and headers, as received)."""
+    version = request.version
+    line = f"{request.method} {request.raw_path} HTTP/{version.major}.{version.minor}\r\n"
+    fields = b"".join(name + b": " + value + b"\r\n" for name, value in request.raw_headers)
+    return line.encode("latin-1") + fields + b"\r\n"
+
+
+def _closing(status: int, message: str) -> web.Response:
+    """A ``bad_request`` answer that closes the connection (what follows is not trusted)."""
+    response = json_error(status, "bad_request", message)
+    response.force_close()
+    return response
 
 
 @web.middleware
