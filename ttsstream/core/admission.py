@@ -45,6 +45,10 @@ from ttsstream.stats import Stats
 
 __all__ = ["Admission", "HttpAnswer", "Refusal", "encode_refusal"]
 
+#: Seconds between two access-log lines about connections refused at accept (the
+#: ones between are counted in the next line's ``unlogged``).
+REFUSAL_LOG_INTERVAL = 1.0
+
 #: What a request may be refused with.
 Refusal = HandshakeRefused | RateLimited
 
@@ -110,6 +114,8 @@ class Admission:
         self.sockets = ConnectionCounter(
             per_ip=config.max_connections_per_ip, total=config.max_connections
         )
+        self._refusals_logged_at = -REFUSAL_LOG_INTERVAL
+        self._refusals_unlogged = 0
         self._trusted = config.trusted_networks
         self._origins = config.allowed_origins
         self._stats = stats
@@ -127,7 +133,19 @@ class Admission:
             self.sockets.acquire(peer, capped=not is_trusted(peer, self._trusted))
         except (TooManyConnections, ServerFull) as refused:
             self._count(refused)
-            access("connection_refused", ip=peer, reason=refused.code)
+            # A flood of connections is one line a second, not one per connection.
+            now = time.monotonic()
+            if now >= self._refusals_logged_at + REFUSAL_LOG_INTERVAL:
+                self._refusals_logged_at = now
+                access(
+                    "connection_refused",
+                    ip=peer,
+                    reason=refused.code,
+                    unlogged=self._refusals_unlogged,
+                )
+                self._refusals_unlogged = 0
+            else:
+                self._refusals_unlogged += 1
             return encode_refusal(refused)
         return None
 
