@@ -28,6 +28,11 @@ Scenarios:
   8. streaming  replies streamed a word at a time at 30 words/s, 1 and 10 clients: the
              first byte after the first sentence is complete, against that sentence
              spoken whole; the smallest slack of a listener playing from the first byte
+  9. hostile issue 31's attacks, each on a new server with the limits it meets at their
+             defaults, the attacker and the victim on two loopback addresses (two
+             client IPs), each in its own process: the victim's first byte of a live
+             and of a cached speak, and /health's answer, without the attack and
+             during it; and what the attacker got
 
     .venv/bin/python bench/run.py            # the full run, a few minutes
     .venv/bin/python bench/run.py --quick    # seconds; CI runs it so it cannot rot
@@ -52,6 +57,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -90,6 +96,26 @@ CLUSTER_SETTINGS = {
     "closed": ("single", "cluster"),
     "apart": ("single_apart", "cluster_apart"),
 }
+#: Scenario 9: the loopback addresses the attacker and the victim connect from, two
+#: client IPs that the server's TRUSTED_PROXIES does not cover.
+ATTACKER_IP, VICTIM_IP = "127.0.0.2", "127.0.0.3"
+#: The victim's samples without the attack and during it, each (full run); seconds
+#: between two samples; seconds a probe may take before it counts as an error.
+HOSTILE_SAMPLES, HOSTILE_GAP, PROBE_TIMEOUT = 20, 0.2, 30.0
+#: Scenario 9's IDLE_TIMEOUT, seconds (full run, quick run): short enough for waves
+#: of idle connections (finding 3) to be closed within the victim's samples.
+HOSTILE_IDLE_TIMEOUT = (5.0, 2.0)
+#: Idle connections per wave (finding 3; full run, quick run), as in issue 31 (300
+#: to 1,000 from one IP).
+IDLE_CONNECTIONS = (1000, 300)
+#: Seconds between two tries of GET / then a WebSocket handshake (finding 2).
+UPGRADE_PACE = 0.05
+#: Characters of each long /tts of finding 4, as in issue 31.
+LONG_TEXT = 4900
+#: Seconds an attacker runs at most if never told to stop.
+ATTACK_MAX_S = 600.0
+#: What the victim times: a live speak, a cached speak, /health.
+PROBES = ("live", "cached", "health")
 _DRAINS: set[asyncio.Future[Any]] = set()
 #: Load process id -> the file it writes its results to.
 worker_outputs: dict[int, str] = {}
@@ -340,6 +366,9 @@ class Bench:
                 "MAX_CONNECTIONS_PER_IP": "100000",
                 "MAX_CONNECTIONS": "100000",
                 "UPSTREAM_CONCURRENCY": "1000",
+                # The load all comes from 127.0.0.1: no share per client IP (a quarter
+                # by default) caps it. Scenario 9 sets its own.
+                "UPSTREAM_CONCURRENCY_PER_IP": "1000",
                 "LOG_LEVEL": "INFO",
                 **extra,
             }
@@ -768,6 +797,63 @@ class Bench:
                 await stop(server)
         self.out["streaming"] = rows
 
+    async def hostile(self) -> None:
+        """Issue 31's attacks (findings 1 to 4), each on a new server: another client's
+        first audio (live and cached) and /health's answer, without it and during it."""
+        sys.path.insert(0, str(ROOT))
+        from ttsstream.config import Config
+
+        defaults = Config()
+        idle_timeout = HOSTILE_IDLE_TIMEOUT[self.quick]
+        # The limits the attacks meet, at their defaults (the bench's other servers
+        # lift them); 127.0.0.1 trusted, the attacker's and the victim's addresses not.
+        settings = {
+            "TRUSTED_PROXIES": "127.0.0.1",
+            "MAX_CONNECTIONS_PER_IP": str(defaults.max_connections_per_ip),
+            "MAX_CONNECTIONS": str(defaults.max_connections),
+            "UPSTREAM_CONCURRENCY": str(defaults.upstream_concurrency),
+            "UPSTREAM_CONCURRENCY_PER_IP": str(defaults.upstream_concurrency_per_ip),
+            "IDLE_TIMEOUT": str(idle_timeout),
+        }
+        attacks: dict[int, dict[str, Any]] = {
+            1: {"mode": "junk_stream", "characters": defaults.max_stream_text_length},
+            # From 127.0.0.1, as nginx in front would.
+            2: {"mode": "upgrade_after_get", "source": "127.0.0.1", "pace": UPGRADE_PACE},
+            3: {
+                "mode": "idle_http",
+                "connections": IDLE_CONNECTIONS[self.quick],
+                "idle_timeout": idle_timeout,
+            },
+            # As many as the server has upstream slots.
+            4: {
+                "mode": "long_tts",
+                "requests": defaults.upstream_concurrency,
+                "characters": LONG_TEXT,
+            },
+        }
+        samples = 3 if self.quick else HOSTILE_SAMPLES
+        rows = []
+        for finding, attack in attacks.items():
+            # The server stops before its cache directory goes.
+            with tempfile.TemporaryDirectory() as cache:
+                server, url = await self.server(cache, **settings)
+                try:
+                    rows.append(
+                        {
+                            "finding": finding,
+                            **await under_attack(server, url, finding, attack, samples),
+                        }
+                    )
+                finally:
+                    await stop(server)
+        self.out["hostile"] = {
+            # Its own date: a partial run (--only hostile) keeps the other scenarios'.
+            "date": time.strftime("%Y-%m-%d"),
+            "samples": samples,
+            "settings": {**settings, "UPSTREAM_SLOTS_PER_IP": defaults.upstream_slots_per_ip},
+            "attacks": rows,
+        }
+
     async def cluster(self) -> None:
         sys.path.insert(0, str(ROOT))
         from tests.redis_server import redis_command
@@ -1192,6 +1278,167 @@ async def replayed_audio(url: str) -> bytes:
                 return bytes(chunks)
 
 
+async def under_attack(
+    server: Process, url: str, finding: int, attack: dict[str, Any], samples: int
+) -> dict[str, Any]:
+    """The victim's samples without ``attack`` (a bench/hostile.py spec but for its
+    addresses) and during it, and what the attacker got."""
+    address = server.match
+    port = int(address.rsplit(":", 1)[1])
+    health_port = next(p for p in listening_ports(server.process.pid) if p != port)
+    cached_text = f"{TEXT} Cached before attack {finding}."
+    await load([{"mode": "speak", "url": url, "clients": 1, "requests": 1, "texts": [cached_text]}])
+    await asyncio.sleep(1.5)  # stored once no utterance waits (at most 1 s)
+    victim = {
+        "mode": "victim",
+        "url": url,
+        "host": address,
+        "health_port": health_port,
+        "source": VICTIM_IP,
+        "samples": samples,
+        "gap": HOSTILE_GAP,
+        "timeout": PROBE_TIMEOUT,
+        "live_text": f"Another client speaks during attack {finding}, sample",
+        "cached_text": cached_text,
+    }
+    pid = server.process.pid
+    busy = {}
+    cpu0, started = usage(pid)[0], time.perf_counter()
+    baseline = await hostile_results(await hostile_process({**victim, "offset": 0}))
+    busy["without"] = (usage(pid)[0] - cpu0) / (time.perf_counter() - started)
+    attacker_started = time.perf_counter()
+    attacker = await hostile_process(
+        {
+            "url": url,
+            "host": address,
+            "source": ATTACKER_IP,
+            "offset": finding * 10**6,
+            "max_s": ATTACK_MAX_S,
+            **attack,
+        }
+    )
+    try:
+        assert attacker.stdout is not None
+        line = await asyncio.wait_for(attacker.stdout.readline(), 120)
+        assert line == b"attacking\n", line
+        cpu0, started = usage(pid)[0], time.perf_counter()
+        during = await hostile_results(await hostile_process({**victim, "offset": samples}))
+        busy["during"] = (usage(pid)[0] - cpu0) / (time.perf_counter() - started)
+        # The attacker's share of a core, on the cores the victim runs on.
+        busy["attacker"] = usage(attacker.pid)[0] / (time.perf_counter() - attacker_started)
+    finally:
+        await signal_workers([attacker], b"stop\n")
+        attacked = await asyncio.wait_for(hostile_results(attacker), 120)
+    without, under = victim_summary(baseline), victim_summary(during)
+    return {
+        "attack": {key: value for key, value in attack.items() if key != "mode"},
+        "mode": attack["mode"],
+        "without": without,
+        "during": under,
+        "ratios": {
+            probe: under[f"{probe}_p50"] / without[f"{probe}_p50"]
+            for probe in PROBES
+            if without[f"{probe}_p50"] > 0
+        },
+        "attacker": attacker_summary(attack["mode"], attacked),
+        # Shares of a core: the server's without the attack and during it, the attacker's.
+        "busy": busy,
+    }
+
+
+async def hostile_process(spec: dict[str, Any]) -> asyncio.subprocess.Process:
+    """A bench/hostile.py process for ``spec``, on the other cores (not the server's)."""
+    spec["out"] = tempfile.mkstemp(prefix="ttsstream-hostile-", suffix=".json")[1]
+    spec_file = tempfile.mkstemp(prefix="ttsstream-spec-", suffix=".json")[1]
+    Path(spec_file).write_text(json.dumps(spec))
+    process = await asyncio.create_subprocess_exec(
+        PYTHON,
+        str(ROOT / "bench" / "hostile.py"),
+        spec_file,
+        cwd=ROOT,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        preexec_fn=on_cpus(OTHER_CPUS),
+    )
+    worker_outputs[process.pid] = spec["out"]
+    return process
+
+
+async def hostile_results(process: asyncio.subprocess.Process) -> dict[str, Any]:
+    """A bench/hostile.py process's results, once it has ended."""
+    return (await results_of([process]))[0]
+
+
+def victim_summary(run: dict[str, Any]) -> dict[str, Any]:
+    """The victim's p50 and slowest of each probe, ms, and its errors by kind."""
+    summary: dict[str, Any] = {}
+    errors: Counter[str] = Counter()
+    for probe in PROBES:
+        answers = [sample[probe] for sample in run["samples"]]
+        times = [answer["ms"] for answer in answers if "ms" in answer]
+        errors.update(f"{probe} {answer['error']}" for answer in answers if "error" in answer)
+        summary[f"{probe}_p50"] = percentile(times, 0.5)
+        summary[f"{probe}_max"] = max(times, default=float("nan"))
+    summary["errors"] = sum(errors.values())
+    summary["error_kinds"] = dict(errors)
+    # A cached speak the cache did not answer (it would not measure a replay).
+    summary["not_cached"] = sum(
+        1 for sample in run["samples"] if sample["cached"].get("cached") is False
+    )
+    return summary
+
+
+def attacker_summary(mode: str, run: dict[str, Any]) -> dict[str, Any]:
+    """What the attacker got, by attack (see bench/hostile.py)."""
+    if mode == "junk_stream":
+        durations = [seconds * 1000 for seconds in run["durations"]]
+        return {
+            "streams": run["streams"],
+            "characters": run["characters"],
+            "piece": run["piece"],
+            "outcomes": run["outcomes"],
+            "refusals": run["refusals"],
+            "stream_ms_p50": percentile(durations, 0.5),
+            "stream_ms_max": max(durations, default=float("nan")),
+        }
+    if mode == "upgrade_after_get":
+        return run
+    if mode == "idle_http":
+        waves = run["waves"]
+        closed = [seconds for wave in waves for seconds in wave["closed_after"]]
+        refused: Counter[str] = Counter()
+        for wave in waves:
+            refused.update(wave["refused"])
+        return {
+            "waves": len(waves),
+            "connections": waves[0]["connections"],
+            "accepted": [wave["accepted"] for wave in waves],
+            "refused": dict(refused),
+            "closed_after_p50": percentile(closed, 0.5),
+            "closed_after_max": max(closed, default=float("nan")),
+            "left_open": sum(wave["left_open"] for wave in waves),
+            "idle_timeout": run["idle_timeout"],
+        }
+    records = run["requests"]
+    # By the engine that spoke (X-TTS-Engine): how many, and their first byte's p50, s.
+    engines: dict[str, list[float]] = {}
+    for record in records:
+        if "first_s" in record:
+            engines.setdefault(record.get("engine") or "?", []).append(record["first_s"])
+    return {
+        "requests": len(records),
+        "characters": run["characters"],
+        "engines": {
+            engine: {"requests": len(firsts), "first_s_p50": percentile(firsts, 0.5)}
+            for engine, firsts in sorted(engines.items())
+        },
+        "waiting": sum(1 for record in records if "status" not in record),
+        "statuses": dict(
+            Counter(str(record["status"]) for record in records if "status" in record)
+        ),
+    }
+
+
 async def side_stats(server: Process) -> dict[str, Any]:
     """The server's /stats; its side port is read from /proc (it listens on two ports)."""
     import aiohttp
@@ -1467,7 +1714,106 @@ def markdown(out: dict[str, Any]) -> str:
                 f"{row['stream_p99']:.1f} | {row['added_p50']:+.1f} | "
                 f"{row['min_slack_ms']:.0f} | {row['segments']:.0f} | {row['errors']} |"
             )
+    if "hostile" in out:
+        lines += hostile_markdown(out["hostile"])
     return "\n".join(lines) + "\n"
+
+
+def hostile_markdown(h: dict[str, Any]) -> list[str]:
+    """Scenario 9's section of results.md."""
+    settings = h["settings"]
+    lines = [
+        "",
+        f"**9. Hostile clients** (issue 31, findings 1 to 4; run {h.get('date', '?')}): each "
+        f"attack on a new server "
+        f"with the limits it meets at their defaults (`MAX_CONNECTIONS_PER_IP` "
+        f"{settings['MAX_CONNECTIONS_PER_IP']}, `UPSTREAM_CONCURRENCY` "
+        f"{settings['UPSTREAM_CONCURRENCY']}, {settings['UPSTREAM_SLOTS_PER_IP']} of them "
+        f"per IP) and `IDLE_TIMEOUT` {float(settings['IDLE_TIMEOUT']):g} s; the attacker "
+        f"connects from {ATTACKER_IP} (but for finding 2, from 127.0.0.1 as nginx would), "
+        f"another client, the victim, from {VICTIM_IP}, each in its own process. The "
+        f"victim's {h['samples']} samples without the attack, then {h['samples']} during it, "
+        f"each a live speak (a new text) and a cached speak, each on a new WebSocket "
+        f"connection, and `GET /health` on the side port, at once. p50 in ms, without → "
+        f"during (during / without), and the slowest during; no rate limit "
+        f"(`RATE_LIMIT_REQUESTS=0`, as for an attacker with many IPs); the server's core "
+        f"busy without → during:",
+        "",
+        "| attack | what the attacker got | live first byte | cached first byte | /health "
+        "| slowest during: live / cached / health | server core busy | errors without / during |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in h["attacks"]:
+        without, during, ratios = row["without"], row["during"], row["ratios"]
+        cells = [
+            f"{without[f'{probe}_p50']:.1f} → {during[f'{probe}_p50']:.1f} "
+            f"(×{ratios.get(probe, float('nan')):.2f})"
+            for probe in PROBES
+        ]
+        slowest = " / ".join(f"{during[f'{probe}_max']:.1f}" for probe in PROBES)
+        errors = f"{without['errors']} / {during['errors']}"
+        if during["error_kinds"]:
+            errors += " (" + ", ".join(f"{k}: {n}" for k, n in during["error_kinds"].items()) + ")"
+        busy = row["busy"]
+        lines.append(
+            f"| {row['finding']}. {_attack_text(row)} | {_attacker_text(row)} | "
+            f"{' | '.join(cells)} | {slowest} | {100 * busy['without']:.0f} → "
+            f"{100 * busy['during']:.0f} % | {errors} |"
+        )
+    return lines
+
+
+def _attack_text(row: dict[str, Any]) -> str:
+    attack, got = row["attack"], row["attacker"]
+    if row["mode"] == "junk_stream":
+        return (
+            f"streaming utterances of {attack['characters']:,} characters with no letter or "
+            f"digit, in {got['piece']:,}-character appends, one after another"
+        )
+    if row["mode"] == "upgrade_after_get":
+        return (
+            f"`GET /`, then a WebSocket handshake on the same kept-alive connection, a try "
+            f"every {1000 * attack['pace']:.0f} ms"
+        )
+    if row["mode"] == "idle_http":
+        return (
+            f"waves of {attack['connections']:,} idle kept-alive HTTP connections from one "
+            "IP, each opened with `GET /nope`"
+        )
+    return f"{attack['requests']} `POST /tts` of {attack['characters']:,} characters at once"
+
+
+def _attacker_text(row: dict[str, Any]) -> str:
+    got = row["attacker"]
+    if row["mode"] == "junk_stream":
+        outcomes = ", ".join(f"{kind} {n}" for kind, n in got["outcomes"].items())
+        refusals = sum(got["refusals"].values())
+        return (
+            f"{got['streams']} streams ({outcomes}), each ended {got['stream_ms_p50']:.0f} ms "
+            f"after its first append (p50; at most {got['stream_ms_max']:.0f}); "
+            f"{refusals} appends refused"
+        )
+    if row["mode"] == "upgrade_after_get":
+        failed = ", ".join(f"{kind} {n}" for kind, n in got["outcomes"].items() if kind != "ok")
+        return f"**{got['ok']} of {got['tries']}** upgraded (101 and hello)" + (
+            f"; failed: {failed}" if failed else ""
+        )
+    if row["mode"] == "idle_http":
+        refused = ", ".join(f"{kind} {n}" for kind, n in got["refused"].items())
+        accepted = ", ".join(str(n) for n in got["accepted"])
+        return (
+            f"{got['waves']} waves: {accepted} accepted, the rest refused ({refused}); the "
+            f"accepted closed by the server {got['closed_after_p50']:.1f} s after their "
+            f"answer (p50; at most {got['closed_after_max']:.1f}); {got['left_open']} left open"
+        )
+    engines = "; ".join(
+        f"{engine} {spoken['requests']}, first byte p50 {spoken['first_s_p50']:.1f} s"
+        for engine, spoken in got["engines"].items()
+    )
+    return (
+        f"spoken by (`X-TTS-Engine`): {engines or 'none'}; no audio yet at the attack's end: "
+        f"{got['waiting']}"
+    )
 
 
 async def main() -> None:
@@ -1475,7 +1821,17 @@ async def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--ttfa", type=float, default=0.15, help="fake first-audio delay, s")
     parser.add_argument("--speed", type=float, default=4.0, help="fake audio pace × real time")
-    scenarios = ["live", "replay", "idle", "mixed", "http", "formats", "cluster", "streaming"]
+    scenarios = [
+        "live",
+        "replay",
+        "idle",
+        "mixed",
+        "http",
+        "formats",
+        "cluster",
+        "streaming",
+        "hostile",
+    ]
     parser.add_argument("--only", nargs="*", default=scenarios)
     parser.add_argument("--out", type=Path, default=ROOT / "bench")
     args = parser.parse_args()
