@@ -68,6 +68,7 @@ _END_OF_HEAD = b"\r\n\r\n"
 
 _REASONS = {
     400: "Bad Request",
+    408: "Request Timeout",
     429: "Too Many Requests",
     431: "Request Header Fields Too Large",
     503: "Service Unavailable",
@@ -89,6 +90,9 @@ def _error(status: int, code: str, message: str) -> bytes:
 
 
 _HEAD_TOO_LARGE = _error(431, "bad_request", f"the request head is over {MAX_HEAD_BYTES} bytes")
+_HEAD_TIMED_OUT = _error(
+    408, "head_timeout", f"the request head did not arrive within {HEAD_TIMEOUT:g} seconds"
+)
 _BYTES_BEFORE_UPGRADE = _error(
     400, "bad_request", "no data may follow a WebSocket handshake request before its answer"
 )
@@ -168,7 +172,7 @@ class SharedPortConnection(ServerConnection):
             self._refuse(refusal, linger=True)
             return
         self._peer = peer
-        self._timer = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, tcp.abort)
+        self._timer = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, self._head_timed_out)
 
     def data_received(self, data: bytes) -> None:
         if self._upgraded:
@@ -293,7 +297,18 @@ class SharedPortConnection(ServerConnection):
         """A later head did not arrive whole in time (or bytes came and no request)."""
         self._timer = None
         if self._active == 0 and not self._upgraded:
-            self.abort()
+            self._head_timed_out()
+
+    def _head_timed_out(self) -> None:
+        """Answer 408 and close; drop the connection if it is not reading its answers."""
+        self._timer = None
+        tcp = self._tcp
+        if tcp is None or tcp.is_closing():
+            return
+        if tcp.get_write_buffer_size():
+            tcp.abort()
+            return
+        self._refuse(_HEAD_TIMED_OUT)
 
     def _refuse(self, response: bytes, *, linger: bool = False) -> None:
         """Answer ``response`` and close: at once, or once the head is read (at most
