@@ -410,3 +410,26 @@ async def test_closing_the_server_ends_every_connection(start_server: ServerFact
     for sock in (partial, kept):
         assert await _closed_by_server(sock)
         sock.close()
+
+
+async def test_a_page_can_read_why_its_connection_was_refused(start_server: ServerFactory) -> None:
+    """A connection over MAX_CONNECTIONS_PER_IP from an allowed origin's page gets its
+    429 with the headers that let the page read it (the browser client asks why its
+    WebSocket failed); another origin's gets none."""
+    page = "https://app.example"
+    server = await start_server(
+        trusted_proxies=("10.255.255.1",),
+        max_connections_per_ip=1,
+        allowed_origins=(page,),
+        rate_limit_requests=0,
+    )
+    held = await _kept_alive(server)
+    for origin, readable in ((page, True), ("https://other.example", False)):
+        sock = await _kept_alive(server)
+        request = f"GET /v1/stream HTTP/1.1\r\nHost: x\r\nOrigin: {origin}\r\n\r\n".encode()
+        status, headers, body = await _exchange(sock, request)
+        assert status == 429 and orjson.loads(body)["error"] == "too_many_connections"
+        assert (headers.get("access-control-allow-origin") == origin) is readable
+        assert headers["server"] == "ttsstream"
+        sock.close()
+    held.close()

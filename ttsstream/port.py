@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Callable
 from typing import Any, Protocol, cast
 
 import orjson
@@ -44,6 +45,7 @@ __all__ = [
     "SharedPortConnection",
     "front_of",
     "http_response",
+    "origin_of",
     "shared_port_connection",
 ]
 
@@ -65,6 +67,8 @@ REFUSAL_LINGER = 1.0
 #: A header line ``Upgrade: websocket`` (any case; other protocols may be listed too).
 _UPGRADE = re.compile(rb"^upgrade:[^\r\n]*\bwebsocket\b", re.IGNORECASE | re.MULTILINE)
 _END_OF_HEAD = b"\r\n\r\n"
+#: A header line ``Origin: …``.
+_ORIGIN = re.compile(rb"^origin:[ \t]*([^\r\n]*?)[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
 
 _REASONS = {
     400: "Bad Request",
@@ -85,6 +89,12 @@ def http_response(status: int, body: bytes, headers: tuple[tuple[str, str], ...]
     return "\r\n".join(lines).encode("latin-1") + body
 
 
+def origin_of(head: bytes) -> str | None:
+    """The ``Origin`` of a request head as received, if it has one."""
+    found = _ORIGIN.search(head)
+    return found.group(1).decode("latin-1") if found else None
+
+
 def _error(status: int, code: str, message: str) -> bytes:
     return http_response(status, orjson.dumps({"error": code, "message": message}))
 
@@ -101,8 +111,9 @@ _BYTES_BEFORE_UPGRADE = _error(
 class PortGate(Protocol):
     """What the shared port asks of the server for each TCP connection."""
 
-    def opened(self, peer: str) -> bytes | None:
-        """Count a new connection from ``peer``; the refusal to send if it is over a cap."""
+    def opened(self, peer: str) -> Callable[[bytes], bytes] | None:
+        """Count a new connection from ``peer``; if it is over a cap, what makes the
+        refusal to send from its request head (which may be empty: none came in time)."""
 
     def closed(self, peer: str) -> None:
         """A connection :meth:`opened` counted ended."""
@@ -152,6 +163,8 @@ class SharedPortConnection(ServerConnection):
         #: Refused: what arrives is dropped.
         self._refused = False
         self._lingering = False
+        #: Makes the answer of a connection refused at accept, until it is sent.
+        self._refusal: Callable[[bytes], bytes] | None = None
         self._tcp: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
         #: aiohttp's handler, once the connection serves HTTP.
@@ -169,7 +182,7 @@ class SharedPortConnection(ServerConnection):
         peer = str(peername[0]) if peername else ""
         refusal = self.gate.opened(peer)
         if refusal is not None:
-            self._refuse(refusal, linger=True)
+            self._refuse_at_accept(refusal)
             return
         self._peer = peer
         self._timer = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, self._head_timed_out)
@@ -183,8 +196,7 @@ class SharedPortConnection(ServerConnection):
                 self._timer = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, self._late_head)
             self._http.data_received(data)
         elif self._refused:
-            if _END_OF_HEAD in data and self._tcp is not None:
-                self._tcp.close()  # the refusal was written: the head is read
+            self._read_refused_head(data)
         else:
             self._read_head(data)
 
@@ -310,24 +322,52 @@ class SharedPortConnection(ServerConnection):
             return
         self._refuse(_HEAD_TIMED_OUT)
 
-    def _refuse(self, response: bytes, *, linger: bool = False) -> None:
-        """Answer ``response`` and close: at once, or once the head is read (at most
-        ``REFUSAL_LINGER`` seconds, while fewer than ``MAX_LINGERING_REFUSALS`` do)."""
+    def _refuse(self, response: bytes) -> None:
+        """Answer ``response`` and close."""
         tcp = self._tcp
         assert tcp is not None
         self._refused = True
         self._head = bytearray()
         self._stop_timer()
-        if linger and self.fronts.lingering >= MAX_LINGERING_REFUSALS:
+        tcp.write(response)
+        tcp.close()
+
+    def _refuse_at_accept(self, refusal: Callable[[bytes], bytes]) -> None:
+        """Refuse a connection over a cap once its head is read (so that a page may read
+        why), or after ``REFUSAL_LINGER`` seconds; drop it at once while
+        ``MAX_LINGERING_REFUSALS`` others wait."""
+        tcp = self._tcp
+        assert tcp is not None
+        self._refused = True
+        if self.fronts.lingering >= MAX_LINGERING_REFUSALS:
             tcp.abort()
             return
-        tcp.write(response)
-        if not linger:
-            tcp.close()
-            return
+        self._refusal = refusal
         self._lingering = True
         self.fronts.lingering += 1
-        self._timer = asyncio.get_running_loop().call_later(REFUSAL_LINGER, tcp.close)
+        self._timer = asyncio.get_running_loop().call_later(REFUSAL_LINGER, self._answer_refusal)
+
+    def _read_refused_head(self, data: bytes) -> None:
+        if self._refusal is None:
+            return  # answered: what follows is dropped until the connection closes
+        searched = max(0, len(self._head) - 3)
+        self._head += data
+        if self._head.find(_END_OF_HEAD, searched) >= 0 or len(self._head) > MAX_HEAD_BYTES:
+            refusal, self._refusal = self._refusal, None
+            assert self._tcp is not None
+            self._tcp.write(refusal(bytes(self._head[:MAX_HEAD_BYTES])))
+            self._head = bytearray()
+            # The connection closes when the linger ends (or the client closes first):
+            # closing now with a body still arriving would reset it, answer unread.
+
+    def _answer_refusal(self) -> None:
+        self._timer = None
+        tcp = self._tcp
+        assert tcp is not None
+        if self._refusal is not None:
+            tcp.write(self._refusal(bytes(self._head)))
+            self._refusal = None
+        tcp.close()
 
     def _stop_timer(self) -> None:
         if self._timer is not None:

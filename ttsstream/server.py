@@ -14,7 +14,7 @@ import gc
 import ipaddress
 import logging
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from urllib.parse import urlsplit
 
@@ -31,7 +31,7 @@ from ttsstream.core.services import Services, build_services
 from ttsstream.exceptions import CannotListen, HandshakeRefused, RateLimited
 from ttsstream.http.app import STREAM_PATH, HttpDoor
 from ttsstream.http.ops import OpsServer
-from ttsstream.port import PortGate, http_response, shared_port_connection
+from ttsstream.port import PortGate, http_response, origin_of, shared_port_connection
 from ttsstream.ws.protocol import MAX_FRAME_BYTES
 from ttsstream.ws.session import Session
 
@@ -345,11 +345,16 @@ class _Gate(PortGate):
         self._stats = services.stats
         self._http = http
 
-    def opened(self, peer: str) -> bytes | None:
+    def opened(self, peer: str) -> Callable[[bytes], bytes] | None:
         refused = self._admission.open_socket(peer)
         if refused is None:
             return None
-        return http_response(refused.status, refused.body, refused.headers)
+
+        def answer(head: bytes) -> bytes:
+            readable = self._admission.readable(refused, origin=origin_of(head))
+            return http_response(readable.status, readable.body, readable.headers)
+
+        return answer
 
     def closed(self, peer: str) -> None:
         self._admission.close_socket(peer)

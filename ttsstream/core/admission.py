@@ -311,8 +311,11 @@ class Admission:
         """
         self._count(refused)
         access("handshake_refused", ip=client, reason=refused.code, path=redact(path)[:200])
-        answer = encode_refusal(refused)
-        origin = headers.get("Origin")
+        return self.readable(encode_refusal(refused), origin=headers.get("Origin"))
+
+    def readable(self, answer: HttpAnswer, *, origin: str | None) -> HttpAnswer:
+        """``answer`` with the headers that let a page of ``origin`` read it, if that
+        origin is allowed."""
         if origin is None or not self.origin_allowed(origin):
             return answer
         cors = (
