@@ -38,7 +38,7 @@ from tests.conftest import (
 from tests.fake_edge import CORRUPT_FRAME, FRAME_BYTES, FakeEdge, mp3_frames, tone_frames
 from ttsstream.audio import transcode
 from ttsstream.audio.formats import FORMAT_NAMES, FORMATS, SAMPLE_RATE, format_for_path
-from ttsstream.audio.transcode import Transcoder, TranscodeWorkers
+from ttsstream.audio.transcode import MadeChunk, Transcoder, TranscodeWorkers
 from ttsstream.cache.store import CacheEntry
 from ttsstream.core import speech_cache
 from ttsstream.core.router import Started
@@ -151,24 +151,38 @@ def test_a_corrupt_mp3_chunk_is_upstream_bad_audio() -> None:
     assert transcode.open_transcoders == 0
 
 
-async def test_transcode_workers_take_clients_in_turn() -> None:
-    """A client with ten jobs queued gets a thread no more often than one with a single
-    job: that job runs after at most one more of the busy client's per thread."""
-    workers = TranscodeWorkers(threads=2)
+@pytest.mark.parametrize("per_client", [1, 2])
+async def test_transcode_workers_take_clients_in_turn(per_client: int) -> None:
+    """A client with ten jobs queued runs at most ``per_client`` of them at once, and
+    another client's single job runs after at most one more of them per thread."""
+    workers = TranscodeWorkers(threads=2, per_client=per_client)
     ran: list[str] = []
+    running: dict[str, int] = {"busy": 0}
+    most = 0
+    lock = threading.Lock()
     go = threading.Event()
 
     def job(name: str) -> str:
+        nonlocal most
+        with lock:
+            running["busy"] += name.startswith("busy")
+            most = max(most, running["busy"])
         go.wait(TIMEOUT)
-        ran.append(name)
+        with lock:
+            running["busy"] -= name.startswith("busy")
+            ran.append(name)
         return name
 
     busy = [workers.submit("198.51.100.1", job, f"busy {number}") for number in range(10)]
     other = workers.submit("198.51.100.2", job, "other")
-    assert workers.waiting == 9
+    assert workers.waiting == 9  # both threads taken: by per_client busy jobs, or one and other
+    async with asyncio.timeout(TIMEOUT):
+        while running["busy"] < per_client:
+            await asyncio.sleep(0.001)
     go.set()
     assert await other.result == "other"
     await asyncio.gather(*(each.result for each in busy))
+    assert most == per_client
     assert ran.index("other") <= 3, ran
 
 
@@ -389,6 +403,45 @@ async def test_a_transcode_keeps_at_most_its_bound_for_a_slow_listener(
     # Made again (an Ogg stream's serial number is drawn anew each time).
     assert len(again.audio) == len(audio) and bytes(again.audio) != bytes(audio)
     assert len(made) == 2, "too long to be stored: made again"
+
+
+async def test_a_transcode_left_past_half_way_is_finished_and_stored(
+    start_server: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request that leaves a cached text's Opus past half of it still has it stored
+    (the transcode finishes alone), while one that leaves at its start stops it."""
+    made = count_transcoders(monkeypatch)
+    server = await start_server()
+    speech, store = server.services.speech, server.services.store
+    assert store is not None
+    opus = FORMATS["opus"]
+    mp3 = tone_frames(2400)
+    whole_ms = len(mp3) / FRAME_BYTES * 24
+    early, late = (
+        SynthesisRequest(text=f"Left {when}.", voice=server.config.default_voice)
+        for when in ("early", "late")
+    )
+    for request in (early, late):
+        await cache_mp3(server, request.text, mp3)
+
+    async def first_event(request: SynthesisRequest) -> Started:
+        async with contextlib.aclosing(speech.synthesize(request, made_as=opus)) as events:
+            started = await anext(events)
+            assert isinstance(started, Started)
+            return started
+
+    await first_event(early)
+    async with contextlib.aclosing(speech.synthesize(late, made_as=opus)) as events:
+        async for event in events:
+            if isinstance(event, MadeChunk) and event.made_ms > 0.6 * whole_ms:
+                break
+    async with asyncio.timeout(TIMEOUT):
+        while speech.made_bytes or not store.holds(speech.key_of(late, opus)):
+            await asyncio.sleep(0.01)
+    assert len(made) == 2
+    assert (await first_event(late)).audio_ms == pytest.approx(whole_ms, abs=30)  # stored
+    assert (await first_event(early)).audio_ms is None  # made again
+    assert len(made) == 3
 
 
 async def test_one_clients_transcodes_leave_others_their_turn(

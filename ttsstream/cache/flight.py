@@ -7,11 +7,12 @@ utterance, and a slow listener never holds up the source or the others. The
 source is closed when its last listener leaves. What it holds is bounded by the
 utterance itself, that is by ``MAX_TEXT_LENGTH``.
 
-A synthesis whose last listener left is abandoned: it stops being joinable at
-that moment (``on_finished`` runs then, so a registry forgets it before its
-upstream has closed), and a new identical request starts a new synthesis. A
-listener never receives another task's cancellation: a synthesis stopped while
-listened to (at shutdown) fails them with an ordinary :class:`UpstreamUnavailable`.
+A synthesis whose last listener left is abandoned (unless ``go_on_alone`` says
+it is worth finishing, to be stored): it stops being joinable at that moment
+(``on_finished`` runs then, so a registry forgets it before its upstream has
+closed), and a new identical request starts a new synthesis. A listener never
+receives another task's cancellation: a synthesis stopped while listened to (at
+shutdown) fails them with an ordinary :class:`UpstreamUnavailable`.
 
 What a synthesis keeps may be bounded (``max_kept``, for a transcode's output,
 which unlike the MP3 may be made faster than it is listened to): past the bound
@@ -45,6 +46,9 @@ class SharedSynthesis(Generic[T]):
         on_finished: Called when the synthesis is over and no longer joinable.
         size: An event's size, counted against ``max_kept`` (bytes of audio, say).
         max_kept: Most of ``size`` kept at once; ``None`` keeps every event.
+        go_on_alone: Asked when the last listener leaves before the end: whether the
+            source goes on without listeners (still joinable, then ``on_complete``)
+            rather than being stopped. Never past ``max_kept``.
     """
 
     def __init__(
@@ -55,6 +59,7 @@ class SharedSynthesis(Generic[T]):
         on_finished: Callable[[], None] | None = None,
         size: Callable[[T], int] | None = None,
         max_kept: int | None = None,
+        go_on_alone: Callable[[], bool] | None = None,
     ) -> None:
         if max_kept is not None and (size is None or max_kept < 0):
             raise ValueError("max_kept needs size, and must be >= 0")
@@ -75,10 +80,10 @@ class SharedSynthesis(Generic[T]):
         self._on_finished = on_finished
         self._size = size
         self._max_kept = max_kept
+        self._go_on_alone = go_on_alone
         #: How many events were dropped from the front of :attr:`events`.
         self._dropped = 0
-        #: Each listener's position (the number of the next event it takes), once the
-        #: synthesis is no longer whole.
+        #: Each listener's position: the number of the next event it takes.
         self._positions: dict[object, int] = {}
         self._changed = asyncio.Event()
         self._taken = asyncio.Event()
@@ -92,7 +97,7 @@ class SharedSynthesis(Generic[T]):
 
     async def listen(self) -> AsyncGenerator[T, None]:
         """Every event from the first, then live ones; raises the source's error if it failed."""
-        assert self.joinable, "an abandoned, unbounded or failed synthesis is never joined"
+        assert self.joinable, "an abandoned, failed or partly dropped synthesis is never joined"
         self.listeners += 1
         me = object()
         self._positions[me] = 0
@@ -112,12 +117,15 @@ class SharedSynthesis(Generic[T]):
         finally:
             self.listeners -= 1
             del self._positions[me]
-            if self.listeners == 0 and not self.done:
+            if self.listeners == 0 and not self.done and not self._goes_on_alone():
                 self.abandoned = True
                 self._release()
                 self._task.cancel()
             elif not self.whole:
                 self._drop_taken()
+
+    def _goes_on_alone(self) -> bool:
+        return self.whole and self._go_on_alone is not None and self._go_on_alone()
 
     def _drop_taken(self) -> None:
         """Drop the events every listener has taken, and let the source go on if it waits."""
@@ -144,6 +152,9 @@ class SharedSynthesis(Generic[T]):
                     # Past the bound: neither joined nor stored from now on.
                     self.whole = False
                     self._release()
+                    if not self.listeners:
+                        self.abandoned = True  # it went on alone to be stored: no longer
+                        break
                     self._drop_taken()
                 while self.kept > self._max_kept:
                     await self._taken.wait()

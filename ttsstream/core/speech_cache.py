@@ -40,6 +40,7 @@ from ttsstream.exceptions import UpstreamUnavailable
 from ttsstream.stats import Stats
 
 __all__ = [
+    "FINISH_ALONE_SHARE",
     "MADE_PIECE_BYTES",
     "REPLAY_CHUNK_BYTES",
     "VARIANT_MAX_BYTES",
@@ -65,6 +66,9 @@ MADE_PIECE_BYTES = 4 * 2**10
 #: to take (its transcode then waits for that listener). The longest text allowed by
 #: default (5,000 characters, about 5 minutes) makes under 1.8 MB of Opus or AAC.
 VARIANT_MAX_BYTES = 2 * 2**20
+#: The share of a cached MP3 that a shared transcode must have made to go on alone
+#: (and be stored) when its last listener leaves; before that, it stops.
+FINISH_ALONE_SHARE = 0.5
 
 
 #: Most times a request takes over a flight whose owner died before its first audio.
@@ -370,9 +374,17 @@ class SpeechCache:
                 yield event
             return
         flight = self._joinable_flight(key)
+        mp3: CacheEntry | None = None
+        if flight is None:
+            # The MP3 it is made from, if cached (read once: the transcode finds it hot).
+            mp3_key = self.key_of(request)
+            mp3 = self._unwritten.get(mp3_key) or await self.store.get(mp3_key)
+            flight = self._joinable_flight(key)  # started by another request meanwhile?
         joined = flight is not None
         if flight is None:
-            flight = self._start_made(key, request, made_as)
+            flight = self._start_made(
+                key, request, made_as, cached_bytes=None if mp3 is None else len(mp3.audio)
+            )
         else:
             self._stats.coalesced += 1
         async with contextlib.aclosing(flight.listen()) as events:
@@ -386,13 +398,26 @@ class SpeechCache:
                 yield event
 
     def _start_made(
-        self, key: str, request: SynthesisRequest, made_as: Format
+        self,
+        key: str,
+        request: SynthesisRequest,
+        made_as: Format,
+        *,
+        cached_bytes: int | None,
     ) -> SharedSynthesis[Speech]:
         """A transcode of ``request``'s MP3 into ``made_as``, shared, stored once whole.
 
-        Its work is done in the turn of the client that started it."""
+        Its work is done in the turn of the client that started it. Made from a
+        cached MP3 of ``cached_bytes``, it goes on alone when its last listener
+        leaves once it has made at least FINISH_ALONE_SHARE of it (the rest costs
+        less than what was done), so that a response dropped near its end is still
+        stored; sooner, it stops."""
         assert self.store is not None
         room = min(VARIANT_MAX_BYTES, self.store.variant_max_bytes)
+        progress = _Progress()
+
+        def go_on_alone() -> bool:
+            return cached_bytes is not None and progress.fed >= cached_bytes * FINISH_ALONE_SHARE
 
         async def store(events: list[Speech]) -> None:
             entry = _made_entry_of(events)
@@ -405,11 +430,12 @@ class SpeechCache:
                 del self._flights[key]
 
         flight = SharedSynthesis(
-            _made_from(self.synthesize(request), made_as, client=request.client),
+            _made_from(self.synthesize(request), made_as, client=request.client, progress=progress),
             on_complete=store,
             on_finished=finished,
             size=_audio_bytes,
             max_kept=VARIANT_MAX_BYTES,
+            go_on_alone=go_on_alone,
         )
         self._flights[key] = flight
         self._made_flights.add(flight)
@@ -500,12 +526,20 @@ def _entry_of(events: list[Speech]) -> CacheEntry | None:
     return CacheEntry(engine=started.engine, voice=started.voice, audio=audio, words=words)
 
 
+@dataclasses.dataclass(slots=True)
+class _Progress:
+    """How far a shared transcode is."""
+
+    #: MP3 bytes made into the format so far.
+    fed: int = 0
+
+
 async def _made_from(
-    source: AsyncGenerator[Speech, None], target: Format, *, client: str
+    source: AsyncGenerator[Speech, None], target: Format, *, client: str, progress: _Progress
 ) -> AsyncGenerator[Speech, None]:
     """``source``'s events with its MP3 made into ``target`` as it comes: its bytes in
     :class:`MadeChunk` events (one per MADE_PIECE_BYTES of MP3, possibly empty), its
-    words moved by the format's priming."""
+    words moved by the format's priming; ``progress`` follows it."""
     pipe: Pipe | None = None
     try:
         async with contextlib.aclosing(source) as events:
@@ -519,6 +553,7 @@ async def _made_from(
                     assert pipe is not None
                     for piece in _pieces(event):
                         made = bytes(await pipe.feed(piece))
+                        progress.fed += len(piece.data)
                         yield MadeChunk(made, made_ms=pipe.duration_ms(0))
                 elif target.priming_samples:
                     yield dataclasses.replace(event, offset_ms=event.offset_ms + target.priming_ms)
