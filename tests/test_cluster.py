@@ -1123,6 +1123,27 @@ async def test_the_quick_line_sends_a_script_whole_only_when_redis_lacks_it(
         await shared.aclose()
 
 
+async def test_a_call_just_as_the_line_opens_finds_it_open(redis: RedisServer) -> None:
+    """A call made in the loop turn the opening completes in (before any callback of
+    it ran) gets its reply; it took the line for lost, and the link went down."""
+    from ttsstream.cluster.line import QuickLine
+
+    for _ in range(5):
+        line = QuickLine.for_url(redis.url, connect_timeout=TIMEOUT)
+        assert line is not None
+        try:
+            first = asyncio.ensure_future(line.run(("PING",)))
+            while line._opening is None:
+                await asyncio.sleep(0)
+            opening = line._opening
+            while not opening.done():  # queued ahead of the opening's own callbacks
+                await asyncio.sleep(0)
+            assert await line.run(("PING",)) == [b"PONG"]
+            assert await first == [b"PONG"]
+        finally:
+            line.close()
+
+
 async def test_the_quick_line_logs_in_selects_and_names_itself(tmp_path: Path) -> None:
     """With a password and a database in the URL: it logs in, works in that database,
     names itself; a wrong password is an authentication error that does not hold it, a

@@ -67,7 +67,7 @@ class QuickLine:
             self._hello.append(("CLIENT", "SETNAME", name))
         self._connect_timeout = connect_timeout
         self._sock: socket.socket | None = None
-        self._opening: asyncio.Future[socket.socket] | None = None
+        self._opening: asyncio.Future[None] | None = None
         self._parser = _parser()
         self._waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
         self._unsent = bytearray()
@@ -153,16 +153,18 @@ class QuickLine:
     async def _open(self) -> None:
         """Open the connection: the first caller that needs it does, for all of them."""
         if self._opening is None:
-            self._opening = asyncio.ensure_future(self._connect())
-            self._opening.add_done_callback(self._opened)
+            self._opening = asyncio.ensure_future(self._connect_and_keep())
         # Shielded: a caller that gives up does not stop the opening for the others.
         await asyncio.shield(self._opening)
 
-    def _opened(self, opening: asyncio.Future[socket.socket]) -> None:
-        self._opening = None
-        if opening.cancelled() or opening.exception() is not None:
-            return
-        sock = opening.result()
+    async def _connect_and_keep(self) -> None:
+        """Connect, and keep the socket before the opening is done: a caller that finds
+        it done then finds the socket too (a done-callback would run a turn later, and a
+        call arriving in between would take the link for lost)."""
+        try:
+            sock = await self._connect()
+        finally:
+            self._opening = None
         self._sock = sock
         self._parser = _parser()
         asyncio.get_running_loop().add_reader(sock.fileno(), self._read)
