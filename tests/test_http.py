@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+from urllib.parse import quote
 
 import aiohttp
 import orjson
@@ -91,7 +92,7 @@ async def test_a_slow_request_head_is_bounded_in_time_and_size(
     writer.write(b"GET / HTTP/1.1\r\n" + b"X-Junk: " + b"j" * port.MAX_HEAD_BYTES + b"\r\n")
     answer = await asyncio.wait_for(reader.read(), TIMEOUT)
     assert answer.startswith(b"HTTP/1.1 431 ")
-    assert orjson.loads(answer.split(b"\r\n\r\n", 1)[1])["error"] == "bad_request"
+    assert orjson.loads(answer.split(b"\r\n\r\n", 1)[1])["error"] == "head_too_large"
     writer.close()
     async with connected(server) as client:
         await speaks_fine(client)
@@ -109,11 +110,28 @@ async def _exchange(sock: socket.socket, request: bytes) -> tuple[int, dict[str,
     head, body = received.split(b"\r\n\r\n", 1)
     lines = head.decode("latin-1").split("\r\n")
     headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
-    length = int(headers["content-length"])
-    while len(body) < length:
+
+    async def more() -> None:
+        nonlocal body
         chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), TIMEOUT)
         assert chunk, "the server closed the connection"
         body += chunk
+
+    if headers.get("transfer-encoding") == "chunked":
+        decoded = b""
+        while True:
+            while b"\r\n" not in body:
+                await more()
+            size_line, body = body.split(b"\r\n", 1)
+            size = int(size_line, 16)
+            while len(body) < size + 2:
+                await more()
+            decoded, body = decoded + body[:size], body[size + 2 :]
+            if size == 0:
+                return int(lines[0].split()[1]), headers, decoded
+    length = int(headers["content-length"])
+    while len(body) < length:
+        await more()
     return int(lines[0].split()[1]), headers, body
 
 
@@ -186,7 +204,7 @@ async def test_a_later_head_is_bounded_in_size(server: Server, request_bytes: by
     assert (await _exchange(sock, _get("/")))[0] == 200
     status, headers, body = await _exchange(sock, request_bytes)
     assert status == 431 and headers["server"] == "ttsstream"
-    assert orjson.loads(body)["error"] == "bad_request"
+    assert orjson.loads(body)["error"] == "head_too_large"
     assert await _closed_by_server(sock)
     sock.close()
 
@@ -196,7 +214,7 @@ async def test_a_first_head_over_the_limit_in_one_read_is_refused(server: Server
     sock = await _kept_alive(server)
     request = b"GET / HTTP/1.1\r\nHost: x\r\nX-Junk: " + b"j" * 24_000 + b"\r\n\r\n"
     status, _, body = await _exchange(sock, request)
-    assert status == 431 and orjson.loads(body)["error"] == "bad_request"
+    assert status == 431 and orjson.loads(body)["error"] == "head_too_large"
     sock.close()
 
 
@@ -433,3 +451,50 @@ async def test_a_page_can_read_why_its_connection_was_refused(start_server: Serv
         assert headers["server"] == "ttsstream"
         sock.close()
     held.close()
+
+
+def _cjk_tts_get(characters: int) -> bytes:
+    """``GET /tts?text=`` of ``characters`` CJK characters, percent-encoded (9 bytes each)."""
+    text = quote("語" * characters)
+    return f"GET /tts?text={text} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+
+
+@pytest.mark.parametrize("later", [False, True], ids=["first", "later"])
+async def test_a_get_of_the_longest_text_fits_the_request_line(
+    start_server: ServerFactory, later: bool
+) -> None:
+    """``<audio src="/tts?text=…">`` with MAX_TEXT_LENGTH CJK characters is spoken, as a
+    connection's first request or a later one; a line past the limit gets 431
+    head_too_large in JSON (whose length is its Content-Length), and no traceback."""
+    server = await start_server(max_text_length=2000)
+    limit = port.request_line_limit(2000)
+    sock = await _kept_alive(server)
+    if later:
+        assert (await _exchange(sock, _get("/")))[0] == 200
+    status, headers, body = await _exchange(sock, _cjk_tts_get(2000))
+    assert status == 200 and headers["content-type"] == "audio/mpeg" and body
+    too_long = b"GET /tts?text=" + b"a" * limit + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+    status, headers, body = await _exchange(sock, too_long)
+    assert status == 431 and int(headers["content-length"]) == len(body)
+    assert orjson.loads(body)["error"] == "head_too_large"
+    assert await _closed_by_server(sock)
+    sock.close()
+
+
+async def test_a_head_over_the_limit_in_pieces_is_answered_in_json(server: Server) -> None:
+    """Header fields past 16 KiB sent a line at a time: 431 head_too_large, a body as
+    long as its Content-Length."""
+    sock = await _kept_alive(server)
+    loop = asyncio.get_running_loop()
+    await loop.sock_sendall(sock, b"GET / HTTP/1.1\r\nHost: x\r\n")
+    answer = b""
+    with contextlib.suppress(ConnectionError):
+        for n in range(10):
+            await loop.sock_sendall(sock, b"X-J%d: %s\r\n" % (n, b"j" * 4000))
+        while chunk := await asyncio.wait_for(loop.sock_recv(sock, 65536), TIMEOUT):
+            answer += chunk
+    head, body = answer.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 431 ")
+    length = int(head.lower().split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0])
+    assert length == len(body) and orjson.loads(body)["error"] == "head_too_large"
+    sock.close()

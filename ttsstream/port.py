@@ -7,8 +7,9 @@ is the connection's front door:
 - At accept it counts the connection (:meth:`PortGate.opened`: per client IP and in
   total, so that idle kept-alive connections cannot take every file descriptor); a
   connection over a cap gets the refusal at once and is closed.
-- It reads the first request head itself, bounded in size (``MAX_HEAD_BYTES``) and
-  time (``HEAD_TIMEOUT``), and decides: ``GET`` asking for ``Upgrade: websocket``
+- It reads the first request head itself, bounded in size (a request line of
+  :func:`request_line_limit`, header fields of ``MAX_HEAD_BYTES``) and time
+  (``HEAD_TIMEOUT``), and decides: ``GET`` asking for ``Upgrade: websocket``
   becomes a WebSocket connection (websockets' own handshake runs on the head, with
   every check of the handshake); anything else goes, with the head, to an aiohttp
   request handler (the HTTP speech API, the demo files), which keeps the
@@ -19,7 +20,8 @@ is the connection's front door:
   upstream connections, so the demo page's ``GET /``, its scripts and then its
   WebSocket may all come on one connection. A later head must also arrive within
   ``HEAD_TIMEOUT`` of its first byte (the door tells when each request starts and
-  ends), and the door holds it to ``MAX_HEAD_BYTES``.
+  ends), and the door holds it to the same sizes (aiohttp's own line limit is set
+  to the request line's).
 
 The hand-over is what uvicorn does on an upgrade: websockets 17 cannot stream an
 HTTP body and refuses methods other than GET, aiohttp can. Written by hand because
@@ -41,17 +43,24 @@ __all__ = [
     "MAX_HEAD_BYTES",
     "MAX_LINGERING_REFUSALS",
     "REFUSAL_LINGER",
+    "REQUEST_LINE_SPARE",
     "PortGate",
     "SharedPortConnection",
     "front_of",
+    "head_too_large",
     "http_response",
     "origin_of",
+    "request_line_limit",
     "shared_port_connection",
 ]
 
 # Limits
-#: Largest request head, in bytes (websockets' own limit is 8 KiB per line).
+#: Most bytes of a request head's header fields, the request line aside.
 MAX_HEAD_BYTES = 16 * 2**10
+#: Bytes of a request line beside its text: the method, the path, the other parameters.
+REQUEST_LINE_SPARE = 2 * 2**10
+#: Most bytes one character takes percent-encoded in a URL (4 UTF-8 bytes, %XX each).
+_ENCODED_CHAR_BYTES = 12
 #: Refused connections kept open at once to read their heads; past it, a refused
 #: connection is dropped at once (each holds a file descriptor).
 MAX_LINGERING_REFUSALS = 64
@@ -99,7 +108,22 @@ def _error(status: int, code: str, message: str) -> bytes:
     return http_response(status, orjson.dumps({"error": code, "message": message}))
 
 
-_HEAD_TOO_LARGE = _error(431, "bad_request", f"the request head is over {MAX_HEAD_BYTES} bytes")
+def request_line_limit(max_text_length: int) -> int:
+    """The longest request line, in bytes: room for ``GET /tts?text=`` with
+    ``max_text_length`` characters percent-encoded, and :data:`REQUEST_LINE_SPARE`."""
+    return max_text_length * _ENCODED_CHAR_BYTES + REQUEST_LINE_SPARE
+
+
+def head_too_large(line_limit: int) -> bytes:
+    """The answer to a head over the limits (431 ``head_too_large``)."""
+    return _error(
+        431,
+        "head_too_large",
+        f"a request line holds at most {line_limit} bytes and the header fields at most "
+        f"{MAX_HEAD_BYTES} bytes",
+    )
+
+
 _HEAD_TIMED_OUT = _error(
     408, "head_timeout", f"the request head did not arrive within {HEAD_TIMEOUT:g} seconds"
 )
@@ -110,6 +134,9 @@ _BYTES_BEFORE_UPGRADE = _error(
 
 class PortGate(Protocol):
     """What the shared port asks of the server for each TCP connection."""
+
+    #: The longest request line, in bytes (see :func:`request_line_limit`).
+    line_limit: int
 
     def opened(self, peer: str) -> Callable[[bytes], bytes] | None:
         """Count a new connection from ``peer``; if it is over a cap, what makes the
@@ -154,8 +181,9 @@ class SharedPortConnection(ServerConnection):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        #: The first head, while it is read.
+        #: The first head, while it is read, and where its request line ends (-1: not yet).
         self._head = bytearray()
+        self._line_end = -1
         #: Counted by the gate (its peer, to release it).
         self._peer: str | None = None
         #: The connection became a WebSocket: websockets handles everything now.
@@ -277,14 +305,23 @@ class SharedPortConnection(ServerConnection):
         # sent a byte at a time costs no rescan of what came before.
         searched = max(0, len(self._head) - 3)
         self._head += data
+        line_limit = self.gate.line_limit
+        if self._line_end < 0:
+            self._line_end = self._head.find(b"\r\n", max(0, searched - 1))
+        line_end = self._line_end
         end = self._head.find(_END_OF_HEAD, searched)
-        if end < 0:
-            if len(self._head) > MAX_HEAD_BYTES:
-                self._refuse(_HEAD_TOO_LARGE)
+        if end >= 0:
+            end += len(_END_OF_HEAD)
+        # The line and the fields are held to their limits as they come.
+        fields = (end if end >= 0 else len(self._head)) - line_end
+        if (
+            (line_end < 0 and len(self._head) > line_limit)
+            or line_end > line_limit
+            or (line_end >= 0 and fields > MAX_HEAD_BYTES)
+        ):
+            self._refuse(head_too_large(line_limit))
             return
-        end += len(_END_OF_HEAD)
-        if end > MAX_HEAD_BYTES:
-            self._refuse(_HEAD_TOO_LARGE)
+        if end < 0:
             return
         received = bytes(self._head)
         self._head = bytearray()
@@ -352,10 +389,11 @@ class SharedPortConnection(ServerConnection):
             return  # answered: what follows is dropped until the connection closes
         searched = max(0, len(self._head) - 3)
         self._head += data
-        if self._head.find(_END_OF_HEAD, searched) >= 0 or len(self._head) > MAX_HEAD_BYTES:
+        limit = self.gate.line_limit + MAX_HEAD_BYTES
+        if self._head.find(_END_OF_HEAD, searched) >= 0 or len(self._head) > limit:
             refusal, self._refusal = self._refusal, None
             assert self._tcp is not None
-            self._tcp.write(refusal(bytes(self._head[:MAX_HEAD_BYTES])))
+            self._tcp.write(refusal(bytes(self._head[:limit])))
             self._head = bytearray()
             # The connection closes when the linger ends (or the client closes first):
             # closing now with a body still arriving would reset it, answer unread.

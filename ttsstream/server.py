@@ -31,7 +31,13 @@ from ttsstream.core.services import Services, build_services
 from ttsstream.exceptions import CannotListen, HandshakeRefused, RateLimited
 from ttsstream.http.app import STREAM_PATH, HttpDoor
 from ttsstream.http.ops import OpsServer
-from ttsstream.port import PortGate, http_response, origin_of, shared_port_connection
+from ttsstream.port import (
+    PortGate,
+    http_response,
+    origin_of,
+    request_line_limit,
+    shared_port_connection,
+)
 from ttsstream.ws.protocol import MAX_FRAME_BYTES
 from ttsstream.ws.session import Session
 
@@ -344,6 +350,7 @@ class _Gate(PortGate):
         self._admission = services.admission
         self._stats = services.stats
         self._http = http
+        self.line_limit = request_line_limit(services.config.max_text_length)
 
     def opened(self, peer: str) -> Callable[[bytes], bytes] | None:
         refused = self._admission.open_socket(peer)

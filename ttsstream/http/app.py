@@ -26,7 +26,7 @@ from ttsstream.core.services import Services
 from ttsstream.http.demo import load_static
 from ttsstream.http.request import judge
 from ttsstream.http.speech import SpeechApi
-from ttsstream.port import MAX_HEAD_BYTES, front_of
+from ttsstream.port import MAX_HEAD_BYTES, front_of, head_too_large, request_line_limit
 
 __all__ = ["MALFORMED_LOG_INTERVAL", "STREAM_PATH", "HttpDoor"]
 
@@ -65,6 +65,7 @@ class HttpDoor:
         self._services = services
         self._static = load_static() if services.config.serve_demo else {}
         self._idle_timeout = services.config.idle_timeout
+        self._line_limit = request_line_limit(services.config.max_text_length)
         self._malformed = _MalformedLog()
         app = web.Application(middlewares=[_front_door, _json_errors], client_max_size=64 * 2**10)
         app.router.add_get(STREAM_PATH, self._stream_without_upgrade)
@@ -87,6 +88,7 @@ class HttpDoor:
             server,
             loop=asyncio.get_running_loop(),
             keepalive_timeout=self._idle_timeout,
+            max_line_size=self._line_limit,
             access_log=None,
             malformed=self._malformed,
         )
@@ -153,6 +155,7 @@ class _RequestHandler(web.RequestHandler):
     def __init__(self, *args: object, malformed: _MalformedLog, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._malformed = malformed
+        self._line_limit = self.max_line_size
 
     def handle_error(
         self,
@@ -163,11 +166,11 @@ class _RequestHandler(web.RequestHandler):
     ) -> web.StreamResponse:
         if status >= 500:  # a fault of ours: its traceback is wanted
             return super().handle_error(request, status, exc, message)
-        if isinstance(exc, LineTooLong):
-            status = 431
         self._malformed.note(request.remote, status)
         if request.writer.output_size > 0:
             raise ConnectionError("an answer was sent already")
+        if isinstance(exc, LineTooLong):  # a request line or a header field too long
+            return _too_large(self._line_limit)
         response = _closing(status, "the request is not valid HTTP/1.1")
         # aiohttp's on_response_prepare does not run for a request it could not parse.
         response.headers["Server"] = "ttsstream"
@@ -185,8 +188,8 @@ async def _front_door(request: web.Request, handler: Handler) -> web.StreamRespo
     front.request_started()
     try:
         head = _head_of(request)
-        if len(head) > MAX_HEAD_BYTES:
-            return _closing(431, f"the request head is over {MAX_HEAD_BYTES} bytes")
+        if len(head) - head.index(b"\r\n") > MAX_HEAD_BYTES:  # aiohttp held the line
+            return _too_large(front.gate.line_limit)
         if "websocket" in request.headers.get("Upgrade", "").lower():
             if request.method != "GET":
                 return _closing(400, "a WebSocket handshake is a GET request")
@@ -208,6 +211,15 @@ def _head_of(request: web.BaseRequest) -> bytes:
     line = f"{request.method} {request.raw_path} HTTP/{version.major}.{version.minor}\r\n"
     fields = b"".join(name + b": " + value + b"\r\n" for name, value in request.raw_headers)
     return line.encode("latin-1") + fields + b"\r\n"
+
+
+def _too_large(line_limit: int) -> web.Response:
+    """431 ``head_too_large`` (the same body as the shared port's), closing."""
+    body = head_too_large(line_limit).split(b"\r\n\r\n", 1)[1]
+    response = web.Response(status=431, body=body, content_type="application/json")
+    response.force_close()
+    response.headers["Server"] = "ttsstream"
+    return response
 
 
 def _closing(status: int, message: str) -> web.Response:
