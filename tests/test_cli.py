@@ -579,3 +579,54 @@ async def test_say_dash_ends_at_a_refusal_while_standard_input_stays_open(
     assert status == 1
     assert "invalid_parameter" in (await process.stderr.read()).decode()
     assert not (tmp_path / "reply.mp3").exists()
+
+
+async def say_to_a_gone_reader(*args: str, cwd: Path) -> tuple[int, str]:
+    """``ttsstream say …`` whose standard output's reader is gone before it writes (a
+    ``| head -1`` that has its line): status and standard error."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        process = await asyncio.create_subprocess_exec(
+            str(CONSOLE_SCRIPT),
+            "say",
+            *args,
+            cwd=cwd,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=write_end,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    finally:
+        os.close(write_end)
+    _, stderr = await asyncio.wait_for(process.communicate(), TIMEOUT * 2)
+    assert process.returncode is not None
+    return process.returncode, stderr.decode()
+
+
+async def test_list_voices_stops_quietly_when_its_reader_is_gone(
+    fake: FakeEdge, tmp_path: Path
+) -> None:
+    """``say --list-voices | head -1``: standard output's reader gone, say stops with
+    the status a shell gives a tool SIGPIPE ended (141) and says nothing, whether it
+    finds out mid-list (Edge's hundreds of voices) or at its last write (one voice)."""
+    fake.voices = [
+        {
+            **fake.voices[0],
+            "ShortName": f"en-US-Voice{number}Neural",
+            "Name": f"Microsoft Server Speech Text to Speech Voice (en-US, Voice{number}Neural)",
+        }
+        for number in range(500)
+    ] + fake.voices
+    process = await start_process(
+        [sys.executable, "-m", "ttsstream", "serve"], environment(fake), tmp_path
+    )
+    try:
+        url = f"ws://127.0.0.1:{await wait_listening(process)}/v1/stream"
+        for locale in ([], ["--locale", "fr-FR"]):
+            status, stderr = await say_to_a_gone_reader(
+                "--list-voices", *locale, "--url", url, cwd=tmp_path
+            )
+            assert (status, stderr) == (128 + signal.SIGPIPE, ""), locale
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.wait(), TIMEOUT)

@@ -7,6 +7,7 @@ import asyncio
 import codecs
 import contextlib
 import os
+import signal
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
@@ -33,6 +34,9 @@ _COMMANDS = ("serve", "say")
 #: Options of ``say`` whose values may start with a minus sign.
 _SIGNED = ("--rate", "--volume", "--pitch")
 DEFAULT_URL = f"ws://127.0.0.1:8765{STREAM_PATH}"
+#: Exit status when standard output's reader closed it early (``| head -1``): what a
+#: shell reports for a Unix tool that SIGPIPE ended.
+EXIT_READER_GONE = 128 + signal.SIGPIPE
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -107,8 +111,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         args_list.insert(0, "serve")
     args = _parser().parse_args(_signed_values(args_list))
     if args.command == "say":
-        return _say(args)
+        try:
+            return _say(args)
+        except BrokenPipeError:
+            return _reader_gone()
     return _serve(args)
+
+
+def _reader_gone() -> int:
+    """Standard output's reader closed it: stop quietly, as Unix tools do.
+
+    What is still buffered for it is dropped, so that the interpreter's exit does
+    not try to write it again and complain.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_READER_GONE
 
 
 def _signed_values(args: list[str]) -> list[str]:
@@ -357,5 +376,6 @@ def _list_voices(args: argparse.Namespace, api_key: str | None) -> int:
             f"{voice.get('name')}\t{voice.get('locale')}\t{voice.get('gender')}\t"
             f"{voice.get('engine')}"
         )
+    sys.stdout.flush()  # a closed standard output is found here, not at exit
     print(f"{len(shown)} voices", file=sys.stderr)
     return 0
