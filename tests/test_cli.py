@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -630,3 +631,116 @@ async def test_list_voices_stops_quietly_when_its_reader_is_gone(
     finally:
         process.send_signal(signal.SIGTERM)
         await asyncio.wait_for(process.wait(), TIMEOUT)
+
+
+#: About 2,000 characters, as in the report: a text whose whole audio takes a while.
+LONG_TEXT = " ".join(["This sentence is spoken while the next ones are still made."] * 33)
+
+
+@contextlib.asynccontextmanager
+async def say_running(
+    *args: str, cwd: Path, stdout: int = asyncio.subprocess.PIPE
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``ttsstream say …`` while the test reads what it writes; killed if it outlives
+    the test."""
+    process = await asyncio.create_subprocess_exec(
+        str(CONSOLE_SCRIPT),
+        "say",
+        *args,
+        cwd=cwd,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=stdout,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.communicate()
+
+
+async def test_say_writes_standard_output_as_the_audio_arrives(
+    served: ServerProcess, fake: FakeEdge, tmp_path: Path
+) -> None:
+    """``say … -o - | player``: the first audio reaches standard output while Edge is
+    paused mid-utterance, not once the utterance ends; all of it in the end."""
+    fake.pause_after_chunks = 2
+    async with say_running(LONG_TEXT, "-o", "-", "--url", served.url, cwd=tmp_path) as process:
+        assert process.stdout is not None
+        try:
+            first = await asyncio.wait_for(process.stdout.read(2**16), TIMEOUT)
+            record = fake.records[0]
+            assert first and fake.paused.is_set() and not record.completed
+            assert bytes(record.audio).startswith(first)
+        finally:
+            fake.resume.set()
+        rest, stderr = await asyncio.wait_for(process.communicate(), TIMEOUT * 2)
+    assert process.returncode == 0, stderr.decode()
+    assert first + rest == bytes(record.audio)
+
+
+async def test_say_writes_its_file_as_the_audio_arrives(
+    served: ServerProcess, fake: FakeEdge, tmp_path: Path
+) -> None:
+    """``-o FILE`` too: its first audio is written while Edge is paused mid-utterance
+    (the file is a named pipe here, read as say writes it)."""
+    fake.pause_after_chunks = 2
+    fifo = tmp_path / "out.mp3"
+    os.mkfifo(fifo)
+    # Read and write: say's open never waits for a reader, and no end of file comes
+    # between its writes.
+    pipe = os.fdopen(os.open(fifo, os.O_RDWR | os.O_NONBLOCK), "rb", buffering=0)
+    reader = asyncio.StreamReader()
+    transport, _ = await asyncio.get_running_loop().connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), pipe
+    )
+    try:
+        async with say_running(
+            LONG_TEXT,
+            "-o",
+            "out.mp3",
+            "--url",
+            served.url,
+            cwd=tmp_path,
+            stdout=asyncio.subprocess.DEVNULL,
+        ) as process:
+            try:
+                audio = await asyncio.wait_for(reader.read(2**16), TIMEOUT)
+                record = fake.records[0]
+                assert audio and fake.paused.is_set() and not record.completed
+                assert bytes(record.audio).startswith(audio)
+            finally:
+                fake.resume.set()
+            while not (record.completed and len(audio) == len(record.audio)):
+                audio += await asyncio.wait_for(reader.read(2**16), TIMEOUT)
+            _, stderr = await asyncio.wait_for(process.communicate(), TIMEOUT * 2)
+        assert process.returncode == 0, stderr.decode()
+        assert audio == bytes(record.audio)
+    finally:
+        transport.close()
+
+
+async def test_say_keeps_the_audio_written_before_a_failure(
+    served: ServerProcess, fake: FakeEdge, tmp_path: Path
+) -> None:
+    """An utterance that fails after some audio (Edge drops mid-stream) leaves that
+    audio in the file, and the one error line says how much there is (exit 1)."""
+    fake.drop_after_chunks = 2
+    status, _, stderr = await say(LONG_TEXT, "-o", "cut.mp3", "--url", served.url, cwd=tmp_path)
+    assert status == 1
+    partial = (tmp_path / "cut.mp3").read_bytes()
+    assert partial and partial == bytes(fake.records[0].audio)
+    line = one_line(stderr)
+    assert "upstream_unavailable" in line
+    assert line.endswith(f"(cut.mp3 has the {len(partial)} bytes of audio before it)")
+
+
+async def test_say_to_standard_output_stops_quietly_when_its_reader_is_gone(
+    served: ServerProcess, tmp_path: Path
+) -> None:
+    """``say … -o - | player`` whose player quit: status 141, nothing said."""
+    status, stderr = await say_to_a_gone_reader(
+        "Nobody listens.", "-o", "-", "--url", served.url, cwd=tmp_path
+    )
+    assert (status, stderr) == (128 + signal.SIGPIPE, "")

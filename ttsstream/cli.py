@@ -7,12 +7,13 @@ import asyncio
 import codecs
 import contextlib
 import os
+import queue
 import signal
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import orjson
 from dotenv import dotenv_values
@@ -22,6 +23,7 @@ from ttsstream import __version__, logs
 from ttsstream.audio.formats import FORMAT_NAMES, format_for_path
 from ttsstream.client import SpeechError, list_voices, speak
 from ttsstream.config import Config, load_config
+from ttsstream.core.voices import in_locale
 from ttsstream.exceptions import CannotListen, ConfigError
 from ttsstream.server import STREAM_PATH, run
 from ttsstream.subtitles import to_srt
@@ -215,26 +217,31 @@ def _say(args: argparse.Namespace) -> int:
     except _Usage as exc:
         print(f"ttsstream say: {exc}", file=sys.stderr)
         return 2
-    result = _talk(
-        speak(
+    output = _AudioOutput(args.output)
+    try:
+        result = _talk(
+            speak(
+                args.url,
+                text,
+                voice=args.voice,
+                rate=args.rate,
+                volume=args.volume,
+                pitch=args.pitch,
+                api_key=api_key,
+                audio_format=_format_of(args),
+                on_audio=output.put,
+            ),
             args.url,
-            text,
-            voice=args.voice,
-            rate=args.rate,
-            volume=args.volume,
-            pitch=args.pitch,
-            api_key=api_key,
-            audio_format=_format_of(args),
-        ),
-        args.url,
-    )
+            output=output,
+        )
+        output.close()
+    except _OutputFailed as exc:
+        if isinstance(exc.error, BrokenPipeError) and args.output == "-":
+            return _reader_gone()
+        print(f"ttsstream say: {exc}", file=sys.stderr)
+        return 1
     if result is None:
         return 1
-    if args.output == "-":
-        sys.stdout.buffer.write(result.audio)
-        sys.stdout.buffer.flush()
-    else:
-        Path(args.output).write_bytes(result.audio)
     if args.words is not None:
         args.words.write_bytes(orjson.dumps(result.words, option=orjson.OPT_INDENT_2))
     if args.srt is not None:
@@ -243,14 +250,88 @@ def _say(args: argparse.Namespace) -> int:
     engine = start.get("engine", "?")
     if start.get("fallback"):
         engine += f" (fallback: {start.get('fallback_reason')})"
-    shown = "standard output" if args.output == "-" else args.output
     print(
-        f"{shown}: {end.get('bytes')} bytes, {end.get('audio_ms')} ms of audio, "
+        f"{output.shown}: {end.get('bytes')} bytes, {end.get('audio_ms')} ms of audio, "
         f"{end.get('words')} words, voice {start.get('voice')} by {engine}, "
         f"first audio after {end.get('ttfb_ms')} ms",
         file=sys.stderr,
     )
     return 0
+
+
+class _OutputFailed(Exception):
+    """The audio could not be written where ``say`` was told to write it."""
+
+    def __init__(self, shown: str, error: OSError) -> None:
+        super().__init__(shown, error)
+        self.shown = shown
+        self.error = error
+
+    def __str__(self) -> str:
+        return f"cannot write {self.shown}: {self.error.strerror or self.error}"
+
+
+class _AudioOutput:
+    """Where ``say`` writes the audio as it arrives: standard output (``-``) or a file.
+
+    A thread of its own writes it, so that a reader slower than the server (a
+    player playing in real time) never keeps ``say`` from reading the connection,
+    which the server would close; what the reader has not taken yet waits in
+    memory. A file is created at the first audio, so a refused text leaves none.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.shown = "standard output" if path == "-" else path
+        #: Bytes of audio handed over so far.
+        self.received = 0
+        self._pieces: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._error: OSError | None = None
+        self._thread = threading.Thread(target=self._write_all, name="audio", daemon=True)
+        self._thread.start()
+
+    def put(self, audio: bytes) -> None:
+        """Hand ``audio`` over to be written; never blocks.
+
+        Raises:
+            _OutputFailed: An earlier write failed (the reader is gone, the disk is full).
+        """
+        if self._error is not None:
+            raise _OutputFailed(self.shown, self._error)
+        self.received += len(audio)
+        self._pieces.put(audio)
+
+    def close(self) -> None:
+        """Return once all the audio handed over is written, and the file closed.
+
+        Raises:
+            _OutputFailed: A write failed.
+        """
+        self._pieces.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise _OutputFailed(self.shown, self._error)
+
+    def _write_all(self) -> None:
+        output: BinaryIO | None = None
+        try:
+            while (audio := self._pieces.get()) is not None:
+                if output is None:
+                    output = self._open()
+                output.write(audio)
+                output.flush()
+        except OSError as exc:
+            self._error = exc
+        finally:
+            if output is not None and self.path != "-":
+                try:
+                    output.close()
+                except OSError as exc:
+                    self._error = self._error or exc
+
+    def _open(self) -> BinaryIO:
+        """Standard output, or the file (closed by :meth:`_write_all`)."""
+        return sys.stdout.buffer if self.path == "-" else open(self.path, "wb")
 
 
 async def _stdin_pieces() -> AsyncIterator[str]:
@@ -331,13 +412,18 @@ def _check_writable(path: Path) -> None:
         raise _Usage(f"cannot write {path}: permission denied")
 
 
-def _talk(work: Coroutine[Any, Any, T], url: str) -> T | None:
+def _talk(
+    work: Coroutine[Any, Any, T], url: str, *, output: _AudioOutput | None = None
+) -> T | None:
     """Run ``work`` against the server at ``url``; ``None`` if it failed (said in one
-    line on standard error)."""
+    line on standard error, with the audio ``output`` got before, if any)."""
     try:
         return asyncio.run(work)
     except (SpeechError, InvalidHandshake, WebSocketException, OSError) as exc:
-        print(f"ttsstream say: {_failure(exc, url)}", file=sys.stderr)
+        line = _failure(exc, url)
+        if output is not None and output.received:
+            line += f" ({output.shown} has the {output.received} bytes of audio before it)"
+        print(f"ttsstream say: {line}", file=sys.stderr)
         return None
 
 
@@ -363,14 +449,7 @@ def _list_voices(args: argparse.Namespace, api_key: str | None) -> int:
     voices = _talk(list_voices(args.url, api_key=api_key), args.url)
     if voices is None:
         return 1
-    wanted = (args.locale or "").lower()
-    shown = [
-        voice
-        for voice in voices
-        if not wanted
-        or str(voice.get("locale", "")).lower() == wanted
-        or str(voice.get("locale", "")).lower().startswith(wanted + "-")
-    ]
+    shown = [voice for voice in voices if in_locale(str(voice.get("locale", "")), args.locale)]
     for voice in sorted(shown, key=lambda v: str(v.get("name"))):
         print(
             f"{voice.get('name')}\t{voice.get('locale')}\t{voice.get('gender')}\t"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +30,7 @@ class SpeechError(Exception):
 class SpokenText:
     """Everything the server sent about one utterance."""
 
+    #: Its audio (empty when ``speak`` was given ``on_audio``).
     audio: bytearray = field(default_factory=bytearray)
     start: dict[str, Any] = field(default_factory=dict)
     words: list[dict[str, Any]] = field(default_factory=list)
@@ -48,6 +49,7 @@ async def speak(
     pitch: str | None = None,
     api_key: str | None = None,
     audio_format: str | None = None,
+    on_audio: Callable[[bytes], None] | None = None,
     # Timeouts
     open_timeout: float | None = 10,
 ) -> SpokenText:
@@ -56,6 +58,11 @@ async def speak(
     ``text`` may also be pieces that arrive over time (an LLM's reply, standard
     input): they are streamed (``append``) as they come, and spoken as they are
     complete sentences, as one utterance.
+
+    Args:
+        on_audio: Given each piece of audio as it arrives, in order, instead of
+            keeping it in the result; it runs on the event loop, so it must not
+            block (the server closes a client that stops reading).
 
     Raises:
         SpeechError: The server refused or failed the utterance.
@@ -100,7 +107,7 @@ async def speak(
                 _append(ws, text, limit if isinstance(limit, int) else 4096, result)
             )
         try:
-            return await _collect(ws, result)
+            return await _collect(ws, result, on_audio)
         finally:
             if feeder is not None:
                 feeder.cancel()
@@ -120,11 +127,17 @@ async def _append(
     await ws.send(orjson.dumps({"type": "finish", "id": "say"}).decode())
 
 
-async def _collect(ws: ClientConnection, result: SpokenText) -> SpokenText:
-    """Read the utterance's frames into ``result`` until its end."""
+async def _collect(
+    ws: ClientConnection, result: SpokenText, on_audio: Callable[[bytes], None] | None
+) -> SpokenText:
+    """Read the utterance's frames into ``result`` (its audio to ``on_audio`` if
+    given) until its end."""
     async for frame in ws:
         if isinstance(frame, bytes):
-            result.audio += frame
+            if on_audio is None:
+                result.audio += frame
+            else:
+                on_audio(frame)
             continue
         message = orjson.loads(frame)
         kind = message.get("type")
