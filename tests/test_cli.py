@@ -388,7 +388,8 @@ async def test_say_takes_the_key_from_the_environment_or_dotenv(
     fake: FakeEdge, tmp_path: Path
 ) -> None:
     """Without --api-key, say sends the first key of TTS_API_KEY from the environment or
-    ./.env; without any, a 401 says how to pass one."""
+    ./.env; without any, a 401 says how to pass one; with a wrong one, that the key
+    from where it came was refused."""
     env = environment(fake, TTS_API_KEY="first-key,second-key")
     process = await start_process([sys.executable, "-m", "ttsstream", "serve"], env, tmp_path)
     try:
@@ -402,6 +403,24 @@ async def test_say_takes_the_key_from_the_environment_or_dotenv(
         assert status == 1
         line = one_line(stderr)
         assert "HTTP 401" in line and "--api-key" in line and "TTS_API_KEY" in line
+        assert "needed" in line
+        for wrong, key_env, key_from in (
+            (["--api-key", "wrong"], client_env, "--api-key"),
+            ([], {**client_env, "TTS_API_KEY": "wrong"}, "TTS_API_KEY in the environment"),
+        ):
+            for command in (["Hi.", "-o", "x.mp3"], ["--list-voices"]):
+                status, _, stderr = await say(
+                    *command, *wrong, "--url", url, cwd=workdir, env=key_env
+                )
+                line = one_line(stderr)
+                assert status == 1 and "needed" not in line, line
+                assert line.endswith(f"HTTP 401: the API key ({key_from}) was refused"), line
+        (workdir / ".env").write_text("TTS_API_KEY=wrong\n")
+        status, _, stderr = await say(
+            "Hi.", "-o", "x.mp3", "--url", url, cwd=workdir, env=client_env
+        )
+        assert status == 1
+        assert one_line(stderr).endswith("the API key (TTS_API_KEY in .env) was refused")
         status, _, stderr = await say(
             "Hi.",
             "-o",

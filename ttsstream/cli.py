@@ -204,9 +204,9 @@ class _Usage(Exception):
 
 def _say(args: argparse.Namespace) -> int:
     try:
-        api_key = args.api_key or _key_from_environment()
+        api_key, key_from = _api_key(args)
         if args.list_voices:
-            return _list_voices(args, api_key)
+            return _list_voices(args, api_key, key_from)
         text = _text_of(args)
         if args.output is None:
             raise _Usage("an output file is needed: -o FILE (or -o - for standard output)")
@@ -231,6 +231,7 @@ def _say(args: argparse.Namespace) -> int:
                 on_audio=output.put,
             ),
             args.url,
+            key_from=key_from,
             output=output,
         )
         output.close()
@@ -360,13 +361,16 @@ async def _stdin_pieces() -> AsyncIterator[str]:
         yield tail
 
 
-def _key_from_environment() -> str | None:
-    """The first key of ``TTS_API_KEY``, from the environment, else from ``./.env``."""
-    value = os.environ.get("TTS_API_KEY")
+def _api_key(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """The key to send (``--api-key``, else the first key of ``TTS_API_KEY`` from the
+    environment, else from ``./.env``) and where it came from; ``None``s for none."""
+    if args.api_key:
+        return args.api_key, "--api-key"
+    value, key_from = os.environ.get("TTS_API_KEY"), "TTS_API_KEY in the environment"
     if value is None and Path(".env").is_file():
-        value = dotenv_values(".env").get("TTS_API_KEY")
+        value, key_from = dotenv_values(".env").get("TTS_API_KEY"), "TTS_API_KEY in .env"
     keys = [key.strip() for key in (value or "").split(",") if key.strip()]
-    return keys[0] if keys else None
+    return (keys[0], key_from) if keys else (None, None)
 
 
 def _text_of(args: argparse.Namespace) -> str | AsyncIterator[str]:
@@ -412,21 +416,26 @@ def _check_writable(path: Path) -> None:
 
 
 def _talk(
-    work: Coroutine[Any, Any, T], url: str, *, output: _AudioOutput | None = None
+    work: Coroutine[Any, Any, T],
+    url: str,
+    *,
+    key_from: str | None,
+    output: _AudioOutput | None = None,
 ) -> T | None:
-    """Run ``work`` against the server at ``url``; ``None`` if it failed (said in one
-    line on standard error, with the audio ``output`` got before, if any)."""
+    """Run ``work`` against the server at ``url``, with a key from ``key_from`` (if
+    any); ``None`` if it failed (said in one line on standard error, with the audio
+    ``output`` got before, if any)."""
     try:
         return asyncio.run(work)
     except (SpeechError, InvalidHandshake, WebSocketException, OSError) as exc:
-        line = _failure(exc, url)
+        line = _failure(exc, url, key_from)
         if output is not None and output.received:
             line += f" ({output.shown} has the {output.received} bytes of audio before it)"
         print(f"ttsstream say: {line}", file=sys.stderr)
         return None
 
 
-def _failure(exc: BaseException, url: str) -> str:
+def _failure(exc: BaseException, url: str, key_from: str | None) -> str:
     """One line for what went wrong talking to the server."""
     if isinstance(exc, SpeechError):
         return str(exc)
@@ -435,7 +444,10 @@ def _failure(exc: BaseException, url: str) -> str:
     if isinstance(exc, InvalidStatus):
         status = exc.response.status_code
         hint = {
-            401: ": an API key is needed (--api-key KEY, or TTS_API_KEY in the environment "
+            # The server answers 401 to a missing key and to a wrong one alike.
+            401: f": the API key ({key_from}) was refused"
+            if key_from is not None
+            else ": an API key is needed (--api-key KEY, or TTS_API_KEY in the environment "
             "or .env)",
             403: ": the API key or the origin was refused",
             429: ": too many requests from this address; try again later",
@@ -444,8 +456,8 @@ def _failure(exc: BaseException, url: str) -> str:
     return f"cannot talk to {url}: {exc}"
 
 
-def _list_voices(args: argparse.Namespace, api_key: str | None) -> int:
-    voices = _talk(list_voices(args.url, api_key=api_key), args.url)
+def _list_voices(args: argparse.Namespace, api_key: str | None, key_from: str | None) -> int:
+    voices = _talk(list_voices(args.url, api_key=api_key), args.url, key_from=key_from)
     if voices is None:
         return 1
     wanted = (args.locale or "").lower()
