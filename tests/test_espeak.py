@@ -138,6 +138,24 @@ async def test_audio_streams_and_words_never_follow_their_audio(engine: EspeakEn
             assert sent_ms <= event.offset_ms + 1
 
 
+async def test_punctuation_is_no_word(engine: EspeakEngine) -> None:
+    """Dashes, question marks, commas and ellipses standing alone (the protocol's own
+    streaming example ends with the piece ", and warm.") give no word event; the
+    words around them keep their places, and the audio goes on through them."""
+    for text, spoken in (
+        ("Wait — what ? Yes , well ... fine.", ["Wait", "what", "Yes", "well", "fine"]),
+        (", and warm.", ["and", "warm"]),
+        ("— ? , ...", []),
+    ):
+        events = await speak(engine, text)
+        words = words_of(events)
+        assert [w.text for w in words] == spoken, text
+        assert all(text[w.char_start : w.char_end] == w.text for w in words)
+        offsets = [w.offset_ms for w in words]
+        assert offsets == sorted(offsets)
+        assert audio_of(events)
+
+
 @pytest.mark.parametrize(
     "text",
     [
@@ -153,11 +171,12 @@ async def test_audio_streams_and_words_never_follow_their_audio(engine: EspeakEn
     ],
 )
 async def test_hard_texts_give_one_event_per_word(engine: EspeakEngine, text: str) -> None:
-    """Numbers, hyphens, contractions, quotes, non-ASCII, CJK: one event per word, in order."""
+    """Numbers, hyphens, contractions, quotes, non-ASCII, CJK: one event per word, in
+    order; punctuation or an emoji alone between spaces is no word."""
     voice = "espeak:cmn" if text.startswith("中") else "espeak:en-us"
     events = await speak(engine, text, voice=voice)
     words = words_of(events)
-    tokens = tokens_of(text)
+    tokens = [token for token in tokens_of(text) if any(c.isalnum() for c in token.text)]
     assert [(w.char_start, w.char_end) for w in words] == [(t.start, t.end) for t in tokens]
     offsets = [w.offset_ms for w in words]
     assert offsets == sorted(offsets)

@@ -216,3 +216,25 @@ def test_offline_voice_settings_are_checked_at_start() -> None:
     assert raised.value.variable == "FALLBACK_VOICE"
     assert speech_router(Config(fallback_voice="espeak:de")).fallback_voice == "espeak:de"
     assert speech_router(Config(), with_offline=False).fallback_voice is None
+
+
+async def test_words_are_words_whichever_engine_speaks(client: Client) -> None:
+    """The protocol's streaming example gives the same words by Edge and by the offline
+    voice: words, never punctuation (its last piece, ", and warm.", gave eSpeak a
+    word ","), and end counts them."""
+    pieces = ["Hello there! I was just ", "thinking about the weather. It ", "is sunny"]
+    spoken = {}
+    for id, voice in (("edge", "en-US-AriaNeural"), ("espeak", "espeak:en-us")):
+        await client.send({"type": "speak", "id": id, "stream": True, "voice": voice})
+        for piece in pieces:
+            await client.send({"type": "append", "id": id, "text": piece})
+        await client.send({"type": "flush", "id": id})
+        await client.send({"type": "append", "id": id, "text": ", and warm."})
+        await client.send({"type": "finish", "id": id})
+        result = await client.until_final(id)
+        assert result.messages[0]["engine"] == id
+        assert (result.final["type"], result.final["segments"]) == ("end", 3), result.final
+        spoken[id] = [word["text"] for word in result.words]
+        assert result.final["words"] == len(spoken[id])
+    words = ["Hello", "there", "I", "was", "just", "thinking", "about", "the", "weather"]
+    assert spoken["edge"] == spoken["espeak"] == [*words, "It", "is", "sunny", "and", "warm"]

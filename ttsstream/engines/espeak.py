@@ -392,7 +392,8 @@ class EspeakEngine:
                 turns.consumed(pcm)
                 for char_index, time_ms in marks:
                     for word in timeline.mark(char_index, time_ms):
-                        yield _delayed(word)
+                        if _is_word(word):
+                            yield _delayed(word)
                 if pcm:
                     pcm_ms += len(pcm) / 2 * 1000 / self._sample_rate
                     mp3 = await loop.run_in_executor(None, encoder.encode, pcm)
@@ -404,7 +405,8 @@ class EspeakEngine:
             if pcm_ms == 0:
                 raise NoAudio("the offline voice produced no audio")
             for word in timeline.finish(pcm_ms):
-                yield _delayed(word)
+                if _is_word(word):
+                    yield _delayed(word)
             held.append((pcm_ms, bytes(await loop.run_in_executor(None, encoder.flush)), b""))
             for _, mp3, pcm in held:
                 if mp3 or pcm:
@@ -569,6 +571,12 @@ def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[Any], None],
     # The loop may have closed while eSpeak finished an abandoned utterance.
     with contextlib.suppress(RuntimeError):
         loop.call_soon_threadsafe(callback, item)
+
+
+def _is_word(word: WordEvent) -> bool:
+    """Whether a piece of the text between spaces is a word: punctuation alone (``—``,
+    ``?``, ``...``) is not, as Edge reports none (its time stays a pause)."""
+    return any(char.isalnum() for char in word.text)
 
 
 def _delayed(word: WordEvent) -> WordEvent:
