@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from typing import Any
 
@@ -238,3 +239,35 @@ async def test_words_are_words_whichever_engine_speaks(client: Client) -> None:
         assert result.final["words"] == len(spoken[id])
     words = ["Hello", "there", "I", "was", "just", "thinking", "about", "the", "weather"]
     assert spoken["edge"] == spoken["espeak"] == [*words, "It", "is", "sunny", "and", "warm"]
+
+
+async def test_a_voice_list_without_edge_is_said_once(
+    start_server: ServerFactory, fake: FakeEdge, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While Edge's voice list fails, voice lists hold the offline voices, and the log
+    says so once, not at every request; once when Edge's voices are back."""
+    caplog.set_level(logging.INFO, logger="ttsstream.core.router")
+    fake.refuse_voices_status = 503
+    async with connected(await start_server()) as client:
+        for _ in range(5):
+            await client.send({"type": "voices"})
+            voices = (await client.next_loose())["voices"]
+            assert voices and {voice["engine"] for voice in voices} == {"espeak"}
+        fake.refuse_voices_status = None
+        for _ in range(2):
+            await client.send({"type": "voices"})
+            voices = (await client.next_loose())["voices"]
+            assert {voice["engine"] for voice in voices} == {"edge", "espeak"}
+    said = [
+        (record.levelname, record.getMessage())
+        for record in caplog.records
+        if record.name == "ttsstream.core.router" and record.getMessage().startswith("voice list: ")
+    ]
+    assert said == [
+        (
+            "WARNING",
+            "voice list: Edge unavailable (upstream_unavailable), offline voices only "
+            "until it answers",
+        ),
+        ("INFO", "voice list: Edge's voices listed again"),
+    ], said

@@ -172,6 +172,9 @@ class SpeechRouter:
         #: the error code of the last failed fetch (``None`` once one succeeded).
         self.edge_voices: int | None = None
         self.edge_voices_error: str | None = None
+        #: While voice lists go out without Edge's voices, the error code of the fetch
+        #: that failed (said once as it begins, once as it ends), else ``None``.
+        self._voices_without_edge: str | None = None
 
     @property
     def online_engine(self) -> tuple[str, AudioFormat]:
@@ -192,8 +195,17 @@ class SpeechRouter:
         except UpstreamError as exc:
             if not offline:
                 raise
-            logger.warning("voice list: Edge unavailable (%s), offline voices only", exc.code)
+            if self._voices_without_edge is None:
+                logger.warning(
+                    "voice list: Edge unavailable (%s), offline voices only until it answers",
+                    exc.code,
+                )
+            self._voices_without_edge = exc.code
             online = []
+        else:
+            if self._voices_without_edge is not None:
+                logger.info("voice list: Edge's voices listed again")
+            self._voices_without_edge = None
         return online + offline
 
     async def keep_voices_fresh(self, every: float) -> None:
