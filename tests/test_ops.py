@@ -477,3 +477,27 @@ async def test_access_log_tells_the_upstreams_time_from_the_servers(
         assert slow_edge * 1000 <= spoken["upstream_ms"] <= spoken["ttfb_ms"] - slow * 1000
     assert replay["upstream_ms"] is None and replay["ttfb_ms"] >= slow * 1000
     assert len(fake.records) == 2
+
+
+async def test_side_port_refusals_are_json_as_on_the_main_port(server: Server) -> None:
+    """An unknown path on the side port is 404 and a wrong method 405, with the JSON
+    body the main port gives them (and the 405 its Allow header)."""
+    side, main = (f"http://127.0.0.1:{port}" for port in (server.ops.port, server.port))
+    async with aiohttp.ClientSession() as session:
+        for method, side_path, main_path, status in (
+            ("GET", "/nope", "/nope", 404),
+            ("POST", "/health", "/", 405),
+        ):
+            answers = []
+            for url in (side + side_path, main + main_path):
+                async with session.request(method, url) as response:
+                    assert response.status == status, url
+                    assert response.content_type == "application/json", url
+                    answers.append(await response.json())
+            assert answers[0] == answers[1], answers
+        async with session.post(side + "/health") as response:
+            assert response.headers["Allow"] == "GET, HEAD"
+            assert await response.json() == {
+                "error": "method_not_allowed",
+                "message": "POST is not allowed here",
+            }

@@ -3,11 +3,13 @@
 Built on ``aiohttp.web`` with its two-phase ``AppRunner`` (``setup`` then
 ``cleanup``). It has no authentication: it is meant for internal networks, so
 bind it to loopback (``HEALTH_HOST=127.0.0.1``) on a host that faces the internet.
+Unknown paths get 404 and wrong methods 405 with the JSON error body of the main
+port's HTTP door.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import orjson
 from aiohttp import web
@@ -16,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from ttsstream import __version__
 from ttsstream.core.services import Services
 from ttsstream.exceptions import ClientError
+from ttsstream.http.app import json_error
 from ttsstream.ws.protocol import encode_voices
 
 __all__ = ["OpsServer"]
@@ -32,7 +35,7 @@ class OpsServer:
     def __init__(self, services: Services, *, state: Callable[[], str]) -> None:
         self._services = services
         self._state = state
-        app = web.Application()
+        app = web.Application(middlewares=[_json_errors])
         app.router.add_get("/health", self.health)
         app.router.add_get("/ready", self.ready)
         app.router.add_get("/stats", self.stats)
@@ -125,6 +128,24 @@ class OpsServer:
         except ClientError as exc:
             return _json({"error": exc.code, "message": exc.message}, 503)
         return web.Response(body=encode_voices(voices), content_type="application/json")
+
+
+@web.middleware
+async def _json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """aiohttp's own 404 and 405 with the JSON body of refusals, as on the main port."""
+    try:
+        return await handler(request)
+    except web.HTTPNotFound:
+        return json_error(404, "not_found", "no such endpoint")
+    except web.HTTPMethodNotAllowed as exc:
+        return json_error(
+            405,
+            "method_not_allowed",
+            f"{request.method} is not allowed here",
+            Allow=", ".join(sorted(exc.allowed_methods)),
+        )
 
 
 def _json(body: object, status: int = 200) -> web.Response:
