@@ -296,3 +296,72 @@ def test_the_example_env_file_undoes_nothing_the_units_and_image_set() -> None:
             assert getattr(load_config({variable: value}, env_file=None), field) == getattr(
                 defaults, field
             ), variable
+
+
+def systemd_environment(name: str, instance: str, files: dict[str, str]) -> dict[str, str] | None:
+    """The environment systemd gives ``instance`` of unit ``name``: its Environment=
+    assignments, overridden by its EnvironmentFile= files in their order (``files``:
+    those that exist, path to text); ``None`` when a file not marked optional (``-``)
+    is missing, since systemd then does not start the unit."""
+    values = unit(name)
+    environment: dict[str, str] = {}
+    for line in values.get("Environment", []):
+        for pair in shlex.split(line.replace("%i", instance)):
+            key, _, value = pair.partition("=")
+            environment[key] = value
+    for path in values.get("EnvironmentFile", []):
+        optional = path.startswith("-")
+        path = path.removeprefix("-").replace("%i", instance)
+        if path not in files:
+            if optional:
+                continue
+            return None
+        text = files[path]
+        environment.update(
+            (key.strip(), value)
+            for line in text.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")
+            for key, _, value in [line.partition("=")]
+        )
+    return environment
+
+
+def test_template_instances_start_from_the_files_the_guide_makes() -> None:
+    """ttsstream@.service with the files docs/deployment.md has made: an instance with
+    no file of its own starts (that file is optional), and each instance the guide
+    starts gets a valid configuration and ports of its own."""
+    guide = (ROOT / "docs" / "deployment.md").read_text()
+    steps = next(
+        block
+        for block in re.findall(r"```sh\n(.*?)```", guide, re.S)
+        if "deploy/ttsstream@.service" in block
+    )
+    files = {
+        destination: (ROOT / source.removeprefix("/opt/ttsstream/")).read_text()
+        for source, destination in re.findall(
+            r"^sudo .*cp (/opt/ttsstream/\S+) (/etc/ttsstream/\S+\.env)$", steps, re.M
+        )
+    }
+    files.update(
+        (destination, line + "\n")
+        for line, destination in re.findall(
+            r"^echo (\S+) \| sudo tee (/etc/ttsstream/\S+\.env)$", steps, re.M
+        )
+    )
+    assert "/etc/ttsstream/ttsstream.env" in files
+    started = re.findall(r"ttsstream@(\d+)", steps.rsplit("enable --now", 1)[1])
+    assert len(started) >= 2 and any(f"/etc/ttsstream/{p}.env" not in files for p in started)
+    command = shlex.split(unit("ttsstream@.service")["ExecStart"][0])
+    ports: list[int] = []
+    for instance in started:
+        environment = systemd_environment("ttsstream@.service", instance, files)
+        assert environment is not None, f"ttsstream@{instance} would not start"
+        arguments = [argument.replace("%i", instance) for argument in command[1:]]
+        assert arguments == ["serve", instance]
+        config = load_config(environment, env_file=None, port=int(instance))
+        ports += [config.port, config.health_port]
+    assert len(set(ports)) == len(ports), ports
+    # Without its own file at all, an instance still starts, on the default side port.
+    environment = systemd_environment("ttsstream@.service", "9000", files)
+    assert environment is not None
+    assert load_config(environment, env_file=None, port=9000).health_port == 8766
