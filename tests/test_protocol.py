@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ttsstream.core.voices import in_locale
 from ttsstream.engines.base import Voice, WordEvent
 from ttsstream.exceptions import (
     BadJSON,
@@ -94,10 +95,74 @@ def test_unknown_fields_are_ignored() -> None:
 
 
 def test_cancel_and_voices() -> None:
-    """cancel with and without id, and voices, parse to their messages."""
+    """cancel with and without id, and voices with and without a locale, parse to their
+    messages."""
     assert parse({"type": "cancel", "id": "u1"}) == Cancel(id="u1")
     assert parse({"type": "cancel"}) == Cancel(id=None)
     assert parse({"type": "voices"}) == ListVoices()
+    assert parse({"type": "voices", "locale": "en-US"}) == ListVoices(locale="en-US")
+    assert parse({"type": "voices", "locale": ""}) == ListVoices()
+    with pytest.raises(BadMessage):
+        parse({"type": "voices", "locale": ["en"]})
+
+
+def test_null_is_a_field_left_out() -> None:
+    """Every optional field sent as null parses as if it were left out (defect 7)."""
+    nulls = {
+        field: None for field in ("voice", "rate", "volume", "pitch", "words", "format", "stream")
+    }
+    speak = parse({"type": "speak", "id": "u1", "text": "Hi", **nulls})
+    assert speak == Speak(id="u1", text="Hi")  # every field its default
+    assert parse({"type": "speak", "id": None, "text": "Hi"}).id_given is False
+    assert parse({"type": "voices", "locale": None}) == ListVoices()
+    assert parse({"type": "cancel", "id": None}) == Cancel(id=None)
+    with pytest.raises(BadMessage):  # a required field sent as null is still missing
+        parse({"type": "speak", "id": "u1", "text": None})
+
+
+@pytest.mark.parametrize(
+    ("locale", "wanted", "matches"),
+    [
+        ("en-US", None, True),
+        ("en-US", "", True),
+        ("en-US", "en", True),
+        ("en-GB", "EN", True),
+        ("en", "en", True),
+        ("en-US", "en-us", True),
+        ("en-US", " en_US ", True),
+        ("en-US-nyc", "en-US", True),
+        ("en-GB-x-RP", "en-GB", True),
+        ("en-US", "en-GB", False),
+        ("eu", "en", False),
+        ("en-USX", "en-US", False),
+        ("en", "en-US", False),
+        ("fr-FR", "fr-FR-x", False),
+    ],
+)
+def test_one_locale_rule(locale: str, wanted: str | None, matches: bool) -> None:
+    """A locale asked for matches the same locale or one it begins as a whole part of, in
+    any case; nothing asked matches every voice (issue 32, defect 6)."""
+    assert in_locale(locale, wanted) is matches
+
+
+def test_the_voices_message_keeps_the_locale_asked_for() -> None:
+    """encode_voices with a locale lists by the one locale rule: en keeps en-US, en-GB and
+    eSpeak's en-US-nyc; en-US keeps en-US-nyc, not en-GB."""
+    voices = [
+        Voice("en-US-AriaNeural", "en-US", "Female", "edge"),
+        Voice("en-GB-RyanNeural", "en-GB", "Male", "edge"),
+        Voice("espeak:en-us-nyc", "en-US-nyc", "Male", "espeak"),
+        Voice("fr-FR-DeniseNeural", "fr-FR", "Female", "edge"),
+    ]
+
+    def names(locale: str | None) -> list[str]:
+        encoded = orjson.loads(encode_voices(voices, locale=locale))
+        return [voice["name"] for voice in encoded["voices"]]
+
+    assert names(None) == [voice.name for voice in voices]
+    assert names("en") == ["en-US-AriaNeural", "en-GB-RyanNeural", "espeak:en-us-nyc"]
+    assert names("en-US") == ["en-US-AriaNeural", "espeak:en-us-nyc"]
+    assert names("de") == []
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,9 @@ import asyncio
 import base64
 import contextlib
 import logging
+import sys
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -108,8 +110,17 @@ async def test_get_tts_takes_its_fields_from_the_query(server: Server, fake: Fak
         ("/tts", {"text": "Hi", "voice": "en-US-NobodyNeural"}, 400, "invalid_voice", None),
         ("/tts", {"text": "Hi", "rate": "fast"}, 400, "invalid_parameter", "rate"),
         ("/tts", [1, 2], 400, "bad_message", None),
-        ("/v1/audio/speech", {"voice": "alloy", "input": "Hi"}, 400, "invalid_parameter", "model"),
+        (
+            "/v1/audio/speech",
+            {"model": 1, "voice": "alloy", "input": "Hi"},
+            400,
+            "bad_message",
+            "model",
+        ),
         ("/v1/audio/speech", {"model": "tts-1", "voice": "alloy"}, 400, "bad_message", "input"),
+        ("/v1/audio/speech", {"voice": "Bob", "input": "Hi"}, 400, "invalid_voice", "voice"),
+        ("/v1/audio/speech", {"voice": 7, "input": "Hi"}, 400, "bad_message", "voice"),
+        ("/audio/speech", {"input": "Hi", "speed": "fast"}, 400, "bad_message", "speed"),
         (
             "/v1/audio/speech",
             {"model": "tts-1", "voice": "alloy", "input": "Hi", "speed": 5},
@@ -433,8 +444,8 @@ async def test_the_openai_sdk_streams_speech(
     decoded = miniaudio.mp3_read_s16(audio)
     samples = array.array("h", decoded.samples)
     assert len(samples) / 24 == pytest.approx(len(audio) / FRAME_BYTES * 24, rel=0.05)
-    assert len(MODELS) == 4 and len(DEFAULT_VOICES) == 13
-    for model, voice in zip(MODELS, ["echo", "nova", "cedar", "shimmer"], strict=True):
+    assert len(MODELS) == 7 and len(DEFAULT_VOICES) == 13
+    for model, voice in zip(MODELS, DEFAULT_VOICES, strict=False):
         speech = await client.audio.speech.create(model=model, voice=voice, input="Hi.")
         assert speech.content
 
@@ -488,8 +499,8 @@ async def test_the_openai_sdk_raises_its_own_errors(
 async def test_models_and_voices(
     server: Server, fake: FakeEdge, openai_client: OpenAIClients
 ) -> None:
-    """GET /v1/models lists the four models (the SDK reads it); GET /v1/audio/voices the
-    voices and the OpenAI names with what they map to, filtered by locale."""
+    """GET /v1/models lists the model names (the SDK reads it); GET /v1/audio/voices every
+    name voice accepts, OpenAI's first, each with the id to send and a name for people."""
     models = await openai_client(server).models.list()
     assert [model.id for model in models.data] == list(MODELS)
     async with aiohttp.ClientSession() as session:
@@ -499,11 +510,33 @@ async def test_models_and_voices(
             http_of(server) + "/v1/audio/voices", params={"locale": "en-GB"}
         ) as response:
             british = orjson.loads(await response.read())
-    names = {voice["name"] for voice in listed["voices"]}
-    assert {voice["ShortName"] for voice in fake.voices} <= names and "espeak:fr" in names
-    assert {alias["name"]: alias["voice"] for alias in listed["aliases"]} == DEFAULT_VOICES
-    assert {voice["locale"] for voice in british["voices"]} == {"en-GB"}
-    assert {alias["name"] for alias in british["aliases"]} == {"ballad", "fable"}
+    ids = [voice["id"] for voice in listed["voices"]]
+    assert ids[: len(DEFAULT_VOICES)] == list(DEFAULT_VOICES)
+    assert {voice["ShortName"] for voice in fake.voices} <= set(ids) and "espeak:fr" in ids
+    by_id = {voice["id"]: voice for voice in listed["voices"]}
+    assert by_id["en-US-AriaNeural"] == {
+        "id": "en-US-AriaNeural",
+        "name": "en-US-AriaNeural (Female, en-US)",
+        "locale": "en-US",
+        "gender": "Female",
+        "engine": "edge",
+    }
+    assert by_id["alloy"] == {
+        "id": "alloy",
+        "name": "alloy → en-US-AvaNeural",
+        "voice": "en-US-AvaNeural",
+        "locale": "en-US",
+        "gender": "Female",
+        "engine": "edge",
+    }
+    assert by_id["espeak:fr"]["name"] == "espeak:fr (Male, fr-FR)"
+    assert {alias["id"]: alias["voice"] for alias in listed["aliases"]} == DEFAULT_VOICES
+    assert {voice["locale"][:5] for voice in british["voices"]} == {"en-GB"}
+    assert "en-GB-scotland" in {voice["locale"] for voice in british["voices"]}
+    assert {alias["id"] for alias in british["aliases"]} == {"ballad", "fable"}
+    assert {"ballad", "fable", "en-GB-RyanNeural", "espeak:en"} <= {
+        voice["id"] for voice in british["voices"]
+    }
 
 
 async def test_voice_map_overrides_the_default_table(
@@ -790,3 +823,319 @@ async def test_a_body_that_ends_early_is_no_server_error(
         await asyncio.sleep(0.01)
     assert server.stats.errors == 1
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+# OpenAI's contract as its clients use it (issue 32)
+
+
+@pytest.mark.parametrize(
+    "model",
+    [None, "", "kokoro", "TTS-1", "tts-1-1106", "tts-1-hd-1106", "gpt-4o-mini-tts-2025-03-20"],
+)
+async def test_any_model_is_spoken(server: Server, fake: FakeEdge, model: str | None) -> None:
+    """A model left out, empty, another server's, in capitals or dated speaks as tts-1
+    (Edge has one quality)."""
+    body = {"input": "Hi.", "voice": "alloy"} | ({} if model is None else {"model": model})
+    status, headers, audio = await post(server, "/v1/audio/speech", body)
+    assert (status, headers["Content-Type"]) == (200, "audio/mpeg")
+    assert audio == bytes(fake.records[0].audio)
+
+
+@pytest.mark.parametrize(
+    ("voice", "spoken"),
+    [
+        (None, "EmmaMultilingualNeural"),  # DEFAULT_VOICE
+        ("", "EmmaMultilingualNeural"),
+        ("   ", "EmmaMultilingualNeural"),
+        (" echo", "BrianNeural"),
+        ("ALLOY ", "AvaNeural"),
+        ("Nova", "JennyNeural"),
+        (" en-US-GuyNeural ", "GuyNeural"),
+        ({"id": " sage"}, "AriaNeural"),
+    ],
+)
+async def test_a_voice_left_out_spaced_or_in_capitals(
+    server: Server, fake: FakeEdge, voice: object, spoken: str
+) -> None:
+    """No voice or an empty one is DEFAULT_VOICE; surrounding spaces are dropped; OpenAI's
+    names match in any case."""
+    body = {"model": "tts-1", "input": "Hi."} | ({} if voice is None else {"voice": voice})
+    status, headers, _ = await post(server, "/v1/audio/speech", body)
+    assert status == 200
+    assert fake.records[0].voice.endswith(f"{spoken})")
+    assert headers["X-TTS-Voice"].endswith(spoken)
+
+
+@pytest.mark.parametrize("path", ["/tts", "/v1/audio/speech"])
+async def test_an_unknown_voice_is_named_with_where_the_list_is(
+    server: Server, fake: FakeEdge, path: str
+) -> None:
+    """An unknown voice's error names it and says where the voices are listed; OpenAI's
+    shape says param voice."""
+    await server.services.speech.voices()  # the list is known: voices are checked
+    body = {"text": "Hi.", "input": "Hi.", "voice": "Bobby"}
+    status, _, raw = await post(server, path, body)
+    error = orjson.loads(raw)
+    message = error["message"] if path == "/tts" else error["error"]["message"]
+    assert status == 400 and '"Bobby"' in message and "GET /v1/audio/voices" in message
+    if path != "/tts":
+        assert (error["error"]["code"], error["error"]["param"]) == ("invalid_voice", "voice")
+    assert fake.records == []
+
+
+@pytest.mark.parametrize("door", ["ws", "tts", "openai"])
+async def test_null_is_a_field_left_out_on_every_door(
+    server: Server, fake: FakeEdge, door: str
+) -> None:
+    """Every optional field sent as null is the field left out, on every door (defect 7:
+    "speed": null was 400 while "response_format": null was the default)."""
+    prosody: dict[str, Any] = {"voice": None, "rate": None, "volume": None, "pitch": None}
+    if door == "ws":
+        async with connected(server) as client:
+            await client.speak(TEXT, words=None, format=None, stream=None, **prosody)
+            final = (await client.until_final("u1")).final
+        assert final["type"] == "end", final
+    elif door == "tts":
+        status, _, _ = await post(server, "/tts", {"text": TEXT, "format": None, **prosody})
+        assert status == 200
+    else:
+        body = {
+            "input": TEXT,
+            "model": None,
+            "voice": None,
+            "speed": None,
+            "instructions": None,
+            "response_format": None,
+            "stream_format": None,
+            "timestamps": None,
+        }
+        status, headers, _ = await post(server, "/v1/audio/speech", body)
+        assert (status, headers["Content-Type"]) == (200, "audio/mpeg")
+    record = fake.records[0]
+    assert record.voice.endswith("EmmaMultilingualNeural)")
+    assert (record.rate, record.pitch) == ("+0%", "+0Hz")
+
+
+@pytest.mark.parametrize("prefix", ["/v1", ""])
+async def test_the_model_lists(server: Server, prefix: str) -> None:
+    """/models in OpenAI's list shape, /models/{id} the model object (in any case; 404 in
+    OpenAI's shape for a name not listed), /audio/models as Open WebUI reads it; with
+    and without /v1."""
+    async with aiohttp.ClientSession() as session:
+        async with session.get(http_of(server) + prefix + "/models") as response:
+            listed = orjson.loads(await response.read())
+        async with session.get(http_of(server) + prefix + "/models/TTS-1") as response:
+            assert response.status == 200
+            one = orjson.loads(await response.read())
+        async with session.get(http_of(server) + prefix + "/models/kokoro") as response:
+            assert response.status == 404
+            missing = orjson.loads(await response.read())
+        async with session.get(http_of(server) + prefix + "/audio/models") as response:
+            audio_models = orjson.loads(await response.read())
+    assert [model["id"] for model in listed["data"]] == list(MODELS)
+    assert one == {"id": "tts-1", "object": "model", "created": 0, "owned_by": "ttsstream"}
+    assert missing["error"]["code"] == "not_found" and "kokoro" in missing["error"]["message"]
+    assert audio_models == {"models": [{"id": model} for model in MODELS]}
+
+
+async def test_openai_routes_without_v1(
+    server: Server, fake: FakeEdge, openai_client: OpenAIClients
+) -> None:
+    """A client whose base URL has no /v1 speaks, lists voices and models, and gets
+    OpenAI's error shape."""
+    client = openai.AsyncOpenAI(base_url=http_of(server), api_key="unused", max_retries=0)
+    try:
+        speech = await client.audio.speech.create(model="tts-1", voice="alloy", input="Hi.")
+        models = await client.models.list()
+        with pytest.raises(openai.BadRequestError) as raised:
+            await client.audio.speech.create(model="tts-1", voice="alloy", input="  ")
+    finally:
+        await client.close()
+    assert speech.content == bytes(fake.records[0].audio)
+    assert [model.id for model in models.data] == list(MODELS)
+    assert (raised.value.code, raised.value.param) == ("empty_text", "input")
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(http_of(server) + "/audio/voices", params={"locale": "fr"}) as response,
+    ):
+        voices = orjson.loads(await response.read())["voices"]
+    assert {voice["id"] for voice in voices} == {
+        "fr-FR-DeniseNeural",
+        "espeak:fr",
+        "espeak:fr-be",
+        "espeak:fr-ch",
+    }
+
+
+def _openai_error(raw: bytes) -> dict[str, Any]:
+    """OpenAI's error object, checked to have its four fields."""
+    error: dict[str, Any] = orjson.loads(raw)["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    return error
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "options", "status", "code"),
+    [
+        ("GET", "/v1/nothing", {}, 404, "not_found"),
+        ("GET", "/audio/nothing", {}, 404, "not_found"),
+        ("GET", "/v1/models/nothing", {}, 404, "not_found"),
+        ("GET", "/v1/audio/speech", {}, 405, "method_not_allowed"),
+        ("DELETE", "/audio/voices", {}, 405, "method_not_allowed"),
+        ("POST", "/v1/models", {}, 405, "method_not_allowed"),
+        (
+            "POST",
+            "/v1/audio/speech",
+            {
+                "data": b"x" * (speech.MAX_BODY_BYTES + 1),
+                "headers": {"Content-Type": "application/json"},
+            },
+            413,
+            "body_too_large",
+        ),
+        (
+            "POST",
+            "/audio/speech",
+            {"data": b"input=hi", "headers": {"Content-Type": "text/plain"}},
+            415,
+            "unsupported_media_type",
+        ),
+    ],
+)
+async def test_every_error_of_openais_routes_has_openais_shape(
+    server: Server, method: str, path: str, options: dict[str, Any], status: int, code: str
+) -> None:
+    """404, 405, 413 and 415 on OpenAI's routes, with and without /v1, come in OpenAI's
+    error shape (defect 5: GET /v1/audio/speech's 405 did not)."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(method, http_of(server) + path, **options) as response,
+    ):
+        assert response.status == status
+        error = _openai_error(await response.read())
+    assert error["code"] == code and error["message"]
+    assert error["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
+
+
+async def test_a_later_heads_431_has_openais_shape_on_its_routes(server: Server) -> None:
+    """A later request on a kept-alive connection with a head over its limit gets 431 in
+    OpenAI's shape on OpenAI's routes; /tts keeps the protocol's."""
+    for path, openai_shape in [("/v1/audio/voices", True), ("/tts?text=hi", False)]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            writer.write(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            status, _, _ = await _answer_of(reader)
+            assert status == 200
+            fields = "".join(f"X-Filler-{n}: {'y' * 4000}\r\n" for n in range(5))
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{fields}\r\n".encode())
+            status, _, body = await _answer_of(reader)
+        finally:
+            writer.close()
+        assert status == 431
+        if openai_shape:
+            assert _openai_error(body)["code"] == "head_too_large"
+        else:
+            assert orjson.loads(body)["error"] == "head_too_large"
+
+
+async def test_the_websocket_and_tts_keep_the_protocols_error_shape(
+    start_server: ServerFactory,
+) -> None:
+    """/v1/stream (the WebSocket's path, read by the browser client) and /tts answer
+    errors in the protocol's shape, though under /v1/ for the first."""
+    server = await start_server(api_keys=(KEY,))
+    async with aiohttp.ClientSession() as session:
+        async with session.get(http_of(server) + "/v1/stream") as response:
+            assert response.status == 401
+            assert orjson.loads(await response.read())["error"] == "unauthorized"
+        async with session.put(http_of(server) + "/tts") as response:
+            assert response.status == 405
+            assert orjson.loads(await response.read())["error"] == "method_not_allowed"
+
+
+LIST_PATHS = [
+    "/v1/models",
+    "/v1/models/tts-1",
+    "/v1/audio/models",
+    "/v1/audio/voices",
+    "/models",
+    "/audio/models",
+    "/audio/voices",
+]
+
+
+async def test_the_lists_are_public_and_speech_needs_the_key(
+    start_server: ServerFactory,
+) -> None:
+    """With a key set and PUBLIC_LISTS (the default), every model and voice list answers
+    without a key; speech still needs it."""
+    server = await start_server(api_keys=(KEY,))
+    assert server.config.public_lists
+    async with aiohttp.ClientSession() as session:
+        for path in LIST_PATHS:
+            async with session.get(http_of(server) + path) as response:
+                assert response.status == 200, path
+    status, _, raw = await post(server, "/v1/audio/speech", {"input": "Hi."})
+    assert (status, _openai_error(raw)["code"]) == (401, "unauthorized")
+    assert server.stats.auth_failures == 1
+
+
+async def test_public_lists_false_restores_the_key_on_lists(start_server: ServerFactory) -> None:
+    """PUBLIC_LISTS=false: every list needs the key (401 in OpenAI's shape), and opens
+    with it."""
+    server = await start_server(api_keys=(KEY,), public_lists=False)
+    async with aiohttp.ClientSession() as session:
+        for path in LIST_PATHS:
+            async with session.get(http_of(server) + path) as response:
+                assert response.status == 401, path
+                assert _openai_error(await response.read())["code"] == "unauthorized"
+            async with session.get(
+                http_of(server) + path, headers={"Authorization": f"Bearer {KEY}"}
+            ) as response:
+                assert response.status == 200, path
+
+
+@pytest.mark.parametrize("locale", ["en", "en-US", "EN-gb", "fr", "de-DE", "xx"])
+async def test_one_locale_rule_on_every_door(
+    start_server: ServerFactory, tmp_path: Path, locale: str
+) -> None:
+    """HTTP's ?locale=, the WebSocket's voices message and say --list-voices --locale list
+    the same voices; an alias by the voice it maps to (defect 6: ?locale=en listed no
+    voice but 13 aliases, ?locale=en-US left out espeak:en-us-nyc)."""
+    server = await start_server(**MANY_CLIENTS)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(http_of(server) + "/v1/audio/voices", params={"locale": locale}) as response,
+    ):
+        listing = orjson.loads(await response.read())
+    over_http = {voice["id"] for voice in listing["voices"]} - set(DEFAULT_VOICES)
+    async with connected(server) as client:
+        await client.send({"type": "voices", "locale": locale})
+        message = await client.next_loose()
+    over_ws = {voice["name"] for voice in message["voices"]}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "ttsstream",
+        "say",
+        "--list-voices",
+        "--locale",
+        locale,
+        "--url",
+        f"ws://127.0.0.1:{server.port}/v1/stream",
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    stdout, _ = await asyncio.wait_for(process.communicate(), TIMEOUT * 2)
+    over_cli = {line.split("\t")[0] for line in stdout.decode().splitlines()}
+    assert over_http == over_ws == over_cli
+    aliases = {alias["id"] for alias in listing["aliases"]}
+    if locale == "en":
+        assert {"en-US-AriaNeural", "en-GB-RyanNeural", "espeak:en-us-nyc"} <= over_http
+        assert aliases == set(DEFAULT_VOICES)
+    if locale == "en-US":
+        assert "espeak:en-us-nyc" in over_http and "en-GB-RyanNeural" not in over_http
+        assert aliases == set(DEFAULT_VOICES) - {"ballad", "fable"}
+    if locale == "xx":
+        assert over_http == set() and aliases == set()

@@ -23,6 +23,7 @@ from ttsstream import __version__, logs
 from ttsstream.audio.formats import FORMAT_NAMES, format_for_path
 from ttsstream.client import SpeechError, list_voices, speak
 from ttsstream.config import Config, load_config
+from ttsstream.core.voices import in_locale
 from ttsstream.exceptions import CannotListen, ConfigError
 from ttsstream.server import STREAM_PATH, run
 from ttsstream.subtitles import to_srt
@@ -460,14 +461,7 @@ def _list_voices(args: argparse.Namespace, api_key: str | None, key_from: str | 
     voices = _talk(list_voices(args.url, api_key=api_key), args.url, key_from=key_from)
     if voices is None:
         return 1
-    wanted = (args.locale or "").lower()
-    shown = [
-        voice
-        for voice in voices
-        if not wanted
-        or str(voice.get("locale", "")).lower() == wanted
-        or str(voice.get("locale", "")).lower().startswith(wanted + "-")
-    ]
+    shown = [voice for voice in voices if in_locale(str(voice.get("locale", "")), args.locale)]
     for voice in sorted(shown, key=lambda v: str(v.get("name"))):
         print(
             f"{voice.get('name')}\t{voice.get('locale')}\t{voice.get('gender')}\t"

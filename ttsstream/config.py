@@ -131,6 +131,9 @@ class Config:
     #: OpenAI voice names (``alloy``…) mapped to voices, over the default table.
     voice_map: tuple[tuple[str, str], ...] = ()
 
+    #: The model and voice lists of the HTTP API answer without a key (Open WebUI asks
+    #: for them without one); speech always needs the key. False: the lists need it too.
+    public_lists: bool = True
     # Limits per client IP
     #: Handshakes + speak messages allowed per IP in any RATE_LIMIT_WINDOW; 0: no limit.
     rate_limit_requests: int = 100
@@ -416,6 +419,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "PING_INTERVAL": ("ping_interval", _number, "seconds > 0, such as 20"),
     "REDIS_URL": ("redis_url", _optional_text, _REDIS_FORM),
     "REDIS_PREFIX": ("redis_prefix", str.strip, "printable text such as ttsstream:"),
+    "PUBLIC_LISTS": ("public_lists", _boolean, "true or false"),
     "REDIS_LEASE_SECONDS": ("redis_lease_seconds", _number, "seconds >= 1, such as 15"),
     "CACHE_SHARED_TTL": ("cache_shared_ttl", _number, "seconds >= 1, such as 604800"),
     "IDLE_TIMEOUT": ("idle_timeout", _number, "seconds > 0, such as 300"),

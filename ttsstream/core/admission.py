@@ -157,7 +157,15 @@ class Admission:
         """The client's address: the peer, or what a trusted proxy says it is."""
         return client_ip(peer, headers, self._trusted)
 
-    async def admit(self, path: str, headers: HeaderValues, client: str, *, endpoint: bool) -> None:
+    async def admit(
+        self,
+        path: str,
+        headers: HeaderValues,
+        client: str,
+        *,
+        endpoint: bool,
+        needs_key: bool = True,
+    ) -> None:
         """Admit a request from ``client`` (see :meth:`client_ip`) and count its connection.
 
         Every request counts toward the rate limit, refused or not, so that keys
@@ -169,6 +177,8 @@ class Admission:
             headers: Its headers.
             client: The client's IP.
             endpoint: Whether ``path`` names an endpoint.
+            needs_key: Whether the endpoint needs a key when the server has keys (the
+                public lists do not: ``PUBLIC_LISTS``); whatever key it offers is ignored.
 
         Raises:
             HandshakeRefused: Not an endpoint, bad origin or key (or two different
@@ -180,18 +190,31 @@ class Admission:
         refusal: HandshakeRefused | None = None
         if not self.origin_allowed(headers.get("Origin")):
             refusal = OriginNotAllowed("this origin may not connect")
-        elif self.keys.required:
+        elif self.keys.required and needs_key:
             refusal = self._check_key(headers, path)
         if refusal is None and self._in_one_round_trip:
             retry_after = await self._hit_and_count(client)
         else:
             retry_after = await self._hit(client)
         if retry_after is not None:
-            raise RateLimited("too many requests from this client", retry_after=retry_after)
+            raise RateLimited(self._over_limit, retry_after=retry_after)
         if refusal is not None:
             raise refusal
         if not self._in_one_round_trip:
             await self._count_connection(client)
+
+    @property
+    def _over_limit(self) -> str:
+        """What a client over the rate limit is told: the limit is per IP address, which an
+        app speaking for many users from one address (Open WebUI, LibreChat, Home
+        Assistant: a request per sentence) reaches for all of them at once."""
+        limiter = self.limiter
+        return (
+            f"too many requests from this IP address (more than {limiter.limit} in "
+            f"{limiter.window:g} seconds); an app that speaks for many users from one "
+            "address needs the server's RATE_LIMIT_REQUESTS raised, or a proxy that "
+            "forwards each user's IP"
+        )
 
     def _check_key(self, headers: HeaderValues, path: str) -> HandshakeRefused | None:
         """Why the request's key does not open the server, if it does not: none, a
@@ -279,7 +302,7 @@ class Admission:
         if retry_after is not None:
             self._stats.rate_limited += 1
             raise RateLimited(
-                "too many requests from this client",
+                self._over_limit,
                 retry_after=retry_after,
                 utterance_id=utterance_id,
             )

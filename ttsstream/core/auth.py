@@ -7,6 +7,11 @@ and echoes only ``ttsstream.v1``); or ``?api_key=<key>`` in the URL (least safe:
 proxies log URLs). A request offers one key: the same key in several forms is
 that key, two different ones are refused (a request cannot try many keys at
 once). Keys are compared in constant time and never logged.
+
+``Authorization: Bearer undefined`` or ``Bearer null`` (what a JavaScript client
+with no key configured sends, LibreChat's for one) and an empty ``Bearer`` offer
+no key at all: a server without keys admits them, a server with keys answers as
+to a request without a key, and beside a real key they make no second key.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ SUBPROTOCOL = "ttsstream.v1"
 KEY_SUBPROTOCOL_PREFIX = "key."
 _QUERY_KEY = "api_key"
 _BEARER = re.compile(r"Bearer\s+(\S+)\s*", re.IGNORECASE)
+#: What a JavaScript client sends as its bearer token when it has none.
+_NO_TOKEN = frozenset({"undefined", "null"})
 _REDACTIONS = (
     (re.compile(r"(api_key=)[^&\s]*", re.IGNORECASE), r"\1[redacted]"),
     (re.compile(r"(key\.)[^,\s]+"), r"\1[redacted]"),
@@ -87,7 +94,7 @@ def offered_keys(headers: HeaderValues, path: str) -> list[str]:
     """Every credential a handshake offers, in all accepted forms."""
     offered = list(headers.get_all("X-API-Key"))
     for value in headers.get_all("Authorization"):
-        if match := _BEARER.fullmatch(value):
+        if (match := _BEARER.fullmatch(value)) and match.group(1) not in _NO_TOKEN:
             offered.append(match.group(1))
     for value in headers.get_all("Sec-WebSocket-Protocol"):
         for protocol in value.split(","):

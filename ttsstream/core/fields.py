@@ -2,7 +2,8 @@
 
 Pure functions over decoded JSON values (no I/O): each returns the value, or
 ``None`` when it is absent, or raises the protocol's error, with the name of the
-field as the error's ``param``.
+field as the error's ``param``. A field sent as JSON ``null`` is absent, on every
+door: each door reads its fields through :func:`without_nulls` first.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ __all__ = [
     "prosody_fields",
     "text_field",
     "voice_field",
+    "without_nulls",
 ]
 
 # Limits
@@ -52,6 +54,12 @@ E = TypeVar("E", bound=ClientError)
 def _about(field: str, exc: E) -> E:
     exc.param = field
     return exc
+
+
+def without_nulls(fields: Mapping[str, object]) -> dict[str, object]:
+    """``fields`` without those whose value is JSON ``null``: a ``null`` is the field left
+    out (clients send ``"speed": null`` for "the default")."""
+    return {name: value for name, value in fields.items() if value is not None}
 
 
 def text_field(value: object, *, max_length: int, field: str = "text") -> str:

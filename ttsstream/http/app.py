@@ -24,6 +24,7 @@ from aiohttp.http_exceptions import LineTooLong
 from ttsstream.core.admission import HttpAnswer
 from ttsstream.core.services import Services
 from ttsstream.http.demo import load_static
+from ttsstream.http.errors import in_shape_of
 from ttsstream.http.request import judge
 from ttsstream.http.speech import SpeechApi
 from ttsstream.port import MAX_HEAD_BYTES, front_of, head_too_large, request_line_limit
@@ -67,7 +68,8 @@ class HttpDoor:
         self._idle_timeout = services.config.idle_timeout
         self._line_limit = request_line_limit(services.config.max_text_length)
         self._malformed = _MalformedLog()
-        app = web.Application(middlewares=[_front_door, _json_errors], client_max_size=64 * 2**10)
+        # _json_errors outermost: the front door's answers (a later head's 431) are shaped too.
+        app = web.Application(middlewares=[_json_errors, _front_door], client_max_size=64 * 2**10)
         app.router.add_get(STREAM_PATH, self._stream_without_upgrade)
         self.speech = SpeechApi(services)
         self.speech.routes(app)
@@ -231,17 +233,19 @@ def _closing(status: int, message: str) -> web.Response:
 
 @web.middleware
 async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """aiohttp's own 404, 405 and 413 with the JSON body of refusals."""
+    """aiohttp's own 404, 405 and 413 with the JSON body of refusals, and every error
+    answer in the shape of its path (OpenAI's under ``/v1/``)."""
     try:
-        return await handler(request)
+        response = await handler(request)
     except web.HTTPNotFound:
-        return json_error(404, "not_found", "no such endpoint")
+        response = json_error(404, "not_found", "no such endpoint")
     except web.HTTPMethodNotAllowed as exc:
-        return json_error(
+        response = json_error(
             405,
             "method_not_allowed",
             f"{request.method} is not allowed here",
             Allow=", ".join(sorted(exc.allowed_methods)),
         )
     except web.HTTPRequestEntityTooLarge:
-        return json_error(413, "body_too_large", "the request body is over 64 KiB")
+        response = json_error(413, "body_too_large", "the request body is over 64 KiB")
+    return in_shape_of(request.path, response)

@@ -1,9 +1,12 @@
 """The one place where errors become HTTP responses: status, and the two body shapes.
 
-``/tts`` answers with the protocol's shape ``{"error": code, "message": …}``;
-OpenAI's endpoints (``/v1/…``) with OpenAI's ``{"error": {"message", "type",
-"param", "code"}}``, so that its SDKs raise the right exception. The ``code`` is
-always the protocol's stable code.
+``/tts`` (and every path that is not OpenAI's) answers with the protocol's shape
+``{"error": code, "message": …}``; OpenAI's paths (:func:`shape_of`: ``/v1/…``
+but the WebSocket's ``/v1/stream``, and the same routes without ``/v1``) with
+OpenAI's ``{"error": {"message", "type", "param", "code"}}``, so that its SDKs
+raise the right exception: the endpoints' own errors, refusals, and aiohttp's
+404, 405 and 413 or a later request head's 431 (:func:`in_shape_of`). The
+``code`` is always the protocol's stable code.
 """
 
 from __future__ import annotations
@@ -11,10 +14,11 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import orjson
+from aiohttp import web
 
 from ttsstream.exceptions import ClientError, HandshakeRefused, RateLimited, error_code
 
-__all__ = ["Shape", "error_body", "status_of"]
+__all__ = ["Shape", "error_body", "in_shape_of", "openai_body", "shape_of", "status_of"]
 
 #: Which body shape an endpoint answers errors with.
 Shape = Literal["tts", "openai"]
@@ -51,6 +55,42 @@ _OPENAI_TYPES = {
     429: "rate_limit_error",
 }
 
+#: The WebSocket's endpoint: its refusals keep the protocol's shape (the browser client
+#: reads them), though under ``/v1/``.
+_STREAM_PATH = "/v1/stream"
+#: OpenAI's routes are served under ``/v1`` and without it (clients are configured with
+#: either base URL): the folders of OpenAI's paths.
+_OPENAI_ROOTS = ("/v1", "/audio", "/models")
+
+
+def shape_of(path: str) -> Shape:
+    """The error shape of a request for ``path``: OpenAI's for OpenAI's paths."""
+    if path == _STREAM_PATH:
+        return "tts"
+    if path in _OPENAI_ROOTS or path.startswith(tuple(root + "/" for root in _OPENAI_ROOTS)):
+        return "openai"
+    return "tts"
+
+
+def in_shape_of(path: str, response: web.StreamResponse) -> web.StreamResponse:
+    """``response``, its error body in ``path``'s shape: an answer made without knowing
+    the path (aiohttp's 404, 405, 413; a later head's 431) is made in the protocol's
+    shape, which an OpenAI path turns into OpenAI's."""
+    if (
+        response.status < 400
+        or shape_of(path) != "openai"
+        or not isinstance(response, web.Response)
+        or not isinstance(response.body, bytes)
+    ):
+        return response
+    try:
+        body = orjson.loads(response.body)
+    except orjson.JSONDecodeError:
+        return response
+    if isinstance(body, dict) and isinstance(body.get("error"), str):
+        response.body = openai_body(response.status, body["error"], str(body.get("message")))
+    return response
+
 
 def status_of(exc: BaseException) -> int:
     """The HTTP status of an error."""
@@ -72,13 +112,20 @@ def error_body(exc: BaseException, shape: Shape) -> bytes:
         if isinstance(exc, RateLimited):
             body["retry_after"] = exc.retry_after
         return orjson.dumps(body)
-    status = status_of(exc)
+    return openai_body(
+        status_of(exc), code, message, param=exc.param if isinstance(exc, ClientError) else None
+    )
+
+
+def openai_body(status: int, code: str, message: str, *, param: str | None = None) -> bytes:
+    """OpenAI's error body: ``type`` by ``status``, ``code`` the protocol's."""
+    default = "invalid_request_error" if status < 500 else "server_error"
     return orjson.dumps(
         {
             "error": {
                 "message": message,
-                "type": _OPENAI_TYPES.get(status, "server_error"),
-                "param": exc.param if isinstance(exc, ClientError) else None,
+                "type": _OPENAI_TYPES.get(status, default),
+                "param": param,
                 "code": code,
             }
         }

@@ -45,13 +45,15 @@ class Judged:
     answer: HttpAnswer | None = None
 
 
-async def judge(admission: Admission, request: web.BaseRequest) -> Judged:
+async def judge(
+    admission: Admission, request: web.BaseRequest, *, needs_key: bool = True
+) -> Judged:
     """Admit ``request`` as a handshake would be (its connection counted: release it), or
-    say why not."""
+    say why not; ``needs_key=False`` for an endpoint open without a key."""
     headers = RequestHeaders(request.headers)
     client = admission.client_ip(headers, peer_of(request))
     try:
-        await admission.admit(request.path_qs, headers, client, endpoint=True)
+        await admission.admit(request.path_qs, headers, client, endpoint=True, needs_key=needs_key)
     except (HandshakeRefused, RateLimited) as refused:
         answer = admission.answer(refused, headers=headers, client=client, path=request.path_qs)
         return Judged(client, refused, answer)

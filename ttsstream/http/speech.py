@@ -1,4 +1,5 @@
-"""The HTTP speech API: ``/tts`` and OpenAI's ``/v1/audio/speech``, streamed.
+"""The HTTP speech API: ``/tts`` and OpenAI's ``/v1/audio/speech``, streamed, and
+OpenAI's model and voice lists.
 
 Both endpoints run the same utterance as a WebSocket ``speak``
 (:class:`~ttsstream.core.utterance.Utterances`), with the same admission, cache,
@@ -8,6 +9,10 @@ error before them is a proper status and body. A cached text is answered at once
 with its ``Content-Length``. After the first bytes, a failure ends the stream
 early: the connection is dropped before the chunked body's end (SSE: a last
 ``error`` event), and the access log says so.
+
+OpenAI's routes are served under ``/v1`` and without it (``/audio/speech``,
+``/models``…): clients are configured with either base URL. With
+``PUBLIC_LISTS`` the lists answer without a key.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from ttsstream.core.fields import (
     prosody_fields,
     text_field,
     voice_field,
+    without_nulls,
 )
 from ttsstream.core.router import Started
 from ttsstream.core.services import Services
@@ -40,13 +46,22 @@ from ttsstream.exceptions import (
     BodyTimeout,
     BodyTooLarge,
     ClientError,
+    EndpointNotFound,
+    InvalidVoice,
     RateLimited,
     ShuttingDown,
     UnsupportedFormat,
     UnsupportedMediaType,
 )
 from ttsstream.http.errors import Shape, error_body, status_of
-from ttsstream.http.openai import MODELS, read_speech_call, voice_table
+from ttsstream.http.openai import (
+    MODELS,
+    model_named,
+    model_object,
+    read_speech_call,
+    voice_listing,
+    voice_table,
+)
 from ttsstream.http.request import Judged, judge
 
 __all__ = ["SpeechApi"]
@@ -65,6 +80,10 @@ SEND_BUFFER_LOW = 16 * 2**10
 _EXPOSED = "X-TTS-Cache, X-TTS-Engine, X-TTS-Voice, X-TTS-Fallback, X-Request-Id, Retry-After"
 #: Most seconds a CORS preflight answer is kept by the browser.
 _PREFLIGHT_MAX_AGE = "600"
+#: OpenAI's routes are served under this prefix and without it.
+_OPENAI_PREFIXES = ("/v1", "")
+#: Where a client learns the voices, as an unknown voice's error says.
+_VOICES_PATH = "/v1/audio/voices"
 
 
 class Asked(NamedTuple):
@@ -106,11 +125,16 @@ class SpeechApi:
         app.router.add_post("/tts", self.tts)
         # No HEAD: it would synthesize a body only to drop it.
         app.router.add_get("/tts", self.tts, allow_head=False)
-        app.router.add_post("/v1/audio/speech", self.openai_speech)
-        app.router.add_get("/v1/models", self.models)
-        app.router.add_get("/v1/audio/voices", self.voices)
-        for path in ("/tts", "/v1/audio/speech", "/v1/models", "/v1/audio/voices"):
-            app.router.add_route("OPTIONS", path, self.preflight)
+        app.router.add_route("OPTIONS", "/tts", self.preflight)
+        for prefix in _OPENAI_PREFIXES:
+            app.router.add_post(prefix + "/audio/speech", self.openai_speech)
+            app.router.add_get(prefix + "/models", self.models)
+            app.router.add_get(prefix + "/models/{model}", self.model)
+            app.router.add_get(prefix + "/audio/models", self.audio_models)
+            app.router.add_get(prefix + "/audio/voices", self.voices)
+            for path in ("/audio/speech", "/models", "/models/{model}", "/audio/models"):
+                app.router.add_route("OPTIONS", prefix + path, self.preflight)
+            app.router.add_route("OPTIONS", prefix + "/audio/voices", self.preflight)
 
     # Drain
 
@@ -141,6 +165,8 @@ class SpeechApi:
             fields: Any = await _json_body(request) if request.method == "POST" else request.query
             if not isinstance(fields, dict) and request.method == "POST":
                 raise BadMessage("the body must be a JSON object")
+            if isinstance(fields, dict):
+                fields = without_nulls(fields)
             text = text_field(fields.get("text"), max_length=self._config.max_text_length)
             prosody = prosody_fields(fields)
             audio_format = format_field(fields.get("format"), unknown=UnsupportedFormat)
@@ -148,7 +174,7 @@ class SpeechApi:
             synthesis = utterances.request(
                 text=text, voice=voice_field(fields.get("voice")), **prosody
             )
-            await utterances.accept(synthesis)
+            await self._accept(synthesis)
             return Asked(synthesis, audio_format)
 
         return await self._serve(request, "tts", read)
@@ -165,48 +191,53 @@ class SpeechApi:
             )
             utterances = self._services.utterances
             synthesis = utterances.request(text=call.text, voice=call.voice, rate=call.rate)
-            await utterances.accept(synthesis)
+            await self._accept(synthesis)
             return Asked(synthesis, call.format, call.sse, call.timestamps)
 
         return await self._serve(request, "openai", read)
 
     async def models(self, request: web.Request) -> web.StreamResponse:
-        """``GET /v1/models``: the model names ``/v1/audio/speech`` accepts."""
-        refused = await self._admit_once(request, "openai")
+        """``GET /v1/models``: OpenAI's model names, in OpenAI's list shape (any name is
+        accepted by ``/v1/audio/speech``; these are the ones known)."""
+        refused = await self._admit_list(request)
         if refused is not None:
             return refused
         return self._json(
-            request,
-            {
-                "object": "list",
-                "data": [
-                    {"id": model, "object": "model", "created": 0, "owned_by": "ttsstream"}
-                    for model in MODELS
-                ],
-            },
+            request, {"object": "list", "data": [model_object(model) for model in MODELS]}
         )
 
+    async def model(self, request: web.Request) -> web.StreamResponse:
+        """``GET /v1/models/{model}``: a listed model's object; 404 for another name."""
+        refused = await self._admit_list(request)
+        if refused is not None:
+            return refused
+        name = request.match_info["model"]
+        model = model_named(name)
+        if model is None:
+            unknown = EndpointNotFound(f'no model "{name}" is listed: GET /v1/models lists them')
+            return self._error(request, unknown, "openai")
+        return self._json(request, model_object(model))
+
+    async def audio_models(self, request: web.Request) -> web.StreamResponse:
+        """``GET /v1/audio/models``: the model names as Open WebUI reads them
+        (``{"models": [{"id": …}]}``)."""
+        refused = await self._admit_list(request)
+        if refused is not None:
+            return refused
+        return self._json(request, {"models": [{"id": model} for model in MODELS]})
+
     async def voices(self, request: web.Request) -> web.StreamResponse:
-        """``GET /v1/audio/voices``: every voice, and OpenAI's names with what they map to."""
-        refused = await self._admit_once(request, "openai")
+        """``GET /v1/audio/voices[?locale=…]``: every name ``voice`` accepts, OpenAI's names
+        (with what they map to) first, each with its ``id`` and a ``name`` for people."""
+        refused = await self._admit_list(request)
         if refused is not None:
             return refused
         try:
             voices = await self._services.speech.voices()
         except ClientError as exc:
             return self._error(request, exc, "openai")
-        locale = request.query.get("locale", "").lower()
-        listed = [
-            {"name": v.name, "locale": v.locale, "gender": v.gender, "engine": v.engine}
-            for v in voices
-            if not locale or v.locale.lower() == locale
-        ]
-        aliases = [
-            {"name": name, "voice": voice}
-            for name, voice in self._voices.items()
-            if not locale or voice.lower().startswith(locale + "-")
-        ]
-        return self._json(request, {"voices": listed, "aliases": aliases})
+        listing = voice_listing(voices, self._voices, locale=request.query.get("locale"))
+        return self._json(request, listing)
 
     async def preflight(self, request: web.Request) -> web.StreamResponse:
         """A browser's CORS preflight: allowed origins only."""
@@ -312,11 +343,27 @@ class SpeechApi:
             response.force_close()
         return response
 
-    async def _admit_once(self, request: web.Request, shape: Shape) -> web.StreamResponse | None:
-        """Admission for a request that holds no stream: a refusal, or ``None``."""
-        judged = await judge(self._services.admission, request)
+    async def _accept(self, synthesis: SynthesisRequest) -> None:
+        """Accept an utterance; an unknown voice's error names it, and where the list is.
+
+        Raises:
+            ClientError: As :meth:`Utterances.accept`; ``param`` is ``voice`` for a voice.
+        """
+        try:
+            await self._services.utterances.accept(synthesis)
+        except InvalidVoice as exc:
+            exc.message = f'{exc.message}: "{synthesis.voice}" (GET {_VOICES_PATH} lists them)'
+            exc.param = "voice"
+            raise
+
+    async def _admit_list(self, request: web.Request) -> web.StreamResponse | None:
+        """Admission for a list (a request that holds no stream): a refusal, or ``None``.
+        With ``PUBLIC_LISTS`` it needs no key."""
+        judged = await judge(
+            self._services.admission, request, needs_key=not self._config.public_lists
+        )
         if judged.refused is not None:
-            return self._refused(judged, shape)
+            return self._refused(judged, "openai")
         self._services.admission.release(judged.client)
         return None
 

@@ -13,8 +13,15 @@ from typing import Any, ClassVar
 import orjson
 
 from ttsstream.audio.formats import MP3, Format
-from ttsstream.core.fields import format_field, prosody_fields, text_field, voice_field
+from ttsstream.core.fields import (
+    format_field,
+    prosody_fields,
+    text_field,
+    voice_field,
+    without_nulls,
+)
 from ttsstream.core.utterance import WORD_MODES
+from ttsstream.core.voices import in_locale
 from ttsstream.engines.base import Voice, WordEvent, word_fields
 from ttsstream.exceptions import (
     BadJSON,
@@ -92,9 +99,10 @@ class Cancel:
 
 @dataclass(frozen=True, slots=True)
 class ListVoices:
-    """Ask for the voice list."""
+    """Ask for the voice list: every voice, or those of ``locale`` (``en``, ``en-US``)."""
 
     kind: ClassVar[str] = "voices"
+    locale: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +170,7 @@ def parse_client_message(
     except ClientError as exc:
         exc.message_type = refused_type(None)
         raise
+    message = without_nulls(message)  # a field sent as null is one left out
 
     kind = message.get("type")
     try:
@@ -178,7 +187,10 @@ def parse_client_message(
         if kind == "cancel":
             return Cancel(id=utterance_id)
         if kind == "voices":
-            return ListVoices()
+            locale = message.get("locale")
+            if locale is not None and not isinstance(locale, str):
+                raise BadMessage('"locale" must be a string')
+            return ListVoices(locale=locale or None)
         if kind in ("append", "flush", "finish"):
             if utterance_id is None:
                 raise BadMessage(f'"{kind}" needs the "id" of its streaming utterance')
@@ -348,8 +360,9 @@ def encode_cancelled(utterance_id: str) -> bytes:
     return _encode({"type": "cancelled", "id": utterance_id})
 
 
-def encode_voices(voices: Iterable[Voice]) -> bytes:
-    """Encode the voice list."""
+def encode_voices(voices: Iterable[Voice], *, locale: str | None = None) -> bytes:
+    """Encode the voice list: the voices of ``locale`` (:func:`~ttsstream.core.voices.in_locale`),
+    or every voice."""
     return _encode(
         {
             "type": "voices",
@@ -361,6 +374,7 @@ def encode_voices(voices: Iterable[Voice]) -> bytes:
                     "engine": voice.engine,
                 }
                 for voice in voices
+                if in_locale(voice.locale, locale)
             ],
         }
     )

@@ -129,8 +129,8 @@ class Session:
         #: TCP_CORK is on: a cached utterance is being written in one burst.
         self._corked = False
         self._ids: set[str] = set()
-        #: ``voices`` requests not answered yet.
-        self._voices_wanted = 0
+        #: ``voices`` requests not answered yet: the locale each asks for.
+        self._voices_wanted: deque[str | None] = deque()
         # Tasks that outlive the frame that started them: voice lists, upstreams closing.
         self._background: set[asyncio.Task[None]] = set()
 
@@ -217,7 +217,7 @@ class Session:
             elif isinstance(message, Cancel):
                 await self._cancel(message.id)
             elif isinstance(message, ListVoices):
-                await self._ask_voices()
+                await self._ask_voices(message.locale)
             else:
                 self._feed(message)
         except ClientError as exc:
@@ -444,13 +444,13 @@ class Session:
         self._ids.discard(utterance.id)
         self._last_activity = asyncio.get_running_loop().time()
 
-    async def _ask_voices(self) -> None:
+    async def _ask_voices(self, locale: str | None) -> None:
         """Take a ``voices`` request: it counts toward the rate limit, and waits its turn."""
         await self._admission.check_rate(self.client_ip)
-        if self._voices_wanted >= VOICES_PENDING_MAX:
+        if len(self._voices_wanted) >= VOICES_PENDING_MAX:
             raise QueueFull(f"{VOICES_PENDING_MAX} voices replies are already pending")
-        self._voices_wanted += 1
-        if self._voices_wanted == 1:
+        self._voices_wanted.append(locale)
+        if len(self._voices_wanted) == 1:
             self._spawn(self._answer_voices())
 
     async def _answer_voices(self) -> None:
@@ -463,10 +463,10 @@ class Session:
                     exc.message_type = "voices"
                     await self._refuse(exc)
                 else:
-                    await self._send(encode_voices(voices))
-                self._voices_wanted -= 1
+                    await self._send(encode_voices(voices, locale=self._voices_wanted[0]))
+                self._voices_wanted.popleft()
         finally:
-            self._voices_wanted = 0
+            self._voices_wanted.clear()
 
     async def _send(self, message: bytes | memoryview, *, text: bool = True) -> None:
         """Send one frame; a client that leaves it unread past SEND_TIMEOUT is closed (1008).
