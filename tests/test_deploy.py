@@ -26,6 +26,7 @@ import yaml
 from tests.conftest import TIMEOUT
 from tests.fake_edge import FakeEdge
 from tests.processes import serve_process
+from tests.test_nginx import NGINX, certificate, main_config
 from ttsstream.config import _VARIABLES, Config, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -145,16 +146,25 @@ async def test_healthcheck_command_works_against_a_server(fake: FakeEdge, tmp_pa
 
 
 def test_compose_runs_a_scalable_cluster_behind_the_shipped_nginx_config() -> None:
-    """docker-compose.yml: nginx with nginx/ttsstream.conf and the compose upstream, one
-    `ttsstream` service that scales (no fixed names or published ports) on Redis, a
-    shared cache volume, restarts, .env, time to drain, and nginx's network trusted."""
+    """docker-compose.yml: nginx with the plain-HTTP site on this machine's loopback
+    (docker-compose.tls.yml: the shipped TLS site, in its place, on 80 and 443) and
+    the compose upstream, one `ttsstream` service that scales (no fixed names or
+    published ports) on Redis, a shared cache volume, restarts, .env, time to drain,
+    and nginx's network trusted."""
     compose: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
     nginx = services["nginx"]
-    mounts = {Path(m.split(":")[0]).name: m.split(":")[1] for m in nginx["volumes"]}
-    assert mounts["ttsstream.conf"].startswith("/etc/nginx/conf.d/")
-    assert mounts["upstream-compose.conf"].startswith("/etc/nginx/conf.d/")
-    assert {"80:80", "443:443"} <= set(nginx["ports"])
+    site = "/etc/nginx/conf.d/default.conf"  # the image's default site, replaced
+    mounts = nginx_mounts("docker-compose.yml")
+    assert mounts[site] == "./nginx/ttsstream-http.conf"
+    assert mounts["/etc/nginx/conf.d/ttsstream-upstream.conf"] == "./nginx/upstream-compose.conf"
+    assert nginx["ports"] == ["127.0.0.1:8080:80"]
+    tls: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.tls.yml").read_text())
+    assert set(tls["services"]) == {"nginx"}
+    assert {"80:80", "443:443"} <= set(tls["services"]["nginx"]["ports"])
+    assert nginx_mounts("docker-compose.yml", "docker-compose.tls.yml")[site] == (
+        "./nginx/ttsstream.conf"
+    )
     # `resolve` in an upstream needs nginx 1.27.3 or later.
     version = tuple(int(part) for part in nginx["image"].split(":")[1].split("."))
     assert version >= (1, 27), nginx["image"]
@@ -166,7 +176,8 @@ def test_compose_runs_a_scalable_cluster_behind_the_shipped_nginx_config() -> No
     assert re.search(r"^resolver 127\.0\.0\.11 ", upstream, re.M)  # Docker's DNS
     assert "zone " in upstream  # `resolve` needs the upstream in shared memory
     assert "upstream ttsstream {" in upstream
-    assert "proxy_pass http://ttsstream;" in (ROOT / "nginx" / "ttsstream.conf").read_text()
+    for name in ("ttsstream.conf", "ttsstream-http.conf"):
+        assert "proxy_pass http://ttsstream;" in (ROOT / "nginx" / name).read_text()
     assert "ports" not in instance and "container_name" not in instance  # --scale works
     assert instance["build"] == "."
     assert environment["HOST"] == "0.0.0.0"
@@ -365,3 +376,119 @@ def test_template_instances_start_from_the_files_the_guide_makes() -> None:
     environment = systemd_environment("ttsstream@.service", "9000", files)
     assert environment is not None
     assert load_config(environment, env_file=None, port=9000).health_port == 8766
+
+
+def nginx_mounts(*files: str) -> dict[str, str]:
+    """What compose mounts into nginx when run with these compose files: container
+    path to host path, merged as compose merges volumes (by container path, a later
+    file's mount in place of an earlier one's)."""
+    mounts: dict[str, str] = {}
+    for name in files:
+        compose: dict[str, Any] = yaml.safe_load((ROOT / name).read_text())
+        for volume in compose["services"]["nginx"].get("volumes", []):
+            source, target = volume.split(":")[:2]
+            mounts[target] = source
+    return mounts
+
+
+#: The nginx image's own site (/etc/nginx/conf.d/default.conf), there unless a mount
+#: replaces it: it answers requests for "localhost" on port 80.
+IMAGE_DEFAULT_SITE = """
+server {
+    listen       80;
+    listen  [::]:80;
+    server_name  localhost;
+    location / {
+        root   /usr/share/nginx/html;
+        index  index.html index.htm;
+    }
+    error_page   500 502 503 504  /50x.html;
+    location = /50x.html {
+        root   /usr/share/nginx/html;
+    }
+}
+"""
+#: What the test machine's nginx (Debian's 1.22) cannot read of the compose files:
+#: `resolve` in an upstream came with nginx 1.27.3, and without it the name must
+#: resolve here.
+OLDER_NGINX = {"server ttsstream:8765 resolve": "server 127.0.0.1:8765"}
+
+
+def nginx_test(
+    mounts: dict[str, str], directory: Path, swaps: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    """`nginx -t` on the nginx image's layout (http {} includes conf.d/*.conf, where its
+    default site is unless a mount replaces it) with ``mounts`` in place, each file
+    with ``swaps`` made (each must be made somewhere)."""
+    assert Path(NGINX).exists(), "install Debian's nginx (apt-get install nginx)"
+    conf_d = directory / "conf.d"
+    conf_d.mkdir()
+    (conf_d / "default.conf").write_text(IMAGE_DEFAULT_SITE)
+    made = set()
+    for target, source in mounts.items():
+        if target.startswith("/etc/nginx/conf.d/"):
+            text = (ROOT / source).read_text()
+            for old, new in swaps.items():
+                if old in text:
+                    text = text.replace(old, new)
+                    made.add(old)
+            (conf_d / Path(target).name).write_text(text)
+    assert made == set(swaps), f"not in what compose mounts: {set(swaps) - made}"
+    config = main_config(directory, conf_d / "*.conf")
+    return subprocess.run(
+        [NGINX, "-t", "-c", str(config), "-p", str(directory)], capture_output=True, text=True
+    )
+
+
+def test_compose_nginx_starts_on_a_fresh_machine(tmp_path: Path) -> None:
+    """`docker compose up` as the guide has it (cp .env.example .env; up): nginx mounts
+    only files of this checkout, in place of the image's default site, and `nginx -t`
+    passes on exactly them, with no certificate on the machine."""
+    mounts = nginx_mounts("docker-compose.yml")
+    for target, source in mounts.items():
+        assert source.startswith("./") and (ROOT / source).is_file(), (target, source)
+    assert "/etc/nginx/conf.d/default.conf" in mounts
+    assert not Path("/etc/letsencrypt/live/tts.example.com").exists()
+    result = nginx_test(mounts, tmp_path, OLDER_NGINX)
+    assert result.returncode == 0, result.stderr
+    assert "test is successful" in result.stderr
+
+
+def test_compose_with_tls_passes_nginx_t_with_its_certificates(tmp_path: Path) -> None:
+    """The documented next step (-f docker-compose.tls.yml): the shipped TLS site in
+    place of the plain one, the upstream kept; `nginx -t` passes on exactly what it
+    mounts once the certificates are where the guide gets them (test ones here)."""
+    mounts = nginx_mounts("docker-compose.yml", "docker-compose.tls.yml")
+    assert mounts["/etc/letsencrypt"] == "/etc/letsencrypt"
+    assert mounts["/var/www/letsencrypt"] == "/var/www/letsencrypt"
+    cert, key = certificate(tmp_path)
+    swaps = {
+        **OLDER_NGINX,
+        "/etc/letsencrypt/live/tts.example.com/fullchain.pem": str(cert),
+        "/etc/letsencrypt/live/tts.example.com/privkey.pem": str(key),
+    }
+    result = nginx_test(mounts, tmp_path, swaps)
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_plain_site_proxies_as_the_shipped_tls_site_does() -> None:
+    """nginx/ttsstream-http.conf has the locations and the http-level settings of
+    nginx/ttsstream.conf, character for character (the TLS site is the one the nginx
+    tests run with real servers), and its security headers but HSTS."""
+    plain = (ROOT / "nginx" / "ttsstream-http.conf").read_text()
+    tls = (ROOT / "nginx" / "ttsstream.conf").read_text()
+
+    def locations(text: str) -> str:
+        return text[text.index("    # The streaming endpoint.") : text.rindex("}")]
+
+    def http_level(text: str) -> str:
+        return text[
+            text.index("map $http_upgrade") : text.index(";\n", text.index("limit_conn_zone"))
+        ]
+
+    assert locations(plain) == locations(tls)
+    assert http_level(plain) == http_level(tls)
+    headers = re.findall(r"^    add_header (.*)$", tls, re.M)
+    assert re.findall(r"^    add_header (.*)$", plain, re.M) == [
+        header for header in headers if not header.startswith("Strict-Transport-Security")
+    ]
