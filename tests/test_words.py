@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 from ttsstream.engines.base import WordEvent
-from ttsstream.engines.words import SEARCH_WINDOW, WordLocator, WordTimeline, tokens_of
+from ttsstream.engines.words import (
+    SEARCH_WINDOW,
+    CharMap,
+    WordLocator,
+    WordTimeline,
+    tokens_of,
+)
 
 
 def locate_all(text: str, words: list[str]) -> list[tuple[int | None, int | None]]:
@@ -137,3 +143,22 @@ def test_timeline_of_empty_text() -> None:
     timeline = WordTimeline("   ")
     assert timeline.mark(0, 10.0) == [] and timeline.finish(100.0) == []
     assert timeline.known_until_ms == float("inf")
+
+
+def test_char_map_moves_ranges_through_copied_and_standing_pieces() -> None:
+    """Copied pieces map character by character; a piece standing for a span maps to
+    the whole span; ranges outside the text map to nothing."""
+    source = CharMap()
+    source.copy(2, 4)  # "Bold" of "**Bold**"
+    source.copy(6, 0)
+    source.copy(8, 1)  # " " (not contiguous: a new piece)
+    source.stand_for(9, 14, 1)  # "&" for "&amp;"
+    source.copy(14, 1)  # "T"
+    assert source.length == 7
+    assert source.original(0, 4) == (2, 6)
+    assert source.original(5, 7) == (9, 15)
+    assert source.original(6, 8) is None
+    word = WordEvent("Bold", 10.0, 5.0, 0, 4)
+    assert source.in_original(word) == WordEvent("Bold", 10.0, 5.0, 2, 6)
+    unknown = WordEvent("two", 10.0, 5.0, None, None)
+    assert source.in_original(unknown) is unknown

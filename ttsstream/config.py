@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 
+from ttsstream.core.cleanup import CLEANUP_MODES
 from ttsstream.core.clientip import Network, parse_networks
 from ttsstream.exceptions import ConfigError
 
@@ -32,6 +33,7 @@ OFFLINE_VOICE_PATTERN = re.compile(r"espeak:[a-z0-9][a-z0-9_-]*")
 _VOICE_FORM = "an Edge voice such as en-US-AriaNeural, or an offline voice such as espeak:en-us"
 _FALLBACK_FORM = "espeak:auto, an offline voice such as espeak:en-us, or none"
 _VOICE_MAP_FORM = "name=voice pairs separated by commas, such as alloy=en-US-AvaNeural"
+_CLEANUP_FORM = " or ".join(CLEANUP_MODES)
 
 _EDGE_BASE = "speech.platform.bing.com/consumer/speech/synthesize/readaloud"
 _EDGE_TOKEN = "6A5AA1D4EAFF4E9FB37E23D68491D6F4"
@@ -72,6 +74,9 @@ class Config:
     #: Offline voice that speaks when Edge fails before any audio: "espeak:auto"
     #: (the requested voice's locale), "espeak:<id>", or None for no fallback.
     fallback_voice: str | None = "espeak:auto"
+    #: What is left out of a text before it is spoken, unless a request says:
+    #: "markdown" (Markdown marks, link targets, code blocks, HTML, emoji) or "none".
+    text_cleanup: str = "markdown"
 
     # Upstream protection
     #: Further Edge attempts after a failed one, while no audio was sent.
@@ -194,6 +199,8 @@ class Config:
             raise ConfigError(
                 "HEALTH_PORT", str(self.health_port), f"a port other than PORT ({self.port})"
             )
+        if self.text_cleanup not in CLEANUP_MODES:
+            raise ConfigError("TEXT_CLEANUP", self.text_cleanup, _CLEANUP_FORM)
         if self.log_format not in ("text", "json"):
             raise ConfigError("LOG_FORMAT", self.log_format, "text or json")
         if self.log_level not in _LOG_LEVELS:
@@ -379,6 +386,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "PORT": ("port", _integer, "an integer from 0 to 65535"),
     "DEFAULT_VOICE": ("default_voice", str.strip, _VOICE_FORM),
     "FALLBACK_VOICE": ("fallback_voice", _optional_text, _FALLBACK_FORM),
+    "TEXT_CLEANUP": ("text_cleanup", lambda s: s.strip().lower(), _CLEANUP_FORM),
     "UPSTREAM_RETRIES": ("upstream_retries", _integer, "an integer >= 0"),
     "BREAKER_FAILURES": ("breaker_failures", _integer, "an integer >= 1"),
     "BREAKER_COOLDOWN": ("breaker_cooldown", _number, "seconds >= 0, such as 30"),

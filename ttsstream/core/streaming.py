@@ -1,8 +1,11 @@
 """Text that arrives while it is spoken: one streaming utterance, segment by segment.
 
-A door feeds a :class:`StreamingText` (``append``, ``flush``, ``finish``); the
-:class:`~ttsstream.core.segmenter.Segmenter` cuts it into segments, and
-:func:`speak_stream` speaks them one after another as one utterance:
+A door feeds a :class:`StreamingText` (``append``, ``flush``, ``finish``); a
+:class:`~ttsstream.core.cleanup.MarkdownCleaner` cleans it as it comes (the same
+rules as a whole text's, whatever the pieces: ``**bold`` then ``text**`` is
+"bold text"), the :class:`~ttsstream.core.segmenter.Segmenter` cuts the cleaned
+text into segments, and :func:`speak_stream` speaks them one after another as one
+utterance:
 
 - Each segment is synthesized through the cache and its coalescing, like any
   text (a sentence said before replays from the cache).
@@ -11,7 +14,8 @@ A door feeds a :class:`StreamingText` (``append``, ``flush``, ``finish``); the
   passed on right after the current one's last byte.
 - One timeline: word offsets move by the playing time of every earlier segment
   (their constant-bitrate audio, as decoded), and character ranges by where the
-  segment starts in the whole text appended.
+  segment starts in the whole text spoken (:attr:`StreamingText.source` takes
+  them to the text appended).
 - One voice: every segment is spoken by the engine and voice of the first. When
   the first fell back to the offline voice, the later ones are spoken by it too;
   when a later segment cannot be (Edge failed after the first was spoken by
@@ -31,10 +35,12 @@ from collections import deque
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
+from ttsstream.core.cleanup import MarkdownCleaner
 from ttsstream.core.router import Speech, Started
 from ttsstream.core.segmenter import Segment, Segmenter
 from ttsstream.core.speech_cache import SpeechCache
 from ttsstream.engines.base import AudioChunk, SynthesisRequest, WordEvent
+from ttsstream.engines.words import CharMap
 from ttsstream.exceptions import EmptyText, InvalidParameter, TextTooLong, UpstreamUnavailable
 
 __all__ = ["LOOKAHEAD", "StreamCounts", "StreamingText", "speak_stream"]
@@ -57,16 +63,25 @@ class StreamingText:
     Its timers run from creation until :meth:`close`.
 
     Args:
-        segmenter: Cuts the text.
+        segmenter: Cuts the text (cleaned).
         max_length: Most characters of the whole text.
         max_wait: Seconds buffered text may wait without growing before it is cut.
         idle_timeout: Seconds without a message before the text is finished.
+        cleaner: Cleans the text as it comes; ``None``: it is spoken as it is.
     """
 
     def __init__(
-        self, segmenter: Segmenter, *, max_length: int, max_wait: float, idle_timeout: float
+        self,
+        segmenter: Segmenter,
+        *,
+        max_length: int,
+        max_wait: float,
+        idle_timeout: float,
+        cleaner: MarkdownCleaner | None = None,
     ) -> None:
         self._segmenter = segmenter
+        self._cleaner = cleaner
+        self._total = 0
         self._max_length = max_length
         self._max_wait = max_wait
         self._idle_timeout = idle_timeout
@@ -85,7 +100,13 @@ class StreamingText:
     @property
     def total(self) -> int:
         """Characters appended so far."""
-        return self._segmenter.total
+        return self._total
+
+    @property
+    def source(self) -> CharMap | None:
+        """Where each character of the text spoken (the segments' texts, and their
+        ``start``) came from in the text appended; ``None``: it is that text."""
+        return None if self._cleaner is None else self._cleaner.map
 
     @property
     def done(self) -> bool:
@@ -112,6 +133,9 @@ class StreamingText:
         if text:
             self._last_growth = now
         self._poke.set()
+        self._total += len(text)
+        if self._cleaner is not None:
+            text = self._cleaner.feed(text)
         self._cut(self._segmenter.append(text))
 
     def flush(self) -> None:
@@ -123,7 +147,7 @@ class StreamingText:
         self._check_open()
         self._last_message = asyncio.get_running_loop().time()
         self._poke.set()
-        self._cut(self._segmenter.flush())
+        self._cut(self._flushed())
 
     def finish(self) -> None:
         """No more text: what is buffered is the last segment. Finishing twice is no error."""
@@ -131,7 +155,7 @@ class StreamingText:
             return
         self.finished = True
         self._timer.cancel()
-        self._cut(self._segmenter.flush())
+        self._cut(self._flushed())
 
     def take(self) -> Segment | None:
         """The next segment cut, if any (without waiting)."""
@@ -149,6 +173,13 @@ class StreamingText:
         """Stop the timers (the utterance is over)."""
         self._timer.cancel()
         self.on_cut = None
+
+    def _flushed(self) -> list[Segment]:
+        """Everything buffered, cut: what the cleaner holds back too (decided as if
+        the text ended there)."""
+        if self._cleaner is None:
+            return self._segmenter.flush()
+        return self._segmenter.append(self._cleaner.feed(final=True)) + self._segmenter.flush()
 
     def _cut(self, segments: list[Segment]) -> None:
         self._ready.extend(segments)
@@ -178,6 +209,8 @@ class StreamingText:
                 self.finish()
             elif waiting and now >= self._last_growth + self._max_wait:
                 self._last_growth = now
+                # What the cleaner holds back (a URL, a tag, a line's first marks: a
+                # few characters, bounded) waits on: the text is paused, not over.
                 self._cut(self._segmenter.flush())
 
 

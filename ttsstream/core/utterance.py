@@ -1,13 +1,15 @@
 """One utterance, whichever door asked for it: the speak policy and the run.
 
-:meth:`Utterances.request` makes the synthesis request (the default voice) and
+:meth:`Utterances.request` makes the synthesis request (the default voice, the
+text cleaned as ``TEXT_CLEANUP`` or the request says) and
 :meth:`Utterances.accept` applies the policy every door shares (no new work while
 draining, the voice check; the door has counted the rate limit).
 :meth:`Utterances.run` speaks it through the cache and sends
-its events to a :class:`Sink`: it measures the first audio, holds word events
-back for a batch, counts the outcome and writes the utterance's one access-log
-line. It knows nothing of sockets: the WebSocket session is one sink (frames),
-the HTTP speech API another (a chunked body, server-sent events).
+its events to a :class:`Sink`: it measures the first audio, moves word events
+into the text the client sent (from the cleaned text spoken), holds them back for
+a batch, counts the outcome and writes the utterance's one access-log line. It
+knows nothing of sockets: the WebSocket session is one sink (frames), the HTTP
+speech API another (a chunked body, server-sent events).
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ from typing import Protocol
 from ttsstream.audio.formats import MP3, Format
 from ttsstream.audio.transcode import Pipe
 from ttsstream.config import Config
+from ttsstream.core.cleanup import CleanedRequest, MarkdownCleaner, clean, speakable
 from ttsstream.core.router import Started
 from ttsstream.core.segmenter import Segmenter
 from ttsstream.core.speech_cache import Lookahead, SpeechCache
 from ttsstream.core.streaming import StreamingText, speak_stream
 from ttsstream.engines.base import AudioChunk, SynthesisRequest, WordEvent
-from ttsstream.exceptions import ClientError, ShuttingDown, error_code
+from ttsstream.exceptions import ClientError, EmptyText, ShuttingDown, error_code
 from ttsstream.logs import access
 from ttsstream.stats import Stats
 
@@ -108,6 +111,7 @@ class Utterances:
     def __init__(self, config: Config, speech: SpeechCache, stats: Stats) -> None:
         self._config = config
         self._default_voice = config.default_voice
+        self._default_cleanup = config.text_cleanup
         self._speech = speech
         self._stats = stats
         #: The server is shutting down: no new utterance is accepted.
@@ -121,11 +125,25 @@ class Utterances:
         rate: str = "+0%",
         volume: str = "+0%",
         pitch: str = "+0Hz",
-    ) -> SynthesisRequest:
+        cleanup: str | None = None,
+    ) -> CleanedRequest:
         """What an utterance asks for (its fields already valid in form), with the
-        default voice when it names none; :meth:`accept` it before it runs."""
-        return SynthesisRequest(
-            text=text, voice=voice or self._default_voice, rate=rate, volume=volume, pitch=pitch
+        default voice when it names none; :meth:`accept` it before it runs.
+
+        Its text is cleaned once, here (``cleanup``: one of
+        :data:`~ttsstream.core.cleanup.CLEANUP_MODES`, ``None`` for ``TEXT_CLEANUP``):
+        the request's text is what is spoken and what the cache key is made of.
+        """
+        mode = cleanup or self._default_cleanup
+        spoken, source = clean(text, mode)
+        return CleanedRequest(
+            text=spoken,
+            voice=voice or self._default_voice,
+            rate=rate,
+            volume=volume,
+            pitch=pitch,
+            cleanup=mode,
+            source=source,
         )
 
     async def accept(self, request: SynthesisRequest, *, utterance_id: str | None = None) -> None:
@@ -157,14 +175,18 @@ class Utterances:
         """
         return self._speech.look_ahead(request)
 
-    def open_stream(self) -> StreamingText:
-        """The text of a new streaming utterance (its timers run until it is spoken)."""
+    def open_stream(self, cleanup: str | None = None) -> StreamingText:
+        """The text of a new streaming utterance (its timers run until it is spoken),
+        cleaned piece by piece as ``cleanup`` says (``None``: ``TEXT_CLEANUP``; pass
+        the :attr:`~ttsstream.core.cleanup.CleanedRequest.cleanup` of its request)."""
         config = self._config
+        mode = cleanup or self._default_cleanup
         return StreamingText(
             Segmenter(min_chars=config.stream_min_chars, max_chars=config.stream_max_chars),
             max_length=config.max_stream_text_length,
             max_wait=config.stream_max_wait_ms / 1000,
             idle_timeout=config.stream_idle_timeout,
+            cleaner=MarkdownCleaner() if mode == "markdown" else None,
         )
 
     async def run(
@@ -207,6 +229,12 @@ class Utterances:
         stats = self._stats
         batch = words == "batch"
         each = words == "each"
+        # Words are located in the text spoken; the client's text is what they index.
+        cleaned = request if isinstance(request, CleanedRequest) else None
+        if stream is not None:
+            source = stream.source
+        else:
+            source = cleaned.source if cleaned is not None else None
         # Batched words go out just before the audio they describe; a replay may
         # then give all of them at once.
         events = (
@@ -225,6 +253,15 @@ class Utterances:
         outcome = "ok"
         stats.active_utterances += 1
         try:
+            if (
+                stream is None
+                and cleaned is not None
+                and cleaned.cleanup != "none"
+                and not speakable(request.text)
+            ):
+                if lookahead is not None:
+                    lookahead.close()
+                raise EmptyText("the text has nothing to speak once its markup is left out")
             async for event in events:
                 if isinstance(event, Started):
                     pipe = await Pipe.open(
@@ -250,6 +287,8 @@ class Utterances:
                     byte_count += len(data)
                     stats.bytes_sent += len(data)
                 else:
+                    if source is not None:
+                        event = source.in_original(event)
                     if pipe is not None and pipe.word_shift_ms:
                         event = dataclasses.replace(
                             event, offset_ms=event.offset_ms + pipe.word_shift_ms
@@ -317,7 +356,7 @@ class Utterances:
                 id=utterance_id,
                 voice=started.voice if started else request.voice,
                 engine=started.engine if started else None,
-                chars=len(request.text) if stream is None else stream.total,
+                chars=_sent_chars(request, stream),
                 key=self._speech.key_of(request)[:12] if stream is None else "stream",
                 cached=bool(started and started.cached),
                 fallback=started.fallback_reason if started else None,
@@ -361,6 +400,15 @@ def _cancelling() -> bool:
     """Whether the running task is being cancelled (rather than seeing another's cancel)."""
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
+
+
+def _sent_chars(request: SynthesisRequest, stream: StreamingText | None) -> int:
+    """Characters of the text the client sent, for the access log."""
+    if stream is not None:
+        return stream.total
+    if isinstance(request, CleanedRequest):
+        return request.original_length
+    return len(request.text)
 
 
 def _source(started: Started | None) -> str:

@@ -1,7 +1,10 @@
 """Locate the words an engine reports in the text the client sent (pure; no I/O).
 
 :class:`WordLocator` serves engines that report words (Edge);
-:class:`WordTimeline` serves engines that report positions (eSpeak).
+:class:`WordTimeline` serves engines that report positions (eSpeak). Both locate
+words in the text spoken; when that is the client's text cleaned
+(:mod:`ttsstream.core.cleanup`), a :class:`CharMap` takes their ranges back to
+the client's text.
 
 The Edge service reports its own normalised words ("Hello" for "Hello,"), and
 edge-tts unescapes them, so each word is searched for in the original text from
@@ -12,13 +15,14 @@ and a word that cannot be found gets ``None`` without moving the cursor.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from ttsstream.engines.base import WordEvent
 
-__all__ = ["Token", "WordLocator", "WordTimeline", "tokens_of"]
+__all__ = ["CharMap", "Token", "WordLocator", "WordTimeline", "tokens_of"]
 
 #: How far past the cursor a word may be found, in characters. Bounded so that a
 #: word the upstream invented (a number spelled out, say) cannot jump the cursor
@@ -183,3 +187,74 @@ class WordTimeline:
             )
             for k, token in enumerate(self.tokens[first:until])
         ]
+
+
+class CharMap:
+    """Where each character of a cleaned text came from in the text it was made of.
+
+    Built piece by piece as the text is cleaned: a piece is copied (each of its
+    characters is one character of the original) or stands for a span of the
+    original (``":"`` for a list number's ``"."``, ``"&"`` for ``"&amp;"``). The
+    pieces are kept, not every character, so a long text that was mostly copied
+    costs a few entries.
+    """
+
+    __slots__ = ("_copied", "_ends", "_sources", "_starts", "length", "original_length")
+
+    def __init__(self) -> None:
+        #: Where each piece starts in the cleaned text, and in the original.
+        self._starts: list[int] = []
+        self._sources: list[int] = []
+        #: Where a piece that stands for a span ends in the original (copied: unused).
+        self._ends: list[int] = []
+        self._copied: list[bool] = []
+        #: Characters of the cleaned text so far.
+        self.length = 0
+        #: Characters of the original text so far (those held back by the cleaner too).
+        self.original_length = 0
+
+    def copy(self, source: int, length: int) -> None:
+        """The next ``length`` characters are the original's from ``source`` on."""
+        if (
+            self._copied
+            and self._copied[-1]
+            and self._sources[-1] + (self.length - self._starts[-1]) == source
+        ):
+            self.length += length  # the last piece goes on
+            return
+        self._add(source, source + length, length, copied=True)
+
+    def stand_for(self, source: int, source_end: int, length: int) -> None:
+        """The next ``length`` characters stand for the original's ``source:source_end``."""
+        self._add(source, source_end, length, copied=False)
+
+    def _add(self, source: int, source_end: int, length: int, *, copied: bool) -> None:
+        if length <= 0:
+            return
+        self._starts.append(self.length)
+        self._sources.append(source)
+        self._ends.append(source_end)
+        self._copied.append(copied)
+        self.length += length
+
+    def original(self, start: int, end: int) -> tuple[int, int] | None:
+        """Where the cleaned range ``start:end`` came from in the original (from the
+        first character's source to the last one's end), or ``None`` outside the text."""
+        if not 0 <= start < end <= self.length:
+            return None
+        return self._span(start)[0], self._span(end - 1)[1]
+
+    def _span(self, index: int) -> tuple[int, int]:
+        piece = bisect.bisect_right(self._starts, index) - 1
+        if self._copied[piece]:
+            source = self._sources[piece] + index - self._starts[piece]
+            return source, source + 1
+        return self._sources[piece], self._ends[piece]
+
+    def in_original(self, word: WordEvent) -> WordEvent:
+        """``word`` with its character range moved into the original text."""
+        if word.char_start is None or word.char_end is None:
+            return word
+        span = self.original(word.char_start, word.char_end)
+        start, end = span if span is not None else (None, None)
+        return dataclasses.replace(word, char_start=start, char_end=end)
