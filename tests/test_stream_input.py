@@ -20,7 +20,7 @@ from tests.conftest import (
     speaks_fine,
     url_of,
 )
-from tests.fake_edge import FakeEdge
+from tests.fake_edge import FakeEdge, spoken_words
 from tests.test_formats import decode, onset_ms
 
 PIECES = [
@@ -452,3 +452,72 @@ async def test_a_long_stream_with_nothing_to_speak_stalls_no_other_client(
     assert (final["type"], final["code"]) == ("error", "empty_text")
     assert streamer.refusals == []
     assert [record.text for record in fake.records] == [cached]
+
+
+#: An LLM's reply as it streams: Markdown, a code block, a table, links and emoji.
+MARKDOWN_REPLY = (
+    "## Plan for today\n\n"
+    "Here is **the plan** for today 😀:\n\n"
+    "1. Buy [fresh bread](https://bakery.example.com/menu?day=1) at the market.\n"
+    "2. Call *Anna* about the **garden\nparty** tomorrow.\n\n"
+    "```python\nprint('never spoken')\n```\n\n"
+    "| Item | Price |\n|---|---|\n| Bread | 3 euros |\n\n"
+    "Details are at https://www.example.org/details/today. Have fun! 👍\n"
+)
+
+
+def token_pieces(text: str, size: int) -> list[str]:
+    """``text`` in pieces of ``size`` characters, as an LLM's tokens come."""
+    return [text[at : at + size] for at in range(0, len(text), size)]
+
+
+@pytest.mark.parametrize("size", [1, 4, 9])
+async def test_a_markdown_reply_streamed_in_tokens_is_spoken_clean(
+    start_server: ServerFactory, fake: FakeEdge, size: int
+) -> None:
+    """Appends of a Markdown reply, split inside its marks (``**the pl`` then ``an**``),
+    reach Edge without any mark, link target, code or emoji, by the default cleanup;
+    every word's range slices the reply as appended to text holding the word."""
+    server = await start_server()
+    async with connected(server) as client:
+        await client.send({"type": "speak", "id": "m", "stream": True})
+        for piece in token_pieces(MARKDOWN_REPLY, size):
+            await client.send({"type": "append", "id": "m", "text": piece})
+        await client.send({"type": "finish", "id": "m"})
+        result = await client.until_final("m")
+    assert result.final["type"] == "end"
+    spoken = " ".join(record.text for record in fake.records)
+    for mark in ("**", "#", "`", "](", "http", "www.", "|", "😀", "👍", "print", "menu"):
+        assert mark not in spoken, (mark, spoken)
+    for kept in ("the plan", "fresh bread", "garden", "party", "example.org", "Bread, 3 euros"):
+        assert kept in spoken, (kept, spoken)
+    words = result.words
+    assert len(words) == sum(len(spoken_words(record.text)) for record in fake.records)
+    for word in words:
+        assert word["text"] in MARKDOWN_REPLY[word["char_start"] : word["char_end"]], word
+
+
+async def test_a_stream_asking_for_no_cleanup_is_cut_as_it_is(
+    start_server: ServerFactory,
+) -> None:
+    """Through the core, a streamed text opened with cleanup "none" is segmented as it
+    came (its marks kept, no map); with "markdown" its segments are clean and index the
+    text appended through its map."""
+    utterances = (await start_server()).services.utterances
+    texts = {}
+    for mode in ("none", "markdown"):
+        stream = utterances.open_stream(cleanup=mode)
+        stream.append("## Title\n**Bold** text, and more words here.")
+        stream.finish()
+        segments = []
+        while (segment := stream.take()) is not None:
+            segments.append(segment)
+        stream.close()
+        texts[mode] = ("".join(s.text for s in segments), stream.source)
+    assert texts["none"] == ("## Title\n**Bold** text, and more words here.", None)
+    spoken, source = texts["markdown"]
+    assert spoken == "Title.\nBold text, and more words here."
+    assert source is not None and source.original(len("Title.\n"), len("Title.\nBold")) == (
+        len("## Title\n**"),
+        len("## Title\n**Bold"),
+    )
