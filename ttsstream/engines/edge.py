@@ -231,7 +231,9 @@ class EdgeEngine:
                 async with asyncio.timeout(self._timeout):
                     listed: list[Any] = await edge_tts.list_voices()
             except TimeoutError:
-                logger.warning("voice list: timeout after %.1fs", self._timeout)
+                # The router says once when lists go out without Edge's voices; a line
+                # per timed-out fetch would repeat it at every request.
+                logger.debug("voice list: timeout after %.1fs", self._timeout)
                 raise UpstreamTimeout("the speech service did not answer in time") from None
             except (EdgeTTSException, aiohttp.ClientError, ValueError) as exc:
                 raise _upstream_error(exc) from None
