@@ -45,8 +45,9 @@ not come yet (a URL, a tag, a link target, a run of ``*`` whose next character
 decides it, a line's first characters). Block state (inside a code fence, at a
 line start, in a table row) carries over from piece to piece, so the cleaned
 text does not depend on where the text was split, except that a ``flush``
-decides what is held as if the text ended there. Nothing is held past
-:data:`MAX_CONSTRUCT_CHARS` characters.
+decides what is held as if the text ended there. What is held is at most
+:data:`MAX_CONSTRUCT_CHARS` characters and a run of marks, and each piece costs
+time linear in it and in what is held.
 
 Written by hand: markdown-it-py and mistune parse whole documents into trees
 whose inline content carries no character offsets (markdown-it-py maps block
