@@ -6,7 +6,10 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Sequence
+from typing import Any
 
+import aiohttp
+import orjson
 import pytest
 import regex
 from hypothesis import given, settings
@@ -479,3 +482,57 @@ async def test_a_request_asking_for_none_is_spoken_as_sent(
     for word in sink.received:
         assert word.char_start is not None and word.char_end is not None
         assert text[word.char_start : word.char_end] == word.text
+
+
+_MARKED = "**Bold** claim 😀 [link](https://example.com/page)."
+
+
+@pytest.mark.parametrize("door", ["ws", "ws-stream", "tts", "openai"])
+async def test_every_door_takes_the_cleanup_field(
+    start_server: ServerFactory, fake: FakeEdge, door: str
+) -> None:
+    """``cleanup`` on each door: absent cleans (TEXT_CLEANUP), ``"none"`` speaks the text
+    as sent, JSON null is absent, anything else is refused as invalid_parameter."""
+    server = await start_server(rate_limit_requests=0)
+    base = f"http://127.0.0.1:{server.port}"
+    calls = itertools.count()
+
+    async def speak(cleanup: object, *, omit: bool = False) -> tuple[str, str]:
+        """The text sent (new each time: no cache hit), and what the upstream got or the
+        error code."""
+        text = f"{_MARKED} Call {next(calls)}."
+        fields: dict[str, Any] = {} if omit else {"cleanup": cleanup}
+        before = len(fake.records)
+        if door.startswith("ws"):
+            async with connected(server) as client:
+                stream = door == "ws-stream"
+                await client.speak("" if stream else text, stream=stream, **fields)
+                if stream:
+                    await client.send({"type": "append", "id": "u1", "text": text})
+                    await client.send({"type": "finish", "id": "u1"})
+                final = (await client.until_final("u1")).final
+                if final["type"] == "error":
+                    return text, str(final["code"])
+        else:
+            path, body = (
+                ("/tts", {"text": text})
+                if door == "tts"
+                else ("/v1/audio/speech", {"model": "tts-1", "voice": "alloy", "input": text})
+            )
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(base + path, json={**body, **fields}) as response,
+            ):
+                answer = await response.read()
+                if response.status != 200:
+                    error = orjson.loads(answer)["error"]
+                    return text, str(error["code"] if isinstance(error, dict) else error)
+        assert len(fake.records) == before + 1
+        return text, fake.records[-1].text
+
+    for cleaned in (await speak(None, omit=True))[1], (await speak(None))[1]:  # null: absent
+        assert "**" not in cleaned and "😀" not in cleaned and "https" not in cleaned
+        assert "Bold claim" in cleaned
+    sent, spoken = await speak("none")
+    assert spoken == sent
+    assert (await speak("html"))[1] == "invalid_parameter"

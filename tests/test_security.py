@@ -388,7 +388,7 @@ async def test_markup_in_text_is_spoken_literally(
     client: Client, fake: FakeEdge, text: str
 ) -> None:
     """SSML or XML in the text reaches the upstream as plain text: voice and prosody stay."""
-    await client.speak(text, voice="en-US-AriaNeural", rate="+0%")
+    await client.speak(text, voice="en-US-AriaNeural", rate="+0%", cleanup="none")
     result = await client.until_final("u1")
     assert result.final["type"] in ("end", "error")
     (record,) = fake.records

@@ -171,6 +171,7 @@ async def test_prosody_and_voice_reach_the_upstream(client: Client, fake: FakeEd
         rate="+25%",
         volume="-10%",
         pitch="-5Hz",
+        cleanup="none",  # the markup is spoken as sent, so it must be escaped
     )
     result = await client.until_final("u1")
     assert result.final["type"] == "end"

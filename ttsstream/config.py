@@ -131,14 +131,14 @@ class Config:
     allowed_origins: tuple[str, ...] | None = None
     #: Proxies whose X-Forwarded-For / X-Real-IP are believed: IPs or CIDRs.
     trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
+    #: The model and voice lists of the HTTP API answer without a key (Open WebUI asks
+    #: for them without one); speech always needs the key. False: the lists need it too.
+    public_lists: bool = True
 
     # HTTP speech API
     #: OpenAI voice names (``alloy``…) mapped to voices, over the default table.
     voice_map: tuple[tuple[str, str], ...] = ()
 
-    #: The model and voice lists of the HTTP API answer without a key (Open WebUI asks
-    #: for them without one); speech always needs the key. False: the lists need it too.
-    public_lists: bool = True
     # Limits per client IP
     #: Handshakes + speak messages allowed per IP in any RATE_LIMIT_WINDOW; 0: no limit.
     rate_limit_requests: int = 100
@@ -419,6 +419,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "TTS_API_KEY": ("api_keys", _list, _KEYS_FORM),
     "ALLOWED_ORIGINS": ("allowed_origins", _origins, _ORIGINS_FORM),
     "TRUSTED_PROXIES": ("trusted_proxies", _list, _PROXIES_FORM),
+    "PUBLIC_LISTS": ("public_lists", _boolean, "true or false"),
     "VOICE_MAP": ("voice_map", _voice_map, _VOICE_MAP_FORM),
     "RATE_LIMIT_REQUESTS": ("rate_limit_requests", _integer, "an integer >= 0"),
     "RATE_LIMIT_WINDOW": ("rate_limit_window", _number, "seconds > 0, such as 60"),
@@ -427,7 +428,6 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "PING_INTERVAL": ("ping_interval", _number, "seconds > 0, such as 20"),
     "REDIS_URL": ("redis_url", _optional_text, _REDIS_FORM),
     "REDIS_PREFIX": ("redis_prefix", str.strip, "printable text such as ttsstream:"),
-    "PUBLIC_LISTS": ("public_lists", _boolean, "true or false"),
     "REDIS_LEASE_SECONDS": ("redis_lease_seconds", _number, "seconds >= 1, such as 15"),
     "CACHE_SHARED_TTL": ("cache_shared_ttl", _number, "seconds >= 1, such as 604800"),
     "IDLE_TIMEOUT": ("idle_timeout", _number, "seconds > 0, such as 300"),

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import TypedDict, TypeVar
 
 from ttsstream.audio.formats import FORMAT_NAMES, MP3, Format, format_named
+from ttsstream.core.cleanup import CLEANUP_MODES
 from ttsstream.exceptions import (
     BadMessage,
     ClientError,
@@ -25,6 +26,7 @@ from ttsstream.exceptions import (
 __all__ = [
     "MAX_VOICE_LENGTH",
     "Prosody",
+    "cleanup_field",
     "format_field",
     "prosody_field",
     "prosody_fields",
@@ -134,3 +136,13 @@ def format_field(
     if found is None:
         raise _about(field, unknown(f'"{field}" must be one of ' + ", ".join(FORMAT_NAMES)))
     return found
+
+
+def cleanup_field(value: object, *, field: str = "cleanup") -> str | None:
+    """How a text is cleaned before it is spoken: ``"markdown"`` or ``"none"``
+    (:mod:`ttsstream.core.cleanup`); ``None`` when absent (the server's ``TEXT_CLEANUP``)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or value not in CLEANUP_MODES:
+        raise _about(field, InvalidParameter(f'"{field}" must be "markdown" or "none"'))
+    return value

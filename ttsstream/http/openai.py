@@ -22,7 +22,13 @@ from typing import Any
 
 from ttsstream.audio.formats import Format
 from ttsstream.config import EDGE_VOICE_PATTERN
-from ttsstream.core.fields import format_field, text_field, voice_field, without_nulls
+from ttsstream.core.fields import (
+    cleanup_field,
+    format_field,
+    text_field,
+    voice_field,
+    without_nulls,
+)
 from ttsstream.core.voices import in_locale
 from ttsstream.engines.base import Voice
 from ttsstream.exceptions import BadMessage, ClientError, InvalidParameter, UnsupportedFormat
@@ -87,6 +93,8 @@ class SpeechCall:
     format: Format
     #: The model named (``DEFAULT_MODEL`` if none): it changes nothing here.
     model: str = DEFAULT_MODEL
+    #: ttsstream's own: how ``input`` is cleaned; ``None``: the server's TEXT_CLEANUP.
+    cleanup: str | None = None
 
 
 def voice_table(overrides: tuple[tuple[str, str], ...]) -> dict[str, str]:
@@ -141,6 +149,7 @@ def read_speech_call(
         timestamps=timestamps,
         format=audio_format,
         model=model.strip() or DEFAULT_MODEL,
+        cleanup=cleanup_field(body.get("cleanup")),
     )
 
 

@@ -30,6 +30,7 @@ from aiohttp import StreamReader, web
 
 from ttsstream.audio.formats import MP3, Format
 from ttsstream.core.fields import (
+    cleanup_field,
     format_field,
     prosody_fields,
     text_field,
@@ -172,7 +173,10 @@ class SpeechApi:
             audio_format = format_field(fields.get("format"), unknown=UnsupportedFormat)
             utterances = self._services.utterances
             synthesis = utterances.request(
-                text=text, voice=voice_field(fields.get("voice")), **prosody
+                text=text,
+                voice=voice_field(fields.get("voice")),
+                cleanup=cleanup_field(fields.get("cleanup")),
+                **prosody,
             )
             await self._accept(synthesis)
             return Asked(synthesis, audio_format)
@@ -190,7 +194,9 @@ class SpeechApi:
                 body, voices=self._voices, max_text_length=self._config.max_text_length
             )
             utterances = self._services.utterances
-            synthesis = utterances.request(text=call.text, voice=call.voice, rate=call.rate)
+            synthesis = utterances.request(
+                text=call.text, voice=call.voice, rate=call.rate, cleanup=call.cleanup
+            )
             await self._accept(synthesis)
             return Asked(synthesis, call.format, call.sse, call.timestamps)
 

@@ -14,6 +14,7 @@ import orjson
 
 from ttsstream.audio.formats import MP3, Format
 from ttsstream.core.fields import (
+    cleanup_field,
     format_field,
     prosody_fields,
     text_field,
@@ -87,6 +88,8 @@ class Speak:
     id_given: bool = True
     #: A streaming utterance: ``text`` is its first piece (maybe empty), ``append``s follow.
     stream: bool = False
+    #: How its text is cleaned (``markdown``, ``none``); ``None``: the server's TEXT_CLEANUP.
+    cleanup: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,6 +263,7 @@ def _parse_speak(message: dict[str, Any], utterance_id: str, max_text_length: in
         words=words,
         format=audio_format,
         stream=stream,
+        cleanup=cleanup_field(message.get("cleanup")),
         **prosody,
     )
 

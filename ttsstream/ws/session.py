@@ -267,6 +267,7 @@ class Session:
             rate=request.rate,
             volume=request.volume,
             pitch=request.pitch,
+            cleanup=request.cleanup,
         )
         # A speak that plays at once is looked up in the cluster with its rate limit.
         lookahead = (
@@ -285,7 +286,7 @@ class Session:
             raise
         stream = None
         if request.stream:
-            stream = self._utterances.open_stream()
+            stream = self._utterances.open_stream(cleanup=request.cleanup)
             if request.text:
                 stream.append(request.text)
         self._ids.add(request.id)
