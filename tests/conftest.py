@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import inspect
 import os
+import signal
+import threading
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -23,6 +27,183 @@ from ttsstream.server import STREAM_PATH, Server
 #: Every timeout in the tests is a multiple of this; raise
 #: TTSSTREAM_TEST_TIMEOUT_SCALE on slow machines.
 TIMEOUT = 5.0 * float(os.environ.get("TTSSTREAM_TEST_TIMEOUT_SCALE", "1"))
+
+#: Seconds between two looks at a condition that no event announces.
+POLL_INTERVAL = 0.01
+
+
+async def eventually(
+    predicate: Callable[[], Any], timeout: float = TIMEOUT, *, what: str = ""
+) -> Any:
+    """Wait until ``predicate()`` (a function or a coroutine function) is truthy.
+
+    For what no event announces (a counter, a file, another process); wait on the
+    event where the code offers one. It looks every POLL_INTERVAL.
+
+    Returns:
+        The predicate's truthy value.
+
+    Raises:
+        AssertionError: it was still false after ``timeout`` seconds; the message
+            names ``what`` (or the predicate) and its last value.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if loop.time() >= deadline:
+            name = what or getattr(predicate, "__qualname__", repr(predicate))
+            raise AssertionError(f"not within {timeout:g} s: {name} (last {value!r})")
+        await asyncio.sleep(POLL_INTERVAL)
+
+
+# Leaks: a test that leaves a process, a thread or a socket behind fails itself.
+
+#: Threads that outlive a test by design: pools' workers (the loop's default executor,
+#: joined when its loop closes; the cache's and transcoders' pools, ended when their
+#: owner is collected; eSpeak's one per process), the access log's writer (one per
+#: process, replaced by the next ``logs.configure``), asyncio's child watchers (each
+#: ends with its child, which the process check covers).
+LONG_LIVED_THREADS = (
+    "asyncio_",
+    "cache-read",
+    "cache-write",
+    "transcode",
+    "espeak",
+    "access-log",
+    "waitpid-",
+)
+
+
+def _children(of: int | str = "self") -> dict[int, str]:
+    """A process's live children (zombies are not: their work is over): pid, command."""
+    found: dict[int, str] = {}
+    for task in Path(f"/proc/{of}/task").iterdir():
+        with contextlib.suppress(OSError):
+            for pid in (task / "children").read_text().split():
+                with contextlib.suppress(OSError):
+                    stat = Path(f"/proc/{pid}/stat").read_text()
+                    if stat.rsplit(")", 1)[1].split()[0] in "ZX":
+                        continue
+                    command = Path(f"/proc/{pid}/cmdline").read_bytes()
+                    found[int(pid)] = command.replace(b"\0", b" ").decode(errors="replace")
+    return found
+
+
+def _descendants(pid: int) -> list[int]:
+    """``pid`` and every live process below it (nginx's workers, say), parents first."""
+    found = [pid]
+    with contextlib.suppress(OSError):
+        for child in _children(pid):
+            found += _descendants(child)
+    return found
+
+
+def _sockets() -> set[int]:
+    """The inodes of this process's open sockets."""
+    inodes: set[int] = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own descriptor, gone already
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def _describe_sockets(inodes: set[int]) -> list[str]:
+    """Each socket's family and addresses, from /proc/net (what opened it, in effect)."""
+    described: dict[int, str] = {}
+    for table in ("tcp", "tcp6", "udp", "udp6", "unix"):
+        with contextlib.suppress(OSError):
+            rows = Path(f"/proc/net/{table}").read_text().splitlines()[1:]
+            for row in rows:
+                fields = row.split()
+                inode = int(fields[9] if table != "unix" else fields[6])
+                if inode in inodes:
+                    where = (
+                        " ".join(fields[7:])
+                        if table == "unix"
+                        else " -> ".join(map(_address, fields[1:3]))
+                    )
+                    described[inode] = f"{table} {where}".strip()
+    return [described.get(inode, f"socket:[{inode}]") for inode in sorted(inodes)]
+
+
+def _address(hexadecimal: str) -> str:
+    """``0100007F:1F90`` (as /proc/net/tcp has it) as ``127.0.0.1:8080``."""
+    host, port = hexadecimal.split(":")
+    if len(host) == 8:
+        host = ".".join(str(byte) for byte in reversed(bytes.fromhex(host)))
+    return f"{host}:{int(port, 16)}"
+
+
+def _lingering_threads(before: set[threading.Thread]) -> list[threading.Thread]:
+    return [
+        thread
+        for thread in threading.enumerate()
+        if thread not in before
+        and thread.is_alive()
+        and not thread.name.startswith(LONG_LIVED_THREADS)
+    ]
+
+
+@pytest.fixture(autouse=True)
+async def leaves_nothing_behind(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[None]:
+    """Fail the test that leaves a child process, a thread or a socket behind (not a later
+    one that trips over it); the leaked processes are killed and reaped first.
+
+    It runs after every other fixture of the test is torn down, in the test's event
+    loop, so what closes asynchronously is waited for (``eventually``). Objects kept
+    only by reference cycles are collected, so that their finalizers (an unclosed
+    transport's ResourceWarning) are reported against this test too.
+    """
+    children, threads, sockets = set(_children()), set(threading.enumerate()), _sockets()
+    started: list[asyncio.subprocess.Process] = []
+
+    def tracked(create: Callable[..., Awaitable[asyncio.subprocess.Process]]) -> Any:
+        async def create_and_track(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
+            process = await create(*args, **kwargs)
+            started.append(process)
+            return process
+
+        return create_and_track
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", tracked(asyncio.create_subprocess_exec))
+    monkeypatch.setattr(
+        asyncio, "create_subprocess_shell", tracked(asyncio.create_subprocess_shell)
+    )
+    yield
+
+    def new_children() -> dict[int, str]:
+        return {pid: cmd for pid, cmd in _children().items() if pid not in children}
+
+    leaks: list[str] = []
+    if left := new_children():
+        leaks += [f"process {pid}: {command}" for pid, command in left.items()]
+        for pid in [pid for leaked in left for pid in _descendants(leaked)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    for process in started:
+        # Reaped and its pipes read to their end, so that its transport closes now
+        # rather than warn, unclosed, in whatever test runs when it is collected.
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(TIMEOUT):
+                await process.communicate()
+    with contextlib.suppress(AssertionError):
+        await eventually(lambda: not new_children(), what="leaked processes reaped")
+
+    if _lingering_threads(threads) or _sockets() - sockets:
+        gc.collect()
+        with contextlib.suppress(AssertionError):
+            await eventually(lambda: not _lingering_threads(threads) and not _sockets() - sockets)
+    leaks += [f"thread {thread.name}" for thread in _lingering_threads(threads)]
+    leaks += [f"socket {what}" for what in _describe_sockets(_sockets() - sockets)]
+    if leaks:
+        pytest.fail("left behind:\n  " + "\n  ".join(leaks), pytrace=False)
 
 
 @pytest.fixture

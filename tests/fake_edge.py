@@ -258,6 +258,7 @@ class FakeEdge:
         #: (benchmarks) turns this off: thousands of kept records make its garbage
         #: collector pause for 100 ms and more, stalling every stream it serves.
         self.keep_records = True
+        #: One per synthesis, added once its request (config and SSML) is whole.
         self.records: list[SynthesisRecord] = []
         self.voice_list_requests = 0
         self.handshakes = 0
@@ -349,8 +350,6 @@ class FakeEdge:
         record = SynthesisRecord(
             query=parse_qs(urlsplit(ws.request.path).query), headers=ws.request.headers
         )
-        if self.keep_records:
-            self.records.append(record)
         # Seen even while the handler is paused or stalled, as a real service would.
         watcher = asyncio.create_task(ws.wait_closed())
         watcher.add_done_callback(lambda _: record.closed.set())
@@ -395,6 +394,10 @@ class FakeEdge:
         record.volume = prosody.attrib["volume"]
         record.pitch = prosody.attrib["pitch"]
         record.text = prosody.text or ""
+        # Recorded only once the request is whole: a test that sees a record may read
+        # everything that was asked.
+        if self.keep_records:
+            self.records.append(record)
         if record.voice not in {voice["Name"] for voice in self.voices}:
             # The service closes without a word for a voice it does not have; edge-tts
             # then raises NoAudioReceived.
