@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import orjson
 import pytest
@@ -30,6 +30,19 @@ TIMEOUT = 5.0 * float(os.environ.get("TTSSTREAM_TEST_TIMEOUT_SCALE", "1"))
 
 #: Seconds between two looks at a condition that no event announces.
 POLL_INTERVAL = 0.01
+
+
+T = TypeVar("T")
+
+
+@overload
+async def eventually(
+    predicate: Callable[[], Awaitable[T]], timeout: float = ..., *, what: str = ...
+) -> T: ...
+
+
+@overload
+async def eventually(predicate: Callable[[], T], timeout: float = ..., *, what: str = ...) -> T: ...
 
 
 async def eventually(
@@ -431,8 +444,5 @@ def entries(server: Server) -> list[Path]:
 
 
 async def wait_for_entries(server: Server, count: int) -> None:
-    for _ in range(int(TIMEOUT * 100)):
-        if len(entries(server)) >= count:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"expected {count} cache entries, found {len(entries(server))}")
+    """Wait until ``server``'s disk cache holds ``count`` entries (they are written later)."""
+    await eventually(lambda: len(entries(server)) >= count, what=f"{count} cache entries")

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from tests.conftest import TIMEOUT
+from tests.conftest import TIMEOUT, eventually
 from tests.fake_edge import FakeEdge
 
 CONSOLE_SCRIPT = Path(sys.executable).with_name("ttsstream")
@@ -75,11 +75,12 @@ async def serve_process(
     said = b""
     if "LOG_DIR" in settings:  # the error log is a file then
         error_log = Path(settings["LOG_DIR"]) / "error.log"
-        for _ in range(int(TIMEOUT * 100)):
+
+        def logged() -> bytes:
             said = error_log.read_bytes() if error_log.exists() else b""
-            if LISTENING.search(said):
-                break
-            await asyncio.sleep(0.01)
+            return said if LISTENING.search(said) else b""
+
+        said = await eventually(logged, what=f"'listening' in {error_log}")
     while not (match := LISTENING.search(said)):
         line = await asyncio.wait_for(process.stderr.readline(), TIMEOUT)
         assert line, said.decode()

@@ -27,6 +27,7 @@ from tests.conftest import (
     Utterance,
     connected,
     entries,
+    eventually,
     url_of,
     wait_for_entries,
 )
@@ -471,9 +472,7 @@ async def test_formats_leave_the_mp3s_their_room(
         last = server.services.speech.key_of(
             SynthesisRequest(text=texts[-1], voice=server.config.default_voice), FORMATS[name]
         )
-        async with asyncio.timeout(TIMEOUT):
-            while not store.holds(last):
-                await asyncio.sleep(0.01)
+        await eventually(lambda key=last: store.holds(key), what="the last variant stored")
     assert store.variant_bytes <= store.variant_max_bytes
     largest = max(path.stat().st_size for path in entries(server) if "-" not in path.stem)
     assert store.total_bytes - store.variant_bytes >= (
@@ -502,9 +501,10 @@ async def test_redis_keeps_only_the_mp3(
         async def shared_entries() -> list[Any]:
             return list(await shared.keys("ttsstream:entry:*"))
 
-        async with asyncio.timeout(TIMEOUT):
-            while len(await shared_entries()) < 2:
-                await asyncio.sleep(0.02)
+        async def both_shared() -> bool:
+            return len(await shared_entries()) >= 2
+
+        await eventually(both_shared)
         assert len(await shared_entries()) == 2
         assert len(fake.records) == 2
     finally:

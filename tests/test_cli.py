@@ -16,7 +16,7 @@ import miniaudio
 import pytest
 from websockets.asyncio.client import connect
 
-from tests.conftest import TIMEOUT
+from tests.conftest import TIMEOUT, eventually
 from tests.fake_edge import FakeEdge, spoken_words
 from tests.processes import (
     CONSOLE_SCRIPT,
@@ -563,9 +563,7 @@ async def test_say_dash_streams_standard_input_as_it_is_read(
     assert process.stdin is not None
     process.stdin.write(b"The first sentence comes right away. The sec")
     await process.stdin.drain()
-    async with asyncio.timeout(TIMEOUT):
-        while not fake.records:  # spoken while the input is still open
-            await asyncio.sleep(0.02)
+    await eventually(lambda: fake.records, what="the first sentence spoken, the input still open")
     assert fake.records[0].text == "The first sentence comes right away."
     process.stdin.write("ond one follows later. Déjà".encode())
     process.stdin.close()
