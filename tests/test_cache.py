@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import os
 import shutil
@@ -472,7 +473,7 @@ async def test_formats_leave_the_mp3s_their_room(
         last = server.services.speech.key_of(
             SynthesisRequest(text=texts[-1], voice=server.config.default_voice), FORMATS[name]
         )
-        await eventually(lambda key=last: store.holds(key), what="the last variant stored")
+        await eventually(functools.partial(store.holds, last), what="the last variant stored")
     assert store.variant_bytes <= store.variant_max_bytes
     largest = max(path.stat().st_size for path in entries(server) if "-" not in path.stem)
     assert store.total_bytes - store.variant_bytes >= (
