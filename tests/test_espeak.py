@@ -252,7 +252,9 @@ async def test_parallel_utterances_are_all_complete(engine: EspeakEngine) -> Non
 
 
 async def test_event_loop_keeps_running_while_speaking(engine: EspeakEngine) -> None:
-    """While several long utterances synthesize, the event loop never stalls past ~20 ms."""
+    """While several long utterances synthesize, the event loop never waits for eSpeak:
+    it is late by well under the time eSpeak takes to render one slice (measured in
+    the same run, so a loaded machine, slower at both, does not change the verdict)."""
     lags: list[float] = []
     done = asyncio.Event()
 
@@ -263,15 +265,20 @@ async def test_event_loop_keeps_running_while_speaking(engine: EspeakEngine) -> 
             lags.append(time.perf_counter() - before - 0.005)
 
     tick = asyncio.create_task(ticker())
+    began = time.perf_counter()
     await asyncio.wait_for(
         asyncio.gather(*(speak(engine, LONG_TEXT) for _ in range(4))), TIMEOUT * 4
     )
+    # eSpeak's one thread renders the slices one after another.
+    slice_seconds = (time.perf_counter() - began) / (4 * len(text_slices(LONG_TEXT)))
     done.set()
     await tick
     lags.sort()
     assert len(lags) > 10
-    # The 99th percentile bounds what a client would notice; one outlier may be the OS.
-    assert lags[int(len(lags) * 0.99)] < 0.020
+    # A slice rendered on the loop would make the loop that late at every tick while
+    # it runs. The 99th percentile bounds what a client would notice; one outlier may
+    # be the OS.
+    assert lags[int(len(lags) * 0.99)] < slice_seconds / 2, (lags[-5:], slice_seconds)
 
 
 @pytest.mark.parametrize(
