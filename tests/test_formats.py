@@ -32,6 +32,7 @@ from tests.conftest import (
     ServerFactory,
     connected,
     entries,
+    eventually,
     speaks_fine,
     wait_for_entries,
 )
@@ -176,9 +177,7 @@ async def test_transcode_workers_take_clients_in_turn(per_client: int) -> None:
     busy = [workers.submit("198.51.100.1", job, f"busy {number}") for number in range(10)]
     other = workers.submit("198.51.100.2", job, "other")
     assert workers.waiting == 9  # both threads taken: by per_client busy jobs, or one and other
-    async with asyncio.timeout(TIMEOUT):
-        while running["busy"] < per_client:
-            await asyncio.sleep(0.001)
+    await eventually(lambda: running["busy"] >= per_client, what="the busy jobs running")
     go.set()
     assert await other.result == "other"
     await asyncio.gather(*(each.result for each in busy))
@@ -387,9 +386,7 @@ async def test_a_transcode_keeps_at_most_its_bound_for_a_slow_listener(
     audio = bytearray()
     async with contextlib.aclosing(speech.synthesize(request, made_as=FORMATS["opus"])) as events:
         assert isinstance(await anext(events), Started)
-        async with asyncio.timeout(TIMEOUT):
-            while speech.made_bytes <= bound:
-                await asyncio.sleep(0.01)
+        await eventually(lambda: speech.made_bytes > bound, what="the transcode at its bound")
         async for event in events:
             assert speech.made_bytes <= bound + chunk_most
             if isinstance(event, AudioChunk):
@@ -435,9 +432,10 @@ async def test_a_transcode_left_past_half_way_is_finished_and_stored(
         async for event in events:
             if isinstance(event, MadeChunk) and event.made_ms > 0.6 * whole_ms:
                 break
-    async with asyncio.timeout(TIMEOUT):
-        while speech.made_bytes or not store.holds(speech.key_of(late, opus)):
-            await asyncio.sleep(0.01)
+    await eventually(
+        lambda: not speech.made_bytes and store.holds(speech.key_of(late, opus)),
+        what="the late transcode finished and stored",
+    )
     assert len(made) == 2
     assert (await first_event(late)).audio_ms == pytest.approx(whole_ms, abs=30)  # stored
     assert (await first_event(early)).audio_ms is None  # made again
@@ -580,11 +578,7 @@ async def test_cancelled_transcodes_free_their_encoders(
             if round_ == 99:
                 warm = _rss()
         await speaks_fine(client)
-    for _ in range(50):
-        if transcode.open_transcoders == 0:
-            break
-        await asyncio.sleep(0.02)
-    assert transcode.open_transcoders == 0
+    await eventually(lambda: transcode.open_transcoders == 0, what="every transcoder closed")
     assert _rss() - warm < 20 * 2**20, (before, warm, _rss())
 
 
