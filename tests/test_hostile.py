@@ -27,6 +27,7 @@ from tests.conftest import (
     ServerFactory,
     connected,
     connected_to,
+    eventually,
     speaks_fine,
     url_of,
 )
@@ -279,10 +280,7 @@ async def test_made_up_voices_cannot_open_the_breaker(
         assert (good.messages[0]["engine"], good.final["type"]) == ("edge", "end")
 
         fake.refuse_voices_status = None
-        for _ in range(int(TIMEOUT * 100)):
-            if server.services.router.edge_voices:
-                break
-            await asyncio.sleep(0.01)
+        await eventually(lambda: server.services.router.edge_voices, what="the voice list")
         calls = fake.handshakes
         await client.speak("Hello.", id="refused", voice="en-US-DoesNotExistNeural")
         refused = await client.until_final("refused")

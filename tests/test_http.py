@@ -13,7 +13,15 @@ import orjson
 import pytest
 from websockets.asyncio.client import connect
 
-from tests.conftest import TIMEOUT, Client, ServerFactory, connected, speaks_fine, url_of
+from tests.conftest import (
+    TIMEOUT,
+    Client,
+    ServerFactory,
+    connected,
+    eventually,
+    speaks_fine,
+    url_of,
+)
 from ttsstream import port
 from ttsstream.server import STREAM_PATH, Server
 
@@ -280,11 +288,9 @@ async def test_idle_http_connections_are_counted_capped_and_closed(
         assert await asyncio.wait_for(loop.sock_recv(sock, 1), TIMEOUT) == b""
     for sock in socks:
         sock.close()
-    for _ in range(int(TIMEOUT * 100)):
-        if server.services.admission.sockets.total == 0:
-            break
-        await asyncio.sleep(0.01)
-    assert server.services.admission.sockets.total == 0
+    await eventually(
+        lambda: server.services.admission.sockets.total == 0, what="every connection uncounted"
+    )
     assert server.stats.http_connections == 0
     async with connected(server) as client:
         await speaks_fine(client)
@@ -395,10 +401,10 @@ async def test_refused_connections_hold_few_file_descriptors(
     held = [await _kept_alive(server) for _ in range(2)]
     refused = [await _kept_alive(server) for _ in range(3 * port.MAX_LINGERING_REFUSALS)]
     fronts = server._front.fronts
-    for _ in range(int(TIMEOUT * 100)):
-        if server.services.admission.sockets.total == 2 and fronts.lingering:
-            break
-        await asyncio.sleep(0.01)
+    await eventually(
+        lambda: server.services.admission.sockets.total == 2 and fronts.lingering,
+        what="two connections held, refusals lingering",
+    )
     assert 0 < fronts.lingering <= port.MAX_LINGERING_REFUSALS
     loop = asyncio.get_running_loop()
     for sock in refused:  # answered 503 then closed, or dropped at once

@@ -28,7 +28,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
-from tests.conftest import TIMEOUT, Client
+from tests.conftest import TIMEOUT, Client, eventually
 from tests.fake_edge import FakeEdge
 from tests.processes import serve_process, stop
 from tests.redis_server import RedisServer
@@ -243,14 +243,17 @@ async def nginx_in_front(
         stderr=asyncio.subprocess.PIPE,
     )
     tls = ssl.create_default_context(cafile=str(cert))
-    for _ in range(int(TIMEOUT * 100)):
+
+    async def accepting() -> bool:
         try:
             _, writer = await asyncio.open_connection("127.0.0.1", https_port)
-            writer.close()
-            break
         except OSError:
-            await asyncio.sleep(0.01)
+            return False
+        writer.close()
+        return True
+
     try:
+        await eventually(accepting, what="nginx accepting")
         yield Stack(f"wss://127.0.0.1:{https_port}/v1/stream", tls, sides, instances, tmp_path)
     finally:
         nginx.send_signal(signal.SIGQUIT)

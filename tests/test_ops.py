@@ -21,6 +21,7 @@ from tests.conftest import (
     Clock,
     ServerFactory,
     connected,
+    eventually,
     url_of,
     wait_for_entries,
 )
@@ -160,11 +161,9 @@ async def test_health_is_degraded_while_the_breaker_is_open(
 
 
 async def wait_for_voice_list(server: Server) -> None:
-    for _ in range(int(TIMEOUT * 100)):
-        if server.services.router.edge_voices is not None:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("the voice list was never fetched")
+    await eventually(
+        lambda: server.services.router.edge_voices is not None, what="the voice list fetched"
+    )
 
 
 async def test_health_is_degraded_while_the_voice_list_is_missing(
@@ -173,10 +172,9 @@ async def test_health_is_degraded_while_the_voice_list_is_missing(
     """Without Edge's voice list, /health says degraded and why; once fetched, healthy."""
     fake.refuse_voices_status = 503
     server = await start_server()
-    for _ in range(int(TIMEOUT * 100)):
-        if server.services.router.edge_voices_error is not None:
-            break
-        await asyncio.sleep(0.01)
+    await eventually(
+        lambda: server.services.router.edge_voices_error is not None, what="the list's failure"
+    )
     status, health = await get(server, "/health")
     assert (status, health["status"]) == (200, "degraded")
     assert health["upstream"]["voice_list"] == {
@@ -266,12 +264,12 @@ async def test_sigterm_mid_utterance_delivers_it_and_exits_0(
         await asyncio.wait_for(fake.paused.wait(), TIMEOUT)
         process.send_signal(signal.SIGTERM)
         async with aiohttp.ClientSession() as session:
-            for _ in range(int(TIMEOUT * 100)):
+
+            async def not_ready() -> bool:
                 async with session.get(f"http://{side}/ready") as response:
-                    if response.status == 503:
-                        break
-                await asyncio.sleep(0.01)
-            assert response.status == 503
+                    return response.status == 503
+
+            await eventually(not_ready, what="/ready 503")
         await client.speak("And another?", id="late")
         assert (await client.until_final("late")).final["code"] == "shutting_down"
         fake.resume.set()
@@ -297,7 +295,10 @@ async def test_second_signal_closes_at_once(fake: FakeEdge, tmp_path: Path) -> N
         await ws.send(json.dumps({"type": "speak", "text": "Never finishes."}))
         await asyncio.wait_for(fake.paused.wait(), TIMEOUT)
         process.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.2)
+        # The first one handled before the second is sent (two pending are one).
+        assert process.stderr is not None
+        while b"draining:" not in await asyncio.wait_for(process.stderr.readline(), TIMEOUT):
+            pass
         assert process.returncode is None  # draining, for up to 600 s
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), TIMEOUT) == 0
@@ -384,16 +385,11 @@ async def test_sighup_reopens_log_files(fake: FakeEdge, tmp_path: Path) -> None:
             await client.until_final(id)
 
     await one("before")
-    for _ in range(int(TIMEOUT * 100)):  # the access log is written by a thread
-        if "id=before" in (logs / "access.log").read_text():
-            break
-        await asyncio.sleep(0.01)
+    # The access log is written by a thread.
+    await eventually(lambda: "id=before" in (logs / "access.log").read_text())
     (logs / "access.log").rename(logs / "access.log.1")
     process.send_signal(signal.SIGHUP)
-    for _ in range(int(TIMEOUT * 100)):
-        if (logs / "access.log").exists():
-            break
-        await asyncio.sleep(0.01)
+    await eventually((logs / "access.log").exists, what="access.log reopened")
     await one("after")
     process.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(process.wait(), TIMEOUT) == 0
