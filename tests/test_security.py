@@ -20,7 +20,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.protocol import State
 from websockets.typing import Subprotocol
 
-from tests.conftest import TIMEOUT, Client, Clock, ServerFactory, connected, url_of
+from tests.conftest import TIMEOUT, Client, Clock, ServerFactory, connected, eventually, url_of
 from tests.fake_edge import FakeEdge
 from tests.processes import LISTENING, environment, run, start_process
 from ttsstream.server import Server
@@ -318,10 +318,7 @@ async def test_connection_caps(start_server: ServerFactory) -> None:
     )
     assert (status, body["error"]) == (503, "server_full")
     await a.close()
-    for _ in range(100):
-        if server.services.admission.connections.total < 3:
-            break
-        await asyncio.sleep(0.01)
+    await eventually(lambda: server.services.admission.connections.total < 3, what="a place freed")
     async with connect(url_of(server), additional_headers={"X-Forwarded-For": "198.51.100.1"}) as d:
         await speaks(d)
     await b.close()
@@ -332,12 +329,13 @@ async def test_idle_connection_is_closed_but_a_speaking_one_is_not(
     start_server: ServerFactory, fake: FakeEdge
 ) -> None:
     """No message for IDLE_TIMEOUT closes with 1000 "idle"; a long utterance is not idleness."""
-    server = await start_server(idle_timeout=0.3)
+    idle_timeout = TIMEOUT * 0.06  # short, yet time enough to send a speak after the hello
+    server = await start_server(idle_timeout=idle_timeout)
     fake.pause_after_chunks = 1
     async with connected(server) as client:
         await client.speak("A slow utterance outlasts the idle timeout.")
         await asyncio.wait_for(fake.paused.wait(), TIMEOUT)
-        await asyncio.sleep(0.6)
+        await asyncio.sleep(idle_timeout * 2)
         fake.resume.set()
         assert (await client.until_final("u1")).final["type"] == "end"
         with pytest.raises(ConnectionClosed):
@@ -359,11 +357,7 @@ async def test_client_that_does_not_read_is_closed_with_1008(
             socket.SOL_SOCKET, socket.SO_SNDBUF, 32768
         )
         await ws.send(json.dumps({"type": "speak", "text": text}))
-        for _ in range(int(TIMEOUT * 100)):
-            if server_side.state is not State.OPEN:  # the server is closing it
-                break
-            await asyncio.sleep(0.01)
-        assert server_side.state is not State.OPEN
+        await eventually(lambda: server_side.state is not State.OPEN, what="the server closing it")
         received = 0
         with pytest.raises(ConnectionClosed):
             while True:
