@@ -21,6 +21,7 @@ from tests.conftest import (
     ServerFactory,
     connected,
     connected_to,
+    eventually,
     speaks_fine,
     url_of,
 )
@@ -384,14 +385,13 @@ async def test_a_client_that_leaves_mid_utterance_is_disconnected_not_cancelled(
         await asyncio.wait_for(fake.paused.wait(), TIMEOUT)
         await client.send({"type": "cancel", "id": "called-off"})
         assert (await client.until_final("called-off")).final["type"] == "cancelled"
-    outcomes: dict[str, str] = {}
-    for _ in range(int(TIMEOUT * 100)):
+
+    def outcomes() -> dict[str, str]:
         lines = [fields_of(r) for r in caplog.records if r.name == "ttsstream.access"]
-        outcomes = {line["id"]: line["outcome"] for line in lines if "outcome" in line}
-        if len(outcomes) == 2:
-            break
-        await asyncio.sleep(0.01)
-    assert outcomes == {"left": "disconnected", "called-off": "cancelled"}
+        return {line["id"]: line["outcome"] for line in lines if "outcome" in line}
+
+    await eventually(lambda: len(outcomes()) == 2, what="both access-log lines")
+    assert outcomes() == {"left": "disconnected", "called-off": "cancelled"}
     assert server.stats.outcomes_by_interface["ws", "disconnected"] == 1
 
 
@@ -451,10 +451,7 @@ async def test_a_replay_dropped_mid_way_still_ends_its_utterance(
         async with connected_to(url) as client:
             await client.speak(text, id="stored")
             assert (await client.until_final("stored")).final["type"] == "end"
-        for _ in range(int(TIMEOUT * 100)):
-            if list((tmp_path / "cache").glob("*/*.tts")):
-                break
-            await asyncio.sleep(0.01)
+        await eventually(lambda: list((tmp_path / "cache").glob("*/*.tts")), what="stored")
         dropped = {
             f"{name}-{number}" for name in ("opus", "mp3") for number in range(DROPPED_REPLAYS)
         }
@@ -467,14 +464,16 @@ async def test_a_replay_dropped_mid_way_still_ends_its_utterance(
         stats: dict[str, Any] = {}
         lines: list[dict[str, Any]] = []
         async with aiohttp.ClientSession() as session:
-            for _ in range(int(TIMEOUT * 100)):
+
+            async def all_ended() -> bool:
+                nonlocal stats, lines
                 async with session.get(f"http://{side}/stats") as response:
                     stats = await response.json()
                 logged = map(orjson.loads, (logs / "access.log").read_bytes().splitlines())
                 lines = [line for line in logged if line.get("id") in dropped]
-                if stats["active_utterances"] == 0 and len(lines) == len(dropped):
-                    break
-                await asyncio.sleep(0.01)
+                return bool(stats["active_utterances"] == 0 and len(lines) == len(dropped))
+
+            await eventually(all_ended, what="every dropped replay ended and logged")
         assert stats["active_utterances"] == 0, stats
         assert sorted(line["id"] for line in lines) == sorted(dropped)
         # Some replays may be written whole before the connection drops.
