@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from tests.conftest import TIMEOUT
+from tests.conftest import TIMEOUT, eventually
 from tests.redis_server import RedisServer
 from ttsstream.config import Config, load_config
 from ttsstream.core.slots import FairSlots
@@ -220,9 +220,11 @@ async def test_a_cluster_permit_taken_as_its_waiter_is_cancelled_goes_back(
         with pytest.raises(asyncio.CancelledError):
             await taking
         monkeypatch.setattr(link, "script", script)
-        async with asyncio.timeout(TIMEOUT):  # well within the lease it would have had
-            while await client.zcard("cancelled:upstream"):
-                await asyncio.sleep(0.01)
+
+        async def given_back() -> bool:
+            return not await client.zcard("cancelled:upstream")
+
+        await eventually(given_back)  # well within the lease it would have had
     finally:
         await client.aclose()
         await link.aclose()
