@@ -25,6 +25,7 @@ from tests.conftest import (
     Clock,
     ServerFactory,
     connected,
+    eventually,
     wait_for_entries,
 )
 from tests.fake_edge import FRAME_BYTES, FakeEdge
@@ -242,10 +243,7 @@ async def test_a_websocket_and_an_http_request_share_one_synthesis(
         await client.speak(TEXT)
         await asyncio.wait_for(fake.paused.wait(), TIMEOUT)
         http = asyncio.create_task(post(server, "/tts", {"text": TEXT}))
-        for _ in range(int(TIMEOUT * 100)):
-            if server.stats.coalesced:
-                break
-            await asyncio.sleep(0.01)
+        await eventually(lambda: server.stats.coalesced, what="the HTTP request joined")
         fake.resume.set()
         spoken = await client.until_final("u1")
         status, headers, audio = await http
@@ -342,10 +340,9 @@ async def test_a_stream_counts_as_a_connection(start_server: ServerFactory, fake
     async with connected(server):
         status, _, raw = await post(server, "/tts", {"text": TEXT})
         assert (status, orjson.loads(raw)["error"]) == (429, "too_many_connections")
-    for _ in range(int(TIMEOUT * 100)):
-        if server.services.admission.connections.total == 0:
-            break
-        await asyncio.sleep(0.01)
+    await eventually(
+        lambda: server.services.admission.connections.total == 0, what="the WebSocket's place free"
+    )
     fake.pause_after_chunks = 1
     stream = asyncio.create_task(post(server, "/tts", {"text": TEXT}))
     await asyncio.wait_for(fake.paused.wait(), TIMEOUT)
@@ -394,8 +391,7 @@ async def test_drain_finishes_streams_and_refuses_new_requests(
         async with session.post(http_of(server) + "/tts", json={"text": TEXT}) as response:
             await asyncio.wait_for(response.content.readany(), TIMEOUT)
             drain = asyncio.create_task(server.drain(TIMEOUT))
-            while server.state != "draining":
-                await asyncio.sleep(0.01)
+            await eventually(lambda: server.state == "draining")
             async with kept.post(http_of(server) + "/tts", json={"text": "Too late."}) as late:
                 assert late.status == 503
                 assert orjson.loads(await late.read())["error"] == "shutting_down"
@@ -637,8 +633,7 @@ async def test_an_http_client_leaving_stops_nothing_shared(
         ):
             await asyncio.wait_for(response.content.readany(), TIMEOUT)
             await client.speak(TEXT)
-            while not server.stats.coalesced:
-                await asyncio.sleep(0.01)
+            await eventually(lambda: server.stats.coalesced, what="the speak joined")
             assert response.connection is not None
             transport = response.connection.transport
             assert transport is not None
@@ -710,8 +705,7 @@ async def test_a_chunked_body_is_read_to_its_end(
     try:
         writer.write(_head(path, Transfer_Encoding="chunked") + _chunk(raw[:10]))
         # The handler reads the body once admitted (the request is counted then).
-        while server.stats.total_requests == 0:
-            await asyncio.sleep(0.01)
+        await eventually(lambda: server.stats.total_requests, what="the request counted")
         await asyncio.sleep(TIMEOUT / 50)  # the second segment comes later
         writer.write(_chunk(raw[10:]) + b"0\r\n\r\n")
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
@@ -790,8 +784,7 @@ async def test_a_drain_does_not_wait_for_a_trickled_body(
     writer.write(_head("/tts", Content_Length="1000") + b'{"text": "Slow')
     trickler = asyncio.create_task(_trickle(writer, TIMEOUT / 50))
     try:
-        while server.stats.total_requests == 0:
-            await asyncio.sleep(0.01)
+        await eventually(lambda: server.stats.total_requests, what="the request counted")
         async with asyncio.timeout(TIMEOUT):
             await server.drain(TIMEOUT / 10)
             await server.wait_closed()
@@ -811,16 +804,12 @@ async def test_a_body_that_ends_early_is_no_server_error(
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     try:
         writer.write(_head("/tts", Content_Length="1000") + b'{"text": "Cut')
-        while server.stats.total_requests == 0:
-            await asyncio.sleep(0.01)
+        await eventually(lambda: server.stats.total_requests, what="the request counted")
         writer.write_eof()
         assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
     finally:
         writer.close()
-    for _ in range(int(TIMEOUT * 100)):
-        if server.stats.errors:
-            break
-        await asyncio.sleep(0.01)
+    await eventually(lambda: server.stats.errors, what="the refusal counted")
     assert server.stats.errors == 1
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
 
