@@ -19,8 +19,9 @@ from ttsstream.exceptions import ConfigError
 from ttsstream.server import Server
 
 TEXT = "The service failed, so the offline voice speaks instead."
-#: A short upstream deadline for the timeout cases, in seconds.
-SHORT = 0.3
+#: A short upstream deadline for the timeout cases, in seconds
+#: (0.3 s unscaled: time enough for a connection's handshake and first audio).
+SHORT = TIMEOUT * 0.06
 
 
 async def assert_fallback(client: Client, reason: str, voice: str = "espeak:en-us") -> None:

@@ -25,6 +25,7 @@ from tests.conftest import (
     ServerFactory,
     Utterance,
     connected,
+    eventually,
     speaks_fine,
     url_of,
 )
@@ -32,8 +33,9 @@ from tests.fake_edge import FakeEdge, spoken_words
 from ttsstream.logs import fields_of
 from ttsstream.server import Server
 
-#: A short upstream deadline for the timeout tests, in seconds.
-SHORT = 0.3
+#: A short upstream deadline for the timeout tests, in seconds
+#: (0.3 s unscaled: time enough for a connection's handshake and first audio).
+SHORT = TIMEOUT * 0.06
 #: Settings of every server here: failures are not retried nor spoken by a fallback.
 AS_IS = {"fallback_voice": None, "upstream_retries": 0}
 #: Two clients, told apart by the address their proxy (127.0.0.1, trusted) forwards:
@@ -302,10 +304,12 @@ async def test_gap_deadline_bounds_each_wait_not_the_whole_stream() -> None:
     """Many short gaps outlast the deadline together and pass; one long gap fails it."""
     from ttsstream.engines.edge import _GapDeadline
 
-    assert await _drain(_GapDeadline(0.2), _paced([0.05] * 10)) == list(range(10))
+    seconds = TIMEOUT / 25  # each gap of a tenth of it passes, however late its wake-up
+    short = seconds / 10
+    assert await _drain(_GapDeadline(seconds), _paced([short] * 20)) == list(range(20))
     seen: list[int] = []
-    deadline = _GapDeadline(0.2)
-    stream = _paced([0.05, 0.05, 1.0, 0.05])
+    deadline = _GapDeadline(seconds)
+    stream = _paced([short, short, seconds * 5, short])
     with pytest.raises(TimeoutError):
         while True:
             seen.append(await deadline.next(stream))
@@ -317,14 +321,15 @@ async def test_gap_deadline_leaves_a_foreign_cancel_a_cancel() -> None:
     """Cancelling the reader is a cancellation, never a timeout, and leaves no timer."""
     from ttsstream.engines.edge import _GapDeadline
 
-    deadline = _GapDeadline(0.2)
-    task = asyncio.create_task(_drain(deadline, _paced([5.0])))
-    await asyncio.sleep(0.05)
+    seconds = TIMEOUT / 25
+    deadline = _GapDeadline(seconds)
+    task = asyncio.create_task(_drain(deadline, _paced([TIMEOUT])))
+    await asyncio.sleep(0)  # the task waits for its stream, its deadline armed
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     assert deadline._timer is None
-    await asyncio.sleep(0.3)  # past the deadline: nothing fires into anything
+    await asyncio.sleep(seconds * 1.5)  # past the deadline: nothing fires into anything
     assert not deadline._fired
 
 
@@ -347,9 +352,7 @@ async def connected_from(server: Server, ip: str) -> AsyncIterator[Client]:
 
 async def until(check: Callable[[], bool]) -> None:
     """Wait until ``check()`` holds (at most TIMEOUT)."""
-    async with asyncio.timeout(TIMEOUT):
-        while not check():
-            await asyncio.sleep(0.01)
+    await eventually(check)
 
 
 async def first_audio(client: Client, id: str = "u1") -> Utterance:
