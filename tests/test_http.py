@@ -356,13 +356,18 @@ async def test_a_handshake_inside_a_pipelined_body_is_body(server: Server) -> No
         b"POST /nope HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
         % (len(part) + len(_HANDSHAKE), part),
     )
-    await asyncio.sleep(0.3)  # both requests are handled; the body's rest comes apart
-    await loop.sock_sendall(sock, _HANDSHAKE + _get("/nope"))
     received = b""
-    while received.count(b"HTTP/1.1 404") < 3:  # the request after the body is HTTP too
-        chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), TIMEOUT)
-        assert chunk
-        received += chunk
+
+    async def answered(count: int) -> None:
+        nonlocal received
+        while received.count(b"HTTP/1.1 404") < count:
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), TIMEOUT)
+            assert chunk
+            received += chunk
+
+    await answered(2)  # both requests are handled; the body's rest comes apart
+    await loop.sock_sendall(sock, _HANDSHAKE + _get("/nope"))
+    await answered(3)  # the request after the body is HTTP too
     assert b"101 Switching Protocols" not in received
     assert server.stats.connections == 0
     sock.close()

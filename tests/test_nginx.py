@@ -447,7 +447,7 @@ async def test_a_cluster_behind_nginx_is_one_server(fake: FakeEdge, tmp_path: Pa
             try:
                 spoken = await asyncio.gather(
                     *(speaks(ws, "One text, one synthesis, three instances.") for ws in clients),
-                    _resume_when_paused(fake),
+                    _resume_when_all_wait(fake, cluster, len(clients)),
                 )
             finally:
                 for ws in clients:
@@ -462,8 +462,15 @@ async def test_a_cluster_behind_nginx_is_one_server(fake: FakeEdge, tmp_path: Pa
         await redis.stop()
 
 
-async def _resume_when_paused(fake: FakeEdge) -> dict[str, Any]:
+async def _resume_when_all_wait(fake: FakeEdge, stack: Stack, count: int) -> dict[str, Any]:
+    """Resume the fake's paused synthesis once ``count`` utterances wait for it."""
     await asyncio.wait_for(fake.paused.wait(), TIMEOUT)
-    await asyncio.sleep(0.3)  # every client's request has reached an instance by now
-    fake.resume.set()
+
+    async def all_waiting() -> bool:
+        return sum(int(stats["active_utterances"]) for stats in await stack.stats()) == count
+
+    try:
+        await eventually(all_waiting, what=f"{count} utterances under way")
+    finally:
+        fake.resume.set()
     return {}
