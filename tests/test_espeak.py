@@ -156,6 +156,18 @@ async def test_punctuation_is_no_word(engine: EspeakEngine) -> None:
         assert audio_of(events)
 
 
+async def test_symbols_it_speaks_are_words(engine: EspeakEngine) -> None:
+    """A symbol eSpeak reads aloud (``&`` "and", ``%`` "percent", ``=``, ``+``) is a word
+    event of its own: its speech is highlighted and counted, not taken for a pause."""
+    for text, spoken in (
+        ("salt & pepper", ["salt", "&", "pepper"]),
+        ("fifty % off", ["fifty", "%", "off"]),
+        ("a = b + c", ["a", "=", "b", "+", "c"]),
+    ):
+        words = words_of(await speak(engine, text))
+        assert [w.text for w in words] == spoken, text
+
+
 @pytest.mark.parametrize(
     "text",
     [

@@ -573,10 +573,17 @@ def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[Any], None],
         loop.call_soon_threadsafe(callback, item)
 
 
+#: Marks eSpeak does not speak: a piece of them alone is a pause, not a word. Symbols it
+#: reads aloud (``&`` "and", ``%`` "percent", ``=``, ``+``, ``@``, ``#``…) stay words.
+_SILENT_MARKS = frozenset(
+    ".,;:!?…—–-‐'\"`´()[]{}«»‹›“”„‘’‚¡¿、。，！？；：（）「」『』【】"
+)
+
+
 def _is_word(word: WordEvent) -> bool:
-    """Whether a piece of the text between spaces is a word: punctuation alone (``—``,
-    ``?``, ``...``) is not, as Edge reports none (its time stays a pause)."""
-    return any(char.isalnum() for char in word.text)
+    """Whether a piece of the text between spaces is a word: silent punctuation alone
+    (``—``, ``?``, ``...``) is not, as Edge reports none (its time stays a pause)."""
+    return any(not char.isspace() and char not in _SILENT_MARKS for char in word.text)
 
 
 def _delayed(word: WordEvent) -> WordEvent:
