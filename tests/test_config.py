@@ -189,3 +189,13 @@ def test_a_segment_may_not_be_longer_at_least_than_at_most() -> None:
         load_config({"STREAM_MIN_CHARS": "50", "STREAM_MAX_CHARS": "40"}, env_file=None)
     assert raised.value.variable == "STREAM_MAX_CHARS"
     assert "STREAM_MIN_CHARS (50)" in str(raised.value)
+
+
+@pytest.mark.parametrize("key", ["undefined", "null", "NULL"])
+def test_a_key_that_clients_send_for_none_is_refused(key: str) -> None:
+    """TTS_API_KEY=undefined (or null) is refused at start: "Bearer undefined" is what
+    clients send without a key, so such a key would work in one form and not another."""
+    with pytest.raises(ConfigError) as raised:
+        load_config({"TTS_API_KEY": f"a-real-key-0123456789,{key}"}, env_file=None)
+    assert raised.value.variable == "TTS_API_KEY"
+    assert "a-real-key" not in str(raised.value)  # keys are never shown

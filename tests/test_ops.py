@@ -195,6 +195,13 @@ async def test_voices_endpoint(server: Server) -> None:
         await client.send({"type": "voices"})
         message = await client.next_loose()
     assert status == 200 and listed["voices"] == message["voices"]
+    # ?locale= as on every door: the same voices as the voices message asked for it.
+    status, french = await get(server, "/voices?locale=fr")
+    async with connected(server) as client:
+        await client.send({"type": "voices", "locale": "fr"})
+        message = await client.next_loose()
+    assert status == 200 and french["voices"] == message["voices"]
+    assert 0 < len(french["voices"]) < len(listed["voices"])
 
 
 async def test_drain_finishes_utterances_and_refuses_new_ones(

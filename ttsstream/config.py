@@ -232,6 +232,12 @@ class Config:
                 raise ConfigError("EDGE_PROXY", _without_password(self.edge_proxy), _PROXY_FORM)
         if any(not key.isprintable() or " " in key or "," in key for key in self.api_keys):
             raise ConfigError("TTS_API_KEY", "[redacted]", _KEYS_FORM)
+        if any(key.lower() in ("undefined", "null") for key in self.api_keys):
+            # What JavaScript clients send as "Bearer undefined" when they have no key is
+            # taken for no key: such a key would work in one form and not another.
+            raise ConfigError(
+                "TTS_API_KEY", "[redacted]", _KEYS_FORM + ', not "undefined" or "null"'
+            )
         for origin in self.allowed_origins or ():
             parts = urlsplit(origin)
             if parts.scheme not in ("http", "https") or not parts.netloc or parts.path:

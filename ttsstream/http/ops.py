@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from ttsstream import __version__
 from ttsstream.core.services import Services
+from ttsstream.core.voices import in_locale
 from ttsstream.exceptions import ClientError
 from ttsstream.http.app import json_error
 from ttsstream.ws.protocol import encode_voices
@@ -127,6 +128,8 @@ class OpsServer:
             voices = await self._services.speech.voices()
         except ClientError as exc:
             return _json({"error": exc.code, "message": exc.message}, 503)
+        wanted = request.query.get("locale")  # the same rule as on every door
+        voices = [voice for voice in voices if in_locale(voice.locale, wanted)]
         return web.Response(body=encode_voices(voices), content_type="application/json")
 
 
