@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright
 
-from tests.conftest import TIMEOUT
+from tests.conftest import TIMEOUT, eventually
 from tests.fake_edge import FakeEdge
 from tests.processes import serve_process, stop
 
@@ -121,6 +121,9 @@ async def test_demo_streams_and_highlights_in_step(
     await until(page, "window.demo.utterance && window.demo.utterance.audio.currentTime > 0.8")
     assert fake.paused.is_set() and not fake.records[0].completed  # playing before the end
 
+    # Held still while it is read, drawn and measured: playing on (a slow screenshot)
+    # it would pass the last word known so far, and no word would be highlighted.
+    await page.evaluate("() => window.demo.utterance.audio.pause()")
     seen = await state(page)
     assert seen["current"] >= 0
     offset, duration, text = seen["words"][seen["current"]]
@@ -144,6 +147,7 @@ async def test_demo_streams_and_highlights_in_step(
     pixels = [image.getpixel((x + dx, y)) for dx in range(0, max(1, int(box["width"]) - 4))]
     assert sum(1 for p in pixels if p == HIGHLIGHT) > len(pixels) / 3, "no highlight drawn"
 
+    await page.evaluate("() => window.demo.utterance.audio.play()")
     fake.resume.set()
     await until(page, "window.demo.utterance.state === 'ended'")
     await until(page, "window.demo.utterance.audio.ended", timeout=TIMEOUT * 4)
@@ -177,7 +181,7 @@ async def test_stop_silences_and_appends_nothing_more(
 
 
 async def test_cached_replay_plays(
-    browser: Browser, served: dict[str, str], fake: FakeEdge
+    browser: Browser, served: dict[str, str], fake: FakeEdge, tmp_path: Path
 ) -> None:
     """Speaking the same text again replays it from the cache, and it plays."""
     page, problems = await open_demo(browser, served["url"])
@@ -187,7 +191,8 @@ async def test_cached_replay_plays(
         await until(page, "window.demo.utterance && window.demo.utterance.state === 'ended'")
         await until(page, "window.demo.utterance.audio.currentTime > 0.3")
         assert (await state(page))["figures"].startswith(expected)
-        await asyncio.sleep(0.2)  # the first one's entry reaches the disk
+        # The first one's entry on the disk (the server's cache is in tmp_path).
+        await eventually(lambda: list(tmp_path.glob("cache/*/*.tts")), what="the entry stored")
     assert len(fake.records) == 1
     assert problems == []
 
@@ -337,8 +342,11 @@ async def test_the_client_streams_text_written_on_a_timer(
     (as an LLM writes): it starts playing before the text is finished, plays every
     segment to the end as one utterance, and its words slice the whole text."""
     page, problems = await open_demo(browser, served["url"])
+    # Four characters every 100 ms (unscaled): how far the writing has got when playing
+    # begins measures the time that took.
+    interval_ms = TIMEOUT * 20
     await page.evaluate(
-        """async () => {
+        """async (interval) => {
             const { TTSStreamClient } = await import('/clients/ttsstream.js');
             const url = location.origin.replace('http', 'ws') + '/v1/stream';
             const client = new TTSStreamClient(url);
@@ -356,8 +364,9 @@ async def test_the_client_streams_text_written_on_a_timer(
                 }
                 u.write(text.slice(window.written, window.written + 4));
                 window.written += 4;
-            }, 100);
-        }"""
+            }, interval);
+        }""",
+        interval_ms,
     )
     await until(page, "window.writtenAtPlay !== undefined")
     # Playing began soon after the first sentence was written, long before the rest.
