@@ -189,7 +189,7 @@ def test_the_voices_message_keeps_the_locale_asked_for() -> None:
         ({"type": "speak", "id": "u1", "text": "\x00\x0b\x1f"}, EmptyText, "u1"),
         ({"type": "speak", "id": "u1", "text": "x" * 101}, TextTooLong, "u1"),
         ({"type": "speak", "id": "u1", "text": "x", "voice": 3}, BadMessage, "u1"),
-        ({"type": "speak", "id": "u1", "text": "x", "voice": ""}, InvalidVoice, "u1"),
+        ({"type": "speak", "id": "u1", "text": "x", "voice": "Ar\x00ia"}, InvalidVoice, "u1"),
         ({"type": "speak", "id": "u1", "text": "x", "voice": "v" * 200}, InvalidVoice, "u1"),
         ({"type": "speak", "id": "u1", "text": "x", "rate": 10}, BadMessage, "u1"),
         ({"type": "speak", "id": "u1", "text": "x", "rate": "10%"}, InvalidParameter, "u1"),
@@ -377,3 +377,13 @@ def test_a_refusal_says_which_message_it_refuses() -> None:
         with pytest.raises(ClientError) as raised:
             parse_client_message(frame, max_text_length=10, make_id=lambda: "made")
         assert raised.value.message_type == expected, frame
+
+
+@pytest.mark.parametrize(
+    ("voice", "taken"), [("", None), ("  ", None), (" en-US-AriaNeural ", "en-US-AriaNeural")]
+)
+def test_a_voice_is_trimmed_and_an_empty_one_is_the_default(voice: str, taken: str | None) -> None:
+    """The voice rule of every door: spaces around a name are dropped (a list split on
+    commas sends " echo"), and an empty name means the server's default voice."""
+    message = parse({"type": "speak", "id": "u1", "text": "x", "voice": voice})
+    assert isinstance(message, Speak) and message.voice == taken

@@ -78,12 +78,17 @@ def text_field(value: object, *, max_length: int, field: str = "text") -> str:
 
 
 def voice_field(value: object, *, field: str = "voice") -> str | None:
-    """A voice name in a well-formed shape (whether it exists is the engines' to say)."""
+    """A voice name in a well-formed shape (whether it exists is the engines' to say);
+    ``None`` (the default voice) when absent or empty. Spaces around it are dropped:
+    clients that split a list on commas send ``" echo"``. The same on every door."""
     if value is None:
         return None
     if not isinstance(value, str):
         raise _about(field, BadMessage(f'"{field}" must be a string'))
-    if not 1 <= len(value) <= MAX_VOICE_LENGTH or not value.isprintable():
+    value = value.strip()
+    if not value:
+        return None
+    if len(value) > MAX_VOICE_LENGTH or not value.isprintable():
         raise _about(field, InvalidVoice("voice name is malformed"))
     return value
 

@@ -158,9 +158,6 @@ def _voice(value: object, voices: Mapping[str, str]) -> str | None:
     in any case is what it maps to; ``None`` (the default voice) when none is given."""
     if isinstance(value, dict):
         value = value.get("id")
-    if isinstance(value, str):
-        # Clients that split a list on commas send " echo".
-        value = value.strip() or None
     name = voice_field(value)
     if name is None:
         return None

@@ -358,7 +358,10 @@ class SpeechApi:
         try:
             await self._services.utterances.accept(synthesis)
         except InvalidVoice as exc:
-            exc.message = f'{exc.message}: "{synthesis.voice}" (GET {_VOICES_PATH} lists them)'
+            exc.message = (
+                f'{exc.message}: "{synthesis.voice}" (GET {_VOICES_PATH} lists them; '
+                "OpenAI's names such as alloy are for /v1/audio/speech)"
+            )
             exc.param = "voice"
             raise
 
