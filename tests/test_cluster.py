@@ -111,6 +111,8 @@ def hold_cache_writes(server: Server, monkeypatch: pytest.MonkeyPatch) -> asynci
 #: Seconds allowed past a deadline the server keeps (a lease, a timeout) on a loaded
 #: machine; a share of TIMEOUT, so that it scales with it.
 SLACK = TIMEOUT * 0.4
+#: A short REDIS_LEASE_SECONDS, for the tests of leases that lapse (1 s unscaled).
+LEASE = TIMEOUT * 0.2
 
 
 async def until(check: Any, timeout: float = TIMEOUT) -> None:
@@ -181,7 +183,7 @@ async def test_instances_hold_leases_and_a_dead_one_lapses(
 ) -> None:
     """Each instance counts the live ones; one that stops renewing (killed) stops counting
     within REDIS_LEASE_SECONDS."""
-    servers = [await start_server(redis_url=redis.url, redis_lease_seconds=1.0) for _ in range(3)]
+    servers = [await start_server(redis_url=redis.url, redis_lease_seconds=LEASE) for _ in range(3)]
 
     async def live(count: int) -> bool:
         return bool((await side(servers[0], "/health"))["redis"]["instances"] == count)
@@ -197,7 +199,7 @@ async def test_instances_hold_leases_and_a_dead_one_lapses(
     link = servers[2].services.cluster
     assert link is not None and link._keeper is not None
     link._keeper.cancel()
-    await until(lambda: live(2), timeout=1.0 + SLACK)
+    await until(lambda: live(2), timeout=LEASE + SLACK)
 
 
 async def test_redis_failing_fails_no_request_and_shared_mode_comes_back(
@@ -264,7 +266,7 @@ async def test_connection_caps_count_every_instance_and_a_dead_ones_lapse(
     refused; one closing frees a place; an instance that dies holding one (no renewal,
     as after kill -9) frees its place within its lease. HTTP streams count as well."""
     servers = [
-        await start_server(redis_url=redis.url, max_connections_per_ip=2, redis_lease_seconds=1.0)
+        await start_server(redis_url=redis.url, max_connections_per_ip=2, redis_lease_seconds=LEASE)
         for _ in range(3)
     ]
 
@@ -291,7 +293,7 @@ async def test_connection_caps_count_every_instance_and_a_dead_ones_lapse(
             link = servers[0].services.cluster
             assert link is not None and link._keeper is not None
             link._keeper.cancel()
-            await until(free_again, timeout=1.0 + SLACK)
+            await until(free_again, timeout=LEASE + SLACK)
 
 
 async def test_a_text_made_on_one_instance_is_a_hit_on_another(
@@ -601,12 +603,15 @@ async def test_an_owner_killed_mid_flight_leaves_no_one_hanging(
         fake,
         tmp_path,
         REDIS_URL=redis.url,
-        REDIS_LEASE_SECONDS="1",
-        UPSTREAM_TIMEOUT="3",
+        REDIS_LEASE_SECONDS=str(LEASE),
+        UPSTREAM_TIMEOUT=str(LEASE * 3),
         CACHE_DIR=str(tmp_path / "owner"),
     )
     other = await start_server(
-        redis_url=redis.url, redis_lease_seconds=1.0, upstream_timeout=3.0, cache_dir=tmp_path / "o"
+        redis_url=redis.url,
+        redis_lease_seconds=LEASE,
+        upstream_timeout=LEASE * 3,
+        cache_dir=tmp_path / "o",
     )
     text = "Spoken by an instance that will not live to finish it."
     try:
@@ -622,7 +627,7 @@ async def test_an_owner_killed_mid_flight_leaves_no_one_hanging(
             started = asyncio.get_running_loop().time()
             ended = (await listener.until_final("b")).final
             assert ended["code"] == "upstream_unavailable" and ended["partial"] is True
-            assert asyncio.get_running_loop().time() - started < 3.0 + SLACK
+            assert asyncio.get_running_loop().time() - started < LEASE * 3 + SLACK
             fake.pause_after_chunks = None
             await listener.speak(text, id="c")
             again = await listener.until_final("c")
@@ -687,7 +692,7 @@ async def test_a_flight_longer_than_a_lease_is_still_one(
     fake.pause_after_chunks = 2
     owner, other = [
         await start_server(
-            redis_url=redis.url, redis_lease_seconds=1.0, cache_dir=tmp_path / f"c{number}"
+            redis_url=redis.url, redis_lease_seconds=LEASE, cache_dir=tmp_path / f"c{number}"
         )
         for number in range(2)
     ]
@@ -695,7 +700,7 @@ async def test_a_flight_longer_than_a_lease_is_still_one(
     async with connected(owner) as speaker, connected(other) as listener:
         await speaker.speak(text, id="a")
         await asyncio.wait_for(fake.paused.wait(), TIMEOUT)
-        await asyncio.sleep(1.5)  # longer than the lease
+        await asyncio.sleep(LEASE * 1.5)  # longer than the lease
         await listener.speak(text, id="b")
         while not listener.so_far("b").audio:
             await listener.read_one()
