@@ -228,8 +228,9 @@ class FakeEdge:
         #: Refuse only this many more handshakes (with refuse_status), then accept.
         self.refuse_count: int | None = None
         self.refuse_voices_status: int | None = None
-        #: Seconds the voice list takes to arrive.
-        self.voices_delay = 0.0
+        #: Cleared, the voice list is not answered until it is set again.
+        self.voice_list_released = asyncio.Event()
+        self.voice_list_released.set()
         self.first_audio_delay = 0.0
         self.chunk_delay = 0.0
         #: When set, audio is paced at this multiple of real time (4: a second of audio
@@ -296,6 +297,7 @@ class FakeEdge:
 
     async def __aexit__(self, *exc_info: object) -> None:
         self.resume.set()
+        self.voice_list_released.set()
         assert self._server is not None
         self._server.close()
         await self._server.wait_closed()
@@ -303,8 +305,8 @@ class FakeEdge:
     async def _process_request(
         self, connection: ServerConnection, request: Request
     ) -> Response | None:
-        if self.voices_delay and urlsplit(request.path).path == VOICES_PATH:
-            await asyncio.sleep(self.voices_delay)
+        if urlsplit(request.path).path == VOICES_PATH:
+            await self.voice_list_released.wait()
         try:
             return self._answer_handshake(connection, request)
         except AssertionError as exc:

@@ -249,12 +249,14 @@ async def test_voices_replies_pending_on_a_connection_are_bounded(
 ) -> None:
     """While the voice list is being fetched, a few voices wait for it; more are refused
     with queue_full, and every one accepted gets its reply."""
-    fake.voices_delay = 0.5
+    fake.voice_list_released.clear()  # fetched, but not answered until set
     server = await start_server(rate_limit_requests=0)
     async with connected(server) as client:
         for _ in range(VOICES_PENDING_MAX + 3):
             await client.send({"type": "voices"})
-        replies = [await client.next_loose() for _ in range(VOICES_PENDING_MAX + 3)]
+        replies = [await client.next_loose() for _ in range(3)]  # the refusals, at once
+        fake.voice_list_released.set()
+        replies += [await client.next_loose() for _ in range(VOICES_PENDING_MAX)]
     refused = [reply for reply in replies if reply["type"] == "error"]
     assert [reply["type"] for reply in replies].count("voices") == VOICES_PENDING_MAX
     assert {(reply["code"], reply["for"]) for reply in refused} == {("queue_full", "voices")}
