@@ -260,7 +260,9 @@ async def test_idle_http_connections_are_counted_capped_and_closed(
     server = await start_server(
         trusted_proxies=("10.255.255.1",),  # 127.0.0.1 is a client like any other here
         max_connections_per_ip=5,
-        idle_timeout=1.0,
+        # Time enough to open 300 connections and ask on each (on a loaded machine too),
+        # within TIMEOUT.
+        idle_timeout=TIMEOUT * 0.4,
         rate_limit_requests=0,
     )
     socks = [await _kept_alive(server) for _ in range(300)]
