@@ -93,7 +93,7 @@ async def stop(process: asyncio.subprocess.Process) -> None:
     """Stop a server: SIGTERM, and a second one if it is still draining after a moment."""
     process.send_signal(signal.SIGTERM)
     try:
-        await asyncio.wait_for(asyncio.shield(process.wait()), 1)
+        await asyncio.wait_for(asyncio.shield(process.wait()), TIMEOUT / 5)
     except TimeoutError:
         process.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(process.wait(), TIMEOUT) == 0
