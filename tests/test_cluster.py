@@ -1264,7 +1264,10 @@ async def test_a_speaks_calls_go_over_the_quick_line(
                 return len(await shared.keys("ttsstream:entry:*")) == count
 
             await until(stored)
-            await asyncio.sleep(0.2)  # the last commands reach MONITOR
+            # Redis runs commands in order: once MONITOR shows one sent now, it has
+            # shown those that stored the entries.
+            await shared.echo(f"round {round}")
+            await eventually(lambda: "ECHO" in {command for _, command in sent})
         (quick,) = [
             c["addr"]
             for c in await shared.client_list()
