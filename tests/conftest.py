@@ -170,9 +170,11 @@ async def leaves_nothing_behind(monkeypatch: pytest.MonkeyPatch) -> AsyncIterato
     one that trips over it); the leaked processes are killed and reaped first.
 
     It runs after every other fixture of the test is torn down, in the test's event
-    loop, so what closes asynchronously is waited for (``eventually``). Objects kept
-    only by reference cycles are collected, so that their finalizers (an unclosed
-    transport's ResourceWarning) are reported against this test too.
+    loop, so what closes asynchronously is waited for (``eventually``). Processes are
+    this one's children (a grandchild that outlives its parent is not seen), and every
+    process the test started through asyncio is reaped and its pipes read to their end.
+    When a thread or socket is still there, objects kept only by reference cycles are
+    collected first: their finalizers close what they hold, or warn against this test.
     """
     children, threads, sockets = set(_children()), set(threading.enumerate()), _sockets()
     started: list[asyncio.subprocess.Process] = []
