@@ -573,17 +573,16 @@ def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[Any], None],
         loop.call_soon_threadsafe(callback, item)
 
 
-#: Marks eSpeak does not speak: a piece of them alone is a pause, not a word. Symbols it
-#: reads aloud (``&`` "and", ``%`` "percent", ``=``, ``+``, ``@``, ``#``…) stay words.
-_SILENT_MARKS = frozenset(
-    ".,;:!?…—–-‐'\"`´()[]{}«»‹›“”„‘’‚¡¿、。，！？；：（）「」『』【】"
-)
+#: Symbols eSpeak reads aloud (``&`` "and", ``%`` "percent", ``=`` "equals"…): a piece of
+#: them alone is a word. Other marks alone (``—``, ``?``, ``...``, an emoji) are no word,
+#: as Edge reports none (their time stays a pause).
+_SPOKEN_SYMBOLS = frozenset("&%=+@#$€£¥<>§°±×÷")
 
 
 def _is_word(word: WordEvent) -> bool:
-    """Whether a piece of the text between spaces is a word: silent punctuation alone
-    (``—``, ``?``, ``...``) is not, as Edge reports none (its time stays a pause)."""
-    return any(not char.isspace() and char not in _SILENT_MARKS for char in word.text)
+    """Whether a piece of the text between spaces is a word: one with a letter, a digit
+    or a symbol eSpeak speaks."""
+    return any(char.isalnum() or char in _SPOKEN_SYMBOLS for char in word.text)
 
 
 def _delayed(word: WordEvent) -> WordEvent:
