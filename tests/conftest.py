@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import orjson
 import pytest
@@ -23,6 +23,9 @@ from tests.fake_edge import FakeEdge
 from ttsstream.config import Config
 from ttsstream.core.services import build_services
 from ttsstream.server import STREAM_PATH, Server
+
+if TYPE_CHECKING:
+    from tests.redis_server import RedisServer
 
 #: Every timeout in the tests is a multiple of this; raise
 #: TTSSTREAM_TEST_TIMEOUT_SCALE on slow machines.
@@ -266,6 +269,17 @@ async def start_server(fake: FakeEdge, tmp_path: Path) -> AsyncIterator[ServerFa
     for server in servers:
         server.close()
         await asyncio.wait_for(server.wait_closed(), TIMEOUT)
+
+
+@pytest.fixture
+async def redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    """A real redis-server on a free port, persistence off; stopped at the end."""
+    from tests.redis_server import RedisServer  # it imports this module's TIMEOUT
+
+    server = RedisServer(tmp_path)
+    await server.start()
+    yield server
+    await server.stop()
 
 
 @pytest.fixture

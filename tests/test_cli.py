@@ -605,18 +605,13 @@ async def say_to_a_gone_reader(*args: str, cwd: Path) -> tuple[int, str]:
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
-        process = await asyncio.create_subprocess_exec(
-            str(CONSOLE_SCRIPT),
-            "say",
-            *args,
-            cwd=cwd,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=write_end,
-            stderr=asyncio.subprocess.PIPE,
-        )
+        async with say_running(*args, cwd=cwd, stdout=write_end) as process:
+            os.close(write_end)
+            write_end = -1
+            _, stderr = await asyncio.wait_for(process.communicate(), TIMEOUT * 2)
     finally:
-        os.close(write_end)
-    _, stderr = await asyncio.wait_for(process.communicate(), TIMEOUT * 2)
+        if write_end >= 0:
+            os.close(write_end)
     assert process.returncode is not None
     return process.returncode, stderr.decode()
 

@@ -13,7 +13,6 @@ import contextlib
 import gc
 import logging
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -43,14 +42,6 @@ from tests.redis_server import RedisServer, free_port
 from ttsstream.server import Server
 
 LIMIT = 10
-
-
-@pytest.fixture
-async def redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    await server.start()
-    yield server
-    await server.stop()
 
 
 async def side(server: Server, path: str) -> dict[str, Any]:

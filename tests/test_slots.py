@@ -4,8 +4,6 @@ cluster permit kept by a waiter that was cancelled."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -181,14 +179,6 @@ async def test_hold_gives_the_slot_back_whatever_happens() -> None:
             assert slots.free == 0
             raise RuntimeError("boom")
     assert slots.free == 1 and slots._clients == {}
-
-
-@pytest.fixture
-async def redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    await server.start()
-    yield server
-    await server.stop()
 
 
 async def test_a_cluster_permit_taken_as_its_waiter_is_cancelled_goes_back(
