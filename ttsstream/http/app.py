@@ -189,8 +189,9 @@ async def _front_door(request: web.Request, handler: Handler) -> web.StreamRespo
         return await handler(request)
     front.request_started()
     try:
-        head = _head_of(request)
-        if len(head) - head.index(b"\r\n") > MAX_HEAD_BYTES:  # aiohttp held the line
+        # The header fields as received (aiohttp held the request line to its limit).
+        fields = sum(len(name) + len(value) + 4 for name, value in request.raw_headers) + 2
+        if fields > MAX_HEAD_BYTES:
             return _too_large(front.gate.line_limit)
         if "websocket" in request.headers.get("Upgrade", "").lower():
             if request.method != "GET":
@@ -200,7 +201,7 @@ async def _front_door(request: web.Request, handler: Handler) -> web.StreamRespo
                 return _closing(
                     400, "no data may follow a WebSocket handshake request before its answer"
                 )
-            front.upgrade(head, request.protocol)
+            front.upgrade(_head_of(request), request.protocol)
             return web.Response()  # never sent: aiohttp has no transport any more
         return await handler(request)
     finally:
