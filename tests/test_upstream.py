@@ -364,19 +364,25 @@ async def first_audio(client: Client, id: str = "u1") -> Utterance:
 
 @contextlib.asynccontextmanager
 async def speaking_from(server: Server, ip: str, text: str, door: str) -> AsyncIterator[None]:
-    """A request of client ``ip`` to speak ``text`` through ``door`` (``ws``, or ``http``:
-    ``POST /tts``), kept open (its audio unread) until the block ends."""
+    """A request of client ``ip`` to speak ``text`` through ``door`` (``ws``, ``http``:
+    ``POST /tts``, or ``openai``: ``POST /v1/audio/speech``), kept open (its audio
+    unread) until the block ends."""
     if door == "ws":
         async with connected_from(server, ip) as client:
             await client.speak(text)
             yield
         return
-    url = f"http://127.0.0.1:{server.port}/tts"
+    path, body = (
+        ("/tts", {"text": text})
+        if door == "http"
+        else ("/v1/audio/speech", {"model": "tts-1", "voice": "alloy", "input": text})
+    )
+    url = f"http://127.0.0.1:{server.port}{path}"
 
     async def post() -> None:
         async with (
             aiohttp.ClientSession() as session,
-            session.post(url, json={"text": text}, headers={"X-Forwarded-For": ip}),
+            session.post(url, json=body, headers={"X-Forwarded-For": ip}),
         ):
             await asyncio.Event().wait()
 
@@ -389,12 +395,12 @@ async def speaking_from(server: Server, ip: str, text: str, door: str) -> AsyncI
             await request
 
 
-@pytest.mark.parametrize("door", ["ws", "http"])
+@pytest.mark.parametrize("door", ["ws", "http", "openai"])
 async def test_a_client_at_its_share_leaves_the_other_slots_to_others(
     start_server: ServerFactory, fake: FakeEdge, door: str
 ) -> None:
     """UPSTREAM_CONCURRENCY=2, one per IP: while one client's synthesis holds a slot (Edge
-    paused) and two more of its texts wait (asked over either door), another client gets
+    paused) and two more of its texts wait (asked over any door), another client gets
     the free slot and its first audio at once, before anything of the first client's
     moves."""
     server = await start_server(**AS_IS, upstream_concurrency=2, upstream_concurrency_per_ip=1)
