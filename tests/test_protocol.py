@@ -24,7 +24,7 @@ from ttsstream.exceptions import (
     RequestError,
     TextTooLong,
 )
-from ttsstream.ws.protocol import (
+from ttsstream.protocols.v1 import (
     MAX_ID_LENGTH,
     Cancel,
     ListVoices,

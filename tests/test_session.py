@@ -40,7 +40,7 @@ from ttsstream.engines.base import (
 )
 from ttsstream.logs import fields_of
 from ttsstream.server import Server
-from ttsstream.ws.protocol import MAX_FRAME_BYTES
+from ttsstream.protocols.v1 import MAX_FRAME_BYTES
 
 
 async def test_utterances_are_spoken_one_at_a_time_in_order(client: Client, fake: FakeEdge) -> None:

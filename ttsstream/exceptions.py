@@ -1,7 +1,7 @@
 """Every exception ttsstream raises on purpose.
 
 Each error a client can see carries its stable wire ``code`` (``docs/protocol.md``);
-:func:`ttsstream.ws.protocol.encode_error` is the one place that turns an exception
+:func:`ttsstream.protocols.v1.encode_error` is the one place that turns an exception
 into the ``error`` message a client receives.
 
 .. code-block:: text

@@ -38,7 +38,7 @@ from ttsstream.port import (
     request_line_limit,
     shared_port_connection,
 )
-from ttsstream.ws.protocol import MAX_FRAME_BYTES
+from ttsstream.protocols.v1 import MAX_FRAME_BYTES
 from ttsstream.ws.session import Session
 
 __all__ = ["STREAM_PATH", "Server", "run"]

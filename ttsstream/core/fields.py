@@ -25,6 +25,7 @@ from ttsstream.exceptions import (
 
 __all__ = [
     "MAX_VOICE_LENGTH",
+    "WORD_MODES",
     "Prosody",
     "cleanup_field",
     "format_field",
@@ -34,6 +35,10 @@ __all__ = [
     "voice_field",
     "without_nulls",
 ]
+
+#: How a request wants its word boundaries: one event each (as they come),
+#: batched (just before the audio they describe), or none.
+WORD_MODES = ("each", "batch", "none")
 
 # Limits
 #: Longest voice name accepted, in characters.

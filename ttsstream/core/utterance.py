@@ -27,6 +27,7 @@ from ttsstream.audio.formats import MP3, Format
 from ttsstream.audio.transcode import Pipe
 from ttsstream.config import Config
 from ttsstream.core.cleanup import CleanedRequest, MarkdownCleaner, clean, speakable
+from ttsstream.core.fields import WORD_MODES
 from ttsstream.core.router import Started
 from ttsstream.core.segmenter import Segmenter
 from ttsstream.core.speech_cache import Lookahead, SpeechCache
@@ -39,10 +40,6 @@ from ttsstream.stats import Stats
 __all__ = ["WORD_MODES", "ListenerGone", "Sink", "Summary", "Utterances", "cut_short"]
 
 logger = logging.getLogger("ttsstream.core.utterance")
-
-#: How a request wants its word boundaries: one event each (as they come),
-#: batched (just before the audio they describe), or none.
-WORD_MODES = ("each", "batch", "none")
 
 
 class ListenerGone(Exception):

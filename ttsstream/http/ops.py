@@ -20,7 +20,7 @@ from ttsstream.core.services import Services
 from ttsstream.core.voices import in_locale
 from ttsstream.exceptions import ClientError
 from ttsstream.http.app import json_error
-from ttsstream.ws.protocol import encode_voices
+from ttsstream.protocols.v1 import encode_voices
 
 __all__ = ["OpsServer"]
 

@@ -38,7 +38,7 @@ from ttsstream.exceptions import (
     NotFound,
     QueueFull,
 )
-from ttsstream.ws.protocol import (
+from ttsstream.protocols.v1 import (
     Append,
     Cancel,
     Finish,

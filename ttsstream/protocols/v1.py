@@ -7,13 +7,13 @@ by feeding it strings. ``docs/protocol.md`` is its specification.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from dataclasses import replace
+from typing import Any
 
 import orjson
 
-from ttsstream.audio.formats import MP3, Format
 from ttsstream.core.fields import (
+    WORD_MODES,
     cleanup_field,
     format_field,
     prosody_fields,
@@ -21,7 +21,6 @@ from ttsstream.core.fields import (
     voice_field,
     without_nulls,
 )
-from ttsstream.core.utterance import WORD_MODES
 from ttsstream.core.voices import in_locale
 from ttsstream.engines.base import Voice, WordEvent, word_fields
 from ttsstream.exceptions import (
@@ -32,6 +31,15 @@ from ttsstream.exceptions import (
     RateLimited,
     TextTooLong,
     error_code,
+)
+from ttsstream.protocols.actions import (
+    Append,
+    Cancel,
+    ClientMessage,
+    Finish,
+    Flush,
+    ListVoices,
+    Speak,
 )
 
 __all__ = [
@@ -68,72 +76,6 @@ MAX_FRAME_BYTES = 64 * 2**10
 MAX_ID_LENGTH = 64
 
 
-@dataclass(frozen=True, slots=True)
-class Speak:
-    """Speak ``text``; ``voice`` is ``None`` for the server's default voice."""
-
-    #: The message's ``type`` on the wire.
-    kind: ClassVar[str] = "speak"
-    id: str
-    text: str
-    voice: str | None = None
-    rate: str = "+0%"
-    volume: str = "+0%"
-    pitch: str = "+0Hz"
-    #: One of :data:`WORD_MODES`.
-    words: str = "each"
-    #: What the audio is sent as.
-    format: Format = MP3
-    #: Whether the client gave the id (else the server made it, and a refusal says ``null``).
-    id_given: bool = True
-    #: A streaming utterance: ``text`` is its first piece (maybe empty), ``append``s follow.
-    stream: bool = False
-    #: How its text is cleaned (``markdown``, ``none``); ``None``: the server's TEXT_CLEANUP.
-    cleanup: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Cancel:
-    """Cancel one utterance, or all of the connection's when ``id`` is ``None``."""
-
-    kind: ClassVar[str] = "cancel"
-    id: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ListVoices:
-    """Ask for the voice list: every voice, or those of ``locale`` (``en``, ``en-US``)."""
-
-    kind: ClassVar[str] = "voices"
-    locale: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Append:
-    """More text for the open streaming utterance ``id`` (verbatim)."""
-
-    kind: ClassVar[str] = "append"
-    id: str
-    text: str
-
-
-@dataclass(frozen=True, slots=True)
-class Flush:
-    """Speak what the streaming utterance ``id`` has buffered now, even mid-sentence."""
-
-    kind: ClassVar[str] = "flush"
-    id: str
-
-
-@dataclass(frozen=True, slots=True)
-class Finish:
-    """No more text for the streaming utterance ``id``: speak the rest, then ``end``."""
-
-    kind: ClassVar[str] = "finish"
-    id: str
-
-
-ClientMessage = Speak | Cancel | ListVoices | Append | Flush | Finish
 #: The ``type`` of every client message.
 MESSAGE_TYPES = tuple(
     message.kind for message in (Speak, Cancel, ListVoices, Append, Flush, Finish)

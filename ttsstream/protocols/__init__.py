@@ -1,0 +1,1 @@
+"""The WebSocket protocols: pure state machines, frames in, actions out (no I/O)."""
