@@ -20,7 +20,7 @@ from dotenv import dotenv_values
 from websockets.exceptions import InvalidHandshake, InvalidStatus, WebSocketException
 
 from ttsstream import __version__, logs
-from ttsstream.audio.formats import FORMAT_NAMES, format_for_path
+from ttsstream.audio.formats import FORMAT_CHOICES, format_for_path, format_named
 from ttsstream.client import SpeechError, list_voices, speak
 from ttsstream.config import Config, load_config
 from ttsstream.core.voices import in_locale
@@ -78,8 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     say.add_argument(
         "--format",
-        choices=FORMAT_NAMES,
-        help="audio format, whatever the output file's extension",
+        type=_format_name,
+        metavar="F",
+        help=f"audio format, whatever the output file's extension: {FORMAT_CHOICES}",
     )
     say.add_argument("--voice", help="voice name (default: the server's)")
     say.add_argument("--rate", help='speaking rate such as "+10%%" or "-50%%"')
@@ -189,6 +190,13 @@ def _event_loop(config: Config) -> Callable[[Coroutine[Any, Any, None]], None]:
             runner: Callable[[Coroutine[Any, Any, None]], None] = uvloop.run
             return runner
     return asyncio.run
+
+
+def _format_name(value: str) -> str:
+    """``--format``'s value, if it names a format (``pcm_16000`` as much as ``opus``)."""
+    if format_named(value) is None:
+        raise argparse.ArgumentTypeError(f"{value!r} is none of {FORMAT_CHOICES}")
+    return value
 
 
 def _format_of(args: argparse.Namespace) -> str:

@@ -4,10 +4,15 @@ A :class:`Transcoder` decodes each MP3 chunk as it arrives and hands the decoded
 samples to the format's encoder and muxer at once; what the muxer writes is
 returned to the caller for sending. Nothing waits for the end of the utterance:
 muxers are set up to write as they go (:mod:`ttsstream.audio.formats`), and at
-the end the encoder is flushed. ``pcm`` and ``wav`` skip encoding (``wav`` is a
-fixed header, written by hand, then the samples). The offline voice's chunks
-carry the PCM they were encoded from, which goes to :meth:`Transcoder.feed_pcm`
-(resampled from eSpeak's 22,050 Hz), so its audio is not decoded back from MP3.
+the end the encoder is flushed. The decoded samples go through FFmpeg's
+resampler to the format's own rate and sample (``pcm_16000``, ``ulaw_8000``,
+``mp3_44100_128``…) as they come; it is flushed at the end too, so no sample is
+lost. The formats sent as samples (``pcm*``, ``wav*``) skip encoding (``wav`` is
+a fixed header, written by hand, then the samples); LAME's MP3 and G.711 are the
+encoder's packets, with no muxer. The offline voice's chunks carry the PCM they
+were encoded from, which goes to :meth:`Transcoder.feed_pcm` (resampled from
+eSpeak's 22,050 Hz straight to the format's rate), so its audio is not decoded
+back from MP3.
 
 A transcoder holds FFmpeg contexts: :meth:`Transcoder.close` frees them, whether
 or not the utterance ended (a cancelled utterance's transcoder is closed by its
@@ -45,7 +50,7 @@ from typing import Any, Generic, TypeVar
 import av
 import av.error
 
-from ttsstream.audio.formats import MP3, SAMPLE_RATE, Format, wav_header
+from ttsstream.audio.formats import MP3, Format, wav_header
 from ttsstream.engines.base import AudioChunk, AudioFormat
 from ttsstream.exceptions import UpstreamBadAudio
 
@@ -68,10 +73,14 @@ open_transcoders = 0
 #: Source chunks of at least this many bytes are transcoded on a worker thread,
 #: where FFmpeg's time for them passes the hop's (about 0.2 ms on the 2-core test
 #: machine). Measured there per byte of MP3: 1.15 µs to Opus or AAC (decode and
-#: encode), 0.3 µs to FLAC, 0.15 µs to PCM or WAV (decode only); the codecs run
-#: without the GIL, so the worker threads use the other cores.
+#: encode), 1.3 to 2.3 µs to LAME's MP3, 0.3 µs to FLAC, 0.15 µs to PCM, WAV or
+#: G.711 at any rate (decode and resample); the codecs run without the GIL, so the
+#: worker threads use the other cores.
 OFF_LOOP_BYTES = 256
-_OFF_LOOP_BYTES_BY_FORMAT = {"flac": 1024, "wav": 2048, "pcm": 2048}
+#: The same, for FLAC.
+_OFF_LOOP_BYTES_FLAC = 1024
+#: The same, for the formats sent as samples (PCM, WAV, G.711).
+_OFF_LOOP_BYTES_SAMPLES = 2048
 #: Threads that transcode: the codecs run without the GIL, so they use the other core.
 WORKER_THREADS = 2
 #: Jobs of one client that run at once: one client's transcodes never hold every
@@ -289,6 +298,11 @@ class _Collect:
 class Transcoder:
     """One utterance's source audio, turned into ``target`` chunk by chunk (synchronous).
 
+    The decoded source is resampled to the target's rate and sample as it comes
+    (FFmpeg's resampler, which keeps the timeline: it adds no delay), then sent
+    as samples, or encoded (with a muxer, or, for LAME and G.711, as the encoder's
+    packets).
+
     Raises:
         UpstreamBadAudio: (from the feed methods) the source does not decode.
     """
@@ -297,44 +311,74 @@ class Transcoder:
         global open_transcoders
         assert target.transcoded, "mp3 is sent as it is"
         self.format = target
+        self._rate = target.sample_rate
         #: Made at the first MP3 fed (never when PCM comes instead).
         self._decoder: Any = None
         self._out = _Collect()
         self._container: Any = None
         self._stream: Any = None
-        sample_format = "s16"
+        #: An encoder whose packets are sent as they are, without a muxer (LAME, G.711).
+        self._encoder: Any = None
+        #: MP3 frames LAME made so far (each plays ``frame_size`` samples).
+        self._packets = 0
+        self._sample_bytes = target.bytes_per_sample or 0
+        sample_format = "flt" if target.sample == "f32le" else "s16"
         if target.container is not None:
             self._container = av.open(
                 self._out, "w", format=target.container, options=dict(target.container_options)
             )
             stream = self._container.add_stream(
-                target.codec, rate=SAMPLE_RATE, options=dict(target.codec_options)
+                target.codec, rate=self._rate, options=dict(target.codec_options)
             )
             stream.layout = "mono"
             if target.bit_rate is not None:
                 stream.bit_rate = target.bit_rate
             self._stream = stream
             sample_format = stream.format.name
+        elif target.codec is not None:
+            encoder: Any = av.CodecContext.create(target.codec, "w")
+            formats = [each.name for each in encoder.codec.audio_formats]
+            # LAME takes the MP3 decoder's own planar floats.
+            encoder.format = "fltp" if "fltp" in formats else formats[0]
+            encoder.sample_rate = self._rate
+            encoder.layout = "mono"
+            if target.bit_rate is not None:
+                encoder.bit_rate = target.bit_rate
+            encoder.options = dict(target.codec_options)
+            encoder.open()
+            self._encoder = encoder
+            sample_format = encoder.format.name
+        self._sample_format = sample_format
+        #: From the decoded MP3 (24 kHz planar floats) to the target's rate and sample.
         self._resampler: Any = av.AudioResampler(
-            format=sample_format, layout="mono", rate=SAMPLE_RATE
+            format=sample_format, layout="mono", rate=self._rate
         )
+        #: From PCM fed as it is (the offline voice's 22,050 Hz), made at the first.
         self._pcm_resampler: Any = None
-        #: Samples given to the encoder (or sent as PCM) so far.
+        #: Samples given to the encoder (or sent as samples) so far, at the target's rate.
         self.samples = 0
-        self._header = wav_header() if target.name == "wav" else b""
+        self._header = wav_header(self._rate) if target.riff else b""
         self._priming = target.priming_samples
-        #: For a format with priming (AAC): whole encoder frames only, so that the last
-        #: partial one is dropped (under 43 ms of the source's trailing silence) rather
-        #: than padded, and the audio is at most its priming longer than the source.
-        self._frames: Any = av.AudioFifo() if self._priming else None
+        #: For AAC (priming the container cannot signal, with a muxer): whole encoder
+        #: frames only, so that the last partial one is dropped (under 43 ms of the
+        #: source's trailing silence) rather than padded, and the audio is at most its
+        #: priming longer than the source.
+        self._frames: Any = av.AudioFifo() if self._priming and self._stream is not None else None
+        self._frame_size = (
+            self._stream.codec_context.frame_size if self._frames is not None else 0
+        ) or self._priming
         self._closed = False
         open_transcoders += 1
 
     @property
     def duration_ms(self) -> float:
         """The playing time of what was made so far (the source's samples taken, and
-        the priming a decoder plays before them)."""
-        return (self.samples + self._priming) * 1000 / SAMPLE_RATE
+        the priming a decoder plays before them; for LAME, the frames made, each
+        playing as many samples whatever it holds)."""
+        if self._encoder is not None and self._priming:
+            frame_size: int = self._encoder.frame_size
+            return self._packets * frame_size * 1000 / self._rate
+        return (self.samples + self._priming) * 1000 / self._rate
 
     def feed_mp3(self, data: bytes | memoryview) -> bytes:
         """Decode MP3 bytes (any cut) and return what the format has ready."""
@@ -351,32 +395,37 @@ class Transcoder:
         return self._encode(frames)
 
     def feed_pcm(self, pcm: bytes, sample_rate: int) -> bytes:
-        """Take 16-bit mono PCM at ``sample_rate`` and return what the format has ready."""
+        """Take 16-bit mono PCM at ``sample_rate`` and return what the format has ready.
+
+        It is resampled straight to the target's rate and sample (once, not through
+        the source's 24 kHz).
+        """
         samples = len(pcm) // 2
         if samples == 0:
             return self._take()
         frame = av.AudioFrame(format="s16", layout="mono", samples=samples)
         frame.sample_rate = sample_rate
         frame.planes[0].update(pcm if len(pcm) == samples * 2 else pcm[: samples * 2])
-        if sample_rate != SAMPLE_RATE:
-            if self._pcm_resampler is None:
-                self._pcm_resampler = av.AudioResampler(
-                    format="s16", layout="mono", rate=SAMPLE_RATE
-                )
-            return self._encode(self._pcm_resampler.resample(frame))
-        return self._encode([frame])
+        if self._pcm_resampler is None:
+            self._pcm_resampler = av.AudioResampler(
+                format=self._sample_format, layout="mono", rate=self._rate
+            )
+        return self._encode(self._pcm_resampler.resample(frame), resampled=True)
 
     def finish(self) -> bytes:
-        """Flush the decoder and the encoder; the last bytes. The transcoder is closed."""
+        """Flush the decoder, the resamplers and the encoder; the last bytes. The
+        transcoder is closed."""
         frames = []
         if self._decoder is not None:
             with contextlib.suppress(av.error.FFmpegError):
                 frames = list(self._decoder.decode(None))
-        if self._pcm_resampler is not None:
-            frames += self._pcm_resampler.resample(None)
         out = self._encode(frames) + self._encode(self._resampler.resample(None), resampled=True)
+        if self._pcm_resampler is not None:
+            out += self._encode(self._pcm_resampler.resample(None), resampled=True)
         if self._stream is not None:
             self._container.mux(self._stream.encode(None))
+        if self._encoder is not None:
+            self._write_packets(self._encoder.encode(None))
         self.close()
         return out + self._out.take()
 
@@ -392,27 +441,39 @@ class Transcoder:
                 self._container.close()
             except (av.error.FFmpegError, ValueError) as exc:  # a muxer that never started
                 logger.debug("transcoder: closing the muxer: %s", exc)
-        self._decoder = self._container = self._stream = None
+        self._decoder = self._container = self._stream = self._encoder = None
         self._resampler = self._pcm_resampler = self._frames = None
 
     def _encode(self, frames: list[Any], *, resampled: bool = False) -> bytes:
         resampler = self._resampler
         for frame in frames:
-            for resampled_frame in [frame] if resampled else resampler.resample(frame):
-                if self._stream is None:
-                    self.samples += resampled_frame.samples
-                    self._out.write(
-                        memoryview(resampled_frame.planes[0])[: resampled_frame.samples * 2]
-                    )
-                elif self._frames is None:
-                    self.samples += resampled_frame.samples
-                    self._container.mux(self._stream.encode(resampled_frame))
-                else:
-                    self._frames.write(resampled_frame)
-                    while (whole := self._frames.read(self._priming)) is not None:
-                        self.samples += whole.samples
-                        self._container.mux(self._stream.encode(whole))
+            # A resampler with nothing to do hands back what it gets, a flush's None too.
+            for ready in [frame] if resampled else resampler.resample(frame):
+                if ready is not None:
+                    self._send(ready)
         return self._take()
+
+    def _send(self, frame: Any) -> None:
+        """Send one frame at the target's rate and sample, or encode it."""
+        if self._encoder is not None:
+            self.samples += frame.samples
+            self._write_packets(self._encoder.encode(frame))
+        elif self._stream is None:
+            self.samples += frame.samples
+            self._out.write(memoryview(frame.planes[0])[: frame.samples * self._sample_bytes])
+        elif self._frames is None:
+            self.samples += frame.samples
+            self._container.mux(self._stream.encode(frame))
+        else:
+            self._frames.write(frame)
+            while (whole := self._frames.read(self._frame_size)) is not None:
+                self.samples += whole.samples
+                self._container.mux(self._stream.encode(whole))
+
+    def _write_packets(self, packets: list[Any]) -> None:
+        for packet in packets:
+            self._packets += 1
+            self._out.write(memoryview(packet))
 
     def _take(self) -> bytes:
         data = self._out.take()
@@ -444,7 +505,13 @@ class Pipe:
         #: length does not tell it (stored, or made by a shared transcode).
         self._known_ms = known_ms
         self._client = client
-        self._off_loop_bytes = _OFF_LOOP_BYTES_BY_FORMAT.get(target.name, OFF_LOOP_BYTES)
+        self._off_loop_bytes = (
+            _OFF_LOOP_BYTES_SAMPLES
+            if target.sample is not None
+            else _OFF_LOOP_BYTES_FLAC
+            if target.codec == "flac"
+            else OFF_LOOP_BYTES
+        )
         #: The chunk being transcoded on a worker thread (or waiting for one), if any.
         self._busy: TranscodeJob[bytes] | None = None
 

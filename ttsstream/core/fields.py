@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping
 from typing import TypedDict, TypeVar
 
-from ttsstream.audio.formats import FORMAT_NAMES, MP3, Format, format_named
+from ttsstream.audio.formats import FORMAT_CHOICES, MP3, Format, format_named
 from ttsstream.core.cleanup import CLEANUP_MODES
 from ttsstream.exceptions import (
     BadMessage,
@@ -133,7 +133,8 @@ def prosody_fields(fields: Mapping[str, object]) -> Prosody:
 def format_field(
     value: object, *, field: str = "format", unknown: type[ClientError] = InvalidParameter
 ) -> Format:
-    """An audio format's short name (:data:`~ttsstream.audio.formats.FORMATS`); mp3 if absent.
+    """An audio format's short name (:func:`~ttsstream.audio.formats.format_named`: a base
+    name, or a family's such as ``pcm_16000``); mp3 if absent.
 
     ``unknown`` is the error for a string that names no format: the WebSocket's
     ``invalid_parameter``, HTTP's ``unsupported_format``.
@@ -144,7 +145,7 @@ def format_field(
         raise _about(field, BadMessage(f'"{field}" must be a string'))
     found = format_named(value)
     if found is None:
-        raise _about(field, unknown(f'"{field}" must be one of ' + ", ".join(FORMAT_NAMES)))
+        raise _about(field, unknown(f'"{field}" must be one of {FORMAT_CHOICES}'))
     return found
 
 
