@@ -21,8 +21,8 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from tests.fake_edge import FakeEdge
 from ttsstream.config import Config
-from ttsstream.core.services import build_services
 from ttsstream.server import STREAM_PATH, Server
+from ttsstream.services import build_services
 
 if TYPE_CHECKING:
     from tests.redis_server import RedisServer

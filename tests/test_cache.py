@@ -129,14 +129,14 @@ async def test_replay_is_written_corked_and_left_uncorked(
 ) -> None:
     """A hit goes out under TCP_CORK, released after its end; live audio is never corked."""
     seen: list[tuple[bool, int]] = []
-    cork = Session._cork
+    cork = Session.cork
 
     def spy(session: Session, on: bool) -> None:
         cork(session, on)
         sock = session._ws.transport.get_extra_info("socket")
         seen.append((on, sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK)))
 
-    monkeypatch.setattr(Session, "_cork", spy)
+    monkeypatch.setattr(Session, "cork", spy)
     live = await speak_once(server)
     assert seen and all(state == (False, 0) for state in seen)
     await wait_for_entries(server, 1)

@@ -20,6 +20,7 @@ from tests.fake_edge import FakeEdge, spoken_words
 from ttsstream.audio.formats import MP3
 from ttsstream.config import load_config
 from ttsstream.core.cleanup import MAX_CONSTRUCT_CHARS, MarkdownCleaner, clean
+from ttsstream.core.context import ANONYMOUS, RequestContext
 from ttsstream.core.router import Started
 from ttsstream.core.utterance import Summary
 from ttsstream.engines.base import WordEvent
@@ -472,9 +473,7 @@ async def test_a_request_asking_for_none_is_spoken_as_sent(
         audio_format=MP3,
         utterance_id="core",
         received_at=time.perf_counter(),
-        client_ip="127.0.0.1",
-        connection="test",
-        interface="ws",
+        context=RequestContext(ANONYMOUS, "127.0.0.1", "test", "ws"),
     )
     assert (outcome, sink.failure) == ("ok", None)
     assert fake.records[0].text == text

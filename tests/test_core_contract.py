@@ -21,11 +21,12 @@ import pytest
 from tests.conftest import TIMEOUT
 from tests.fake_edge import FakeEdge, spoken_words
 from ttsstream.config import Config
+from ttsstream.core.context import ANONYMOUS, RequestContext
 from ttsstream.core.router import Started
-from ttsstream.core.services import Services, build_services
 from ttsstream.core.utterance import ListenerGone, Sink, Summary
 from ttsstream.engines.base import WordEvent
 from ttsstream.exceptions import ClientError, ShuttingDown
+from ttsstream.services import Services, build_services
 
 TEXT = "The core speaks this sentence to a door it has never heard of."
 #: MP3 bytes per millisecond of audio at 48 kbit/s.
@@ -140,9 +141,7 @@ async def run(services: Services, sink: Sink, *, text: str = TEXT, words: str = 
         words=words,
         utterance_id="u1",
         received_at=time.perf_counter(),
-        client_ip="127.0.0.1",
-        connection="contract",
-        interface="contract",
+        context=RequestContext(ANONYMOUS, "127.0.0.1", "contract", "contract"),
     )
 
 

@@ -35,7 +35,7 @@ from tests.fake_edge import FakeEdge
 from tests.processes import serve_process, stop
 from ttsstream.cache.flight import SharedSynthesis
 from ttsstream.exceptions import UpstreamUnavailable
-from ttsstream.ws.session import VOICES_PENDING_MAX
+from ttsstream.ws.connection import VOICES_PENDING_MAX
 
 #: Trials of each race; before the fix, every one froze a connection.
 RACE_TRIALS = 10

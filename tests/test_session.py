@@ -28,8 +28,8 @@ from tests.conftest import (
 from tests.fake_edge import FakeEdge, spoken_words
 from tests.processes import serve_process, stop
 from ttsstream.config import Config
+from ttsstream.core.context import ANONYMOUS, RequestContext
 from ttsstream.core.router import Started
-from ttsstream.core.services import build_services
 from ttsstream.core.utterance import Summary
 from ttsstream.engines.base import (
     MP3_24KHZ_48KBPS,
@@ -39,8 +39,9 @@ from ttsstream.engines.base import (
     WordEvent,
 )
 from ttsstream.logs import fields_of
-from ttsstream.server import Server
 from ttsstream.protocols.v1 import MAX_FRAME_BYTES
+from ttsstream.server import Server
+from ttsstream.services import build_services
 
 
 async def test_utterances_are_spoken_one_at_a_time_in_order(client: Client, fake: FakeEdge) -> None:
@@ -358,9 +359,7 @@ async def test_whatever_a_sink_raises_the_utterance_is_cleaned_up(
             FaultySink(),
             utterance_id="faulty",
             received_at=time.perf_counter(),
-            client_ip="127.0.0.1",
-            connection="test",
-            interface="ws",
+            context=RequestContext(ANONYMOUS, "127.0.0.1", "test", "ws"),
         )
     assert server.stats.active_utterances == 0
     (line,) = [fields_of(r) for r in caplog.records if r.name == "ttsstream.access"]

@@ -29,7 +29,7 @@ from tests.conftest import (
     wait_for_entries,
 )
 from tests.fake_edge import FRAME_BYTES, FakeEdge
-from ttsstream.http import speech
+from ttsstream.http import streams as speech
 from ttsstream.http.openai import DEFAULT_VOICES, MODELS
 from ttsstream.server import Server
 

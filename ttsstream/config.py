@@ -7,10 +7,11 @@ reads the environment.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,33 @@ from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 
-from ttsstream.core.cleanup import CLEANUP_MODES
-from ttsstream.core.clientip import Network, parse_networks
 from ttsstream.exceptions import ConfigError
 
-__all__ = ["EDGE_VOICE_PATTERN", "OFFLINE_VOICE_PATTERN", "Config", "load_config"]
+__all__ = [
+    "CLEANUP_MODES",
+    "EDGE_VOICE_PATTERN",
+    "OFFLINE_VOICE_PATTERN",
+    "Config",
+    "Network",
+    "load_config",
+    "parse_networks",
+]
+
+#: How a text may be cleaned before it is spoken (``TEXT_CLEANUP``, ``cleanup``):
+#: Markdown, HTML marks and emoji left out, or the text spoken as it is.
+CLEANUP_MODES = ("markdown", "none")
+#: A trusted network (``TRUSTED_PROXIES``).
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(entries: Sequence[str]) -> tuple[Network, ...]:
+    """Parse IPs and CIDRs (``10.0.0.0/8``, ``::1``).
+
+    Raises:
+        ValueError: An entry is neither.
+    """
+    return tuple(ipaddress.ip_network(entry.strip(), strict=False) for entry in entries)
+
 
 #: edge-tts's accepted voice forms: "en-US-AriaNeural" or its long Microsoft name.
 EDGE_VOICE_PATTERN = re.compile(

@@ -30,6 +30,7 @@ into the ``error`` message a client receives.
         │   ├── QueueFull               queue_full
         │   ├── NotFound                not_found
         │   ├── RateLimited             rate_limited (429 with Retry-After at the handshake)
+        │   ├── KeyRefused              unauthorized (a key sent in a first message)
         │   └── ShuttingDown            shutting_down
         └── UpstreamError           the speech service failed
             ├── UpstreamUnavailable     upstream_unavailable
@@ -55,6 +56,7 @@ __all__ = [
     "HandshakeRefused",
     "InvalidParameter",
     "InvalidVoice",
+    "KeyRefused",
     "NoAudio",
     "NotFound",
     "OriginNotAllowed",
@@ -272,6 +274,13 @@ class RateLimited(RequestError):
         super().__init__(message, utterance_id=utterance_id)
         #: Whole seconds until a request would be allowed again.
         self.retry_after = retry_after
+
+
+class KeyRefused(RequestError):
+    """The key a protocol's first message carries (ElevenLabs' ``xi_api_key``) opens
+    nothing, or none came; the connection is closed after the error."""
+
+    code = "unauthorized"
 
 
 class ShuttingDown(RequestError):

@@ -14,9 +14,9 @@ import gc
 import ipaddress
 import logging
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from types import TracebackType
-from urllib.parse import urlsplit
 
 from websockets.asyncio.server import Server as WebSocketServer
 from websockets.asyncio.server import ServerConnection, serve
@@ -26,8 +26,9 @@ from websockets.typing import Subprotocol
 from ttsstream import logs
 from ttsstream.config import Config
 from ttsstream.core.admission import HttpAnswer
-from ttsstream.core.auth import SUBPROTOCOL
-from ttsstream.core.services import Services, build_services
+from ttsstream.core.auth import SUBPROTOCOL, offered_keys
+from ttsstream.core.context import Principal, RequestContext
+from ttsstream.doors import Door
 from ttsstream.exceptions import CannotListen, HandshakeRefused, RateLimited
 from ttsstream.http.app import STREAM_PATH, HttpDoor
 from ttsstream.http.ops import OpsServer
@@ -39,7 +40,9 @@ from ttsstream.port import (
     shared_port_connection,
 )
 from ttsstream.protocols.v1 import MAX_FRAME_BYTES
-from ttsstream.ws.session import Session
+from ttsstream.routes import WEBSOCKET_ROUTES, WebSocketRoute, websocket_route
+from ttsstream.services import Services, build_services
+from ttsstream.ws.connection import Connections
 
 __all__ = ["STREAM_PATH", "Server", "run"]
 
@@ -63,7 +66,7 @@ class Server:
     """A ttsstream server: an async context manager that listens while entered.
 
     Args:
-        services: Every part, built by :func:`~ttsstream.core.services.build_services`;
+        services: Every part, built by :func:`~ttsstream.services.build_services`;
             ``services.config.host`` and ``.port`` say where to listen (port 0 picks a
             free port: see :attr:`port`).
     """
@@ -73,18 +76,24 @@ class Server:
         self.config = services.config
         self.stats = services.stats
         self._admission = services.admission
-        self._client_ips: dict[ServerConnection, str] = {}
+        #: Each admitted handshake: who, and the route it asked for (until its handler runs).
+        self._admitted: dict[ServerConnection, _Admitted] = {}
         self._watchers: set[asyncio.Task[None]] = set()
         #: starting, serving, draining or closed; /ready is 200 only while serving.
         self.state = "starting"
         self.ops = OpsServer(services, state=lambda: self.state)
-        self._sessions: set[Session] = set()
+        #: The WebSocket doors, one per stats label of the route table.
+        self._websockets = {route.label: Connections(route.label) for route in WEBSOCKET_ROUTES}
         self._server: WebSocketServer | None = None
         self._port: int | None = None
         self._voice_list: asyncio.Task[None] | None = None
         self._ops_closed = False
         self._http_closed = False
         self.http = HttpDoor(services)
+        #: Every door: what a drain waits for and cuts, what /stats shows per door.
+        self.doors: list[Door] = [*self._websockets.values(), *self.http.doors]
+        services.stats.door_labels = tuple(dict.fromkeys(door.label for door in self.doors))
+        services.stats.doors_in_progress = self._by_door
         self._front = shared_port_connection(_Gate(services, self.http))
 
     async def start(self) -> None:
@@ -148,7 +157,7 @@ class Server:
         self.state = "closed"
         if self._voice_list is not None:
             self._voice_list.cancel()
-        self.http.speech.cut()
+        self.http.stop()
         if self._server is not None:
             self._server.close()
             # After a drain the listener is already closed; close what is still open.
@@ -190,33 +199,25 @@ class Server:
         self.state = "draining"
         self._server.close(close_connections=False)
         self.services.utterances.draining = True
-        sessions = list(self._sessions)
-        speech_api = self.http.speech
-        waiting = self._in_progress(sessions)
+        doors = self.doors
+        waiting = self._in_progress()
         logger.info(
-            "draining: %d utterances in progress on %d connections and %d HTTP streams, "
-            "%.0fs to finish",
-            waiting - speech_api.streams_in_progress,
-            len(sessions),
-            speech_api.streams_in_progress,
+            "draining: %d utterances in progress (%s), %.0fs to finish",
+            waiting,
+            ", ".join(f"{door.label} {door.in_progress}" for door in doors),
             grace,
         )
         if waiting:
-            idle = [asyncio.create_task(session.wait_idle()) for session in sessions]
-            idle.append(asyncio.create_task(speech_api.wait_idle()))
+            idle = [asyncio.create_task(door.wait_idle()) for door in doors]
             _, late = await asyncio.wait(idle, timeout=grace)
             for task in late:
                 task.cancel()
-        unfinished = self._in_progress(sessions)
+        unfinished = self._in_progress()
         # What is left is cut: each utterance learns it, before the connection closes.
-        speech_api.cut()
-        cuts = [
-            asyncio.create_task(session.cut())
-            for session in sessions
-            if session.utterances_in_progress
-        ]
-        if cuts:
-            await asyncio.wait(cuts, timeout=CLOSE_TIMEOUT_AT_ONCE)
+        cuts = [asyncio.create_task(door.cut()) for door in doors]
+        _, late = await asyncio.wait(cuts, timeout=CLOSE_TIMEOUT_AT_ONCE)
+        for task in late:
+            task.cancel()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(STORE_FLUSH_TIMEOUT):
                 await self.services.speech.finish_stores()
@@ -228,12 +229,16 @@ class Server:
         )
         self.close()
 
-    def _in_progress(self, sessions: list[Session]) -> int:
-        """Utterances queued or playing on ``sessions``, and HTTP streams."""
-        return (
-            sum(session.utterances_in_progress for session in sessions)
-            + self.http.speech.streams_in_progress
-        )
+    def _by_door(self) -> dict[str, int]:
+        """What is in progress on each door, by label."""
+        counts = dict.fromkeys((door.label for door in self.doors), 0)
+        for door in self.doors:
+            counts[door.label] += door.in_progress
+        return counts
+
+    def _in_progress(self) -> int:
+        """Utterances queued or playing, and HTTP streams, on every door."""
+        return sum(door.in_progress for door in self.doors)
 
     async def serve_forever(self) -> None:
         """Serve until :meth:`close` is called or the task is cancelled."""
@@ -302,15 +307,32 @@ class Server:
         """Admit the handshake, or answer it with an HTTP error and no upgrade."""
         peer = connection.remote_address[0] if connection.remote_address else ""
         ip = self._admission.client_ip(request.headers, peer)
-        endpoint = urlsplit(request.path).path == STREAM_PATH
+        routed = websocket_route(request.path)
+        # A protocol that takes the key in its first message is admitted without one here.
+        key_later = (
+            routed is not None
+            and routed[0].key_in_first_message
+            and self._admission.keys.required
+            and not offered_keys(request.headers, request.path)
+        )
         try:
-            await self._admission.admit(request.path, request.headers, ip, endpoint=endpoint)
+            principal = await self._admission.admit(
+                request.path,
+                request.headers,
+                ip,
+                endpoint=routed is not None,
+                needs_key=not key_later,
+            )
         except (HandshakeRefused, RateLimited) as refused:
             answer = self._admission.answer(
                 refused, headers=request.headers, client=ip, path=request.path
             )
             return _respond(connection, answer)
-        self._client_ips[connection] = ip
+        assert routed is not None
+        route, params = routed
+        self._admitted[connection] = _Admitted(
+            ip, principal, route, params, request.path, key_later
+        )
         watcher = asyncio.create_task(self._release_when_closed(connection, ip))
         self._watchers.add(watcher)
         watcher.add_done_callback(self._watchers.discard)
@@ -326,20 +348,45 @@ class Server:
             await connection.wait_closed()
         finally:
             self._admission.release(ip)
-            self._client_ips.pop(connection, None)
+            self._admitted.pop(connection, None)
 
     async def _handle(self, connection: ServerConnection) -> None:
-        ip = self._client_ips.get(connection, "")
-        session = Session(connection, services=self.services, client_ip=ip)
-        self._sessions.add(session)
+        admitted = self._admitted.pop(connection)
+        route = admitted.route
+        context = RequestContext(
+            admitted.principal, admitted.ip, connection.id.hex[:12], route.label
+        )
+        served = route.connection(
+            connection,
+            services=self.services,
+            context=context,
+            path=admitted.path,
+            params=admitted.params,
+            key_pending=admitted.key_later,
+        )
+        door = self._websockets[route.label]
+        door.add(served)
         self.stats.connections += 1
-        logger.debug("conn=%s open ip=%s", session.connection_id, ip)
+        logger.debug("conn=%s open ip=%s door=%s", context.connection, admitted.ip, route.label)
         try:
-            await session.run()
+            await served.run()
         finally:
             self.stats.connections -= 1
-            self._sessions.discard(session)
-        logger.debug("conn=%s closed code=%s", session.connection_id, connection.close_code)
+            door.discard(served)
+        logger.debug("conn=%s closed code=%s", context.connection, connection.close_code)
+
+
+@dataclass(frozen=True, slots=True)
+class _Admitted:
+    """A WebSocket handshake admitted, waiting for its handler."""
+
+    ip: str
+    principal: Principal
+    route: WebSocketRoute
+    params: Mapping[str, str]
+    path: str
+    #: The key is to come in the first message.
+    key_later: bool
 
 
 class _Gate(PortGate):

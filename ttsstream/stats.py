@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +40,11 @@ class Stats:
     outcomes: Counter[str] = field(default_factory=Counter)
     #: Finished utterances by door (``ws``, ``http``) and outcome.
     outcomes_by_interface: Counter[tuple[str, str]] = field(default_factory=Counter)
+    #: The doors' labels (the server sets them from its route table).
+    door_labels: tuple[str, ...] = ("ws", "http")
+    #: Utterances queued or playing (HTTP: streams) on each door, by label; the server
+    #: sets it to ask its doors.
+    doors_in_progress: Callable[[], dict[str, int]] = dict
     #: Finished utterances by the audio format they were sent in (``mp3``, ``opus``…).
     formats: Counter[str] = field(default_factory=Counter)
     bytes_sent: int = 0
@@ -150,8 +155,9 @@ class Stats:
                     for (door, _), count in self.outcomes_by_interface.items()
                     if door == interface
                 )
-                for interface in ("ws", "http")
+                for interface in self.door_labels
             },
+            "in_progress": self.doors_in_progress(),
         }
 
     def metrics(self) -> bytes:
@@ -169,12 +175,20 @@ class _StatsCollector(Collector):
         stats = self._stats
         requests = CounterMetricFamily(
             "ttsstream_requests",
-            "Finished utterances by door (ws, http) and outcome.",
+            "Finished utterances by door (ws, http, elevenlabs, cartesia) and outcome.",
             labels=["interface", "outcome"],
         )
         for (interface, outcome), count in sorted(stats.outcomes_by_interface.items()):
             requests.add_metric([interface, outcome], count)
         yield requests
+        in_progress = GaugeMetricFamily(
+            "ttsstream_in_progress",
+            "Utterances queued or playing (HTTP: streams being answered), by door.",
+            labels=["interface"],
+        )
+        for door, count in sorted(stats.doors_in_progress().items()):
+            in_progress.add_metric([door], count)
+        yield in_progress
         upstream_errors = CounterMetricFamily(
             "ttsstream_upstream_errors", "Edge failures by kind.", labels=["kind"]
         )

@@ -21,6 +21,7 @@ import orjson
 from ttsstream.config import Config
 from ttsstream.core.auth import ApiKeys, offered_key, redact
 from ttsstream.core.clientip import client_ip, is_trusted
+from ttsstream.core.context import ANONYMOUS, KEYED, Principal
 from ttsstream.core.headers import HeaderValues
 from ttsstream.core.ratelimit import (
     ConnectionCounter,
@@ -34,6 +35,7 @@ from ttsstream.exceptions import (
     AmbiguousKey,
     EndpointNotFound,
     HandshakeRefused,
+    KeyRefused,
     OriginNotAllowed,
     RateLimited,
     ServerFull,
@@ -165,8 +167,10 @@ class Admission:
         *,
         endpoint: bool,
         needs_key: bool = True,
-    ) -> None:
-        """Admit a request from ``client`` (see :meth:`client_ip`) and count its connection.
+        key: str | None = None,
+    ) -> Principal:
+        """Admit a request from ``client`` (see :meth:`client_ip`) and count its connection;
+        who it was admitted as.
 
         Every request counts toward the rate limit, refused or not, so that keys
         cannot be guessed at speed. Once admitted, :meth:`release` the connection
@@ -179,6 +183,8 @@ class Admission:
             endpoint: Whether ``path`` names an endpoint.
             needs_key: Whether the endpoint needs a key when the server has keys (the
                 public lists do not: ``PUBLIC_LISTS``); whatever key it offers is ignored.
+            key: A key the request offers in a form the headers and path do not carry
+                (ElevenLabs' ``xi_api_key`` in a first message), judged as if it did.
 
         Raises:
             HandshakeRefused: Not an endpoint, bad origin or key (or two different
@@ -188,10 +194,12 @@ class Admission:
         if not endpoint:
             raise EndpointNotFound("no such endpoint")
         refusal: HandshakeRefused | None = None
+        principal = ANONYMOUS
         if not self.origin_allowed(headers.get("Origin")):
             refusal = OriginNotAllowed("this origin may not connect")
         elif self.keys.required and needs_key:
-            refusal = self._check_key(headers, path)
+            refusal = self._check_key(headers, path, key)
+            principal = KEYED
         if refusal is None and self._in_one_round_trip:
             retry_after = await self._hit_and_count(client)
         else:
@@ -202,6 +210,7 @@ class Admission:
             raise refusal
         if not self._in_one_round_trip:
             await self._count_connection(client)
+        return principal
 
     @property
     def _over_limit(self) -> str:
@@ -216,11 +225,13 @@ class Admission:
             "forwards each user's IP"
         )
 
-    def _check_key(self, headers: HeaderValues, path: str) -> HandshakeRefused | None:
+    def _check_key(
+        self, headers: HeaderValues, path: str, extra: str | None = None
+    ) -> HandshakeRefused | None:
         """Why the request's key does not open the server, if it does not: none, a
         wrong one, or several different ones (one request tries one key)."""
         try:
-            key = offered_key(headers, path)
+            key = offered_key(headers, path, extra)
         except AmbiguousKey as ambiguous:
             return ambiguous
         if key is None or not self.keys.accept((key,)):
@@ -339,14 +350,35 @@ class Admission:
     def readable(self, answer: HttpAnswer, *, origin: str | None) -> HttpAnswer:
         """``answer`` with the headers that let a page of ``origin`` read it, if that
         origin is allowed."""
+        cors = tuple(self.cors(origin, "Retry-After").items())
+        return HttpAnswer(answer.status, answer.headers + cors, answer.body) if cors else answer
+
+    def cors(self, origin: str | None, exposed: str) -> dict[str, str]:
+        """The CORS headers of an answer to a request from ``origin``, letting its page
+        read the headers ``exposed``; none for a request not from an allowed origin.
+
+        The one place CORS is decided, for every door.
+        """
         if origin is None or not self.origin_allowed(origin):
-            return answer
-        cors = (
-            ("Access-Control-Allow-Origin", origin),
-            ("Access-Control-Expose-Headers", "Retry-After"),
-            ("Vary", "Origin"),
-        )
-        return HttpAnswer(answer.status, answer.headers + cors, answer.body)
+            return {}
+        return {
+            "Access-Control-Allow-Origin": origin,
+            "Access-Control-Expose-Headers": exposed,
+            "Vary": "Origin",
+        }
+
+    def check_key(self, key: str | None) -> Principal:
+        """Who a key given after the handshake (in a protocol's first message) belongs to.
+
+        Raises:
+            KeyRefused: It opens nothing (counted as an authentication failure).
+        """
+        if not self.keys.required:
+            return ANONYMOUS
+        if key is None or not self.keys.accept((key,)):
+            self._stats.auth_failures += 1
+            raise KeyRefused("a valid API key is required")
+        return KEYED
 
     def _count(self, refused: Refusal) -> None:
         if isinstance(refused, RateLimited | TooManyConnections | ServerFull):

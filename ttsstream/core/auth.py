@@ -1,6 +1,7 @@
 """API keys at the handshake (pure; no I/O).
 
-A client proves itself with one of: ``X-API-Key: <key>``;
+A client proves itself with one of: ``X-API-Key: <key>`` (also as ElevenLabs'
+``xi-api-key`` and Azure's ``Ocp-Apim-Subscription-Key``);
 ``Authorization: Bearer <key>``; the subprotocol pair ``["ttsstream.v1",
 "key.<key>"]`` (browsers cannot set headers on a WebSocket; the server selects
 and echoes only ``ttsstream.v1``); or ``?api_key=<key>`` in the URL (least safe:
@@ -76,8 +77,9 @@ class ApiKeys:
         return f"ApiKeys({len(self._keys)} keys)"
 
 
-def offered_key(headers: HeaderValues, path: str) -> str | None:
-    """The one key a request offers, in any of the accepted forms (``None``: none).
+def offered_key(headers: HeaderValues, path: str, extra: str | None = None) -> str | None:
+    """The one key a request offers, in any of the accepted forms (``None``: none);
+    ``extra`` is one offered otherwise (in a first message).
 
     Raises:
         AmbiguousKey: It offers two different keys.
@@ -85,6 +87,8 @@ def offered_key(headers: HeaderValues, path: str) -> str | None:
     # The offered values are compared with each other, not with a key: nothing
     # secret is timed here.
     keys = set(offered_keys(headers, path))
+    if extra is not None and extra.strip():
+        keys.add(extra.strip())
     if len(keys) > 1:
         raise AmbiguousKey("several different API keys were offered: send one")
     return keys.pop() if keys else None
@@ -93,6 +97,8 @@ def offered_key(headers: HeaderValues, path: str) -> str | None:
 def offered_keys(headers: HeaderValues, path: str) -> list[str]:
     """Every credential a handshake offers, in all accepted forms."""
     offered = list(headers.get_all("X-API-Key"))
+    offered += headers.get_all("xi-api-key")  # ElevenLabs' clients
+    offered += headers.get_all("Ocp-Apim-Subscription-Key")  # Azure's
     for value in headers.get_all("Authorization"):
         if (match := _BEARER.fullmatch(value)) and match.group(1) not in _NO_TOKEN:
             offered.append(match.group(1))

@@ -67,6 +67,7 @@ from dataclasses import dataclass, field
 
 import regex
 
+from ttsstream.config import CLEANUP_MODES
 from ttsstream.engines.base import SynthesisRequest
 from ttsstream.engines.words import CharMap
 
@@ -78,10 +79,6 @@ __all__ = [
     "clean",
     "speakable",
 ]
-
-#: What ``TEXT_CLEANUP`` and a request's ``"cleanup"`` may say: Markdown and emoji
-#: left out, or the text spoken as it is.
-CLEANUP_MODES = ("markdown", "none")
 
 # Limits
 #: Longest URL, link target, HTML tag or comment recognised, in characters; a

@@ -5,20 +5,10 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Sequence
 
+from ttsstream.config import Network, parse_networks
 from ttsstream.core.headers import HeaderValues
 
-__all__ = ["Network", "client_ip", "parse_networks"]
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def parse_networks(entries: Sequence[str]) -> tuple[Network, ...]:
-    """Parse IPs and CIDRs (``10.0.0.0/8``, ``::1``).
-
-    Raises:
-        ValueError: An entry is neither.
-    """
-    return tuple(ipaddress.ip_network(entry.strip(), strict=False) for entry in entries)
+__all__ = ["Network", "client_ip", "is_trusted", "parse_networks"]
 
 
 def client_ip(peer: str, headers: HeaderValues, trusted: Sequence[Network]) -> str:

@@ -27,6 +27,7 @@ from ttsstream.audio.formats import MP3, Format
 from ttsstream.audio.transcode import Pipe
 from ttsstream.config import Config
 from ttsstream.core.cleanup import CleanedRequest, MarkdownCleaner, clean, speakable
+from ttsstream.core.context import RequestContext
 from ttsstream.core.fields import WORD_MODES
 from ttsstream.core.router import Started
 from ttsstream.core.segmenter import Segmenter
@@ -172,16 +173,29 @@ class Utterances:
         """
         return self._speech.look_ahead(request)
 
-    def open_stream(self, cleanup: str | None = None) -> StreamingText:
+    def open_stream(
+        self,
+        cleanup: str | None = None,
+        *,
+        min_chars: int | None = None,
+        max_wait_ms: int | None = None,
+    ) -> StreamingText:
         """The text of a new streaming utterance (its timers run until it is spoken),
         cleaned piece by piece as ``cleanup`` says (``None``: ``TEXT_CLEANUP``; pass
-        the :attr:`~ttsstream.core.cleanup.CleanedRequest.cleanup` of its request)."""
+        the :attr:`~ttsstream.core.cleanup.CleanedRequest.cleanup` of its request).
+
+        ``min_chars`` and ``max_wait_ms`` are a protocol's own chunking (``None``:
+        ``STREAM_MIN_CHARS``, ``STREAM_MAX_WAIT_MS``), held within the segmenter's bounds.
+        """
         config = self._config
         mode = cleanup or self._default_cleanup
+        shortest = config.stream_min_chars if min_chars is None else min_chars
+        shortest = max(1, min(shortest, config.stream_max_chars))
+        wait_ms = config.stream_max_wait_ms if max_wait_ms is None else max_wait_ms
         return StreamingText(
-            Segmenter(min_chars=config.stream_min_chars, max_chars=config.stream_max_chars),
+            Segmenter(min_chars=shortest, max_chars=config.stream_max_chars),
             max_length=config.max_stream_text_length,
-            max_wait=config.stream_max_wait_ms / 1000,
+            max_wait=max(0, wait_ms) / 1000,
             idle_timeout=config.stream_idle_timeout,
             cleaner=MarkdownCleaner() if mode == "markdown" else None,
         )
@@ -195,9 +209,7 @@ class Utterances:
         audio_format: Format = MP3,
         utterance_id: str,
         received_at: float,
-        client_ip: str,
-        connection: str,
-        interface: str,
+        context: RequestContext,
         stream: StreamingText | None = None,
         lookahead: Lookahead | None = None,
     ) -> str:
@@ -215,13 +227,13 @@ class Utterances:
             audio_format: What the audio is sent as (made from the source as it streams).
             utterance_id: The utterance's id, for the access log.
             received_at: When the request arrived (``time.perf_counter()``).
-            client_ip: The client's address, for the access log.
-            connection: The connection's id, for the access log.
-            interface: ``ws`` or ``http``, for the access log.
+            context: Who asked, from where, on which connection and door (its share
+                of the upstream, the stats, the access log).
             stream: The text of a streaming utterance (then ``request`` gives its voice
                 and prosody, not its text).
             lookahead: Its lookup, asked already (see :meth:`look_ahead`).
         """
+        client_ip = context.client_ip
         request = dataclasses.replace(request, client=client_ip)  # for its share of Edge
         stats = self._stats
         batch = words == "batch"
@@ -343,13 +355,13 @@ class Utterances:
             if pipe is not None:
                 pipe.close()
             stats.active_utterances -= 1
-            stats.finished(outcome, interface)
+            stats.finished(outcome, context.door)
             stats.formats[audio_format.name] += 1
             access(
                 "utterance",
-                interface=interface,
+                interface=context.door,
                 ip=client_ip,
-                conn=connection,
+                conn=context.connection,
                 id=utterance_id,
                 voice=started.voice if started else request.voice,
                 engine=started.engine if started else None,

@@ -22,12 +22,13 @@ from aiohttp import web
 from aiohttp.http_exceptions import LineTooLong
 
 from ttsstream.core.admission import HttpAnswer
-from ttsstream.core.services import Services
 from ttsstream.http.demo import load_static
 from ttsstream.http.errors import in_shape_of
 from ttsstream.http.request import judge
-from ttsstream.http.speech import SpeechApi
+from ttsstream.http.streams import HttpStreams
 from ttsstream.port import MAX_HEAD_BYTES, front_of, head_too_large, request_line_limit
+from ttsstream.routes import HTTP_DOORS, WEBSOCKET_ROUTES
+from ttsstream.services import Services
 
 __all__ = ["MALFORMED_LOG_INTERVAL", "STREAM_PATH", "HttpDoor"]
 
@@ -70,9 +71,14 @@ class HttpDoor:
         self._malformed = _MalformedLog()
         # _json_errors outermost: the front door's answers (a later head's 431) are shaped too.
         app = web.Application(middlewares=[_json_errors, _front_door], client_max_size=64 * 2**10)
-        app.router.add_get(STREAM_PATH, self._stream_without_upgrade)
-        self.speech = SpeechApi(services)
-        self.speech.routes(app)
+        # A WebSocket endpoint asked without an upgrade is judged like a handshake.
+        for route in WEBSOCKET_ROUTES:
+            app.router.add_get(route.path, self._stream_without_upgrade)
+        self.doors: list[HttpStreams] = []
+        for make_door in HTTP_DOORS:
+            door = make_door(services)
+            door.routes(app)
+            self.doors += door.doors
         for path in self._static:
             app.router.add_get(path, self._static_file)
         app.on_response_prepare.append(_server_header)
@@ -94,6 +100,11 @@ class HttpDoor:
             access_log=None,
             malformed=self._malformed,
         )
+
+    def stop(self) -> None:
+        """Stop every stream still in progress (the server closes now)."""
+        for door in self.doors:
+            door.stop()
 
     async def close(self, grace: float) -> None:
         """Close keep-alive connections, giving requests in progress ``grace`` seconds."""

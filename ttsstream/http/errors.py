@@ -34,6 +34,7 @@ _STATUS = {
     "body_timeout": 408,
     "body_too_large": 413,
     "unsupported_media_type": 415,
+    "unauthorized": 401,
     "rate_limited": 429,
     "shutting_down": 503,
     "upstream_unavailable": 503,

@@ -16,11 +16,11 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ttsstream import __version__
-from ttsstream.core.services import Services
 from ttsstream.core.voices import in_locale
 from ttsstream.exceptions import ClientError
 from ttsstream.http.app import json_error
 from ttsstream.protocols.v1 import encode_voices
+from ttsstream.services import Services
 
 __all__ = ["OpsServer"]
 

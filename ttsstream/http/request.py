@@ -8,6 +8,7 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 
 from ttsstream.core.admission import Admission, HttpAnswer, Refusal
+from ttsstream.core.context import ANONYMOUS, Principal
 from ttsstream.exceptions import HandshakeRefused, RateLimited
 
 __all__ = ["Judged", "RequestHeaders", "judge", "peer_of"]
@@ -37,12 +38,14 @@ def peer_of(request: web.BaseRequest) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Judged:
-    """What admission said of a request: its client, and the refusal if refused."""
+    """What admission said of a request: its client, who it was admitted as, and the
+    refusal if refused."""
 
     client: str
     refused: Refusal | None = None
     #: The refusal's answer (protocol shape, CORS for allowed origins), counted and logged.
     answer: HttpAnswer | None = None
+    principal: Principal = ANONYMOUS
 
 
 async def judge(
@@ -53,8 +56,10 @@ async def judge(
     headers = RequestHeaders(request.headers)
     client = admission.client_ip(headers, peer_of(request))
     try:
-        await admission.admit(request.path_qs, headers, client, endpoint=True, needs_key=needs_key)
+        principal = await admission.admit(
+            request.path_qs, headers, client, endpoint=True, needs_key=needs_key
+        )
     except (HandshakeRefused, RateLimited) as refused:
         answer = admission.answer(refused, headers=headers, client=client, path=request.path_qs)
         return Judged(client, refused, answer)
-    return Judged(client)
+    return Judged(client, principal=principal)

@@ -1,0 +1,42 @@
+"""Who is asking, from where, on which connection and door: one request's context.
+
+Admission makes it (:meth:`~ttsstream.core.admission.Admission.admit` returns the
+:class:`Principal` it admitted); the utterance run, the stats and the access log
+receive it. The principal is who the key belongs to (its tenant, or anonymous),
+never the key itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["ANONYMOUS", "KEYED", "Principal", "RequestContext"]
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who a request was admitted as."""
+
+    #: The name logs, stats and errors show (a key's tenant); never the key.
+    name: str
+    #: Whether the request proved a key (else the server needs none, or the endpoint).
+    keyed: bool = False
+
+
+#: A request admitted without a key (the server has none, or a public list).
+ANONYMOUS = Principal("anonymous")
+#: A request that proved one of ``TTS_API_KEY``'s keys (an unnamed tenant).
+KEYED = Principal("default", keyed=True)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestContext:
+    """One admitted request (an HTTP request, a WebSocket connection's utterance)."""
+
+    principal: Principal
+    #: The client's address, as admission determined it (behind trusted proxies too).
+    client_ip: str
+    #: The connection's (or HTTP request's) id, for the access log.
+    connection: str
+    #: The door's stats label (``ws``, ``http``, ``elevenlabs``…).
+    door: str

@@ -1,0 +1,733 @@
+"""What every WebSocket connection shares, whichever protocol it speaks.
+
+A connection has two tasks. The reader turns frames into actions through its
+protocol (:mod:`ttsstream.protocols`) and carries them out at once (refusals,
+cancels; voice lists are answered one at a time by a task of their own); the
+speaker takes utterances from a bounded queue in the order received and streams
+each one's events to the client through the protocol's sink. Every frame of an
+utterance therefore goes out between its start and its end.
+
+What a protocol's connection adds (:class:`Connection`'s hooks): how a frame
+becomes actions, how an utterance's events become frames (its sink), and how a
+refusal, a cancel, a cut and a voice list are written. What it inherits: timed
+writes and the slow-client close (``SEND_TIMEOUT``), the idle watchdog
+(``IDLE_TIMEOUT``), tracked background tasks, the queue (``QUEUE_SIZE``) and the
+cancel of utterances by id, the feeding of streaming utterances, and its part in
+a drain (:class:`Connections`, a :class:`~ttsstream.doors.Door`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import socket
+import time
+from collections import deque
+from collections.abc import Coroutine, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from websockets.asyncio.server import ServerConnection, broadcast
+from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
+
+from ttsstream.core.context import RequestContext
+from ttsstream.core.speech_cache import Lookahead
+from ttsstream.core.streaming import StreamingText
+from ttsstream.core.utterance import ListenerGone, Sink
+from ttsstream.engines.base import SynthesisRequest, Voice
+from ttsstream.exceptions import ClientError, InvalidParameter, KeyRefused, NotFound, QueueFull
+from ttsstream.protocols.actions import (
+    Action,
+    Append,
+    Cancel,
+    CloseSocket,
+    Finish,
+    Flush,
+    ListVoices,
+    Reply,
+    Speak,
+)
+from ttsstream.services import Services
+
+__all__ = ["ClientTooSlow", "Connection", "Connections", "Utterance"]
+
+logger = logging.getLogger("ttsstream.ws")
+
+#: Below this many bytes waiting in the write buffer, a frame is written at once,
+#: without waiting for a drain (websockets waits only above its 32 KiB write limit).
+SEND_BUFFER_LOW = 16 * 2**10
+#: Linux's socket option to hold back partial segments; None elsewhere.
+_TCP_CORK: int | None = getattr(socket, "TCP_CORK", None)
+#: Seconds a client closed for not reading has to read what is queued and the close frame.
+SLOW_CLIENT_CLOSE_TIMEOUT = 10.0
+#: Voice-list requests of one connection waiting for their reply; more are refused
+#: (``queue_full``). One reply is written at a time, like audio: a client that does
+#: not read its replies holds one of them, never one per request.
+VOICES_PENDING_MAX = 4
+#: Frames longer than this many characters (or bytes) are followed by one pass of the
+#: event loop, so that a client sending large frames back to back (appends of 5,000
+#: characters) holds the loop for one frame at a time, not for all it has sent.
+YIELD_AFTER_FRAME_CHARS = 1024
+#: Seconds a closing session waits for its upstream streams to close before giving up.
+UPSTREAM_CLOSE_TIMEOUT = 5.0
+
+
+@dataclass(eq=False)
+class Utterance:
+    """A ``speak`` (or a protocol's context) accepted on this connection, queued or playing."""
+
+    request: Speak
+    #: What to say, as the speak policy accepted it.
+    synthesis: SynthesisRequest
+    received_at: float
+    #: Its end or error is being sent: too late to cancel.
+    finishing: bool = False
+    #: Cut by a shutdown before its end.
+    cut: bool = False
+    #: The text of a streaming utterance, which its appends feed.
+    stream: StreamingText | None = None
+    #: Its lookup, asked of the cluster with its rate limit (it was to play at once).
+    lookahead: Lookahead | None = None
+
+    @property
+    def id(self) -> str:
+        return self.request.id
+
+
+class Connection:
+    """Serve one WebSocket connection until it closes (subclassed per protocol).
+
+    Args:
+        websocket: The connection, already past the handshake.
+        services: The server's parts.
+        context: Who was admitted, from where (its ``connection`` is this one's id).
+        path: The request's path and query.
+        params: The values of the route's ``{name}`` parts (a voice id…).
+        key_pending: The handshake brought no key and the server needs one: the
+            first message must (:meth:`first_message_key`), else the connection closes.
+    """
+
+    #: The door's stats label (``ws``, ``elevenlabs``…).
+    label: ClassVar[str] = "ws"
+
+    def __init__(
+        self,
+        websocket: ServerConnection,
+        *,
+        services: Services,
+        context: RequestContext,
+        path: str = "/",
+        params: Mapping[str, str] | None = None,
+        key_pending: bool = False,
+    ) -> None:
+        self._ws = websocket
+        self._config = services.config
+        self._speech = services.speech
+        self._utterances = services.utterances
+        self._admission = services.admission
+        self._stats = services.stats
+        self.context = context
+        self.client_ip = context.client_ip
+        self.connection_id = context.connection
+        self.path = path
+        self.params: Mapping[str, str] = params or {}
+        self.key_pending = key_pending
+        self._last_activity = asyncio.get_running_loop().time()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._pending: deque[Utterance] = deque()
+        self._wakeup = asyncio.Event()
+        self._current: Utterance | None = None
+        self._speaker: asyncio.Task[None] | None = None
+        #: TCP_CORK is on: a cached utterance is being written in one burst.
+        self._corked = False
+        self._ids: set[str] = set()
+        #: Voice-list requests not answered yet: the locale each asks for.
+        self._voices_wanted: deque[str | None] = deque()
+        # Tasks that outlive the frame that started them: voice lists, upstreams closing.
+        self._background: set[asyncio.Task[None]] = set()
+
+    # What a protocol's connection says
+
+    def greeting(self) -> bytes | None:
+        """The frame sent on connect, if the protocol has one."""
+        return None
+
+    def parse(self, frame: str | bytes) -> Sequence[Action]:
+        """The actions one client frame asks for.
+
+        Raises:
+            ClientError: The frame is refused (its ``utterance_id`` and
+                ``message_type`` say which message, where known).
+        """
+        raise NotImplementedError
+
+    def sink(self, utterance: Utterance) -> Sink:
+        """Where the utterance's events go: its frames on this connection."""
+        raise NotImplementedError
+
+    def words_mode(self, utterance: Utterance) -> str:
+        """How the run gives the utterance's word boundaries (``each``, ``batch``, ``none``)."""
+        return utterance.request.words
+
+    def encode_refusal(self, exc: ClientError) -> bytes | None:
+        """The frame answering a refused message (it ends no utterance)."""
+        raise NotImplementedError
+
+    def encode_cancelled(self, utterance_id: str) -> bytes | None:
+        """The frame saying the utterance was cancelled (``None``: the protocol sends none)."""
+        return None
+
+    def encode_cut(self, utterance_id: str) -> bytes | None:
+        """The frame telling a queued utterance it was cut by a shutdown."""
+        return None
+
+    def encode_voices(self, voices: Sequence[Voice], locale: str | None) -> bytes:
+        """The frame answering a voice-list request."""
+        raise NotImplementedError
+
+    def first_message_key(self) -> str | None:
+        """The key the first message carried (parsed already), for a protocol that takes
+        one there; ``None``: none."""
+        return None
+
+    # The connection's life
+
+    async def run(self) -> None:
+        """Greet the client, then serve its frames until the connection closes."""
+        self._speaker = asyncio.create_task(self._speak_in_order())
+        watchdog = asyncio.create_task(self._close_when_idle())
+        try:
+            greeting = self.greeting()
+            if greeting is not None:
+                await self.send(greeting)
+            async for frame in self._ws:
+                self._last_activity = asyncio.get_running_loop().time()
+                await self._on_frame(frame)
+                if len(frame) > YIELD_AFTER_FRAME_CHARS:
+                    # Frames already received come back without a pause: after a large
+                    # one, let other clients' work run before the next (bench/NOTES.md).
+                    await asyncio.sleep(0)
+        except (ConnectionClosed, ClientTooSlow):
+            pass
+        finally:
+            watchdog.cancel()
+            for utterance in self._pending:
+                self._forget(utterance)
+            # Closing the upstream of an utterance being spoken may take a while:
+            # the speaker is waited for with the other background tasks, for a bounded time.
+            self._speaker.cancel()
+            self._track(self._speaker)
+            await asyncio.wait({watchdog})
+            await self._close_background()
+
+    async def _close_when_idle(self) -> None:
+        """Close with 1000 "idle" after IDLE_TIMEOUT without a message or an utterance."""
+        loop = asyncio.get_running_loop()
+        while True:
+            deadline = self._last_activity + self.idle_timeout
+            if loop.time() < deadline:
+                await asyncio.sleep(deadline - loop.time())
+                continue
+            if self._current is not None or self._pending:
+                # Speaking is not idleness: count from the end of the last utterance.
+                self._last_activity = loop.time()
+                continue
+            logger.info("conn=%s closed: idle for %.0fs", self.connection_id, self.idle_timeout)
+            await self._ws.close(1000, "idle")
+            return
+
+    @property
+    def idle_timeout(self) -> float:
+        """Seconds without a message or an utterance before the connection is closed."""
+        return self._config.idle_timeout
+
+    @property
+    def closed(self) -> bool:
+        """Whether the connection is closed (the client left, or was closed)."""
+        return self._ws.state is State.CLOSED
+
+    @property
+    def utterances_in_progress(self) -> int:
+        """Utterances queued or playing."""
+        return len(self._pending) + (self._current is not None)
+
+    async def wait_idle(self) -> None:
+        """Return once no utterance is queued or playing."""
+        await self._idle.wait()
+
+    async def _on_frame(self, frame: str | bytes) -> None:
+        try:
+            actions = self.parse(frame)
+        except ClientError as exc:
+            if exc.message_type == "speak":
+                self._stats.total_requests += 1  # a refused speak is a request too
+            await self._refuse(exc)
+            if self.key_pending:
+                await self.close(1008, "unauthorized")
+            return
+        if self.key_pending:
+            # The handshake had no key: the first message brings it, or the connection ends.
+            self.key_pending = False
+            try:
+                principal = self._admission.check_key(self.first_message_key())
+            except KeyRefused as exc:
+                await self._refuse(exc)
+                await self.close(1008, "unauthorized")
+                return
+            self.context = dataclasses.replace(self.context, principal=principal)
+        for action in actions:
+            if not await self._carry_out(action):
+                return
+
+    async def _carry_out(self, action: Action) -> bool:
+        """Do what one action asks; whether the frame's next actions may follow."""
+        try:
+            if isinstance(action, Speak):
+                self._stats.total_requests += 1
+                await self.enqueue(action)
+            elif isinstance(action, Cancel):
+                await self.cancel(action.id)
+            elif isinstance(action, ListVoices):
+                await self._ask_voices(action.locale)
+            elif isinstance(action, Reply):
+                await self.send(action.data)
+            elif isinstance(action, CloseSocket):
+                self._spawn(self._close_when_done(action))
+            else:
+                self.feed(action)
+        except ClientError as exc:
+            exc.message_type = exc.message_type or action.kind
+            if isinstance(action, Speak) and not action.id_given:
+                exc.utterance_id = None  # the id the server made for it was never announced
+            await self._refuse(exc)
+            return False
+        return True
+
+    async def _refuse(self, exc: ClientError) -> None:
+        """Answer a refused message with the protocol's refusal, which ends no utterance."""
+        self._stats.errors += 1
+        frame = self.encode_refusal(exc)
+        if frame is not None:
+            await self.send(frame)
+
+    async def _close_when_done(self, close: CloseSocket) -> None:
+        """Finish the texts still open, let every utterance end, then close."""
+        for utterance in self._utterances_held():
+            if utterance.stream is not None:
+                utterance.stream.finish()
+        await self._idle.wait()
+        await self._ws.close(close.code, close.reason)
+
+    def _utterances_held(self) -> list[Utterance]:
+        current = self._current
+        return [*([current] if current is not None else []), *self._pending]
+
+    def feed(self, message: Append | Flush | Finish) -> None:
+        """Pass an append, a flush or a finish to its open streaming utterance.
+
+        Raises:
+            NotFound: No open streaming utterance has its id.
+            ClientError: The streaming text refuses it (too long…).
+        """
+        utterance = next((u for u in self._utterances_held() if u.id == message.id), None)
+        stream = utterance.stream if utterance is not None and not utterance.finishing else None
+        if stream is None:
+            raise NotFound("no open streaming utterance has this id", utterance_id=message.id)
+        try:
+            if isinstance(message, Append):
+                stream.append(message.text)
+            elif isinstance(message, Flush):
+                stream.flush()
+            else:
+                stream.finish()
+        except ClientError as exc:
+            exc.utterance_id = message.id
+            raise
+
+    def has_utterance(self, utterance_id: str) -> bool:
+        """Whether an utterance with this id is queued or playing."""
+        return utterance_id in self._ids
+
+    async def enqueue(self, request: Speak) -> None:
+        """Accept an utterance (the rate limit, the speak policy, this connection's
+        queue) and queue it; raise why not."""
+        # Before admission, which may ask Redis: the time to first audio includes it.
+        received_at = time.perf_counter()
+        synthesis = self._utterances.request(
+            text=request.text,
+            voice=request.voice,
+            rate=request.rate,
+            volume=request.volume,
+            pitch=request.pitch,
+            cleanup=request.cleanup,
+        )
+        # A speak that plays at once is looked up in the cluster with its rate limit.
+        lookahead = (
+            self._utterances.look_ahead(synthesis)
+            if self._current is None
+            and not self._pending
+            and not request.stream
+            and not request.format.transcoded
+            else None
+        )
+        try:
+            await self._accept(request, synthesis, lookahead)
+        except BaseException:
+            if lookahead is not None:
+                lookahead.close()
+            raise
+        stream = None
+        if request.stream:
+            stream = self._utterances.open_stream(
+                cleanup=request.cleanup,
+                min_chars=request.min_chars,
+                max_wait_ms=request.max_wait_ms,
+            )
+            if request.text:
+                stream.append(request.text)
+        self._ids.add(request.id)
+        self._idle.clear()
+        self._pending.append(
+            Utterance(
+                request=request,
+                synthesis=synthesis,
+                received_at=received_at,
+                stream=stream,
+                lookahead=lookahead,
+            )
+        )
+        self._wakeup.set()
+
+    async def _accept(
+        self, request: Speak, synthesis: SynthesisRequest, lookahead: Lookahead | None
+    ) -> None:
+        """The speak policy and this connection's own checks; raise why not."""
+        await self._admission.check_rate(self.client_ip, request.id, lookahead=lookahead)
+        await self._utterances.accept(synthesis, utterance_id=request.id)
+        if request.id in self._ids:
+            raise InvalidParameter(
+                f"id {request.id!r} is already queued or playing", utterance_id=request.id
+            )
+        # The first pending utterance is about to play when nothing is playing yet.
+        waiting = len(self._pending) - (1 if self._current is None and self._pending else 0)
+        if waiting >= self._config.queue_size:
+            raise QueueFull(
+                f"{self._config.queue_size} "
+                + ("utterance is" if self._config.queue_size == 1 else "utterances are")
+                + " already waiting",
+                utterance_id=request.id,
+            )
+
+    async def cancel(self, utterance_id: str | None) -> None:
+        """Cancel one utterance, or every one of the connection's (``None``).
+
+        Raises:
+            NotFound: No queued or playing utterance has the id.
+        """
+        current = self._current
+        playing = current if current is not None and not current.finishing else None
+        if utterance_id is None:
+            queued = list(self._pending)
+            self._pending.clear()
+            if playing is not None:
+                await self._cancel_playing(playing)
+            for utterance in queued:
+                self._forget(utterance)
+                await self._send_cancelled(utterance.id)
+            return
+        if playing is not None and playing.id == utterance_id:
+            await self._cancel_playing(playing)
+            return
+        for utterance in self._pending:
+            if utterance.id == utterance_id:
+                self._pending.remove(utterance)
+                self._forget(utterance)
+                await self._send_cancelled(utterance.id)
+                return
+        raise NotFound("no queued or playing utterance has this id", utterance_id=utterance_id)
+
+    async def _send_cancelled(self, utterance_id: str) -> None:
+        frame = self.encode_cancelled(utterance_id)
+        if frame is not None:
+            await self.send(frame)
+
+    async def cut(self) -> None:
+        """End what is playing or queued with ``shutting_down`` (the server stops now).
+
+        The playing utterance's error says whether its audio is partial; queued
+        ones never started. Nothing more of them is sent. A client that left or
+        does not read is no error here.
+        """
+        with contextlib.suppress(ConnectionClosed, ClientTooSlow):
+            await self._cut()
+
+    async def _cut(self) -> None:
+        speaker = self._speaker
+        assert speaker is not None
+        current = self._current
+        queued = list(self._pending)
+        self._pending.clear()
+        if current is not None and not current.finishing:
+            # The utterance run tells the client, then the speaker ends.
+            current.cut = True
+            speaker.cancel()
+            self._track(speaker)
+            await asyncio.wait({speaker}, timeout=UPSTREAM_CLOSE_TIMEOUT)
+        for utterance in queued:
+            self._forget(utterance)
+            self._stats.errors += 1
+            frame = self.encode_cut(utterance.id)
+            if frame is not None:
+                await self.send(frame)
+        self._idle.set()
+
+    async def _cancel_playing(self, utterance: Utterance) -> None:
+        """Stop the speaker where it is and hand the queue to a new one.
+
+        The speaker stops at its next await and sends nothing more of the
+        utterance; closing its upstream may take a moment, which the next
+        utterance need not wait for. The cancel's frame is sent before this
+        returns, so replies keep the order of requests.
+        """
+        assert self._speaker is not None
+        self._speaker.cancel()
+        self._track(self._speaker)
+        self._played(utterance)
+        try:
+            await self._send_cancelled(utterance.id)
+        finally:
+            self._speaker = asyncio.create_task(self._speak_in_order())
+
+    async def _speak_in_order(self) -> None:
+        """Speak the queue, one utterance at a time, in this task (no task per utterance)."""
+        while True:
+            while not self._pending:
+                self._idle.set()
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            utterance = self._pending.popleft()
+            self._current = utterance
+            try:
+                await self._utterances.run(
+                    utterance.synthesis,
+                    self.sink(utterance),
+                    words=self.words_mode(utterance),
+                    audio_format=utterance.request.format,
+                    utterance_id=utterance.id,
+                    received_at=utterance.received_at,
+                    context=self.context,
+                    stream=utterance.stream,
+                    lookahead=utterance.lookahead,
+                )
+            except asyncio.CancelledError:
+                if _cancelling():
+                    raise
+                # Not this task's cancellation: whatever ended one utterance, the
+                # next one is still spoken.
+                logger.error(
+                    "conn=%s: a foreign cancellation reached the speaker", self.connection_id
+                )
+            except Exception:
+                logger.exception("conn=%s utterance=%r failed", self.connection_id, utterance.id)
+            finally:
+                if self._current is utterance:  # else a cancel already moved on
+                    self._played(utterance)
+
+    def _forget(self, utterance: Utterance) -> None:
+        """A queued utterance will not play: its id is free, its text's timers stop."""
+        self._ids.discard(utterance.id)
+        if utterance.stream is not None:
+            utterance.stream.close()
+        if utterance.lookahead is not None:
+            utterance.lookahead.close()
+
+    def _played(self, utterance: Utterance) -> None:
+        """The utterance is over (spoken, failed or cancelled): the next one may play."""
+        if utterance.stream is not None:
+            utterance.stream.close()
+        if utterance.lookahead is not None:
+            utterance.lookahead.close()
+        self._current = None
+        self._ids.discard(utterance.id)
+        self._last_activity = asyncio.get_running_loop().time()
+
+    async def _ask_voices(self, locale: str | None) -> None:
+        """Take a voice-list request: it counts toward the rate limit, and waits its turn."""
+        await self._admission.check_rate(self.client_ip)
+        if len(self._voices_wanted) >= VOICES_PENDING_MAX:
+            raise QueueFull(f"{VOICES_PENDING_MAX} voices replies are already pending")
+        self._voices_wanted.append(locale)
+        if len(self._voices_wanted) == 1:
+            self._spawn(self._answer_voices())
+
+    async def _answer_voices(self) -> None:
+        """Answer the pending voice-list requests one after another, each once written."""
+        try:
+            while self._voices_wanted:
+                try:
+                    voices = await self._speech.voices()
+                except ClientError as exc:
+                    exc.message_type = "voices"
+                    await self._refuse(exc)
+                else:
+                    await self.send(self.encode_voices(voices, self._voices_wanted[0]))
+                self._voices_wanted.popleft()
+        finally:
+            self._voices_wanted.clear()
+
+    async def close(self, code: int, reason: str) -> None:
+        """Close the connection (a protocol's own close: a bad key, a socket it was asked
+        to close)."""
+        await self._ws.close(code, reason)
+
+    async def send(self, message: bytes | memoryview, *, text: bool = True) -> None:
+        """Send one frame; a client that leaves it unread past SEND_TIMEOUT is closed (1008).
+
+        websockets waits while its write buffer is over its limit, so the memory held
+        for a client that does not read stays bounded; this bounds the time too.
+
+        Raises:
+            ConnectionClosed: The connection is closed.
+            ClientTooSlow: The client did not read within SEND_TIMEOUT.
+        """
+        ws = self._ws
+        if ws.transport.get_write_buffer_size() < SEND_BUFFER_LOW and ws.state is State.OPEN:
+            # The common case, with room in the buffer: write the frame now.
+            # broadcast() is websockets' synchronous send, without send()'s await
+            # and drain, which cost more than the write itself for small frames;
+            # the buffer check above is the backpressure it lacks.
+            try:
+                broadcast((ws,), message, text=text, raise_exceptions=True)
+                return
+            except ExceptionGroup:
+                # The write failed: the connection is broken. Once aborted,
+                # send() below raises ConnectionClosed as for any closed connection.
+                ws.transport.abort()
+        # Waiting for the client to read: what is held back must go out first.
+        self.cork(False)
+        try:
+            async with asyncio.timeout(self._config.send_timeout):
+                await self._ws.send(message, text=text)
+        except TimeoutError:
+            logger.warning(
+                "conn=%s closed: client left its audio unread for %.1fs",
+                self.connection_id,
+                self._config.send_timeout,
+            )
+            self._spawn(self._close_slow_client())
+            raise ClientTooSlow() from None
+
+    async def send_for(self, message: bytes | memoryview, *, text: bool = True) -> None:
+        """:meth:`send` for a sink: a closed connection is a listener gone."""
+        try:
+            await self.send(message, text=text)
+        except ConnectionClosed:
+            raise ListenerGone() from None
+
+    def cork(self, on: bool) -> None:
+        """Hold back partial TCP segments (Linux TCP_CORK) while frames go out in a burst.
+
+        Each frame is a write; corked, the frames of a cached utterance leave as a
+        few full segments when uncorked instead of one or more segments each, which
+        costs the kernel (and the client) less. Only around writes that do not
+        wait: corked data is otherwise held for up to 200 ms.
+        """
+        if on == self._corked or _TCP_CORK is None:
+            return
+        sock = self._ws.transport.get_extra_info("socket")
+        if sock is None:
+            return
+        # Not TCP, or already closed (asyncio's socket then raises OSError, uvloop's
+        # ValueError).
+        with contextlib.suppress(OSError, ValueError):
+            sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, int(on))
+            self._corked = on
+
+    async def _close_slow_client(self) -> None:
+        """Close with 1008; if the client does not even read that, drop the TCP connection."""
+        try:
+            # The close frame waits behind the unread audio, which a client that
+            # reads again gets first; websockets' close waits for that drain.
+            async with asyncio.timeout(SLOW_CLIENT_CLOSE_TIMEOUT):
+                await self._ws.close(1008, "client too slow")
+        except TimeoutError:
+            self._ws.transport.abort()
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(_quietly(coroutine))
+        self._track(task)
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _close_background(self) -> None:
+        if not self._background:
+            return
+        for task in self._background:
+            task.cancel()
+        _, late = await asyncio.wait(self._background, timeout=UPSTREAM_CLOSE_TIMEOUT)
+        if late:
+            logger.warning(
+                "conn=%s: %d upstream streams did not close", self.connection_id, len(late)
+            )
+
+
+class ClientTooSlow(ListenerGone):
+    """The client did not read what was sent to it within SEND_TIMEOUT."""
+
+    outcome = "too_slow"
+
+
+class Connections:
+    """The open connections of one WebSocket door (a :class:`~ttsstream.doors.Door`)."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self._open: set[Connection] = set()
+
+    def add(self, connection: Connection) -> None:
+        self._open.add(connection)
+
+    def discard(self, connection: Connection) -> None:
+        self._open.discard(connection)
+
+    def __iter__(self) -> Iterator[Connection]:
+        return iter(list(self._open))
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    @property
+    def in_progress(self) -> int:
+        return sum(connection.utterances_in_progress for connection in self._open)
+
+    async def wait_idle(self) -> None:
+        waits = [asyncio.create_task(c.wait_idle()) for c in self._open]
+        try:
+            if waits:
+                await asyncio.wait(waits)
+        finally:
+            for task in waits:
+                task.cancel()
+
+    async def cut(self) -> None:
+        cuts = [asyncio.create_task(c.cut()) for c in self._open if c.utterances_in_progress]
+        if cuts:
+            await asyncio.wait(cuts)
+
+
+def _cancelling() -> bool:
+    """Whether the running task is being cancelled (rather than seeing another's cancel)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+async def _quietly(coroutine: Coroutine[Any, Any, None]) -> None:
+    """Run a reply coroutine; a client that left or was closed meanwhile is not an error."""
+    with contextlib.suppress(ConnectionClosed, ClientTooSlow):
+        await coroutine
