@@ -168,6 +168,8 @@ def format_name(output_format: Mapping[str, object]) -> str:
     container = output_format.get("container")
     if not isinstance(container, str):
         raise _about("output_format", BadMessage('"output_format" needs a string "container"'))
+    if container not in ("raw", "wav", "mp3"):
+        raise _unsupported(f'container "{container}": raw, wav and mp3 are made here')
     rate = output_format.get("sample_rate")
     if isinstance(rate, bool) or not isinstance(rate, int):
         raise _about("output_format", BadMessage('"output_format" needs an integer "sample_rate"'))
@@ -186,8 +188,6 @@ def format_name(output_format: Mapping[str, object]) -> str:
         if encoding != "pcm_s16le":
             raise _unsupported(f"wav of {encoding}: only wav of pcm_s16le is made here")
         return f"wav_{rate}"
-    if container != "raw":
-        raise _unsupported(f'container "{container}": raw, wav and mp3 are made here')
     if encoding == "pcm_s16le":
         return f"pcm_{rate}"
     if encoding == "pcm_f32le":
