@@ -17,6 +17,7 @@ IO_MODULES = ("asyncio", "socket", "av", "aiohttp", "edge_tts", "websockets", "r
 
 PROTOCOLS = [
     "ttsstream.protocols.actions",
+    "ttsstream.protocols.elevenlabs",
     "ttsstream.protocols.v1",
     "ttsstream.protocols.cartesia",
 ]
