@@ -551,6 +551,14 @@ def test_an_ended_context_id_may_open_a_new_context() -> None:
     assert isinstance(speak, Speak) and speak.text == "Again."
 
 
+def test_a_failed_context_drops_its_later_messages() -> None:
+    """After its error, a context's later text is dropped, not spoken as a new context."""
+    contexts = CartesiaContexts(max_text_length=100)
+    contexts.receive(frame(context_id="c", transcript="Hi ", **{"continue": True}, **OPENING))
+    contexts.ended("c", failed=True)
+    assert contexts.receive(frame(context_id="c", transcript="more", **{"continue": True})) == []
+
+
 def test_closed_contexts_remembered_are_bounded() -> None:
     """The newest MAX_CLOSED_REMEMBERED cancelled ids are remembered; an older one is not."""
     contexts = CartesiaContexts(max_text_length=100)

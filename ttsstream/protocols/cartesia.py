@@ -24,7 +24,8 @@ is the ``context_id``:
   later messages of a cancelled context are dropped.
 
 The connection tells the machine when a context is over (:meth:`CartesiaContexts.ended`):
-once it has sent the context's ``done`` or ``error``, or cancelled it.
+once it has sent the context's ``done`` or ``error``, or cancelled it. Contexts are
+spoken one after another, in the order they were opened (the connection's queue).
 
 HTTP: :func:`parse_http_request` reads the body of ``POST /tts/bytes`` and
 ``POST /tts/sse``; :func:`sse_event` frames the same messages as server-sent events;
@@ -442,11 +443,12 @@ class CartesiaContexts:
                 self._close(context_id, "cancelled")
             raise
 
-    def ended(self, context_id: str) -> None:
-        """The context's utterance is over (its ``done`` or ``error`` was sent, or it
-        was cancelled): its id may open a new context. Unknown ids are ignored."""
+    def ended(self, context_id: str, *, failed: bool = False) -> None:
+        """The context's utterance is over: its ``done`` was sent (its id may open a new
+        context), or its ``error`` (``failed``: later messages of it are dropped, as the
+        clients stop reading it), or it was cancelled. Unknown ids are ignored."""
         if context_id in self._open:
-            self._close(context_id, "ended")
+            self._close(context_id, "cancelled" if failed else "ended")
 
     @property
     def open_contexts(self) -> int:
