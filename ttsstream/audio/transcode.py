@@ -319,8 +319,9 @@ class Transcoder:
         self._stream: Any = None
         #: An encoder whose packets are sent as they are, without a muxer (LAME, G.711).
         self._encoder: Any = None
-        #: MP3 frames LAME made so far (each plays ``frame_size`` samples).
+        #: MP3 frames LAME made so far, and the samples each plays whatever it holds.
         self._packets = 0
+        self._packet_samples = 0
         self._sample_bytes = target.bytes_per_sample or 0
         sample_format = "flt" if target.sample == "f32le" else "s16"
         if target.container is not None:
@@ -348,6 +349,8 @@ class Transcoder:
             encoder.open()
             self._encoder = encoder
             sample_format = encoder.format.name
+            if target.sample is None:
+                self._packet_samples = int(encoder.frame_size)
         self._sample_format = sample_format
         #: From the decoded MP3 (24 kHz planar floats) to the target's rate and sample.
         self._resampler: Any = av.AudioResampler(
@@ -375,9 +378,8 @@ class Transcoder:
         """The playing time of what was made so far (the source's samples taken, and
         the priming a decoder plays before them; for LAME, the frames made, each
         playing as many samples whatever it holds)."""
-        if self._encoder is not None and self._priming:
-            frame_size: int = self._encoder.frame_size
-            return self._packets * frame_size * 1000 / self._rate
+        if self._packet_samples:
+            return self._packets * self._packet_samples * 1000 / self._rate
         return (self.samples + self._priming) * 1000 / self._rate
 
     def feed_mp3(self, data: bytes | memoryview) -> bytes:
