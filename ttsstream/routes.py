@@ -25,6 +25,7 @@ from ttsstream.http.speech import SpeechApi
 from ttsstream.http.streams import HttpStreams
 from ttsstream.services import Services
 from ttsstream.ws.connection import Connection
+from ttsstream.ws.elevenlabs import ElevenLabsMultiStream, ElevenLabsStream
 from ttsstream.ws.session import Session
 
 __all__ = ["HTTP_DOORS", "WEBSOCKET_ROUTES", "HttpDoorFamily", "WebSocketRoute", "websocket_route"]
@@ -77,7 +78,17 @@ class HttpDoorFamily(Protocol):
         """Its streams, for a drain and the stats."""
 
 
-WEBSOCKET_ROUTES: tuple[WebSocketRoute, ...] = (WebSocketRoute("/v1/stream", Session),)
+WEBSOCKET_ROUTES: tuple[WebSocketRoute, ...] = (
+    WebSocketRoute("/v1/stream", Session),
+    WebSocketRoute(
+        "/v1/text-to-speech/{voice_id}/stream-input", ElevenLabsStream, key_in_first_message=True
+    ),
+    WebSocketRoute(
+        "/v1/text-to-speech/{voice_id}/multi-stream-input",
+        ElevenLabsMultiStream,
+        key_in_first_message=True,
+    ),
+)
 
 HTTP_DOORS: tuple[type[HttpDoorFamily], ...] = (SpeechApi,)
 

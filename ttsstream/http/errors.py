@@ -1,12 +1,14 @@
-"""The one place where errors become HTTP responses: status, and the two body shapes.
+"""The one place where errors become HTTP responses: status, and the body shapes.
 
 ``/tts`` (and every path that is not OpenAI's) answers with the protocol's shape
 ``{"error": code, "message": …}``; OpenAI's paths (:func:`shape_of`: ``/v1/…``
 but the WebSocket's ``/v1/stream``, and the same routes without ``/v1``) with
 OpenAI's ``{"error": {"message", "type", "param", "code"}}``, so that its SDKs
 raise the right exception: the endpoints' own errors, refusals, and aiohttp's
-404, 405 and 413 or a later request head's 431 (:func:`in_shape_of`). The
-``code`` is always the protocol's stable code.
+404, 405 and 413 or a later request head's 431 (:func:`in_shape_of`).
+ElevenLabs' paths answer ``{"detail": {"status", "message"}}`` and Cartesia's
+``{"error", "message", "status_code"}``. The ``code`` is always the protocol's
+stable code.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from ttsstream.exceptions import ClientError, HandshakeRefused, RateLimited, err
 __all__ = ["Shape", "error_body", "in_shape_of", "openai_body", "shape_of", "status_of"]
 
 #: Which body shape an endpoint answers errors with.
-Shape = Literal["tts", "openai"]
+Shape = Literal["tts", "openai", "elevenlabs", "cartesia"]
 
 _STATUS = {
     "bad_json": 400,
@@ -31,11 +33,13 @@ _STATUS = {
     "invalid_voice": 400,
     "invalid_parameter": 400,
     "unsupported_format": 400,
+    "not_found": 404,
     "body_timeout": 408,
     "body_too_large": 413,
     "unsupported_media_type": 415,
     "unauthorized": 401,
     "rate_limited": 429,
+    "queue_full": 429,
     "shutting_down": 503,
     "upstream_unavailable": 503,
     "no_audio": 502,
@@ -62,12 +66,21 @@ _STREAM_PATH = "/v1/stream"
 #: OpenAI's routes are served under ``/v1`` and without it (clients are configured with
 #: either base URL): the folders of OpenAI's paths.
 _OPENAI_ROOTS = ("/v1", "/audio", "/models")
+#: ElevenLabs' paths (its API is served under the same ``/v1`` as OpenAI's).
+_ELEVENLABS_ROOTS = ("/v1/text-to-speech/", "/v1/voices")
+#: Cartesia's paths.
+_CARTESIA_ROOTS = ("/tts/bytes", "/tts/sse", "/tts/websocket", "/voices")
 
 
 def shape_of(path: str) -> Shape:
-    """The error shape of a request for ``path``: OpenAI's for OpenAI's paths."""
+    """The error shape of a request for ``path``: OpenAI's for OpenAI's paths, ElevenLabs'
+    and Cartesia's for theirs."""
     if path == _STREAM_PATH:
         return "tts"
+    if path.startswith(_ELEVENLABS_ROOTS):
+        return "elevenlabs"
+    if path.startswith(_CARTESIA_ROOTS):
+        return "cartesia"
     if path in _OPENAI_ROOTS or path.startswith(tuple(root + "/" for root in _OPENAI_ROOTS)):
         return "openai"
     return "tts"
@@ -77,9 +90,10 @@ def in_shape_of(path: str, response: web.StreamResponse) -> web.StreamResponse:
     """``response``, its error body in ``path``'s shape: an answer made without knowing
     the path (aiohttp's 404, 405, 413; a later head's 431) is made in the protocol's
     shape, which an OpenAI path turns into OpenAI's."""
+    shape = shape_of(path)
     if (
         response.status < 400
-        or shape_of(path) != "openai"
+        or shape == "tts"
         or not isinstance(response, web.Response)
         or not isinstance(response.body, bytes)
     ):
@@ -89,7 +103,11 @@ def in_shape_of(path: str, response: web.StreamResponse) -> web.StreamResponse:
     except orjson.JSONDecodeError:
         return response
     if isinstance(body, dict) and isinstance(body.get("error"), str):
-        response.body = openai_body(response.status, body["error"], str(body.get("message")))
+        code, message = body["error"], str(body.get("message"))
+        if shape == "openai":
+            response.body = openai_body(response.status, code, message)
+        else:
+            response.body = _shaped(shape, response.status, code, message)
     return response
 
 
@@ -113,6 +131,8 @@ def error_body(exc: BaseException, shape: Shape) -> bytes:
         if isinstance(exc, RateLimited):
             body["retry_after"] = exc.retry_after
         return orjson.dumps(body)
+    if shape in ("elevenlabs", "cartesia"):
+        return _shaped(shape, status_of(exc), code, message)
     return openai_body(
         status_of(exc), code, message, param=exc.param if isinstance(exc, ClientError) else None
     )
@@ -131,3 +151,11 @@ def openai_body(status: int, code: str, message: str, *, param: str | None = Non
             }
         }
     )
+
+
+def _shaped(shape: Shape, status: int, code: str, message: str) -> bytes:
+    """ElevenLabs' ``{"detail": {"status", "message"}}`` (what its SDK raises with), or
+    Cartesia's ``{"error", "message", "status_code"}``; ``code`` is the protocol's."""
+    if shape == "elevenlabs":
+        return orjson.dumps({"detail": {"status": code, "message": message}})
+    return orjson.dumps({"error": code, "message": message, "status_code": status})

@@ -1,0 +1,155 @@
+"""ElevenLabs' stream-input WebSockets: ``/v1/text-to-speech/{voice_id}/stream-input``
+(one context) and ``/multi-stream-input`` (several), for clients written for
+ElevenLabs (its SDK, Pipecat, LiveKit) pointed at this server.
+
+The protocol's rules are :class:`~ttsstream.protocols.elevenlabs.StreamInput`'s;
+this is the connection that carries them out: each context is a streaming
+utterance, its audio goes out as base64 in JSON with the characters it covers
+(words arrive batched, just before the audio they describe), and ``isFinal``
+ends it. The key may come in the first message (``xi_api_key``) when the
+handshake had none; the connection idles out after the query's
+``inactivity_timeout`` (20 s by default, as ElevenLabs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+from urllib.parse import parse_qsl, urlsplit
+
+from ttsstream.core.router import Started
+from ttsstream.core.utterance import Summary, cut_short
+from ttsstream.engines.base import Voice, WordEvent
+from ttsstream.exceptions import ClientError
+from ttsstream.protocols.actions import Action
+from ttsstream.protocols.elevenlabs import StreamInput, encode_voices
+from ttsstream.ws.connection import Connection, Utterance
+
+__all__ = ["ElevenLabsMultiStream", "ElevenLabsStream"]
+
+
+class ElevenLabsStream(Connection):
+    """One ``stream-input`` connection (a single context)."""
+
+    label = "elevenlabs"
+    #: ``multi-stream-input``: several contexts.
+    multi: ClassVar[bool] = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: Why the handshake's voice or query is refused (told, then the socket closes).
+        self._refused: ClientError | None = None
+        query: Mapping[str, str] = dict(parse_qsl(urlsplit(self.path).query))
+        try:
+            self._protocol = StreamInput(
+                voice_id=self.params.get("voice_id", ""),
+                query=query,
+                multi=self.multi,
+                max_text_length=self._config.max_text_length,
+            )
+        except ClientError as exc:
+            self._refused = exc
+            self._protocol = StreamInput(voice_id="", query={}, multi=self.multi, max_text_length=1)
+
+    async def run(self) -> None:
+        if self._refused is not None:
+            # ElevenLabs closes a stream it cannot serve with 1008 and the reason.
+            self._stats.errors += 1
+            await self.send(self._protocol.encode_error(self._refused))
+            await self.close(1008, self._refused.message[:120])
+            return
+        await super().run()
+
+    @property
+    def idle_timeout(self) -> float:
+        return self._protocol.options.inactivity_timeout
+
+    def parse(self, frame: str | bytes) -> Sequence[Action]:
+        return self._protocol.receive(frame)
+
+    def first_message_key(self) -> str | None:
+        return self._protocol.api_key
+
+    def words_mode(self, utterance: Utterance) -> str:
+        return "batch"
+
+    def sink(self, utterance: Utterance) -> _Messages:
+        return _Messages(self, utterance)
+
+    def encode_refusal(self, exc: ClientError) -> bytes:
+        return self._protocol.encode_error(exc)
+
+    def encode_cut(self, utterance_id: str) -> bytes:
+        return self._protocol.encode_error(cut_short_for(utterance_id))
+
+    def encode_voices(self, voices: Sequence[Voice], locale: str | None) -> bytes:
+        return encode_voices(voices)
+
+    @property
+    def protocol(self) -> StreamInput:
+        return self._protocol
+
+
+class ElevenLabsMultiStream(ElevenLabsStream):
+    """One ``multi-stream-input`` connection (contexts named by ``context_id``)."""
+
+    multi = True
+
+
+def cut_short_for(utterance_id: str) -> ClientError:
+    """The shutdown error of one context."""
+    cut = cut_short()
+    cut.utterance_id = utterance_id
+    return cut
+
+
+class _Messages:
+    """One context's events as ElevenLabs' messages (a :class:`Sink`)."""
+
+    def __init__(self, connection: ElevenLabsStream, utterance: Utterance) -> None:
+        self._connection = connection
+        self._protocol = connection.protocol
+        self._utterance = utterance
+        self._id = utterance.id
+        #: Bytes per millisecond of the context's format.
+        self._bytes_per_ms = 6.0
+
+    @property
+    def cut(self) -> bool:
+        return self._utterance.cut
+
+    @property
+    def gone(self) -> bool:
+        return self._connection.closed
+
+    async def start(self, started: Started) -> None:
+        self._bytes_per_ms = max(started.audio_format.bitrate_bps, 1) / 8000
+        if started.cached:
+            self._connection.cork(True)
+
+    async def audio(self, data: bytes | memoryview) -> None:
+        frame = self._protocol.encode_audio(
+            self._id, bytes(data), audio_ms=len(data) / self._bytes_per_ms
+        )
+        await self._connection.send_for(frame)
+
+    async def word(self, word: WordEvent) -> None:
+        self._protocol.words(self._id, (word,))
+
+    async def words(self, words: Sequence[WordEvent]) -> None:
+        self._protocol.words(self._id, words)
+
+    async def end(self, summary: Summary) -> None:
+        self._utterance.finishing = True
+        for frame in self._protocol.encode_final(self._id):
+            await self._connection.send_for(frame)
+
+    async def fail(self, exc: BaseException, *, partial: bool) -> None:
+        self._utterance.finishing = True
+        if isinstance(exc, ClientError):
+            exc.utterance_id = self._id
+        await self._connection.send_for(self._protocol.encode_error(exc))
+        self._protocol.encode_final(self._id)  # the context is over: forget it
+
+    def finished(self) -> None:
+        self._connection.cork(False)
