@@ -392,9 +392,10 @@ async def test_every_rate_over_the_websocket_plays_as_long_with_words_where_hear
     assert transcode.open_transcoders == 0
 
 
-async def test_g711_and_wav_on_http_get(server: Server, fake: FakeEdge) -> None:
-    """``GET /tts?format=ulaw_8000`` (and ``alaw_8000``, ``wav_16000``, ``pcm_16000``)
-    answers with the format's own MIME type and audio as long as the MP3's."""
+async def test_rates_on_http(server: Server, fake: FakeEdge) -> None:
+    """``GET /tts?format=ulaw_8000`` (and ``alaw_8000``, ``wav_16000``, ``pcm_16000``,
+    ``mp3_44100_64``) and OpenAI's ``response_format`` answer with the format's own
+    MIME type and audio as long as the MP3's."""
     fake.tone = True
     url = http_of(server) + "/tts"
     async with aiohttp.ClientSession() as session:
@@ -410,6 +411,11 @@ async def test_g711_and_wav_on_http_get(server: Server, fake: FakeEdge) -> None:
             assert rate == target.sample_rate and rms(samples) > 1000, name
             heard_ms = len(samples) * 1000 / rate
             assert abs(heard_ms - target.priming_ms - mp3_ms) < DURATION_SLACK_MS, name
+        speech = {"model": "tts-1", "voice": "alloy", "input": TEXT, "response_format": "pcm_16000"}
+        async with session.post(http_of(server) + "/v1/audio/speech", json=speech) as response:
+            assert response.headers["Content-Type"] == named("pcm_16000").mime_type
+            samples = array.array("h", await response.read())
+        assert abs(len(samples) - len(mp3_samples) * 16000 / SAMPLE_RATE) <= 1
 
 
 async def test_an_unknown_rate_is_refused_on_both_doors(server: Server) -> None:
