@@ -21,6 +21,7 @@ from urllib.parse import unquote, urlsplit
 
 from aiohttp import web
 
+from ttsstream.http.elevenlabs import ElevenLabsApi
 from ttsstream.http.speech import SpeechApi
 from ttsstream.http.streams import HttpStreams
 from ttsstream.services import Services
@@ -90,7 +91,7 @@ WEBSOCKET_ROUTES: tuple[WebSocketRoute, ...] = (
     ),
 )
 
-HTTP_DOORS: tuple[type[HttpDoorFamily], ...] = (SpeechApi,)
+HTTP_DOORS: tuple[type[HttpDoorFamily], ...] = (SpeechApi, ElevenLabsApi)
 
 
 def websocket_route(path: str) -> tuple[WebSocketRoute, Mapping[str, str]] | None:

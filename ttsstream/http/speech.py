@@ -216,13 +216,7 @@ class _Body(StreamBody):
     server-sent events."""
 
     def __init__(self, asked: Asked, args: BodyArgs) -> None:
-        super().__init__(
-            args.request,
-            shape=args.shape,
-            request_id=args.request_id,
-            cors=args.cors,
-            send_timeout=args.send_timeout,
-        )
+        super().__init__(asked, args)
         self._text_length = len(asked.synthesis.text)
         self._sse = asked.sse
         self._timestamps = asked.timestamps

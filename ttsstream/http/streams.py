@@ -45,7 +45,9 @@ __all__ = [
     "BODY_TIMEOUT",
     "MAX_BODY_BYTES",
     "Asked",
+    "BodyArgs",
     "HttpStreams",
+    "Reader",
     "StreamBody",
     "json_body",
 ]
@@ -80,6 +82,8 @@ class Asked(NamedTuple):
     audio_format: Format
     sse: bool = False
     timestamps: bool = False
+    #: The text as the client sent it (what character timings index), when a body needs it.
+    text: str = ""
 
 
 #: Reads a request into what it asks for.
@@ -91,27 +95,16 @@ class StreamBody:
     whose subclasses say what the audio, words and end are written as.
 
     Args:
-        request: The request answered.
-        shape: The error shape of the endpoint.
-        request_id: The request's id (``X-Request-Id``).
-        cors: The CORS headers for the request's origin.
-        send_timeout: Seconds a write may wait for the client to read.
+        asked: What the request asks for.
+        args: Its request, error shape, id, CORS headers and SEND_TIMEOUT.
     """
 
-    def __init__(
-        self,
-        request: web.Request,
-        *,
-        shape: Shape,
-        request_id: str,
-        cors: dict[str, str],
-        send_timeout: float,
-    ) -> None:
-        self._request = request
-        self._shape = shape
-        self._request_id = request_id
-        self._cors = cors
-        self._send_timeout = send_timeout
+    def __init__(self, asked: Asked, args: BodyArgs) -> None:
+        self._request = args.request
+        self._shape = args.shape
+        self._request_id = args.request_id
+        self._cors = args.cors
+        self._send_timeout = args.send_timeout
         self._started: Started | None = None
         self._stream: web.StreamResponse | None = None
         #: What the handler returns: the stream once begun, else an answer given in full.
