@@ -301,3 +301,23 @@ async def test_a_drain_cuts_what_is_left_on_every_door(
     assert not outcome.spoke
     assert outcome.code in ("shutting_down", "truncated") or outcome.status == 503, outcome
     fake.resume.set()
+
+
+async def test_voice_map_names_a_voice_on_every_door(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """A VOICE_MAP name (an ElevenLabs voice id hard-coded in an app, in any case) is
+    spoken by the voice it maps to through ttsstream's own WebSocket, ElevenLabs' path
+    and the HTTP door alike."""
+    alias = "21m00Tcm4TlvDq8ikWAM"
+    server = await start_server(voice_map=((alias.lower(), "en-US-GuyNeural"),))
+    url = _ws(server, f"/v1/text-to-speech/{alias}/stream-input")
+    messages = [{"text": " "}, {"text": TEXT + " "}, {"text": ""}]
+    assert (await _ws_speak(url, {}, messages, _read_elevenlabs)).spoke
+    speak = {"type": "speak", "id": "u", "text": TEXT + " Again.", "voice": alias}
+    assert (await _ws_speak(_ws(server, "/v1/stream"), {}, [speak], _read_v1)).spoke
+    body = {"text": TEXT + " Once more.", "voice": alias.upper()}
+    assert (await _post(server, "/tts", body, {})).spoke
+    assert [record.voice for record in fake.records] == [
+        "Microsoft Server Speech Text to Speech Voice (en-US, GuyNeural)"
+    ] * 3

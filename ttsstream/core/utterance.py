@@ -109,6 +109,9 @@ class Utterances:
     def __init__(self, config: Config, speech: SpeechCache, stats: Stats) -> None:
         self._config = config
         self._default_voice = config.default_voice
+        #: ``VOICE_MAP``: names a client may give for a voice (OpenAI's, an ElevenLabs or
+        #: Cartesia voice id hard-coded in an app), lower case, on every door.
+        self._aliases = dict(config.voice_map)
         self._default_cleanup = config.text_cleanup
         self._speech = speech
         self._stats = stats
@@ -126,7 +129,8 @@ class Utterances:
         cleanup: str | None = None,
     ) -> CleanedRequest:
         """What an utterance asks for (its fields already valid in form), with the
-        default voice when it names none; :meth:`accept` it before it runs.
+        default voice when it names none and a ``VOICE_MAP`` name mapped; :meth:`accept`
+        it before it runs.
 
         Its text is cleaned once, here (``cleanup``: one of
         :data:`~ttsstream.core.cleanup.CLEANUP_MODES`, ``None`` for ``TEXT_CLEANUP``):
@@ -134,6 +138,8 @@ class Utterances:
         """
         mode = cleanup or self._default_cleanup
         spoken, source = clean(text, mode)
+        if voice:
+            voice = self._aliases.get(voice.lower(), voice)
         return CleanedRequest(
             text=spoken,
             voice=voice or self._default_voice,
