@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +46,7 @@ class Outcome:
         return bool(self.audio) and self.status is None and self.code is None
 
 
-Speak = Callable[[Server, dict[str, str]], Awaitable[Outcome]]
+Speak = Callable[[Server, dict[str, str]], Coroutine[Any, Any, Outcome]]
 
 
 def _http(server: Server, path: str) -> str:
@@ -131,7 +131,9 @@ async def _ws_speak(
                 if done:
                     return Outcome(audio=audio)
     except InvalidStatus as refused:
-        return Outcome(status=refused.response.status_code, code=_code_of(refused.response.body))
+        return Outcome(
+            status=refused.response.status_code, code=_code_of(bytes(refused.response.body))
+        )
 
 
 def _read_v1(message: dict[str, Any] | bytes) -> tuple[bytes, bool, str | None]:
