@@ -1,8 +1,11 @@
 """Every exception ttsstream raises on purpose.
 
-Each error a client can see carries its stable wire ``code`` (``docs/protocol.md``);
-:func:`ttsstream.protocols.v1.encode_error` is the one place that turns an exception
-into the ``error`` message a client receives.
+Each error a client can see carries its stable wire ``code`` (``docs/protocol.md``),
+the same on every door. One place per door family turns an exception into what its
+clients read: each WebSocket protocol's ``encode_error``
+(:mod:`ttsstream.protocols.v1`, ``.elevenlabs``, ``.cartesia``), every HTTP door's
+status and body (:mod:`ttsstream.http.errors`), and a refused handshake's answer
+(:func:`ttsstream.core.admission.encode_refusal`).
 
 .. code-block:: text
 
