@@ -24,6 +24,7 @@ from typing import Any
 from urllib.parse import quote
 
 import aiohttp
+import orjson
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
@@ -474,3 +475,34 @@ async def _resume_when_all_wait(fake: FakeEdge, stack: Stack, count: int) -> dic
     finally:
         fake.resume.set()
     return {}
+
+
+async def test_the_voice_agent_websockets_pass_through_nginx(stack: Stack) -> None:
+    """ElevenLabs' stream-input and Cartesia's /tts/websocket are upgraded through the
+    shipped config (its API location forwards the upgrade), and speak to the end."""
+    base = stack.url.removesuffix("/v1/stream")
+    elevenlabs = base + "/v1/text-to-speech/en-US-AriaNeural/stream-input"
+    async with connect(elevenlabs, ssl=stack.tls, ping_interval=None) as ws:
+        for text in (" ", "Through nginx, as ElevenLabs. ", ""):
+            await ws.send(orjson.dumps({"text": text}).decode())
+        audio = 0
+        while not (message := orjson.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))).get(
+            "isFinal"
+        ):
+            audio += len(message.get("audio") or "")
+        assert audio > 0
+    cartesia = base + "/tts/websocket?cartesia_version=2025-04-16"
+    async with connect(cartesia, ssl=stack.tls, ping_interval=None) as ws:
+        request = {
+            "context_id": "n",
+            "model_id": "sonic-2",
+            "transcript": "Through nginx, as Cartesia.",
+            "continue": False,
+            "voice": {"mode": "id", "id": "en-US-AriaNeural"},
+            "output_format": {"container": "raw", "encoding": "pcm_s16le", "sample_rate": 16000},
+        }
+        await ws.send(orjson.dumps(request).decode())
+        kinds = []
+        while (kind := orjson.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))["type"]) != "done":
+            kinds.append(kind)
+        assert "chunk" in kinds
