@@ -21,10 +21,12 @@ from urllib.parse import unquote, urlsplit
 
 from aiohttp import web
 
+from ttsstream.http.cartesia import CartesiaApi
 from ttsstream.http.elevenlabs import ElevenLabsApi
 from ttsstream.http.speech import SpeechApi
 from ttsstream.http.streams import HttpStreams
 from ttsstream.services import Services
+from ttsstream.ws.cartesia import CartesiaSocket
 from ttsstream.ws.connection import Connection
 from ttsstream.ws.elevenlabs import ElevenLabsMultiStream, ElevenLabsStream
 from ttsstream.ws.session import Session
@@ -89,9 +91,10 @@ WEBSOCKET_ROUTES: tuple[WebSocketRoute, ...] = (
         ElevenLabsMultiStream,
         key_in_first_message=True,
     ),
+    WebSocketRoute("/tts/websocket", CartesiaSocket),
 )
 
-HTTP_DOORS: tuple[type[HttpDoorFamily], ...] = (SpeechApi, ElevenLabsApi)
+HTTP_DOORS: tuple[type[HttpDoorFamily], ...] = (SpeechApi, ElevenLabsApi, CartesiaApi)
 
 
 def websocket_route(path: str) -> tuple[WebSocketRoute, Mapping[str, str]] | None:
