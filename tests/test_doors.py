@@ -23,6 +23,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.conftest import TIMEOUT, ServerFactory, eventually
 from tests.fake_edge import FakeEdge
+from tests.redis_server import RedisServer
 from ttsstream.routes import HTTP_DOORS, WEBSOCKET_ROUTES
 from ttsstream.server import Server
 
@@ -230,6 +231,9 @@ LABELS = {
     "cartesia-http": "cartesia",
 }
 
+#: Requests one speak counts toward the rate limit: a WebSocket's handshake, then its speak.
+HITS = {door: 2 if door in ("v1", "elevenlabs-ws", "cartesia-ws") else 1 for door in DOORS}
+
 doors = pytest.mark.parametrize("door", list(DOORS))
 
 
@@ -323,3 +327,33 @@ async def test_voice_map_names_a_voice_on_every_door(
     assert [record.voice for record in fake.records] == [
         "Microsoft Server Speech Text to Speech Voice (en-US, GuyNeural)"
     ] * 3
+
+
+@doors
+async def test_the_connection_cap_holds_on_every_door(
+    door: str, start_server: ServerFactory
+) -> None:
+    """With MAX_CONNECTIONS_PER_IP=1, a client holding a connection is refused 429
+    too_many_connections on every door, and speaks once it has let it go."""
+    server = await start_server(max_connections_per_ip=1)
+    async with websockets.connect(_ws(server, "/v1/stream")) as held:
+        await held.recv()  # hello: the connection is admitted and counted
+        refused = await DOORS[door](server, {})
+        assert refused.status == 429 and refused.code == "too_many_connections", refused
+    await eventually(lambda: server.stats.snapshot()["connections"] == 0)
+    assert (await DOORS[door](server, {})).spoke
+
+
+@doors
+async def test_the_cluster_rate_limit_holds_on_every_door(
+    door: str, start_server: ServerFactory, redis: RedisServer
+) -> None:
+    """Two instances on one Redis share one rate window on every door: requests spread
+    over both, each instance within the limit alone, are refused once the cluster's
+    count passes it."""
+    servers = [await start_server(redis_url=redis.url, rate_limit_requests=3) for _ in range(2)]
+    # 4 requests in all (a WebSocket's handshake and its speak are two): 2 on each.
+    turns = 4 // HITS[door]
+    outcomes = [await DOORS[door](servers[turn % 2], {}) for turn in range(turns)]
+    assert all(outcome.spoke for outcome in outcomes[:-1])
+    assert outcomes[-1].status == 429 or outcomes[-1].code == "rate_limited", outcomes[-1]
