@@ -258,6 +258,7 @@ async def test_cancel_stops_a_context_and_the_socket_goes_on(
         await client.send(context_id="cut", cancel=True)
         await asyncio.wait_for(fake.records[0].closed.wait(), TIMEOUT)
         assert not fake.records[0].completed
+        assert server.services.stats.outcomes_by_interface["cartesia", "cancelled"] == 1
         fake.pause_after_chunks = None
         await client.send(context_id="cut", transcript="Dropped: it is cancelled.")
         await client.speaks_fine()
@@ -269,6 +270,7 @@ async def test_cancel_stops_a_context_and_the_socket_goes_on(
         # A cancel of a context that is over is answered with nothing either.
         await client.send(context_id="check", cancel=True)
         await client.speaks_fine("check-2")
+        assert [m for m in client.seen if m["context_id"] == "check"][-1]["type"] == "done"
     assert not any("Dropped" in record.text for record in fake.records)
 
 
@@ -317,6 +319,7 @@ async def test_a_refused_message_of_a_context_being_spoken_stops_it(
         messages = await client.until_end("ctx")
         assert messages[-1]["type"] == "error" and messages[-1]["error_code"] == "bad_message"
         await asyncio.wait_for(fake.records[0].closed.wait(), TIMEOUT)
+        assert server.services.stats.outcomes_by_interface["cartesia", "cancelled"] == 1
         fake.pause_after_chunks = None
         fake.resume.set()
         await client.send(context_id="ctx", transcript="More text.", **{"continue": False})
