@@ -195,7 +195,10 @@ def _event_loop(config: Config) -> Callable[[Coroutine[Any, Any, None]], None]:
 def _format_name(value: str) -> str:
     """``--format``'s value, if it names a format (``pcm_16000`` as much as ``opus``)."""
     if format_named(value) is None:
-        raise argparse.ArgumentTypeError(f"{value!r} is none of {FORMAT_CHOICES}")
+        # argparse's own words for a value outside its choices.
+        raise argparse.ArgumentTypeError(
+            f"invalid choice: {value!r} (choose from {FORMAT_CHOICES})"
+        )
     return value
 
 
