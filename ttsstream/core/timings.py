@@ -141,10 +141,15 @@ class CharacterTrack:
             characters (ElevenLabs documents alignment times "relative to the
             returned chunk"; Pipecat adds them to a running sum of each message's
             last end); else from the start of the context (LiveKit reads them so).
+        whole: The text is all there from the start (an HTTP request): the spaces and
+            punctuation after its last word wait for the final take, so that the last
+            character ends where the audio does, trailing silence included (Pipecat's
+            HTTP service moves its clock by the last character's end).
     """
 
-    def __init__(self, *, per_message: bool = True) -> None:
+    def __init__(self, *, per_message: bool = True, whole: bool = False) -> None:
         self._per_message = per_message
+        self._whole = whole
         self._text: list[str] = []
         self._length = 0
         self._spans: list[_Span] = []
@@ -227,7 +232,7 @@ class CharacterTrack:
                 run = position
                 while run < gap_end and not text[run].isalnum():
                     run += 1
-                if run == position or clock >= end:
+                if run == position or clock >= end or (self._whole and run == len(text)):
                     break
                 gap_times = _share(run - position, clock, end)
                 gap_end = run

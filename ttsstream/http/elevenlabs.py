@@ -7,7 +7,9 @@ ElevenLabs (its SDK, Pipecat's ``ElevenLabsHttpTTSService``, LiveKit's plugin).
   every character (seconds), once the audio is whole.
 - ``/stream/with-timestamps``: one JSON object per line as the audio comes, each with
   the characters its audio covers (seconds from the response's start).
-- ``GET /v1/voices``: every voice, ``voice_id`` being the name the path takes.
+- ``GET /v1/voices``: every voice, ``voice_id`` being the name the path takes;
+  ``GET /v2/voices`` (the SDK's ``voices.search()``): the same in one page, ``search``
+  filtering.
 
 The request's rules are :mod:`ttsstream.protocols.elevenlabs`'; admission, the
 utterance and the drain are :class:`~ttsstream.http.streams.HttpStreams`'; errors
@@ -28,6 +30,7 @@ from ttsstream.exceptions import ClientError
 from ttsstream.http.streams import Asked, BodyArgs, HttpStreams, Reader, StreamBody, json_body
 from ttsstream.protocols.elevenlabs import (
     encode_voices,
+    encode_voices_page,
     encode_with_timestamps,
     parse_speech_body,
 )
@@ -38,6 +41,7 @@ __all__ = ["ElevenLabsApi"]
 #: Where the API is served.
 _TTS_PATH = "/v1/text-to-speech/{voice_id}"
 _VOICES_PATH = "/v1/voices"
+_VOICES_V2_PATH = "/v2/voices"
 
 
 class ElevenLabsApi:
@@ -61,8 +65,9 @@ class ElevenLabsApi:
         for path in (_TTS_PATH, _TTS_PATH + "/stream"):
             for tail in ("", "/with-timestamps"):
                 app.router.add_route("OPTIONS", path + tail, self.streams.preflight)
-        app.router.add_get(_VOICES_PATH, self.voices)
-        app.router.add_route("OPTIONS", _VOICES_PATH, self.streams.preflight)
+        for path in (_VOICES_PATH, _VOICES_V2_PATH):
+            app.router.add_get(path, self.voices)
+            app.router.add_route("OPTIONS", path, self.streams.preflight)
 
     @property
     def doors(self) -> list[HttpStreams]:
@@ -85,7 +90,8 @@ class ElevenLabsApi:
         )
 
     async def voices(self, request: web.Request) -> web.StreamResponse:
-        """``GET /v1/voices``: ElevenLabs' shape, every voice this server has."""
+        """``GET /v1/voices`` and ``/v2/voices``: ElevenLabs' shapes, every voice this
+        server has."""
         refused = await self.streams.admit_list(request, "elevenlabs")
         if refused is not None:
             return refused
@@ -93,8 +99,13 @@ class ElevenLabsApi:
             voices = await self._services.speech.voices()
         except ClientError as exc:
             return self.streams.error(request, exc, "elevenlabs")
+        body = (
+            encode_voices_page(voices, request.query)
+            if request.path == _VOICES_V2_PATH
+            else encode_voices(voices)
+        )
         return web.Response(
-            body=encode_voices(voices),
+            body=body,
             content_type="application/json",
             headers=self.streams.cors(request),
         )
@@ -125,7 +136,7 @@ class _Timed(StreamBody):
 
     def __init__(self, asked: Asked, args: BodyArgs) -> None:
         super().__init__(asked, args)
-        self._track = CharacterTrack(per_message=False)
+        self._track = CharacterTrack(per_message=False, whole=True)
         self._track.add_text(asked.text or asked.synthesis.text)
         self._audio_ms = 0.0
         self._bytes_per_ms = 6.0

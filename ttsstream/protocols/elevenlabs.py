@@ -12,7 +12,10 @@ and the context's id):
 - A context's first message opens it: ``{"text": " ", "voice_settings": {…},
   "generation_config": {…}, "xi_api_key": …}``. Its text is the protocol's opener
   when blank, else the utterance's first text.
-- ``{"text": "Hello "}`` appends (verbatim); ``"flush": true`` then flushes.
+- ``{"text": "Hello "}`` appends (verbatim); ``"flush": true`` then flushes. With
+  ``auto_mode=true`` each text is a whole sentence or phrase: one that would touch
+  the text before it (``"Sure!"`` then ``"The museum…"``, as Pipecat sends them) is
+  set apart by a space, in the speech and in the alignment, as ElevenLabs does.
 - ``{"text": ""}`` ends the single context (then the socket closes, as ElevenLabs
   does); on multi it only keeps the context alive. ``try_trigger_generation`` is
   ignored: the SDK sets it on every word, and the segmenter decides.
@@ -20,7 +23,8 @@ and the context's id):
   spoken, then ``{"isFinal": true, "contextId": …}``. Opening a context cancels the
   contexts the client closed that still speak: the client has moved on (a barge-in,
   as Pipecat and LiveKit close a context and open the next), and contexts are
-  spoken one after another here.
+  spoken one after another here. A context cancelled so ends with ``isFinal`` too
+  (Pipecat and LiveKit free a context when it comes).
 - ``{"close_socket": true}`` finishes every context, then closes.
 
 Audio goes out as ``{"audio": base64, "isFinal": null, "normalizedAlignment": …,
@@ -31,7 +35,8 @@ context's start, as LiveKit's plugin (which always asks it) reads them.
 
 **HTTP.** :func:`parse_speech_body` reads ``POST /v1/text-to-speech/{voice_id}``
 (``/stream``, ``/with-timestamps``), :func:`encode_with_timestamps` answers the
-latter, :func:`encode_voices` is ``GET /v1/voices``, :func:`encode_http_error`
+latter, :func:`encode_voices` is ``GET /v1/voices`` and :func:`encode_voices_page`
+``GET /v2/voices``, :func:`encode_http_error`
 ElevenLabs' ``{"detail": {…}}``.
 """
 
@@ -81,6 +86,7 @@ __all__ = [
     "StreamQuery",
     "encode_http_error",
     "encode_voices",
+    "encode_voices_page",
     "encode_with_timestamps",
     "parse_query",
     "parse_speech_body",
@@ -229,6 +235,24 @@ class _Context:
     closed: bool = False
     #: Playing time of the audio sent so far, ms (where the next chunk starts).
     audio_ms: float = 0.0
+    #: The text so far is empty or ends in whitespace (a phrase may follow as it is).
+    at_word_break: bool = True
+
+    def add_text(self, text: str, *, phrases: bool) -> str:
+        """Take the next text; returns it as it joins the text so far.
+
+        Args:
+            phrases: Each message is a whole sentence or phrase (``auto_mode``): one that
+                meets the text before it with no whitespace on either side is set apart
+                by a space, as ElevenLabs speaks and aligns it (Pipecat sends sentences
+                without their separating space). Else text is appended verbatim (tokens).
+        """
+        if phrases and not self.at_word_break and text and not text[0].isspace():
+            text = " " + text
+        if text:
+            self.at_word_break = text[-1].isspace()
+            self.track.add_text(text)
+        return text
 
 
 @dataclass(slots=True)
@@ -345,7 +369,7 @@ class StreamInput:
             self._ended = True
             return [Finish(context_id), CloseSocket(1000, "end of stream")]
         if text:
-            context.track.add_text(text)
+            text = context.add_text(text, phrases=self.options.auto_mode)
             actions.append(Append(context_id, text))
         if flush:
             actions.append(Flush(context_id))
@@ -366,7 +390,7 @@ class StreamInput:
         for stale_id in stale:
             del self._contexts[stale_id]
         context = _Context(context_id, CharacterTrack(per_message=not self.options.sync_alignment))
-        context.track.add_text(first_text)
+        context.add_text(first_text, phrases=False)
         self._contexts[context_id] = context
         actions.append(
             Speak(
@@ -440,6 +464,15 @@ class StreamInput:
             final["contextId"] = context_id
         frames.append(orjson.dumps(final))
         return frames
+
+    def encode_cancelled(self, context_id: str) -> bytes:
+        """The frame that ends a context cut short (a barge-in): ``isFinal``, without the
+        characters never spoken. The context is forgotten."""
+        self._contexts.pop(context_id, None)
+        final: dict[str, Any] = {"isFinal": True}
+        if self.multi:
+            final["contextId"] = context_id
+        return orjson.dumps(final)
 
     def encode_error(self, exc: BaseException) -> bytes:
         """Encode an error as ElevenLabs' clients read it: ``message`` (the SDK) and ``error``
@@ -524,28 +557,45 @@ def encode_with_timestamps(audio: bytes, times: CharacterTimes | None) -> bytes:
 
 def encode_voices(voices: Iterable[Voice]) -> bytes:
     """``GET /v1/voices``: each voice's ``voice_id`` is its name here (what the path takes)."""
+    return orjson.dumps({"voices": [_voice(voice) for voice in voices]})
+
+
+def encode_voices_page(voices: Iterable[Voice], query: Mapping[str, str]) -> bytes:
+    """``GET /v2/voices`` (the SDK's ``voices.search()``): every voice in one page.
+
+    ``search`` keeps the voices whose name, locale or gender contains it (any case);
+    paging (``page_size``, ``next_page_token``) and the other filters are ignored, so
+    ``has_more`` is always false.
+    """
+    term = (query.get("search") or "").strip().lower()
+    found = [
+        _voice(voice)
+        for voice in voices
+        if not term
+        or any(term in part.lower() for part in (voice.name, voice.locale, voice.gender))
+    ]
     return orjson.dumps(
-        {
-            "voices": [
-                {
-                    "voice_id": voice.name,
-                    "name": voice.name,
-                    "category": "premade",
-                    "labels": {
-                        "gender": voice.gender.lower(),
-                        "accent": voice.locale,
-                        "language": voice.locale.split("-")[0].lower(),
-                        "locale": voice.locale,
-                        "engine": voice.engine,
-                    },
-                    "description": None,
-                    "preview_url": None,
-                    "settings": None,
-                }
-                for voice in voices
-            ]
-        }
+        {"voices": found, "has_more": False, "total_count": len(found), "next_page_token": None}
     )
+
+
+def _voice(voice: Voice) -> dict[str, Any]:
+    """One voice as ElevenLabs lists it."""
+    return {
+        "voice_id": voice.name,
+        "name": voice.name,
+        "category": "premade",
+        "labels": {
+            "gender": voice.gender.lower(),
+            "accent": voice.locale,
+            "language": voice.locale.split("-")[0].lower(),
+            "locale": voice.locale,
+            "engine": voice.engine,
+        },
+        "description": None,
+        "preview_url": None,
+        "settings": None,
+    }
 
 
 def encode_http_error(exc: BaseException) -> bytes:

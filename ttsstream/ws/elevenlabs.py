@@ -79,6 +79,9 @@ class ElevenLabsStream(Connection):
     def encode_refusal(self, exc: ClientError) -> bytes:
         return self._protocol.encode_error(exc)
 
+    def encode_cancelled(self, utterance_id: str) -> bytes:
+        return self._protocol.encode_cancelled(utterance_id)
+
     def encode_cut(self, utterance_id: str) -> bytes:
         return self._protocol.encode_error(cut_short_for(utterance_id))
 
