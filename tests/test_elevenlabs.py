@@ -709,3 +709,33 @@ async def test_an_unknown_output_format_is_refused_on_the_websocket(server: Serv
     body = raised.value.body  # the error message, or the close's reason: it came first
     message = body["message"] if isinstance(body, dict) else body
     assert message == "Invalid output format: mp3_12345_6"
+
+
+async def test_voice_map_gives_a_hard_coded_id_an_edge_voice(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """LiveKit's default voice id (an ElevenLabs id, kept when no voice is set) mapped by
+    VOICE_MAP speaks with the Edge voice it names, over the WebSocket and over HTTP."""
+    default_id = livekit_elevenlabs.tts.DEFAULT_VOICE_ID
+    # As VOICE_MAP="hpp4J3VqNfWAUOO0d1Us=en-US-GuyNeural" is read: names in lower case.
+    server = await start_server(
+        api_keys=(KEY,), voice_map=((default_id.lower(), "en-US-GuyNeural"),)
+    )
+    async with aiohttp.ClientSession() as session:
+        tts = livekit_elevenlabs.TTS(
+            api_key=KEY, base_url=http_base(server) + "/v1", http_session=session
+        )
+        try:
+            async with tts.synthesize(TEXT) as chunked:
+                assert [event async for event in chunked]
+            stream = tts.stream()
+            try:
+                stream.push_text(TEXT)
+                stream.end_input()
+                assert [event async for event in stream]
+            finally:
+                await stream.aclose()
+        finally:
+            await tts.aclose()
+    assert len(fake.records) >= 2
+    assert all(record.voice.endswith("GuyNeural)") for record in fake.records)
