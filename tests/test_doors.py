@@ -329,6 +329,36 @@ async def test_voice_map_names_a_voice_on_every_door(
     ] * 3
 
 
+async def test_voice_map_maps_a_cartesia_voice_id(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """A Cartesia voice id (a UUID) in VOICE_MAP is spoken by the voice it maps to on
+    Cartesia's WebSocket and HTTP; another UUID is the default voice."""
+    mapped = "a0e99841-438c-4a64-b679-ae501e7d6091"
+    server = await start_server(voice_map=((mapped, "en-US-GuyNeural"),))
+    request = {
+        "context_id": "c",
+        "model_id": "sonic-2",
+        "transcript": TEXT,
+        "continue": False,
+        "voice": {"mode": "id", "id": mapped},
+        "output_format": {"container": "raw", "encoding": "pcm_s16le", "sample_rate": 24000},
+    }
+    url = _ws(server, "/tts/websocket")
+    assert (await _ws_speak(url, CARTESIA, [request], _read_cartesia)).spoke
+    other = {
+        **request,
+        "transcript": TEXT + " Again.",
+        "voice": {"mode": "id", "id": "0" * 8 + mapped[8:]},
+    }
+    assert (await _post(server, "/tts/bytes", other, CARTESIA)).spoke
+    assert [record.voice for record in fake.records] == [
+        "Microsoft Server Speech Text to Speech Voice (en-US, GuyNeural)",
+        f"Microsoft Server Speech Text to Speech Voice ({server.config.default_voice[:5]}, "
+        f"{server.config.default_voice[6:]})",
+    ]
+
+
 @doors
 async def test_the_connection_cap_holds_on_every_door(
     door: str, start_server: ServerFactory

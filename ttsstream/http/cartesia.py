@@ -108,6 +108,7 @@ class CartesiaApi:
                 max_text_length=self._config.max_text_length,
                 make_id=lambda: "c-" + secrets.token_hex(6),
                 timestamps=sse,
+                aliases=[name for name, _ in self._config.voice_map],
             )
             asked_for.append(speak)
             synthesis = self._services.utterances.request(

@@ -44,7 +44,7 @@ from __future__ import annotations
 import base64
 import re
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -146,8 +146,8 @@ _SPEED_RANGE = (0.6, 2.0)
 #: ``generation_config.volume``, a multiplier.
 _VOLUME_RANGE = (0.5, 2.0)
 
-#: A Cartesia voice id: a UUID. It names no voice here; the default voice speaks
-#: (LiveKit and the SDK send one when the user chose none).
+#: A Cartesia voice id: a UUID. It names no voice here, unless ``VOICE_MAP`` maps it;
+#: the default voice speaks (LiveKit and the SDK send one when the user chose none).
 _CARTESIA_VOICE_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
@@ -241,9 +241,10 @@ class _Voicing:
     volume: str | None
 
 
-def _voice_id(value: object) -> str | None:
+def _voice_id(value: object, aliases: Collection[str] = ()) -> str | None:
     """Our voice name from Cartesia's ``voice`` (``{"mode": "id", "id": …}``, or the id
-    alone as the SDK 4.x allows); ``None``: the default voice."""
+    alone as the SDK 4.x allows); ``None``: the default voice. A Cartesia id (a UUID)
+    is the default voice unless ``aliases`` (``VOICE_MAP``'s names) has it."""
     if isinstance(value, dict):
         mode = value.get("mode", "id")
         if mode != "id":
@@ -254,7 +255,11 @@ def _voice_id(value: object) -> str | None:
         if value is None:
             raise _about("voice", BadMessage('"voice" needs an "id"'))
     name = voice_field(value)
-    if name is not None and _CARTESIA_VOICE_ID.fullmatch(name.lower()):
+    if (
+        name is not None
+        and _CARTESIA_VOICE_ID.fullmatch(name.lower())
+        and name.lower() not in aliases
+    ):
         return None
     return name
 
@@ -328,10 +333,10 @@ def _flag(message: Mapping[str, object], field: str) -> bool:
     return value
 
 
-def _voicing(message: Mapping[str, object]) -> _Voicing:
+def _voicing(message: Mapping[str, object], aliases: Collection[str] = ()) -> _Voicing:
     rate, volume = _prosody(message)
     return _Voicing(
-        voice=_voice_id(message.get("voice")),
+        voice=_voice_id(message.get("voice"), aliases),
         format=output_format_field(message.get("output_format")),
         words="batch" if _flag(message, "add_timestamps") else "none",
         rate=rate,
@@ -413,12 +418,15 @@ class CartesiaContexts:
 
     Args:
         max_text_length: Most characters of one message's ``transcript``.
+        aliases: ``VOICE_MAP``'s names (lower case): a Cartesia voice id among them
+            is passed on, to be mapped; another is the default voice.
     """
 
-    def __init__(self, *, max_text_length: int) -> None:
+    def __init__(self, *, max_text_length: int, aliases: Collection[str] = ()) -> None:
         if max_text_length < 1:
             raise ValueError("max_text_length must be at least 1")
         self._max_text_length = max_text_length
+        self._aliases = frozenset(aliases)
         self._open: dict[str, _Context] = {}
         self._closed: OrderedDict[str, _Closed] = OrderedDict()
 
@@ -503,7 +511,7 @@ class CartesiaContexts:
             # Nothing to say (LiveKit's turn without text): the context is done at once.
             self._close(context_id, "ended")
             return [Reply(encode_done(context_id))]
-        voicing = _voicing(message)
+        voicing = _voicing(message, self._aliases)
         delay = message.get("max_buffer_delay_ms")
         if delay is not None and (
             isinstance(delay, bool)
@@ -569,6 +577,7 @@ def parse_http_request(
     max_text_length: int,
     make_id: Callable[[], str],
     timestamps: bool = False,
+    aliases: Collection[str] = (),
 ) -> Speak:
     """What a ``POST /tts/bytes`` or ``POST /tts/sse`` body asks to speak.
 
@@ -578,6 +587,7 @@ def parse_http_request(
         make_id: Returns an utterance id for a request without ``context_id``.
         timestamps: Whether the endpoint sends word timestamps when asked
             (``/tts/sse``; ``/tts/bytes`` sends audio only).
+        aliases: ``VOICE_MAP``'s names, as :class:`CartesiaContexts` takes them.
 
     Returns:
         A whole (not streaming) :class:`~ttsstream.protocols.actions.Speak`; its
@@ -590,7 +600,7 @@ def parse_http_request(
     context_id = _context_id(message)
     try:
         text = text_field(message.get("transcript"), max_length=max_text_length, field="transcript")
-        voicing = _voicing(message)
+        voicing = _voicing(message, aliases)
         if not timestamps:
             voicing = _Voicing(voicing.voice, voicing.format, "none", voicing.rate, voicing.volume)
         return _speak(

@@ -43,7 +43,10 @@ class CartesiaSocket(Connection):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._contexts = CartesiaContexts(max_text_length=self._config.max_text_length)
+        self._contexts = CartesiaContexts(
+            max_text_length=self._config.max_text_length,
+            aliases=[name for name, _ in self._config.voice_map],
+        )
         #: Contexts ended by an error while their utterance is held: nothing more of
         #: them is sent, and their utterance is being cancelled.
         self._dropping: set[str] = set()
