@@ -15,19 +15,27 @@ Modes:
     idle    clients connect and stay idle until ``stop`` arrives on stdin
     http    clients POST /v1/audio/speech on kept-alive connections, reading the audio
             (HTTP/1.1 written and read by hand: see _HttpConnection)
+    agent   clients stream LLM-like replies, a word every 1/"tokens_per_s" s, through
+            one of the voice-agent doors ("door": v1, elevenlabs or cartesia, see
+            AGENT_DOORS; "url" is the server's ws://host:port), one context per reply
+            on a kept connection
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import random
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 
 async def _ramp(spec: dict[str, Any], rng: random.Random) -> None:
@@ -219,6 +227,279 @@ async def speak_mode(spec: dict[str, Any]) -> dict[str, Any]:
     return {"results": results, "elapsed": elapsed, "dropped": dropped}
 
 
+#: The voice every door of the agent mode asks for (the baseline's too).
+AGENT_VOICE = "en-US-AriaNeural"
+
+
+def agent_reply(number: int) -> str:
+    """An LLM-like reply of four sentences; the first three are new for each ``number``
+    (none cached), the last is a stock question (cached after its first time)."""
+    return (
+        f"Sure, your order number {number} is on its way to you now. "
+        f"The parcel for order {number} left our warehouse early this morning. "
+        f"It should reach you by Friday, and the tracking link for {number} is in your email. "
+        "Is there anything else I can help you with today?"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class AgentEvent:
+    """What one frame from a door means to the agent mode."""
+
+    #: "audio", "final" (the context's last message), "error", or "other".
+    kind: str
+    #: The context it is about (``None``: the door does not say).
+    context: str | None = None
+    #: Audio bytes it carries.
+    size: int = 0
+    code: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentDoor:
+    """One door's side of a streamed reply, as its clients speak it."""
+
+    #: The path and query of its WebSocket.
+    path: str
+    #: The messages that open context ``cid`` with its first piece of text.
+    opening: Callable[[str, str], list[dict[str, Any]]]
+    #: The message that appends a piece to context ``cid``.
+    piece: Callable[[str, str], dict[str, Any]]
+    #: The messages that end context ``cid``'s text.
+    closing: Callable[[str], list[dict[str, Any]]]
+    #: What a frame from the server means.
+    read: Callable[[str | bytes], AgentEvent]
+    #: Whether the first frame after the handshake is a greeting to read first.
+    hello: bool = False
+
+
+def _v1_read(frame: str | bytes) -> AgentEvent:
+    if isinstance(frame, bytes):
+        return AgentEvent("audio", None, len(frame))
+    message = orjson.loads(frame)
+    kind = message.get("type")
+    if kind == "end":
+        return AgentEvent("final", message.get("id"))
+    if kind == "error" and message.get("for") is None:
+        return AgentEvent("error", message.get("id"), code=message.get("code", "error"))
+    return AgentEvent("other")
+
+
+def _elevenlabs_read(frame: str | bytes) -> AgentEvent:
+    message = orjson.loads(frame)
+    context = message.get("contextId")
+    if message.get("audio"):
+        return AgentEvent("audio", context, len(base64.b64decode(message["audio"])))
+    if message.get("isFinal"):
+        return AgentEvent("final", context)
+    if "error" in message:
+        return AgentEvent("error", context, code=message["error"])
+    return AgentEvent("other", context)
+
+
+def _cartesia_read(frame: str | bytes) -> AgentEvent:
+    message = orjson.loads(frame)
+    kind, context = message.get("type"), message.get("context_id")
+    if kind == "chunk":
+        return AgentEvent("audio", context, len(base64.b64decode(message["data"])))
+    if kind == "done":
+        return AgentEvent("final", context)
+    if kind == "error":
+        return AgentEvent("error", context, code=str(message.get("error_code", "error")))
+    return AgentEvent("other", context)
+
+
+def _cartesia_message(cid: str, text: str, more: bool) -> dict[str, Any]:
+    """A Cartesia generation request: every field again on every message, as its SDK
+    and Pipecat send them."""
+    return {
+        "context_id": cid,
+        "model_id": "sonic-2",
+        "transcript": text,
+        "continue": more,
+        "voice": {"mode": "id", "id": AGENT_VOICE},
+        "output_format": {"container": "raw", "encoding": "pcm_s16le", "sample_rate": 16000},
+        "add_timestamps": True,
+    }
+
+
+#: The doors of the agent mode, each asking for 16 kHz PCM with word timings.
+AGENT_DOORS = {
+    "v1": AgentDoor(
+        path="/v1/stream",
+        opening=lambda cid, text: [
+            {
+                "type": "speak",
+                "id": cid,
+                "stream": True,
+                "text": "",
+                "voice": AGENT_VOICE,
+                "format": "pcm_16000",
+                "words": "batch",
+            },
+            {"type": "append", "id": cid, "text": text},
+        ],
+        piece=lambda cid, text: {"type": "append", "id": cid, "text": text},
+        closing=lambda cid: [{"type": "finish", "id": cid}],
+        read=_v1_read,
+        hello=True,
+    ),
+    "elevenlabs": AgentDoor(
+        path=f"/v1/text-to-speech/{AGENT_VOICE}/multi-stream-input?output_format=pcm_16000",
+        opening=lambda cid, text: [
+            {"text": " ", "context_id": cid},
+            {"text": text, "context_id": cid},
+        ],
+        piece=lambda cid, text: {"text": text, "context_id": cid},
+        closing=lambda cid: [
+            {"context_id": cid, "flush": True},
+            {"context_id": cid, "close_context": True},
+        ],
+        read=_elevenlabs_read,
+    ),
+    "cartesia": AgentDoor(
+        path="/tts/websocket?cartesia_version=2025-04-16",
+        opening=lambda cid, text: [_cartesia_message(cid, text, True)],
+        piece=lambda cid, text: _cartesia_message(cid, text, True),
+        closing=lambda cid: [_cartesia_message(cid, "", False)],
+        read=_cartesia_read,
+    ),
+}
+#: 16 kHz 16-bit PCM: bytes per millisecond of audio, for the listener model.
+AGENT_BYTES_PER_MS = 32
+#: Seconds a reply may go without a frame before its final counts as missing.
+AGENT_SILENCE_TIMEOUT = 30.0
+#: Seconds a client listens after its last reply's final for audio that should not come.
+AGENT_LAST_LOOK = 0.3
+
+
+async def agent_once(
+    ws: ClientConnection, door: AgentDoor, text: str, cid: str, tokens_per_s: float
+) -> dict[str, Any]:
+    """One reply streamed through ``door`` as context ``cid``, a word at a time.
+
+    Measured: the time from the first piece sent to the first audio byte, and from
+    the piece that completed the first sentence; whether the context's final message
+    came last and its audio contiguous (``stray``: audio of another context, or of
+    this one after its final: the next reply, or agent_mode's last look, sees that);
+    the smallest slack of a
+    listener playing from the first byte (negative: it would have heard a gap).
+    """
+    tokens = [token + " " for token in text.split(" ")]
+    completing = next(
+        n
+        for n, token in enumerate(tokens)
+        if token.rstrip().endswith(".") and len("".join(tokens[: n + 1]).strip()) >= 20
+    )
+    times: dict[str, float] = {}
+
+    async def send() -> None:
+        for number, token in enumerate(tokens):
+            messages = door.opening(cid, token) if number == 0 else [door.piece(cid, token)]
+            for message in messages:
+                await ws.send(orjson.dumps(message).decode())
+            now = time.perf_counter()
+            times.setdefault("first_piece", now)
+            if number == completing:
+                times["sentence"] = now
+            await asyncio.sleep(1 / tokens_per_s)
+        for message in door.closing(cid):
+            await ws.send(orjson.dumps(message).decode())
+
+    sender = asyncio.create_task(send())
+    first = None
+    size = 0
+    stray = 0
+    slack = float("inf")
+    try:
+        while True:
+            try:
+                frame = await asyncio.wait_for(ws.recv(), AGENT_SILENCE_TIMEOUT)
+            except TimeoutError:
+                return {"error": "no_final" if first is not None else "no_audio"}
+            event = door.read(frame)
+            now = time.perf_counter()
+            if event.context not in (None, cid):
+                stray += event.kind == "audio"
+                continue
+            if event.kind == "audio":
+                if first is None:
+                    first = now
+                else:  # when the listener needs these bytes, less when they came
+                    slack = min(slack, first + size / AGENT_BYTES_PER_MS / 1000 - now)
+                size += event.size
+            elif event.kind == "final":
+                break
+            elif event.kind == "error":
+                return {"error": event.code}
+    finally:
+        await sender
+    if first is None:
+        return {"error": "no_audio"}
+    return {
+        "ttfb": first - times["first_piece"],
+        "first_after_sentence": first - times["sentence"],
+        "ttlb": now - times["first_piece"],
+        "bytes": size,
+        "min_slack": slack,
+        "stray": stray,
+    }
+
+
+async def agent_mode(spec: dict[str, Any]) -> dict[str, Any]:
+    door = AGENT_DOORS[spec["door"]]
+    connections = []
+    for _ in range(spec["clients"]):
+        ws = await connect(spec["url"] + door.path, compression=None, max_size=None)
+        if door.hello:
+            await ws.recv()
+        connections.append(ws)
+    print("ready", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    rng = random.Random(spec.get("seed", 0))
+    results: list[dict[str, Any]] = []
+    counter = 0
+    late = 0
+
+    async def client(ws: ClientConnection) -> None:
+        nonlocal counter, late
+        await _ramp(spec, rng)
+        for _ in range(spec["requests"]):
+            await _think(spec, rng)
+            counter += 1
+            number = spec["offset"] + counter
+            try:
+                results.append(
+                    await agent_once(
+                        ws, door, agent_reply(number), f"c{number}", spec["tokens_per_s"]
+                    )
+                )
+            except Exception as exc:
+                results.append({"error": type(exc).__name__})
+                return
+        # Audio after the last reply's final: stray too.
+        try:
+            while True:
+                event = door.read(await asyncio.wait_for(ws.recv(), AGENT_LAST_LOOK))
+                late += event.kind == "audio"
+        except (TimeoutError, ConnectionClosed):
+            pass
+
+    cpu0 = time.process_time()
+    started = time.perf_counter()
+    await asyncio.gather(*(client(ws) for ws in connections))
+    elapsed = time.perf_counter() - started
+    dropped = sum(1 for ws in connections if ws.close_code is not None)
+    await asyncio.gather(*(ws.close() for ws in connections), return_exceptions=True)
+    return {
+        "results": results,
+        "elapsed": elapsed,
+        "dropped": dropped,
+        "cpu_s": time.process_time() - cpu0,
+        "late": late,
+    }
+
+
 async def edge_mode(spec: dict[str, Any]) -> dict[str, Any]:
     import edge_tts
     import edge_tts.communicate
@@ -404,7 +685,13 @@ async def idle_mode(spec: dict[str, Any]) -> dict[str, Any]:
 def main() -> None:
     with open(sys.argv[1]) as file:
         spec = json.load(file)
-    modes = {"speak": speak_mode, "edge": edge_mode, "idle": idle_mode, "http": http_mode}
+    modes = {
+        "speak": speak_mode,
+        "edge": edge_mode,
+        "idle": idle_mode,
+        "http": http_mode,
+        "agent": agent_mode,
+    }
     mode = modes[spec["mode"]]
     try:
         import uvloop

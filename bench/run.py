@@ -17,8 +17,9 @@ Scenarios:
   5. http    OpenAI's POST /v1/audio/speech: time to first audio byte at 1, 10, 100
              clients minus (a), the WebSocket in the same turns, paced at 100 too; a
              cold herd (100 requests at once); cached first byte at 1 and 100
-  6. formats each audio format live at 10 clients, first byte against mp3 in the same
-             turns; the server's CPU per second of audio sent; each transcoder alone
+  6. formats each audio format live at 10 clients (the base ones, and 16 and 8 kHz PCM
+             and G.711 μ-law), first byte against mp3 in the same turns; the server's
+             CPU per second of audio sent; each transcoder alone
   7. cluster one instance in cluster mode (REDIS_URL, a local redis-server) against one
              without, loaded at once, live at 100 clients (50 each; paced, then closed
              loop), with the server's CPU per utterance, Redis on the server's core;
@@ -33,6 +34,11 @@ Scenarios:
              client IPs), each in its own process: the victim's first byte of a live
              and of a cached speak, and /health's answer, without the attack and
              during it; and what the attacker got
+  10. agents  an LLM-like reply streamed a word at a time at 30 words/s through the
+             voice-agent doors, in the same turns: (a) /v1/stream's streaming input,
+             (b) ElevenLabs' multi-stream-input, (c) Cartesia's /tts/websocket, 16 kHz
+             PCM, at 10 and 100 clients: first audio after the first piece against
+             (a), finals, stray audio, errors, the server's and the fake's CPU
 
     .venv/bin/python bench/run.py            # the full run, a few minutes
     .venv/bin/python bench/run.py --quick    # seconds; CI runs it so it cannot rot
@@ -116,6 +122,17 @@ LONG_TEXT = 4900
 ATTACK_MAX_S = 600.0
 #: What the victim times: a live speak, a cached speak, /health.
 PROBES = ("live", "cached", "health")
+#: Scenario 6's formats beyond the base ones: telephony's and voice agents' PCM and G.711.
+EXTRA_FORMATS = ("pcm_16000", "pcm_8000", "ulaw_8000")
+#: Scenario 10: the doors, in their first turn's order ((a) is the one compared with).
+AGENT_DOORS = ("v1", "elevenlabs", "cartesia")
+#: Scenario 10: words a second an agent's LLM writes its reply at.
+AGENT_TOKENS_PER_S = 30
+#: Scenario 10: replies per client per turn at each level of a full run.
+AGENT_REQUESTS = {10: 4, 100: 2}
+#: Scenario 10: seconds over which the clients' first replies are spread (about a
+#: reply's length: its words typed in 1.5 s, its audio sent at the fake's pace).
+AGENT_RAMP = 3.0
 _DRAINS: set[asyncio.Future[Any]] = set()
 #: Load process id -> the file it writes its results to.
 worker_outputs: dict[int, str] = {}
@@ -347,6 +364,8 @@ class Bench:
     fake_urls: tuple[str, str]
     out: dict[str, Any] = field(default_factory=dict)
     workers: int = 2
+    #: The fake Edge service's process id, to measure its CPU (0: not measured).
+    fake_pid: int = 0
 
     def server_env(self, cache: str, **extra: str) -> dict[str, str]:
         env = {
@@ -619,13 +638,15 @@ class Bench:
     async def formats(self) -> None:
         sys.path.insert(0, str(ROOT))
         from tests.fake_edge import tone_frames
-        from ttsstream.audio.formats import FORMAT_NAMES, FORMATS
+        from ttsstream.audio.formats import FORMAT_NAMES, format_named
         from ttsstream.audio.transcode import Transcoder
+
+        names = FORMAT_NAMES + EXTRA_FORMATS
 
         clients = 4 if self.quick else 10
         requests = 2 if self.quick else 10
-        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in FORMAT_NAMES}
-        cpu = dict.fromkeys(FORMAT_NAMES, 0.0)
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+        cpu = dict.fromkeys(names, 0.0)
         replays: dict[str, dict[str, Any]] = {}
         with tempfile.TemporaryDirectory() as cache:
             server, url = await self.server(cache)
@@ -633,7 +654,7 @@ class Bench:
                 # The formats take turns, REPEATS times, so that the machine's drift
                 # falls on all of them alike.
                 for repeat in range(1 if self.quick else REPEATS):
-                    for number, name in enumerate(FORMAT_NAMES):
+                    for number, name in enumerate(names):
                         parts = split(clients, min(self.workers, clients))
                         cpu0, _, _ = usage(server.process.pid)
                         runs[name] += await load(
@@ -662,7 +683,7 @@ class Bench:
                     [{"mode": "speak", "url": url, "clients": 1, "requests": 1, "texts": [TEXT]}]
                 )
                 await asyncio.sleep(1.5)  # stored once no utterance waits (at most 1 s)
-                for name in FORMAT_NAMES:
+                for name in names:
                     parts = split(clients, min(self.workers, clients))
                     cpu0, _, _ = usage(server.process.pid)
                     replayed = await load(
@@ -693,7 +714,7 @@ class Bench:
                 await stop(server)
         mp3 = summarize(runs["mp3"])
         live = []
-        for name in FORMAT_NAMES:
+        for name in names:
             summary = summarize(runs[name])
             audio_s = (
                 sum(r["audio_ms"] for run in runs[name] for r in run["results"] if "error" not in r)
@@ -718,10 +739,12 @@ class Bench:
         # two-tone MP3 in the fake's 576-byte chunks.
         source = tone_frames(60_000 // 24)
         encoders = []
-        for name in FORMAT_NAMES:
-            if not FORMATS[name].transcoded:
+        for name in names:
+            audio_format = format_named(name)
+            assert audio_format is not None, name
+            if not audio_format.transcoded:
                 continue
-            transcoder = Transcoder(FORMATS[name])
+            transcoder = Transcoder(audio_format)
             cpu0 = time.process_time()
             size = sum(
                 len(transcoder.feed_mp3(source[i : i + 576])) for i in range(0, len(source), 576)
@@ -796,6 +819,74 @@ class Bench:
             finally:
                 await stop(server)
         self.out["streaming"] = rows
+
+    async def agents(self) -> None:
+        """Voice-agent doors: an LLM's reply streamed a word at a time through each door
+        (scenario 10), the doors taking turns."""
+        sys.path.insert(0, str(ROOT))
+        from ttsstream.routes import websocket_route
+
+        levels = (2,) if self.quick else (10, 100)
+        doors = [
+            name
+            for name in AGENT_DOORS
+            if name != "cartesia" or websocket_route("/tts/websocket") is not None
+        ]
+        rows = []
+        with tempfile.TemporaryDirectory() as cache:
+            server, url = await self.server(cache)
+            base = url.removesuffix("/v1/stream")
+            try:
+                for clients in levels:
+                    requests = 1 if self.quick else AGENT_REQUESTS[clients]
+                    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in doors}
+                    server_cpu = dict.fromkeys(doors, 0.0)
+                    fake_cpu = dict.fromkeys(doors, 0.0)
+                    for repeat in range(1 if self.quick else REPEATS):
+                        # Each door first in one turn of three: the machine's drift
+                        # falls on all of them alike.
+                        order = doors[repeat % len(doors) :] + doors[: repeat % len(doors)]
+                        for name in order:
+                            offset = (
+                                9 * 10**8
+                                + clients * 10**6
+                                + repeat * 10**5
+                                + AGENT_DOORS.index(name) * 10**4
+                            )
+                            specs = [
+                                {
+                                    "mode": "agent",
+                                    "door": name,
+                                    "url": base,
+                                    "clients": n,
+                                    "requests": requests,
+                                    "tokens_per_s": AGENT_TOKENS_PER_S,
+                                    "ramp": 0.0 if self.quick else AGENT_RAMP,
+                                    "seed": part,
+                                    "offset": offset + part * 10**3,
+                                }
+                                for part, n in enumerate(split(clients, self.workers))
+                            ]
+                            server0 = usage(server.process.pid)[0]
+                            fake0 = usage(self.fake_pid)[0] if self.fake_pid else 0.0
+                            runs[name] += await load(specs)
+                            server_cpu[name] += usage(server.process.pid)[0] - server0
+                            if self.fake_pid:
+                                fake_cpu[name] += usage(self.fake_pid)[0] - fake0
+                    rows += agent_rows(clients, runs, server_cpu, fake_cpu)
+                if "cartesia" not in doors:
+                    rows += [
+                        {"clients": clients, "door": "cartesia", "todo": True} for clients in levels
+                    ]
+            finally:
+                await stop(server)
+        self.out["agents"] = {
+            # Its own date: a partial run keeps the other scenarios'.
+            "date": time.strftime("%Y-%m-%d"),
+            "tokens_per_s": AGENT_TOKENS_PER_S,
+            "format": "pcm_16000",
+            "rows": rows,
+        }
 
     async def hostile(self) -> None:
         """Issue 31's attacks (findings 1 to 4), each on a new server: another client's
@@ -1255,6 +1346,56 @@ class Bench:
         }
 
 
+def agent_rows(
+    clients: int,
+    runs: dict[str, list[dict[str, Any]]],
+    server_cpu: dict[str, float],
+    fake_cpu: dict[str, float],
+) -> list[dict[str, Any]]:
+    """Scenario 10's rows at one level: each door's replies, against door (a)'s."""
+
+    def firsts(name: str, key: str) -> list[float]:
+        return [r[key] * 1000 for run in runs[name] for r in run["results"] if "error" not in r]
+
+    reference = firsts(AGENT_DOORS[0], "ttfb")
+    rows = []
+    for name, door_runs in runs.items():
+        results = [r for run in door_runs for r in run["results"]]
+        good = [r for r in results if "error" not in r]
+        first = firsts(name, "ttfb")
+        after = firsts(name, "first_after_sentence")
+        elapsed = sum(run["elapsed"] for run in door_runs) / max(1, len(door_runs))
+        rows.append(
+            {
+                "clients": clients,
+                "door": name,
+                "replies": len(results),
+                "finals": len(good),
+                "errors": Counter(r["error"] for r in results if "error" in r),
+                "first_p50": percentile(first, 0.5),
+                "first_p99": percentile(first, 0.99),
+                "added_p50": percentile(first, 0.5) - percentile(reference, 0.5),
+                "added_p99": percentile(first, 0.99) - percentile(reference, 0.99),
+                "after_sentence_p50": percentile(after, 0.5),
+                # Audio of a context after its final or amid another context's: none
+                # means every final came last and every context's audio in one run.
+                "stray": sum(r.get("stray", 0) for r in good)
+                + sum(run.get("late", 0) for run in door_runs),
+                # Replies a listener playing from their first byte would have heard a
+                # gap in (some audio came after it was due).
+                "listener_gaps": sum(1 for r in good if r["min_slack"] < 0),
+                "min_slack_ms": min((r["min_slack"] * 1000 for r in good), default=float("nan")),
+                "server_cpu_ms": server_cpu[name] * 1000 / max(1, len(good)),
+                "fake_cpu_ms": fake_cpu[name] * 1000 / max(1, len(good)),
+                "client_cpu_ms": sum(run.get("cpu_s", 0.0) for run in door_runs)
+                * 1000
+                / max(1, len(good)),
+                "elapsed_s": elapsed,
+            }
+        )
+    return rows
+
+
 async def busy(server: Process, specs: list[dict[str, Any]]) -> dict[str, Any]:
     """Run a load and summarize it, with the share of a core the server used meanwhile."""
     cpu0, _, _ = usage(server.process.pid)
@@ -1602,7 +1743,9 @@ def markdown(out: dict[str, Any]) -> str:
         lines += [
             "",
             f"**6. Formats**, live at {f['clients']} clients, each format's turn after the "
-            "others' (time to first audio byte, ms; server core share per streamed utterance)",
+            "others' (time to first audio byte, ms; server core share per streamed utterance; "
+            "the target for `pcm_16000`, `pcm_8000` and `ulaw_8000`, a voice agent's and a "
+            "phone line's: under 15 ms added over mp3 at p50)",
             "",
             "| format | requests | first byte p50 | p99 | added over mp3 p50 | p99 | "
             "server, % of a core per stream | errors | replays (cached) | replay last byte p50 "
@@ -1716,7 +1859,52 @@ def markdown(out: dict[str, Any]) -> str:
             )
     if "hostile" in out:
         lines += hostile_markdown(out["hostile"])
+    if "agents" in out:
+        lines += agents_markdown(out["agents"])
     return "\n".join(lines) + "\n"
+
+
+def agents_markdown(a: dict[str, Any]) -> list[str]:
+    """Scenario 10's section of results.md."""
+    lines = [
+        "",
+        f"**10. Voice-agent doors** (run {a['date']}): an LLM-like reply of four sentences "
+        f"streamed a word at a time at {a['tokens_per_s']} words/s, one context per reply on "
+        "a kept connection, each client's next reply once the last one's final came (closed "
+        "loop): (a) `/v1/stream`'s streaming input (`speak` with `stream`, `append`s, "
+        "`finish`), (b) ElevenLabs' `multi-stream-input` (`context_id`, `flush`, "
+        "`close_context`), (c) Cartesia's `/tts/websocket` (`continue`), all asking "
+        f"`{a['format']}` with word timings; the doors take turns (each first in one turn of "
+        "three). First audio: from the first piece sent to the first audio byte (the first "
+        "sentence takes about 0.35 s to write), and from the piece that completed the "
+        "first sentence; ms. Stray: audio of a context after its final or amid another's "
+        "(0: every final came last, every context's audio in one run); listener gaps: "
+        "replies a listener playing from their first byte would have heard a gap in. CPU "
+        "per reply, ms: the server's (its own core), the fake Edge's and the load "
+        "clients' (the other core).",
+        "",
+        "| clients | door | replies | finals | first audio p50 | p99 | vs (a) p50 | p99 "
+        "| after the first sentence p50 | stray | listener gaps | errors "
+        "| server CPU | fake CPU | clients' CPU |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+    ]
+    names = {"v1": "(a) /v1/stream", "elevenlabs": "(b) ElevenLabs", "cartesia": "(c) Cartesia"}
+    for row in a["rows"]:
+        if row.get("todo"):
+            lines.append(
+                f"| {row['clients']} | {names[row['door']]} | TODO: the door was not on the "
+                "server when this ran | | | | | | | | | | | | |"
+            )
+            continue
+        errors = ", ".join(f"{code} {n}" for code, n in row["errors"].items()) or "0"
+        lines.append(
+            f"| {row['clients']} | {names[row['door']]} | {row['replies']} | {row['finals']} | "
+            f"{row['first_p50']:.1f} | {row['first_p99']:.1f} | {row['added_p50']:+.1f} | "
+            f"{row['added_p99']:+.1f} | {row['after_sentence_p50']:.1f} | {row['stray']} | "
+            f"{row['listener_gaps']} | {errors} | {row['server_cpu_ms']:.1f} | "
+            f"{row['fake_cpu_ms']:.1f} | {row['client_cpu_ms']:.1f} |"
+        )
+    return lines
 
 
 def hostile_markdown(h: dict[str, Any]) -> list[str]:
@@ -1831,6 +2019,7 @@ async def main() -> None:
         "cluster",
         "streaming",
         "hostile",
+        "agents",
     ]
     parser.add_argument("--only", nargs="*", default=scenarios)
     parser.add_argument("--out", type=Path, default=ROOT / "bench")
@@ -1845,7 +2034,7 @@ async def main() -> None:
         r"^(\S+ \S+)$",
     )
     wss, voices = fake.match.split()
-    bench = Bench(quick=args.quick, fake_urls=(wss, voices))
+    bench = Bench(quick=args.quick, fake_urls=(wss, voices), fake_pid=fake.process.pid)
     previous = args.out / "results.json"
     if set(args.only) != set(scenarios) and previous.exists():
         # A partial run updates the scenarios it ran and keeps the others.
