@@ -437,7 +437,7 @@ class _Collected:
     async def start(self, started: Started) -> None:
         pass
 
-    async def audio(self, data: bytes | memoryview) -> None:
+    async def audio(self, data: bytes | memoryview, *, end_ms: float) -> None:
         pass
 
     async def word(self, word: WordEvent) -> None:

@@ -62,7 +62,7 @@ class RecordingSink:
     async def start(self, started: Started) -> None:
         self.calls.append(Call("start", started))
 
-    async def audio(self, data: bytes | memoryview) -> None:
+    async def audio(self, data: bytes | memoryview, *, end_ms: float) -> None:
         self.calls.append(Call("audio", bytes(data)))
         self.heard.set()
         if self.leaves_at_audio:

@@ -739,3 +739,44 @@ async def test_voice_map_gives_a_hard_coded_id_an_edge_voice(
             await tts.aclose()
     assert len(fake.records) >= 2
     assert all(record.voice.endswith("GuyNeural)") for record in fake.records)
+
+
+async def _pipecat_clock(server: Server, output_format: str, text: str) -> float:
+    """Where Pipecat's clock ends for one stream-input context: it adds each alignment
+    message's last character end to a running sum (per-message times)."""
+    url = (
+        f"ws://127.0.0.1:{server.port}/v1/text-to-speech/en-US-AriaNeural/stream-input"
+        f"?output_format={output_format}"
+    )
+    clock = 0.0
+    async with connect(url, max_size=None) as ws:
+        for message in ({"text": " "}, {"text": text + " ", "flush": True}, {"text": ""}):
+            await ws.send(orjson.dumps(message).decode())
+        while not (message := orjson.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))).get(
+            "isFinal"
+        ):
+            alignment = message.get("alignment")
+            if alignment:
+                clock += alignment["charStartTimesMs"][-1] + alignment["charDurationsMs"][-1]
+    return clock
+
+
+async def test_the_alignment_clock_is_the_same_in_every_format(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """Character times follow the audio's own playing time (as the encoder counts it), so
+    Pipecat's clock ends at the same point for variable-rate Opus as for PCM (timed from
+    Opus' nominal bit rate, it ended seconds apart), and near the audio's end."""
+    fake.voiced = True
+    server = await start_server(cache_enabled=False)  # each format live, chunked alike
+    text = "Hello there, friend. How are you doing on this fine day? I hope it is kind to you."
+    pcm = await _pipecat_clock(server, "pcm_24000", text)
+    for output_format in ("opus_48000_64", "opus_48000_192", "mp3_44100_128"):
+        clock = await _pipecat_clock(server, output_format, text)
+        # A format's priming (LAME's 25 ms at 44.1 kHz) moves it, nothing else.
+        assert abs(clock - pcm) < 40, (output_format, clock, pcm)
+    # The fake's 48 kbit/s MP3 of each segment of the first context: its playing time;
+    # the clock never passes it.
+    segments = len(fake.records) // 4
+    audio_ms = sum(len(record.audio) for record in fake.records[:segments]) * 8 / 48
+    assert audio_ms / 2 < pcm <= audio_ms + 30, (pcm, audio_ms)

@@ -326,7 +326,7 @@ class FaultySink:
     async def start(self, started: Started) -> None:
         pass
 
-    async def audio(self, data: bytes | memoryview) -> None:
+    async def audio(self, data: bytes | memoryview, *, end_ms: float) -> None:
         raise RuntimeError("audio")
 
     async def word(self, word: WordEvent) -> None:

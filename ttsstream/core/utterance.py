@@ -78,8 +78,10 @@ class Sink(Protocol):
     async def start(self, started: Started) -> None:
         """Who speaks the utterance; first of all."""
 
-    async def audio(self, data: bytes | memoryview) -> None:
-        """The next audio bytes."""
+    async def audio(self, data: bytes | memoryview, *, end_ms: float) -> None:
+        """The next audio bytes; ``end_ms`` is where they end on the utterance's timeline
+        (the playing time of all audio sent so far, as the format's own encoder counts
+        it: a door that times its characters reads it here, never from a bit rate)."""
 
     async def word(self, word: WordEvent) -> None:
         """One word boundary (words mode ``each``)."""
@@ -298,7 +300,7 @@ class Utterances:
                     if ttfb_ms is None:
                         ttfb_ms = (time.perf_counter() - received_at) * 1000
                         stats.observe_first_audio(_source(started), ttfb_ms / 1000)
-                    await sink.audio(data)
+                    await sink.audio(data, end_ms=pipe.duration_ms(byte_count + len(data)))
                     byte_count += len(data)
                     stats.bytes_sent += len(data)
                 else:
@@ -319,7 +321,7 @@ class Utterances:
                 await sink.words(held)
             if tail := await pipe.finish():
                 ttfb_ms = ttfb_ms or (time.perf_counter() - received_at) * 1000
-                await sink.audio(tail)
+                await sink.audio(tail, end_ms=pipe.duration_ms(byte_count + len(tail)))
                 byte_count += len(tail)
                 stats.bytes_sent += len(tail)
             await sink.end(

@@ -153,7 +153,7 @@ class _Events(StreamBody):
         super().__init__(asked, args)
         self._context_id = context_id
 
-    async def audio(self, data: bytes | memoryview) -> None:
+    async def audio(self, data: bytes | memoryview, *, end_ms: float) -> None:
         await self._write(sse_event("chunk", encode_chunk(self._context_id, data)))
 
     async def words(self, words: Sequence[WordEvent]) -> None:

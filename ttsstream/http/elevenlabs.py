@@ -22,7 +22,6 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-from ttsstream.core.router import Started
 from ttsstream.core.timings import CharacterTrack
 from ttsstream.core.utterance import Summary
 from ttsstream.engines.base import WordEvent
@@ -138,16 +137,12 @@ class _Timed(StreamBody):
         super().__init__(asked, args)
         self._track = CharacterTrack(per_message=False, whole=True)
         self._track.add_text(asked.text or asked.synthesis.text)
+        #: Where the audio sent so far ends, ms from the response's start.
         self._audio_ms = 0.0
-        self._bytes_per_ms = 6.0
 
     @property
     def content_type(self) -> str:
         return "application/json"
-
-    async def start(self, started: Started) -> None:
-        await super().start(started)
-        self._bytes_per_ms = max(started.audio_format.bitrate_bps, 1) / 8000
 
     async def words(self, words: Sequence[WordEvent]) -> None:
         self._track.add_words(words)
@@ -160,9 +155,9 @@ class _Whole(_Timed):
         super().__init__(asked, args)
         self._audio: list[bytes] = []
 
-    async def audio(self, data: bytes | memoryview) -> None:
+    async def audio(self, data: bytes | memoryview, *, end_ms: float) -> None:
         self._audio.append(bytes(data))
-        self._audio_ms += len(data) / self._bytes_per_ms
+        self._audio_ms = end_ms
 
     async def end(self, summary: Summary) -> None:
         times = self._track.take(summary.audio_ms, final=True)
@@ -173,8 +168,8 @@ class _Whole(_Timed):
 class _Lines(_Timed):
     """``/stream/with-timestamps``: one JSON object per line as the audio comes."""
 
-    async def audio(self, data: bytes | memoryview) -> None:
-        self._audio_ms += len(data) / self._bytes_per_ms
+    async def audio(self, data: bytes | memoryview, *, end_ms: float) -> None:
+        self._audio_ms = end_ms
         times = self._track.take(self._audio_ms)
         await self._write(encode_with_timestamps(bytes(data), times) + b"\n")
 

@@ -231,7 +231,7 @@ class _Body(StreamBody):
         if started.cached and not self._sse and stored:
             self._replay = []
 
-    async def audio(self, data: bytes | memoryview) -> None:
+    async def audio(self, data: bytes | memoryview, *, end_ms: float) -> None:
         if self._replay is not None:
             self._replay.append(data)
             return

@@ -121,7 +121,7 @@ class StreamBody:
     async def start(self, started: Started) -> None:
         self._started = started
 
-    async def audio(self, data: bytes | memoryview) -> None:
+    async def audio(self, data: bytes | memoryview, *, end_ms: float) -> None:
         await self._write(data)
 
     async def word(self, word: WordEvent) -> None:

@@ -128,7 +128,7 @@ class _Messages:
         if started.cached:
             self._connection.cork(True)
 
-    async def audio(self, data: bytes | memoryview) -> None:
+    async def audio(self, data: bytes | memoryview, *, end_ms: float) -> None:
         now = time.perf_counter()
         frame = encode_chunk(self._id, data, step_time_ms=(now - self._last) * 1000)
         self._last = now

@@ -114,8 +114,8 @@ class _Messages:
         self._protocol = connection.protocol
         self._utterance = utterance
         self._id = utterance.id
-        #: Bytes per millisecond of the context's format.
-        self._bytes_per_ms = 6.0
+        #: Where the audio sent so far ends on the context's timeline, ms.
+        self._end_ms = 0.0
 
     @property
     def cut(self) -> bool:
@@ -126,14 +126,14 @@ class _Messages:
         return self._connection.closed
 
     async def start(self, started: Started) -> None:
-        self._bytes_per_ms = max(started.audio_format.bitrate_bps, 1) / 8000
         if started.cached:
             self._connection.cork(True)
 
-    async def audio(self, data: bytes | memoryview) -> None:
+    async def audio(self, data: bytes | memoryview, *, end_ms: float) -> None:
         frame = self._protocol.encode_audio(
-            self._id, bytes(data), audio_ms=len(data) / self._bytes_per_ms
+            self._id, bytes(data), audio_ms=max(0.0, end_ms - self._end_ms)
         )
+        self._end_ms = max(self._end_ms, end_ms)
         await self._connection.send_for(frame)
 
     async def word(self, word: WordEvent) -> None:

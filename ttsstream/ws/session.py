@@ -108,7 +108,7 @@ class _Frames:
             )
         )
 
-    async def audio(self, data: bytes | memoryview) -> None:
+    async def audio(self, data: bytes | memoryview, *, end_ms: float) -> None:
         await self._session.send_for(data, text=False)
 
     async def word(self, word: WordEvent) -> None:
