@@ -43,10 +43,11 @@ from pipecat.workers.runner import WorkerRunner
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tests.conftest import TIMEOUT, ServerFactory
+from tests.conftest import TIMEOUT, ServerFactory, eventually
 from tests.fake_edge import FakeEdge, SynthesisRecord
 from ttsstream.audio.formats import format_named
 from ttsstream.server import Server
+from ttsstream.ws import connection
 
 VOICE = "en-US-AriaNeural"
 KEY = "elevenlabs-client-key-0123456789"
@@ -594,12 +595,13 @@ async def test_livekit_two_streams_share_one_socket(
 # The WebSocket's rules, as the clients' messages meet them
 
 
-async def test_a_new_context_after_a_closed_one_cuts_it_short(
+async def test_a_barge_in_speaks_at_once_beside_the_closed_context(
     server: Server, fake: FakeEdge
 ) -> None:
     """A barge-in, in Pipecat's exact messages (its interruption closes the context, the
-    next reply opens another): the first context stops with ``isFinal`` before its text is
-    all spoken, and the second speaks in full."""
+    next reply opens another): the new context's audio starts while the closed one still
+    speaks (contexts speak at the same time), and the closed one is not cut (Pipecat
+    closes every context so at the end of a reply too, and drops what it interrupted)."""
     fake.realtime_factor = 4  # the first reply is still speaking when the user cuts in
     long = " ".join(["This reply goes on and on, long enough to be cut short."] * 4)
     async with stream_input(stream_url(server) + "?output_format=pcm_16000") as ws:
@@ -613,18 +615,49 @@ async def test_a_new_context_after_a_closed_one_cuts_it_short(
         await ws.send(text="Sorry, go ahead.", context_id="b")
         await ws.send(context_id="b", flush=True)
         await ws.send(context_id="b", close_context=True)
-        first = await ws.until_final("a")
-        second = await ws.until_final("b")
+        finals: list[str] = []
+        while len(finals) < 2:
+            message = await ws.recv()
+            if message.get("isFinal") is True:
+                finals.append(message["contextId"])
         await ws.send(close_socket=True)
         await ws.ws.wait_closed()
-    first_chars = "".join(c for a in alignments(first) for c in a["chars"])
-    assert len(first_chars) < len(long)
-    assert not all(record.completed for record in fake.records if "reply" in record.text)
-    assert "".join(c for a in alignments(second) for c in a["chars"]) == "Sorry, go ahead."
+    by_context = {
+        context: [m for m in ws.messages if m.get("contextId") == context] for context in "ab"
+    }
+    first_b = next(i for i, m in enumerate(ws.messages) if m.get("contextId") == "b")
+    final_a = next(
+        i for i, m in enumerate(ws.messages) if m.get("contextId") == "a" and m.get("isFinal")
+    )
+    assert first_b < final_a and finals == ["b", "a"]
+    assert "".join(c for a in alignments(by_context["a"]) for c in a["chars"]) == long
+    assert "".join(c for a in alignments(by_context["b"]) for c in a["chars"]) == (
+        "Sorry, go ahead."
+    )
     (record,) = [r for r in fake.records if r.text == "Sorry, go ahead."]
-    assert len(audio_of(second)) // 2 == pytest.approx(
+    assert len(audio_of(by_context["b"])) // 2 == pytest.approx(
         upstream_ms([record]) * 16, abs=DURATION_TOLERANCE_MS * 16
     )
+
+
+async def test_a_context_whose_opening_is_refused_is_not_left_open(
+    start_server: ServerFactory,
+) -> None:
+    """A context refused when it opens (over the rate limit) is not counted as open: once
+    the window has room, as many contexts open as ElevenLabs allows, and the refused
+    ids open again (before, five refused openings blocked the socket for good)."""
+    server = await start_server(rate_limit_requests=2)
+    async with stream_input(stream_url(server)) as ws:  # the handshake is one request
+        await ws.send(text=" ", context_id="ok")  # the second
+        for context in "vwxyz":
+            await ws.send(text=" ", context_id=context)
+            refused = await ws.until_error()
+            assert (refused["error"], refused["contextId"]) == ("rate_limited", context)
+        server.services.admission.limiter.limit = 100  # the window has room again
+        await ws.send(text="Open again. ", context_id="v")
+        await ws.send(context_id="v", close_context=True)
+        spoken = await ws.until_final("v")
+        assert audio_of(spoken)
 
 
 @pytest.mark.parametrize(
@@ -780,3 +813,34 @@ async def test_the_alignment_clock_is_the_same_in_every_format(
     segments = len(fake.records) // 4
     audio_ms = sum(len(record.audio) for record in fake.records[:segments]) * 8 / 48
     assert audio_ms / 2 < pcm <= audio_ms + 30, (pcm, audio_ms)
+
+
+async def test_idle_timeout_bounds_the_clients_inactivity_timeout(
+    start_server: ServerFactory,
+) -> None:
+    """The operator's IDLE_TIMEOUT holds on ElevenLabs' socket too: a client asking
+    inactivity_timeout=180 is closed (1000) once IDLE_TIMEOUT passes without a message."""
+    server = await start_server(idle_timeout=TIMEOUT / 10)
+    url = stream_url(server) + "?inactivity_timeout=180"
+    async with connect(url) as ws:
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), TIMEOUT)
+        assert ws.close_code == 1000
+
+
+async def test_a_socket_without_its_key_has_a_short_deadline(
+    start_server: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Admitted without a key (it may come in the first message), a socket that sends
+    nothing is closed at FIRST_MESSAGE_TIMEOUT, whatever inactivity_timeout it asked,
+    and its connection slot is free for a client with the key."""
+    monkeypatch.setattr(connection, "FIRST_MESSAGE_TIMEOUT", TIMEOUT / 10)
+    server = await start_server(api_keys=("k",), max_connections_per_ip=1)
+    async with connect(stream_url(server) + "?inactivity_timeout=180") as keyless:
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(keyless.recv(), TIMEOUT)
+    await eventually(lambda: server.stats.snapshot()["connections"] == 0)
+    async with stream_input(stream_url(server, "stream-input"), **{"xi-api-key": "k"}) as ws:
+        await ws.send(text="With the key. ")
+        await ws.send(text="")
+        assert audio_of(await ws.until_final())

@@ -25,7 +25,8 @@ is the ``context_id``:
 
 The connection tells the machine when a context is over (:meth:`CartesiaContexts.ended`):
 once it has sent the context's ``done`` or ``error``, or cancelled it. Contexts are
-spoken one after another, in the order they were opened (the connection's queue).
+spoken at the same time, a few at once, the rest in the order they were opened (the
+connection's queue).
 
 HTTP: :func:`parse_http_request` reads the body of ``POST /tts/bytes`` and
 ``POST /tts/sse``; :func:`sse_event` frames the same messages as server-sent events;

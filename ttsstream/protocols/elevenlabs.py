@@ -20,11 +20,12 @@ and the context's id):
   does); on multi it only keeps the context alive. ``try_trigger_generation`` is
   ignored: the SDK sets it on every word, and the segmenter decides.
 - ``{"context_id": …, "close_context": true}`` finishes the context: what it has is
-  spoken, then ``{"isFinal": true, "contextId": …}``. Opening a context cancels the
-  contexts the client closed that still speak: the client has moved on (a barge-in,
-  as Pipecat and LiveKit close a context and open the next), and contexts are
-  spoken one after another here. A context cancelled so ends with ``isFinal`` too
-  (Pipecat and LiveKit free a context when it comes).
+  spoken, then ``{"isFinal": true, "contextId": …}``. It cannot mean a cancel:
+  Pipecat closes every context so, at the end of a reply as on a barge-in (and
+  drops the audio of one it interrupted itself). Contexts speak at the same time,
+  as ElevenLabs' do (the door's ``parallel``), so a barge-in's new context is not
+  held behind the old one. A context cancelled ends with ``isFinal`` too (Pipecat
+  and LiveKit free a context when it comes), as does one that failed.
 - ``{"close_socket": true}`` finishes every context, then closes.
 
 Audio goes out as ``{"audio": base64, "isFinal": null, "normalizedAlignment": …,
@@ -68,7 +69,6 @@ from ttsstream.exceptions import (
 from ttsstream.protocols.actions import (
     Action,
     Append,
-    Cancel,
     CloseSocket,
     Finish,
     Flush,
@@ -384,11 +384,7 @@ class StreamInput:
         rate = _voice_settings(message.get("voice_settings"))
         min_chars = _min_chars(message, self.options.auto_mode)
         first_text = "" if text.isspace() else text
-        # Those the client closed and that still speak: it has moved on (barge-in).
-        stale = [c.id for c in self._contexts.values() if c.closed]
-        actions: list[Action] = [Cancel(stale_id) for stale_id in stale]
-        for stale_id in stale:
-            del self._contexts[stale_id]
+        actions: list[Action] = []
         context = _Context(context_id, CharacterTrack(per_message=not self.options.sync_alignment))
         context.add_text(first_text, phrases=False)
         self._contexts[context_id] = context
@@ -406,6 +402,11 @@ class StreamInput:
         if flush:
             actions.append(Flush(context_id))
         return actions
+
+    def forget(self, context_id: str) -> None:
+        """The context's opening was refused (the rate limit, the queue…): it is not open,
+        and its id may open a context again."""
+        self._contexts.pop(context_id, None)
 
     def _close(self, context_id: str) -> list[Action]:
         context = self._contexts.get(context_id)

@@ -3,7 +3,8 @@
 
 The protocol's rules are :class:`~ttsstream.protocols.cartesia.CartesiaContexts`';
 this is the connection that carries them out. Each context is a streaming
-utterance, spoken one after another in the order opened; its audio goes out as
+utterance; up to ``PARALLEL_CONTEXTS`` are spoken at the same time, more in the
+order opened; its audio goes out as
 ``chunk`` messages (base64), its words as ``timestamps`` (seconds on the
 context's timeline, batched just before the audio they describe, when
 ``add_timestamps`` asked), and ``done`` ends it. A cancel is answered with
@@ -33,13 +34,19 @@ from ttsstream.protocols.cartesia import (
 )
 from ttsstream.ws.connection import Connection, Utterance
 
-__all__ = ["CartesiaSocket"]
+__all__ = ["PARALLEL_CONTEXTS", "CartesiaSocket"]
+
+#: Contexts of one connection spoken at once; more wait their turn (``QUEUE_SIZE``).
+PARALLEL_CONTEXTS = 5
 
 
 class CartesiaSocket(Connection):
     """One ``/tts/websocket`` connection and its contexts."""
 
     label = "cartesia"
+    #: Contexts spoken at the same time (each message names its context), so that one
+    #: context's text waiting for its next piece never holds another's audio back.
+    parallel = PARALLEL_CONTEXTS
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

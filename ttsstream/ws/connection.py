@@ -73,6 +73,9 @@ VOICES_PENDING_MAX = 4
 YIELD_AFTER_FRAME_CHARS = 1024
 #: Seconds a closing session waits for its upstream streams to close before giving up.
 UPSTREAM_CLOSE_TIMEOUT = 5.0
+#: Seconds a connection admitted without a key (its protocol takes the key in its first
+#: message) has to send that message; then it is closed, its slot free again.
+FIRST_MESSAGE_TIMEOUT = 10.0
 
 
 @dataclass(eq=False)
@@ -112,6 +115,10 @@ class Connection:
 
     #: The door's stats label (``ws``, ``elevenlabs``…).
     label: ClassVar[str] = "ws"
+    #: Utterances spoken at the same time (their frames interleave: a protocol whose
+    #: every message names its utterance, as ElevenLabs' and Cartesia's contexts do).
+    #: 1: one after another, in the order received (protocol v1's promise).
+    parallel: ClassVar[int] = 1
 
     def __init__(
         self,
@@ -140,8 +147,10 @@ class Connection:
         self._idle.set()
         self._pending: deque[Utterance] = deque()
         self._wakeup = asyncio.Event()
-        self._current: Utterance | None = None
-        self._speaker: asyncio.Task[None] | None = None
+        #: The utterances being spoken, by the speaker task speaking each.
+        self._playing: dict[asyncio.Task[None], Utterance] = {}
+        #: The tasks that speak the queue (``parallel`` of them).
+        self._speakers: set[asyncio.Task[None]] = set()
         #: TCP_CORK is on: a cached utterance is being written in one burst.
         self._corked = False
         self._ids: set[str] = set()
@@ -189,6 +198,10 @@ class Connection:
         """The frame answering a voice-list request."""
         raise NotImplementedError
 
+    def refused(self, action: Action, exc: ClientError) -> None:
+        """An action of a parsed frame was refused (a speak over the rate limit, the
+        queue full…): the protocol may forget what the frame opened."""
+
     def first_message_key(self) -> str | None:
         """The key the first message carried (parsed already), for a protocol that takes
         one there; ``None``: none."""
@@ -198,7 +211,8 @@ class Connection:
 
     async def run(self) -> None:
         """Greet the client, then serve its frames until the connection closes."""
-        self._speaker = asyncio.create_task(self._speak_in_order())
+        for _ in range(self.parallel):
+            self._new_speaker()
         watchdog = asyncio.create_task(self._close_when_idle())
         try:
             greeting = self.greeting()
@@ -217,10 +231,11 @@ class Connection:
             watchdog.cancel()
             for utterance in self._pending:
                 self._forget(utterance)
-            # Closing the upstream of an utterance being spoken may take a while:
-            # the speaker is waited for with the other background tasks, for a bounded time.
-            self._speaker.cancel()
-            self._track(self._speaker)
+            # Closing the upstream of an utterance being spoken may take a while: the
+            # speakers are waited for with the other background tasks, for a bounded time.
+            for speaker in self._speakers:
+                speaker.cancel()
+                self._track(speaker)
             await asyncio.wait({watchdog})
             await self._close_background()
 
@@ -232,7 +247,7 @@ class Connection:
             if loop.time() < deadline:
                 await asyncio.sleep(deadline - loop.time())
                 continue
-            if self._current is not None or self._pending:
+            if self._playing or self._pending:
                 # Speaking is not idleness: count from the end of the last utterance.
                 self._last_activity = loop.time()
                 continue
@@ -242,8 +257,9 @@ class Connection:
 
     @property
     def idle_timeout(self) -> float:
-        """Seconds without a message or an utterance before the connection is closed."""
-        return self._config.idle_timeout
+        """Seconds without a message or an utterance before the connection is closed:
+        ``IDLE_TIMEOUT``, or ``FIRST_MESSAGE_TIMEOUT`` while the key is still to come."""
+        return FIRST_MESSAGE_TIMEOUT if self.key_pending else self._config.idle_timeout
 
     @property
     def closed(self) -> bool:
@@ -253,7 +269,7 @@ class Connection:
     @property
     def utterances_in_progress(self) -> int:
         """Utterances queued or playing."""
-        return len(self._pending) + (self._current is not None)
+        return len(self._pending) + len(self._playing)
 
     async def wait_idle(self) -> None:
         """Return once no utterance is queued or playing."""
@@ -300,6 +316,7 @@ class Connection:
             else:
                 self.feed(action)
         except ClientError as exc:
+            self.refused(action, exc)
             exc.message_type = exc.message_type or action.kind
             if isinstance(action, Speak) and not action.id_given:
                 exc.utterance_id = None  # the id the server made for it was never announced
@@ -323,8 +340,7 @@ class Connection:
         await self._ws.close(close.code, close.reason)
 
     def _utterances_held(self) -> list[Utterance]:
-        current = self._current
-        return [*([current] if current is not None else []), *self._pending]
+        return [*self._playing.values(), *self._pending]
 
     def feed(self, message: Append | Flush | Finish) -> None:
         """Pass an append, a flush or a finish to its open streaming utterance.
@@ -368,8 +384,7 @@ class Connection:
         # A speak that plays at once is looked up in the cluster with its rate limit.
         lookahead = (
             self._utterances.look_ahead(synthesis)
-            if self._current is None
-            and not self._pending
+            if len(self._playing) + len(self._pending) < self.parallel
             and not request.stream
             and not request.format.transcoded
             else None
@@ -412,8 +427,8 @@ class Connection:
             raise InvalidParameter(
                 f"id {request.id!r} is already queued or playing", utterance_id=request.id
             )
-        # The first pending utterance is about to play when nothing is playing yet.
-        waiting = len(self._pending) - (1 if self._current is None and self._pending else 0)
+        # Pending utterances about to play in a free speaker are not waiting.
+        waiting = max(0, len(self._pending) - (self.parallel - len(self._playing)))
         if waiting >= self._config.queue_size:
             raise QueueFull(
                 f"{self._config.queue_size} "
@@ -428,20 +443,20 @@ class Connection:
         Raises:
             NotFound: No queued or playing utterance has the id.
         """
-        current = self._current
-        playing = current if current is not None and not current.finishing else None
+        playing = [u for u in self._playing.values() if not u.finishing]
         if utterance_id is None:
             queued = list(self._pending)
             self._pending.clear()
-            if playing is not None:
-                await self._cancel_playing(playing)
+            for utterance in playing:
+                await self._cancel_playing(utterance)
             for utterance in queued:
                 self._forget(utterance)
                 await self._send_cancelled(utterance.id)
             return
-        if playing is not None and playing.id == utterance_id:
-            await self._cancel_playing(playing)
-            return
+        for utterance in playing:
+            if utterance.id == utterance_id:
+                await self._cancel_playing(utterance)
+                return
         for utterance in self._pending:
             if utterance.id == utterance_id:
                 self._pending.remove(utterance)
@@ -466,17 +481,16 @@ class Connection:
             await self._cut()
 
     async def _cut(self) -> None:
-        speaker = self._speaker
-        assert speaker is not None
-        current = self._current
         queued = list(self._pending)
         self._pending.clear()
-        if current is not None and not current.finishing:
+        cutting = {task for task, u in self._playing.items() if not u.finishing}
+        for speaker in cutting:
             # The utterance run tells the client, then the speaker ends.
-            current.cut = True
+            self._playing[speaker].cut = True
             speaker.cancel()
             self._track(speaker)
-            await asyncio.wait({speaker}, timeout=UPSTREAM_CLOSE_TIMEOUT)
+        if cutting:
+            await asyncio.wait(cutting, timeout=UPSTREAM_CLOSE_TIMEOUT)
         for utterance in queued:
             self._forget(utterance)
             self._stats.errors += 1
@@ -493,24 +507,32 @@ class Connection:
         utterance need not wait for. The cancel's frame is sent before this
         returns, so replies keep the order of requests.
         """
-        assert self._speaker is not None
-        self._speaker.cancel()
-        self._track(self._speaker)
+        speaker = next(task for task, u in self._playing.items() if u is utterance)
+        speaker.cancel()
+        self._track(speaker)
+        self._speakers.discard(speaker)
         self._played(utterance)
         try:
             await self._send_cancelled(utterance.id)
         finally:
-            self._speaker = asyncio.create_task(self._speak_in_order())
+            self._new_speaker()
+
+    def _new_speaker(self) -> None:
+        self._speakers.add(asyncio.create_task(self._speak_in_order()))
 
     async def _speak_in_order(self) -> None:
-        """Speak the queue, one utterance at a time, in this task (no task per utterance)."""
+        """Speak the queue, one utterance at a time, in this task (no task per utterance;
+        ``parallel`` such tasks share the queue)."""
+        me = asyncio.current_task()
+        assert me is not None
         while True:
             while not self._pending:
-                self._idle.set()
+                if not self._playing:
+                    self._idle.set()
                 self._wakeup.clear()
                 await self._wakeup.wait()
             utterance = self._pending.popleft()
-            self._current = utterance
+            self._playing[me] = utterance
             try:
                 await self._utterances.run(
                     utterance.synthesis,
@@ -534,7 +556,7 @@ class Connection:
             except Exception:
                 logger.exception("conn=%s utterance=%r failed", self.connection_id, utterance.id)
             finally:
-                if self._current is utterance:  # else a cancel already moved on
+                if self._playing.get(me) is utterance:  # else a cancel already moved on
                     self._played(utterance)
 
     def _forget(self, utterance: Utterance) -> None:
@@ -551,7 +573,9 @@ class Connection:
             utterance.stream.close()
         if utterance.lookahead is not None:
             utterance.lookahead.close()
-        self._current = None
+        for speaker, playing in list(self._playing.items()):
+            if playing is utterance:
+                del self._playing[speaker]
         self._ids.discard(utterance.id)
         self._last_activity = asyncio.get_running_loop().time()
 
@@ -636,7 +660,9 @@ class Connection:
         costs the kernel (and the client) less. Only around writes that do not
         wait: corked data is otherwise held for up to 200 ms.
         """
-        if on == self._corked or _TCP_CORK is None:
+        if on == self._corked or _TCP_CORK is None or (on and len(self._playing) > 1):
+            # Never while another utterance streams beside the burst: its frames
+            # would wait for the uncork.
             return
         sock = self._ws.transport.get_extra_info("socket")
         if sock is None:

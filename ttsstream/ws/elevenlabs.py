@@ -21,8 +21,8 @@ from ttsstream.core.router import Started
 from ttsstream.core.utterance import Summary, cut_short
 from ttsstream.engines.base import Voice, WordEvent
 from ttsstream.exceptions import ClientError
-from ttsstream.protocols.actions import Action
-from ttsstream.protocols.elevenlabs import StreamInput, encode_voices
+from ttsstream.protocols.actions import Action, Speak
+from ttsstream.protocols.elevenlabs import MAX_CONTEXTS, StreamInput, encode_voices
 from ttsstream.ws.connection import Connection, Utterance
 
 __all__ = ["ElevenLabsMultiStream", "ElevenLabsStream"]
@@ -62,7 +62,13 @@ class ElevenLabsStream(Connection):
 
     @property
     def idle_timeout(self) -> float:
-        return self._protocol.options.inactivity_timeout
+        # The client's inactivity_timeout, within the operator's IDLE_TIMEOUT (and the
+        # first message's deadline while the key is still to come).
+        return min(self._protocol.options.inactivity_timeout, super().idle_timeout)
+
+    def refused(self, action: Action, exc: ClientError) -> None:
+        if isinstance(action, Speak):
+            self._protocol.forget(action.id)  # the context was never opened
 
     def parse(self, frame: str | bytes) -> Sequence[Action]:
         return self._protocol.receive(frame)
@@ -94,9 +100,11 @@ class ElevenLabsStream(Connection):
 
 
 class ElevenLabsMultiStream(ElevenLabsStream):
-    """One ``multi-stream-input`` connection (contexts named by ``context_id``)."""
+    """One ``multi-stream-input`` connection (contexts named by ``context_id``), its
+    open contexts spoken at the same time, as ElevenLabs' are."""
 
     multi = True
+    parallel = MAX_CONTEXTS
 
 
 def cut_short_for(utterance_id: str) -> ClientError:
@@ -152,7 +160,8 @@ class _Messages:
         if isinstance(exc, ClientError):
             exc.utterance_id = self._id
         await self._connection.send_for(self._protocol.encode_error(exc))
-        self._protocol.encode_final(self._id)  # the context is over: forget it
+        # The context is over: isFinal frees it in Pipecat and LiveKit, which wait for it.
+        await self._connection.send_for(self._protocol.encode_cancelled(self._id))
 
     def finished(self) -> None:
         self._connection.cork(False)
