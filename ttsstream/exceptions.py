@@ -47,6 +47,7 @@ Anything else that escapes a handler is reported as ``internal``.
 from __future__ import annotations
 
 __all__ = [
+    "HTTP_STATUS",
     "AmbiguousKey",
     "BadJSON",
     "BadMessage",
@@ -79,6 +80,7 @@ __all__ = [
     "UpstreamTimeout",
     "UpstreamUnavailable",
     "error_code",
+    "http_status",
 ]
 
 
@@ -318,6 +320,39 @@ class NoAudio(UpstreamError):
     """The upstream finished without sending any audio."""
 
     code = "no_audio"
+
+
+#: The HTTP status of each error code, on every door that answers with one (the
+#: HTTP doors, Cartesia's ``status_code``); a refused handshake has its own ``status``.
+HTTP_STATUS = {
+    "bad_json": 400,
+    "bad_message": 400,
+    "empty_text": 400,
+    "text_too_long": 400,
+    "invalid_voice": 400,
+    "invalid_parameter": 400,
+    "unsupported_format": 400,
+    "unauthorized": 401,
+    "not_found": 404,
+    "body_timeout": 408,
+    "body_too_large": 413,
+    "unsupported_media_type": 415,
+    "rate_limited": 429,
+    "queue_full": 429,
+    "shutting_down": 503,
+    "upstream_unavailable": 503,
+    "no_audio": 502,
+    "upstream_bad_audio": 502,
+    "upstream_timeout": 504,
+    "internal": 500,
+}
+
+
+def http_status(exc: BaseException) -> int:
+    """The HTTP status of an error (500 for anything unexpected)."""
+    if isinstance(exc, HandshakeRefused):
+        return exc.status
+    return HTTP_STATUS.get(error_code(exc), 500)
 
 
 def error_code(exc: BaseException) -> str:

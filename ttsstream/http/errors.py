@@ -18,35 +18,13 @@ from typing import Any, Literal
 import orjson
 from aiohttp import web
 
-from ttsstream.exceptions import ClientError, HandshakeRefused, RateLimited, error_code
+from ttsstream.exceptions import ClientError, HandshakeRefused, RateLimited, http_status
 
 __all__ = ["Shape", "error_body", "in_shape_of", "openai_body", "shape_of", "status_of"]
 
 #: Which body shape an endpoint answers errors with.
 Shape = Literal["tts", "openai", "elevenlabs", "cartesia"]
 
-_STATUS = {
-    "bad_json": 400,
-    "bad_message": 400,
-    "empty_text": 400,
-    "text_too_long": 400,
-    "invalid_voice": 400,
-    "invalid_parameter": 400,
-    "unsupported_format": 400,
-    "not_found": 404,
-    "body_timeout": 408,
-    "body_too_large": 413,
-    "unsupported_media_type": 415,
-    "unauthorized": 401,
-    "rate_limited": 429,
-    "queue_full": 429,
-    "shutting_down": 503,
-    "upstream_unavailable": 503,
-    "no_audio": 502,
-    "upstream_bad_audio": 502,
-    "upstream_timeout": 504,
-    "internal": 500,
-}
 
 #: OpenAI's error ``type`` by status class.
 _OPENAI_TYPES = {
@@ -113,9 +91,7 @@ def in_shape_of(path: str, response: web.StreamResponse) -> web.StreamResponse:
 
 def status_of(exc: BaseException) -> int:
     """The HTTP status of an error."""
-    if isinstance(exc, HandshakeRefused):
-        return exc.status
-    return _STATUS.get(error_code(exc), 500)
+    return http_status(exc)
 
 
 def error_body(exc: BaseException, shape: Shape) -> bytes:

@@ -36,7 +36,7 @@ Authentication and version, at the handshake (the door's and admission's part): 
 SDK 4.x sends ``Authorization: Bearer <key>`` and ``cartesia-version: 2026-08-14``;
 Pipecat ``X-API-Key`` and ``Cartesia-Version: 2026-03-01``; LiveKit ``X-API-Key``
 and, on the WebSocket, ``?cartesia_version=2025-04-16`` (a header on HTTP). Browsers
-put the key in ``?api_key=`` or ``?access_token=``. Every version is accepted: the
+put the key in ``?api_key=``. Every version is accepted: the
 messages read here are the same in all of them.
 """
 
@@ -65,6 +65,7 @@ from ttsstream.exceptions import (
     TextTooLong,
     UnsupportedFormat,
     error_code,
+    http_status,
 )
 from ttsstream.protocols.actions import Action, Append, Cancel, Finish, Flush, Reply, Speak
 from ttsstream.protocols.v1 import MAX_ID_LENGTH
@@ -106,29 +107,6 @@ _PARTIAL = 206
 #: ... and of ``done``.
 _OK = 200
 
-#: The ``status_code`` an error is sent with, by its code: the same as the HTTP door's
-#: (``ttsstream.http.errors``, which this pure module cannot import).
-_STATUS = {
-    "bad_json": 400,
-    "bad_message": 400,
-    "empty_text": 400,
-    "text_too_long": 400,
-    "invalid_voice": 400,
-    "invalid_parameter": 400,
-    "unsupported_format": 400,
-    "body_timeout": 408,
-    "body_too_large": 413,
-    "unsupported_media_type": 415,
-    "not_found": 404,
-    "queue_full": 429,
-    "rate_limited": 429,
-    "shutting_down": 503,
-    "upstream_unavailable": 503,
-    "no_audio": 502,
-    "upstream_bad_audio": 502,
-    "upstream_timeout": 504,
-    "internal": 500,
-}
 
 # Speed: Cartesia's named speeds (the top-level ``speed``, and the older
 # ``voice.__experimental_controls.speed``) as our rate. Its numeric experimental speed
@@ -687,8 +665,8 @@ def encode_done(context_id: str | None) -> bytes:
 
 
 def status_code(exc: BaseException) -> int:
-    """The HTTP-like ``status_code`` Cartesia's clients see for ``exc``."""
-    return _STATUS.get(error_code(exc), 500)
+    """The HTTP-like ``status_code`` Cartesia's clients see for ``exc`` (the HTTP doors')."""
+    return http_status(exc)
 
 
 def _error_fields(exc: BaseException, request_id: str | None) -> dict[str, Any]:
