@@ -167,11 +167,9 @@ async def test_sdk_streams_a_reply_in_pieces(
     )
 
 
-async def test_sdk_contexts_one_after_another_without_timestamps(
-    server: Server, fake: FakeEdge
-) -> None:
-    """Two contexts of one connection, one flushed, are both spoken whole, in the order
-    opened; without add_timestamps no timestamps are sent; the flush is acknowledged."""
+async def test_sdk_two_contexts_without_timestamps(server: Server, fake: FakeEdge) -> None:
+    """Two contexts of one connection, one flushed, are both spoken whole, each in its
+    own order; without add_timestamps no timestamps are sent; the flush is acknowledged."""
     async with sdk(server) as client, client.tts.websocket_connect() as connection:
         first = connection.context(
             "first", model_id="sonic-3", voice=SDK_VOICE, output_format=RAW_16K
@@ -192,7 +190,14 @@ async def test_sdk_contexts_one_after_another_without_timestamps(
         assert {event.type for event in events} <= {"chunk", "flush_done", "done"}
     assert [event.flush_id for event in heard_first if event.type == "flush_done"] == [1]
     texts = [record.text for record in fake.records]
-    assert texts == ["The first context,", "said in two goes.", "The second context."]
+    # Contexts speak at the same time: only each one's own order is given.
+    assert [t for t in texts if t != "The second context."] == [
+        "The first context,",
+        "said in two goes.",
+    ]
+    assert sorted(texts) == sorted(
+        ["The first context,", "said in two goes.", "The second context."]
+    )
     audio = b"".join(e.audio for e in heard_first + heard_second if e.type == "chunk")
     assert abs(decoded_ms(audio, "pcm_s16le", 16000) - fake_ms(fake)) < DURATION_SLACK_MS
 
@@ -242,6 +247,30 @@ class Socket:
 async def socket(url: str, **options: Any) -> AsyncIterator[Socket]:
     async with connect(url, max_size=None, **options) as ws:
         yield Socket(ws)
+
+
+async def test_contexts_speak_at_the_same_time(server: Server, fake: FakeEdge) -> None:
+    """A short context opened while a long one speaks is spoken at once beside it (its
+    done comes first), not behind it; both are whole (LiveKit gives up on a context
+    that hears nothing for 10 s, and a barge-in's reply must not wait for the old one)."""
+    fake.realtime_factor = 4  # the long context still speaks when the short one opens
+    long = " ".join(
+        f"This context goes on for a while, its sentence number {n}." for n in range(1, 5)
+    )
+    async with socket(ws_of(server) + "/tts/websocket") as client:
+        await client.speak("long", long, more=True)
+        await client.send(context_id="long", transcript="", flush=True)
+        while (await client.next())["type"] != "chunk":
+            pass
+        await client.speak("short", "Meanwhile.", more=False)
+        short = await client.until_end("short")
+        assert short[-1]["type"] == "done"
+        assert not any(m["context_id"] == "long" and m["type"] == "done" for m in client.seen)
+        await client.send(context_id="long", transcript="", **{"continue": False})
+        assert (await client.until_end("long"))[-1]["type"] == "done"
+    spoken = [record.text for record in fake.records if record.completed]
+    assert "Meanwhile." in spoken
+    assert " ".join(text for text in spoken if text != "Meanwhile.") == long
 
 
 async def test_cancel_stops_a_context_and_the_socket_goes_on(
