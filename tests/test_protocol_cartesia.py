@@ -1322,3 +1322,28 @@ def test_sse_framing() -> None:
     assert [e.event for e in events] == ["chunk", "done"]
     assert base64.b64decode(events[0].json()["data"]) == b"\x00" * 10
     assert "context_id" not in events[0].json()
+
+
+def test_timestamps_write_each_word_as_the_transcript_has_it() -> None:
+    """Given the transcript, each word goes out with the punctuation that stands
+    against it (Cartesia echoes the transcript's words; LiveKit aligns them), never
+    taking in a neighbouring word; without it, or out of its range, as spoken."""
+    text = '"Well, (hi) there!" said he.Then'
+    words = [
+        WordEvent(text="Well", offset_ms=0, duration_ms=100, char_start=1, char_end=5),
+        WordEvent(text="hi", offset_ms=100, duration_ms=100, char_start=8, char_end=10),
+        WordEvent(text="there", offset_ms=200, duration_ms=100, char_start=12, char_end=17),
+        WordEvent(text="he", offset_ms=300, duration_ms=100, char_start=25, char_end=27),
+        WordEvent(text="Then", offset_ms=400, duration_ms=100, char_start=28, char_end=32),
+        WordEvent(text="gone", offset_ms=500, duration_ms=100, char_start=40, char_end=44),
+    ]
+    sent = orjson.loads(encode_timestamps("c", words, text))["word_timestamps"]["words"]
+    assert sent == ['"Well,', "(hi)", 'there!"', "he.", "Then", "gone"]
+    assert orjson.loads(encode_timestamps("c", words))["word_timestamps"]["words"] == [
+        "Well",
+        "hi",
+        "there",
+        "he",
+        "Then",
+        "gone",
+    ]

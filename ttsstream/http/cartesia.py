@@ -120,7 +120,7 @@ class CartesiaApi:
                 cleanup=speak.cleanup,
             )
             await self._accept(synthesis, speak)
-            return Asked(synthesis, speak.format, sse, speak.words == "batch")
+            return Asked(synthesis, speak.format, sse, speak.words == "batch", text=speak.text)
 
         def body(asked: Asked, args: BodyArgs) -> StreamBody:
             if not asked.sse:
@@ -152,12 +152,15 @@ class _Events(StreamBody):
     def __init__(self, asked: Asked, args: BodyArgs, *, context_id: str | None) -> None:
         super().__init__(asked, args)
         self._context_id = context_id
+        #: The transcript as sent (what the words' character ranges index).
+        self._text = asked.text
 
     async def audio(self, data: bytes | memoryview, *, end_ms: float) -> None:
         await self._write(sse_event("chunk", encode_chunk(self._context_id, data)))
 
     async def words(self, words: Sequence[WordEvent]) -> None:
-        await self._write(sse_event("timestamps", encode_timestamps(self._context_id, words)))
+        timestamps = encode_timestamps(self._context_id, words, self._text)
+        await self._write(sse_event("timestamps", timestamps))
 
     async def end(self, summary: Summary) -> None:
         await self._write(sse_event("done", encode_done(self._context_id)))

@@ -46,7 +46,7 @@ import base64
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 import orjson
@@ -387,6 +387,8 @@ class _Context:
     flush_each: bool = False
     #: Flushes asked so far (the last ``flush_done``'s ``flush_id``).
     flushes: int = 0
+    #: Its transcripts so far, as sent (what its words' character ranges index).
+    text: list[str] = field(default_factory=list)
 
 
 _Closed = Literal["cancelled", "ended"]
@@ -436,6 +438,15 @@ class CartesiaContexts:
         clients stop reading it), or it was cancelled. Unknown ids are ignored."""
         if context_id in self._open:
             self._close(context_id, "cancelled" if failed else "ended")
+
+    def text_of(self, context_id: str) -> str:
+        """The transcripts of an open context so far, joined ("" for another)."""
+        context = self._open.get(context_id)
+        if context is None:
+            return ""
+        if len(context.text) > 1:
+            context.text[:] = ["".join(context.text)]
+        return context.text[0] if context.text else ""
 
     @property
     def open_contexts(self) -> int:
@@ -505,9 +516,9 @@ class CartesiaContexts:
             )
         if not more:
             text = text_field(transcript, max_length=self._max_text_length, field="transcript")
-            self._open[context_id] = _Context(finished=True)
+            self._open[context_id] = _Context(finished=True, text=[text])
             return [_speak(context_id, text, voicing, stream=False)]
-        context = _Context(finished=False, flush_each=delay == 0)
+        context = _Context(finished=False, flush_each=delay == 0, text=[transcript])
         self._open[context_id] = context
         actions: list[Action] = [
             _speak(context_id, transcript, voicing, stream=True, max_wait_ms=delay or None)
@@ -526,6 +537,8 @@ class CartesiaContexts:
                 "this context's input has ended (continue: false): send to a new context_id"
             )
         actions: list[Action] = [Append(id=context_id, text=transcript)] if transcript else []
+        if transcript:
+            context.text.append(transcript)
         if not more:
             context.finished = True
             actions.append(Finish(id=context_id))
@@ -625,9 +638,11 @@ def encode_chunk(
     return _encode(_with_context(context_id, message))
 
 
-def encode_timestamps(context_id: str | None, words: Sequence[WordEvent]) -> bytes:
+def encode_timestamps(context_id: str | None, words: Sequence[WordEvent], text: str = "") -> bytes:
     """Encode ``timestamps``: the words' start and end in seconds from the utterance's
-    start, in Cartesia's parallel arrays."""
+    start, in Cartesia's parallel arrays. Each word is written as in ``text`` (the
+    transcript sent) when given: with the punctuation that stands against it
+    (``there,``), as Cartesia echoes the transcript's words and LiveKit aligns them."""
     return _encode(
         _with_context(
             context_id,
@@ -636,13 +651,30 @@ def encode_timestamps(context_id: str | None, words: Sequence[WordEvent]) -> byt
                 "done": False,
                 "status_code": _PARTIAL,
                 "word_timestamps": {
-                    "words": [word.text for word in words],
+                    "words": [_as_sent(word, text) for word in words],
                     "start": [round(word.offset_ms / 1000, 6) for word in words],
                     "end": [round((word.offset_ms + word.duration_ms) / 1000, 6) for word in words],
                 },
             },
         )
     )
+
+
+def _as_sent(word: WordEvent, text: str) -> str:
+    """The word as ``text`` has it, with the punctuation that stands against it up to
+    the next space or word (``there,``, ``(hello``), or the word as spoken when ``text``
+    does not hold it."""
+    start, end = word.char_start, word.char_end
+    if not text or start is None or end is None or not 0 <= start < end <= len(text):
+        return word.text
+    opening = start
+    while opening > 0 and not text[opening - 1].isspace() and not text[opening - 1].isalnum():
+        opening -= 1
+    if opening == 0 or text[opening - 1].isspace():  # else the marks close the word before
+        start = opening
+    while end < len(text) and not text[end].isspace() and not text[end].isalnum():
+        end += 1
+    return text[start:end]
 
 
 def encode_flush_done(context_id: str, flush_id: int) -> bytes:

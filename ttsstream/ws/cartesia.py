@@ -145,7 +145,8 @@ class _Messages:
         await self.words((word,))
 
     async def words(self, words: Sequence[WordEvent]) -> None:
-        await self._send(encode_timestamps(self._id, words))
+        text = self._connection.contexts.text_of(self._id)
+        await self._send(encode_timestamps(self._id, words, text))
 
     async def end(self, summary: Summary) -> None:
         if self._dropped():
