@@ -481,3 +481,19 @@ async def test_a_replay_dropped_mid_way_still_ends_its_utterance(
         assert "Traceback" not in errors and '"level":"ERROR"' not in errors, errors
     finally:
         await stop(process)
+
+
+async def test_queue_size_zero_lets_one_play_and_none_wait(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """With QUEUE_SIZE=0 the first speak plays (it waits for nothing) and a second while
+    it plays gets queue_full (before, every speak was refused)."""
+    server = await start_server(queue_size=0)
+    fake.pause_after_chunks = 1
+    async with connected(server) as client:
+        await client.speak("Playing.", id="p")
+        await asyncio.wait_for(fake.paused.wait(), TIMEOUT)
+        await client.speak("Waiting.", id="w")
+        assert (await client.until_final("w")).final["code"] == "queue_full"
+        fake.resume.set()
+        assert (await client.until_final("p")).final["type"] == "end"

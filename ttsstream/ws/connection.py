@@ -427,9 +427,10 @@ class Connection:
             raise InvalidParameter(
                 f"id {request.id!r} is already queued or playing", utterance_id=request.id
             )
-        # Pending utterances about to play in a free speaker are not waiting.
-        waiting = max(0, len(self._pending) - (self.parallel - len(self._playing)))
-        if waiting >= self._config.queue_size:
+        # Pending utterances about to play in a free speaker are not waiting; this one
+        # would wait if no speaker is left for it (QUEUE_SIZE=0: none may wait).
+        free = self.parallel - len(self._playing)
+        if len(self._pending) + 1 - free > self._config.queue_size:
             raise QueueFull(
                 f"{self._config.queue_size} "
                 + ("utterance is" if self._config.queue_size == 1 else "utterances are")
