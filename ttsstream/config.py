@@ -150,6 +150,12 @@ class Config:
     #: Keys that open the server (several during a rotation); empty: no authentication.
     #: Never in repr, so never in a log line.
     api_keys: tuple[str, ...] = field(default=(), repr=False)
+    #: The tenants' keys and limits (TOML; :mod:`ttsstream.core.tenants`), reloaded on
+    #: SIGHUP and when it changes; None: only ``TTS_API_KEY``.
+    api_keys_file: Path | None = None
+    #: Where the tenants' usage is kept on one instance (SQLite); None: beside the keys
+    #: file (``usage.sqlite3``), or nowhere without one. In a cluster, Redis keeps it.
+    usage_db: Path | None = None
     #: Exact origins browsers may connect from; None allows every origin.
     allowed_origins: tuple[str, ...] | None = None
     #: Proxies whose X-Forwarded-For / X-Real-IP are believed: IPs or CIDRs.
@@ -365,6 +371,11 @@ def _optional_text(text: str) -> str | None:
     return None if text.lower() == "none" else text
 
 
+def _optional_path(text: str) -> Path | None:
+    text = text.strip()
+    return Path(text) if text else None
+
+
 def _integer(text: str) -> int:
     return int(text.strip())
 
@@ -446,6 +457,8 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "MAX_STREAM_TEXT_LENGTH": ("max_stream_text_length", _integer, "an integer >= 1"),
     "STREAM_IDLE_TIMEOUT": ("stream_idle_timeout", _number, "seconds > 0, such as 20"),
     "TTS_API_KEY": ("api_keys", _list, _KEYS_FORM),
+    "API_KEYS_FILE": ("api_keys_file", _optional_path, "a file path (TOML), or empty"),
+    "USAGE_DB": ("usage_db", _optional_path, "a file path, or empty"),
     "ALLOWED_ORIGINS": ("allowed_origins", _origins, _ORIGINS_FORM),
     "TRUSTED_PROXIES": ("trusted_proxies", _list, _PROXIES_FORM),
     "PUBLIC_LISTS": ("public_lists", _boolean, "true or false"),

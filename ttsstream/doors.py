@@ -9,7 +9,10 @@ to be idle, and cuts what a drain left unfinished. The route table
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
+
+from ttsstream.core.context import Principal
 
 __all__ = ["Door"]
 
@@ -29,3 +32,7 @@ class Door(Protocol):
 
     async def cut(self) -> None:
         """End what is in progress with ``shutting_down`` (the server stops now)."""
+
+    def revoke(self, holds: Callable[[Principal], bool]) -> int:
+        """End the connections and streams whose key no longer opens the server (a key
+        revoked, or a rotated-out key expired) with ``key_revoked``; how many."""

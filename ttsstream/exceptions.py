@@ -11,6 +11,7 @@ status and body (:mod:`ttsstream.http.errors`), and a refused handshake's answer
 
     TTSStreamError
     ├── ConfigError                 a setting is invalid (never reaches a client)
+    │   └── KeysFileError               API_KEYS_FILE cannot be read or is not valid
     ├── HandshakeRefused            the handshake is answered with an HTTP error, no upgrade
     │   ├── EndpointNotFound            404 not_found
     │   ├── Unauthorized                401 unauthorized
@@ -33,6 +34,9 @@ status and body (:mod:`ttsstream.http.errors`), and a refused handshake's answer
         │   ├── QueueFull               queue_full
         │   ├── NotFound                not_found
         │   ├── RateLimited             rate_limited (429 with Retry-After at the handshake)
+        │   │   └── QuotaExceeded           quota_exceeded (a tenant's characters per day/month)
+        │   ├── VoiceNotAllowed         voice_not_allowed (not among the tenant's voices)
+        │   ├── KeyRevoked              key_revoked (the key was revoked while in use)
         │   ├── KeyRefused              unauthorized (a key sent in a first message)
         │   └── ShuttingDown            shutting_down
         └── UpstreamError           the speech service failed
@@ -61,10 +65,13 @@ __all__ = [
     "InvalidParameter",
     "InvalidVoice",
     "KeyRefused",
+    "KeyRevoked",
+    "KeysFileError",
     "NoAudio",
     "NotFound",
     "OriginNotAllowed",
     "QueueFull",
+    "QuotaExceeded",
     "RateLimited",
     "RequestError",
     "ServerFull",
@@ -79,6 +86,7 @@ __all__ = [
     "UpstreamError",
     "UpstreamTimeout",
     "UpstreamUnavailable",
+    "VoiceNotAllowed",
     "error_code",
     "http_status",
 ]
@@ -101,6 +109,17 @@ class ConfigError(TTSStreamError):
 
     def __str__(self) -> str:
         return f"{self.variable}={self.value!r}{self.source} is invalid: expected {self.expected}"
+
+
+class KeysFileError(ConfigError):
+    """``API_KEYS_FILE`` cannot be read, or is not a valid tenants file."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__("API_KEYS_FILE", "", problem)
+        self.problem = problem
+
+    def __str__(self) -> str:
+        return self.problem
 
 
 class CannotListen(TTSStreamError):
@@ -281,6 +300,26 @@ class RateLimited(RequestError):
         self.retry_after = retry_after
 
 
+class QuotaExceeded(RateLimited):
+    """The key's tenant has spoken its characters for the day or the month; ``retry_after``
+    is when the period resets."""
+
+    code = "quota_exceeded"
+
+
+class VoiceNotAllowed(RequestError):
+    """The key's tenant may not use this voice (its ``voices`` patterns)."""
+
+    code = "voice_not_allowed"
+
+
+class KeyRevoked(RequestError):
+    """The key this connection or stream was admitted with was revoked (or its rotation's
+    grace period ended) while it was open."""
+
+    code = "key_revoked"
+
+
 class KeyRefused(RequestError):
     """The key a protocol's first message carries (ElevenLabs' ``xi_api_key``) opens
     nothing, or none came; the connection is closed after the error."""
@@ -333,11 +372,14 @@ HTTP_STATUS = {
     "invalid_parameter": 400,
     "unsupported_format": 400,
     "unauthorized": 401,
+    "key_revoked": 401,
+    "voice_not_allowed": 403,
     "not_found": 404,
     "body_timeout": 408,
     "body_too_large": 413,
     "unsupported_media_type": 415,
     "rate_limited": 429,
+    "quota_exceeded": 429,
     "queue_full": 429,
     "shutting_down": 503,
     "upstream_unavailable": 503,

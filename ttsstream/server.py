@@ -87,6 +87,8 @@ class Server:
         self._server: WebSocketServer | None = None
         self._port: int | None = None
         self._voice_list: asyncio.Task[None] | None = None
+        #: The keys file's watch and the usage's batch writer.
+        self._keepers: list[asyncio.Task[None]] = []
         self._ops_closed = False
         self._http_closed = False
         self.http = HttpDoor(services)
@@ -123,6 +125,11 @@ class Server:
         self._voice_list = asyncio.create_task(
             self.services.router.keep_voices_fresh(self.config.voices_ttl)
         )
+        self.services.keys.on_change(self.revoke)
+        self._keepers = [
+            asyncio.create_task(self.services.keys.watch()),
+            asyncio.create_task(self.services.usage.run()),
+        ]
         self.state = "serving"
         logger.info(
             "listening on %s (side port %s:%d)",
@@ -130,6 +137,19 @@ class Server:
             self.config.health_address,
             self.ops.port,
         )
+
+    def revoke(self) -> int:
+        """End what was opened with a key that no longer opens the server, on every door
+        (``key_revoked``); how many connections and streams."""
+        holds = self.services.keys.holds
+        ended = sum(door.revoke(holds) for door in self.doors)
+        if ended:
+            logger.info("keys changed: %d connections and streams ended (key_revoked)", ended)
+        return ended
+
+    def reload_keys(self) -> None:
+        """Read ``API_KEYS_FILE`` again (SIGHUP)."""
+        self.services.keys.reload()
 
     @property
     def addresses(self) -> list[str]:
@@ -182,6 +202,11 @@ class Server:
                 self._http_closed = True
                 await self.http.close(CLOSE_TIMEOUT_AT_ONCE)
             await self.ops.close()
+            for keeper in self._keepers:
+                keeper.cancel()
+            if self._keepers:
+                await asyncio.wait(self._keepers)
+            await self.services.usage.close()
             await self.services.router.aclose()
             if self.services.cluster is not None:
                 await self.services.cluster.aclose()
@@ -297,7 +322,7 @@ class Server:
             )
         if keys_required and self.config.allowed_origins is None:
             logger.warning(
-                "TTS_API_KEY is set but ALLOWED_ORIGINS allows every origin: any web page "
+                "API keys are set but ALLOWED_ORIGINS allows every origin: any web page "
                 "that learns a key can use it from visitors' browsers"
             )
 
@@ -333,7 +358,7 @@ class Server:
         self._admitted[connection] = _Admitted(
             ip, principal, route, params, request.path, key_later
         )
-        watcher = asyncio.create_task(self._release_when_closed(connection, ip))
+        watcher = asyncio.create_task(self._release_when_closed(connection, ip, principal))
         self._watchers.add(watcher)
         watcher.add_done_callback(self._watchers.discard)
         return None
@@ -343,11 +368,13 @@ class Server:
         self._watchers.add(task)
         task.add_done_callback(self._watchers.discard)
 
-    async def _release_when_closed(self, connection: ServerConnection, ip: str) -> None:
+    async def _release_when_closed(
+        self, connection: ServerConnection, ip: str, principal: Principal
+    ) -> None:
         try:
             await connection.wait_closed()
         finally:
-            self._admission.release(ip)
+            self._admission.release(ip, principal)
             self._admitted.pop(connection, None)
 
     async def _handle(self, connection: ServerConnection) -> None:
@@ -455,7 +482,7 @@ def _select_subprotocol(
 async def run(config: Config) -> None:
     """Run a server until SIGINT or SIGTERM, then drain it; a second signal closes at once.
 
-    SIGHUP reopens the log files.
+    SIGHUP reopens the log files and reloads ``API_KEYS_FILE``.
     """
     loop = asyncio.get_running_loop()
     _fit_file_limit(config.max_connections)
@@ -475,7 +502,7 @@ async def run(config: Config) -> None:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signum, signals.put_nowait, signum)
     with contextlib.suppress(NotImplementedError):
-        loop.add_signal_handler(signal.SIGHUP, logs.reopen)
+        loop.add_signal_handler(signal.SIGHUP, _on_hangup, server)
     first = await signals.get()
     logger.info("%s: shutting down", signal.Signals(first).name)
     drain = asyncio.create_task(server.drain(config.drain_timeout))
@@ -488,6 +515,11 @@ async def run(config: Config) -> None:
     server.close()
     await server.wait_closed()
     logger.info("stopped")
+
+
+def _on_hangup(server: Server) -> None:
+    logs.reopen()
+    server.reload_keys()
 
 
 #: File descriptors kept beside the connections: the cache, logs, Redis, Edge, the side port.

@@ -17,13 +17,17 @@ from ttsstream.cluster.flights import SharedFlights
 from ttsstream.cluster.link import RedisLink
 from ttsstream.cluster.ratelimit import SharedWindow
 from ttsstream.cluster.slots import SharedSlots
+from ttsstream.cluster.usage import SharedUsage
 from ttsstream.config import Config
 from ttsstream.core.admission import Admission
+from ttsstream.core.keyring import Keyring
 from ttsstream.core.router import SpeechRouter, speech_router
 from ttsstream.core.speech_cache import SpeechCache
+from ttsstream.core.usage import Usage, UsageStore
 from ttsstream.core.utterance import Utterances
 from ttsstream.engines.base import Engine
 from ttsstream.stats import Stats
+from ttsstream.usage.sqlite import SqliteUsage
 
 __all__ = ["Services", "build_services"]
 
@@ -42,6 +46,10 @@ class Services:
     speech: SpeechCache
     #: The speak policy and the utterance run: what both doors call.
     utterances: Utterances
+    #: The keys in force (``TTS_API_KEY``, ``API_KEYS_FILE``'s tenants), reloaded live.
+    keys: Keyring
+    #: The tenants' charges, quotas and usage.
+    usage: Usage
     #: The link to the cluster's Redis (``REDIS_URL``), or ``None`` for one instance.
     cluster: RedisLink | None = None
 
@@ -63,9 +71,11 @@ def build_services(
         clock: Monotonic seconds for the rate limit; tests pass their own.
 
     Raises:
-        ConfigError: A voice setting names an offline voice that is not available.
+        ConfigError: A voice setting names an offline voice that is not available, or
+            ``API_KEYS_FILE`` cannot be read or is not valid.
     """
     stats = Stats()
+    keys = Keyring(config.api_keys, config.api_keys_file)
     cluster = (
         RedisLink(
             config.redis_url, prefix=config.redis_prefix, lease_seconds=config.redis_lease_seconds
@@ -104,7 +114,15 @@ def build_services(
         entries = SharedEntries(
             cluster, ttl=config.cache_shared_ttl, flights=flights, window=window
         )
-    admission = Admission(config, stats, clock=clock, shared=window, shared_connections=connections)
+    shared_usage = SharedUsage(cluster) if cluster is not None else None
+    usage = Usage(shared_usage or usage_store(config), shared=shared_usage)
+    stats.tenant_counts = lambda: {
+        key: (t.characters, t.cached_characters, t.audio_ms / 1000, t.requests, t.errors)
+        for key, t in usage.totals.items()
+    }
+    admission = Admission(
+        config, stats, clock=clock, shared=window, shared_connections=connections, keyring=keys
+    )
     speech = SpeechCache(router, store, stats, shared=entries, flights=flights)
     return Services(
         config=config,
@@ -113,6 +131,19 @@ def build_services(
         router=router,
         store=store,
         speech=speech,
-        utterances=Utterances(config, speech, stats),
+        utterances=Utterances(config, speech, stats, usage),
+        keys=keys,
+        usage=usage,
         cluster=cluster,
     )
+
+
+def usage_store(config: Config) -> UsageStore | None:
+    """Where one instance keeps the tenants' usage: ``USAGE_DB``, else ``usage.sqlite3``
+    beside ``API_KEYS_FILE``; nowhere (memory only) without either. (A cluster keeps
+    it in Redis.)"""
+    if config.usage_db is not None:
+        return SqliteUsage(config.usage_db)
+    if config.api_keys_file is not None:
+        return SqliteUsage(config.api_keys_file.parent / "usage.sqlite3")
+    return None

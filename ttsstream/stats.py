@@ -45,6 +45,9 @@ class Stats:
     #: Utterances queued or playing (HTTP: streams) on each door, by label; the server
     #: sets it to ask its doors.
     doors_in_progress: Callable[[], dict[str, int]] = dict
+    #: Each tenant's counts by door since start: (characters, cached characters, audio
+    #: seconds, requests, errors); the services set it to ask the usage.
+    tenant_counts: Callable[[], dict[tuple[str, str], tuple[int, int, float, int, int]]] = dict
     #: Finished utterances by the audio format they were sent in (``mp3``, ``opus``…).
     formats: Counter[str] = field(default_factory=Counter)
     bytes_sent: int = 0
@@ -189,6 +192,7 @@ class _StatsCollector(Collector):
         for door, count in sorted(stats.doors_in_progress().items()):
             in_progress.add_metric([door], count)
         yield in_progress
+        yield from _tenant_metrics(stats.tenant_counts())
         upstream_errors = CounterMetricFamily(
             "ttsstream_upstream_errors", "Edge failures by kind.", labels=["kind"]
         )
@@ -234,3 +238,40 @@ class _StatsCollector(Collector):
         )
         for name, documentation, value in gauges:
             yield GaugeMetricFamily(name, documentation, value=value)
+
+
+def _tenant_metrics(
+    counts: dict[tuple[str, str], tuple[int, int, float, int, int]],
+) -> Iterator[Metric]:
+    """Each tenant's counts by door (tenant names come from the keys file: bounded)."""
+    families = [
+        CounterMetricFamily(
+            "ttsstream_tenant_characters",
+            "Characters spoken per tenant and door (cache hits included).",
+            labels=["tenant", "interface"],
+        ),
+        CounterMetricFamily(
+            "ttsstream_tenant_cached_characters",
+            "Characters replayed from the cache per tenant and door.",
+            labels=["tenant", "interface"],
+        ),
+        CounterMetricFamily(
+            "ttsstream_tenant_audio_seconds",
+            "Seconds of audio sent per tenant and door.",
+            labels=["tenant", "interface"],
+        ),
+        CounterMetricFamily(
+            "ttsstream_tenant_requests",
+            "Utterances per tenant and door.",
+            labels=["tenant", "interface"],
+        ),
+        CounterMetricFamily(
+            "ttsstream_tenant_errors",
+            "Utterances that failed per tenant and door.",
+            labels=["tenant", "interface"],
+        ),
+    ]
+    for (tenant, door), values in sorted(counts.items()):
+        for family, value in zip(families, values, strict=True):
+            family.add_metric([tenant, door], value)
+    yield from families

@@ -19,10 +19,11 @@ from dataclasses import dataclass
 import orjson
 
 from ttsstream.config import Config
-from ttsstream.core.auth import ApiKeys, offered_key, redact
+from ttsstream.core.auth import offered_key, redact
 from ttsstream.core.clientip import client_ip, is_trusted
-from ttsstream.core.context import ANONYMOUS, KEYED, Principal
+from ttsstream.core.context import ANONYMOUS, Principal
 from ttsstream.core.headers import HeaderValues
+from ttsstream.core.keyring import Keyring
 from ttsstream.core.ratelimit import (
     ConnectionCounter,
     LimiterUnavailable,
@@ -50,6 +51,9 @@ __all__ = ["Admission", "HttpAnswer", "Refusal", "encode_refusal"]
 #: Seconds between two access-log lines about connections refused at accept (the
 #: ones between are counted in the next line's ``unlogged``).
 REFUSAL_LOG_INTERVAL = 1.0
+
+#: How a tenant's counts are named beside client IPs' (a name cannot be an IP).
+TENANT_PREFIX = "tenant:"
 
 #: What a request may be refused with.
 Refusal = HandshakeRefused | RateLimited
@@ -97,8 +101,13 @@ class Admission:
         clock: Callable[[], float] = time.monotonic,
         shared: SharedLimiter | None = None,
         shared_connections: SharedConnections | None = None,
+        keyring: Keyring | None = None,
     ) -> None:
-        self.keys = ApiKeys(config.api_keys)
+        #: The keys in force (``TTS_API_KEY``, ``API_KEYS_FILE``'s tenants).
+        self.keys = keyring if keyring is not None else Keyring(config.api_keys)
+        self._clock = clock
+        #: Each tenant's own window, by name (made again when its limits change).
+        self._tenant_windows: dict[str, MovingWindow] = {}
         #: This instance's own window: the limit alone, or when the shared one cannot answer.
         self.limiter = MovingWindow(
             config.rate_limit_requests, config.rate_limit_window, clock=clock
@@ -195,11 +204,24 @@ class Admission:
             raise EndpointNotFound("no such endpoint")
         refusal: HandshakeRefused | None = None
         principal = ANONYMOUS
-        if not self.origin_allowed(headers.get("Origin")):
+        origin = headers.get("Origin")
+        if not self.origin_allowed(origin):
             refusal = OriginNotAllowed("this origin may not connect")
         elif self.keys.required and needs_key:
-            refusal = self._check_key(headers, path, key)
-            principal = KEYED
+            judged = self._judge_key(headers, path, key)
+            if isinstance(judged, Principal):
+                principal = judged
+                if principal.tenant is not None and not principal.tenant.allows_origin(origin):
+                    refusal = OriginNotAllowed("this key may not be used from this origin")
+            else:
+                refusal = judged
+        if refusal is None and principal.limited_as_tenant:
+            # A tenant's requests count toward its own limits, not its IP's.
+            retry_after = await self._hit(client, principal=principal)
+            if retry_after is not None:
+                raise RateLimited(self._over_tenant_limit(principal), retry_after=retry_after)
+            await self._count_connection(client, principal)
+            return principal
         if refusal is None and self._in_one_round_trip:
             retry_after = await self._hit_and_count(client)
         else:
@@ -211,6 +233,27 @@ class Admission:
         if not self._in_one_round_trip:
             await self._count_connection(client)
         return principal
+
+    def _over_tenant_limit(self, principal: Principal) -> str:
+        window = self._window(principal)
+        return (
+            f"too many requests with the key of {principal.name!r} (more than "
+            f"{window.limit} in {window.window:g} seconds)"
+        )
+
+    def _window(self, principal: Principal) -> MovingWindow:
+        """The window ``principal``'s requests count in: its tenant's, or the per-IP one."""
+        tenant = principal.tenant
+        if tenant is None or tenant.unnamed:
+            return self.limiter
+        limit = self.limiter.limit if tenant.requests is None else tenant.requests
+        seconds = self.limiter.window if tenant.window is None else tenant.window
+        window = self._tenant_windows.get(tenant.name)
+        if window is None or (window.limit, window.window) != (limit, seconds):
+            window = self._tenant_windows[tenant.name] = MovingWindow(
+                limit, seconds, clock=self._clock
+            )
+        return window
 
     @property
     def _over_limit(self) -> str:
@@ -225,18 +268,19 @@ class Admission:
             "forwards each user's IP"
         )
 
-    def _check_key(
+    def _judge_key(
         self, headers: HeaderValues, path: str, extra: str | None = None
-    ) -> HandshakeRefused | None:
-        """Why the request's key does not open the server, if it does not: none, a
-        wrong one, or several different ones (one request tries one key)."""
+    ) -> Principal | HandshakeRefused:
+        """Who the request's key belongs to, or why it opens nothing: no key, a wrong
+        one, or several different ones (one request tries one key)."""
         try:
             key = offered_key(headers, path, extra)
         except AmbiguousKey as ambiguous:
             return ambiguous
-        if key is None or not self.keys.accept((key,)):
+        principal = None if key is None else self.keys.find(key)
+        if principal is None:
             return Unauthorized("a valid API key is required")
-        return None
+        return principal
 
     @property
     def _in_one_round_trip(self) -> bool:
@@ -266,33 +310,45 @@ class Admission:
             self._count_here(client)
         return retry_after
 
-    async def _count_connection(self, client: str) -> None:
-        """Count ``client``'s new connection, in the cluster too if there is one."""
+    async def _count_connection(self, client: str, principal: Principal = ANONYMOUS) -> None:
+        """Count ``client``'s new connection (a tenant's: toward its ``concurrent``), in
+        the cluster too if there is one."""
+        holder, cap = self._holder(client, principal)
         shared, counter = self.shared_connections, self.connections
         if shared is None:
-            counter.acquire(client)
+            counter.acquire(holder, cap=cap)
             return
         try:
-            await shared.acquire(client, counter.per_ip, counter.total_cap)
+            await shared.acquire(holder, cap, counter.total_cap)
         except LimiterUnavailable:
-            counter.acquire(client)
+            counter.acquire(holder, cap=cap)
             return
-        self._count_here(client)
+        self._count_here(holder, cap)
 
-    def _count_here(self, client: str) -> None:
+    def _holder(self, client: str, principal: Principal) -> tuple[str, int]:
+        """Whose connection count a connection is in, and its cap: the client IP's
+        (``MAX_CONNECTIONS_PER_IP``), or its tenant's (``concurrent``)."""
+        tenant = principal.tenant
+        if tenant is None or tenant.unnamed:
+            return client, self.connections.per_ip
+        cap = self.connections.per_ip if tenant.concurrent is None else tenant.concurrent
+        return TENANT_PREFIX + tenant.name, cap
+
+    def _count_here(self, client: str, cap: int | None = None) -> None:
         """Count a connection the cluster counted in this instance's own counts too."""
         assert self.shared_connections is not None
         try:
-            self.connections.acquire(client)
+            self.connections.acquire(client, cap=cap)
         except (TooManyConnections, ServerFull):
             self.shared_connections.release(client)
             raise
 
-    def release(self, client: str) -> None:
-        """An admitted connection ended."""
-        self.connections.release(client)
+    def release(self, client: str, principal: Principal = ANONYMOUS) -> None:
+        """An admitted connection ended (``principal``: who :meth:`admit` admitted)."""
+        holder, _ = self._holder(client, principal)
+        self.connections.release(holder)
         if self.shared_connections is not None:
-            self.shared_connections.release(client)
+            self.shared_connections.release(holder)
 
     async def check_rate(
         self,
@@ -300,6 +356,7 @@ class Admission:
         utterance_id: str | None = None,
         *,
         lookahead: Lookahead | None = None,
+        principal: Principal = ANONYMOUS,
     ) -> None:
         """Count one more request on an admitted connection (a ``speak``, a ``voices``).
 
@@ -309,26 +366,38 @@ class Admission:
         Raises:
             RateLimited: The client is over its rate limit.
         """
-        retry_after = await self._hit(client, lookahead)
+        retry_after = await self._hit(client, lookahead, principal=principal)
         if retry_after is not None:
             self._stats.rate_limited += 1
             raise RateLimited(
-                self._over_limit,
+                (
+                    self._over_tenant_limit(principal)
+                    if principal.limited_as_tenant
+                    else self._over_limit
+                ),
                 retry_after=retry_after,
                 utterance_id=utterance_id,
             )
 
-    async def _hit(self, client: str, lookahead: Lookahead | None = None) -> int | None:
-        """One request of ``client``: in the cluster's window, else in this instance's."""
-        limiter = self.limiter
+    async def _hit(
+        self,
+        client: str,
+        lookahead: Lookahead | None = None,
+        *,
+        principal: Principal = ANONYMOUS,
+    ) -> int | None:
+        """One request of ``client`` (of its tenant, when ``principal`` has limits of its
+        own): in the cluster's window, else in this instance's."""
+        limiter = self._window(principal)
+        key = self._holder(client, principal)[0]
         if self.shared is None or limiter.limit == 0:
-            return limiter.hit(client)
+            return limiter.hit(key)
         try:
             if lookahead is not None:
-                return await lookahead.hit(client, limiter.limit, limiter.window)
-            return await self.shared.hit(client, limiter.limit, limiter.window)
+                return await lookahead.hit(key, limiter.limit, limiter.window)
+            return await self.shared.hit(key, limiter.limit, limiter.window)
         except LimiterUnavailable:
-            return limiter.hit(client)
+            return limiter.hit(key)
 
     def origin_allowed(self, origin: str | None) -> bool:
         """Whether a request from ``origin`` (``None``: not from a browser) is allowed."""
@@ -367,18 +436,22 @@ class Admission:
             "Vary": "Origin",
         }
 
-    def check_key(self, key: str | None) -> Principal:
+    def check_key(self, key: str | None, origin: str | None = None) -> Principal:
         """Who a key given after the handshake (in a protocol's first message) belongs to.
 
         Raises:
-            KeyRefused: It opens nothing (counted as an authentication failure).
+            KeyRefused: It opens nothing, or not from ``origin`` (counted as an
+                authentication failure).
         """
         if not self.keys.required:
             return ANONYMOUS
-        if key is None or not self.keys.accept((key,)):
+        principal = None if key is None else self.keys.find(key)
+        if principal is None or (
+            principal.tenant is not None and not principal.tenant.allows_origin(origin)
+        ):
             self._stats.auth_failures += 1
             raise KeyRefused("a valid API key is required")
-        return KEYED
+        return principal
 
     def _count(self, refused: Refusal) -> None:
         if isinstance(refused, RateLimited | TooManyConnections | ServerFull):

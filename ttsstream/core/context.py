@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["ANONYMOUS", "KEYED", "Principal", "RequestContext"]
+from ttsstream.core.tenants import KeyHash, Tenant
+
+__all__ = ["ANONYMOUS", "Principal", "RequestContext"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,12 +23,20 @@ class Principal:
     name: str
     #: Whether the request proved a key (else the server needs none, or the endpoint).
     keyed: bool = False
+    #: The tenant whose key it proved, with its limits (``None``: anonymous).
+    tenant: Tenant | None = None
+    #: Which of the tenant's keys (so a revoked or expired one ends what it opened).
+    key: KeyHash | None = None
+
+    @property
+    def limited_as_tenant(self) -> bool:
+        """Whether its requests count toward its tenant's limits rather than its IP's
+        (a tenant of ``API_KEYS_FILE``; ``TTS_API_KEY``'s keys keep the per-IP limits)."""
+        return self.tenant is not None and not self.tenant.unnamed
 
 
 #: A request admitted without a key (the server has none, or a public list).
 ANONYMOUS = Principal("anonymous")
-#: A request that proved one of ``TTS_API_KEY``'s keys (an unnamed tenant).
-KEYED = Principal("default", keyed=True)
 
 
 @dataclass(frozen=True, slots=True)

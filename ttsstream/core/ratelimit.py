@@ -157,12 +157,13 @@ class ConnectionCounter:
         self.total = 0
         self._by_ip: dict[str, int] = {}
 
-    def acquire(self, ip: str, *, capped: bool = True) -> None:
-        """Count one more connection from ``ip``.
+    def acquire(self, ip: str, *, capped: bool = True, cap: int | None = None) -> None:
+        """Count one more connection from ``ip`` (or of a tenant, named so).
 
         Args:
             capped: Whether ``MAX_CONNECTIONS_PER_IP`` applies (not to a trusted proxy,
                 whose connections carry many clients).
+            cap: The cap instead of ``MAX_CONNECTIONS_PER_IP`` (a tenant's ``concurrent``).
 
         Raises:
             ServerFull: The server is at ``MAX_CONNECTIONS``.
@@ -170,8 +171,9 @@ class ConnectionCounter:
         """
         if self.total >= self.total_cap:
             raise ServerFull("the server has too many connections; try again later")
-        if capped and self._by_ip.get(ip, 0) >= self.per_ip:
-            raise TooManyConnections(f"at most {self.per_ip} connections per client")
+        limit = self.per_ip if cap is None else cap
+        if capped and self._by_ip.get(ip, 0) >= limit:
+            raise TooManyConnections(f"at most {limit} connections per client")
         self.total += 1
         self._by_ip[ip] = self._by_ip.get(ip, 0) + 1
 

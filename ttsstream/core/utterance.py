@@ -33,8 +33,16 @@ from ttsstream.core.router import Started
 from ttsstream.core.segmenter import Segmenter
 from ttsstream.core.speech_cache import Lookahead, SpeechCache
 from ttsstream.core.streaming import StreamingText, speak_stream
+from ttsstream.core.usage import Usage
 from ttsstream.engines.base import AudioChunk, SynthesisRequest, WordEvent
-from ttsstream.exceptions import ClientError, EmptyText, ShuttingDown, error_code
+from ttsstream.exceptions import (
+    ClientError,
+    EmptyText,
+    QuotaExceeded,
+    ShuttingDown,
+    VoiceNotAllowed,
+    error_code,
+)
 from ttsstream.logs import access
 from ttsstream.stats import Stats
 
@@ -108,8 +116,12 @@ class Utterances:
         stats: Counters to update.
     """
 
-    def __init__(self, config: Config, speech: SpeechCache, stats: Stats) -> None:
+    def __init__(
+        self, config: Config, speech: SpeechCache, stats: Stats, usage: Usage | None = None
+    ) -> None:
         self._config = config
+        #: Charges, quotas and tallies per tenant.
+        self.usage = usage if usage is not None else Usage()
         self._default_voice = config.default_voice
         #: ``VOICE_MAP``: names a client may give for a voice (OpenAI's, an ElevenLabs or
         #: Cartesia voice id hard-coded in an app), lower case, on every door.
@@ -168,6 +180,37 @@ class Utterances:
             )
         try:
             await self._speech.check_voice(request.voice)
+        except ClientError as exc:
+            exc.utterance_id = utterance_id
+            raise
+
+    async def allow(
+        self,
+        request: SynthesisRequest,
+        context: RequestContext,
+        *,
+        utterance_id: str | None = None,
+        streamed: bool = False,
+    ) -> None:
+        """The tenant's own rules for an utterance about to be accepted: its voices, and
+        its quota (:meth:`run` charges the characters; see :mod:`ttsstream.core.usage`).
+        Every door calls it last before accepting an utterance.
+
+        Raises:
+            VoiceNotAllowed: The tenant may not use the voice.
+            QuotaExceeded: The text would pass the tenant's characters per day or month.
+        """
+        principal = context.principal
+        tenant = principal.tenant
+        if tenant is not None and not tenant.allows_voice(request.voice):
+            raise VoiceNotAllowed(
+                f"the key of {principal.name!r} may not use the voice {request.voice!r}",
+                utterance_id=utterance_id,
+            )
+        try:
+            await self.usage.charge(
+                principal, 0 if streamed else _text_chars(request), check_only=True
+            )
         except ClientError as exc:
             exc.utterance_id = utterance_id
             raise
@@ -236,7 +279,9 @@ class Utterances:
             utterance_id: The utterance's id, for the access log.
             received_at: When the request arrived (``time.perf_counter()``).
             context: Who asked, from where, on which connection and door (its share
-                of the upstream, the stats, the access log).
+                of the upstream, the stats, the access log, its tenant's usage: its
+                text's characters are charged as it starts, and given back if none of
+                its audio was sent).
             stream: The text of a streaming utterance (then ``request`` gives its voice
                 and prosody, not its text).
             lookahead: Its lookup, asked already (see :meth:`look_ahead`).
@@ -268,8 +313,19 @@ class Utterances:
         word_count = 0
         ttfb_ms: float | None = None
         outcome = "ok"
+        charged = False
         stats.active_utterances += 1
         try:
+            try:
+                await self.usage.charge(
+                    context.principal, 0 if stream is not None else _text_chars(request)
+                )
+            except QuotaExceeded as exc:
+                exc.utterance_id = utterance_id
+                if lookahead is not None:
+                    lookahead.close()
+                raise
+            charged = True
             if (
                 stream is None
                 and cleaned is not None
@@ -342,8 +398,9 @@ class Utterances:
             if _cancelling():
                 outcome = "cancelled"
                 if sink.cut:
-                    # The server stops now: the client learns its utterance was cut.
-                    cut = cut_short()
+                    # The server stops now, or the key was revoked: the client learns
+                    # its utterance was cut, and why (a sink may say: ``cut_error``).
+                    cut = getattr(sink, "cut_error", None) or cut_short()
                     outcome = error_code(cut)
                     await self._failed(sink, cut, utterance_id, partial=byte_count > 0)
                 elif sink.gone:
@@ -364,6 +421,8 @@ class Utterances:
                 pipe.close()
             stats.active_utterances -= 1
             stats.finished(outcome, context.door)
+            if charged:
+                self._tally(request, stream, context, started, pipe, byte_count, outcome)
             stats.formats[audio_format.name] += 1
             access(
                 "utterance",
@@ -397,6 +456,35 @@ class Utterances:
                 await events.aclose()
         return outcome
 
+    def _tally(
+        self,
+        request: SynthesisRequest,
+        stream: StreamingText | None,
+        context: RequestContext,
+        started: Started | None,
+        pipe: Pipe | None,
+        byte_count: int,
+        outcome: str,
+    ) -> None:
+        """The utterance's characters kept (some audio was sent) or given back, and its
+        counts in its tenant's usage."""
+        usage, principal = self.usage, context.principal
+        heard = byte_count > 0
+        if stream is not None:
+            characters = stream.total if heard else 0
+            usage.add_charge(principal, characters)
+        else:
+            characters = _text_chars(request) if heard else 0
+            if not heard:
+                usage.refund(principal, _text_chars(request))
+        usage.record(
+            context,
+            characters=characters,
+            cached=bool(started and started.cached),
+            audio_ms=pipe.duration_ms(byte_count) if pipe is not None and heard else 0.0,
+            error=outcome not in _NOT_ERRORS,
+        )
+
     async def _failed(
         self, sink: Sink, exc: BaseException, utterance_id: str, *, partial: bool
     ) -> None:
@@ -423,9 +511,18 @@ def _sent_chars(request: SynthesisRequest, stream: StreamingText | None) -> int:
     """Characters of the text the client sent, for the access log."""
     if stream is not None:
         return stream.total
+    return _text_chars(request)
+
+
+def _text_chars(request: SynthesisRequest) -> int:
+    """Characters of a whole text as the client sent it (what its tenant is charged)."""
     if isinstance(request, CleanedRequest):
         return request.original_length
     return len(request.text)
+
+
+#: Outcomes that are not errors in a tenant's usage (the client ended them).
+_NOT_ERRORS = frozenset({"ok", "cancelled", "disconnected"})
 
 
 def _source(started: Started | None) -> str:

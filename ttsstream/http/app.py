@@ -122,7 +122,7 @@ class HttpDoor:
         judged = await judge(self._services.admission, request)
         if judged.answer is not None:
             return answer(judged.answer)
-        self._services.admission.release(judged.client)
+        self._services.admission.release(judged.client, judged.principal)
         return json_error(
             426,
             "upgrade_required",

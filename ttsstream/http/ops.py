@@ -72,9 +72,13 @@ class OpsServer:
         no_voice_list = router.edge_voices is None and router.edge_voices_error is not None
         cluster = services.cluster
         redis_down = cluster is not None and not cluster.up
+        keys, usage = services.keys, services.usage
+        troubled = keys.error is not None or usage.error is not None
         body = {
             "status": (
-                "degraded" if breaker.state == "open" or no_voice_list or redis_down else "healthy"
+                "degraded"
+                if breaker.state == "open" or no_voice_list or redis_down or troubled
+                else "healthy"
             ),
             "uptime_seconds": round(services.stats.uptime_seconds, 3),
             "cache_enabled": config.cache_enabled,
@@ -98,6 +102,13 @@ class OpsServer:
             "connections": services.stats.connections,
             "cluster": "redis" if cluster is not None else "single",
             "redis": cluster.snapshot() if cluster is not None else None,
+            "keys": {
+                "file": str(keys.path) if keys.path is not None else None,
+                "tenants": len(keys.table.tenants),
+                # Why the file was not reloaded (the last good keys are in force).
+                "last_error": keys.error,
+            },
+            "usage": {"last_error": usage.error},
         }
         return _json(body)
 
@@ -113,6 +124,9 @@ class OpsServer:
         return _json(
             {
                 **self._services.stats.snapshot(),
+                # Each tenant's counts since this process started (GET /v1/usage and
+                # `ttsstream keys usage` give the stored ones).
+                "tenants": self._services.usage.snapshot(),
                 "cluster": "redis" if cluster is not None else "single",
                 "redis": cluster.snapshot() if cluster is not None else None,
             }

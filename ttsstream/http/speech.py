@@ -19,6 +19,7 @@ OpenAI's routes are served under ``/v1`` and without it (``/audio/speech``,
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,12 +36,14 @@ from ttsstream.core.fields import (
     without_nulls,
 )
 from ttsstream.core.router import Started
+from ttsstream.core.usage import Tally
 from ttsstream.core.utterance import Summary
 from ttsstream.engines.base import SynthesisRequest, WordEvent, word_fields
 from ttsstream.exceptions import (
     BadMessage,
     ClientError,
     EndpointNotFound,
+    InvalidParameter,
     InvalidVoice,
     UnsupportedFormat,
 )
@@ -53,6 +56,7 @@ from ttsstream.http.openai import (
     voice_listing,
     voice_table,
 )
+from ttsstream.http.request import judge
 from ttsstream.http.streams import Asked, BodyArgs, HttpStreams, StreamBody, json_body
 from ttsstream.services import Services
 
@@ -62,6 +66,8 @@ __all__ = ["SpeechApi"]
 _OPENAI_PREFIXES = ("/v1", "")
 #: Where a client learns the voices, as an unknown voice's error says.
 _VOICES_PATH = "/v1/audio/voices"
+#: A month of ``GET /v1/usage?month=``.
+_MONTH = re.compile(r"\d{4}-(0[1-9]|1[0-2])")
 
 
 class SpeechApi:
@@ -93,6 +99,8 @@ class SpeechApi:
             for path in ("/audio/speech", "/models", "/models/{model}", "/audio/models"):
                 app.router.add_route("OPTIONS", prefix + path, self.streams.preflight)
             app.router.add_route("OPTIONS", prefix + "/audio/voices", self.streams.preflight)
+        app.router.add_get("/v1/usage", self.usage)
+        app.router.add_route("OPTIONS", "/v1/usage", self.streams.preflight)
 
     # The door
 
@@ -149,6 +157,39 @@ class SpeechApi:
             read,
             _Body,
             words=lambda asked: "batch" if asked.timestamps else "none",
+        )
+
+    async def usage(self, request: web.Request) -> web.StreamResponse:
+        """``GET /v1/usage[?month=2026-12]``: the calling key's own usage in a month (this
+        one by default), by door, with its limits and what is left of its quotas."""
+        judged = await judge(self._services.admission, request)
+        if judged.refused is not None:
+            return self.streams.refused(judged, "tts")
+        self._services.admission.release(judged.client, judged.principal)
+        month = request.query.get("month")
+        if month is not None and not _MONTH.fullmatch(month):
+            return self.streams.error(
+                request, InvalidParameter("month must be a month such as 2026-12"), "tts"
+            )
+        principal, usage = judged.principal, self._services.usage
+        report = await usage.report(principal.name, month)
+        tenants = report["tenants"]
+        assert isinstance(tenants, dict)
+        counts = tenants.get(principal.name) or {**Tally().as_dict(), "doors": {}}
+        tenant = principal.tenant
+        return self.streams.json(
+            request,
+            {
+                "tenant": principal.name,
+                "month": report["month"],
+                **counts,
+                "limits": {
+                    "requests": tenant.requests if tenant is not None else None,
+                    "window": tenant.window if tenant is not None else None,
+                    "concurrent": tenant.concurrent if tenant is not None else None,
+                },
+                "quota": await usage.remaining(principal),
+            },
         )
 
     async def models(self, request: web.Request) -> web.StreamResponse:

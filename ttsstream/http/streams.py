@@ -24,7 +24,7 @@ import orjson
 from aiohttp import StreamReader, web
 
 from ttsstream.audio.formats import Format
-from ttsstream.core.context import RequestContext
+from ttsstream.core.context import Principal, RequestContext
 from ttsstream.core.router import Started
 from ttsstream.core.utterance import ListenerGone, Summary
 from ttsstream.engines.base import SynthesisRequest, WordEvent
@@ -33,6 +33,7 @@ from ttsstream.exceptions import (
     BodyTimeout,
     BodyTooLarge,
     ClientError,
+    KeyRevoked,
     RateLimited,
     ShuttingDown,
     UnsupportedMediaType,
@@ -109,7 +110,10 @@ class StreamBody:
         self._stream: web.StreamResponse | None = None
         #: What the handler returns: the stream once begun, else an answer given in full.
         self.response: web.StreamResponse = web.Response(status=500)
+        #: The server cut the stream (a drain ran out of time, or its key was revoked).
         self.cut = False
+        #: Why, when not a drain (``key_revoked``).
+        self.cut_error: ClientError | None = None
 
     # The sink
 
@@ -261,6 +265,8 @@ class HttpStreams:
         self._config = services.config
         #: Streams in progress, for a drain: their tasks and bodies.
         self._streams: dict[asyncio.Task[Any], StreamBody] = {}
+        #: Who each stream was admitted as (a revoked key's streams end).
+        self._owners: dict[asyncio.Task[Any], Principal] = {}
         #: Requests reading their body (which a drain does not wait for: once read, a
         #: request is refused with ``shutting_down`` anyway).
         self._reading: set[asyncio.Task[Any]] = set()
@@ -281,6 +287,19 @@ class HttpStreams:
 
     async def cut(self) -> None:
         self.stop()
+
+    def revoke(self, holds: Callable[[Principal], bool]) -> int:
+        """End the streams whose key no longer opens the server with ``key_revoked``;
+        how many."""
+        ended = 0
+        for task, body in list(self._streams.items()):
+            owner = self._owners.get(task)
+            if owner is not None and not holds(owner) and not body.cut:
+                body.cut = True
+                body.cut_error = KeyRevoked("this stream's API key was revoked")
+                task.cancel()
+                ended += 1
+        return ended
 
     def stop(self) -> None:
         """Stop the streams still in progress (a drain ran out of time), and the requests
@@ -330,8 +349,10 @@ class HttpStreams:
         assert task is not None
         try:
             self._reading.add(task)
+            context = RequestContext(judged.principal, client, request_id, self.label)
             try:
                 asked = await read()
+                await self._services.utterances.allow(asked.synthesis, context)
             except ClientError as exc:
                 return self._unread(request, exc, shape, request_id)
             except asyncio.CancelledError:
@@ -354,6 +375,7 @@ class HttpStreams:
                 BodyArgs(request, shape, request_id, self.cors(request), self._config.send_timeout),
             )
             self._streams[task] = sink
+            self._owners[task] = judged.principal
             self._idle.clear()
             try:
                 await self._services.utterances.run(
@@ -363,7 +385,7 @@ class HttpStreams:
                     audio_format=asked.audio_format,
                     utterance_id=request_id,
                     received_at=received_at,
-                    context=RequestContext(judged.principal, client, request_id, self.label),
+                    context=context,
                 )
             except asyncio.CancelledError:
                 if not sink.cut:
@@ -372,8 +394,9 @@ class HttpStreams:
                 # bytes, an SSE error event, or a truncated body).
             return sink.response
         finally:
-            admission.release(client)
+            admission.release(client, judged.principal)
             self._streams.pop(task, None)
+            self._owners.pop(task, None)
             if not self._streams:
                 self._idle.set()
 
@@ -442,7 +465,7 @@ class HttpStreams:
         )
         if judged.refused is not None:
             return self.refused(judged, shape)
-        self._services.admission.release(judged.client)
+        self._services.admission.release(judged.client, judged.principal)
         return None
 
 

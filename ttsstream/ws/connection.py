@@ -25,7 +25,7 @@ import logging
 import socket
 import time
 from collections import deque
-from collections.abc import Coroutine, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -33,12 +33,19 @@ from websockets.asyncio.server import ServerConnection, broadcast
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
-from ttsstream.core.context import RequestContext
+from ttsstream.core.context import Principal, RequestContext
 from ttsstream.core.speech_cache import Lookahead
 from ttsstream.core.streaming import StreamingText
 from ttsstream.core.utterance import ListenerGone, Sink
 from ttsstream.engines.base import SynthesisRequest, Voice
-from ttsstream.exceptions import ClientError, InvalidParameter, KeyRefused, NotFound, QueueFull
+from ttsstream.exceptions import (
+    ClientError,
+    InvalidParameter,
+    KeyRefused,
+    KeyRevoked,
+    NotFound,
+    QueueFull,
+)
 from ttsstream.protocols.actions import (
     Action,
     Append,
@@ -289,7 +296,9 @@ class Connection:
             # The handshake had no key: the first message brings it, or the connection ends.
             self.key_pending = False
             try:
-                principal = self._admission.check_key(self.first_message_key())
+                request = self._ws.request
+                origin = request.headers.get("Origin") if request is not None else None
+                principal = self._admission.check_key(self.first_message_key(), origin)
             except KeyRefused as exc:
                 await self._refuse(exc)
                 await self.close(1008, "unauthorized")
@@ -421,12 +430,17 @@ class Connection:
         self, request: Speak, synthesis: SynthesisRequest, lookahead: Lookahead | None
     ) -> None:
         """The speak policy and this connection's own checks; raise why not."""
-        await self._admission.check_rate(self.client_ip, request.id, lookahead=lookahead)
+        await self._admission.check_rate(
+            self.client_ip, request.id, lookahead=lookahead, principal=self.context.principal
+        )
         await self._utterances.accept(synthesis, utterance_id=request.id)
         if request.id in self._ids:
             raise InvalidParameter(
                 f"id {request.id!r} is already queued or playing", utterance_id=request.id
             )
+        await self._utterances.allow(
+            synthesis, self.context, utterance_id=request.id, streamed=request.stream
+        )
         # Pending utterances about to play in a free speaker are not waiting; this one
         # would wait if no speaker is left for it (QUEUE_SIZE=0: none may wait).
         free = self.parallel - len(self._playing)
@@ -582,7 +596,7 @@ class Connection:
 
     async def _ask_voices(self, locale: str | None) -> None:
         """Take a voice-list request: it counts toward the rate limit, and waits its turn."""
-        await self._admission.check_rate(self.client_ip)
+        await self._admission.check_rate(self.client_ip, principal=self.context.principal)
         if len(self._voices_wanted) >= VOICES_PENDING_MAX:
             raise QueueFull(f"{VOICES_PENDING_MAX} voices replies are already pending")
         self._voices_wanted.append(locale)
@@ -608,6 +622,13 @@ class Connection:
         """Close the connection (a protocol's own close: a bad key, a socket it was asked
         to close)."""
         await self._ws.close(code, reason)
+
+    async def end_revoked(self) -> None:
+        """Its key was revoked: say so (``key_revoked``) and close (1008); what was
+        playing ends with the connection."""
+        with contextlib.suppress(ListenerGone, ConnectionClosed):
+            await self._refuse(KeyRevoked("this connection's API key was revoked"))
+        await self.close(1008, "key revoked")
 
     async def send(self, message: bytes | memoryview, *, text: bool = True) -> None:
         """Send one frame; a client that leaves it unread past SEND_TIMEOUT is closed (1008).
@@ -716,6 +737,8 @@ class Connections:
     def __init__(self, label: str) -> None:
         self.label = label
         self._open: set[Connection] = set()
+        #: Connections being closed because their key was revoked.
+        self._ending: set[asyncio.Task[None]] = set()
 
     def add(self, connection: Connection) -> None:
         self._open.add(connection)
@@ -746,6 +769,18 @@ class Connections:
         cuts = [asyncio.create_task(c.cut()) for c in self._open if c.utterances_in_progress]
         if cuts:
             await asyncio.wait(cuts)
+
+    def revoke(self, holds: Callable[[Principal], bool]) -> int:
+        """End the connections whose key no longer opens the server (``key_revoked``);
+        how many."""
+        ended = 0
+        for connection in list(self._open):
+            if not holds(connection.context.principal) and not connection.closed:
+                task = asyncio.create_task(connection.end_revoked())
+                self._ending.add(task)
+                task.add_done_callback(self._ending.discard)
+                ended += 1
+        return ended
 
 
 def _cancelling() -> bool:

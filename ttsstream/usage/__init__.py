@@ -1,0 +1,1 @@
+"""Where the tenants' usage is kept on one instance (the cluster's is in ``cluster/``)."""
