@@ -601,3 +601,42 @@ async def test_redis_away_each_instance_keeps_the_tenant_limits_alone(
     tenants = (await server.services.usage.report("webui"))["tenants"]
     assert isinstance(tenants, dict)
     assert tenants["webui"]["characters"] == len(TEXT) == tenants["webui"]["cached_characters"]
+
+
+async def test_keys_changed_under_load_fail_no_request_that_should_pass(
+    start_server: ServerFactory, tmp_path: Path
+) -> None:
+    """While clients speak without pause with alpha's key over HTTP and WebSocket, the file
+    gains beta, rotates alpha (its old key kept for a grace period), and revokes beta:
+    every one of alpha's requests is answered with audio, and the new keys work."""
+    path = write_keys(tmp_path / "keys.toml", {"alpha": {"key": ALPHA}})
+    server = await start_server(api_keys_file=path, rate_limit_requests=0)
+    keys = server.services.keys
+    done = asyncio.Event()
+    outcomes: list[bool] = []
+
+    async def speaker(door: str) -> None:
+        while not done.is_set():
+            outcomes.append((await DOORS[door](server, {"X-API-Key": ALPHA})).spoke)
+
+    speakers = [asyncio.create_task(speaker(door)) for door in ("tts", "v1", "openai", "tts")]
+
+    async def reloaded_to(tenants: dict[str, dict[str, Any]]) -> None:
+        before = len(outcomes)
+        version = keys.table
+        write_keys(path, tenants)
+        await eventually(lambda: keys.table is not version, what="the file reloaded")
+        await eventually(lambda: len(outcomes) >= before + 4, what="requests after it")
+
+    new_alpha = "tts_alpha-new"
+    grace = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    await reloaded_to({"alpha": {"key": ALPHA}, "beta": {"key": BETA}})
+    assert (await DOORS["tts"](server, {"X-API-Key": BETA})).spoke
+    rotated = {"keys": [{"key": new_alpha}, {"key": ALPHA, "expires": grace}]}
+    await reloaded_to({"alpha": rotated, "beta": {"key": BETA}})
+    assert (await DOORS["v1"](server, {"X-API-Key": new_alpha})).spoke
+    await reloaded_to({"alpha": rotated})
+    assert (await DOORS["tts"](server, {"X-API-Key": BETA})).status == 401
+    done.set()
+    await asyncio.gather(*speakers)
+    assert len(outcomes) >= 12 and all(outcomes), outcomes.count(False)
