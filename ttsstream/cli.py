@@ -1,4 +1,4 @@
-"""The ``ttsstream`` command: ``serve`` (the default) and ``say``."""
+"""The ``ttsstream`` command: ``serve`` (the default), ``say`` and ``keys``."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import orjson
 from dotenv import dotenv_values
 from websockets.exceptions import InvalidHandshake, InvalidStatus, WebSocketException
 
-from ttsstream import __version__, logs
+from ttsstream import __version__, keys_cli, logs
 from ttsstream.audio.formats import FORMAT_CHOICES, format_for_path, format_named
 from ttsstream.client import SpeechError, list_voices, speak
 from ttsstream.config import Config, load_config
@@ -32,7 +32,7 @@ __all__ = ["main"]
 
 T = TypeVar("T")
 
-_COMMANDS = ("serve", "say")
+_COMMANDS = ("serve", "say", "keys")
 #: Options of ``say`` whose values may start with a minus sign.
 _SIGNED = ("--rate", "--volume", "--pitch")
 DEFAULT_URL = f"ws://127.0.0.1:8765{STREAM_PATH}"
@@ -96,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     say.add_argument("--srt", type=Path, help="write SRT subtitles to this file")
     say.add_argument("--list-voices", action="store_true", help="list the server's voices and exit")
     say.add_argument("--locale", help="with --list-voices: only these (en, en-US, …)")
+
+    keys_cli.add_parser(commands)
     return parser
 
 
@@ -116,6 +118,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "say":
         try:
             return _say(args)
+        except BrokenPipeError:
+            return _reader_gone()
+    if args.command == "keys":
+        try:
+            return keys_cli.run(args)
         except BrokenPipeError:
             return _reader_gone()
     return _serve(args)
