@@ -3,6 +3,7 @@ as the server then reads the file (``parse_tenants``)."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import os
 import re
@@ -15,9 +16,14 @@ import orjson
 import pytest
 
 from tests.conftest import TIMEOUT
+from tests.redis_server import RedisServer
 from ttsstream import keys_cli
 from ttsstream.cli import main
+from ttsstream.cluster.link import RedisLink
+from ttsstream.cluster.usage import SharedUsage
 from ttsstream.core.tenants import KeyHash, Tenant, TenantTable, hash_key, parse_tenants
+from ttsstream.core.usage import Tally, UsageRow
+from ttsstream.usage.sqlite import SqliteUsage
 
 KEY = re.compile(r"tts_[A-Za-z0-9_-]{43}")
 HOUR = dt.timedelta(hours=1)
@@ -626,3 +632,76 @@ def test_the_installed_command_adds_a_key(tmp_path: Path) -> None:
     assert done.stdout == f"{key}\n" and KEY.fullmatch(key)
     assert found(path, key) == "webui"
     assert "shown only this once" in done.stderr
+
+
+# Usage
+
+
+def _usage_rows() -> list[UsageRow]:
+    return [
+        UsageRow("webui", "2026-12-01", "http", Tally(100, 40, 6000.0, 3, 1)),
+        UsageRow("webui", "2026-12-02", "ws", Tally(50, 0, 3000.0, 1, 0)),
+        UsageRow("batch", "2026-12-02", "http", Tally(7, 0, 500.0, 1, 0)),
+        UsageRow("webui", "2026-11-30", "http", Tally(999, 0, 1.0, 1, 0)),
+    ]
+
+
+def test_keys_usage_reads_a_month_of_the_stored_usage(
+    capsys: pytest.CaptureFixture[str],
+    keys_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for variable in ("REDIS_URL", "USAGE_DB", "API_KEYS_FILE"):
+        monkeypatch.delenv(variable, raising=False)
+    add(capsys, keys_file, "webui")
+    status, _, err = keys(capsys, "usage", "--file", str(keys_file))
+    assert status == 1 and "no usage yet" in err
+
+    async def store() -> None:
+        usage = SqliteUsage(keys_file.parent / "usage.sqlite3")
+        await usage.add(_usage_rows())
+        await usage.close()
+
+    asyncio.run(store())
+    status, out, _ = keys(capsys, "usage", "--file", str(keys_file), "--month", "2026-12", "--json")
+    assert status == 0
+    report = orjson.loads(out)
+    assert report["month"] == "2026-12" and set(report["tenants"]) == {"webui", "batch"}
+    webui = report["tenants"]["webui"]
+    assert (webui["characters"], webui["cached_characters"], webui["requests"]) == (150, 40, 4)
+    assert webui["audio_seconds"] == 9.0 and webui["doors"]["ws"]["characters"] == 50
+    status, out, _ = keys(capsys, "usage", "webui", "--file", str(keys_file), "--month", "2026-12")
+    assert status == 0
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["TENANT", "DOOR", "CHARACTERS"]
+    assert lines[1].split()[:3] == ["webui", "all", "150"] and "batch" not in out
+    status, _, err = keys(capsys, "usage", "--file", str(keys_file), "--month", "2026-13")
+    assert status == 2 and "2026-12" in err
+
+
+async def test_keys_usage_reads_the_cluster_usage_from_redis(
+    capsys: pytest.CaptureFixture[str],
+    keys_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    redis: RedisServer,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("REDIS_URL", redis.url)
+    link = RedisLink(redis.url, prefix="ttsstream:", lease_seconds=15)
+    await link.start()
+    try:
+        await SharedUsage(link).add(_usage_rows())
+    finally:
+        await link.aclose()
+    capsys.readouterr()
+    status = await asyncio.to_thread(
+        main, ["keys", "usage", "--file", str(keys_file), "--month", "2026-12", "--json"]
+    )
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    report = orjson.loads(out)
+    assert report["tenants"]["webui"]["characters"] == 150
+    assert report["tenants"]["batch"]["doors"]["http"]["requests"] == 1

@@ -144,6 +144,8 @@ async def test_health_is_degraded_while_the_breaker_is_open(
         "connections": 0,
         "cluster": "single",
         "redis": None,
+        "keys": {"file": None, "tenants": 0, "last_error": None},
+        "usage": {"last_error": None},
     }
     fake.refuse_status = 503
     async with connected(server) as client:

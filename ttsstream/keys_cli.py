@@ -32,11 +32,14 @@ Written here rather than taken from a library:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import datetime as dt
+import logging
 import os
 import re
 import secrets
+import sqlite3
 import stat
 import sys
 import tempfile
@@ -61,7 +64,10 @@ from tomlkit.items import (
 )
 from tomlkit.toml_document import TOMLDocument
 
-from ttsstream.config import load_config
+from ttsstream.cluster.link import RedisLink
+from ttsstream.cluster.usage import SharedUsage
+from ttsstream.config import Config, load_config
+from ttsstream.core.ratelimit import LimiterUnavailable
 from ttsstream.core.tenants import (
     DEFAULT_TENANT,
     TENANT_NAME,
@@ -70,7 +76,9 @@ from ttsstream.core.tenants import (
     hash_key,
     parse_tenants,
 )
+from ttsstream.core.usage import Usage
 from ttsstream.exceptions import ConfigError
+from ttsstream.usage.sqlite import SqliteUsage
 
 if sys.platform != "win32":
     import fcntl
@@ -314,6 +322,21 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         "old keys keep working for the grace period, then stop; keys already expired "
         "are removed.",
     )
+    usage = actions.add_parser(
+        "usage",
+        parents=[file_option],
+        help="what tenants spoke in a month (the stored usage), per door",
+        description="Each tenant's usage in a month (this one by default): characters "
+        "(cached ones apart), audio seconds, requests and errors, per door. Read from "
+        "USAGE_DB (default: usage.sqlite3 beside the tenants file), or from Redis when "
+        "REDIS_URL is set.",
+    )
+    usage.add_argument("name", metavar="NAME", nargs="?", help="one tenant (default: all)")
+    usage.add_argument(
+        "--month", type=_argument(_month), metavar="YYYY-MM", help="default: this month (UTC)"
+    )
+    usage.add_argument("--json", action="store_true", help="JSON instead of a table")
+
     rotate.add_argument("name", metavar="NAME")
     rotate.add_argument(
         "--grace",
@@ -515,7 +538,87 @@ def _rotate(args: argparse.Namespace, path: Path) -> int:
     return 0
 
 
+def _month(text: str) -> str:
+    if not re.fullmatch(r"\d{4}-(0[1-9]|1[0-2])", text):
+        raise ValueError("a month such as 2026-12")
+    return text
+
+
+def _usage(args: argparse.Namespace, path: Path) -> int:
+    try:
+        config = load_config()
+    except ConfigError as exc:
+        raise _CommandError(f"configuration error: {exc}", status=EXIT_USAGE) from None
+    month = args.month or _now().strftime("%Y-%m")
+    try:
+        tenants = asyncio.run(_read_usage(config, path, args.name, month))
+    except (OSError, sqlite3.Error, LimiterUnavailable) as exc:
+        raise _CommandError(f"cannot read the usage: {_reason(exc)}") from None
+    if args.json:
+        print(
+            orjson.dumps({"month": month, "tenants": tenants}, option=orjson.OPT_INDENT_2).decode()
+        )
+        return 0
+    columns = ("TENANT", "DOOR", "CHARACTERS", "CACHED", "AUDIO SECONDS", "REQUESTS", "ERRORS")
+    rows = [list(columns)]
+    for name, counts in tenants.items():
+        doors = counts["doors"]
+        assert isinstance(doors, dict)
+        for door, tally in [("all", counts), *doors.items()]:
+            rows.append(
+                [
+                    name if door == "all" else "",
+                    door,
+                    str(tally["characters"]),
+                    str(tally["cached_characters"]),
+                    f"{tally['audio_seconds']:.1f}",
+                    str(tally["requests"]),
+                    str(tally["errors"]),
+                ]
+            )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+    print(f"usage of {month} (UTC), {len(tenants)} tenants", file=sys.stderr)
+    return 0
+
+
+async def _read_usage(
+    config: Config, path: Path, name: str | None, month: str
+) -> dict[str, dict[str, object]]:
+    """The month's usage from where the server keeps it (Redis in a cluster)."""
+    usage: Usage
+    if config.redis_url is not None:
+        logging.getLogger("ttsstream.cluster").setLevel(logging.ERROR)
+        link = RedisLink(
+            config.redis_url, prefix=config.redis_prefix, lease_seconds=config.redis_lease_seconds
+        )
+        await link.start()
+        try:
+            if not link.up:
+                raise LimiterUnavailable(f"Redis ({link.error})")
+            usage = Usage(SharedUsage(link))
+            report = await usage.report(name, month)
+        finally:
+            await link.aclose()
+    else:
+        database = config.usage_db or path.parent / "usage.sqlite3"
+        if not database.exists():
+            raise FileNotFoundError(f"no usage yet: {database} does not exist")
+        usage = Usage(SqliteUsage(database))
+        try:
+            report = await usage.report(name, month)
+        finally:
+            await usage.close()
+    tenants = report["tenants"]
+    assert isinstance(tenants, dict)
+    return tenants
+
+
 _COMMANDS: dict[str, Callable[[argparse.Namespace, Path], int]] = {
+    "usage": _usage,
     "add": _add,
     "set": _set,
     "list": _list,
