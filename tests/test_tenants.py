@@ -192,14 +192,14 @@ async def test_tenants_have_their_own_rate_limits_on_every_door(
 async def test_an_app_forwarding_many_users_from_one_ip_is_not_cut_off(
     start_server: ServerFactory, tmp_path: Path
 ) -> None:
-    """An app speaking for its users from one address under its tenant's 1,000 a minute
-    passes the per-IP limit many times over; a flood without a valid key from the same
+    """An app speaking for 500 users from one address under its tenant's 1,000 a minute
+    passes the per-IP limit (10) many times over; a flood without a valid key from the same
     IP is still stopped by the per-IP limit."""
     path = write_keys(tmp_path / "keys.toml", {"webui": {"key": ALPHA, "requests": 1000}})
     server = await start_server(api_keys_file=path, rate_limit_requests=10)
     async with aiohttp.ClientSession() as session:
         url = f"http://127.0.0.1:{server.port}/tts"
-        for user in range(60):
+        for user in range(500):
             async with session.post(
                 url, json={"text": f"Hello user {user % 3}."}, headers={"X-API-Key": ALPHA}
             ) as response:
@@ -212,7 +212,7 @@ async def test_an_app_forwarding_many_users_from_one_ip_is_not_cut_off(
             ) as response:
                 statuses.append(response.status)
     assert statuses[:10] == [401] * 10 and statuses[10:] == [429, 429]
-    assert usage_of(server, "webui")["requests"] == 60
+    assert usage_of(server, "webui")["requests"] == 500
 
 
 async def test_a_tenant_holds_at_most_its_concurrent_connections(
@@ -288,6 +288,32 @@ async def test_a_daily_quota_is_exact_on_every_door(
     assert refused.code == "quota_exceeded" or refused.status == 429, refused
     counts = usage_of(server, "webui")
     assert counts["characters"] == 2 * CHARACTERS[door] and counts["requests"] == 2
+
+
+async def test_a_streamed_text_is_charged_all_it_received_and_then_refused(
+    start_server: ServerFactory, tmp_path: Path
+) -> None:
+    """Streaming input: admitted while a character is left, charged every appended
+    character when it ends (it finishes past the quota), then the next is refused."""
+    pieces = ["The first part of a reply, ", "and the second part. ", "A last sentence."]
+    total = sum(len(piece) for piece in pieces)
+    server = await keyed(start_server, tmp_path, webui={"key": ALPHA, "characters_per_day": 10})
+    url = f"ws://127.0.0.1:{server.port}/v1/stream"
+    async with websockets.connect(url, additional_headers={"X-API-Key": ALPHA}) as ws:
+        assert orjson.loads(await ws.recv())["type"] == "hello"
+        await ws.send(orjson.dumps({"type": "speak", "id": "s", "stream": True}).decode())
+        for piece in pieces:
+            await ws.send(orjson.dumps({"type": "append", "id": "s", "text": piece}).decode())
+        await ws.send(orjson.dumps({"type": "finish", "id": "s"}).decode())
+        while True:
+            frame = await asyncio.wait_for(ws.recv(), TIMEOUT)
+            if isinstance(frame, str) and orjson.loads(frame)["type"] == "end":
+                break
+        await ws.send(orjson.dumps({"type": "speak", "id": "t", "stream": True}).decode())
+        refused = orjson.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
+    assert refused["type"] == "error" and refused["code"] == "quota_exceeded"
+    assert refused["id"] == "t" and refused["retry_after"] >= 1
+    assert usage_of(server, "webui")["characters"] == total
 
 
 async def test_the_quota_answer_says_when_it_resets(
