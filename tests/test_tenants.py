@@ -381,8 +381,9 @@ async def test_quotas_reset_at_the_start_of_the_day_and_the_month(tmp_path: Path
 async def test_a_charge_is_given_back_when_nothing_was_heard() -> None:
     usage = Usage()
     who = principal(characters_per_day=10)
-    await usage.charge(who, 10)
-    usage.refund(who, 10)
+    charge = await usage.charge(who, 10)
+    assert charge is not None and charge.characters == 10 and not charge.shared
+    usage.refund(charge)
     await usage.charge(who, 10)
     assert (await usage.remaining(who))["characters_left_today"] == 0
 
@@ -666,3 +667,151 @@ async def test_keys_changed_under_load_fail_no_request_that_should_pass(
     done.set()
     await asyncio.gather(*speakers)
     assert len(outcomes) >= 12 and all(outcomes), outcomes.count(False)
+
+
+# What an independent review found (each would fail before its fix)
+
+
+@doors
+async def test_a_file_with_no_tenant_left_opens_nothing(
+    door: str, start_server: ServerFactory, tmp_path: Path
+) -> None:
+    """Revoking the last tenant leaves a file with none: no key, and the revoked one,
+    open any door (keys stay required while API_KEYS_FILE is set)."""
+    path = write_keys(tmp_path / "keys.toml", {"alpha": {"key": ALPHA}})
+    server = await start_server(api_keys_file=path)
+    version = server.services.keys.table
+    write_keys(path, {})
+    await eventually(lambda: server.services.keys.table is not version, what="the reload")
+    for headers in ({}, {"X-API-Key": ALPHA}):
+        refused = await DOORS[door](server, headers)
+        assert refused.status == 401 or refused.code == "unauthorized", refused
+
+
+async def test_a_reload_that_changes_limits_keeps_counting_and_reaches_open_sockets(
+    start_server: ServerFactory, tmp_path: Path
+) -> None:
+    """A tenant's new `requests` count the hits made before the reload, on connections
+    opened before it too; its new `voices` hold on those connections."""
+    path = write_keys(tmp_path / "keys.toml", {"alpha": {"key": ALPHA, "requests": 3}})
+    server = await start_server(api_keys_file=path)
+    url = f"ws://127.0.0.1:{server.port}/v1/stream"
+    async with websockets.connect(url, additional_headers={"X-API-Key": ALPHA}) as ws:
+        assert orjson.loads(await ws.recv())["type"] == "hello"  # the handshake: 1 hit
+        version = server.services.keys.table
+        write_keys(path, {"alpha": {"key": ALPHA, "requests": 4, "voices": ["de-*"]}})
+        await eventually(lambda: server.services.keys.table is not version)
+        speak = {"type": "speak", "id": "a", "text": TEXT, "voice": "en-US-AriaNeural"}
+        await ws.send(orjson.dumps(speak).decode())
+        refused = orjson.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
+        assert refused["code"] == "voice_not_allowed"  # a hit: 2
+    outcomes = [await DOORS["tts"](server, {"X-API-Key": ALPHA}) for _ in range(3)]
+    # 2 hits before the reload's new limit of 4: 2 more, then refused.
+    assert [o.code for o in outcomes] == ["voice_not_allowed", "voice_not_allowed", "rate_limited"]
+    assert outcomes[2].status == 429
+
+
+async def test_a_usage_store_that_cannot_be_read_fails_no_speech(
+    start_server: ServerFactory, tmp_path: Path
+) -> None:
+    """USAGE_DB where no file can be made: a tenant with a quota still speaks (counted
+    from now), /health says why, GET /v1/usage answers 503 usage_unavailable."""
+    (tmp_path / "not-a-directory").write_text("")
+    path = write_keys(tmp_path / "keys.toml", {"alpha": {"key": ALPHA, "characters_per_day": 1000}})
+    server = await start_server(
+        api_keys_file=path, usage_db=tmp_path / "not-a-directory" / "usage.sqlite3"
+    )
+    assert (await DOORS["tts"](server, {"X-API-Key": ALPHA})).spoke
+    assert (await DOORS["v1"](server, {"X-API-Key": ALPHA})).spoke
+    async with aiohttp.ClientSession() as session:
+        async with session.get(
+            f"http://127.0.0.1:{server.port}/v1/usage", headers={"X-API-Key": ALPHA}
+        ) as response:
+            assert response.status == 503
+            assert (await response.json())["error"] == "usage_unavailable"
+        async with session.get(f"http://127.0.0.1:{server.ops.port}/health") as response:
+            health = await response.json()
+    assert health["status"] == "degraded" and "usage store" in health["usage"]["last_error"]
+
+
+async def test_cluster_refunds_go_back_where_they_were_charged(
+    tmp_path: Path, redis: RedisServer
+) -> None:
+    """A charge made in Redis is given back in Redis even if Redis was away meanwhile; one
+    made alone while Redis was away is given back on this instance only: the cluster's
+    count never goes below what was really spoken."""
+    from ttsstream.cluster.link import RedisLink
+    from ttsstream.cluster.usage import SharedUsage
+
+    link = RedisLink(redis.url, prefix="t:", lease_seconds=15)
+    await link.start()
+    shared = SharedUsage(link)
+    usage = Usage(shared, shared=shared)
+    who = principal(characters_per_day=10)
+    try:
+        in_redis = await usage.charge(who, 5)
+        assert in_redis is not None and in_redis.shared
+        await redis.stop()
+        await eventually(lambda: not link.up, what="the link down")
+        alone = await usage.charge(who, 5)
+        assert alone is not None and not alone.shared
+        usage.refund(in_redis)  # kept until Redis is back
+        await redis.start()
+        await eventually(lambda: link.up, what="the link up")
+        usage.refund(alone)  # this instance's only
+        await eventually(lambda: not shared._unsent, what="the kept refund sent")
+        await asyncio.gather(*([shared._sending] if shared._sending else []))
+        # The Redis that came back is empty (no persistence here): the refund of a charge
+        # it lost takes nothing below 0, so the day's 10 characters are all there, no more.
+        assert await usage.charge(who, 10) is not None
+        with pytest.raises(QuotaExceeded):
+            await usage.charge(who, 1)
+    finally:
+        await usage.close()
+        await link.aclose()
+
+
+def test_a_window_must_be_finite() -> None:
+    digest = "0" * 64
+    for window in ("nan", "inf"):
+        with pytest.raises(KeysFileError, match="window"):
+            parse_tenants(f'[tenants.a]\nkeys = [{{ sha256 = "{digest}" }}]\nwindow = {window}\n')
+
+
+async def test_a_key_in_both_tts_api_key_and_the_file_is_a_bad_file(
+    start_server: ServerFactory, tmp_path: Path
+) -> None:
+    path = write_keys(tmp_path / "keys.toml", {"alpha": {"key": ALPHA}})
+    with pytest.raises(KeysFileError, match="TTS_API_KEY"):
+        await start_server(api_keys=(ALPHA,), api_keys_file=path)
+
+
+async def test_a_key_revoked_while_its_request_body_is_read_speaks_nothing(
+    start_server: ServerFactory, tmp_path: Path, fake: FakeEdge
+) -> None:
+    path = write_keys(tmp_path / "keys.toml", {"alpha": {"key": ALPHA}, "beta": {"key": BETA}})
+    server = await start_server(api_keys_file=path)
+    body = orjson.dumps({"text": TEXT})
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(
+            b"POST /tts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"X-API-Key: {ALPHA}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body[:5]
+        )
+        await writer.drain()
+        await eventually(lambda: server.stats.snapshot()["total_requests"] == 1)
+        version = server.services.keys.table
+        write_keys(path, {"beta": {"key": BETA}})
+        await eventually(lambda: server.services.keys.table is not version)
+        writer.write(body[5:])
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        assert head.startswith(b"HTTP/1.1 401"), head
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        answer = orjson.loads(await asyncio.wait_for(reader.readexactly(length), TIMEOUT))
+        assert answer["error"] == "key_revoked"
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    assert fake.records == []

@@ -38,6 +38,7 @@ status and body (:mod:`ttsstream.http.errors`), and a refused handshake's answer
         │   ├── VoiceNotAllowed         voice_not_allowed (not among the tenant's voices)
         │   ├── KeyRevoked              key_revoked (the key was revoked while in use)
         │   ├── KeyRefused              unauthorized (a key sent in a first message)
+        │   ├── UsageUnavailable        usage_unavailable (GET /v1/usage while its store fails)
         │   └── ShuttingDown            shutting_down
         └── UpstreamError           the speech service failed
             ├── UpstreamUnavailable     upstream_unavailable
@@ -86,6 +87,7 @@ __all__ = [
     "UpstreamError",
     "UpstreamTimeout",
     "UpstreamUnavailable",
+    "UsageUnavailable",
     "VoiceNotAllowed",
     "error_code",
     "http_status",
@@ -320,6 +322,12 @@ class KeyRevoked(RequestError):
     code = "key_revoked"
 
 
+class UsageUnavailable(ClientError):
+    """The stored usage cannot be read now (its SQLite file or Redis is failing)."""
+
+    code = "usage_unavailable"
+
+
 class KeyRefused(RequestError):
     """The key a protocol's first message carries (ElevenLabs' ``xi_api_key``) opens
     nothing, or none came; the connection is closed after the error."""
@@ -386,6 +394,7 @@ HTTP_STATUS = {
     "no_audio": 502,
     "upstream_bad_audio": 502,
     "upstream_timeout": 504,
+    "usage_unavailable": 503,
     "internal": 500,
 }
 

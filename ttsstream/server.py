@@ -393,6 +393,9 @@ class Server:
         )
         door = self._websockets[route.label]
         door.add(served)
+        if not self.services.keys.holds(admitted.principal):
+            # Revoked between the handshake and now: ended as the others were.
+            door.revoke(self.services.keys.holds)
         self.stats.connections += 1
         logger.debug("conn=%s open ip=%s door=%s", context.connection, admitted.ip, route.label)
         try:

@@ -21,6 +21,8 @@ from ttsstream.core.usage import Tally, UsageRow
 
 __all__ = ["KEEP_DAYS", "SharedUsage"]
 
+#: Most quota refunds kept while Redis is away.
+MAX_UNSENT = 10_000
 #: Days usage and quota counts are kept in Redis.
 KEEP_DAYS = 400
 _KEEP_SECONDS = KEEP_DAYS * 86_400
@@ -47,13 +49,25 @@ return {0, day, month}
 """
 
 
+#: KEYS: a counter. ARGV: characters to add (negative: given back). Never below 0: a
+#: refund that comes after Redis lost its counts (restarted empty) takes nothing more.
+_REFUND = """
+local value = redis.call('INCRBY', KEYS[1], ARGV[1])
+if value < 0 then redis.call('SET', KEYS[1], 0, 'KEEPTTL') end
+return value
+"""
+
+
 class SharedUsage:
     """A :class:`~ttsstream.core.usage.UsageStore` and
     :class:`~ttsstream.core.usage.SharedQuota` in the cluster's Redis."""
 
     def __init__(self, link: RedisLink) -> None:
         self._link = link
-        self._background: set[asyncio.Task[Any]] = set()
+        #: Quota refunds (and streamed texts' later charges) not sent yet.
+        self._unsent: list[tuple[Any, ...]] = []
+        self._sending: asyncio.Task[None] | None = None
+        link.on_up(self._send_kept)
 
     # Quotas
 
@@ -83,12 +97,29 @@ class SharedUsage:
 
     def refund(self, tenant: str, periods: tuple[str, str], characters: int) -> None:
         link = self._link
-        commands = [
-            ("INCRBY", link.key("quota", tenant, period), -characters) for period in periods
+        self._unsent += [
+            ("EVAL", _REFUND, 1, link.key("quota", tenant, period), -characters)
+            for period in periods
         ]
-        task = asyncio.create_task(link.run(*commands))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        if self._sending is None:
+            self._sending = asyncio.create_task(self._send_refunds())
+
+    def _send_kept(self) -> None:
+        """Send the refunds kept while Redis was away (it is back)."""
+        if self._unsent and self._sending is None:
+            self._sending = asyncio.create_task(self._send_refunds())
+
+    async def _send_refunds(self) -> None:
+        """Send the refunds not sent yet; kept for the next try while Redis is away."""
+        try:
+            while self._unsent:
+                commands, self._unsent = self._unsent, []
+                if await self._link.run(*commands) is None:
+                    # Redis is away: kept (the newest MAX_UNSENT) for the next refund or batch.
+                    self._unsent = (commands + self._unsent)[-MAX_UNSENT:]
+                    return
+        finally:
+            self._sending = None
 
     # The store
 
@@ -110,6 +141,7 @@ class SharedUsage:
         commands.append(("SADD", link.key("usage", "tenants"), *sorted(tenants)))
         if await link.run(*commands, within=1.0) is None:
             raise LimiterUnavailable("redis is not answering")
+        self._send_kept()
 
     async def rows(self, tenant: str | None, first_day: str, last_day: str) -> list[UsageRow]:
         link = self._link
@@ -135,8 +167,8 @@ class SharedUsage:
         return rows
 
     async def close(self) -> None:
-        if self._background:
-            await asyncio.wait(self._background)
+        if self._sending is not None:
+            await asyncio.wait([self._sending])
 
 
 def _values(tally: Tally) -> tuple[int, int, float, int, int]:

@@ -234,6 +234,17 @@ class Admission:
             await self._count_connection(client)
         return principal
 
+    def limits_of(self, principal: Principal) -> dict[str, float | int | str]:
+        """The limits ``principal``'s requests are held to now, and whose they are
+        (``tenant``: its own or the server's settings for it; ``ip``: per client IP)."""
+        window = self._window(principal)
+        return {
+            "per": "tenant" if self.keys.current(principal).limited_as_tenant else "ip",
+            "requests": window.limit,
+            "window": window.window,
+            "concurrent": self._holder("", principal)[1],
+        }
+
     def _over_tenant_limit(self, principal: Principal) -> str:
         window = self._window(principal)
         return (
@@ -242,17 +253,21 @@ class Admission:
         )
 
     def _window(self, principal: Principal) -> MovingWindow:
-        """The window ``principal``'s requests count in: its tenant's, or the per-IP one."""
-        tenant = principal.tenant
+        """The window ``principal``'s requests count in: its tenant's (with its limits as
+        the keys file says now), or the per-IP one."""
+        tenant = self.keys.current(principal).tenant
         if tenant is None or tenant.unnamed:
             return self.limiter
         limit = self.limiter.limit if tenant.requests is None else tenant.requests
         seconds = self.limiter.window if tenant.window is None else tenant.window
         window = self._tenant_windows.get(tenant.name)
-        if window is None or (window.limit, window.window) != (limit, seconds):
+        if window is None:
             window = self._tenant_windows[tenant.name] = MovingWindow(
                 limit, seconds, clock=self._clock
             )
+        else:
+            # Limits changed by a reload: the hits counted so far still count.
+            window.limit, window.window = limit, seconds
         return window
 
     @property
@@ -328,7 +343,7 @@ class Admission:
     def _holder(self, client: str, principal: Principal) -> tuple[str, int]:
         """Whose connection count a connection is in, and its cap: the client IP's
         (``MAX_CONNECTIONS_PER_IP``), or its tenant's (``concurrent``)."""
-        tenant = principal.tenant
+        tenant = self.keys.current(principal).tenant
         if tenant is None or tenant.unnamed:
             return client, self.connections.per_ip
         cap = self.connections.per_ip if tenant.concurrent is None else tenant.concurrent

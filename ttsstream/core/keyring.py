@@ -29,6 +29,8 @@ logger = logging.getLogger("ttsstream.keys")
 
 #: Seconds between two looks at the file's modification time.
 WATCH_INTERVAL = 1.0
+#: Seconds a changed file must stay unchanged before it is read.
+SETTLE_INTERVAL = 0.05
 
 
 class Keyring:
@@ -64,8 +66,9 @@ class Keyring:
 
     @property
     def required(self) -> bool:
-        """Whether requests need a key (there are keys)."""
-        return bool(self.table)
+        """Whether requests need a key: there is a keys file (even one with no tenant
+        left: then no key opens the server), or ``TTS_API_KEY``."""
+        return self.path is not None or self._unnamed is not None
 
     def find(self, key: str) -> Principal | None:
         """Who ``key`` belongs to, if it opens the server (constant time in the keys)."""
@@ -74,6 +77,17 @@ class Keyring:
             return None
         tenant, stored = found
         return Principal(tenant.name, keyed=True, tenant=tenant, key=stored)
+
+    def current(self, principal: Principal) -> Principal:
+        """``principal`` with its tenant's limits as the file says now (a connection
+        admitted before a reload is held to the new ones)."""
+        tenant = principal.tenant
+        if tenant is None:
+            return principal
+        now = self.table.tenants.get(tenant.name)
+        if now is None or now is tenant:
+            return principal
+        return Principal(principal.name, keyed=True, tenant=now, key=principal.key)
 
     def holds(self, principal: Principal) -> bool:
         """Whether what ``principal`` was admitted with still opens the server."""
@@ -116,9 +130,17 @@ class Keyring:
         return self._with_unnamed(parse_tenants(text, source=f"API_KEYS_FILE {self.path}"))
 
     def _with_unnamed(self, table: TenantTable) -> TenantTable:
-        if self._unnamed is None:
+        unnamed = self._unnamed
+        if unnamed is None:
             return table
-        return TenantTable([*table.tenants.values(), self._unnamed])
+        shared = {key.digest for key in unnamed.keys}
+        for tenant in table.tenants.values():
+            if any(key.digest in shared for key in tenant.keys):
+                raise KeysFileError(
+                    f"API_KEYS_FILE {self.path}: tenant {tenant.name!r} has a key of "
+                    "TTS_API_KEY (a key belongs to one tenant)"
+                )
+        return TenantTable([*table.tenants.values(), unnamed])
 
     def changed_on_disk(self) -> bool:
         """Whether the file is not the one last read (written, replaced or removed)."""
@@ -137,6 +159,7 @@ class Keyring:
         while True:
             await asyncio.sleep(interval)
             if self.changed_on_disk():
+                await self._settled()
                 self.reload()
                 if self.path is not None and not self.path.exists():
                     self._stamp = None  # said once; looked at again when it is back
@@ -145,6 +168,25 @@ class Keyring:
                 logger.info("a rotated-out key expired")
                 self._changed()
             expiry = self.table.next_expiry(now)
+
+    async def _settled(self) -> None:
+        """Wait until the file stops changing (an editor writing it in place), for at
+        most a second: a file read half-written could revoke the tenants after the cut."""
+        stamp = self._stat()
+        for _ in range(10):
+            await asyncio.sleep(SETTLE_INTERVAL)
+            now = self._stat()
+            if now == stamp:
+                return
+            stamp = now
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        assert self.path is not None
+        try:
+            stat = os.stat(self.path)
+        except OSError:
+            return None
+        return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
 
     def _changed(self) -> None:
         for listener in list(self._listeners):

@@ -29,6 +29,7 @@ import datetime as dt
 import fnmatch
 import hashlib
 import hmac
+import math
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -251,7 +252,12 @@ def _seconds(table: Mapping[str, Any], where: str) -> float | None:
     value = table.get("window")
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
         raise KeysFileError(f"{where}: 'window' must be seconds > 0")
     return float(value)
 

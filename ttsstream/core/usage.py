@@ -34,6 +34,7 @@ from ttsstream.exceptions import QuotaExceeded
 
 __all__ = [
     "FLUSH_INTERVAL",
+    "Charge",
     "SharedQuota",
     "Tally",
     "Usage",
@@ -148,6 +149,18 @@ class SharedQuota(Protocol):
         """Give characters back (in the background)."""
 
 
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """Characters charged to a tenant's quotas, and where (to give them back there)."""
+
+    tenant: str
+    #: The day and the month they count in.
+    periods: tuple[str, str]
+    characters: int
+    #: In the cluster's counts (Redis), else this instance's.
+    shared: bool
+
+
 @dataclass(slots=True)
 class _Quota:
     """A tenant's characters charged in the current day and month."""
@@ -190,9 +203,10 @@ class Usage:
 
     async def charge(
         self, principal: Principal, characters: int, *, check_only: bool = False
-    ) -> None:
+    ) -> Charge | None:
         """Charge ``characters`` to ``principal``'s tenant, or refuse them
-        (``check_only``: only whether they would be refused).
+        (``check_only``: only whether they would be refused); the charge, to give back
+        with :meth:`refund` (``None``: nothing was charged, its tenant has no quota).
 
         Raises:
             QuotaExceeded: They would pass its ``characters_per_day`` or ``_per_month``
@@ -202,14 +216,15 @@ class Usage:
         if tenant is None or (
             tenant.characters_per_day is None and tenant.characters_per_month is None
         ):
-            return
+            return None
         now = self._now()
         quota = await self._quota(tenant.name, now)
         limits = (tenant.characters_per_day, tenant.characters_per_month)
+        periods = (quota.day, quota.month)
         if self._shared is not None:
             try:
                 refused, day_chars, month_chars = await self._shared.charge(
-                    tenant.name, (quota.day, quota.month), characters, limits, check_only=check_only
+                    tenant.name, periods, characters, limits, check_only=check_only
                 )
             except LimiterUnavailable:
                 pass  # Redis is away: this instance decides alone, on its own counts
@@ -218,7 +233,9 @@ class Usage:
                 quota.day_chars, quota.month_chars = day_chars, month_chars
                 if refused:
                     raise _exceeded(tenant.name, limits, quota, characters, refused, now)
-                return
+                if check_only:
+                    return None
+                return Charge(tenant.name, periods, characters, shared=True)
         # A streamed text (0 characters yet) needs one character left.
         needed = max(characters, 1)
         for refused, (limit, used) in enumerate(
@@ -226,33 +243,32 @@ class Usage:
         ):
             if limit is not None and used + needed > limit:
                 raise _exceeded(tenant.name, limits, quota, characters, refused, now)
-        if not check_only:
-            quota.day_chars += characters
-            quota.month_chars += characters
+        if check_only:
+            return None
+        quota.day_chars += characters
+        quota.month_chars += characters
+        return Charge(tenant.name, periods, characters, shared=False)
 
-    def refund(self, principal: Principal, characters: int) -> None:
-        """Give back characters charged to an utterance nobody heard."""
-        quota = self._quotas.get(principal.name)
-        if quota is None or principal.tenant is None:
-            return
-        if self._shared is not None:
-            self._shared.refund(principal.name, (quota.day, quota.month), characters)
-        now = self._now()
-        if quota.day == day_of(now):
-            quota.day_chars = max(0, quota.day_chars - characters)
-        if quota.month == month_of(now):
-            quota.month_chars = max(0, quota.month_chars - characters)
+    def refund(self, charge: Charge | None) -> None:
+        """Give back a charge of an utterance nobody heard, where it was made."""
+        self._add(charge, -charge.characters if charge is not None else 0)
 
-    def add_charge(self, principal: Principal, characters: int) -> None:
-        """Charge characters that came after the utterance was accepted (a streamed text's)."""
-        if principal.tenant is None or characters <= 0:
+    def add_charge(self, charge: Charge | None, characters: int) -> None:
+        """Charge characters that came after the utterance was accepted (a streamed
+        text's), where its first charge was made."""
+        self._add(charge, characters)
+
+    def _add(self, charge: Charge | None, characters: int) -> None:
+        if charge is None or characters == 0:
             return
-        quota = self._quotas.get(principal.name)
-        if quota is not None and quota.day == day_of(self._now()):
-            quota.day_chars += characters
-            quota.month_chars += characters
-            if self._shared is not None:
-                self._shared.refund(principal.name, (quota.day, quota.month), -characters)
+        quota = self._quotas.get(charge.tenant)
+        if quota is not None:
+            if quota.day == charge.periods[0]:
+                quota.day_chars = max(0, quota.day_chars + characters)
+            if quota.month == charge.periods[1]:
+                quota.month_chars = max(0, quota.month_chars + characters)
+        if charge.shared and self._shared is not None:
+            self._shared.refund(charge.tenant, charge.periods, -characters)
 
     async def _quota(self, tenant: str, now: dt.datetime) -> _Quota:
         """The tenant's counts in the current day and month, read from the store on the
@@ -266,7 +282,17 @@ class Usage:
             quota = self._quotas.get(tenant)
             if quota is not None and quota.day == day:
                 return quota
-            rows = await self.rows(tenant, month + "-01", day)
+            try:
+                rows = await self.rows(tenant, month + "-01", day)
+            except Exception as exc:  # the store cannot be read: decide on what is known
+                if self.error is None:
+                    logger.error("usage not read, quotas counted from now: %s", exc)
+                self.error = f"usage store: {exc}"
+                rows = [
+                    UsageRow(t, d, door, tally)
+                    for (t, d, door), tally in self._pending.items()
+                    if t == tenant and d.startswith(month)
+                ]
             day_chars = sum(row.tally.characters for row in rows if row.day == day)
             month_chars = sum(row.tally.characters for row in rows)
             quota = self._quotas[tenant] = _Quota(day, month, day_chars, month_chars)
@@ -323,9 +349,11 @@ class Usage:
         rows = [UsageRow(t, d, door, tally) for (t, d, door), tally in batch.items()]
         try:
             await self._store.add(rows)
-        except Exception as exc:  # the disk or Redis failed: keep the counts, say so
+        except BaseException as exc:  # the disk or Redis failed: keep the counts, say so
             for row in rows:
                 self._pending.setdefault((row.tenant, row.day, row.door), Tally()).add(row.tally)
+            if not isinstance(exc, Exception):
+                raise  # cancelled: kept for the last flush
             if self.error is None:
                 logger.error("usage not written, kept to retry: %s", exc)
             self.error = f"usage store: {exc}"

@@ -33,7 +33,7 @@ from ttsstream.core.router import Started
 from ttsstream.core.segmenter import Segmenter
 from ttsstream.core.speech_cache import Lookahead, SpeechCache
 from ttsstream.core.streaming import StreamingText, speak_stream
-from ttsstream.core.usage import Usage
+from ttsstream.core.usage import Charge, Usage
 from ttsstream.engines.base import AudioChunk, SynthesisRequest, WordEvent
 from ttsstream.exceptions import (
     ClientError,
@@ -314,10 +314,11 @@ class Utterances:
         ttfb_ms: float | None = None
         outcome = "ok"
         charged = False
+        charge: Charge | None = None
         stats.active_utterances += 1
         try:
             try:
-                await self.usage.charge(
+                charge = await self.usage.charge(
                     context.principal, 0 if stream is not None else _text_chars(request)
                 )
             except QuotaExceeded as exc:
@@ -422,7 +423,7 @@ class Utterances:
             stats.active_utterances -= 1
             stats.finished(outcome, context.door)
             if charged:
-                self._tally(request, stream, context, started, pipe, byte_count, outcome)
+                self._tally(request, stream, context, charge, started, pipe, byte_count, outcome)
             stats.formats[audio_format.name] += 1
             access(
                 "utterance",
@@ -461,6 +462,7 @@ class Utterances:
         request: SynthesisRequest,
         stream: StreamingText | None,
         context: RequestContext,
+        charge: Charge | None,
         started: Started | None,
         pipe: Pipe | None,
         byte_count: int,
@@ -468,15 +470,15 @@ class Utterances:
     ) -> None:
         """The utterance's characters kept (some audio was sent) or given back, and its
         counts in its tenant's usage."""
-        usage, principal = self.usage, context.principal
+        usage = self.usage
         heard = byte_count > 0
         if stream is not None:
             characters = stream.total if heard else 0
-            usage.add_charge(principal, characters)
+            usage.add_charge(charge, characters)
         else:
             characters = _text_chars(request) if heard else 0
             if not heard:
-                usage.refund(principal, _text_chars(request))
+                usage.refund(charge)
         usage.record(
             context,
             characters=characters,

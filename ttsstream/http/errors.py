@@ -46,6 +46,8 @@ _STREAM_PATH = "/v1/stream"
 _OPENAI_ROOTS = ("/v1", "/audio", "/models")
 #: ElevenLabs' paths (its API is served under the same ``/v1`` as OpenAI's).
 _ELEVENLABS_ROOTS = ("/v1/text-to-speech/", "/v1/voices")
+#: ttsstream's own paths under ``/v1`` (its error shape, not OpenAI's).
+_TTSSTREAM_PATHS = ("/v1/usage",)
 #: Cartesia's paths.
 _CARTESIA_ROOTS = ("/tts/bytes", "/tts/sse", "/tts/websocket", "/voices")
 
@@ -54,6 +56,8 @@ def shape_of(path: str) -> Shape:
     """The error shape of a request for ``path``: OpenAI's for OpenAI's paths, ElevenLabs'
     and Cartesia's for theirs."""
     if path == _STREAM_PATH:
+        return "tts"
+    if path in _TTSSTREAM_PATHS:
         return "tts"
     if path.startswith(_ELEVENLABS_ROOTS):
         return "elevenlabs"

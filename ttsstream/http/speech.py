@@ -46,6 +46,7 @@ from ttsstream.exceptions import (
     InvalidParameter,
     InvalidVoice,
     UnsupportedFormat,
+    UsageUnavailable,
 )
 from ttsstream.http.errors import error_body
 from ttsstream.http.openai import (
@@ -171,24 +172,26 @@ class SpeechApi:
             return self.streams.error(
                 request, InvalidParameter("month must be a month such as 2026-12"), "tts"
             )
-        principal, usage = judged.principal, self._services.usage
-        report = await usage.report(principal.name, month)
+        services = self._services
+        principal = services.keys.current(judged.principal)
+        usage = services.usage
+        try:
+            report = await usage.report(principal.name, month)
+            quota = await usage.remaining(principal)
+        except Exception:
+            refusal = UsageUnavailable("the stored usage cannot be read now; try again later")
+            return self.streams.error(request, refusal, "tts")
         tenants = report["tenants"]
         assert isinstance(tenants, dict)
         counts = tenants.get(principal.name) or {**Tally().as_dict(), "doors": {}}
-        tenant = principal.tenant
         return self.streams.json(
             request,
             {
                 "tenant": principal.name,
                 "month": report["month"],
                 **counts,
-                "limits": {
-                    "requests": tenant.requests if tenant is not None else None,
-                    "window": tenant.window if tenant is not None else None,
-                    "concurrent": tenant.concurrent if tenant is not None else None,
-                },
-                "quota": await usage.remaining(principal),
+                "limits": services.admission.limits_of(principal),
+                "quota": quota,
             },
         )
 

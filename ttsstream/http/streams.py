@@ -352,6 +352,9 @@ class HttpStreams:
             context = RequestContext(judged.principal, client, request_id, self.label)
             try:
                 asked = await read()
+                if not self._services.keys.holds(judged.principal):
+                    # Revoked while the body was read: what it opened ends here.
+                    raise KeyRevoked("this request's API key was revoked")
                 await self._services.utterances.allow(asked.synthesis, context)
             except ClientError as exc:
                 return self._unread(request, exc, shape, request_id)

@@ -430,6 +430,10 @@ class Connection:
         self, request: Speak, synthesis: SynthesisRequest, lookahead: Lookahead | None
     ) -> None:
         """The speak policy and this connection's own checks; raise why not."""
+        # The tenant's limits as the keys file says now (it may have been reloaded).
+        self.context = dataclasses.replace(
+            self.context, principal=self._admission.keys.current(self.context.principal)
+        )
         await self._admission.check_rate(
             self.client_ip, request.id, lookahead=lookahead, principal=self.context.principal
         )
