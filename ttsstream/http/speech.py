@@ -19,9 +19,10 @@ OpenAI's routes are served under ``/v1`` and without it (``/audio/speech``,
 from __future__ import annotations
 
 import base64
+import hashlib
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from aiohttp import web
@@ -293,11 +294,11 @@ class _Body(StreamBody):
 
     async def end(self, summary: Summary) -> None:
         if self._replay is not None:
-            # The entry's own slices, with its length: no copy, no chunked encoding.
+            # The entry's own slices, with its length: no copy, no chunked encoding; a
+            # byte range of it when asked (an <audio> element seeking).
             chunks, self._replay = self._replay, None
-            await self._begin(content_length=summary.byte_count)
-            for chunk in chunks:
-                await self._write(chunk)
+            await self._answer_stored(chunks, summary.byte_count)
+            return
         elif self._sse:
             text_length = self._text_length
             await self._write(
@@ -312,6 +313,45 @@ class _Body(StreamBody):
                     }
                 )
             )
+        await self._end()
+
+    async def _answer_stored(self, chunks: list[bytes | memoryview], total: int) -> None:
+        """A stored entry, whole or the byte range asked (``Range``), with its ``ETag``;
+        304 when the client has it (``If-None-Match``), 416 for a range past its end."""
+        request = self._request
+        digest = hashlib.blake2b(digest_size=16)
+        for chunk in chunks:
+            digest.update(chunk)
+        etag = f'"{digest.hexdigest()}"'
+        extra = {"Accept-Ranges": "bytes", "ETag": etag}
+        held = _etags(request.headers.get("If-None-Match"))
+        if etag in held or "*" in held:
+            self.response = web.Response(status=304, headers={**self.headers(), **extra})
+            del self.response.headers["Content-Type"]
+            return
+        wanted = _range(request, etag, total)
+        if wanted is None:
+            await self._begin(content_length=total, extra=extra)
+            for chunk in chunks:
+                await self._write(chunk)
+        elif wanted == "unsatisfiable":
+            self.response = web.Response(
+                status=416,
+                headers={**self.headers(), **extra, "Content-Range": f"bytes */{total}"},
+            )
+            return
+        else:
+            start, stop = wanted
+            extra["Content-Range"] = f"bytes {start}-{stop - 1}/{total}"
+            await self._begin(content_length=stop - start, status=206, extra=extra)
+            offset = 0
+            for chunk in chunks:
+                end = offset + len(chunk)
+                if end > start and offset < stop:
+                    await self._write(
+                        chunk[max(0, start - offset) : min(len(chunk), stop - offset)]
+                    )
+                offset = end
         await self._end()
 
     async def fail(self, exc: BaseException, *, partial: bool) -> None:
@@ -335,3 +375,39 @@ class _Body(StreamBody):
 
 def _event(message: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(message) + b"\n\n"
+
+
+def _etags(header: str | None) -> set[str]:
+    """The entity tags of an ``If-None-Match`` (weak ones compared as strong: RFC 9110's
+    weak comparison, which it asks for)."""
+    if header is None:
+        return set()
+    return {tag.strip().removeprefix("W/") for tag in header.split(",")}
+
+
+def _range(
+    request: web.BaseRequest, etag: str, total: int
+) -> tuple[int, int] | Literal["unsatisfiable"] | None:
+    """The byte range ``[start, stop)`` a request asks of an entry of ``total`` bytes;
+    ``None`` for the whole (no ``Range``, several ranges, a malformed one, or an
+    ``If-Range`` that is not this entry's tag: RFC 9110 lets a server answer those with
+    the whole); ``"unsatisfiable"`` for a range past its end (416)."""
+    header = request.headers.get("Range")
+    if header is None or "," in header:
+        return None
+    if_range = request.headers.get("If-Range")
+    if if_range is not None and if_range.strip() != etag:
+        return None
+    try:
+        wanted = request.http_range  # aiohttp's parser: bytes=a-b, a-, -n
+    except ValueError:
+        return None
+    start, stop = wanted.start, wanted.stop
+    if start is None:
+        return None
+    if start < 0:  # the last -start bytes
+        start = max(0, total + start)
+        stop = total
+    if start >= total:
+        return "unsatisfiable"
+    return start, min(total if stop is None else stop, total)

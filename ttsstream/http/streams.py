@@ -183,10 +183,16 @@ class StreamBody:
             status=status_of(exc), body=error_body(exc, self._shape), headers=headers
         )
 
-    async def _begin(self, content_length: int | None = None) -> web.StreamResponse:
+    async def _begin(
+        self,
+        content_length: int | None = None,
+        *,
+        status: int = 200,
+        extra: dict[str, str] | None = None,
+    ) -> web.StreamResponse:
         """The response, its status and headers sent with the first bytes."""
         if self._stream is None:
-            stream = web.StreamResponse(headers=self.headers())
+            stream = web.StreamResponse(status=status, headers={**self.headers(), **(extra or {})})
             if content_length is None:
                 stream.enable_chunked_encoding()
             else:
