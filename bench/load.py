@@ -10,7 +10,9 @@ request) and "ramp" (seconds over which the clients' first requests are spread).
 Modes:
     speak   clients speak texts through a ttsstream server (or the bare baseline);
             with "tokens_per_s", each text is streamed (speak with stream, one
-            append per word at that rate, finish), as an LLM's reply
+            append per word at that rate, finish), as an LLM's reply; with "key",
+            every client sends it as X-API-Key, with "keys", client n sends
+            keys[n % len(keys)] (clients spread over tenants)
     edge    clients call edge_tts.Communicate directly (baseline a)
     idle    clients connect and stay idle until ``stop`` arrives on stdin
     http    clients POST /v1/audio/speech on kept-alive connections, reading the audio
@@ -169,9 +171,12 @@ async def stream_once(
 
 
 async def speak_mode(spec: dict[str, Any]) -> dict[str, Any]:
-    headers = {"X-API-Key": spec["key"]} if spec.get("key") else None
+    # "keys": the clients' keys, client n connecting with keys[n % len(keys)] (clients
+    # spread over tenants); else "key", every client's.
+    keys: list[str] = spec.get("keys") or ([spec["key"]] if spec.get("key") else [])
     connections = []
-    for _ in range(spec["clients"]):
+    for number in range(spec["clients"]):
+        headers = {"X-API-Key": keys[number % len(keys)]} if keys else None
         ws = await connect(spec["url"], compression=None, max_size=None, additional_headers=headers)
         if spec.get("hello", True):
             await ws.recv()

@@ -39,6 +39,13 @@ Scenarios:
              (b) ElevenLabs' multi-stream-input, (c) Cartesia's /tts/websocket, 16 kHz
              PCM, at 10 and 100 clients: first audio after the first piece against
              (a), finals, stray audio, errors, the server's and the fake's CPU
+  11. tenants the cost of per-tenant accounting: a server with TTS_API_KEY only (a)
+             against one with API_KEYS_FILE's tenants (b: every speak checked against
+             its tenant's limits and quotas, charged, tallied and written to SQLite),
+             loaded at once, live at 100 clients (50 each; paced, then closed loop),
+             with the server's CPU per utterance; and bench/usage_writes.py's
+             micro-measures (SqliteUsage.add's rows a second, Usage.record's calls a
+             second)
 
     .venv/bin/python bench/run.py            # the full run, a few minutes
     .venv/bin/python bench/run.py --quick    # seconds; CI runs it so it cannot rot
@@ -133,6 +140,22 @@ AGENT_REQUESTS = {10: 4, 100: 2}
 #: Scenario 10: seconds over which the clients' first replies are spread (about a
 #: reply's length: its words typed in 1.5 s, its audio sent at the fake's pace).
 AGENT_RAMP = 3.0
+#: Scenario 11: tenants in the keys file, the clients spread over them.
+TENANT_COUNT = 4
+#: Scenario 11's settings, in the order they run: paced (each client thinks
+#: PACED_THINK s on average between speaks; 0.5 s in a quick run), then closed loop;
+#: by setting, its paired turns and each client's speaks per turn (full run, quick
+#: run). A paced turn lasts as long as its slowest client's thinking: about 27 s for
+#: 5 speaks at 50 clients, 50 s for 10.
+TENANT_SETTINGS = ("paced", "closed")
+TENANT_REPEATS = {"paced": (4, 1), "closed": (4, 1)}
+TENANT_REQUESTS = {"paced": (5, 2), "closed": (10, 2)}
+#: Scenario 11's micro-measures (bench/usage_writes.py): tenants and doors of a batch,
+#: batches written, rounds of 10,000 records and of 10,000 charges (full run, quick).
+USAGE_WRITES = (
+    {"tenants": 100, "doors": 7, "batches": 200, "records": 30, "charges": 30},
+    {"tenants": 100, "doors": 7, "batches": 10, "records": 3, "charges": 3},
+)
 _DRAINS: set[asyncio.Future[Any]] = set()
 #: Load process id -> the file it writes its results to.
 worker_outputs: dict[int, str] = {}
@@ -1166,6 +1189,208 @@ class Bench:
             "tier_first_p50": percentile([r["ttfb"] * 1000 for r in tier], 0.5),
         }
 
+    async def tenants(self) -> None:
+        """The cost of per-tenant accounting (scenario 11): (a) TTS_API_KEY only, per-IP
+        limits, against (b) API_KEYS_FILE's tenants, in paired turns as scenario 7's."""
+        import hashlib
+        import sqlite3
+
+        clients = 10 if self.quick else 100
+        think = 0.5 if self.quick else PACED_THINK
+        keys = [f"bench-tenant-key-{number}" for number in range(TENANT_COUNT)]
+        # Limits no load of the bench reaches, and quotas it does not use up: every
+        # speak is checked and charged, none refused.
+        limits = {
+            "requests": 10**9,
+            "window": 60,
+            "concurrent": 10**5,
+            "characters_per_day": 10**12,
+            "characters_per_month": 10**13,
+        }
+        keys_file = "".join(
+            f"[tenants.bench-{number}]\n"
+            f'keys = [{{ sha256 = "{hashlib.sha256(key.encode()).hexdigest()}" }}]\n'
+            + "".join(f"{field} = {value}\n" for field, value in limits.items())
+            + "\n"
+            for number, key in enumerate(keys)
+        )
+        # (a) TTS_API_KEY only, (b) API_KEYS_FILE's tenants.
+        names = ("a", "b")
+        runs: dict[str, dict[str, list[dict[str, Any]]]] = {
+            setting: {name: [] for name in names} for setting in TENANT_SETTINGS
+        }
+        cpu = {setting: dict.fromkeys(names, 0.0) for setting in TENANT_SETTINGS}
+        wall = dict.fromkeys(TENANT_SETTINGS, 0.0)
+        turns: dict[str, list[float]] = {setting: [] for setting in TENANT_SETTINGS}
+        own: dict[str, dict[str, list[float]]] = {
+            setting: {name: [] for name in names} for setting in TENANT_SETTINGS
+        }
+        own_turns: dict[str, list[float]] = {setting: [] for setting in TENANT_SETTINGS}
+
+        def half_load(url: str, setting: str, offset: int, **who: Any) -> list[dict[str, Any]]:
+            """Half the clients at ``url``, each speaking new texts (from ``offset``)."""
+            pause = think if setting == "paced" else 0.0
+            return [
+                {
+                    "mode": "speak",
+                    "url": url,
+                    "words": "batch",
+                    "clients": n,
+                    "requests": TENANT_REQUESTS[setting][self.quick],
+                    "texts": [TEXT],
+                    "unique": True,
+                    "think": pause,
+                    "ramp": 0.0 if pause else RAMP,
+                    "offset": offset + part * 10**5,
+                    "seed": part,
+                    **who,
+                }
+                for part, n in enumerate(split(clients // 2, self.workers))
+            ]
+
+        def spread_keys(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            """(b)'s load processes, their clients spread over every tenant: each
+            process's keys start where the last one's stopped."""
+            first = 0
+            for spec in specs:
+                spec["keys"] = keys[first:] + keys[:first]
+                first = (first + spec["clients"]) % len(keys)
+            return specs
+
+        async def paired_turn(setting: str, turn: int, offset: int) -> None:
+            """(a) and (b) loaded at once, half the clients each, so that both see the
+            same machine (see scenario 7); their load processes are started and told to
+            go in turn, (a)'s first in even turns and (b)'s in odd ones."""
+            pids = {"a": keyed.process.pid, "b": tenanted.process.pid}
+            before = {name: usage(pid)[0] for name, pid in pids.items()}
+            logged = {"a": len(keyed.output), "b": len(tenanted.output)}
+            loads = {
+                "a": half_load(keyed_url, setting, offset, key=KEY),
+                "b": spread_keys(half_load(tenants_url, setting, offset + 10**6)),
+            }
+            order = ["a", "b"] if turn % 2 == 0 else ["b", "a"]
+            done = await load(loads[order[0]] + loads[order[1]])
+            for name, pid in pids.items():
+                cpu[setting][name] += usage(pid)[0] - before[name]
+            first_count = len(loads[order[0]])
+            ours = {order[0]: done[:first_count], order[1]: done[first_count:]}
+            for name in names:
+                runs[setting][name] += ours[name]
+            wall[setting] += summarize(done)["elapsed"]
+            turns[setting].append(
+                summarize(ours["b"])["first_p50"] - summarize(ours["a"])["first_p50"]
+            )
+            await asyncio.sleep(0.3)  # the access log is written within 50 ms, in bursts
+            mine = {
+                "a": own_times(keyed.output[logged["a"] :]),
+                "b": own_times(tenanted.output[logged["b"] :]),
+            }
+            if not mine["a"] or not mine["b"]:  # the access log's format changed
+                raise RuntimeError("no Edge utterance with upstream_ms in the access logs")
+            for name in names:
+                own[setting][name] += mine[name]
+            own_turns[setting].append(percentile(mine["b"], 0.5) - percentile(mine["a"], 0.5))
+
+        servers: list[Process] = []
+        # The servers stop (and write their last usage) before their directories go.
+        with tempfile.TemporaryDirectory() as directory:
+            path = Path(directory) / "keys.toml"
+            path.write_text(keys_file)
+            database = Path(directory) / "usage.sqlite3"
+            try:
+                # A rate limit too high to refuse anything, so that every speak and
+                # handshake of (a) is decided by the per-IP limiter, as (b)'s by its
+                # tenant's.
+                common = {"RATE_LIMIT_REQUESTS": "100000000"}
+                keyed, keyed_url = await self.logged_server(
+                    directory + "/a", {**common, "TTS_API_KEY": KEY}
+                )
+                servers.append(keyed)
+                tenanted, tenants_url = await self.logged_server(
+                    directory + "/b", {**common, "API_KEYS_FILE": str(path)}
+                )
+                servers.append(tenanted)
+                base = 11 * 10**8
+                for repeat in range(TENANT_REPEATS["paced"][self.quick]):
+                    await paired_turn("paced", repeat, base + repeat * 10**7)
+                for repeat in range(TENANT_REPEATS["closed"][self.quick]):
+                    await paired_turn("closed", repeat, base + (20 + repeat) * 10**7)
+            finally:
+                for server in servers:
+                    await stop(server)
+            # What (b) wrote to SQLite: every utterance's tally, the last at its stop.
+            with sqlite3.connect(database) as db:
+                stored = db.execute(
+                    "SELECT COUNT(DISTINCT tenant), SUM(requests), SUM(characters), "
+                    "SUM(errors) FROM usage"
+                ).fetchone()
+            db.close()
+        # The micro-measures, on the server's core, the servers gone.
+        micro = await start(
+            [
+                PYTHON,
+                str(ROOT / "bench" / "usage_writes.py"),
+                json.dumps(USAGE_WRITES[self.quick]),
+            ],
+            dict(os.environ),
+            r"^(\{.*\})$",
+            cpus=SERVER_CPUS,
+        )
+        await micro.process.wait()
+        writes = json.loads(micro.match)
+        served = {
+            setting: {name: summarize(runs[setting][name]) for name in names}
+            for setting in TENANT_SETTINGS
+        }
+        self.out["tenants"] = {
+            # Its own date: a partial run keeps the other scenarios'.
+            "date": time.strftime("%Y-%m-%d"),
+            "clients": clients,
+            "tenants": TENANT_COUNT,
+            "limits": limits,
+            "think_s": think,
+            "settings": {
+                setting: {
+                    **{
+                        f"{name}_first_{p}": served[setting][name][f"first_{p}"]
+                        for name in names
+                        for p in ("p50", "p99")
+                    },
+                    "added_p50": served[setting]["b"]["first_p50"]
+                    - served[setting]["a"]["first_p50"],
+                    "added_p99": served[setting]["b"]["first_p99"]
+                    - served[setting]["a"]["first_p99"],
+                    "turns_added_p50": turns[setting],
+                    "turns_mean_sd": mean_sd(turns[setting]),
+                    # The server's own part of the time to first audio (see scenario 7).
+                    **{f"{name}_own_p50": percentile(own[setting][name], 0.5) for name in names},
+                    "own_added_p50": percentile(own[setting]["b"], 0.5)
+                    - percentile(own[setting]["a"], 0.5),
+                    "own_turns_added_p50": own_turns[setting],
+                    "own_turns_mean_sd": mean_sd(own_turns[setting]),
+                    "requests": {name: served[setting][name]["requests"] for name in names},
+                    "errors": {name: served[setting][name]["errors"] for name in names},
+                    # Server CPU per utterance, ms; the share of the server's core both used.
+                    **{
+                        f"{name}_cpu_ms": 1000
+                        * cpu[setting][name]
+                        / max(1, served[setting][name]["requests"])
+                        for name in names
+                    },
+                    "busy": sum(cpu[setting].values()) / max(wall[setting], 1e-9),
+                }
+                for setting in TENANT_SETTINGS
+            },
+            "stored": {
+                "tenants": stored[0],
+                "requests": stored[1],
+                "characters": stored[2],
+                "errors": stored[3],
+            },
+            "served_b": sum(served[setting]["b"]["requests"] for setting in TENANT_SETTINGS),
+            "writes": writes,
+        }
+
     async def replay(self) -> None:
         levels = (1, 20) if self.quick else (1, 100, 1000)
         duration = 2.0 if self.quick else 10.0
@@ -1861,6 +2086,8 @@ def markdown(out: dict[str, Any]) -> str:
         lines += hostile_markdown(out["hostile"])
     if "agents" in out:
         lines += agents_markdown(out["agents"])
+    if "tenants" in out:
+        lines += tenants_markdown(out["tenants"])
     return "\n".join(lines) + "\n"
 
 
@@ -1904,6 +2131,65 @@ def agents_markdown(a: dict[str, Any]) -> list[str]:
             f"{row['listener_gaps']} | {errors} | {row['server_cpu_ms']:.1f} | "
             f"{row['fake_cpu_ms']:.1f} | {row['client_cpu_ms']:.1f} |"
         )
+    return lines
+
+
+def tenants_markdown(t: dict[str, Any]) -> list[str]:
+    """Scenario 11's section of results.md."""
+    limits = t["limits"]
+    stored, writes = t["stored"], t["writes"]
+    add, record, charge = writes["add"], writes["record"], writes["charge"]
+    lines = [
+        "",
+        f"**11. Tenants** (run {t['date']}): the cost of per-tenant accounting, {t['clients']} "
+        f"live clients through the WebSocket, new texts: (a) a server with `TTS_API_KEY` only "
+        f"(one key, limits per client IP) against (b) one with `API_KEYS_FILE` holding "
+        f"{t['tenants']} tenants, the clients spread evenly over them, each tenant with "
+        f"`requests` {limits['requests']:,} per `window` of {limits['window']} s, `concurrent` "
+        f"{limits['concurrent']:,}, `characters_per_day` {limits['characters_per_day']:,} and "
+        f"`characters_per_month` {limits['characters_per_month']:,} (nothing refused; every speak "
+        "checked against its tenant's limits and quotas, charged, tallied, and the tallies "
+        "written to SQLite once a second). Both on the server's core, loaded at once with "
+        "half the clients each (paired turns, as scenario 7; the two loads' processes told "
+        "to go (a)'s first in one turn, (b)'s in the next); both rate limits too high to "
+        "refuse, so that every speak passes a limiter. First byte, ms; added = (b) minus "
+        "(a); the server's own part as in scenario 7 (`ttfb_ms` − `upstream_ms`, logged to "
+        "0.1 ms); server CPU per utterance, ms; the share of the server's core both used:",
+        "",
+        "| setting | (a) p50 | p99 | (b) p50 | p99 | added p50 | added p99 | added p50 turn by "
+        "turn | own part added p50 (turns' mean, sd) | CPU (a) | CPU (b) | core busy | "
+        "requests (a) / (b) | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for setting, row in t["settings"].items():
+        label = f"paced ({t['think_s']:g} s think)" if setting == "paced" else "closed loop"
+        mean, sd = row["turns_mean_sd"]
+        own_mean, own_sd = row["own_turns_mean_sd"]
+        errors = row["errors"]["a"] + row["errors"]["b"]
+        lines.append(
+            f"| {label} | {row['a_first_p50']:.1f} | {row['a_first_p99']:.1f} | "
+            f"{row['b_first_p50']:.1f} | {row['b_first_p99']:.1f} | "
+            f"**{row['added_p50']:+.1f}** | {row['added_p99']:+.1f} | "
+            f"{_signed(row['turns_added_p50'])} (mean {mean:+.2f}, sd {sd:.2f}) | "
+            f"{row['own_added_p50']:+.1f} ({own_mean:+.2f}, {own_sd:.2f}) | "
+            f"{row['a_cpu_ms']:.2f} | {row['b_cpu_ms']:.2f} | {100 * row['busy']:.0f} % | "
+            f"{row['requests']['a']} / {row['requests']['b']} | {errors} |"
+        )
+    lines += [
+        "",
+        f"(b)'s SQLite file after its stop: {stored['requests']} requests of the "
+        f"{t['served_b']} it served, {stored['characters']:,} characters, over "
+        f"{stored['tenants']} tenants. Apart from a server, on its core (bench/usage_writes.py): "
+        f"`SqliteUsage.add` sustained {add['rows_per_s']:,.0f} tally rows a second in "
+        f"batches of {add['rows_per_batch']} (100 tenants × 7 doors, as `Usage.flush` makes "
+        f"them; {add['batches']} batches back to back, {add['batch_ms_p50']:.2f} ms each at "
+        f"p50, at most {add['batch_ms_max']:.2f}; a 1 ms timer on the loop fired "
+        f"{add['lag_ms_p50']:.2f} ms late at p50, {add['lag_ms_p99']:.2f} at p99, against "
+        f"{add['idle_lag_ms_p50']:.2f} / {add['idle_lag_ms_p99']:.2f} idle); `Usage.record` "
+        f"{record['records_per_s']:,.0f} calls a second on the loop ({record['ms_per_10000']:.1f} "
+        f"ms per 10,000 at p50 of {record['rounds']} rounds); an utterance's check and charge "
+        f"(`Usage.charge` twice) {charge['us_per_utterance']:.1f} µs.",
+    ]
     return lines
 
 
@@ -2020,6 +2306,7 @@ async def main() -> None:
         "streaming",
         "hostile",
         "agents",
+        "tenants",
     ]
     parser.add_argument("--only", nargs="*", default=scenarios)
     parser.add_argument("--out", type=Path, default=ROOT / "bench")
