@@ -8,7 +8,7 @@ when installed, as the server runs):
           back into a new file (the first batch inserts, the others update, as a
           server's batches do within a day); tally rows a second, ms per batch, and
           how late a 1 ms timer on the same loop fired meanwhile, and on the idle
-          loop before (aiosqlite writes in its own thread, which takes the GIL per row)
+          loop before (aiosqlite writes in its own thread, which shares the GIL)
   record  ``Usage.record`` calls a second on the loop (ms per 10,000), spread over
           the same tenants and doors
   charge  ``Usage.charge`` as an utterance makes it: a check (``check_only``), then
