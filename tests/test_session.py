@@ -443,6 +443,7 @@ async def test_a_replay_dropped_mid_way_still_ends_its_utterance(
         LOG_FORMAT="json",
         RATE_LIMIT_REQUESTS="0",
         MAX_CONNECTIONS_PER_IP="1000",
+        RESUME_WINDOW="0",  # dropped for good (tests/test_resume.py: dropped and resumed)
     )
     text = "A replay that nobody stays to hear, long enough to take a few frames. " * 8
     try:

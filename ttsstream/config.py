@@ -192,6 +192,13 @@ class Config:
     ping_interval: float = 20.0
     #: Seconds without a client message, and nothing queued or playing, before closing.
     idle_timeout: float = 300.0
+    #: Seconds a dropped WebSocket's utterances are kept (still spoken) for the client to
+    #: resume them on a new connection; 0: no resume.
+    resume_window: float = 30.0
+    #: Megabytes of frames kept for resuming, per connection.
+    resume_buffer_mb: float = 8.0
+    #: Megabytes of frames kept for resuming, all connections together.
+    resume_total_mb: float = 256.0
     #: Seconds a client may leave its audio unread (send buffer full) before 1008.
     send_timeout: float = 30.0
 
@@ -417,6 +424,9 @@ _LOWER_BOUNDS: dict[str, tuple[str, float, bool]] = {
     "REDIS_LEASE_SECONDS": ("redis_lease_seconds", 1, False),
     "CACHE_SHARED_TTL": ("cache_shared_ttl", 1, False),
     "IDLE_TIMEOUT": ("idle_timeout", 0, True),
+    "RESUME_WINDOW": ("resume_window", 0, False),
+    "RESUME_BUFFER_MB": ("resume_buffer_mb", 0, True),
+    "RESUME_TOTAL_MB": ("resume_total_mb", 0, True),
     "SEND_TIMEOUT": ("send_timeout", 0, True),
     "DRAIN_TIMEOUT": ("drain_timeout", 0, False),
 }
@@ -473,6 +483,9 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "REDIS_LEASE_SECONDS": ("redis_lease_seconds", _number, "seconds >= 1, such as 15"),
     "CACHE_SHARED_TTL": ("cache_shared_ttl", _number, "seconds >= 1, such as 604800"),
     "IDLE_TIMEOUT": ("idle_timeout", _number, "seconds > 0, such as 300"),
+    "RESUME_WINDOW": ("resume_window", _number, "seconds >= 0, such as 30 (0: no resume)"),
+    "RESUME_BUFFER_MB": ("resume_buffer_mb", _number, "megabytes > 0, such as 8"),
+    "RESUME_TOTAL_MB": ("resume_total_mb", _number, "megabytes > 0, such as 256"),
     "SEND_TIMEOUT": ("send_timeout", _number, "seconds > 0, such as 30"),
     "HEALTH_PORT": ("health_port", _integer, "an integer from 0 to 65535"),
     "HEALTH_HOST": ("health_host", str.strip, "an IP address or host name"),

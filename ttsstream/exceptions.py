@@ -38,6 +38,7 @@ status and body (:mod:`ttsstream.http.errors`), and a refused handshake's answer
         │   ├── VoiceNotAllowed         voice_not_allowed (not among the tenant's voices)
         │   ├── KeyRevoked              key_revoked (the key was revoked while in use)
         │   ├── KeyRefused              unauthorized (a key sent in a first message)
+        │   ├── ResumeFailed            resume_failed (a session that cannot be resumed)
         │   ├── UsageUnavailable        usage_unavailable (GET /v1/usage while its store fails)
         │   └── ShuttingDown            shutting_down
         └── UpstreamError           the speech service failed
@@ -75,6 +76,7 @@ __all__ = [
     "QuotaExceeded",
     "RateLimited",
     "RequestError",
+    "ResumeFailed",
     "ServerFull",
     "ShuttingDown",
     "TTSStreamError",
@@ -322,6 +324,19 @@ class KeyRevoked(RequestError):
     code = "key_revoked"
 
 
+class ResumeFailed(RequestError):
+    """A ``resume`` cannot be served: its session expired or is unknown, is another
+    key's, or resuming is off; ``reason`` says which. The client starts afresh."""
+
+    code = "resume_failed"
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        #: ``unknown`` (never issued, or expired and forgotten), ``not_yours``,
+        #: ``disabled``.
+        self.reason = reason
+
+
 class UsageUnavailable(ClientError):
     """The stored usage cannot be read now (its SQLite file or Redis is failing)."""
 
@@ -381,6 +396,7 @@ HTTP_STATUS = {
     "unsupported_format": 400,
     "unauthorized": 401,
     "key_revoked": 401,
+    "resume_failed": 400,
     "voice_not_allowed": 403,
     "not_found": 404,
     "body_timeout": 408,

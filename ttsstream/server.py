@@ -175,6 +175,8 @@ class Server:
     def close(self) -> None:
         """Stop accepting and close every connection with 1001 (going away). Idempotent."""
         self.state = "closed"
+        # Dropped connections stop waiting for their client: they end with the server.
+        self.services.parking.close()
         if self._voice_list is not None:
             self._voice_list.cancel()
         self.http.stop()

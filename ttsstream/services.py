@@ -28,6 +28,7 @@ from ttsstream.core.utterance import Utterances
 from ttsstream.engines.base import Engine
 from ttsstream.stats import Stats
 from ttsstream.usage.sqlite import SqliteUsage
+from ttsstream.ws.resume import Buffers, Parking
 
 __all__ = ["Services", "build_services"]
 
@@ -50,6 +51,8 @@ class Services:
     keys: Keyring
     #: The tenants' charges, quotas and usage.
     usage: Usage
+    #: Dropped WebSocket connections waiting to be resumed.
+    parking: Parking
     #: The link to the cluster's Redis (``REDIS_URL``), or ``None`` for one instance.
     cluster: RedisLink | None = None
 
@@ -134,6 +137,10 @@ def build_services(
         utterances=Utterances(config, speech, stats, usage),
         keys=keys,
         usage=usage,
+        parking=Parking(
+            config.resume_window,
+            Buffers(int(config.resume_buffer_mb * 2**20), int(config.resume_total_mb * 2**20)),
+        ),
         cluster=cluster,
     )
 

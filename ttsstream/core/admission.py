@@ -340,6 +340,15 @@ class Admission:
             return
         self._count_here(holder, cap)
 
+    async def hold(self, client: str, principal: Principal = ANONYMOUS) -> bool:
+        """Count a connection of ``client`` (a parked one) if the caps allow it; whether
+        they did. :meth:`release` it."""
+        try:
+            await self._count_connection(client, principal)
+        except (TooManyConnections, ServerFull):
+            return False
+        return True
+
     def _holder(self, client: str, principal: Principal) -> tuple[str, int]:
         """Whose connection count a connection is in, and its cap: the client IP's
         (``MAX_CONNECTIONS_PER_IP``), or its tenant's (``concurrent``)."""

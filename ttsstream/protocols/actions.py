@@ -23,6 +23,8 @@ __all__ = [
     "Flush",
     "ListVoices",
     "Reply",
+    "Resume",
+    "ResumeAt",
     "Speak",
 ]
 
@@ -99,6 +101,27 @@ class Finish:
 
 
 @dataclass(frozen=True, slots=True)
+class ResumeAt:
+    """Where a client's copy of one utterance stopped."""
+
+    id: str
+    #: Audio bytes it received.
+    offset: int
+    #: JSON messages about it it received (``start``, words, ``end``); ``None``: not
+    #: said (then the messages sent at ``offset`` come again).
+    frames: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """Continue the utterances of a dropped connection (its ``session`` token) here."""
+
+    kind: ClassVar[str] = "resume"
+    session: str
+    utterances: tuple[ResumeAt, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Reply:
     """Send ``data`` to the client as it is (an acknowledgement, a protocol's own message)."""
 
@@ -116,6 +139,6 @@ class CloseSocket:
 
 
 #: A message of protocol v1, each one action.
-ClientMessage = Speak | Cancel | ListVoices | Append | Flush | Finish
+ClientMessage = Speak | Cancel | ListVoices | Append | Flush | Finish | Resume
 #: Everything a protocol may ask of its connection.
-Action = Speak | Cancel | ListVoices | Append | Flush | Finish | Reply | CloseSocket
+Action = Speak | Cancel | ListVoices | Append | Flush | Finish | Resume | Reply | CloseSocket

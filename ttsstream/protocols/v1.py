@@ -29,6 +29,7 @@ from ttsstream.exceptions import (
     ClientError,
     InvalidParameter,
     RateLimited,
+    ResumeFailed,
     TextTooLong,
     error_code,
 )
@@ -39,6 +40,8 @@ from ttsstream.protocols.actions import (
     Finish,
     Flush,
     ListVoices,
+    Resume,
+    ResumeAt,
     Speak,
 )
 
@@ -59,6 +62,7 @@ __all__ = [
     "encode_end",
     "encode_error",
     "encode_hello",
+    "encode_resumed",
     "encode_start",
     "encode_voices",
     "encode_word",
@@ -78,8 +82,10 @@ MAX_ID_LENGTH = 64
 
 #: The ``type`` of every client message.
 MESSAGE_TYPES = tuple(
-    message.kind for message in (Speak, Cancel, ListVoices, Append, Flush, Finish)
+    message.kind for message in (Speak, Cancel, ListVoices, Append, Flush, Finish, Resume)
 )
+#: Most utterances one ``resume`` may name.
+MAX_RESUMED = 64
 
 
 def parse_client_message(
@@ -136,6 +142,8 @@ def parse_client_message(
             if locale is not None and not isinstance(locale, str):
                 raise BadMessage('"locale" must be a string')
             return ListVoices(locale=locale or None)
+        if kind == "resume":
+            return _parse_resume(message)
         if kind in ("append", "flush", "finish"):
             if utterance_id is None:
                 raise BadMessage(f'"{kind}" needs the "id" of its streaming utterance')
@@ -152,12 +160,38 @@ def parse_client_message(
                 )
             return Append(id=utterance_id, text=text)
         raise BadMessage(
-            "unknown message type (expected speak, cancel, voices, append, flush or finish)"
+            "unknown message type (expected speak, cancel, voices, append, flush, finish or resume)"
         )
     except ClientError as exc:
         exc.utterance_id = utterance_id
         exc.message_type = refused_type(kind)
         raise
+
+
+def _parse_resume(message: dict[str, Any]) -> Resume:
+    session = message.get("session")
+    if not isinstance(session, str) or not 1 <= len(session) <= 64:
+        raise BadMessage('"resume" needs the "session" of the hello it continues')
+    listed = message.get("utterances", [])
+    if not isinstance(listed, list) or len(listed) > MAX_RESUMED:
+        raise BadMessage(f'"utterances" must be a list of at most {MAX_RESUMED}')
+    utterances = []
+    for item in listed:
+        if not isinstance(item, dict):
+            raise BadMessage('each of "utterances" is {"id", "offset", "frames"}')
+        utterance_id = _parse_id(item)
+        offset, frames = item.get("offset", 0), item.get("frames")
+        if utterance_id is None or not _count(offset) or not (frames is None or _count(frames)):
+            raise BadMessage(
+                'each of "utterances" needs its "id", "offset" (audio bytes received) '
+                'and may say "frames" (JSON messages received), both integers >= 0'
+            )
+        utterances.append(ResumeAt(id=utterance_id, offset=offset, frames=frames))
+    return Resume(session=session, utterances=tuple(utterances))
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def refused_type(kind: object) -> str:
@@ -214,15 +248,38 @@ def _encode(message: dict[str, Any]) -> bytes:
     return orjson.dumps(message)
 
 
-def encode_hello(*, server: str, default_voice: str, max_text_length: int) -> bytes:
-    """Encode the ``hello`` message sent on connect."""
+def encode_hello(
+    *,
+    server: str,
+    default_voice: str,
+    max_text_length: int,
+    session: str | None = None,
+    resume_window: float = 0.0,
+) -> bytes:
+    """Encode the ``hello`` message sent on connect (with its ``session`` token when a
+    dropped connection may be resumed)."""
+    hello: dict[str, Any] = {
+        "type": "hello",
+        "protocol": PROTOCOL_VERSION,
+        "server": server,
+        "default_voice": default_voice,
+        "max_text_length": max_text_length,
+    }
+    if session is not None:
+        hello["session"] = session
+        hello["resume_window"] = resume_window
+    return _encode(hello)
+
+
+def encode_resumed(session: str, resumed: Sequence[tuple[str, int]], lost: Sequence[str]) -> bytes:
+    """Encode the answer to a ``resume``: the session that goes on (its token for the
+    next resume), each utterance resumed at its offset, those that cannot be."""
     return _encode(
         {
-            "type": "hello",
-            "protocol": PROTOCOL_VERSION,
-            "server": server,
-            "default_voice": default_voice,
-            "max_text_length": max_text_length,
+            "type": "resumed",
+            "session": session,
+            "utterances": [{"id": uid, "offset": offset} for uid, offset in resumed],
+            "lost": list(lost),
         }
     )
 
@@ -363,4 +420,6 @@ def encode_error(
         error["partial"] = partial
     if isinstance(exc, RateLimited):
         error["retry_after"] = exc.retry_after
+    if isinstance(exc, ResumeFailed):
+        error["reason"] = exc.reason
     return _encode(error)

@@ -45,6 +45,7 @@ from ttsstream.exceptions import (
     KeyRevoked,
     NotFound,
     QueueFull,
+    ResumeFailed,
 )
 from ttsstream.protocols.actions import (
     Action,
@@ -55,9 +56,11 @@ from ttsstream.protocols.actions import (
     Flush,
     ListVoices,
     Reply,
+    Resume,
     Speak,
 )
 from ttsstream.services import Services
+from ttsstream.ws.resume import Logs, new_token
 
 __all__ = ["ClientTooSlow", "Connection", "Connections", "Utterance"]
 
@@ -78,6 +81,9 @@ VOICES_PENDING_MAX = 4
 #: event loop, so that a client sending large frames back to back (appends of 5,000
 #: characters) holds the loop for one frame at a time, not for all it has sent.
 YIELD_AFTER_FRAME_CHARS = 1024
+#: The close code of a connection that ended without a closing handshake (the network
+#: went away): the only one parked for a resume.
+CLOSED_ABNORMALLY = 1006
 #: Seconds a closing session waits for its upstream streams to close before giving up.
 UPSTREAM_CLOSE_TIMEOUT = 5.0
 #: Seconds a connection admitted without a key (its protocol takes the key in its first
@@ -126,6 +132,8 @@ class Connection:
     #: every message names its utterance, as ElevenLabs' and Cartesia's contexts do).
     #: 1: one after another, in the order received (protocol v1's promise).
     parallel: ClassVar[int] = 1
+    #: A dropped connection's utterances may be resumed on a new one (``resume``).
+    resumable: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -165,6 +173,18 @@ class Connection:
         self._voices_wanted: deque[str | None] = deque()
         # Tasks that outlive the frame that started them: voice lists, upstreams closing.
         self._background: set[asyncio.Task[None]] = set()
+        # Resuming (ttsstream.ws.resume): the frames of each utterance as sent, and
+        # whether a live socket takes them.
+        parking = services.parking
+        self._parking = parking if self.resumable and parking.enabled else None
+        #: The token a new connection resumes this one with (``None``: it cannot be).
+        self.session = new_token() if self._parking is not None else None
+        self._logs = Logs()
+        self._attached = True
+        self._resumed = asyncio.Event()
+        self._giving_up = asyncio.Event()
+        #: Resolved once this connection stops using its socket (a resume's shell waits).
+        self._socket_lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     # What a protocol's connection says
 
@@ -217,7 +237,8 @@ class Connection:
     # The connection's life
 
     async def run(self) -> None:
-        """Greet the client, then serve its frames until the connection closes."""
+        """Greet the client, then serve its frames until the connection closes (or, if it
+        dropped and is resumed, until the new one closes)."""
         for _ in range(self.parallel):
             self._new_speaker()
         watchdog = asyncio.create_task(self._close_when_idle())
@@ -225,16 +246,26 @@ class Connection:
             greeting = self.greeting()
             if greeting is not None:
                 await self.send(greeting)
-            async for frame in self._ws:
-                self._last_activity = asyncio.get_running_loop().time()
-                await self._on_frame(frame)
-                if len(frame) > YIELD_AFTER_FRAME_CHARS:
-                    # Frames already received come back without a pause: after a large
-                    # one, let other clients' work run before the next (bench/NOTES.md).
-                    await asyncio.sleep(0)
-        except (ConnectionClosed, ClientTooSlow):
-            pass
+            while True:
+                try:
+                    async for frame in self._ws:
+                        self._last_activity = asyncio.get_running_loop().time()
+                        await self._on_frame(frame)
+                        if len(frame) > YIELD_AFTER_FRAME_CHARS:
+                            # Frames already received come back without a pause: after a
+                            # large one, let other clients' work run before the next
+                            # (bench/NOTES.md).
+                            await asyncio.sleep(0)
+                except (ConnectionClosed, ClientTooSlow):
+                    pass
+                if not await self._wait_for_resume():
+                    break
+                if watchdog.done():
+                    watchdog = asyncio.create_task(self._close_when_idle())
         finally:
+            self._lose_socket()
+            if self._parking is not None:
+                self._parking.buffers.release(self._logs)
             watchdog.cancel()
             for utterance in self._pending:
                 self._forget(utterance)
@@ -322,6 +353,8 @@ class Connection:
                 await self.send(action.data)
             elif isinstance(action, CloseSocket):
                 self._spawn(self._close_when_done(action))
+            elif isinstance(action, Resume):
+                await self._take_over(action)
             else:
                 self.feed(action)
         except ClientError as exc:
@@ -332,6 +365,154 @@ class Connection:
             await self._refuse(exc)
             return False
         return True
+
+    # Resuming
+
+    async def send_utterance(
+        self, utterance_id: str, message: bytes | memoryview, *, text: bool = True
+    ) -> None:
+        """:meth:`send_for` of one utterance's frame, kept for a resume; while the client
+        is away (or being caught up) it is only kept."""
+        if self._parking is not None:
+            self._parking.buffers.add(self._logs, self._logs.open(utterance_id), message, text)
+            if not self._attached:
+                return
+            try:
+                await self.send(message, text=text)
+            except ConnectionClosed:
+                return  # kept: the reader sees the drop and parks the connection
+            return
+        await self.send_for(message, text=text)
+
+    async def _wait_for_resume(self) -> bool:
+        """The socket dropped: park this connection (its utterances go on into their
+        logs) until a ``resume`` brings a new socket (``True``), or the window ends."""
+        parking = self._parking
+        if parking is None or not parking.enabled or self.session is None:
+            return False
+        if self._ws.close_code != CLOSED_ABNORMALLY:
+            return False  # the client closed, or the server did: nothing to come back to
+        live = [log for log in self._logs.by_id.values() if not log.dropped]
+        if not (live or self._pending or self._playing):
+            return False
+        principal = self.context.principal
+        if not await self._admission.hold(self.client_ip, principal):
+            return False  # parked, it counts as a connection: not past the caps
+        self._attached = False
+        self._lose_socket()
+        self._resumed.clear()
+        parking.park(self.session, self)
+        logger.info("conn=%s dropped: parked for %.0fs", self.connection_id, parking.window)
+        try:
+            resumed = asyncio.create_task(self._resumed.wait())
+            given_up = asyncio.create_task(self._giving_up.wait())
+            try:
+                await asyncio.wait(
+                    {resumed, given_up}, timeout=parking.window, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                resumed.cancel()
+                given_up.cancel()
+        finally:
+            parking.unpark(self.session)
+            self._admission.release(self.client_ip, principal)
+        if not self._resumed.is_set():
+            logger.info("conn=%s not resumed", self.connection_id)
+        return self._resumed.is_set()
+
+    def give_up_parking(self) -> None:
+        """Stop waiting for a resume (the server stops)."""
+        self._giving_up.set()
+
+    def _lose_socket(self) -> None:
+        if not self._socket_lost.done():
+            self._socket_lost.set_result(None)
+
+    async def _take_over(self, resume: Resume) -> None:
+        """Hand this socket to the parked connection ``resume`` names; then wait, as its
+        shell, until that connection stops using it.
+
+        Raises:
+            ResumeFailed: None is parked under that token for this key.
+        """
+        parking = self._parking
+        if parking is None:
+            raise ResumeFailed("this server does not resume connections", reason="disabled")
+        parked = parking.claim(resume.session, self.context.principal)
+        lost = await parked.attach(self._ws, self.context, resume)
+        self._attached = False  # a shell: nothing of its own is sent any more
+        self._parking = None
+        await asyncio.shield(lost)
+
+    async def attach(
+        self, websocket: ServerConnection, context: RequestContext, resume: Resume
+    ) -> asyncio.Future[None]:
+        """Take ``websocket`` (a new connection's) for this parked one: answer ``resumed``,
+        send each utterance's frames from where the client's copy stopped, then go on
+        live; the future resolves once this connection stops using the socket."""
+        self._ws = websocket
+        self.context = dataclasses.replace(
+            self.context, client_ip=context.client_ip, connection=context.connection
+        )
+        self.client_ip = context.client_ip
+        self.connection_id = context.connection
+        self._socket_lost = asyncio.get_running_loop().create_future()
+        lost = self._socket_lost
+        self._resumed.set()
+        logger.info("conn=%s resumed on %s", self.connection_id, context.connection)
+        with contextlib.suppress(ConnectionClosed, ClientTooSlow):
+            # Dropped again while catching up: the reader parks it again.
+            await self._catch_up(resume)
+        return lost
+
+    async def _catch_up(self, resume: Resume) -> None:
+        asked = {at.id: at for at in resume.utterances}
+        # Queued, or playing but nothing of it sent yet.
+        waiting = {utterance.id for utterance in self._utterances_held()}
+        resumed: list[tuple[str, int]] = []
+        lost: list[str] = []
+        plan: list[list[Any]] = []
+        for uid, at in asked.items():
+            log = self._logs.by_id.get(uid)
+            if log is None and uid in waiting and at.offset == 0 and not at.frames:
+                resumed.append((uid, 0))  # it plays in its turn, from its start
+                continue
+            if log is None or log.dropped:
+                lost.append(uid)
+                continue
+            try:
+                index, skip = log.start(at.offset, at.frames)
+            except ValueError:
+                lost.append(uid)
+                continue
+            resumed.append((uid, at.offset))
+            plan.append([log, index, skip])
+        for uid, log in list(self._logs.by_id.items()):
+            if uid in asked:
+                continue
+            if log.ended_at is None and not log.dropped:
+                resumed.append((uid, 0))  # begun while away, unknown to the client
+                plan.append([log, 0, 0])
+        assert self.session is not None
+        await self.send(self.encode_resumed(self.session, resumed, lost))
+        while True:
+            sent = False
+            for item in plan:
+                log, index, skip = item
+                while index < len(log.frames) and not log.dropped:
+                    frame, text, _ = log.frames[index]
+                    await self.send(memoryview(frame)[skip:] if skip else frame, text=text)
+                    index, skip, sent = index + 1, 0, True
+                item[1], item[2] = index, 0
+            if not sent:
+                break
+        self._attached = True
+
+    def encode_resumed(
+        self, session: str, resumed: Sequence[tuple[str, int]], lost: Sequence[str]
+    ) -> bytes:
+        """The answer to a ``resume`` (a resumable protocol says how)."""
+        raise NotImplementedError
 
     async def _refuse(self, exc: ClientError) -> None:
         """Answer a refused message with the protocol's refusal, which ends no utterance."""
@@ -596,6 +777,12 @@ class Connection:
             if playing is utterance:
                 del self._playing[speaker]
         self._ids.discard(utterance.id)
+        if self._parking is not None:
+            log = self._logs.by_id.get(utterance.id)
+            if log is not None:
+                buffers = self._parking.buffers
+                buffers.ended(self._logs, log)
+                buffers.prune(self._logs, time.monotonic() - self._parking.window)
         self._last_activity = asyncio.get_running_loop().time()
 
     async def _ask_voices(self, locale: str | None) -> None:
@@ -779,6 +966,8 @@ class Connections:
         how many."""
         ended = 0
         for connection in list(self._open):
+            if not holds(connection.context.principal):
+                connection.give_up_parking()
             if not holds(connection.context.principal) and not connection.closed:
                 task = asyncio.create_task(connection.end_revoked())
                 self._ending.add(task)

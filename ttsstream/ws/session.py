@@ -22,6 +22,7 @@ from ttsstream.protocols.v1 import (
     encode_end,
     encode_error,
     encode_hello,
+    encode_resumed,
     encode_start,
     encode_voices,
     encode_word,
@@ -37,13 +38,21 @@ class Session(Connection):
     """Serve one protocol v1 connection until it closes."""
 
     label = "ws"
+    resumable = True
 
     def greeting(self) -> bytes:
         return encode_hello(
             server=f"ttsstream/{__version__}",
             default_voice=self._config.default_voice,
             max_text_length=self._config.max_text_length,
+            session=self.session,
+            resume_window=self._config.resume_window,
         )
+
+    def encode_resumed(
+        self, session: str, resumed: Sequence[tuple[str, int]], lost: Sequence[str]
+    ) -> bytes:
+        return encode_resumed(session, resumed, lost)
 
     def parse(self, frame: str | bytes) -> Sequence[Action]:
         return (
@@ -94,7 +103,8 @@ class _Frames:
         if started.cached:
             # A replay is written in one burst, as a few full TCP segments.
             self._session.cork(True)
-        await self._session.send_for(
+        await self._session.send_utterance(
+            self._id,
             encode_start(
                 self._id,
                 voice=started.voice,
@@ -105,21 +115,22 @@ class _Frames:
                 cached=started.cached,
                 fallback_reason=started.fallback_reason,
                 stream=self._utterance.stream is not None,
-            )
+            ),
         )
 
     async def audio(self, data: bytes | memoryview, *, end_ms: float) -> None:
-        await self._session.send_for(data, text=False)
+        await self._session.send_utterance(self._id, data, text=False)
 
     async def word(self, word: WordEvent) -> None:
-        await self._session.send_for(encode_word(self._id, word))
+        await self._session.send_utterance(self._id, encode_word(self._id, word))
 
     async def words(self, words: Sequence[WordEvent]) -> None:
-        await self._session.send_for(encode_words(self._id, words))
+        await self._session.send_utterance(self._id, encode_words(self._id, words))
 
     async def end(self, summary: Summary) -> None:
         self._utterance.finishing = True
-        await self._session.send_for(
+        await self._session.send_utterance(
+            self._id,
             encode_end(
                 self._id,
                 byte_count=summary.byte_count,
@@ -128,12 +139,14 @@ class _Frames:
                 cached=summary.cached,
                 ttfb_ms=summary.ttfb_ms,
                 segments=summary.segments,
-            )
+            ),
         )
 
     async def fail(self, exc: BaseException, *, partial: bool) -> None:
         self._utterance.finishing = True
-        await self._session.send_for(encode_error(exc, utterance_id=self._id, partial=partial))
+        await self._session.send_utterance(
+            self._id, encode_error(exc, utterance_id=self._id, partial=partial)
+        )
 
     def finished(self) -> None:
         self._session.cork(False)

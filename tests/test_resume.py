@@ -1,0 +1,373 @@
+"""Resuming a dropped connection (protocol v1): the TCP connection is cut (no close
+frame), a new one sends ``resume`` with the session token of the first ``hello``, and
+each utterance goes on from exactly the byte and the message the client had: the
+audio received before and after, put together, is the audio of an uninterrupted run,
+and no word event is lost or comes twice."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidStatus
+
+from tests.conftest import TIMEOUT, ServerFactory, eventually, url_of
+from tests.fake_edge import FakeEdge
+from tests.test_tenants import ALPHA, BETA, write_keys
+from ttsstream.server import Server
+
+TEXT = "A sentence that keeps going while the phone changes networks, and then some more."
+
+
+@dataclass
+class Copy:
+    """A client's copy of one utterance: its audio and its JSON messages."""
+
+    id: str
+    audio: bytearray = field(default_factory=bytearray)
+    messages: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ended(self) -> bool:
+        return bool(self.messages) and self.messages[-1]["type"] in ("end", "error")
+
+    @property
+    def words(self) -> list[tuple[str, float]]:
+        found = []
+        for message in self.messages:
+            if message["type"] == "word":
+                found.append((message["text"], message["offset_ms"]))
+            elif message["type"] == "words":
+                found += [(word["text"], word["offset_ms"]) for word in message["words"]]
+        return found
+
+    def resume_at(self) -> dict[str, Any]:
+        return {"id": self.id, "offset": len(self.audio), "frames": len(self.messages)}
+
+
+class Listener:
+    """A v1 client that files frames per utterance (audio goes to the one that started
+    last), and can be cut off and come back."""
+
+    def __init__(self, url: str, headers: dict[str, str] | None = None) -> None:
+        self.url = url
+        self.headers = headers or {}
+        self.ws: ClientConnection | None = None
+        self.session = ""
+        self.copies: dict[str, Copy] = {}
+        self.current: str | None = None
+
+    async def connect(self) -> dict[str, Any]:
+        self.ws = await connect(
+            self.url, max_size=None, compression=None, additional_headers=self.headers
+        )
+        hello = await self.message()
+        assert hello["type"] == "hello"
+        self.session = self.session or hello.get("session", "")
+        return hello
+
+    async def send(self, message: dict[str, Any]) -> None:
+        assert self.ws is not None
+        await self.ws.send(orjson.dumps(message).decode())
+
+    async def message(self) -> dict[str, Any]:
+        assert self.ws is not None
+        frame = await asyncio.wait_for(self.ws.recv(), TIMEOUT)
+        assert isinstance(frame, str), "a JSON message was expected"
+        parsed: dict[str, Any] = orjson.loads(frame)
+        return parsed
+
+    async def read(self) -> dict[str, Any] | bytes:
+        """Read one frame and file it."""
+        assert self.ws is not None
+        frame = await asyncio.wait_for(self.ws.recv(), TIMEOUT)
+        if isinstance(frame, bytes):
+            assert self.current is not None, "audio outside any utterance"
+            self.copies[self.current].audio += frame
+            return frame
+        message: dict[str, Any] = orjson.loads(frame)
+        uid = message.get("id")
+        if isinstance(uid, str) and message["type"] != "resumed":
+            copy = self.copies.setdefault(uid, Copy(uid))
+            copy.messages.append(message)
+            if message["type"] == "start":
+                self.current = uid
+            if message["type"] in ("end", "error") and self.current == uid:
+                self.current = None
+        return message
+
+    async def until(self, predicate: Any) -> None:
+        while not predicate():
+            await self.read()
+
+    def cut(self) -> None:
+        """The network goes away: the TCP connection ends without a closing handshake."""
+        assert self.ws is not None
+        self.ws.transport.abort()
+
+    async def resume(self) -> dict[str, Any]:
+        """Connect again and resume every utterance not ended."""
+        await self.connect()
+        waiting = [copy.resume_at() for copy in self.copies.values() if not copy.ended]
+        await self.send({"type": "resume", "session": self.session, "utterances": waiting})
+        answer = await self.message()
+        if answer["type"] == "resumed":
+            self.session = answer["session"]
+            # Audio goes on into the utterance it was in.
+            self.current = next(
+                (c.id for c in self.copies.values() if c.messages and not c.ended), None
+            )
+        return answer
+
+    async def close(self) -> None:
+        if self.ws is not None:
+            await self.ws.close()
+
+
+async def whole(server: Server, text: str, **fields: Any) -> Copy:
+    """The utterance of ``text`` heard without a cut (a replay once it is cached)."""
+    listener = Listener(url_of(server))
+    await listener.connect()
+    await listener.send({"type": "speak", "id": "w", "text": text, **fields})
+    await listener.until(lambda: "w" in listener.copies and listener.copies["w"].ended)
+    await listener.close()
+    return listener.copies["w"]
+
+
+async def cut_and_resume(server: Server, text: str, frames_before_cut: int, **fields: Any) -> Copy:
+    """Speak ``text``, cut the connection after ``frames_before_cut`` frames of it,
+    resume, and hear the rest."""
+    listener = Listener(url_of(server))
+    await listener.connect()
+    await listener.send({"type": "speak", "id": "u", "text": text, **fields})
+    for _ in range(frames_before_cut):
+        await listener.read()
+        if "u" in listener.copies and listener.copies["u"].ended:
+            break
+    listener.cut()
+    answer = await listener.resume()
+    assert answer["type"] == "resumed", answer
+    copy = listener.copies.setdefault("u", Copy("u"))
+    assert answer["lost"] == []
+    await listener.until(lambda: copy.ended)
+    await listener.close()
+    return copy
+
+
+@pytest.mark.parametrize("audio_format", ["mp3", "opus"])
+async def test_a_live_utterance_cut_anywhere_resumes_byte_exact(
+    start_server: ServerFactory, fake: FakeEdge, audio_format: str
+) -> None:
+    """Live (a new text each time), cut after a random number of frames: the audio before
+    and after the cut is the audio of the same text heard whole, the words likewise."""
+    fake.tone = True
+    server = await start_server(rate_limit_requests=0, max_connections_per_ip=1000)
+    chance = random.Random(35)
+    for trial in range(6):
+        text = f"{TEXT} Take {trial}."
+        resumed = await cut_and_resume(
+            server, text, chance.randrange(1, 30), format=audio_format, words="each"
+        )
+        assert resumed.messages[-1]["type"] == "end", resumed.messages[-1]
+        reference = await whole(server, text, format=audio_format, words="each")
+        assert bytes(resumed.audio) == bytes(reference.audio), trial
+        assert resumed.words == reference.words, trial
+        assert resumed.messages[-1]["bytes"] == len(resumed.audio)
+    assert len(fake.records) == 6  # each text synthesized once: a resume asks nothing new
+
+
+async def test_two_hundred_cached_replays_cut_at_random_resume_whole(
+    start_server: ServerFactory,
+) -> None:
+    server = await start_server(rate_limit_requests=0, max_connections_per_ip=1000)
+    references = {
+        audio_format: await whole(server, TEXT, format=audio_format, words="batch")
+        for audio_format in ("mp3", "opus")
+    }
+    chance = random.Random(200)
+    for trial in range(200):
+        audio_format = ("mp3", "opus")[trial % 2]
+        reference = references[audio_format]
+        resumed = await cut_and_resume(
+            server, TEXT, chance.randrange(1, 12), format=audio_format, words="batch"
+        )
+        assert bytes(resumed.audio) == bytes(reference.audio), trial
+        assert resumed.words == reference.words, trial
+    parking = server.services.parking
+    await eventually(lambda: parking.buffers.total == 0 and len(parking) == 0)
+
+
+async def test_streamed_text_resumes_and_takes_appends_again(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """A streaming utterance cut mid-way: resumed, it takes the rest of its text on the
+    new connection and ends whole, as an uninterrupted run of the same text."""
+    fake.tone = True
+    server = await start_server(rate_limit_requests=0)
+    pieces = ["The first sentence of a reply. ", "A second one follows it. ", "And the last."]
+    listener = Listener(url_of(server))
+    await listener.connect()
+    await listener.send({"type": "speak", "id": "s", "stream": True, "text": pieces[0]})
+    await listener.send({"type": "flush", "id": "s"})
+    await listener.until(lambda: "s" in listener.copies and len(listener.copies["s"].audio) > 0)
+    listener.cut()
+    answer = await listener.resume()
+    assert answer["type"] == "resumed" and [u["id"] for u in answer["utterances"]] == ["s"]
+    for piece in pieces[1:]:
+        await listener.send({"type": "append", "id": "s", "text": piece})
+    await listener.send({"type": "finish", "id": "s"})
+    copy = listener.copies["s"]
+    await listener.until(lambda: copy.ended)
+    await listener.close()
+    assert copy.messages[-1]["type"] == "end" and copy.messages[-1]["bytes"] == len(copy.audio)
+    again = Listener(url_of(server))
+    await again.connect()
+    await again.send({"type": "speak", "id": "r", "stream": True, "text": pieces[0]})
+    await again.send({"type": "flush", "id": "r"})
+    for piece in pieces[1:]:
+        await again.send({"type": "append", "id": "r", "text": piece})
+    await again.send({"type": "finish", "id": "r"})
+    await again.until(lambda: "r" in again.copies and again.copies["r"].ended)
+    await again.close()
+    assert bytes(copy.audio) == bytes(again.copies["r"].audio)
+
+
+async def test_queued_utterances_play_after_the_resumed_one(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    server = await start_server(rate_limit_requests=0)
+    fake.pause_after_chunks = 3
+    listener = Listener(url_of(server))
+    await listener.connect()
+    await listener.send({"type": "speak", "id": "a", "text": TEXT})
+    await listener.send({"type": "speak", "id": "b", "text": "Then this one."})
+    await listener.until(lambda: "a" in listener.copies and len(listener.copies["a"].audio) > 0)
+    listener.cut()
+    listener.copies.setdefault("b", Copy("b"))
+    await eventually(lambda: len(server.services.parking) == 1, what="parked")
+    fake.resume.set()
+    answer = await listener.resume()
+    assert [u["id"] for u in answer["utterances"]] == ["a", "b"], answer
+    await listener.until(lambda: listener.copies["b"].ended)
+    await listener.close()
+    a, b = listener.copies["a"], listener.copies["b"]
+    assert a.ended and bytes(a.audio) == bytes(fake.records[0].audio)
+    assert b.messages[-1]["type"] == "end" and bytes(b.audio) == bytes(fake.records[1].audio)
+
+
+async def test_a_resume_that_cannot_be_served_says_why_and_the_connection_goes_on(
+    start_server: ServerFactory, tmp_path: Path
+) -> None:
+    """An unknown token, another tenant's, an expired one: resume_failed with its reason;
+    the new connection then speaks as a fresh one."""
+    path = write_keys(tmp_path / "keys.toml", {"alpha": {"key": ALPHA}, "beta": {"key": BETA}})
+    server = await start_server(api_keys_file=path, resume_window=TIMEOUT)
+    url = url_of(server)
+    alpha = Listener(url, {"X-API-Key": ALPHA})
+    await alpha.connect()
+    await alpha.send({"type": "speak", "id": "u", "text": TEXT})
+    await alpha.until(lambda: "u" in alpha.copies)
+    alpha.cut()
+    await eventually(lambda: len(server.services.parking) == 1, what="parked")
+    beta = Listener(url, {"X-API-Key": BETA})
+    beta.session = alpha.session
+    answer = await beta.resume()
+    assert (answer["type"], answer["code"], answer["reason"]) == (
+        "error",
+        "resume_failed",
+        "not_yours",
+    )
+    stranger = Listener(url, {"X-API-Key": ALPHA})
+    stranger.session = "no-such-session"
+    answer = await stranger.resume()
+    assert (answer["code"], answer["reason"]) == ("resume_failed", "unknown")
+    await stranger.send({"type": "speak", "id": "fresh", "text": "Starting afresh."})
+    await stranger.until(lambda: "fresh" in stranger.copies and stranger.copies["fresh"].ended)
+    assert stranger.copies["fresh"].messages[-1]["type"] == "end"
+    await stranger.close()
+    await beta.close()
+    # Parked past its window, it is gone, and so is what it held.
+    parking = server.services.parking
+    await eventually(lambda: len(parking) == 0, timeout=TIMEOUT * 3, what="expired")
+    await eventually(lambda: parking.buffers.total == 0)
+    late = Listener(url, {"X-API-Key": ALPHA})
+    late.session = alpha.session
+    answer = await late.resume()
+    assert (answer["code"], answer["reason"]) == ("resume_failed", "unknown")
+    await late.close()
+
+
+async def test_a_resume_flood_leaks_nothing(start_server: ServerFactory) -> None:
+    server = await start_server(rate_limit_requests=0)
+    listener = Listener(url_of(server))
+    await listener.connect()
+    for number in range(300):
+        await listener.send({"type": "resume", "session": f"guess-{number}", "utterances": []})
+        answer = await listener.message()
+        assert (answer["code"], answer["reason"]) == ("resume_failed", "unknown")
+    await listener.close()
+    assert len(server.services.parking) == 0 and server.services.parking.buffers.total == 0
+
+
+async def test_a_parked_connection_counts_toward_the_caps(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """MAX_CONNECTIONS_PER_IP 2: a parked connection and a new one are two, a third is
+    refused; the resume's connection takes the parked one's place."""
+    server = await start_server(max_connections_per_ip=2, rate_limit_requests=0)
+    fake.pause_after_chunks = 2
+    listener = Listener(url_of(server))
+    await listener.connect()
+    await listener.send({"type": "speak", "id": "u", "text": TEXT})
+    await listener.until(lambda: "u" in listener.copies)
+    listener.cut()
+    admission = server.services.admission
+    await eventually(lambda: len(server.services.parking) == 1, what="parked")
+    await eventually(lambda: admission.connections.total == 1, what="the parked one counted")
+    other = Listener(url_of(server))
+    await other.connect()
+    with pytest.raises(InvalidStatus) as refused:
+        await Listener(url_of(server)).connect()
+    assert refused.value.response.status_code == 429
+    await other.close()
+    await eventually(lambda: admission.connections.total == 1)
+    answer = await listener.resume()
+    assert answer["type"] == "resumed"
+    await eventually(lambda: admission.connections.total == 1, what="the parked one released")
+    fake.resume.set()
+    copy = listener.copies["u"]
+    await listener.until(lambda: copy.ended)
+    await listener.close()
+    assert bytes(copy.audio) == bytes(fake.records[0].audio)
+
+
+async def test_a_clean_close_is_not_parked(start_server: ServerFactory, fake: FakeEdge) -> None:
+    """A client that closes (1000) or a server that closes (idle, too slow) parks nothing:
+    its utterance ends as before."""
+    server = await start_server()
+    fake.pause_after_chunks = 2
+    listener = Listener(url_of(server))
+    await listener.connect()
+    await listener.send({"type": "speak", "id": "u", "text": TEXT})
+    await listener.until(lambda: "u" in listener.copies)
+    await listener.close()
+    await eventually(lambda: server.stats.active_utterances == 0)
+    assert len(server.services.parking) == 0
+    fake.resume.set()
+
+
+async def test_resume_off_says_so(start_server: ServerFactory) -> None:
+    server = await start_server(resume_window=0)
+    listener = Listener(url_of(server))
+    hello = await listener.connect()
+    assert "session" not in hello
+    await listener.send({"type": "resume", "session": "anything", "utterances": []})
+    answer = await listener.message()
+    assert (answer["code"], answer["reason"]) == ("resume_failed", "disabled")
+    await listener.close()
