@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import re
+import secrets
 import shutil
 import signal
 import ssl
@@ -33,6 +34,7 @@ from tests.conftest import TIMEOUT, Client, eventually
 from tests.fake_edge import FakeEdge
 from tests.processes import serve_process, stop
 from tests.redis_server import RedisServer
+from tests.test_resume import Listener
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "nginx" / "ttsstream.conf"
@@ -108,12 +110,14 @@ def site_config(
     for old, new in swaps.items():
         assert old in text, f"the shipped config no longer has {old!r}"
         text = text.replace(old, new)
-    servers = re.findall(r"^    server 127\.0\.0\.1:\d+ .*;$", text, re.MULTILINE)
-    assert len(servers) >= 2, "the shipped upstream lists several instances"
-    replacement = "\n".join(
-        f"    server 127.0.0.1:{port} max_fails=3 fail_timeout=10s;" for port in instances
+    blocks = re.findall(r"(?:^    server 127\.0\.0\.1:\d+ .*;\n)+", text, re.MULTILINE)
+    assert len(blocks) == 2, "the shipped upstreams: least busy, and by client"
+    assert all(block.count("\n") >= 2 for block in blocks), "several instances each"
+    replacement = "".join(
+        f"    server 127.0.0.1:{port} max_fails=3 fail_timeout=10s;\n" for port in instances
     )
-    text = text.replace("\n".join(servers), replacement)
+    for block in blocks:
+        text = text.replace(block, replacement)
     return text
 
 
@@ -506,3 +510,40 @@ async def test_the_voice_agent_websockets_pass_through_nginx(stack: Stack) -> No
         while (kind := orjson.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))["type"]) != "done":
             kinds.append(kind)
         assert "chunk" in kinds
+
+
+async def test_a_resume_through_nginx_reaches_the_instance_holding_it(
+    stack: Stack, fake: FakeEdge
+) -> None:
+    """Two instances behind the shipped config: a client that names itself (?client=)
+    is cut off mid-utterance, comes back through nginx from another address (a new
+    network), and resumes (its instance holds the dropped connection) with the audio
+    whole; the same client lands on the same instance each time."""
+    fake.tone = True
+    url = f"{stack.url}?client=phone-{secrets.token_hex(4)}"
+    for round_number in range(3):
+        await _cut_and_resumed_through(stack, fake, url, round_number)
+    stats = await stack.stats()
+    # Every round's connections on one instance, none on the other.
+    assert sorted(s["total_requests"] for s in stats) == [0, 3]
+
+
+async def _cut_and_resumed_through(stack: Stack, fake: FakeEdge, url: str, number: int) -> None:
+    fake.pause_after_chunks, fake.resume = 4, asyncio.Event()
+    fake.paused.clear()
+    # Each connection from its own address: the per-IP limit here is 2 per window.
+    listener = Listener(url, ssl=stack.tls, local_addr=(f"127.0.0.{10 + 2 * number}", 0))
+    await listener.connect()
+    uid = f"r{number}"
+    await listener.send({"type": "speak", "id": uid, "text": f"Cut off, and back: {number}."})
+    await eventually(lambda: fake.paused.is_set(), what="under way")
+    await listener.until(lambda: uid in listener.copies and bool(listener.copies[uid].audio))
+    listener.cut()
+    fake.resume.set()
+    listener.options["local_addr"] = (f"127.0.0.{11 + 2 * number}", 0)  # a new network
+    answer = await listener.resume()
+    assert answer["type"] == "resumed" and answer["lost"] == [], answer
+    copy = listener.copies[uid]
+    await listener.until(lambda: copy.ended)
+    await listener.close()
+    assert bytes(copy.audio) == bytes(fake.records[-1].audio)

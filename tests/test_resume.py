@@ -55,9 +55,11 @@ class Listener:
     """A v1 client that files frames per utterance (audio goes to the one that started
     last), and can be cut off and come back."""
 
-    def __init__(self, url: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, url: str, headers: dict[str, str] | None = None, **options: Any) -> None:
         self.url = url
         self.headers = headers or {}
+        #: More of websockets' connect options (TLS, a source address).
+        self.options = options
         self.ws: ClientConnection | None = None
         self.session = ""
         self.copies: dict[str, Copy] = {}
@@ -65,7 +67,11 @@ class Listener:
 
     async def connect(self) -> dict[str, Any]:
         self.ws = await connect(
-            self.url, max_size=None, compression=None, additional_headers=self.headers
+            self.url,
+            max_size=None,
+            compression=None,
+            additional_headers=self.headers,
+            **self.options,
         )
         hello = await self.message()
         assert hello["type"] == "hello"
