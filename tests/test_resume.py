@@ -225,6 +225,7 @@ async def test_streamed_text_resumes_and_takes_appends_again(
     listener.cut()
     answer = await listener.resume()
     assert answer["type"] == "resumed" and [u["id"] for u in answer["utterances"]] == ["s"]
+    assert answer["utterances"][0]["received"] == len(pieces[0])  # appends go on from here
     for piece in pieces[1:]:
         await listener.send({"type": "append", "id": "s", "text": piece})
     await listener.send({"type": "finish", "id": "s"})

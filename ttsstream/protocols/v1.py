@@ -271,16 +271,20 @@ def encode_hello(
     return _encode(hello)
 
 
-def encode_resumed(session: str, resumed: Sequence[tuple[str, int]], lost: Sequence[str]) -> bytes:
+def encode_resumed(
+    session: str, resumed: Sequence[tuple[str, int, int | None]], lost: Sequence[str]
+) -> bytes:
     """Encode the answer to a ``resume``: the session that goes on (its token for the
-    next resume), each utterance resumed at its offset, those that cannot be."""
+    next resume), each utterance resumed at its offset (a streaming one with the
+    characters of text received: its appends go on from there), those that cannot be."""
+    utterances = []
+    for uid, offset, received in resumed:
+        entry: dict[str, Any] = {"id": uid, "offset": offset}
+        if received is not None:
+            entry["received"] = received
+        utterances.append(entry)
     return _encode(
-        {
-            "type": "resumed",
-            "session": session,
-            "utterances": [{"id": uid, "offset": offset} for uid, offset in resumed],
-            "lost": list(lost),
-        }
+        {"type": "resumed", "session": session, "utterances": utterances, "lost": list(lost)}
     )
 
 

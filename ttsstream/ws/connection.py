@@ -467,15 +467,21 @@ class Connection:
 
     async def _catch_up(self, resume: Resume) -> None:
         asked = {at.id: at for at in resume.utterances}
-        # Queued, or playing but nothing of it sent yet.
-        waiting = {utterance.id for utterance in self._utterances_held()}
-        resumed: list[tuple[str, int]] = []
+        held = {utterance.id: utterance for utterance in self._utterances_held()}
+
+        def received(uid: str) -> int | None:
+            """A streaming utterance's characters of text received (``None``: not one)."""
+            utterance = held.get(uid)
+            stream = utterance.stream if utterance is not None else None
+            return stream.total if stream is not None else None
+
+        resumed: list[tuple[str, int, int | None]] = []
         lost: list[str] = []
         plan: list[list[Any]] = []
         for uid, at in asked.items():
             log = self._logs.by_id.get(uid)
-            if log is None and uid in waiting and at.offset == 0 and not at.frames:
-                resumed.append((uid, 0))  # it plays in its turn, from its start
+            if log is None and uid in held and at.offset == 0 and not at.frames:
+                resumed.append((uid, 0, received(uid)))  # it plays in its turn, from its start
                 continue
             if log is None or log.dropped:
                 lost.append(uid)
@@ -485,13 +491,13 @@ class Connection:
             except ValueError:
                 lost.append(uid)
                 continue
-            resumed.append((uid, at.offset))
+            resumed.append((uid, at.offset, received(uid)))
             plan.append([log, index, skip])
         for uid, log in list(self._logs.by_id.items()):
             if uid in asked:
                 continue
             if log.ended_at is None and not log.dropped:
-                resumed.append((uid, 0))  # begun while away, unknown to the client
+                resumed.append((uid, 0, received(uid)))  # begun while away, unknown to it
                 plan.append([log, 0, 0])
         assert self.session is not None
         await self.send(self.encode_resumed(self.session, resumed, lost))
@@ -509,7 +515,7 @@ class Connection:
         self._attached = True
 
     def encode_resumed(
-        self, session: str, resumed: Sequence[tuple[str, int]], lost: Sequence[str]
+        self, session: str, resumed: Sequence[tuple[str, int, int | None]], lost: Sequence[str]
     ) -> bytes:
         """The answer to a ``resume`` (a resumable protocol says how)."""
         raise NotImplementedError

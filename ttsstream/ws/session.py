@@ -50,7 +50,7 @@ class Session(Connection):
         )
 
     def encode_resumed(
-        self, session: str, resumed: Sequence[tuple[str, int]], lost: Sequence[str]
+        self, session: str, resumed: Sequence[tuple[str, int, int | None]], lost: Sequence[str]
     ) -> bytes:
         return encode_resumed(session, resumed, lost)
 
