@@ -378,3 +378,64 @@ async def test_resume_off_says_so(start_server: ServerFactory) -> None:
     answer = await listener.message()
     assert (answer["code"], answer["reason"]) == ("resume_failed", "disabled")
     await listener.close()
+
+
+@pytest.mark.parametrize("audio_format", ["mp3", "opus"])
+async def test_streamed_utterances_cut_at_random_resume_whole(
+    start_server: ServerFactory, fake: FakeEdge, audio_format: str
+) -> None:
+    """Twenty streaming utterances (three segments on one timeline), each cut at a random
+    frame and resumed: each one's audio and words are those of the same text streamed
+    without a cut. (Appends after a resume: the test above.)"""
+    fake.tone = True
+    server = await start_server(rate_limit_requests=0, max_connections_per_ip=1000)
+    pieces = ["A streamed reply begins here. ", "It carries on for a while. ", "Then it ends."]
+    sent: dict[str, bytes] = {}
+
+    async def streamed(uid: str, cut_after: int | None) -> tuple[Copy, int]:
+        listener = Listener(url_of(server))
+        await listener.connect()
+        speak = {"type": "speak", "id": uid, "stream": True, "format": audio_format}
+        await listener.send({**speak, "text": pieces[0], "words": "batch"})
+        for piece in pieces[1:]:
+            await listener.send({"type": "append", "id": uid, "text": piece})
+        await listener.send({"type": "finish", "id": uid})
+        frames = 0
+        if cut_after is not None:
+            for _ in range(cut_after):
+                await listener.read()
+            listener.cut()
+            answer = await listener.resume()
+            assert answer["type"] == "resumed", answer
+        copy = listener.copies.setdefault(uid, Copy(uid))
+        while not copy.ended:
+            await listener.read()
+            frames += 1
+        # What the server sent of it, as it keeps it for a resume (while its connection
+        # is open).
+        sent[uid] = b"".join(
+            bytes(frame)
+            for connection in server._websockets["ws"]
+            for log in [connection._logs.by_id.get(uid)]
+            if log is not None
+            for frame, text, _ in log.frames
+            if not text
+        )
+        await listener.close()
+        return copy, frames
+
+    await streamed("live", None)  # its segments cached: then every run is made alike
+    reference, frames = await streamed("whole", None)
+    chance = random.Random(20)
+    for trial in range(20):
+        uid = f"cut{trial}"
+        copy, _ = await streamed(uid, chance.randrange(1, frames))
+        assert copy.messages[-1]["type"] == "end", (trial, copy.messages[-1])
+        assert copy.words == reference.words, trial
+        # The client has all the server sent, once. (An Ogg stream made again has a new
+        # serial number: Opus is compared with what was sent, MP3 with the uninterrupted
+        # run too.)
+        assert bytes(copy.audio) == sent[uid], trial
+        assert len(sent[uid]) == copy.messages[-1]["bytes"], trial
+        if audio_format == "mp3":
+            assert bytes(copy.audio) == bytes(reference.audio), trial
