@@ -6,11 +6,15 @@ import { TTSStreamClient, sliceCodePoints } from "/clients/ttsstream.js";
 const $ = (id) => /** @type {any} */ (document.getElementById(id));
 const wsUrl = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/v1/stream`;
 
-/** State the tests read: the client, the utterance playing, the words highlighted. */
+/**
+ * State the tests read: the client, the utterance playing, the words highlighted, and
+ * where playback was at each resume of a dropped connection (seconds).
+ */
 const demo = {
   /** @type {TTSStreamClient | null} */ client: null,
   /** @type {import("/clients/ttsstream.js").Utterance | null} */ utterance: null,
   /** @type {number[]} */ wordLog: [],
+  /** @type {Array<number | null>} */ resumedAt: [],
 };
 /** @type {any} */ (window).demo = demo;
 
@@ -21,6 +25,16 @@ function client() {
     if (demo.client) demo.client.close();
     demo.client = new TTSStreamClient(wsUrl, { apiKey: key || undefined });
     demo.client.addEventListener("error", (event) => showError(/** @type {any} */ (event).detail));
+    // A dropped connection comes back by itself: say so, and where playback went on.
+    demo.client.addEventListener("reconnecting", () => {
+      $("connection").textContent = "connection lost, reconnecting…";
+    });
+    demo.client.addEventListener("resumed", (event) => {
+      const { position } = /** @type {any} */ (event).detail;
+      demo.resumedAt.push(position);
+      const where = position === null ? "" : ` at ${position.toFixed(1)} s`;
+      $("connection").textContent = `reconnected, resumed${where}`;
+    });
   }
   return demo.client;
 }
@@ -92,6 +106,7 @@ function speak() {
   if (demo.utterance) demo.utterance.cancel();
   $("error").textContent = "";
   $("figures").textContent = "";
+  $("connection").textContent = "";
   const text = $("text").value;
   const utterance = client().speak(text, {
     voice: $("voice").value || undefined,

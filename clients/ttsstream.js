@@ -13,6 +13,10 @@
  *     u.addEventListener("wordchange", (e) => highlight(e.detail));
  *     await u.done;
  *
+ * A connection that drops (the network went away) is opened again and resumed: the
+ * utterances go on from the byte and the message where they stopped (see
+ * `TTSStreamClient`'s `resumed` event).
+ *
  * @module ttsstream
  */
 
@@ -31,6 +35,8 @@
  * @property {string} server
  * @property {string} default_voice
  * @property {number} max_text_length
+ * @property {string} [session]        this connection's token for a resume
+ * @property {number} [resume_window]  seconds the server keeps a dropped connection
  */
 
 /**
@@ -84,7 +90,19 @@
  * @property {string | null} id
  * @property {string} code
  * @property {string} message
+ * @property {string} [for]     the type of the client message refused (ends no utterance)
  * @property {number} [retry_after]
+ * @property {string} [reason]  of `resume_failed`
+ */
+
+/**
+ * The answer to a `resume`: the utterances that go on, each from its `offset` (a
+ * streaming one says the characters of its text `received`), and those `lost`.
+ * @typedef {object} ResumedMessage
+ * @property {"resumed"} type
+ * @property {string} session  the token for the next resume
+ * @property {Array<{id: string, offset: number, received?: number}>} utterances
+ * @property {string[]} lost
  */
 
 /**
@@ -101,7 +119,7 @@
 
 /**
  * @typedef {HelloMessage | StartMessage | WordMessage | WordsMessage | EndMessage
- *   | ErrorMessage | CancelledMessage | VoicesMessage} ServerMessage
+ *   | ErrorMessage | CancelledMessage | VoicesMessage | ResumedMessage} ServerMessage
  */
 
 /**
@@ -122,6 +140,11 @@
  * @property {string[]} [protocols]     More subprotocols to offer.
  * @property {boolean} [reconnect]      Reconnect after an abnormal close (default true).
  * @property {number} [maxBackoffMs]    Longest wait between reconnections (default 30000).
+ * @property {boolean} [resume]         Resume the utterances of a dropped connection
+ *   (default true; needs `reconnect` and a server that resumes).
+ * @property {string} [clientId]        Sent as `?client=` on every connection, so that a
+ *   proxy in front of several servers sends a resume to the one holding it (default:
+ *   a random id of this client's own).
  * @property {boolean} [autoplay]       Call `audio.play()` when audio starts (default true).
  * @property {string} [format]          "mp3" (default), "webm" (Opus: a third less
  *   bandwidth; mp3 where Media Source Extensions cannot play WebM Opus), or another
@@ -158,6 +181,11 @@ export function formatToAsk(requested) {
   return format === "webm" && !streamable(STREAMED_TYPES.webm) ? "mp3" : format;
 }
 const FIRST_BACKOFF_MS = 500;
+/** Reconnecting a dropped connection to resume it: 0.25 s, doubling to 5 s at most. */
+const RESUME_FIRST_BACKOFF_MS = 250;
+const RESUME_MAX_BACKOFF_MS = 5000;
+/** The close code of a connection that ended without a closing handshake. */
+const CLOSED_ABNORMALLY = 1006;
 const KNOWN_TYPES = new Set([
   "hello",
   "start",
@@ -167,7 +195,21 @@ const KNOWN_TYPES = new Set([
   "error",
   "cancelled",
   "voices",
+  "resumed",
 ]);
+/** The messages the server keeps of an utterance for a resume (and counts in `frames`). */
+const COUNTED_TYPES = new Set(["start", "word", "words", "end", "error"]);
+
+/** A random id for `?client=`: 16 bytes, hexadecimal. */
+function randomId() {
+  const bytes = new Uint8Array(16);
+  if (typeof crypto !== "undefined" && typeof crypto.getRandomValues === "function") {
+    crypto.getRandomValues(bytes);
+  } else {
+    for (let i = 0; i < bytes.length; i++) bytes[i] = Math.floor(Math.random() * 256);
+  }
+  return Array.from(bytes, (byte) => byte.toString(16).padStart(2, "0")).join("");
+}
 
 /**
  * Parse a server text frame; `null` for anything that is not a known message
@@ -384,6 +426,16 @@ export class Utterance extends EventTarget {
     this.frame = 0;
     /** Made by `client.stream()`: text comes with write(). */
     this.streaming = false;
+    /** Audio bytes received from the server (a resume goes on from there). */
+    this.audioReceived = 0;
+    /** JSON messages received about it that the server counts for a resume. */
+    this.framesReceived = 0;
+    /** Its `speak` went out on a connection (so the server may have it). */
+    this.asked = false;
+    /** `cancel()` was called: a resume asks again if no `cancelled` came. */
+    this.cancelRequested = false;
+    /** Streaming: `finish()` was called. */
+    this.textFinished = false;
     if (this.audio) {
       this.audio.addEventListener("play", () => this.followClock());
       this.audio.addEventListener("seeked", () => this.updateWord());
@@ -422,6 +474,7 @@ export class Utterance extends EventTarget {
   /** Streaming utterances: no more text; the rest is spoken, then `end`. */
   finish() {
     this.requireStream();
+    this.textFinished = true;
     this.client.send({ type: "finish", id: this.id });
   }
 
@@ -436,6 +489,7 @@ export class Utterance extends EventTarget {
   cancel() {
     if (this.state === "ended" || this.state === "failed" || this.state === "cancelled") return;
     this.player.stop();
+    this.cancelRequested = true;
     this.client.send({ type: "cancel", id: this.id });
   }
 
@@ -527,7 +581,21 @@ export class Utterance extends EventTarget {
 
 /**
  * A connection to a ttsstream server. Events: `open` (detail: the hello message),
- * `close` (detail: {code, reason}), `error` (detail: a TTSStreamError).
+ * `close` (detail: {code, reason, resuming}), `error` (detail: a TTSStreamError),
+ * `reconnecting` and `resumed` (below).
+ *
+ * When the connection drops without a close (close code 1006: the network went away,
+ * the phone changed networks) while utterances are unfinished, and the server keeps
+ * dropped connections (its `hello` has a `session`), the client does not fail them:
+ * it fires `reconnecting` (detail: {code, reason, utterances}), reconnects (after
+ * 0.25 s, doubling to 5 s, for as long as the server's `resume_window`) and sends
+ * `resume` with what it received of each. They go on from exactly there: audio into
+ * the same player, the word events that follow, nothing twice. Then it fires `resumed`
+ * (detail: {utterances, lost, position, session}: the utterances going on, the ids of
+ * those the server could not continue, which fail with `connection_lost`, and the
+ * playing utterance's playback position in seconds). A resume the server refuses
+ * fails them with `resume_failed` (and fires `error`); past the window they fail with
+ * `connection_lost`.
  */
 export class TTSStreamClient extends EventTarget {
   /**
@@ -547,7 +615,7 @@ export class TTSStreamClient extends EventTarget {
     this.current = null;
     /** @type {Array<{resolve: (voices: Voice[]) => void, reject: (error: Error) => void}>} */
     this.voiceRequests = [];
-    /** @type {string[]} */
+    /** @type {Array<Record<string, any>>} Messages waiting for the connection. */
     this.outbox = [];
     this.closed = false;
     this.attempt = 0;
@@ -556,6 +624,20 @@ export class TTSStreamClient extends EventTarget {
     this.timer = undefined;
     /** @type {WebSocket | null} */
     this.socket = null;
+    /** Sent as `?client=`: the same on every connection of this client. */
+    this.clientId = options.clientId ?? randomId();
+    /** @type {string | null} The token that resumes this connection if it drops. */
+    this.session = null;
+    /** Seconds the server keeps a dropped connection (`hello`'s `resume_window`). */
+    this.resumeWindow = 0;
+    /**
+     * A dropped connection being resumed: until when (`Date.now()`), and the ids of the
+     * utterances it had.
+     * @type {{deadline: number, ids: string[]} | null}
+     */
+    this.outage = null;
+    /** The socket is open and its `resume` waits for the answer. */
+    this.resuming = false;
     this.connect();
   }
 
@@ -563,19 +645,28 @@ export class TTSStreamClient extends EventTarget {
     const { apiKey, apiKeyInUrl, protocols = [] } = this.options;
     let url = this.url;
     const offered = [SUBPROTOCOL, ...protocols];
+    const query = [];
+    if (this.clientId && !/[?&]client=/.test(url)) {
+      query.push("client=" + encodeURIComponent(this.clientId));
+    }
     if (apiKey && apiKeyInUrl) {
-      url += (url.includes("?") ? "&" : "?") + "api_key=" + encodeURIComponent(apiKey);
+      query.push("api_key=" + encodeURIComponent(apiKey));
     } else if (apiKey) {
       offered.push("key." + apiKey);
     }
+    if (query.length) url += (url.includes("?") ? "&" : "?") + query.join("&");
     const socket = new this.WebSocket(url, offered);
     socket.binaryType = "arraybuffer";
     this.socket = socket;
     let opened = false;
     socket.addEventListener("open", () => {
       opened = true;
+      if (this.outage) {
+        this.sendResume();
+        return;
+      }
       this.attempt = 0;
-      for (const frame of this.outbox.splice(0)) socket.send(frame);
+      this.flushOutbox();
     });
     socket.addEventListener("message", (event) => this.receive(event.data));
     socket.addEventListener("close", (event) => this.lost(event.code, event.reason, opened));
@@ -642,25 +733,54 @@ export class TTSStreamClient extends EventTarget {
   /** Close for good: no reconnection; pending utterances reject. */
   close() {
     this.closed = true;
+    this.outage = null;
+    this.resuming = false;
     clearTimeout(this.timer);
     if (this.socket) this.socket.close(1000);
     this.failAll(new TTSStreamError("closed", "the client was closed"));
   }
 
-  /** @param {object} message */
+  /**
+   * Send `message` now, or once the connection is (back) up.
+   * @param {Record<string, any>} message
+   */
   send(message) {
-    const frame = JSON.stringify(message);
-    if (this.socket && this.socket.readyState === this.WebSocket.OPEN) {
-      this.socket.send(frame);
+    if (this.socket && this.socket.readyState === this.WebSocket.OPEN && !this.resuming) {
+      this.transmit(message);
     } else {
-      this.outbox.push(frame);
+      this.outbox.push(message);
     }
+  }
+
+  /**
+   * Write `message` on the open socket.
+   * @param {Record<string, any>} message
+   */
+  transmit(message) {
+    if (!this.socket) {
+      this.outbox.push(message);
+      return;
+    }
+    this.socket.send(JSON.stringify(message));
+    if (message.type === "speak") {
+      const utterance = this.utterances.get(message.id);
+      if (utterance) utterance.asked = true;
+    }
+  }
+
+  flushOutbox() {
+    for (const message of this.outbox.splice(0)) this.transmit(message);
   }
 
   /** @param {string | ArrayBuffer} data */
   receive(data) {
     if (typeof data !== "string") {
-      if (this.current) this.current.audioChunk(new Uint8Array(data));
+      const current = this.current;
+      if (current) {
+        const chunk = new Uint8Array(data);
+        current.audioReceived += chunk.byteLength;
+        current.audioChunk(chunk);
+      }
       return;
     }
     const message = parseServerMessage(data);
@@ -668,7 +788,13 @@ export class TTSStreamClient extends EventTarget {
     switch (message.type) {
       case "hello":
         this.hello = message;
+        // A resuming connection goes on with the dropped one's session, not its own.
+        if (!this.resuming) this.session = message.session ?? null;
+        this.resumeWindow = message.resume_window ?? 0;
         this.dispatchEvent(new CustomEvent("open", { detail: message }));
+        return;
+      case "resumed":
+        this.resumed(message);
         return;
       case "voices": {
         const request = this.voiceRequests.shift();
@@ -676,6 +802,10 @@ export class TTSStreamClient extends EventTarget {
         return;
       }
       case "error":
+        if (message.code === "resume_failed") {
+          this.resumeFailed(message);
+          return;
+        }
         // "for" names the type of a refused message: such an error ends no utterance.
         if (message.for === "voices" || (message.for === undefined && message.id === null)) {
           const request = this.voiceRequests.shift();
@@ -684,8 +814,15 @@ export class TTSStreamClient extends EventTarget {
         }
         if (message.for !== undefined) {
           // A refused speak fails the utterance it would have made, never one in progress.
-          const refused = this.utterances.get(message.id);
+          const refused = this.utterances.get(/** @type {string} */ (message.id));
           if (message.for === "speak" && refused && refused.state === "queued") break;
+          const gone = message.for === "cancel" && message.code === "not_found";
+          if (gone && refused?.cancelRequested) {
+            // The server has it no more (cancelled while the connection was down, its
+            // `cancelled` lost with it): nothing more of it comes.
+            this.settle(refused, { type: "cancelled", id: refused.id });
+            return;
+          }
           // A refused append, flush or finish: told to its utterance, which goes on.
           if (refused) refused.emit("refused", message);
           return;
@@ -694,19 +831,30 @@ export class TTSStreamClient extends EventTarget {
       default:
         break;
     }
-    const utterance = this.utterances.get(message.id);
+    const utterance = this.utterances.get(/** @type {string} */ (message.id));
     if (!utterance) return;
+    if (COUNTED_TYPES.has(message.type)) utterance.framesReceived += 1;
     if (message.type === "start") this.current = utterance;
+    this.settle(utterance, message);
+  }
+
+  /**
+   * Hand `message` to `utterance`; forget it once it is over.
+   * @param {Utterance} utterance
+   * @param {ServerMessage} message
+   */
+  settle(utterance, message) {
     utterance.handle(message);
     if (message.type === "end" || message.type === "error" || message.type === "cancelled") {
       if (this.current === utterance) this.current = null;
-      if (utterance.state !== "playing") this.utterances.delete(message.id);
+      if (utterance.state !== "playing") this.utterances.delete(utterance.id);
     }
   }
 
   /**
-   * The connection closed: fail what was pending, and reconnect after an abnormal
-   * close, but not after a normal one or a refused handshake.
+   * The connection closed: resume what was pending if it dropped, else fail it; and
+   * reconnect after an abnormal close, but not after a normal one or a refused
+   * handshake.
    * @param {number} code
    * @param {string} reason
    * @param {boolean} opened
@@ -714,29 +862,289 @@ export class TTSStreamClient extends EventTarget {
   async lost(code, reason, opened) {
     this.socket = null;
     this.current = null;
+    this.resuming = false;
+    if (!this.closed && this.outage === null && opened && this.resumable(code)) {
+      this.dropped(code, reason);
+      return;
+    }
+    if (!this.closed && this.outage !== null) {
+      await this.resumeAttemptFailed(code, reason, opened);
+      return;
+    }
     let error;
     let refused = false;
     if (!opened && !this.closed) {
       error = await this.diagnose();
       refused = ["unauthorized", "origin_not_allowed"].includes(error.code);
     } else {
-      error = new TTSStreamError(
-        code === 1001 ? "going_away" : "connection_lost",
-        code === 1001
-          ? "the server is restarting; speak again in a moment"
-          : `the connection was lost (${code}${reason ? ": " + reason : ""})`,
-      );
+      error = closeError(code, reason);
     }
     this.failAll(error);
-    this.dispatchEvent(new CustomEvent("close", { detail: { code, reason } }));
+    this.dispatchEvent(new CustomEvent("close", { detail: { code, reason, resuming: false } }));
     if (!this.closed && !opened) this.dispatchEvent(new CustomEvent("error", { detail: error }));
-    const abnormal = code !== 1000;
-    if (this.closed || refused || !abnormal || this.options.reconnect === false) return;
+    if (this.closed || refused) return;
+    this.reconnect(code);
+  }
+
+  /**
+   * After an abnormal close, connect again with exponential backoff.
+   * @param {number} code
+   */
+  reconnect(code) {
+    if (code === 1000 || this.options.reconnect === false) return;
     const delay = Math.min(
       this.options.maxBackoffMs ?? 30000,
       FIRST_BACKOFF_MS * 2 ** this.attempt++,
     );
     this.timer = setTimeout(() => this.connect(), delay * (0.5 + Math.random() / 2));
+  }
+
+  /**
+   * Whether a connection that closed with `code` is one to resume: it dropped, the
+   * server keeps dropped connections, and utterances it was asked for are unfinished.
+   * @param {number} code
+   */
+  resumable(code) {
+    return (
+      code === CLOSED_ABNORMALLY &&
+      this.options.reconnect !== false &&
+      this.options.resume !== false &&
+      Boolean(this.session) &&
+      this.resumeWindow > 0 &&
+      [...this.utterances.values()].some((utterance) => utterance.asked)
+    );
+  }
+
+  /**
+   * The connection dropped: keep its utterances (they go on playing what they have)
+   * and reconnect to resume them.
+   * @param {number} code
+   * @param {string} reason
+   */
+  dropped(code, reason) {
+    const waiting = [...this.utterances.values()].filter((utterance) => utterance.asked);
+    this.outage = {
+      deadline: Date.now() + this.resumeWindow * 1000,
+      ids: waiting.map((utterance) => utterance.id),
+    };
+    this.attempt = 0;
+    // The answers to the `voices` requests sent are lost with the connection; those
+    // still to be sent go out on the next one.
+    const unsent = this.outbox.filter((message) => message.type === "voices").length;
+    const error = closeError(code, reason);
+    for (const request of this.voiceRequests.splice(0, this.voiceRequests.length - unsent)) {
+      request.reject(error);
+    }
+    this.dispatchEvent(new CustomEvent("close", { detail: { code, reason, resuming: true } }));
+    this.dispatchEvent(
+      new CustomEvent("reconnecting", { detail: { code, reason, utterances: waiting } }),
+    );
+    this.retryResume();
+  }
+
+  /** Try again to connect and resume, with backoff, within the server's window. */
+  retryResume() {
+    const outage = /** @type {{deadline: number, ids: string[]}} */ (this.outage);
+    const longest = Math.min(RESUME_MAX_BACKOFF_MS, this.options.maxBackoffMs ?? Infinity);
+    const backoff = Math.min(longest, RESUME_FIRST_BACKOFF_MS * 2 ** this.attempt++);
+    const delay = Math.min(backoff * (0.5 + Math.random() / 2), outage.deadline - Date.now());
+    this.timer = setTimeout(() => this.connect(), Math.max(0, delay));
+  }
+
+  /**
+   * A connection meant to resume failed (it never opened, or closed before the
+   * answer): try again while the window lasts, else fail what it had.
+   * @param {number} code
+   * @param {string} reason
+   * @param {boolean} opened
+   */
+  async resumeAttemptFailed(code, reason, opened) {
+    let error = null;
+    if (!opened) {
+      const why = await this.diagnose();
+      if (["unauthorized", "origin_not_allowed"].includes(why.code)) error = why;
+    } else if (code !== CLOSED_ABNORMALLY) {
+      error = closeError(code, reason); // the server closed it: nothing to come back to
+    }
+    const outage = this.outage;
+    if (this.closed || outage === null) return;
+    const retry = error === null && Date.now() < outage.deadline;
+    this.dispatchEvent(new CustomEvent("close", { detail: { code, reason, resuming: retry } }));
+    if (retry) {
+      this.retryResume();
+      return;
+    }
+    error ??= new TTSStreamError(
+      "connection_lost",
+      "the connection was lost and could not be resumed in time",
+    );
+    this.endOutage(error);
+    this.dispatchEvent(new CustomEvent("error", { detail: error }));
+    if (["unauthorized", "origin_not_allowed"].includes(error.code)) return;
+    this.attempt = 0;
+    this.reconnect(code);
+  }
+
+  /** The socket that resumes is open: say where each utterance stopped. */
+  sendResume() {
+    const outage = /** @type {{deadline: number, ids: string[]}} */ (this.outage);
+    const waiting = outage.ids
+      .map((id) => this.utterances.get(id))
+      .filter((utterance) => utterance !== undefined);
+    if (!waiting.length || !this.session) {
+      this.outage = null;
+      this.flushOutbox();
+      return;
+    }
+    this.resuming = true;
+    /** @type {WebSocket} */ (this.socket).send(
+      JSON.stringify({
+        type: "resume",
+        session: this.session,
+        utterances: waiting.map((utterance) => ({
+          id: utterance.id,
+          offset: utterance.audioReceived,
+          frames: utterance.framesReceived,
+        })),
+      }),
+    );
+  }
+
+  /**
+   * The server resumed the dropped connection: its utterances go on from where they
+   * stopped; those it lost fail.
+   * @param {ResumedMessage} message
+   */
+  resumed(message) {
+    const outage = this.outage;
+    if (!this.resuming || outage === null) return;
+    this.resuming = false;
+    this.outage = null;
+    this.attempt = 0;
+    if (message.session) this.session = message.session;
+    const entries = new Map((message.utterances ?? []).map((entry) => [entry.id, entry]));
+    /** @type {string[]} */
+    const lost = [];
+    for (const id of outage.ids) {
+      const utterance = this.utterances.get(id);
+      if (!utterance || entries.has(id)) continue;
+      lost.push(id);
+      this.forget(
+        utterance,
+        new TTSStreamError(
+          "connection_lost",
+          "the connection was lost and the server could not resume this utterance",
+        ),
+      );
+    }
+    /** @type {Utterance[]} */
+    const going = [];
+    for (const entry of entries.values()) {
+      const utterance = this.utterances.get(entry.id);
+      if (!utterance || !outage.ids.includes(entry.id)) continue;
+      going.push(utterance);
+      // Audio that comes without a `start` belongs to the utterance that had begun.
+      if (utterance.state === "playing" && this.current === null) this.current = utterance;
+      if (utterance.streaming && typeof entry.received === "number") {
+        this.resendText(utterance, entry.received);
+      }
+      if (utterance.cancelRequested) {
+        // Its `cancel` may have been lost with the connection, or its `cancelled`.
+        this.unqueue(utterance.id, ["cancel"]);
+        this.transmit({ type: "cancel", id: utterance.id });
+      }
+    }
+    this.flushOutbox();
+    const playing = this.current?.audio;
+    this.dispatchEvent(
+      new CustomEvent("resumed", {
+        detail: {
+          utterances: going,
+          lost,
+          position: playing ? playing.currentTime : null,
+          session: this.session,
+        },
+      }),
+    );
+  }
+
+  /**
+   * The server could not resume the dropped connection: its utterances fail with
+   * `resume_failed`; the new connection goes on as a fresh one.
+   * @param {ErrorMessage} message
+   */
+  resumeFailed(message) {
+    if (!this.resuming || this.outage === null) return;
+    this.resuming = false;
+    this.attempt = 0;
+    this.session = this.hello?.session ?? null;
+    const error = new TTSStreamError(
+      "resume_failed",
+      `the connection was lost and could not be resumed (${message.reason ?? message.message})`,
+    );
+    this.endOutage(error);
+    this.flushOutbox();
+    this.dispatchEvent(new CustomEvent("error", { detail: error }));
+  }
+
+  /**
+   * Streaming: send again the text the server does not have (written while the
+   * connection was down, or sent just before it dropped), then `finish` if it was.
+   * @param {Utterance} utterance
+   * @param {number} received  characters (code points) of its text the server has
+   */
+  resendText(utterance, received) {
+    const flushed = this.unqueue(utterance.id, ["append", "flush", "finish"]).some(
+      (message) => message.type === "flush",
+    );
+    const missing = Array.from(utterance.text).slice(received);
+    const limit = this.hello?.max_text_length || 1000;
+    for (let start = 0; start < missing.length; start += limit) {
+      const text = missing.slice(start, start + limit).join("");
+      this.transmit({ type: "append", id: utterance.id, text });
+    }
+    if (utterance.textFinished) {
+      this.transmit({ type: "finish", id: utterance.id });
+    } else if (flushed) {
+      this.transmit({ type: "flush", id: utterance.id });
+    }
+  }
+
+  /**
+   * Take the messages of `types` about utterance `id` out of the outbox.
+   * @param {string} id
+   * @param {string[]} types
+   * @returns {Array<Record<string, any>>}  those taken out
+   */
+  unqueue(id, types) {
+    const taken = this.outbox.filter((m) => m.id === id && types.includes(m.type));
+    this.outbox = this.outbox.filter((m) => !taken.includes(m));
+    return taken;
+  }
+
+  /**
+   * The dropped connection is not coming back: fail its utterances with `error`.
+   * @param {TTSStreamError} error
+   */
+  endOutage(error) {
+    const outage = this.outage;
+    this.outage = null;
+    if (outage === null) return;
+    for (const id of outage.ids) {
+      const utterance = this.utterances.get(id);
+      if (utterance) this.forget(utterance, error);
+    }
+  }
+
+  /**
+   * Fail `utterance` and forget it, with what still waits to be sent about it.
+   * @param {Utterance} utterance
+   * @param {TTSStreamError} error
+   */
+  forget(utterance, error) {
+    utterance.fail(error);
+    this.utterances.delete(utterance.id);
+    this.unqueue(utterance.id, ["append", "flush", "finish", "cancel"]);
   }
 
   /**
@@ -783,4 +1191,18 @@ export class TTSStreamClient extends EventTarget {
     for (const request of this.voiceRequests.splice(0)) request.reject(error);
     this.outbox = [];
   }
+}
+
+/**
+ * The error of utterances cut off by a close with `code`.
+ * @param {number} code
+ * @param {string} reason
+ */
+function closeError(code, reason) {
+  return new TTSStreamError(
+    code === 1001 ? "going_away" : "connection_lost",
+    code === 1001
+      ? "the server is restarting; speak again in a moment"
+      : `the connection was lost (${code}${reason ? ": " + reason : ""})`,
+  );
 }
