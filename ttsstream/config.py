@@ -150,6 +150,10 @@ class Config:
     #: Keys that open the server (several during a rotation); empty: no authentication.
     #: Never in repr, so never in a log line.
     api_keys: tuple[str, ...] = field(default=(), repr=False)
+    #: Most spans and breaks of one SSML document (each span is one synthesis).
+    max_ssml_spans: int = 64
+    #: ``/v1/audio/speech`` takes an ``input`` that starts with ``<speak`` as SSML.
+    ssml_in_openai: bool = True
     #: The tenants' keys and limits (TOML; :mod:`ttsstream.core.tenants`), reloaded on
     #: SIGHUP and when it changes; None: only ``TTS_API_KEY``.
     api_keys_file: Path | None = None
@@ -424,6 +428,7 @@ _LOWER_BOUNDS: dict[str, tuple[str, float, bool]] = {
     "REDIS_LEASE_SECONDS": ("redis_lease_seconds", 1, False),
     "CACHE_SHARED_TTL": ("cache_shared_ttl", 1, False),
     "IDLE_TIMEOUT": ("idle_timeout", 0, True),
+    "MAX_SSML_SPANS": ("max_ssml_spans", 1, False),
     "RESUME_WINDOW": ("resume_window", 0, False),
     "RESUME_BUFFER_MB": ("resume_buffer_mb", 0, True),
     "RESUME_TOTAL_MB": ("resume_total_mb", 0, True),
@@ -467,6 +472,8 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "MAX_STREAM_TEXT_LENGTH": ("max_stream_text_length", _integer, "an integer >= 1"),
     "STREAM_IDLE_TIMEOUT": ("stream_idle_timeout", _number, "seconds > 0, such as 20"),
     "TTS_API_KEY": ("api_keys", _list, _KEYS_FORM),
+    "MAX_SSML_SPANS": ("max_ssml_spans", _integer, "an integer >= 1"),
+    "SSML_IN_OPENAI": ("ssml_in_openai", _boolean, "true or false"),
     "API_KEYS_FILE": ("api_keys_file", _optional_path, "a file path (TOML), or empty"),
     "USAGE_DB": ("usage_db", _optional_path, "a file path, or empty"),
     "ALLOWED_ORIGINS": ("allowed_origins", _origins, _ORIGINS_FORM),

@@ -27,6 +27,8 @@ status and body (:mod:`ttsstream.http.errors`), and a refused handshake's answer
         │   ├── TextTooLong             text_too_long
         │   ├── InvalidVoice            invalid_voice
         │   ├── InvalidParameter        invalid_parameter
+        │   ├── SsmlInvalid             ssml_invalid (malformed or past a bound)
+        │   ├── SsmlUnsupported         ssml_unsupported (an element Edge cannot speak)
         │   ├── UnsupportedFormat       unsupported_format
         │   ├── BodyTooLarge            body_too_large (HTTP)
         │   ├── BodyTimeout             body_timeout (HTTP)
@@ -79,6 +81,8 @@ __all__ = [
     "ResumeFailed",
     "ServerFull",
     "ShuttingDown",
+    "SsmlInvalid",
+    "SsmlUnsupported",
     "TTSStreamError",
     "TextTooLong",
     "TooManyConnections",
@@ -257,6 +261,19 @@ class InvalidParameter(RequestError):
     code = "invalid_parameter"
 
 
+class SsmlInvalid(RequestError):
+    """An SSML document that is not well-formed, not ``<speak>``, or past a bound
+    (its size, depth, spans, breaks)."""
+
+    code = "ssml_invalid"
+
+
+class SsmlUnsupported(RequestError):
+    """An SSML element or attribute Edge cannot speak (``mstts:*``, ``<audio>``…)."""
+
+    code = "ssml_unsupported"
+
+
 class UnsupportedFormat(RequestError):
     """An audio format the server does not produce (yet)."""
 
@@ -394,6 +411,8 @@ HTTP_STATUS = {
     "invalid_voice": 400,
     "invalid_parameter": 400,
     "unsupported_format": 400,
+    "ssml_invalid": 400,
+    "ssml_unsupported": 400,
     "unauthorized": 401,
     "key_revoked": 401,
     "resume_failed": 400,

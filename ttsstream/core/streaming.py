@@ -43,7 +43,7 @@ from ttsstream.engines.base import AudioChunk, SynthesisRequest, WordEvent
 from ttsstream.engines.words import CharMap
 from ttsstream.exceptions import EmptyText, InvalidParameter, TextTooLong, UpstreamUnavailable
 
-__all__ = ["LOOKAHEAD", "StreamCounts", "StreamingText", "speak_stream"]
+__all__ = ["LOOKAHEAD", "Ahead", "StreamCounts", "StreamingText", "speak_stream"]
 
 #: Most segments of one utterance being synthesized at once (the current one and the next).
 LOOKAHEAD = 2
@@ -214,13 +214,13 @@ class StreamingText:
                 self._cut(self._segmenter.flush())
 
 
-class _Segment:
-    """One segment's synthesis, running ahead of its turn into a queue of events."""
+class Ahead:
+    """One synthesis running ahead of its turn into a queue of events (the next segment
+    of a streamed text, the next span of an SSML document)."""
 
     def __init__(
-        self, speech: SpeechCache, request: SynthesisRequest, segment: Segment, *, words_ahead: bool
+        self, speech: SpeechCache, request: SynthesisRequest, *, words_ahead: bool
     ) -> None:
-        self.segment = segment
         self.request = request
         self._events: asyncio.Queue[Speech | BaseException | None] = asyncio.Queue()
         self._task = asyncio.create_task(self._run(speech, words_ahead))
@@ -247,6 +247,16 @@ class _Segment:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
+
+
+class _Segment(Ahead):
+    """A streamed text's segment, synthesized ahead."""
+
+    def __init__(
+        self, speech: SpeechCache, request: SynthesisRequest, segment: Segment, *, words_ahead: bool
+    ) -> None:
+        self.segment = segment
+        super().__init__(speech, request, words_ahead=words_ahead)
 
 
 async def speak_stream(

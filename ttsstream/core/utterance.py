@@ -31,7 +31,9 @@ from ttsstream.core.context import RequestContext
 from ttsstream.core.fields import WORD_MODES
 from ttsstream.core.router import Started
 from ttsstream.core.segmenter import Segmenter
+from ttsstream.core.spans import speak_spans
 from ttsstream.core.speech_cache import Lookahead, SpeechCache
+from ttsstream.core.ssml import Spoken, SsmlDocument, parse_ssml
 from ttsstream.core.streaming import StreamingText, speak_stream
 from ttsstream.core.usage import Charge, Usage
 from ttsstream.engines.base import AudioChunk, SynthesisRequest, WordEvent
@@ -164,7 +166,39 @@ class Utterances:
             source=source,
         )
 
-    async def accept(self, request: SynthesisRequest, *, utterance_id: str | None = None) -> None:
+    def ssml(self, document: str) -> tuple[SynthesisRequest, SsmlDocument]:
+        """What an SSML utterance asks for: the document's spans (``VOICE_MAP`` names
+        mapped), and a request standing for it (its text content, its first voice);
+        :meth:`accept` it with its voices before it runs.
+
+        Raises:
+            SsmlInvalid: The document is malformed or past a bound.
+            SsmlUnsupported: It has an element Edge cannot speak.
+        """
+        config = self._config
+        parsed = parse_ssml(
+            document,
+            default_voice=self._default_voice,
+            max_chars=config.max_text_length,
+            max_spans=config.max_ssml_spans,
+        )
+        pieces = tuple(
+            dataclasses.replace(piece, voice=self._aliases.get(piece.voice.lower(), piece.voice))
+            if isinstance(piece, Spoken)
+            else piece
+            for piece in parsed.pieces
+        )
+        parsed = dataclasses.replace(parsed, pieces=pieces)
+        voice = next(piece.voice for piece in pieces if isinstance(piece, Spoken))
+        return SynthesisRequest(text=parsed.text, voice=voice), parsed
+
+    async def accept(
+        self,
+        request: SynthesisRequest,
+        *,
+        utterance_id: str | None = None,
+        document: SsmlDocument | None = None,
+    ) -> None:
         """Accept an utterance, or raise why not.
 
         The door has counted the request (``total_requests``) and against the
@@ -179,7 +213,8 @@ class Utterances:
                 "the server is shutting down; reconnect in a moment", utterance_id=utterance_id
             )
         try:
-            await self._speech.check_voice(request.voice)
+            for voice in _voices(request, document):
+                await self._speech.check_voice(voice)
         except ClientError as exc:
             exc.utterance_id = utterance_id
             raise
@@ -191,6 +226,7 @@ class Utterances:
         *,
         utterance_id: str | None = None,
         streamed: bool = False,
+        document: SsmlDocument | None = None,
     ) -> None:
         """The tenant's own rules for an utterance about to be accepted: its voices, and
         its quota (:meth:`run` charges the characters; see :mod:`ttsstream.core.usage`).
@@ -202,11 +238,12 @@ class Utterances:
         """
         principal = context.principal
         tenant = principal.tenant
-        if tenant is not None and not tenant.allows_voice(request.voice):
-            raise VoiceNotAllowed(
-                f"the key of {principal.name!r} may not use the voice {request.voice!r}",
-                utterance_id=utterance_id,
-            )
+        for voice in _voices(request, document):
+            if tenant is not None and not tenant.allows_voice(voice):
+                raise VoiceNotAllowed(
+                    f"the key of {principal.name!r} may not use the voice {voice!r}",
+                    utterance_id=utterance_id,
+                )
         try:
             await self.usage.charge(
                 principal, 0 if streamed else _text_chars(request), check_only=True
@@ -263,6 +300,7 @@ class Utterances:
         context: RequestContext,
         stream: StreamingText | None = None,
         lookahead: Lookahead | None = None,
+        document: SsmlDocument | None = None,
     ) -> str:
         """Speak ``request`` into ``sink``; its outcome (``ok``, ``cancelled``, an error code…).
 
@@ -285,6 +323,8 @@ class Utterances:
             stream: The text of a streaming utterance (then ``request`` gives its voice
                 and prosody, not its text).
             lookahead: Its lookup, asked already (see :meth:`look_ahead`).
+            document: An SSML utterance's spans (then ``request`` stands for it: see
+                :meth:`ssml`).
         """
         client_ip = context.client_ip
         request = dataclasses.replace(request, client=client_ip)  # for its share of Edge
@@ -299,13 +339,15 @@ class Utterances:
             source = cleaned.source if cleaned is not None else None
         # Batched words go out just before the audio they describe; a replay may
         # then give all of them at once.
-        events = (
-            self._speech.synthesize(
+        if document is not None:
+            source = None  # its spans' words index the document's text already
+            events = speak_spans(self._speech, document, request, words_ahead=batch)
+        elif stream is None:
+            events = self._speech.synthesize(
                 request, words_ahead=batch, made_as=audio_format, lookahead=lookahead
             )
-            if stream is None
-            else speak_stream(self._speech, request, stream, words_ahead=batch)
-        )
+        else:
+            events = speak_stream(self._speech, request, stream, words_ahead=batch)
         pipe: Pipe | None = None
         held: list[WordEvent] = []
         started: Started | None = None
@@ -434,7 +476,13 @@ class Utterances:
                 voice=started.voice if started else request.voice,
                 engine=started.engine if started else None,
                 chars=_sent_chars(request, stream),
-                key=self._speech.key_of(request)[:12] if stream is None else "stream",
+                key=(
+                    "ssml"
+                    if document is not None
+                    else self._speech.key_of(request)[:12]
+                    if stream is None
+                    else "stream"
+                ),
                 cached=bool(started and started.cached),
                 fallback=started.fallback_reason if started else None,
                 ttfb_ms=None if ttfb_ms is None else round(ttfb_ms, 1),
@@ -514,6 +562,13 @@ def _sent_chars(request: SynthesisRequest, stream: StreamingText | None) -> int:
     if stream is not None:
         return stream.total
     return _text_chars(request)
+
+
+def _voices(request: SynthesisRequest, document: SsmlDocument | None) -> list[str]:
+    """Every voice an utterance speaks with, once each."""
+    if document is None:
+        return [request.voice]
+    return list(dict.fromkeys(p.voice for p in document.pieces if isinstance(p, Spoken)))
 
 
 def _text_chars(request: SynthesisRequest) -> int:

@@ -37,6 +37,7 @@ from ttsstream.core.fields import (
     without_nulls,
 )
 from ttsstream.core.router import Started
+from ttsstream.core.ssml import SsmlDocument, is_ssml
 from ttsstream.core.usage import Tally
 from ttsstream.core.utterance import Summary
 from ttsstream.engines.base import SynthesisRequest, WordEvent, word_fields
@@ -59,7 +60,15 @@ from ttsstream.http.openai import (
     voice_table,
 )
 from ttsstream.http.request import judge
-from ttsstream.http.streams import Asked, BodyArgs, HttpStreams, StreamBody, json_body
+from ttsstream.http.streams import (
+    SSML_TYPE,
+    Asked,
+    BodyArgs,
+    HttpStreams,
+    StreamBody,
+    json_body,
+    ssml_body,
+)
 from ttsstream.services import Services
 
 __all__ = ["SpeechApi"]
@@ -116,15 +125,28 @@ class SpeechApi:
         """``POST /tts`` (JSON body) or ``GET /tts?text=…``: the audio, streamed."""
 
         async def read() -> Asked:
+            utterances = self._services.utterances
+            if request.method == "POST" and request.content_type == SSML_TYPE:
+                # An SSML body; the format in the query (?format=opus).
+                audio_format = format_field(request.query.get("format"), unknown=UnsupportedFormat)
+                synthesis, document = utterances.ssml(await ssml_body(request))
+                await self._accept(synthesis, document)
+                return Asked(synthesis, audio_format, document=document)
             fields: Any = await json_body(request) if request.method == "POST" else request.query
             if not isinstance(fields, dict) and request.method == "POST":
                 raise BadMessage("the body must be a JSON object")
             if isinstance(fields, dict):
                 fields = without_nulls(fields)
+            audio_format = format_field(fields.get("format"), unknown=UnsupportedFormat)
+            ssml = fields.get("ssml")
+            if ssml is not None:
+                if not isinstance(ssml, str) or "text" in fields:
+                    raise BadMessage('"ssml" is an SSML document, and comes without "text"')
+                synthesis, document = utterances.ssml(ssml)
+                await self._accept(synthesis, document)
+                return Asked(synthesis, audio_format, document=document)
             text = text_field(fields.get("text"), max_length=self._config.max_text_length)
             prosody = prosody_fields(fields)
-            audio_format = format_field(fields.get("format"), unknown=UnsupportedFormat)
-            utterances = self._services.utterances
             synthesis = utterances.request(
                 text=text,
                 voice=voice_field(fields.get("voice")),
@@ -147,6 +169,10 @@ class SpeechApi:
                 body, voices=self._voices, max_text_length=self._config.max_text_length
             )
             utterances = self._services.utterances
+            if self._config.ssml_in_openai and is_ssml(call.text):
+                synthesis, document = utterances.ssml(call.text)
+                await self._accept(synthesis, document)
+                return Asked(synthesis, call.format, call.sse, call.timestamps, document=document)
             synthesis = utterances.request(
                 text=call.text, voice=call.voice, rate=call.rate, cleanup=call.cleanup
             )
@@ -239,14 +265,16 @@ class SpeechApi:
         listing = voice_listing(voices, self._voices, locale=request.query.get("locale"))
         return self.streams.json(request, listing)
 
-    async def _accept(self, synthesis: SynthesisRequest) -> None:
+    async def _accept(
+        self, synthesis: SynthesisRequest, document: SsmlDocument | None = None
+    ) -> None:
         """Accept an utterance; an unknown voice's error names it, and where the list is.
 
         Raises:
             ClientError: As :meth:`Utterances.accept`; ``param`` is ``voice`` for a voice.
         """
         try:
-            await self._services.utterances.accept(synthesis)
+            await self._services.utterances.accept(synthesis, document=document)
         except InvalidVoice as exc:
             exc.message = (
                 f'{exc.message}: "{synthesis.voice}" (GET {_VOICES_PATH} lists them; '

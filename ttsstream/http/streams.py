@@ -26,10 +26,12 @@ from aiohttp import StreamReader, web
 from ttsstream.audio.formats import Format
 from ttsstream.core.context import Principal, RequestContext
 from ttsstream.core.router import Started
+from ttsstream.core.ssml import SsmlDocument
 from ttsstream.core.utterance import ListenerGone, Summary
 from ttsstream.engines.base import SynthesisRequest, WordEvent
 from ttsstream.exceptions import (
     BadJSON,
+    BadMessage,
     BodyTimeout,
     BodyTooLarge,
     ClientError,
@@ -85,6 +87,8 @@ class Asked(NamedTuple):
     timestamps: bool = False
     #: The text as the client sent it (what character timings index), when a body needs it.
     text: str = ""
+    #: An SSML request's spans (then ``synthesis`` stands for the document).
+    document: SsmlDocument | None = None
 
 
 #: Reads a request into what it asks for.
@@ -361,7 +365,9 @@ class HttpStreams:
                 if not self._services.keys.holds(judged.principal):
                     # Revoked while the body was read: what it opened ends here.
                     raise KeyRevoked("this request's API key was revoked")
-                await self._services.utterances.allow(asked.synthesis, context)
+                await self._services.utterances.allow(
+                    asked.synthesis, context, document=asked.document
+                )
             except ClientError as exc:
                 return self._unread(request, exc, shape, request_id)
             except asyncio.CancelledError:
@@ -395,6 +401,7 @@ class HttpStreams:
                     utterance_id=request_id,
                     received_at=received_at,
                     context=context,
+                    document=asked.document,
                 )
             except asyncio.CancelledError:
                 if not sink.cut:
@@ -505,6 +512,36 @@ async def json_body(request: web.Request) -> Any:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise BadJSON("the body is not valid JSON") from None
+
+
+async def ssml_body(request: web.Request) -> str:
+    """The request's SSML body (``application/ssml+xml``), read to its end as
+    :func:`json_body` reads JSON.
+
+    Raises:
+        BodyTooLarge: It is over 64 KiB.
+        BodyTimeout: It did not arrive whole within BODY_TIMEOUT.
+        BadMessage: It is not UTF-8, or ended early.
+    """
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise BodyTooLarge("the request body is over 64 KiB")
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT):
+            raw = await _read_to_end(request.content)
+    except TimeoutError:
+        raise BodyTimeout(
+            f"the request body did not arrive within {BODY_TIMEOUT:g} seconds"
+        ) from None
+    except ConnectionError:
+        raise BadMessage("the body ended early") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadMessage("the SSML body is not UTF-8") from None
+
+
+#: The media type of an SSML body.
+SSML_TYPE = "application/ssml+xml"
 
 
 async def _read_to_end(content: StreamReader) -> bytes:

@@ -57,6 +57,8 @@ class Speak:
     #: Most milliseconds its buffered text waits without growing before it is spoken;
     #: ``None``: STREAM_MAX_WAIT_MS.
     max_wait_ms: int | None = None
+    #: ``text`` is an SSML document (its spans have their own voices and prosody).
+    ssml: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -84,6 +84,9 @@ MAX_ID_LENGTH = 64
 MESSAGE_TYPES = tuple(
     message.kind for message in (Speak, Cancel, ListVoices, Append, Flush, Finish, Resume)
 )
+#: An SSML document may be this many times MAX_TEXT_LENGTH long (its markup), its text
+#: content at most MAX_TEXT_LENGTH.
+SSML_LENGTH_FACTOR = 8
 #: Most utterances one ``resume`` may name.
 MAX_RESUMED = 64
 
@@ -214,7 +217,20 @@ def _parse_speak(message: dict[str, Any], utterance_id: str, max_text_length: in
     stream = message.get("stream", False)
     if not isinstance(stream, bool):
         raise BadMessage('"stream" must be true or false')
-    if stream:  # a first piece, maybe none: the text comes in appends
+    ssml = message.get("ssml")
+    if ssml is not None:
+        if not isinstance(ssml, str):
+            raise BadMessage('"ssml" must be a string: an SSML document, <speak>…</speak>')
+        if stream or "text" in message:
+            raise BadMessage('"ssml" is a whole document: not with "text" or "stream"')
+        if len(ssml) > SSML_LENGTH_FACTOR * max_text_length:
+            raise TextTooLong(
+                f"the SSML document has {len(ssml)} characters; the limit is "
+                f"{SSML_LENGTH_FACTOR * max_text_length}"
+            )
+    if ssml is not None:
+        text = ssml
+    elif stream:  # a first piece, maybe none: the text comes in appends
         text = message.get("text", "")
         if not isinstance(text, str):
             raise BadMessage('"text" must be a string')
@@ -240,6 +256,7 @@ def _parse_speak(message: dict[str, Any], utterance_id: str, max_text_length: in
         format=audio_format,
         stream=stream,
         cleanup=cleanup_field(message.get("cleanup")),
+        ssml=ssml is not None,
         **prosody,
     )
 

@@ -35,6 +35,7 @@ from websockets.protocol import State
 
 from ttsstream.core.context import Principal, RequestContext
 from ttsstream.core.speech_cache import Lookahead
+from ttsstream.core.ssml import SsmlDocument
 from ttsstream.core.streaming import StreamingText
 from ttsstream.core.utterance import ListenerGone, Sink
 from ttsstream.engines.base import SynthesisRequest, Voice
@@ -107,6 +108,8 @@ class Utterance:
     stream: StreamingText | None = None
     #: Its lookup, asked of the cluster with its rate limit (it was to play at once).
     lookahead: Lookahead | None = None
+    #: An SSML utterance's spans.
+    document: SsmlDocument | None = None
 
     @property
     def id(self) -> str:
@@ -569,24 +572,33 @@ class Connection:
         queue) and queue it; raise why not."""
         # Before admission, which may ask Redis: the time to first audio includes it.
         received_at = time.perf_counter()
-        synthesis = self._utterances.request(
-            text=request.text,
-            voice=request.voice,
-            rate=request.rate,
-            volume=request.volume,
-            pitch=request.pitch,
-            cleanup=request.cleanup,
-        )
+        document = None
+        if request.ssml:
+            try:
+                synthesis, document = self._utterances.ssml(request.text)
+            except ClientError as exc:
+                exc.utterance_id = request.id
+                raise
+        else:
+            synthesis = self._utterances.request(
+                text=request.text,
+                voice=request.voice,
+                rate=request.rate,
+                volume=request.volume,
+                pitch=request.pitch,
+                cleanup=request.cleanup,
+            )
         # A speak that plays at once is looked up in the cluster with its rate limit.
         lookahead = (
             self._utterances.look_ahead(synthesis)
             if len(self._playing) + len(self._pending) < self.parallel
             and not request.stream
+            and document is None
             and not request.format.transcoded
             else None
         )
         try:
-            await self._accept(request, synthesis, lookahead)
+            await self._accept(request, synthesis, lookahead, document)
         except BaseException:
             if lookahead is not None:
                 lookahead.close()
@@ -609,12 +621,17 @@ class Connection:
                 received_at=received_at,
                 stream=stream,
                 lookahead=lookahead,
+                document=document,
             )
         )
         self._wakeup.set()
 
     async def _accept(
-        self, request: Speak, synthesis: SynthesisRequest, lookahead: Lookahead | None
+        self,
+        request: Speak,
+        synthesis: SynthesisRequest,
+        lookahead: Lookahead | None,
+        document: SsmlDocument | None = None,
     ) -> None:
         """The speak policy and this connection's own checks; raise why not."""
         # The tenant's limits as the keys file says now (it may have been reloaded).
@@ -624,13 +641,17 @@ class Connection:
         await self._admission.check_rate(
             self.client_ip, request.id, lookahead=lookahead, principal=self.context.principal
         )
-        await self._utterances.accept(synthesis, utterance_id=request.id)
+        await self._utterances.accept(synthesis, utterance_id=request.id, document=document)
         if request.id in self._ids:
             raise InvalidParameter(
                 f"id {request.id!r} is already queued or playing", utterance_id=request.id
             )
         await self._utterances.allow(
-            synthesis, self.context, utterance_id=request.id, streamed=request.stream
+            synthesis,
+            self.context,
+            utterance_id=request.id,
+            streamed=request.stream,
+            document=document,
         )
         # Pending utterances about to play in a free speaker are not waiting; this one
         # would wait if no speaker is left for it (QUEUE_SIZE=0: none may wait).
@@ -750,6 +771,7 @@ class Connection:
                     context=self.context,
                     stream=utterance.stream,
                     lookahead=utterance.lookahead,
+                    document=utterance.document,
                 )
             except asyncio.CancelledError:
                 if _cancelling():
