@@ -439,3 +439,25 @@ async def test_streamed_utterances_cut_at_random_resume_whole(
         assert len(sent[uid]) == copy.messages[-1]["bytes"], trial
         if audio_format == "mp3":
             assert bytes(copy.audio) == bytes(reference.audio), trial
+
+
+async def test_a_cancel_answered_while_away_comes_on_the_resume(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """A cancel whose answer the drop lost: the resumed connection sends `cancelled`."""
+    server = await start_server(rate_limit_requests=0)
+    fake.pause_after_chunks = 2
+    listener = Listener(url_of(server))
+    await listener.connect()
+    await listener.send({"type": "speak", "id": "u", "text": TEXT})
+    await listener.until(lambda: "u" in listener.copies and bool(listener.copies["u"].audio))
+    await listener.send({"type": "cancel", "id": "u"})
+    await eventually(lambda: server.stats.active_utterances == 0, what="the cancel done")
+    listener.cut()  # its answer not read
+    answer = await listener.resume()
+    assert answer["type"] == "resumed", answer
+    copy = listener.copies["u"]
+    while not copy.messages or copy.messages[-1]["type"] != "cancelled":
+        await listener.read()
+    await listener.close()
+    fake.resume.set()

@@ -694,8 +694,16 @@ class Connection:
 
     async def _send_cancelled(self, utterance_id: str) -> None:
         frame = self.encode_cancelled(utterance_id)
-        if frame is not None:
+        if frame is None:
+            return
+        if self._parking is None:
             await self.send(frame)
+            return
+        # Kept with the utterance's frames: a client that missed it gets it on a resume.
+        await self.send_utterance(utterance_id, frame)
+        log = self._logs.by_id.get(utterance_id)
+        if log is not None and log.ended_at is None:
+            self._parking.buffers.ended(self._logs, log)
 
     async def cut(self) -> None:
         """End what is playing or queued with ``shutting_down`` (the server stops now).
