@@ -83,7 +83,7 @@ def _code_of(body: bytes) -> str | None:
     except orjson.JSONDecodeError:
         return None
     error = parsed.get("error") if isinstance(parsed, dict) else None
-    if isinstance(error, dict):  # OpenAI's
+    if isinstance(error, dict):  # OpenAI's, Azure's
         return str(error.get("code"))
     if isinstance(error, str):  # ttsstream's, Cartesia's
         return error
@@ -210,6 +210,32 @@ async def cartesia_http(server: Server, headers: dict[str, str]) -> Outcome:
     return await _post(server, "/tts/bytes", body, {**CARTESIA, **headers})
 
 
+async def azure(server: Server, headers: dict[str, str]) -> Outcome:
+    document = (
+        '<speak version="1.0" xmlns="http://www.w3.org/2001/10/synthesis" xml:lang="en-US">'
+        f'<voice name="{VOICE}">{TEXT}</voice></speak>'
+    )
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            _http(server, "/cognitiveservices/v1"),
+            data=document.encode(),
+            headers={
+                "Content-Type": "application/ssml+xml",
+                "X-Microsoft-OutputFormat": "audio-24khz-48kbitrate-mono-mp3",
+                **headers,
+            },
+        ) as response,
+    ):
+        try:
+            data = await asyncio.wait_for(response.read(), TIMEOUT)
+        except aiohttp.ClientPayloadError:
+            return Outcome(code="truncated")
+        if response.status != 200:
+            return Outcome(status=response.status, code=_code_of(data))
+        return Outcome(audio=data)
+
+
 DOORS: dict[str, Speak] = {
     "v1": v1,
     "tts": tts,
@@ -218,6 +244,7 @@ DOORS: dict[str, Speak] = {
     "elevenlabs-http": elevenlabs_http,
     "cartesia-ws": cartesia_ws,
     "cartesia-http": cartesia_http,
+    "azure": azure,
 }
 
 #: The doors each adapter above stands for, by the route table's stats labels.
@@ -229,6 +256,7 @@ LABELS = {
     "elevenlabs-http": "elevenlabs",
     "cartesia-ws": "cartesia",
     "cartesia-http": "cartesia",
+    "azure": "azure",
 }
 
 #: Requests one speak counts toward the rate limit: a WebSocket's handshake, then its speak.
@@ -242,7 +270,7 @@ def test_every_door_of_the_route_table_is_covered() -> None:
     route table without one fails this test."""
     labels = {route.label for route in WEBSOCKET_ROUTES}
     labels |= {door.__name__ for door in HTTP_DOORS}
-    covered = set(LABELS.values()) | {"SpeechApi", "ElevenLabsApi", "CartesiaApi"}
+    covered = set(LABELS.values()) | {"SpeechApi", "ElevenLabsApi", "CartesiaApi", "AzureApi"}
     assert labels <= covered, labels - covered
 
 

@@ -547,3 +547,20 @@ async def _cut_and_resumed_through(stack: Stack, fake: FakeEdge, url: str, numbe
     await listener.until(lambda: copy.ended)
     await listener.close()
     assert bytes(copy.audio) == bytes(fake.records[-1].audio)
+
+
+async def test_azures_route_passes_through_nginx(stack: Stack) -> None:
+    """POST /cognitiveservices/v1 (SSML) and the token route reach an instance."""
+    base = stack.url.replace("wss://", "https://").removesuffix("/v1/stream")
+    ssml = "<speak version='1.0'><voice name='en-US-AriaNeural'>Through nginx.</voice></speak>"
+    headers = {
+        "Content-Type": "application/ssml+xml",
+        "X-Microsoft-OutputFormat": "audio-24khz-48kbitrate-mono-mp3",
+    }
+    connector = aiohttp.TCPConnector(ssl=stack.tls, local_addr=("127.0.0.5", 0))
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async with session.post(base + "/cognitiveservices/v1", data=ssml, headers=headers) as r:
+            assert r.status == 200 and r.content_type == "audio/mpeg"
+            assert await r.read()
+        async with session.post(base + "/sts/v1.0/issueToken") as response:
+            assert response.status == 200

@@ -21,6 +21,7 @@ from urllib.parse import unquote, urlsplit
 
 from aiohttp import web
 
+from ttsstream.http.azure import AzureApi
 from ttsstream.http.cartesia import CartesiaApi
 from ttsstream.http.elevenlabs import ElevenLabsApi
 from ttsstream.http.speech import SpeechApi
@@ -94,7 +95,7 @@ WEBSOCKET_ROUTES: tuple[WebSocketRoute, ...] = (
     WebSocketRoute("/tts/websocket", CartesiaSocket),
 )
 
-HTTP_DOORS: tuple[type[HttpDoorFamily], ...] = (SpeechApi, ElevenLabsApi, CartesiaApi)
+HTTP_DOORS: tuple[type[HttpDoorFamily], ...] = (SpeechApi, ElevenLabsApi, CartesiaApi, AzureApi)
 
 
 def websocket_route(path: str) -> tuple[WebSocketRoute, Mapping[str, str]] | None:

@@ -23,7 +23,7 @@ from ttsstream.exceptions import ClientError, HandshakeRefused, RateLimited, htt
 __all__ = ["Shape", "error_body", "in_shape_of", "openai_body", "shape_of", "status_of"]
 
 #: Which body shape an endpoint answers errors with.
-Shape = Literal["tts", "openai", "elevenlabs", "cartesia"]
+Shape = Literal["tts", "openai", "elevenlabs", "cartesia", "azure"]
 
 
 #: OpenAI's error ``type`` by status class.
@@ -48,6 +48,8 @@ _OPENAI_ROOTS = ("/v1", "/audio", "/models")
 _ELEVENLABS_ROOTS = ("/v1/text-to-speech/", "/v1/voices")
 #: ttsstream's own paths under ``/v1`` (its error shape, not OpenAI's).
 _TTSSTREAM_PATHS = ("/v1/usage",)
+#: Azure's paths.
+_AZURE_ROOTS = ("/cognitiveservices/", "/sts/")
 #: Cartesia's paths.
 _CARTESIA_ROOTS = ("/tts/bytes", "/tts/sse", "/tts/websocket", "/voices")
 
@@ -59,6 +61,8 @@ def shape_of(path: str) -> Shape:
         return "tts"
     if path in _TTSSTREAM_PATHS:
         return "tts"
+    if path.startswith(_AZURE_ROOTS):
+        return "azure"
     if path.startswith(_ELEVENLABS_ROOTS):
         return "elevenlabs"
     if path.startswith(_CARTESIA_ROOTS):
@@ -111,7 +115,7 @@ def error_body(exc: BaseException, shape: Shape) -> bytes:
         if isinstance(exc, RateLimited):
             body["retry_after"] = exc.retry_after
         return orjson.dumps(body)
-    if shape in ("elevenlabs", "cartesia"):
+    if shape in ("elevenlabs", "cartesia", "azure"):
         return _shaped(shape, status_of(exc), code, message)
     return openai_body(
         status_of(exc), code, message, param=exc.param if isinstance(exc, ClientError) else None
@@ -138,4 +142,6 @@ def _shaped(shape: Shape, status: int, code: str, message: str) -> bytes:
     Cartesia's ``{"error", "message", "status_code"}``; ``code`` is the protocol's."""
     if shape == "elevenlabs":
         return orjson.dumps({"detail": {"status": code, "message": message}})
+    if shape == "azure":
+        return orjson.dumps({"error": {"code": code, "message": message}})
     return orjson.dumps({"error": code, "message": message, "status_code": status})
