@@ -289,3 +289,17 @@ async def test_hostile_ssml_reaches_nothing_upstream_and_the_connection_goes_on(
     await listener.until(lambda: "ok" in listener.copies and listener.copies["ok"].ended)
     await listener.close()
     assert [record.text for record in fake.records] == ["Still here."]
+
+
+async def test_the_offline_voice_speaks_the_spans_when_edge_cannot(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """Microsoft down: every span is spoken by the offline voice, one stream, breaks
+    included."""
+    fake.refuse_status = 503
+    server = await start_server(upstream_retries=0)
+    copy = await spoken(server, DIALOGUE)
+    assert copy.messages[-1]["type"] == "end", copy.messages[-1]
+    start = copy.messages[0]
+    assert start["engine"] == "espeak" and start["fallback_reason"] == "upstream_unavailable"
+    assert len(copy.audio) > 0
