@@ -311,14 +311,19 @@ async def test_a_resume_that_cannot_be_served_says_why_and_the_connection_goes_o
 
 
 async def test_a_resume_flood_leaks_nothing(start_server: ServerFactory) -> None:
-    server = await start_server(rate_limit_requests=0)
-    listener = Listener(url_of(server))
-    await listener.connect()
-    for number in range(300):
+    """Resumes of guessed sessions, each a new connection's first message: each refused,
+    nothing kept; a resume that is not a connection's first message is a bad message."""
+    server = await start_server(rate_limit_requests=0, max_connections_per_ip=1000)
+    for number in range(100):
+        listener = Listener(url_of(server))
+        await listener.connect()
         await listener.send({"type": "resume", "session": f"guess-{number}", "utterances": []})
         answer = await listener.message()
         assert (answer["code"], answer["reason"]) == ("resume_failed", "unknown")
-    await listener.close()
+        if number == 0:
+            await listener.send({"type": "resume", "session": "again", "utterances": []})
+            assert (await listener.message())["code"] == "bad_message"
+        await listener.close()
     assert len(server.services.parking) == 0 and server.services.parking.buffers.total == 0
 
 
@@ -461,3 +466,52 @@ async def test_a_cancel_answered_while_away_comes_on_the_resume(
         await listener.read()
     await listener.close()
     fake.resume.set()
+
+
+async def test_after_review_reused_ids_new_speaks_and_a_new_network(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """An id used again is a new utterance (its own frames, not the earlier one's); a
+    speak sent right after the resume is spoken; resumed from another address, the
+    connection counts come back to nothing (the parked one released on its own IP)."""
+    fake.tone = True
+    server = await start_server(rate_limit_requests=0)
+    listener = Listener(url_of(server))
+    await listener.connect()
+    await listener.send({"type": "speak", "id": "a", "text": "The first one, short."})
+    await listener.until(lambda: "a" in listener.copies and listener.copies["a"].ended)
+    listener.copies.pop("a")
+    await listener.send({"type": "speak", "id": "a", "text": TEXT})
+    await listener.until(lambda: "a" in listener.copies and bool(listener.copies["a"].audio))
+    listener.cut()
+    listener.options["local_addr"] = ("127.0.0.2", 0)  # a new network
+    answer = await listener.resume()
+    assert answer["type"] == "resumed" and answer["lost"] == [], answer
+    await listener.send({"type": "speak", "id": "b", "text": "Right after the resume."})
+    await listener.until(lambda: "b" in listener.copies and listener.copies["b"].ended)
+    await listener.close()
+    a, b = listener.copies["a"], listener.copies["b"]
+    assert a.ended and bytes(a.audio) == bytes(fake.records[1].audio)
+    assert b.messages[-1]["type"] == "end" and bytes(b.audio) == bytes(fake.records[2].audio)
+    admission = server.services.admission
+    await eventually(lambda: admission.connections.total == 0, what="every count released")
+    assert admission.connections.by_ip() == {}
+
+
+async def test_a_resumed_connection_is_not_closed_as_idle_while_it_speaks(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """The new socket's own watchdog gives way to the resumed connection's: an utterance
+    playing longer than IDLE_TIMEOUT after a resume ends whole."""
+    server = await start_server(rate_limit_requests=0, idle_timeout=0.5)
+    fake.realtime_factor = 1.0  # about 3 s of audio, streamed in real time
+    listener = Listener(url_of(server))
+    await listener.connect()
+    await listener.send({"type": "speak", "id": "u", "text": TEXT})
+    await listener.until(lambda: "u" in listener.copies and bool(listener.copies["u"].audio))
+    listener.cut()
+    assert (await listener.resume())["type"] == "resumed"
+    copy = listener.copies["u"]
+    await listener.until(lambda: copy.ended)
+    await listener.close()
+    assert copy.messages[-1]["type"] == "end" and bytes(copy.audio) == bytes(fake.records[0].audio)

@@ -139,7 +139,18 @@ async def speak(
                         feeder = _Feeder(text, limit if isinstance(limit, int) else 4096, result)
                         feeder.attach(ws, received=None)
                 else:
-                    received = await _resume(ws, progress)
+                    try:
+                        received = await _resume(ws, progress)
+                    except _NotYet:
+                        # The server has not seen the drop yet (it will, at its next
+                        # ping): ask again, within the window.
+                        if loop.time() + backoff > deadline:
+                            raise SpeechError(
+                                "resume_failed", "the server no longer has the utterance"
+                            ) from None
+                        await asyncio.sleep(backoff)
+                        backoff = min(backoff * 2, RECONNECT_LAST)
+                        continue
                     if feeder is not None:
                         feeder.attach(ws, received=received)
                     backoff = RECONNECT_FIRST
@@ -171,6 +182,10 @@ class _Dropped(Exception):
     """The connection ended without a closing handshake (the network went away)."""
 
 
+class _NotYet(Exception):
+    """The server knows no dropped connection by the session yet."""
+
+
 def _with_client(url: str, client: str) -> str:
     """``url`` with ``client=<client>`` in its query (a proxy's affinity key)."""
     parts = urlsplit(url)
@@ -190,6 +205,8 @@ async def _resume(ws: ClientConnection, progress: _Progress) -> int | None:
     await ws.send(orjson.dumps(resume).decode())
     answer = orjson.loads(await ws.recv())
     if answer.get("type") != "resumed":
+        if answer.get("code") == "resume_failed" and answer.get("reason") == "unknown":
+            raise _NotYet()
         raise SpeechError(answer.get("code", "resume_failed"), answer.get("message", ""))
     if UTTERANCE in answer.get("lost", []):
         raise SpeechError("resume_failed", "the server no longer has the utterance")

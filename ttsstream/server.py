@@ -225,6 +225,8 @@ class Server:
             return
         self.state = "draining"
         self._server.close(close_connections=False)
+        # Nobody can come back to a dropped connection now: they end with their work.
+        self.services.parking.close()
         self.services.utterances.draining = True
         doors = self.doors
         waiting = self._in_progress()

@@ -12,6 +12,7 @@ can never disagree.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -340,14 +341,16 @@ class Admission:
             return
         self._count_here(holder, cap)
 
-    async def hold(self, client: str, principal: Principal = ANONYMOUS) -> bool:
-        """Count a connection of ``client`` (a parked one) if the caps allow it; whether
-        they did. :meth:`release` it."""
-        try:
-            await self._count_connection(client, principal)
-        except (TooManyConnections, ServerFull):
-            return False
-        return True
+    async def hold(self, client: str, principal: Principal = ANONYMOUS) -> None:
+        """Count a connection of ``client`` that takes a dropped one's place (a parked
+        one): toward the caps of those to come, never refused. :meth:`release` it."""
+        holder, _ = self._holder(client, principal)
+        shared = self.shared_connections
+        if shared is not None:
+            # Counted in the cluster too, whatever its caps (the largest there are).
+            with contextlib.suppress(LimiterUnavailable, TooManyConnections, ServerFull):
+                await shared.acquire(holder, 2**31, 2**31)
+        self.connections.acquire(holder, capped=False, force=True)
 
     def _holder(self, client: str, principal: Principal) -> tuple[str, int]:
         """Whose connection count a connection is in, and its cap: the client IP's

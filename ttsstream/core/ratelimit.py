@@ -157,22 +157,25 @@ class ConnectionCounter:
         self.total = 0
         self._by_ip: dict[str, int] = {}
 
-    def acquire(self, ip: str, *, capped: bool = True, cap: int | None = None) -> None:
+    def acquire(
+        self, ip: str, *, capped: bool = True, cap: int | None = None, force: bool = False
+    ) -> None:
         """Count one more connection from ``ip`` (or of a tenant, named so).
 
         Args:
             capped: Whether ``MAX_CONNECTIONS_PER_IP`` applies (not to a trusted proxy,
                 whose connections carry many clients).
             cap: The cap instead of ``MAX_CONNECTIONS_PER_IP`` (a tenant's ``concurrent``).
+            force: Count it whatever the caps (it takes a dropped connection's place).
 
         Raises:
             ServerFull: The server is at ``MAX_CONNECTIONS``.
             TooManyConnections: ``ip`` is at ``MAX_CONNECTIONS_PER_IP``.
         """
-        if self.total >= self.total_cap:
+        if self.total >= self.total_cap and not force:
             raise ServerFull("the server has too many connections; try again later")
         limit = self.per_ip if cap is None else cap
-        if capped and self._by_ip.get(ip, 0) >= limit:
+        if capped and not force and self._by_ip.get(ip, 0) >= limit:
             raise TooManyConnections(f"at most {limit} connections per client")
         self.total += 1
         self._by_ip[ip] = self._by_ip.get(ip, 0) + 1

@@ -40,6 +40,7 @@ from ttsstream.core.streaming import StreamingText
 from ttsstream.core.utterance import ListenerGone, Sink
 from ttsstream.engines.base import SynthesisRequest, Voice
 from ttsstream.exceptions import (
+    BadMessage,
     ClientError,
     InvalidParameter,
     KeyRefused,
@@ -183,6 +184,8 @@ class Connection:
         #: The token a new connection resumes this one with (``None``: it cannot be).
         self.session = new_token() if self._parking is not None else None
         self._logs = Logs()
+        self._frames_received = 0
+        self._watchdog: asyncio.Task[None] | None = None
         self._attached = True
         self._resumed = asyncio.Event()
         self._giving_up = asyncio.Event()
@@ -244,7 +247,7 @@ class Connection:
         dropped and is resumed, until the new one closes)."""
         for _ in range(self.parallel):
             self._new_speaker()
-        watchdog = asyncio.create_task(self._close_when_idle())
+        watchdog = self._watchdog = asyncio.create_task(self._close_when_idle())
         try:
             greeting = self.greeting()
             if greeting is not None:
@@ -252,6 +255,7 @@ class Connection:
             while True:
                 try:
                     async for frame in self._ws:
+                        self._frames_received += 1
                         self._last_activity = asyncio.get_running_loop().time()
                         await self._on_frame(frame)
                         if len(frame) > YIELD_AFTER_FRAME_CHARS:
@@ -264,7 +268,7 @@ class Connection:
                 if not await self._wait_for_resume():
                     break
                 if watchdog.done():
-                    watchdog = asyncio.create_task(self._close_when_idle())
+                    watchdog = self._watchdog = asyncio.create_task(self._close_when_idle())
         finally:
             self._lose_socket()
             if self._parking is not None:
@@ -398,13 +402,15 @@ class Connection:
         live = [log for log in self._logs.by_id.values() if not log.dropped]
         if not (live or self._pending or self._playing):
             return False
-        principal = self.context.principal
-        if not await self._admission.hold(self.client_ip, principal):
-            return False  # parked, it counts as a connection: not past the caps
+        principal, client = self.context.principal, self.client_ip
+        # Parked, it counts as a connection (in the dropped one's place: not refused).
+        await self._admission.hold(client, principal)
+        if not parking.park(self.session, self):
+            self._admission.release(client, principal)
+            return False
         self._attached = False
         self._lose_socket()
         self._resumed.clear()
-        parking.park(self.session, self)
         logger.info("conn=%s dropped: parked for %.0fs", self.connection_id, parking.window)
         try:
             resumed = asyncio.create_task(self._resumed.wait())
@@ -418,7 +424,7 @@ class Connection:
                 given_up.cancel()
         finally:
             parking.unpark(self.session)
-            self._admission.release(self.client_ip, principal)
+            self._admission.release(client, principal)
         if not self._resumed.is_set():
             logger.info("conn=%s not resumed", self.connection_id)
         return self._resumed.is_set()
@@ -441,7 +447,11 @@ class Connection:
         parking = self._parking
         if parking is None:
             raise ResumeFailed("this server does not resume connections", reason="disabled")
+        if self._frames_received != 1 or self._logs.by_id or self._pending or self._playing:
+            raise BadMessage("resume is a new connection's first message")
         parked = parking.claim(resume.session, self.context.principal)
+        if self._watchdog is not None:
+            self._watchdog.cancel()  # the parked connection watches the socket now
         lost = await parked.attach(self._ws, self.context, resume)
         self._attached = False  # a shell: nothing of its own is sent any more
         self._parking = None
@@ -453,6 +463,7 @@ class Connection:
         """Take ``websocket`` (a new connection's) for this parked one: answer ``resumed``,
         send each utterance's frames from where the client's copy stopped, then go on
         live; the future resolves once this connection stops using the socket."""
+        old_id = self.connection_id
         self._ws = websocket
         self.context = dataclasses.replace(
             self.context, client_ip=context.client_ip, connection=context.connection
@@ -462,7 +473,7 @@ class Connection:
         self._socket_lost = asyncio.get_running_loop().create_future()
         lost = self._socket_lost
         self._resumed.set()
-        logger.info("conn=%s resumed on %s", self.connection_id, context.connection)
+        logger.info("conn=%s resumed on %s", old_id, context.connection)
         with contextlib.suppress(ConnectionClosed, ClientTooSlow):
             # Dropped again while catching up: the reader parks it again.
             await self._catch_up(resume)
@@ -503,19 +514,39 @@ class Connection:
                 resumed.append((uid, 0, received(uid)))  # begun while away, unknown to it
                 plan.append([log, 0, 0])
         assert self.session is not None
-        await self.send(self.encode_resumed(self.session, resumed, lost))
-        while True:
-            sent = False
-            for item in plan:
-                log, index, skip = item
-                while index < len(log.frames) and not log.dropped:
-                    frame, text, _ = log.frames[index]
-                    await self.send(memoryview(frame)[skip:] if skip else frame, text=text)
-                    index, skip, sent = index + 1, 0, True
-                item[1], item[2] = index, 0
-            if not sent:
-                break
-        self._attached = True
+        buffers = self._parking.buffers if self._parking is not None else None
+        known = set(self._logs.by_id)
+        planned = {id(item[0]) for item in plan}
+        for item in plan:
+            if buffers is not None:
+                buffers.pin(item[0])  # not dropped while it is being caught up
+        try:
+            await self.send(self.encode_resumed(self.session, resumed, lost))
+            while True:
+                sent = False
+                # Utterances that began while catching up: from their start.
+                for uid, log in list(self._logs.by_id.items()):
+                    if uid not in known and id(log) not in planned:
+                        planned.add(id(log))
+                        plan.append([log, 0, 0])
+                        if buffers is not None:
+                            buffers.pin(log)
+                for item in plan:
+                    log, index, skip = item
+                    while index < len(log.frames) and not log.dropped:
+                        frame, text, _ = log.frames[index]
+                        await self.send(memoryview(frame)[skip:] if skip else frame, text=text)
+                        index, skip, sent = index + 1, 0, True
+                    item[1], item[2] = index, 0
+                if not sent:
+                    break
+            # No await between the last check and this: every later frame goes out live.
+            self._attached = True
+            self._wakeup.set()  # the queue goes on
+        finally:
+            if buffers is not None:
+                for item in plan:
+                    buffers.unpin(self._logs, item[0])
 
     def encode_resumed(
         self, session: str, resumed: Sequence[tuple[str, int, int | None]], lost: Sequence[str]
@@ -613,6 +644,8 @@ class Connection:
             if request.text:
                 stream.append(request.text)
         self._ids.add(request.id)
+        if self._parking is not None:
+            self._parking.buffers.discard(self._logs, request.id)  # an earlier one's
         self._idle.clear()
         self._pending.append(
             Utterance(
@@ -761,7 +794,8 @@ class Connection:
         me = asyncio.current_task()
         assert me is not None
         while True:
-            while not self._pending:
+            # While the client is away, what is queued waits (nothing spoken to nobody).
+            while not self._pending or not self._attached:
                 if not self._playing:
                     self._idle.set()
                 self._wakeup.clear()

@@ -145,6 +145,20 @@ class Buffers:
         if not log.dropped:
             self._ended[id(log)] = (log, logs)
 
+    def pin(self, log: UtteranceLog) -> None:
+        """Keep ``log`` from being dropped to make room (it is being caught up)."""
+        self._ended.pop(id(log), None)
+
+    def unpin(self, logs: Logs, log: UtteranceLog) -> None:
+        if log.ended_at is not None and not log.dropped:
+            self._ended[id(log)] = (log, logs)
+
+    def discard(self, logs: Logs, utterance_id: str) -> None:
+        """Forget the log of an earlier utterance with this id (a new one takes it)."""
+        log = logs.by_id.pop(utterance_id, None)
+        if log is not None:
+            self._forget(log, logs)
+
     def prune(self, logs: Logs, older_than: float) -> None:
         """Forget the connection's logs that ended before ``older_than`` (monotonic)."""
         for log in list(logs.by_id.values()):
@@ -190,8 +204,12 @@ class Parking:
     def enabled(self) -> bool:
         return self.window > 0 and not self.closed
 
-    def park(self, token: str, connection: Connection) -> None:
+    def park(self, token: str, connection: Connection) -> bool:
+        """Park ``connection`` under ``token``; whether it was (not once the server stops)."""
+        if self.closed:
+            return False
         self._parked[token] = connection
+        return True
 
     def unpark(self, token: str) -> None:
         self._parked.pop(token, None)
