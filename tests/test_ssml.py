@@ -4,13 +4,14 @@ voice and prosody, breaks as exact silence, on one timeline (issue 36)."""
 from __future__ import annotations
 
 import array
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import miniaudio
 import pytest
 
-from tests.conftest import ServerFactory, url_of
+from tests.conftest import ServerFactory, eventually, url_of
 from tests.fake_edge import FakeEdge
 from tests.test_resume import Copy, Listener
 from ttsstream.core.ssml import Pause, Spoken, parse_ssml
@@ -303,3 +304,71 @@ async def test_the_offline_voice_speaks_the_spans_when_edge_cannot(
     start = copy.messages[0]
     assert start["engine"] == "espeak" and start["fallback_reason"] == "upstream_unavailable"
     assert len(copy.audio) > 0
+
+
+# What an independent review found (each failed before its fix)
+
+
+def test_review_hostile_values_are_bounded_not_crashes() -> None:
+    big = "9" * 400
+    (ordinal,) = parse(f"<speak {NS}><say-as interpret-as='ordinal'>1.5</say-as></speak>")
+    assert isinstance(ordinal, Spoken) and ordinal.text == "1.5"  # as written
+    with pytest.raises(SsmlInvalid, match="at most"):
+        parse(f"<speak {NS}>Hi<break time='{big}ms'/></speak>")
+    (loud,) = parse(
+        f"<speak {NS}><prosody rate='{big[:300]}'><prosody rate='{big[:300]}'>x y"
+        "</prosody></prosody></speak>"
+    )
+    assert isinstance(loud, Spoken) and loud.rate == "+200%"
+    (exact,) = parse(
+        f"<speak {NS}><say-as interpret-as='cardinal'>12345678901234567891</say-as></speak>"
+    )
+    assert isinstance(exact, Spoken) and exact.text.endswith("ninety-one")
+    with pytest.raises(SsmlInvalid, match="speaks more than 50"):
+        parse(f"<speak {NS}><sub alias='{'word ' * 20}'>x</sub></speak>", max_chars=50)
+
+
+def test_review_a_line_is_the_same_however_it_is_indented() -> None:
+    compact = parse(f'<speak {NS}><voice name="en-US-GuyNeural">Not yet, tell me.</voice></speak>')
+    pretty = parse(
+        f'<speak {NS}>\n  <voice name="en-US-GuyNeural">\n'
+        "    Not yet,\n    tell me.\n  </voice>\n</speak>"
+    )
+    assert [p.text for p in compact if isinstance(p, Spoken)] == ["Not yet, tell me."]
+    assert [p.text for p in pretty if isinstance(p, Spoken)] == ["Not yet, tell me."]
+
+
+async def test_review_an_alias_is_charged_as_spoken_and_a_cancel_stops_edge(
+    start_server: ServerFactory, fake: FakeEdge, tmp_path: Path
+) -> None:
+    from tests.test_tenants import ALPHA, write_keys
+
+    path = write_keys(tmp_path / "keys.toml", {"a": {"key": ALPHA, "characters_per_day": 40}})
+    server = await start_server(api_keys_file=path)
+    alias = "a much longer text than the one it stands for, said aloud"
+    base = f"http://127.0.0.1:{server.port}"
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            base + "/tts",
+            json={"ssml": f"<speak {NS}><sub alias='{alias}'>x</sub></speak>"},
+            headers={"X-API-Key": ALPHA},
+        ) as response:
+            assert response.status == 429 and (await response.json())["error"] == "quota_exceeded"
+        # An OpenAI client's voice speaks a document that names none.
+        speech = {"model": "tts-1", "voice": "en-US-GuyNeural", "input": f"<speak {NS}>Hi.</speak>"}
+        async with session.post(
+            base + "/v1/audio/speech", json=speech, headers={"X-API-Key": ALPHA}
+        ) as response:
+            assert response.status == 200
+            await response.read()
+    assert fake.records[-1].voice.endswith("GuyNeural)")
+    fake.pause_after_chunks = 1
+    listener = Listener(url_of(server), {"X-API-Key": ALPHA})
+    await listener.connect()
+    await listener.send({"type": "speak", "id": "c", "ssml": f"<speak {NS}>Cut me off.</speak>"})
+    await listener.until(lambda: "c" in listener.copies and bool(listener.copies["c"].audio))
+    await listener.send({"type": "cancel", "id": "c"})
+    await listener.until(lambda: listener.copies["c"].messages[-1]["type"] == "cancelled")
+    await listener.close()
+    await eventually(lambda: fake.active == 0, what="the span's synthesis stopped")
+    fake.resume.set()

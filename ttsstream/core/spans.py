@@ -114,7 +114,9 @@ async def speak_spans(
                 shift_ms += ms
                 continue
             start_ready()
-            current, span = ahead.popleft()
+            # Taken off the queue once spoken: until then it is one to close if the
+            # utterance stops (a cancel).
+            current, span = ahead[0]
             assert span is piece, "spans are spoken in their order"
             byte_count = 0
             async for event in current.events():
@@ -133,6 +135,7 @@ async def speak_spans(
                 else:
                     yield _moved(span.source.in_original(event), shift_ms)
             shift_ms += MP3_24KHZ_48KBPS.duration_ms(byte_count)
+            ahead.popleft()
             start_ready()
     finally:
         for pending, _ in ahead:

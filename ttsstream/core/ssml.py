@@ -105,9 +105,9 @@ class Prosody:
     @property
     def edge(self) -> tuple[str, str, str]:
         """Edge's ``rate``, ``volume``, ``pitch`` strings, clamped to what it takes."""
-        rate = _clamp(round((self.rate - 1) * 100), RATE_RANGE)
-        volume = _clamp(round((self.volume - 1) * 100), VOLUME_RANGE)
-        pitch = _clamp(round(self.pitch_hz), PITCH_RANGE)
+        rate = _clamp((self.rate - 1) * 100, RATE_RANGE)
+        volume = _clamp((self.volume - 1) * 100, VOLUME_RANGE)
+        pitch = _clamp(self.pitch_hz, PITCH_RANGE)
         return f"{rate:+d}%", f"{volume:+d}%", f"{pitch:+d}Hz"
 
 
@@ -145,13 +145,19 @@ class SsmlDocument:
 
     @property
     def characters(self) -> int:
-        """Characters spoken (what quotas count)."""
-        return sum(len(piece.text) for piece in self.pieces if isinstance(piece, Spoken))
+        """What a quota counts: its text content, or what is spoken if more (an alias
+        or a number in words may be longer than what it stands for)."""
+        spoken = sum(len(piece.text) for piece in self.pieces if isinstance(piece, Spoken))
+        return max(len(self.text), spoken)
 
 
 def is_ssml(text: str) -> bool:
-    """Whether ``text`` is an SSML document (it starts with ``<speak``)."""
-    return text.lstrip().startswith("<speak")
+    """Whether ``text`` is an SSML document (it starts with ``<speak``, after a byte
+    order mark and an ``<?xml …?>`` declaration)."""
+    text = text.lstrip("\ufeff \t\r\n")
+    if text.startswith("<?xml"):
+        text = text.partition("?>")[2].lstrip()
+    return text.startswith("<speak")
 
 
 def parse_ssml(
@@ -196,12 +202,43 @@ def parse_ssml(
 
 @dataclass
 class _Run:
-    """Text gathered for the span being built."""
+    """Text gathered for the span being built: each part spoken, where it came from in
+    the document's text content, and whether it is that text (else it stands for it)."""
 
     prosody: Prosody
-    text: list[str] = field(default_factory=list)
-    source: CharMap = field(default_factory=CharMap)
-    length: int = 0
+    parts: list[tuple[str, int, int, bool]] = field(default_factory=list)
+
+    def spoken(self) -> tuple[str, CharMap]:
+        """The span's text with its white space made single spaces and its ends trimmed
+        (a line is the same line however the document is indented: one cache entry),
+        and where each character came from."""
+        pieces: list[str] = []
+        source = CharMap()
+        pending_space: tuple[int, int] | None = None
+        for text, start, end, copied in self.parts:
+            if not copied:
+                words = " ".join(text.split())
+                if not words:
+                    continue
+                if pending_space is not None and pieces:
+                    pieces.append(" ")
+                    source.stand_for(*pending_space, 1)
+                pending_space = None
+                pieces.append(words)
+                source.stand_for(start, end, len(words))
+                continue
+            for match in re.finditer(r"\s+|\S+", text):
+                at = start + match.start()
+                if match.group().isspace():
+                    pending_space = (at, at + len(match.group()))
+                    continue
+                if pending_space is not None and pieces:
+                    pieces.append(" ")
+                    source.stand_for(*pending_space, 1)
+                pending_space = None
+                pieces.append(match.group())
+                source.copy(at, len(match.group()))
+        return "".join(pieces), source
 
 
 class _Builder:
@@ -212,6 +249,8 @@ class _Builder:
         #: The document's text content, piece by piece.
         self.text: list[str] = []
         self.text_length = 0
+        #: Characters spoken (aliases and numbers in words counted as said).
+        self.spoken_length = 0
         self.breaks_ms = 0
         self._run: _Run | None = None
 
@@ -283,6 +322,8 @@ class _Builder:
             if match is None:
                 raise SsmlInvalid(f'<break time="{time}"> is not a time such as 500ms or 2s')
             value = float(match.group(1)) * (1 if match.group(2) == "ms" else 1000)
+            if not math.isfinite(value) or value > MAX_BREAK_MS:
+                raise SsmlInvalid(f"a <break> is at most {MAX_BREAK_MS} ms")
             ms = round(value)
         elif strength is not None:
             if strength not in BREAK_STRENGTHS:
@@ -316,9 +357,7 @@ class _Builder:
             return
         start = self._content(text)
         run = self._run_for(prosody)
-        run.source.copy(start, len(text))
-        run.text.append(text)
-        run.length += len(text)
+        run.parts.append((text, start, start + len(text), True))
 
     def _stand_for(self, written: str, spoken: str, prosody: Prosody) -> None:
         """Speak ``spoken`` for the document's text ``written`` (an alias, an expansion)."""
@@ -326,9 +365,7 @@ class _Builder:
         if not spoken:
             return
         run = self._run_for(prosody)
-        run.source.stand_for(start, start + len(written), len(spoken))
-        run.text.append(spoken)
-        run.length += len(spoken)
+        run.parts.append((spoken, start, start + len(written), False))
 
     def _content(self, text: str) -> int:
         """Add ``text`` to the document's text content; where it starts there."""
@@ -353,12 +390,21 @@ class _Builder:
     def flush(self) -> None:
         """End the span being built (a voice or prosody change, a break, the end)."""
         run, self._run = self._run, None
+        if run is None:
+            return
+        text, source = run.spoken()
         # Text with no word (a lone "." between elements) is not a synthesis of its own:
         # Edge would send no audio for it.
-        if run is None or not any(char.isalnum() for char in "".join(run.text)):
+        if not any(char.isalnum() for char in text):
             return
+        self.spoken_length += len(text)
+        if self.spoken_length > self.max_chars:
+            raise SsmlInvalid(
+                f"the SSML document speaks more than {self.max_chars} characters "
+                "(its aliases and numbers in words included)"
+            )
         rate, volume, pitch = run.prosody.edge
-        self._add(Spoken("".join(run.text), run.prosody.voice, rate, volume, pitch, run.source))
+        self._add(Spoken(text, run.prosody.voice, rate, volume, pitch, source))
 
     def _add(self, piece: Spoken | Pause) -> None:
         if len(self.pieces) >= self.max_spans:
@@ -385,8 +431,11 @@ def _text_of(element: ElementTree.Element, depth: int) -> str:
     return element.text or ""
 
 
-def _clamp(value: int, bounds: tuple[int, int]) -> int:
-    return max(bounds[0], min(bounds[1], value))
+def _clamp(value: float, bounds: tuple[int, int]) -> int:
+    """``value`` rounded within ``bounds`` (an infinite one at its bound, NaN as 0)."""
+    if math.isnan(value):
+        return 0
+    return round(max(bounds[0], min(bounds[1], value)))
 
 
 def _number(text: str, what: str) -> float:
@@ -418,7 +467,10 @@ def _pitch(value: str | None, current: float) -> float:
     if value in _PITCH_NAMES:
         return BASE_PITCH_HZ * _PITCH_NAMES[value] / 100
     if value.lower().endswith("hz"):
-        return current + _number(value[:-2], "pitch")
+        number = value[:-2]
+        if number.startswith(("+", "-")):
+            return current + _number(number, "pitch")
+        return _number(number, "pitch") - BASE_PITCH_HZ  # absolute: of a 200 Hz voice
     if value.endswith("%"):
         return current + BASE_PITCH_HZ * _number(value[:-1], "pitch") / 100
     if value.endswith("st"):
@@ -441,7 +493,7 @@ def _volume(value: str | None, current: float) -> float:
 
 
 #: The languages say-as expands numbers and dates in (num2words'), by the voice's prefix.
-_LANGUAGES = ("en", "de", "fr", "es", "it", "pt", "nl", "pl", "ru", "ja", "ko", "zh")
+_LANGUAGES = ("en", "de", "fr", "es", "it", "pt", "nl", "pl", "ru", "ja", "ko")
 _MONTHS_EN = (
     "January",
     "February",
@@ -479,12 +531,12 @@ def _say_as(element: ElementTree.Element, written: str, voice: str) -> str:
     if kind in ("cardinal", "number", "ordinal"):
         if language is None or not _NUMBER.fullmatch(text.replace(",", "")):
             return written
-        number = float(text.replace(",", ""))
-        value: int | float = int(number) if number.is_integer() else number
+        digits = text.replace(",", "")
+        value: int | float = int(digits) if re.fullmatch(r"[+-]?\d+", digits) else float(digits)
         to = "ordinal" if kind == "ordinal" else "cardinal"
         try:
             return str(num2words(value, to=to, lang=language))
-        except (NotImplementedError, OverflowError, ValueError):
+        except Exception:  # a number num2words cannot say (1.5th, -3rd, 10**60 in Russian)
             return written
     if kind == "date":
         try:

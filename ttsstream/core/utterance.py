@@ -166,7 +166,9 @@ class Utterances:
             source=source,
         )
 
-    def ssml(self, document: str) -> tuple[SynthesisRequest, SsmlDocument]:
+    def ssml(
+        self, document: str, *, voice: str | None = None
+    ) -> tuple[SynthesisRequest, SsmlDocument]:
         """What an SSML utterance asks for: the document's spans (``VOICE_MAP`` names
         mapped), and a request standing for it (its text content, its first voice);
         :meth:`accept` it with its voices before it runs.
@@ -176,9 +178,10 @@ class Utterances:
             SsmlUnsupported: It has an element Edge cannot speak.
         """
         config = self._config
+        default = self._aliases.get(voice.lower(), voice) if voice else self._default_voice
         parsed = parse_ssml(
             document,
-            default_voice=self._default_voice,
+            default_voice=default,
             max_chars=config.max_text_length,
             max_spans=config.max_ssml_spans,
         )
@@ -246,7 +249,7 @@ class Utterances:
                 )
         try:
             await self.usage.charge(
-                principal, 0 if streamed else _text_chars(request), check_only=True
+                principal, 0 if streamed else _text_chars(request, document), check_only=True
             )
         except ClientError as exc:
             exc.utterance_id = utterance_id
@@ -361,7 +364,8 @@ class Utterances:
         try:
             try:
                 charge = await self.usage.charge(
-                    context.principal, 0 if stream is not None else _text_chars(request)
+                    context.principal,
+                    0 if stream is not None else _text_chars(request, document),
                 )
             except QuotaExceeded as exc:
                 exc.utterance_id = utterance_id
@@ -465,7 +469,9 @@ class Utterances:
             stats.active_utterances -= 1
             stats.finished(outcome, context.door)
             if charged:
-                self._tally(request, stream, context, charge, started, pipe, byte_count, outcome)
+                self._tally(
+                    request, stream, document, context, charge, started, pipe, byte_count, outcome
+                )
             stats.formats[audio_format.name] += 1
             access(
                 "utterance",
@@ -509,6 +515,7 @@ class Utterances:
         self,
         request: SynthesisRequest,
         stream: StreamingText | None,
+        document: SsmlDocument | None,
         context: RequestContext,
         charge: Charge | None,
         started: Started | None,
@@ -524,7 +531,7 @@ class Utterances:
             characters = stream.total if heard else 0
             usage.add_charge(charge, characters)
         else:
-            characters = _text_chars(request) if heard else 0
+            characters = _text_chars(request, document) if heard else 0
             if not heard:
                 usage.refund(charge)
         usage.record(
@@ -571,8 +578,11 @@ def _voices(request: SynthesisRequest, document: SsmlDocument | None) -> list[st
     return list(dict.fromkeys(p.voice for p in document.pieces if isinstance(p, Spoken)))
 
 
-def _text_chars(request: SynthesisRequest) -> int:
-    """Characters of a whole text as the client sent it (what its tenant is charged)."""
+def _text_chars(request: SynthesisRequest, document: SsmlDocument | None = None) -> int:
+    """Characters of a whole text as the client sent it (what its tenant is charged; an
+    SSML document's: its text content, or what it speaks if more)."""
+    if document is not None:
+        return document.characters
     if isinstance(request, CleanedRequest):
         return request.original_length
     return len(request.text)

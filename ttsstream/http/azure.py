@@ -85,4 +85,5 @@ class AzureApi:
             return self.streams.refused(judged, "azure")
         self._services.admission.release(judged.client, judged.principal)
         key = offered_key(RequestHeaders(request.headers), request.path_qs) or ""
-        return web.Response(text=key, content_type="text/plain", headers=self.streams.cors(request))
+        headers = {"Cache-Control": "no-store", **self.streams.cors(request)}
+        return web.Response(text=key, content_type="text/plain", headers=headers)

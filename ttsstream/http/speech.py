@@ -142,7 +142,7 @@ class SpeechApi:
             if ssml is not None:
                 if not isinstance(ssml, str) or "text" in fields:
                     raise BadMessage('"ssml" is an SSML document, and comes without "text"')
-                synthesis, document = utterances.ssml(ssml)
+                synthesis, document = utterances.ssml(ssml, voice=voice_field(fields.get("voice")))
                 await self._accept(synthesis, document)
                 return Asked(synthesis, audio_format, document=document)
             text = text_field(fields.get("text"), max_length=self._config.max_text_length)
@@ -170,7 +170,7 @@ class SpeechApi:
             )
             utterances = self._services.utterances
             if self._config.ssml_in_openai and is_ssml(call.text):
-                synthesis, document = utterances.ssml(call.text)
+                synthesis, document = utterances.ssml(call.text, voice=call.voice)
                 await self._accept(synthesis, document)
                 return Asked(synthesis, call.format, call.sse, call.timestamps, document=document)
             synthesis = utterances.request(

@@ -606,7 +606,7 @@ class Connection:
         document = None
         if request.ssml:
             try:
-                synthesis, document = self._utterances.ssml(request.text)
+                synthesis, document = self._utterances.ssml(request.text, voice=request.voice)
             except ClientError as exc:
                 exc.utterance_id = request.id
                 raise
