@@ -960,7 +960,11 @@ export class TTSStreamClient extends EventTarget {
    */
   async resumeAttemptFailed(code, reason, opened) {
     let error = null;
-    if (!opened) {
+    const notYet = this.notYet;
+    this.notYet = false;
+    if (notYet) {
+      // Closed by this client to ask again (the server did not know the drop yet).
+    } else if (!opened) {
       const why = await this.diagnose();
       if (["unauthorized", "origin_not_allowed"].includes(why.code)) error = why;
     } else if (code !== CLOSED_ABNORMALLY) {
@@ -1075,6 +1079,14 @@ export class TTSStreamClient extends EventTarget {
    */
   resumeFailed(message) {
     if (!this.resuming || this.outage === null) return;
+    if (message.reason === "unknown" && Date.now() < this.outage.deadline && this.socket) {
+      // The server has not seen the drop yet (a network that went away sends no
+      // reset: it notices at its next ping): close this one and ask again.
+      this.resuming = false;
+      this.notYet = true;
+      this.socket.close(1000, "resume again");
+      return;
+    }
     this.resuming = false;
     this.attempt = 0;
     this.session = this.hello?.session ?? null;

@@ -434,13 +434,42 @@ test("a refused resume fails them with resume_failed; the connection goes on as 
     mock.timers.tick(250);
     latest().open();
     json(latest(), { type: "hello", protocol: 1, server: "t", default_voice: "v", max_text_length: 5000, session: "fresh", resume_window: 30 });
-    json(latest(), { type: "error", id: null, code: "resume_failed", message: "no", reason: "unknown" });
-    await assert.rejects(u.done, (error) => error.code === "resume_failed" && /unknown/.test(error.message));
+    json(latest(), { type: "error", id: null, code: "resume_failed", message: "no", reason: "not_yours" });
+    await assert.rejects(u.done, (error) => error.code === "resume_failed" && /not_yours/.test(error.message));
     assert.equal(events.find(([type]) => type === "error")[1].code, "resume_failed");
     assert.equal(client.session, "fresh");
     assert.deepEqual(latest().sent.map((m) => [m.type, m.id]), [["resume", undefined], ["speak", "later"]]);
     json(latest(), { ...START, id: "later" });
     assert.equal(later.state, "playing");
+    client.close();
+  } finally {
+    restore();
+  }
+});
+
+test("a resume the server does not know yet (it has not seen the drop) is asked again", async () => {
+  const { client, first, events, latest } = resumable();
+  try {
+    const u = client.speak("x", { id: "u" });
+    json(first, { ...START, id: "u" });
+    first.close(1006);
+    mock.timers.tick(250);
+    const early = latest();
+    early.open();
+    json(early, { type: "hello", protocol: 1, server: "t", default_voice: "v", max_text_length: 5000, session: "s2", resume_window: 30 });
+    json(early, { type: "error", id: null, code: "resume_failed", message: "no", reason: "unknown" });
+    await settle();
+    assert.equal(early.readyState, 3); // closed by the client, to ask again
+    assert.equal(events.filter(([type]) => type === "error").length, 0);
+    mock.timers.tick(5000);
+    const again = latest();
+    assert.notEqual(again, early);
+    again.open();
+    json(again, { type: "hello", protocol: 1, server: "t", default_voice: "v", max_text_length: 5000, session: "s3", resume_window: 30 });
+    assert.deepEqual(again.sent.at(-1).session, "tok1");
+    json(again, { type: "resumed", session: "tok1", utterances: [{ id: "u", offset: 0 }], lost: [] });
+    json(again, { type: "end", id: "u", bytes: 0, audio_ms: 0, words: 0, cached: false, ttfb_ms: 1 });
+    await u.done;
     client.close();
   } finally {
     restore();
