@@ -515,3 +515,29 @@ async def test_a_resumed_connection_is_not_closed_as_idle_while_it_speaks(
     await listener.until(lambda: copy.ended)
     await listener.close()
     assert copy.messages[-1]["type"] == "end" and bytes(copy.audio) == bytes(fake.records[0].audio)
+
+
+async def test_a_lost_utterance_stops_and_may_be_asked_again(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """Its frames passed RESUME_BUFFER_MB: the resume says lost, the utterance stops (no
+    audio of it without a start), and the same id may be asked again at once."""
+    fake.tone = True
+    server = await start_server(rate_limit_requests=0, resume_buffer_mb=0.004)
+    fake.pause_after_chunks = 8
+    listener = Listener(url_of(server))
+    await listener.connect()
+    await listener.send({"type": "speak", "id": "u", "text": TEXT * 3})
+    await listener.until(lambda: "u" in listener.copies and bool(listener.copies["u"].audio))
+    listener.cut()
+    await eventually(lambda: len(server.services.parking) == 1, what="parked")
+    answer = await listener.resume()
+    assert answer["lost"] == ["u"], answer
+    fake.resume.set()
+    listener.copies.pop("u")
+    await listener.send({"type": "speak", "id": "u", "text": "Asked again."})
+    await listener.until(lambda: "u" in listener.copies and listener.copies["u"].ended)
+    await listener.close()
+    again = listener.copies["u"]
+    assert again.messages[0]["type"] == "start" and again.messages[-1]["type"] == "end"
+    assert bytes(again.audio) == bytes(fake.records[-1].audio)

@@ -513,6 +513,9 @@ class Connection:
             if log.ended_at is None and not log.dropped:
                 resumed.append((uid, 0, received(uid)))  # begun while away, unknown to it
                 plan.append([log, 0, 0])
+        # What cannot be resumed stops here, so that the client may ask it again.
+        for uid in lost:
+            await self._drop_lost(uid)
         assert self.session is not None
         buffers = self._parking.buffers if self._parking is not None else None
         known = set(self._logs.by_id)
@@ -547,6 +550,16 @@ class Connection:
             if buffers is not None:
                 for item in plan:
                     buffers.unpin(self._logs, item[0])
+
+    async def _drop_lost(self, utterance_id: str) -> None:
+        """Stop an utterance reported lost on a resume (its frames were dropped)."""
+        for utterance in list(self._pending):
+            if utterance.id == utterance_id:
+                self._pending.remove(utterance)
+                self._forget(utterance)
+        for utterance in list(self._playing.values()):
+            if utterance.id == utterance_id and not utterance.finishing:
+                await self._cancel_playing(utterance)
 
     def encode_resumed(
         self, session: str, resumed: Sequence[tuple[str, int, int | None]], lost: Sequence[str]
