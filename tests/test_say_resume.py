@@ -76,12 +76,14 @@ async def test_say_resumes_a_text_cut_off_mid_way(
     network: Network, fake: FakeEdge, server: Server
 ) -> None:
     fake.tone = True
+    fake.pause_after_chunks = 3  # the rest waits until the network is cut
     heard = bytearray()
 
     def on_audio(data: bytes) -> None:
         heard.extend(data)
-        if len(heard) > 2000 and network.connections == 1:
+        if network.connections == 1 and not fake.resume.is_set():
             network.cut()
+            fake.resume.set()
 
     text = "A reply read aloud on a train that goes into a tunnel, and out of it again. " * 2
     result = await asyncio.wait_for(speak(url_through(network), text, on_audio=on_audio), TIMEOUT)
