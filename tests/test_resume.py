@@ -503,11 +503,11 @@ async def test_a_resumed_connection_is_not_closed_as_idle_while_it_speaks(
 ) -> None:
     """The new socket's own watchdog gives way to the resumed connection's: an utterance
     playing longer than IDLE_TIMEOUT after a resume ends whole."""
-    server = await start_server(rate_limit_requests=0, idle_timeout=0.5)
-    fake.realtime_factor = 1.0  # about 3 s of audio, streamed in real time
+    server = await start_server(rate_limit_requests=0, idle_timeout=2.0)
+    fake.realtime_factor = 1.0  # about 6 s of audio, streamed in real time
     listener = Listener(url_of(server))
     await listener.connect()
-    await listener.send({"type": "speak", "id": "u", "text": TEXT})
+    await listener.send({"type": "speak", "id": "u", "text": TEXT * 2})
     await listener.until(lambda: "u" in listener.copies and bool(listener.copies["u"].audio))
     listener.cut()
     assert (await listener.resume())["type"] == "resumed"
