@@ -21,6 +21,12 @@ Modes:
             one of the voice-agent doors ("door": v1, elevenlabs or cartesia, see
             AGENT_DOORS; "url" is the server's ws://host:port), one context per reply
             on a kept connection
+    drop    each client speaks one long text ("sentences" of long_text's, new for
+            each); with "cut" ([low, high] audio bytes), once it has received a random
+            number of audio bytes in that range it drops its TCP connection
+            (transport.abort(): no close frame, as when the network goes away); with
+            "away" too, it connects again that many seconds later, resumes the
+            utterance (docs/protocol.md) and hears it to its end
 """
 
 from __future__ import annotations
@@ -551,6 +557,137 @@ async def edge_mode(spec: dict[str, Any]) -> dict[str, Any]:
     return {"results": results, "elapsed": time.perf_counter() - started, "dropped": 0}
 
 
+def long_text(number: int, sentences: int) -> str:
+    """A text of ``sentences`` sentences, new for each ``number``: every number makes
+    words of the same lengths, so the fake service speaks each text for as long."""
+    return " ".join(
+        f"Sentence {index:03d} of story {number:09d} keeps its listener waiting for the end."
+        for index in range(sentences)
+    )
+
+
+#: Seconds a drop client may take in all before it counts as an error.
+DROP_TIMEOUT = 300.0
+
+
+@dataclass
+class _Heard:
+    """What a drop client has received of its utterance, on every connection."""
+
+    audio: int = 0
+    #: Its JSON messages (start, words, end).
+    texts: int = 0
+    #: Bytes of every frame, JSON messages too: what the server's log of it holds.
+    size: int = 0
+    frames: int = 0
+    words: int = 0
+
+
+async def _hear(
+    ws: ClientConnection, heard: _Heard, uid: str, cut: int | None = None
+) -> tuple[dict[str, Any] | None, float | None]:
+    """Read ``uid``'s frames into ``heard`` until its end (returned) or, with ``cut``,
+    until that many audio bytes are in (``None`` returned); and when the first audio
+    frame of this call came (``perf_counter``)."""
+    first = None
+    while True:
+        frame = await ws.recv()
+        heard.size += len(frame)
+        heard.frames += 1
+        if isinstance(frame, bytes):
+            first = first or time.perf_counter()
+            heard.audio += len(frame)
+            if cut is not None and heard.audio >= cut:
+                return None, first
+            continue
+        message = orjson.loads(frame)
+        if message.get("id") != uid:
+            continue
+        heard.texts += 1
+        kind = message.get("type")
+        if kind == "words":
+            heard.words += len(message["words"])
+        elif kind == "end":
+            return message, first
+        elif kind == "error":
+            raise RuntimeError(message.get("code", "error"))
+
+
+async def drop_mode(spec: dict[str, Any]) -> dict[str, Any]:
+    connections = []
+    for _ in range(spec["clients"]):
+        ws = await connect(spec["url"], compression=None, max_size=None)
+        connections.append((ws, orjson.loads(await ws.recv())))
+    print("ready", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    rng = random.Random(spec.get("seed", 0))
+    results: list[dict[str, Any]] = []
+
+    async def client(number: int, ws: ClientConnection, hello: dict[str, Any]) -> dict[str, Any]:
+        await _ramp(spec, rng)
+        await _think(spec, rng)
+        uid = f"d{number}"
+        text = long_text(number, spec["sentences"])
+        cut = rng.randint(*spec["cut"]) if spec.get("cut") else None
+        heard = _Heard()
+        started = time.perf_counter()
+        await ws.send(
+            orjson.dumps({"type": "speak", "id": uid, "text": text, "words": "batch"}).decode()
+        )
+        end, first = await _hear(ws, heard, uid, cut)
+        record: dict[str, Any] = {"ttfb": (first or started) - started}
+        if end is None:  # the network goes away: no close frame
+            ws.transport.abort()
+            record.update(cut_audio=heard.audio, cut_texts=heard.texts)
+            if not spec.get("away"):
+                return record
+            await asyncio.sleep(spec["away"])
+            async with connect(spec["url"], compression=None, max_size=None) as again:
+                await again.recv()  # its hello
+                at = {"id": uid, "offset": heard.audio, "frames": heard.texts}
+                resume = {"type": "resume", "session": hello["session"], "utterances": [at]}
+                sent = time.perf_counter()
+                await again.send(orjson.dumps(resume).decode())
+                answer = orjson.loads(await again.recv())
+                answered = time.perf_counter()
+                if answer.get("type") != "resumed":
+                    return {"error": answer.get("reason") or answer.get("code", "not_resumed")}
+                end, first = await _hear(again, heard, uid)
+                assert end is not None
+                record.update(
+                    resumed_ms=(answered - sent) * 1000,
+                    first_audio_ms=((first or answered) - sent) * 1000,
+                    lost=len(answer.get("lost", [])),
+                )
+        # Whole: every audio byte and every word once (the end says how many were sent).
+        record.update(
+            audio=heard.audio,
+            texts=heard.texts,
+            size=heard.size,
+            frames=heard.frames,
+            whole=heard.audio == end["bytes"] and heard.words == end["words"],
+        )
+        return record
+
+    async def guarded(number: int, ws: ClientConnection, hello: dict[str, Any]) -> None:
+        try:
+            async with asyncio.timeout(DROP_TIMEOUT):
+                results.append(await client(number, ws, hello))
+        except Exception as exc:
+            results.append({"error": type(exc).__name__ + (f" {exc}" if str(exc) else "")})
+
+    started = time.perf_counter()
+    await asyncio.gather(
+        *(
+            guarded(spec["offset"] + index, ws, hello)
+            for index, (ws, hello) in enumerate(connections)
+        )
+    )
+    elapsed = time.perf_counter() - started
+    await asyncio.gather(*(ws.close() for ws, _ in connections), return_exceptions=True)
+    return {"results": results, "elapsed": elapsed, "dropped": 0}
+
+
 class _HttpConnection:
     """One kept-alive HTTP/1.1 connection, spoken by hand.
 
@@ -696,6 +833,7 @@ def main() -> None:
         "idle": idle_mode,
         "http": http_mode,
         "agent": agent_mode,
+        "drop": drop_mode,
     }
     mode = modes[spec["mode"]]
     try:

@@ -46,6 +46,13 @@ Scenarios:
              with the server's CPU per utterance; and bench/usage_writes.py's
              micro-measures (SqliteUsage.add's rows a second, Usage.record's calls a
              second)
+  12. resume  the cost of keeping each utterance's frames for a resume: a server with
+             RESUME_WINDOW=0 (a) against one with the default (b), loaded at once, live
+             at 100 clients (50 each; paced, then closed loop), with the server's CPU
+             per utterance and RSS; then 200 clients that drop mid-utterance (no close
+             frame): the RSS their parked utterances add, against the same utterances
+             heard whole on a server that keeps no log; the time a resume takes; and
+             bench/resume_logs.py's micro-measure (what a log holds in memory)
 
     .venv/bin/python bench/run.py            # the full run, a few minutes
     .venv/bin/python bench/run.py --quick    # seconds; CI runs it so it cannot rot
@@ -156,6 +163,26 @@ USAGE_WRITES = (
     {"tenants": 100, "doors": 7, "batches": 200, "records": 30, "charges": 30},
     {"tenants": 100, "doors": 7, "batches": 10, "records": 3, "charges": 3},
 )
+#: Scenario 12's paired settings, as scenario 11's: paced, then closed loop; by setting,
+#: its paired turns and each client's speaks per turn (full run, quick run).
+RESUME_SETTINGS = ("paced", "closed")
+RESUME_REPEATS = {"paced": (4, 1), "closed": (4, 1)}
+RESUME_REQUESTS = {"paced": (5, 1), "closed": (10, 1)}
+#: Scenario 12's parked utterances (full run, quick run): clients, each speaking a text
+#: of that many of bench/load.py's long_text's sentences (about 4.5 s of audio each);
+#: the server's RESUME_WINDOW for them, s (long enough for an utterance to end while
+#: parked); where each client drops, a random share of the utterance's audio in this
+#: range; how long a resuming client stays away, s; seconds over which the clients'
+#: speaks are spread; seconds let pass before the server's memory is read.
+RESUME_PARKED = (200, 20)
+RESUME_SENTENCES = (13, 1)
+RESUME_PARK_WINDOW = (20.0, 2.0)
+RESUME_CUT = (0.10, 0.25)
+RESUME_AWAY = (1.0, 0.5)
+RESUME_RAMP = (RAMP, 0.5)
+RESUME_SETTLE = (1.0, 0.3)
+#: The two servers of a paired turn (scenarios 11 and 12).
+PAIR = ("a", "b")
 _DRAINS: set[asyncio.Future[Any]] = set()
 #: Load process id -> the file it writes its results to.
 worker_outputs: dict[int, str] = {}
@@ -165,8 +192,11 @@ worker_outputs: dict[int, str] = {}
 class Process:
     process: asyncio.subprocess.Process
     match: str
-    #: Its standard output so far, when started with ``keep_output``.
+    #: Its standard output so far, when started with ``keep_output`` (a server's
+    #: access log).
     output: bytearray = field(default_factory=bytearray)
+    #: Its standard error so far, likewise (a server's other log lines).
+    errors: bytearray = field(default_factory=bytearray)
 
 
 def _cpus() -> tuple[set[int], set[int]]:
@@ -230,7 +260,13 @@ async def start(
                         else process.stdout.read()
                     )
                 )
-                _DRAINS.add(asyncio.ensure_future(process.stderr.read()))
+                _DRAINS.add(
+                    asyncio.ensure_future(
+                        _keep(process.stderr, started.errors)
+                        if keep_output
+                        else process.stderr.read()
+                    )
+                )
                 return started
             if line:
                 pending[asyncio.ensure_future(stream.readline())] = stream
@@ -382,6 +418,92 @@ def summarize(outputs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 @dataclass
+class Paired:
+    """Two servers on the server's core, (a) and (b), loaded at once with half the
+    clients each, turn after turn, so that both see the same machine (scenario 7's
+    paired turns, as scenarios 11 and 12 use them); by setting, each one's loads, CPU
+    and own part of the time to first audio, and each turn's added p50 ((b) minus (a)).
+
+    Both servers keep their output (:meth:`Bench.logged_server`): their access logs give
+    the server's own part of each time to first audio (``ttfb_ms`` − ``upstream_ms``).
+    """
+
+    a: Process
+    b: Process
+    settings: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        settings = self.settings
+        self.runs: dict[str, dict[str, list[dict[str, Any]]]] = {
+            setting: {name: [] for name in PAIR} for setting in settings
+        }
+        self.cpu = {setting: dict.fromkeys(PAIR, 0.0) for setting in settings}
+        self.wall = dict.fromkeys(settings, 0.0)
+        self.turns: dict[str, list[float]] = {setting: [] for setting in settings}
+        self.own: dict[str, dict[str, list[float]]] = {
+            setting: {name: [] for name in PAIR} for setting in settings
+        }
+        self.own_turns: dict[str, list[float]] = {setting: [] for setting in settings}
+
+    async def turn(self, setting: str, number: int, loads: dict[str, list[dict[str, Any]]]) -> None:
+        """One turn of ``setting``: (a)'s and (b)'s ``loads`` at once, their load processes
+        started and told to go in turn, (a)'s first in even turns and (b)'s in odd ones."""
+        servers = {"a": self.a, "b": self.b}
+        before = {name: usage(server.process.pid)[0] for name, server in servers.items()}
+        logged = {name: len(server.output) for name, server in servers.items()}
+        order = ["a", "b"] if number % 2 == 0 else ["b", "a"]
+        done = await load(loads[order[0]] + loads[order[1]])
+        for name, server in servers.items():
+            self.cpu[setting][name] += usage(server.process.pid)[0] - before[name]
+        first_count = len(loads[order[0]])
+        ours = {order[0]: done[:first_count], order[1]: done[first_count:]}
+        for name in PAIR:
+            self.runs[setting][name] += ours[name]
+        self.wall[setting] += summarize(done)["elapsed"]
+        self.turns[setting].append(
+            summarize(ours["b"])["first_p50"] - summarize(ours["a"])["first_p50"]
+        )
+        await asyncio.sleep(0.3)  # the access log is written within 50 ms, in bursts
+        mine = {name: own_times(server.output[logged[name] :]) for name, server in servers.items()}
+        if not mine["a"] or not mine["b"]:  # the access log's format changed
+            raise RuntimeError("no Edge utterance with upstream_ms in the access logs")
+        for name in PAIR:
+            self.own[setting][name] += mine[name]
+        self.own_turns[setting].append(percentile(mine["b"], 0.5) - percentile(mine["a"], 0.5))
+
+    def summary(self, setting: str) -> dict[str, Any]:
+        """``setting``'s figures: first byte p50/p99 of each, added, turn by turn, the
+        server's own part, requests, errors, CPU per utterance (ms), the core's share."""
+        served = {name: summarize(self.runs[setting][name]) for name in PAIR}
+        own = self.own[setting]
+        return {
+            **{
+                f"{name}_first_{p}": served[name][f"first_{p}"]
+                for name in PAIR
+                for p in ("p50", "p99")
+            },
+            "added_p50": served["b"]["first_p50"] - served["a"]["first_p50"],
+            "added_p99": served["b"]["first_p99"] - served["a"]["first_p99"],
+            "turns_added_p50": self.turns[setting],
+            "turns_mean_sd": mean_sd(self.turns[setting]),
+            # The server's own part of the time to first audio (see scenario 7).
+            **{f"{name}_own_p50": percentile(own[name], 0.5) for name in PAIR},
+            "own_added_p50": percentile(own["b"], 0.5) - percentile(own["a"], 0.5),
+            "own_added_p99": percentile(own["b"], 0.99) - percentile(own["a"], 0.99),
+            "own_turns_added_p50": self.own_turns[setting],
+            "own_turns_mean_sd": mean_sd(self.own_turns[setting]),
+            "requests": {name: served[name]["requests"] for name in PAIR},
+            "errors": {name: served[name]["errors"] for name in PAIR},
+            # Server CPU per utterance, ms; the share of the server's core both used.
+            **{
+                f"{name}_cpu_ms": 1000 * self.cpu[setting][name] / max(1, served[name]["requests"])
+                for name in PAIR
+            },
+            "busy": sum(self.cpu[setting].values()) / max(self.wall[setting], 1e-9),
+        }
+
+
+@dataclass
 class Bench:
     quick: bool
     fake_urls: tuple[str, str]
@@ -432,6 +554,31 @@ class Bench:
             keep_output=keep_output,
         )
         return server, f"ws://{server.match}/v1/stream"
+
+    def half_load(
+        self, url: str, clients: int, requests: int, think: float, offset: int, **extra: Any
+    ) -> list[dict[str, Any]]:
+        """Half of ``clients`` live clients at ``url`` (one server of a :class:`Paired`
+        turn), each speaking ``requests`` new texts from ``offset``, thinking ``think`` s
+        on average before each (paced), or, without, asking again at once (closed
+        loop, their first requests spread over RAMP)."""
+        return [
+            {
+                "mode": "speak",
+                "url": url,
+                "words": "batch",
+                "clients": n,
+                "requests": requests,
+                "texts": [TEXT],
+                "unique": True,
+                "think": think,
+                "ramp": 0.0 if think else RAMP,
+                "offset": offset + part * 10**5,
+                "seed": part,
+                **extra,
+            }
+            for part, n in enumerate(split(clients // 2, self.workers))
+        ]
 
     def baseline_spec(
         self, clients: int, requests: int, offset: int, **extra: Any
@@ -1214,39 +1361,6 @@ class Bench:
             + "\n"
             for number, key in enumerate(keys)
         )
-        # (a) TTS_API_KEY only, (b) API_KEYS_FILE's tenants.
-        names = ("a", "b")
-        runs: dict[str, dict[str, list[dict[str, Any]]]] = {
-            setting: {name: [] for name in names} for setting in TENANT_SETTINGS
-        }
-        cpu = {setting: dict.fromkeys(names, 0.0) for setting in TENANT_SETTINGS}
-        wall = dict.fromkeys(TENANT_SETTINGS, 0.0)
-        turns: dict[str, list[float]] = {setting: [] for setting in TENANT_SETTINGS}
-        own: dict[str, dict[str, list[float]]] = {
-            setting: {name: [] for name in names} for setting in TENANT_SETTINGS
-        }
-        own_turns: dict[str, list[float]] = {setting: [] for setting in TENANT_SETTINGS}
-
-        def half_load(url: str, setting: str, offset: int, **who: Any) -> list[dict[str, Any]]:
-            """Half the clients at ``url``, each speaking new texts (from ``offset``)."""
-            pause = think if setting == "paced" else 0.0
-            return [
-                {
-                    "mode": "speak",
-                    "url": url,
-                    "words": "batch",
-                    "clients": n,
-                    "requests": TENANT_REQUESTS[setting][self.quick],
-                    "texts": [TEXT],
-                    "unique": True,
-                    "think": pause,
-                    "ramp": 0.0 if pause else RAMP,
-                    "offset": offset + part * 10**5,
-                    "seed": part,
-                    **who,
-                }
-                for part, n in enumerate(split(clients // 2, self.workers))
-            ]
 
         def spread_keys(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             """(b)'s load processes, their clients spread over every tenant: each
@@ -1256,40 +1370,6 @@ class Bench:
                 spec["keys"] = keys[first:] + keys[:first]
                 first = (first + spec["clients"]) % len(keys)
             return specs
-
-        async def paired_turn(setting: str, turn: int, offset: int) -> None:
-            """(a) and (b) loaded at once, half the clients each, so that both see the
-            same machine (see scenario 7); their load processes are started and told to
-            go in turn, (a)'s first in even turns and (b)'s in odd ones."""
-            pids = {"a": keyed.process.pid, "b": tenanted.process.pid}
-            before = {name: usage(pid)[0] for name, pid in pids.items()}
-            logged = {"a": len(keyed.output), "b": len(tenanted.output)}
-            loads = {
-                "a": half_load(keyed_url, setting, offset, key=KEY),
-                "b": spread_keys(half_load(tenants_url, setting, offset + 10**6)),
-            }
-            order = ["a", "b"] if turn % 2 == 0 else ["b", "a"]
-            done = await load(loads[order[0]] + loads[order[1]])
-            for name, pid in pids.items():
-                cpu[setting][name] += usage(pid)[0] - before[name]
-            first_count = len(loads[order[0]])
-            ours = {order[0]: done[:first_count], order[1]: done[first_count:]}
-            for name in names:
-                runs[setting][name] += ours[name]
-            wall[setting] += summarize(done)["elapsed"]
-            turns[setting].append(
-                summarize(ours["b"])["first_p50"] - summarize(ours["a"])["first_p50"]
-            )
-            await asyncio.sleep(0.3)  # the access log is written within 50 ms, in bursts
-            mine = {
-                "a": own_times(keyed.output[logged["a"] :]),
-                "b": own_times(tenanted.output[logged["b"] :]),
-            }
-            if not mine["a"] or not mine["b"]:  # the access log's format changed
-                raise RuntimeError("no Edge utterance with upstream_ms in the access logs")
-            for name in names:
-                own[setting][name] += mine[name]
-            own_turns[setting].append(percentile(mine["b"], 0.5) - percentile(mine["a"], 0.5))
 
         servers: list[Process] = []
         # The servers stop (and write their last usage) before their directories go.
@@ -1310,11 +1390,25 @@ class Bench:
                     directory + "/b", {**common, "API_KEYS_FILE": str(path)}
                 )
                 servers.append(tenanted)
+                # (a) TTS_API_KEY only, (b) API_KEYS_FILE's tenants.
+                pair = Paired(keyed, tenanted, TENANT_SETTINGS)
                 base = 11 * 10**8
-                for repeat in range(TENANT_REPEATS["paced"][self.quick]):
-                    await paired_turn("paced", repeat, base + repeat * 10**7)
-                for repeat in range(TENANT_REPEATS["closed"][self.quick]):
-                    await paired_turn("closed", repeat, base + (20 + repeat) * 10**7)
+                for setting, first in zip(TENANT_SETTINGS, (0, 20), strict=True):
+                    pause = think if setting == "paced" else 0.0
+                    requests = TENANT_REQUESTS[setting][self.quick]
+                    for repeat in range(TENANT_REPEATS[setting][self.quick]):
+                        offset = base + (first + repeat) * 10**7
+                        loads = {
+                            "a": self.half_load(
+                                keyed_url, clients, requests, pause, offset, key=KEY
+                            ),
+                            "b": spread_keys(
+                                self.half_load(
+                                    tenants_url, clients, requests, pause, offset + 10**6
+                                )
+                            ),
+                        }
+                        await pair.turn(setting, repeat, loads)
             finally:
                 for server in servers:
                     await stop(server)
@@ -1338,10 +1432,7 @@ class Bench:
         )
         await micro.process.wait()
         writes = json.loads(micro.match)
-        served = {
-            setting: {name: summarize(runs[setting][name]) for name in names}
-            for setting in TENANT_SETTINGS
-        }
+        settings = {setting: pair.summary(setting) for setting in TENANT_SETTINGS}
         self.out["tenants"] = {
             # Its own date: a partial run keeps the other scenarios'.
             "date": time.strftime("%Y-%m-%d"),
@@ -1349,46 +1440,225 @@ class Bench:
             "tenants": TENANT_COUNT,
             "limits": limits,
             "think_s": think,
-            "settings": {
-                setting: {
-                    **{
-                        f"{name}_first_{p}": served[setting][name][f"first_{p}"]
-                        for name in names
-                        for p in ("p50", "p99")
-                    },
-                    "added_p50": served[setting]["b"]["first_p50"]
-                    - served[setting]["a"]["first_p50"],
-                    "added_p99": served[setting]["b"]["first_p99"]
-                    - served[setting]["a"]["first_p99"],
-                    "turns_added_p50": turns[setting],
-                    "turns_mean_sd": mean_sd(turns[setting]),
-                    # The server's own part of the time to first audio (see scenario 7).
-                    **{f"{name}_own_p50": percentile(own[setting][name], 0.5) for name in names},
-                    "own_added_p50": percentile(own[setting]["b"], 0.5)
-                    - percentile(own[setting]["a"], 0.5),
-                    "own_turns_added_p50": own_turns[setting],
-                    "own_turns_mean_sd": mean_sd(own_turns[setting]),
-                    "requests": {name: served[setting][name]["requests"] for name in names},
-                    "errors": {name: served[setting][name]["errors"] for name in names},
-                    # Server CPU per utterance, ms; the share of the server's core both used.
-                    **{
-                        f"{name}_cpu_ms": 1000
-                        * cpu[setting][name]
-                        / max(1, served[setting][name]["requests"])
-                        for name in names
-                    },
-                    "busy": sum(cpu[setting].values()) / max(wall[setting], 1e-9),
-                }
-                for setting in TENANT_SETTINGS
-            },
+            "settings": settings,
             "stored": {
                 "tenants": stored[0],
                 "requests": stored[1],
                 "characters": stored[2],
                 "errors": stored[3],
             },
-            "served_b": sum(served[setting]["b"]["requests"] for setting in TENANT_SETTINGS),
+            "served_b": sum(row["requests"]["b"] for row in settings.values()),
             "writes": writes,
+        }
+
+    async def resume(self) -> None:
+        """What keeping each utterance's frames for a resume costs (scenario 12): (a)
+        RESUME_WINDOW=0 (no log kept) against (b) the default, in paired turns as
+        scenario 11's; then what a parked utterance holds, and how long a resume takes."""
+        clients = 10 if self.quick else 100
+        think = 0.5 if self.quick else PACED_THINK
+        servers: list[Process] = []
+        # The servers stop before their cache directories go (they may still be storing).
+        with tempfile.TemporaryDirectory() as directory:
+            try:
+                off, off_url = await self.logged_server(directory + "/a", {"RESUME_WINDOW": "0"})
+                servers.append(off)
+                # The default RESUME_WINDOW (server_env passes none of this environment's).
+                on, on_url = await self.logged_server(directory + "/b", {})
+                servers.append(on)
+                pair = Paired(off, on, RESUME_SETTINGS)
+                base = 12 * 10**8
+                for setting, first in zip(RESUME_SETTINGS, (0, 20), strict=True):
+                    pause = think if setting == "paced" else 0.0
+                    requests = RESUME_REQUESTS[setting][self.quick]
+                    for repeat in range(RESUME_REPEATS[setting][self.quick]):
+                        offset = base + (first + repeat) * 10**7
+                        loads = {
+                            "a": self.half_load(off_url, clients, requests, pause, offset),
+                            "b": self.half_load(on_url, clients, requests, pause, offset + 10**6),
+                        }
+                        await pair.turn(setting, repeat, loads)
+                # The last connections closed, their logs let go.
+                await asyncio.sleep(RESUME_SETTLE[self.quick])
+                memory = {}
+                for name, server in zip(PAIR, servers, strict=True):
+                    _, rss, peak = usage(server.process.pid)
+                    memory[name] = {"rss_mb": rss / 2**20, "peak_rss_mb": peak / 2**20}
+            finally:
+                for server in servers:
+                    await stop(server)
+            parked = await self.parked(directory)
+        self.out["resume"] = {
+            # Its own date: a partial run keeps the other scenarios'.
+            "date": time.strftime("%Y-%m-%d"),
+            "clients": clients,
+            "think_s": think,
+            "settings": {setting: pair.summary(setting) for setting in RESUME_SETTINGS},
+            "memory": memory,
+            "parked": parked,
+        }
+
+    async def parked(self, directory: str) -> dict[str, Any]:
+        """Scenario 12's second part: clients speak a long text and drop mid-utterance (no
+        close frame), on a server with a short RESUME_WINDOW: their connections parked,
+        their utterances spoken on into the logs. The server's RSS before, once all are
+        parked and ended, and after the window, against a server that keeps no log
+        (RESUME_WINDOW=0) whose clients heard the same utterances whole. Then the drops
+        again, each client coming back RESUME_AWAY s later to resume: the time to
+        ``resumed`` and to the first audio after it."""
+        clients = RESUME_PARKED[self.quick]
+        window = RESUME_PARK_WINDOW[self.quick]
+
+        def drops(url: str, offset: int, **extra: Any) -> list[dict[str, Any]]:
+            return [
+                {
+                    "mode": "drop",
+                    "url": url,
+                    "clients": n,
+                    "sentences": RESUME_SENTENCES[self.quick],
+                    "ramp": RESUME_RAMP[self.quick],
+                    "seed": part,
+                    "offset": offset + part * 10**5,
+                    **extra,
+                }
+                for part, n in enumerate(split(clients, self.workers))
+            ]
+
+        async def logged(
+            log: bytearray, mark: int, pattern: bytes, count: int, timeout: float
+        ) -> int:
+            """Wait until a server has logged ``count`` lines matching ``pattern`` in
+            ``log`` (its access log, or its other lines) since ``mark`` (or ``timeout`` s
+            went by); how many it has."""
+            deadline = time.perf_counter() + timeout
+            while True:
+                found = len(re.findall(pattern, log[mark:]))
+                if found >= count or time.perf_counter() > deadline:
+                    return found
+                await asyncio.sleep(0.1)
+
+        def results(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            return [result for run in runs for result in run["results"]]
+
+        base = 12 * 10**8 + 60 * 10**7
+        # The utterances heard whole, on a server that keeps no log: what a log of one
+        # would hold (every frame as sent, the JSON messages too), and the server's
+        # memory for them without logs.
+        plain, plain_url = await self.logged_server(directory + "/q", {"RESUME_WINDOW": "0"})
+        try:
+            _, plain_before, _ = usage(plain.process.pid)
+            cpu0 = usage(plain.process.pid)[0]
+            whole = results(await load(drops(plain_url, base)))
+            await asyncio.sleep(RESUME_SETTLE[self.quick])
+            plain_cpu, plain_after, plain_peak = usage(plain.process.pid)
+            plain_cpu -= cpu0
+        finally:
+            await stop(plain)
+        heard = [r for r in whole if "error" not in r]
+        if not heard:
+            raise RuntimeError(f"no utterance heard whole: {whole[:3]}")
+        audio = percentile([r["audio"] for r in heard], 0.5)
+        size = percentile([r["size"] for r in heard], 0.5)
+        cut = [int(audio * share) for share in RESUME_CUT]
+        server, url = await self.logged_server(directory + "/p", {"RESUME_WINDOW": f"{window:g}"})
+        pid = server.process.pid
+        try:
+            _, before, _ = usage(pid)
+            # Dropped mid-utterance, not coming back. The access log (an utterance's
+            # end) and the other lines (parked, not resumed) from here.
+            access, other = len(server.output), len(server.errors)
+            cpu0 = usage(pid)[0]
+            dropped = results(await load(drops(url, base + 10**7, cut=cut)))
+            left = time.perf_counter()
+            parked = await logged(server.errors, other, rb"dropped: parked for", clients, 30.0)
+            ended = await logged(
+                server.output, access, rb" utterance .* outcome=", clients, 3 * window
+            )
+            ended_after = time.perf_counter() - left
+            await asyncio.sleep(RESUME_SETTLE[self.quick])
+            parked_cpu, parked_rss, _ = usage(pid)
+            parked_cpu -= cpu0
+            # What /stats counts then (a parked connection counts as one).
+            connections = (await side_stats(server))["connections"]
+            outcomes = Counter(
+                outcome.decode()
+                for outcome in re.findall(rb" utterance .* outcome=(\w+)", server.output[access:])
+            )
+            expired = await logged(server.errors, other, rb" not resumed", clients, 3 * window)
+            # The connections' ends: logs released, tasks gone.
+            await asyncio.sleep(RESUME_SETTLE[self.quick])
+            _, after, _ = usage(pid)
+            # Dropped mid-utterance, back RESUME_AWAY s later.
+            away = RESUME_AWAY[self.quick]
+            resumes = results(await load(drops(url, base + 2 * 10**7, cut=cut, away=away)))
+            await asyncio.sleep(RESUME_SETTLE[self.quick])
+            _, resumed_rss, peak = usage(pid)
+        finally:
+            await stop(server)
+        # What a log holds in memory, apart from a server (bench/resume_logs.py), for
+        # utterances of the frames these had, on the server's core, the servers gone.
+        texts = percentile([r["texts"] for r in heard], 0.5)
+        frames = percentile([r["frames"] for r in heard], 0.5)
+        shape = {
+            "utterances": clients,
+            "words": texts - 2,
+            "audio": audio,
+            "chunks": frames - texts,
+        }
+        micro = await start(
+            [PYTHON, str(ROOT / "bench" / "resume_logs.py"), json.dumps(shape)],
+            dict(os.environ),
+            r"^(\{.*\})$",
+            cpus=SERVER_CPUS,
+        )
+        await micro.process.wait()
+        back = [r for r in resumes if "resumed_ms" in r]
+        resumed_ms = [r["resumed_ms"] for r in back]
+        first_ms = [r["first_audio_ms"] for r in back]
+        grown = (parked_rss - before) - (plain_peak - plain_before)
+        return {
+            "clients": clients,
+            "window_s": window,
+            "sentences": RESUME_SENTENCES[self.quick],
+            "audio_s": audio / 6000,  # MP3 at 48 kbit/s
+            "log_mb": size / 2**20,
+            "frames": percentile([r["frames"] for r in heard], 0.5),
+            "whole": sum(1 for r in heard if r["whole"]),
+            "whole_errors": len(whole) - len(heard),
+            "plain_rss_before_mb": plain_before / 2**20,
+            "plain_rss_after_mb": plain_after / 2**20,
+            "plain_peak_rss_mb": plain_peak / 2**20,
+            "plain_cpu_ms": 1000 * plain_cpu / max(1, len(heard)),
+            "cut_kb": [c / 1024 for c in cut],
+            "drop_errors": sum(1 for r in dropped if "error" in r),
+            "parked": parked,
+            "ended": ended,
+            "ended_after_s": ended_after,
+            "outcomes": dict(outcomes),
+            "not_resumed": expired,
+            "connections_parked": connections,
+            "rss_before_mb": before / 2**20,
+            "rss_parked_mb": parked_rss / 2**20,
+            "rss_after_mb": after / 2**20,
+            "rss_resumed_mb": resumed_rss / 2**20,
+            "peak_rss_mb": peak / 2**20,
+            # What the parked utterances added to the server's RSS, beyond what the same
+            # utterances heard whole added to the server without logs.
+            "mb_per_parked": grown / 2**20 / max(1, parked),
+            "cpu_ms_per_parked": 1000 * parked_cpu / max(1, parked),
+            "resumes": len(resumes),
+            "resumed": len(back),
+            "resume_whole": sum(1 for r in back if r["whole"]),
+            "resume_lost": sum(r["lost"] for r in back),
+            "resume_errors": Counter(r["error"] for r in resumes if "error" in r),
+            "resumed_p50": percentile(resumed_ms, 0.5),
+            "resumed_p99": percentile(resumed_ms, 0.99),
+            "resumed_max": max(resumed_ms, default=float("nan")),
+            "first_audio_p50": percentile(first_ms, 0.5),
+            "first_audio_p99": percentile(first_ms, 0.99),
+            "first_audio_max": max(first_ms, default=float("nan")),
+            "away_s": away,
+            "logs": json.loads(micro.match),
         }
 
     async def replay(self) -> None:
@@ -2088,6 +2358,8 @@ def markdown(out: dict[str, Any]) -> str:
         lines += agents_markdown(out["agents"])
     if "tenants" in out:
         lines += tenants_markdown(out["tenants"])
+    if "resume" in out:
+        lines += resume_markdown(out["resume"])
     return "\n".join(lines) + "\n"
 
 
@@ -2190,6 +2462,101 @@ def tenants_markdown(t: dict[str, Any]) -> list[str]:
         f"ms per 10,000 at p50 of {record['rounds']} rounds); an utterance's check and charge "
         f"(`Usage.charge` twice) {charge['us_per_utterance']:.1f} µs.",
     ]
+    return lines
+
+
+def resume_markdown(r: dict[str, Any]) -> list[str]:
+    """Scenario 12's section of results.md."""
+    lines = [
+        "",
+        f"**12. Resume** (run {r['date']}): the cost of keeping each WebSocket utterance's "
+        f"frames for a resume after a dropped connection, {r['clients']} live clients, new "
+        "texts: (a) a server with `RESUME_WINDOW=0` (no log kept) against (b) one with the "
+        "default (30 s: every frame sent is also kept in its utterance's log, for as long "
+        "as the connection lasts or the window after the utterance's end). Both on the "
+        "server's core, loaded at once with half the clients each (paired turns, as "
+        "scenarios 7 and 11; (a)'s load first in one turn, (b)'s in the next). First byte, "
+        "ms; added = (b) minus (a); the server's own part as in scenario 7 (`ttfb_ms` − "
+        "`upstream_ms`, logged to 0.1 ms); server CPU per utterance, ms; the share of the "
+        "server's core both used:",
+        "",
+        "| setting | (a) p50 | p99 | (b) p50 | p99 | added p50 | added p99 | added p50 turn by "
+        "turn | own part added p50 (turns' mean, sd) | own part added p99 | CPU (a) | CPU (b) "
+        "| core busy | requests (a) / (b) | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for setting, row in r["settings"].items():
+        label = f"paced ({r['think_s']:g} s think)" if setting == "paced" else "closed loop"
+        mean, sd = row["turns_mean_sd"]
+        own_mean, own_sd = row["own_turns_mean_sd"]
+        errors = row["errors"]["a"] + row["errors"]["b"]
+        lines.append(
+            f"| {label} | {row['a_first_p50']:.1f} | {row['a_first_p99']:.1f} | "
+            f"{row['b_first_p50']:.1f} | {row['b_first_p99']:.1f} | "
+            f"**{row['added_p50']:+.1f}** | {row['added_p99']:+.1f} | "
+            f"{_signed(row['turns_added_p50'])} (mean {mean:+.2f}, sd {sd:.2f}) | "
+            f"{row['own_added_p50']:+.1f} ({own_mean:+.2f}, {own_sd:.2f}) | "
+            f"{row['own_added_p99']:+.1f} | "
+            f"{row['a_cpu_ms']:.2f} | {row['b_cpu_ms']:.2f} | {100 * row['busy']:.0f} % | "
+            f"{row['requests']['a']} / {row['requests']['b']} | {errors} |"
+        )
+    memory, p = r["memory"], r["parked"]
+    outcomes = ", ".join(f"{kind} {n}" for kind, n in p["outcomes"].items()) or "none"
+    errors = ", ".join(f"{kind} {n}" for kind, n in p["resume_errors"].items()) or "0"
+    lines += [
+        "",
+        f"RSS after the last turn, its clients gone: (a) {memory['a']['rss_mb']:.0f} MB (peak "
+        f"{memory['a']['peak_rss_mb']:.0f}), (b) {memory['b']['rss_mb']:.0f} MB (peak "
+        f"{memory['b']['peak_rss_mb']:.0f}).",
+        "",
+        f"Parked utterances: {p['clients']} clients each speak a text of {p['sentences']} "
+        f"sentences, new for each ({p['audio_s']:.1f} s of audio in {p['frames']:.0f} frames; "
+        f"its log, every frame as sent, JSON messages too, {p['log_mb']:.3f} MB), and drop "
+        f"their TCP connection (no close frame) after {p['cut_kb'][0]:.0f} to "
+        f"{p['cut_kb'][1]:.0f} KB of its audio, on a server with `RESUME_WINDOW="
+        f"{p['window_s']:g}`: {p['parked']} parked (`/stats` then counting "
+        f"{p['connections_parked']} connections), their utterances spoken on into the logs, "
+        f"{p['ended']} ended while parked ({outcomes}), the last {p['ended_after_s']:.1f} s "
+        f"after the last drop; {p['not_resumed']} not resumed at the window's end. Its RSS: "
+        f"{p['rss_before_mb']:.0f} MB before → {p['rss_parked_mb']:.0f} MB all parked and "
+        f"ended → {p['rss_after_mb']:.0f} MB after the window → {p['rss_resumed_mb']:.0f} MB "
+        f"after the resumes below (peak {p['peak_rss_mb']:.0f}). The same utterances heard "
+        f"whole on a server with `RESUME_WINDOW=0` ({p['whole']} whole, errors "
+        f"{p['whole_errors']}): {p['plain_rss_before_mb']:.0f} MB before → "
+        f"{p['plain_rss_after_mb']:.0f} MB after (peak {p['plain_peak_rss_mb']:.0f}). "
+        f"Added by parking, beyond that peak: **{p['mb_per_parked']:.3f} MB per parked "
+        f"utterance**, against {p['log_mb']:.3f} MB of frames. Server CPU per utterance, its "
+        f"synthesis included: {p['cpu_ms_per_parked']:.0f} ms parked, "
+        f"{p['plain_cpu_ms']:.0f} ms heard whole without a log. The drops again, each "
+        f"client back {p['away_s']:g} s after its drop with `resume`: {p['resumed']} of "
+        f"{p['resumes']} resumed, `resumed` after **{p['resumed_p50']:.2f} ms** at p50, "
+        f"{p['resumed_p99']:.2f} at p99 (at most {p['resumed_max']:.2f}), the first audio "
+        f"after it **{p['first_audio_p50']:.2f} ms** at p50, {p['first_audio_p99']:.2f} at "
+        f"p99 (at most {p['first_audio_max']:.2f}), from the `resume` sent; "
+        f"{p['resume_whole']} heard whole (every audio byte and word once), "
+        f"{p['resume_lost']} lost, errors {errors}.",
+    ]
+    if "logs" in p:
+        logs = p["logs"]
+        sent, trimmed = logs["as_sent"], logs["trimmed"]
+        lines += [
+            "",
+            f"What a log holds, apart from a server (bench/resume_logs.py: {logs['utterances']} "
+            f"logs filled as the server fills them, frames made as these utterances' were: "
+            f"{logs['texts']} JSON messages, the rest audio chunks; tracemalloc): "
+            f"**{sent['held_mb']:.3f} MB per utterance** against {sent['counted_mb']:.3f} MB "
+            f"counted toward `RESUME_BUFFER_MB` and `RESUME_TOTAL_MB` (the frames' lengths): "
+            f"the JSON messages {sent['json_mb']:.3f} MB (orjson {logs['orjson']} leaves "
+            f"each in a buffer of about 4 KB, not shrunk: {logs['message_held']:,.0f} bytes "
+            f"held for a {logs['message_length']}-byte `words` message), the audio chunks "
+            f"{sent['audio_mb']:.3f} MB, the logs' records (a tuple and an int per frame) "
+            f"{sent['records_mb']:.3f} MB. With each JSON message copied to a bytes object "
+            f"of its length before it is kept (`bytes(memoryview(message))`, "
+            f"{logs['trim_us']:.2f} µs a message): {trimmed['held_mb']:.3f} MB. "
+            f"`Buffers.add`: {logs['add_us']:.2f} µs a frame; `Buffers.release` of a "
+            f"connection's {logs['released']} utterances' logs, as at its end: "
+            f"{logs['release_us']:.2f} µs a frame.",
+        ]
     return lines
 
 
@@ -2307,6 +2674,7 @@ async def main() -> None:
         "hostile",
         "agents",
         "tenants",
+        "resume",
     ]
     parser.add_argument("--only", nargs="*", default=scenarios)
     parser.add_argument("--out", type=Path, default=ROOT / "bench")
