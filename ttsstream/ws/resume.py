@@ -135,6 +135,10 @@ class Buffers:
                 self._forget(log, logs)
                 return
             self._forget(*victim)
+        if text:
+            # Kept at its own size: orjson's result holds a buffer of about 4 KiB
+            # whatever its length (bench/NOTES.md: three times the bound otherwise).
+            frame = bytes(memoryview(frame))
         log.add(frame, text)
         logs.size += size
         self.total += size
