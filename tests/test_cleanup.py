@@ -25,7 +25,7 @@ from ttsstream.core.router import Started
 from ttsstream.core.utterance import Summary
 from ttsstream.engines.base import WordEvent
 from ttsstream.engines.words import CharMap, WordLocator, tokens_of
-from ttsstream.exceptions import ConfigError
+from ttsstream.exceptions import ClientError, ConfigError
 
 # Replies as LLMs write them.
 SETUP = """## Getting started
@@ -426,7 +426,7 @@ async def test_the_offline_voice_speaks_the_cleaned_text(client: Client) -> None
 class _Collected:
     """A sink that keeps what an utterance sent."""
 
-    cut = False
+    cut: ClientError | None = None
     gone = False
 
     def __init__(self) -> None:

@@ -23,7 +23,7 @@ from tests.fake_edge import FakeEdge, spoken_words
 from ttsstream.config import Config
 from ttsstream.core.context import ANONYMOUS, RequestContext
 from ttsstream.core.router import Started
-from ttsstream.core.utterance import ListenerGone, Sink, Summary
+from ttsstream.core.utterance import ListenerGone, Sink, Summary, cut_short
 from ttsstream.engines.base import WordEvent
 from ttsstream.exceptions import ClientError, ShuttingDown
 from ttsstream.services import Services, build_services
@@ -52,7 +52,7 @@ class RecordingSink:
     """
 
     def __init__(self, *, cut: bool = False, gone: bool = False, leaves_at_audio: bool = False):
-        self.cut = cut
+        self.cut = cut_short() if cut else None
         self.gone = gone
         self.leaves_at_audio = leaves_at_audio
         self.calls: list[Call] = []

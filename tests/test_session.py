@@ -38,6 +38,7 @@ from ttsstream.engines.base import (
     Voice,
     WordEvent,
 )
+from ttsstream.exceptions import ClientError
 from ttsstream.logs import fields_of
 from ttsstream.protocols.v1 import MAX_FRAME_BYTES
 from ttsstream.server import Server
@@ -320,7 +321,7 @@ async def test_client_disconnect_closes_its_upstream(server: Server, fake: FakeE
 class FaultySink:
     """A sink with a bug: its audio, its failure and its end all raise."""
 
-    cut = False
+    cut: ClientError | None = None
     gone = False
 
     async def start(self, started: Started) -> None:

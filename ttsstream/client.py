@@ -13,6 +13,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
+from websockets.frames import CloseCode
 
 __all__ = ["SpeechError", "SpokenText", "list_voices", "speak"]
 
@@ -174,8 +175,6 @@ UTTERANCE = "say"
 #: Seconds before the first reconnect of a dropped connection, and the most between two.
 RECONNECT_FIRST = 0.25
 RECONNECT_LAST = 2.0
-#: The close code of a connection that ended without a closing handshake.
-CLOSED_ABNORMALLY = 1006
 
 
 class _Dropped(Exception):
@@ -266,7 +265,7 @@ class _Progress:
                     raise SpeechError(message.get("code", "internal"), message.get("message", ""))
                 # Anything else (hello, future message types) is ignored, as the protocol
                 # asks.
-        if ws.close_code == CLOSED_ABNORMALLY:
+        if ws.close_code == CloseCode.ABNORMAL_CLOSURE:
             raise _Dropped()
         raise SpeechError("closed", "the server closed the connection before the end")
 

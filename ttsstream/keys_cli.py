@@ -70,6 +70,7 @@ from ttsstream.config import Config, load_config
 from ttsstream.core.ratelimit import LimiterUnavailable
 from ttsstream.core.tenants import (
     DEFAULT_TENANT,
+    FIELDS,
     TENANT_NAME,
     Tenant,
     TenantTable,
@@ -114,16 +115,7 @@ _COUNT = re.compile(r"[0-9]+", re.ASCII)
 _ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/\s?#@]+/?", re.ASCII)
 
 #: The file's fields in the order a new tenant's table has them.
-_FIELD_ORDER = (
-    "keys",
-    "requests",
-    "window",
-    "concurrent",
-    "characters_per_day",
-    "characters_per_month",
-    "voices",
-    "origins",
-)
+_FIELD_ORDER = FIELDS
 #: ``--clear``'s names, and the file's fields each removes.
 _CLEARABLE = {
     "requests": ("requests", "window"),

@@ -240,36 +240,26 @@ class _StatsCollector(Collector):
             yield GaugeMetricFamily(name, documentation, value=value)
 
 
+#: The tenant counters, in the order of the counts' tuples.
+_TENANT_COUNTS = (
+    ("ttsstream_tenant_characters", "Characters spoken per tenant and door (cache hits included)."),
+    (
+        "ttsstream_tenant_cached_characters",
+        "Characters replayed from the cache per tenant and door.",
+    ),
+    ("ttsstream_tenant_audio_seconds", "Seconds of audio sent per tenant and door."),
+    ("ttsstream_tenant_requests", "Utterances per tenant and door."),
+    ("ttsstream_tenant_errors", "Utterances that failed per tenant and door."),
+)
+
+
 def _tenant_metrics(
     counts: dict[tuple[str, str], tuple[int, int, float, int, int]],
 ) -> Iterator[Metric]:
     """Each tenant's counts by door (tenant names come from the keys file: bounded)."""
     families = [
-        CounterMetricFamily(
-            "ttsstream_tenant_characters",
-            "Characters spoken per tenant and door (cache hits included).",
-            labels=["tenant", "interface"],
-        ),
-        CounterMetricFamily(
-            "ttsstream_tenant_cached_characters",
-            "Characters replayed from the cache per tenant and door.",
-            labels=["tenant", "interface"],
-        ),
-        CounterMetricFamily(
-            "ttsstream_tenant_audio_seconds",
-            "Seconds of audio sent per tenant and door.",
-            labels=["tenant", "interface"],
-        ),
-        CounterMetricFamily(
-            "ttsstream_tenant_requests",
-            "Utterances per tenant and door.",
-            labels=["tenant", "interface"],
-        ),
-        CounterMetricFamily(
-            "ttsstream_tenant_errors",
-            "Utterances that failed per tenant and door.",
-            labels=["tenant", "interface"],
-        ),
+        CounterMetricFamily(name, documentation, labels=["tenant", "interface"])
+        for name, documentation in _TENANT_COUNTS
     ]
     for (tenant, door), values in sorted(counts.items()):
         for family, value in zip(families, values, strict=True):

@@ -7,7 +7,7 @@ A client proves itself with one of: ``X-API-Key: <key>`` (also as ElevenLabs'
 and echoes only ``ttsstream.v1``); or ``?api_key=<key>`` in the URL (least safe:
 proxies log URLs). A request offers one key: the same key in several forms is
 that key, two different ones are refused (a request cannot try many keys at
-once). Keys are compared in constant time and never logged.
+once). Keys are compared in constant time (:mod:`ttsstream.core.tenants`) and never logged.
 
 ``Authorization: Bearer undefined`` or ``Bearer null`` (what a JavaScript client
 with no key configured sends, LibreChat's for one) and an empty ``Bearer`` offer
@@ -17,9 +17,7 @@ to a request without a key, and beside a real key they make no second key.
 
 from __future__ import annotations
 
-import hmac
 import re
-from collections.abc import Iterable, Sequence
 from urllib.parse import parse_qsl, urlsplit
 
 from ttsstream.core.headers import HeaderValues
@@ -28,7 +26,6 @@ from ttsstream.exceptions import AmbiguousKey
 __all__ = [
     "KEY_SUBPROTOCOL_PREFIX",
     "SUBPROTOCOL",
-    "ApiKeys",
     "offered_key",
     "offered_keys",
     "redact",
@@ -46,35 +43,6 @@ _REDACTIONS = (
     (re.compile(r"(api_key=)[^&\s]*", re.IGNORECASE), r"\1[redacted]"),
     (re.compile(r"(key\.)[^,\s]+"), r"\1[redacted]"),
 )
-
-
-class ApiKeys:
-    """The keys that open the server (several during a rotation); none: no check."""
-
-    def __init__(self, keys: Sequence[str]) -> None:
-        self._keys = [key.encode() for key in keys if key]
-
-    @property
-    def required(self) -> bool:
-        return bool(self._keys)
-
-    def accept(self, offered: Iterable[str]) -> bool:
-        """Whether any offered credential is one of the keys.
-
-        Every offered value is compared with every key, in constant time each, so
-        the time taken does not tell which key, or how much of one, matched.
-        """
-        if not self._keys:
-            return True
-        matched = False
-        for candidate in offered:
-            encoded = candidate.encode()
-            for key in self._keys:
-                matched |= hmac.compare_digest(encoded, key)
-        return matched
-
-    def __repr__(self) -> str:
-        return f"ApiKeys({len(self._keys)} keys)"
 
 
 def offered_key(headers: HeaderValues, path: str, extra: str | None = None) -> str | None:

@@ -83,14 +83,12 @@ _EMPHASIS = {
     "strong": (-20.0, 40.0),
 }
 _SSML_NS = "{http://www.w3.org/2001/10/synthesis}"
-_XML_LANG = "{http://www.w3.org/XML/1998/namespace}lang"
 #: Elements spoken as their content (no effect of their own on Edge).
 _TRANSPARENT = frozenset({"p", "s", "lang", "paragraph", "sentence"})
 #: Optional elements Azure documents that are skipped, with their content.
 _SKIPPED = frozenset({"bookmark", "mark"})
 _NUMBER = re.compile(r"[+-]?\d+(?:\.\d+)?")
 _TIME = re.compile(r"(\d+(?:\.\d+)?)(ms|s)")
-_DIGITS = re.compile(r"\d")
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,6 +39,7 @@ from typing import Any
 from ttsstream.exceptions import KeysFileError
 
 __all__ = [
+    "FIELDS",
     "TENANT_NAME",
     "KeyHash",
     "Tenant",
@@ -50,17 +51,16 @@ __all__ = [
 #: A tenant's name: what logs, stats, metrics labels and errors show.
 TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
-_FIELDS = frozenset(
-    {
-        "keys",
-        "requests",
-        "window",
-        "concurrent",
-        "characters_per_day",
-        "characters_per_month",
-        "voices",
-        "origins",
-    }
+#: A tenant's fields, in the order a new tenant's table has them.
+FIELDS = (
+    "keys",
+    "requests",
+    "window",
+    "concurrent",
+    "characters_per_day",
+    "characters_per_month",
+    "voices",
+    "origins",
 )
 #: The name of the tenant ``TTS_API_KEY``'s keys belong to (global limits).
 DEFAULT_TENANT = "default"
@@ -199,7 +199,7 @@ def _tenant(name: str, table: Any, source: str) -> Tenant:
         )
     if not isinstance(table, dict):
         raise KeysFileError(f"{where}: must be a table")
-    unknown = set(table) - _FIELDS
+    unknown = set(table) - set(FIELDS)
     if unknown:
         raise KeysFileError(f"{where}: unknown field {sorted(unknown)[0]!r}")
     return Tenant(

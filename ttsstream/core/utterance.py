@@ -78,8 +78,9 @@ class Sink(Protocol):
     client has stopped listening."""
 
     @property
-    def cut(self) -> bool:
-        """Whether the server cut the utterance (a drain ran out of time)."""
+    def cut(self) -> ClientError | None:
+        """Why the server cut the utterance, if it did (a drain ran out of time:
+        ``shutting_down``; its key was revoked: ``key_revoked``)."""
 
     @property
     def gone(self) -> bool:
@@ -444,10 +445,10 @@ class Utterances:
         except asyncio.CancelledError as exc:
             if _cancelling():
                 outcome = "cancelled"
-                if sink.cut:
+                cut = sink.cut
+                if cut is not None:
                     # The server stops now, or the key was revoked: the client learns
-                    # its utterance was cut, and why (a sink may say: ``cut_error``).
-                    cut = getattr(sink, "cut_error", None) or cut_short()
+                    # its utterance was cut, and why.
                     outcome = error_code(cut)
                     await self._failed(sink, cut, utterance_id, partial=byte_count > 0)
                 elif sink.gone:

@@ -27,7 +27,7 @@ from ttsstream.audio.formats import Format
 from ttsstream.core.context import Principal, RequestContext
 from ttsstream.core.router import Started
 from ttsstream.core.ssml import SsmlDocument
-from ttsstream.core.utterance import ListenerGone, Summary
+from ttsstream.core.utterance import ListenerGone, Summary, cut_short
 from ttsstream.engines.base import SynthesisRequest, WordEvent
 from ttsstream.exceptions import (
     BadJSON,
@@ -114,10 +114,9 @@ class StreamBody:
         self._stream: web.StreamResponse | None = None
         #: What the handler returns: the stream once begun, else an answer given in full.
         self.response: web.StreamResponse = web.Response(status=500)
-        #: The server cut the stream (a drain ran out of time, or its key was revoked).
-        self.cut = False
-        #: Why, when not a drain (``key_revoked``).
-        self.cut_error: ClientError | None = None
+        #: Why the server cut the stream, if it did (a drain ran out of time, its key
+        #: was revoked).
+        self.cut: ClientError | None = None
 
     # The sink
 
@@ -304,9 +303,8 @@ class HttpStreams:
         ended = 0
         for task, body in list(self._streams.items()):
             owner = self._owners.get(task)
-            if owner is not None and not holds(owner) and not body.cut:
-                body.cut = True
-                body.cut_error = KeyRevoked("this stream's API key was revoked")
+            if owner is not None and not holds(owner) and body.cut is None:
+                body.cut = KeyRevoked("this stream's API key was revoked")
                 task.cancel()
                 ended += 1
         return ended
@@ -316,7 +314,7 @@ class HttpStreams:
         still reading their body (answered 503 ``shutting_down``)."""
         self._stopped = True
         for task, body in list(self._streams.items()):
-            body.cut = True
+            body.cut = cut_short()
             task.cancel()
         for task in self._reading:
             task.cancel()
@@ -404,7 +402,7 @@ class HttpStreams:
                     document=asked.document,
                 )
             except asyncio.CancelledError:
-                if not sink.cut:
+                if sink.cut is None:
                     raise
                 # Cut by a shutdown, which the run told the client (503 before the first
                 # bytes, an SSE error event, or a truncated body).
@@ -496,18 +494,7 @@ async def json_body(request: web.Request) -> Any:
     """
     if request.content_type not in ("application/json", "application/octet-stream"):
         raise UnsupportedMediaType("send the body as JSON (Content-Type: application/json)")
-    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        raise BodyTooLarge("the request body is over 64 KiB")
-    try:
-        async with asyncio.timeout(BODY_TIMEOUT):
-            raw = await _read_to_end(request.content)
-    except TimeoutError:
-        raise BodyTimeout(
-            f"the request body did not arrive within {BODY_TIMEOUT:g} seconds"
-        ) from None
-    except ConnectionError:
-        # The client closed its side before the body's end.
-        raise BadJSON("the body ended early") from None
+    raw = await _body(request, ended_early=BadJSON)
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -523,17 +510,7 @@ async def ssml_body(request: web.Request) -> str:
         BodyTimeout: It did not arrive whole within BODY_TIMEOUT.
         BadMessage: It is not UTF-8, or ended early.
     """
-    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        raise BodyTooLarge("the request body is over 64 KiB")
-    try:
-        async with asyncio.timeout(BODY_TIMEOUT):
-            raw = await _read_to_end(request.content)
-    except TimeoutError:
-        raise BodyTimeout(
-            f"the request body did not arrive within {BODY_TIMEOUT:g} seconds"
-        ) from None
-    except ConnectionError:
-        raise BadMessage("the body ended early") from None
+    raw = await _body(request, ended_early=BadMessage)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -542,6 +519,27 @@ async def ssml_body(request: web.Request) -> str:
 
 #: The media type of an SSML body.
 SSML_TYPE = "application/ssml+xml"
+
+
+async def _body(request: web.Request, *, ended_early: type[ClientError]) -> bytes:
+    """A request's body, read to its end: at most 64 KiB, within BODY_TIMEOUT.
+
+    Raises:
+        BodyTooLarge: It is over 64 KiB (as its length says, or as it comes).
+        BodyTimeout: It did not arrive whole within BODY_TIMEOUT.
+        ClientError: ``ended_early``, the client closed its side before the body's end.
+    """
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise BodyTooLarge("the request body is over 64 KiB")
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT):
+            return await _read_to_end(request.content)
+    except TimeoutError:
+        raise BodyTimeout(
+            f"the request body did not arrive within {BODY_TIMEOUT:g} seconds"
+        ) from None
+    except ConnectionError:
+        raise ended_early("the body ended early") from None
 
 
 async def _read_to_end(content: StreamReader) -> bytes:

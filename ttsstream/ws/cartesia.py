@@ -123,7 +123,7 @@ class _Messages:
         self._last = time.perf_counter()
 
     @property
-    def cut(self) -> bool:
+    def cut(self) -> ClientError | None:
         return self._utterance.cut
 
     @property

@@ -31,13 +31,14 @@ from typing import Any, ClassVar
 
 from websockets.asyncio.server import ServerConnection, broadcast
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
 from websockets.protocol import State
 
 from ttsstream.core.context import Principal, RequestContext
 from ttsstream.core.speech_cache import Lookahead
 from ttsstream.core.ssml import SsmlDocument
 from ttsstream.core.streaming import StreamingText
-from ttsstream.core.utterance import ListenerGone, Sink
+from ttsstream.core.utterance import ListenerGone, Sink, cut_short
 from ttsstream.engines.base import SynthesisRequest, Voice
 from ttsstream.exceptions import (
     BadMessage,
@@ -83,9 +84,6 @@ VOICES_PENDING_MAX = 4
 #: event loop, so that a client sending large frames back to back (appends of 5,000
 #: characters) holds the loop for one frame at a time, not for all it has sent.
 YIELD_AFTER_FRAME_CHARS = 1024
-#: The close code of a connection that ended without a closing handshake (the network
-#: went away): the only one parked for a resume.
-CLOSED_ABNORMALLY = 1006
 #: Seconds a closing session waits for its upstream streams to close before giving up.
 UPSTREAM_CLOSE_TIMEOUT = 5.0
 #: Seconds a connection admitted without a key (its protocol takes the key in its first
@@ -103,8 +101,8 @@ class Utterance:
     received_at: float
     #: Its end or error is being sent: too late to cancel.
     finishing: bool = False
-    #: Cut by a shutdown before its end.
-    cut: bool = False
+    #: Why the server cut it before its end (a shutdown), if it did.
+    cut: ClientError | None = None
     #: The text of a streaming utterance, which its appends feed.
     stream: StreamingText | None = None
     #: Its lookup, asked of the cluster with its rate limit (it was to play at once).
@@ -397,7 +395,8 @@ class Connection:
         parking = self._parking
         if parking is None or not parking.enabled or self.session is None:
             return False
-        if self._ws.close_code != CLOSED_ABNORMALLY:
+        # Only a connection that ended without a closing handshake (the network went away).
+        if self._ws.close_code != CloseCode.ABNORMAL_CLOSURE:
             return False  # the client closed, or the server did: nothing to come back to
         live = [log for log in self._logs.by_id.values() if not log.dropped]
         if not (live or self._pending or self._playing):
@@ -767,7 +766,7 @@ class Connection:
         cutting = {task for task, u in self._playing.items() if not u.finishing}
         for speaker in cutting:
             # The utterance run tells the client, then the speaker ends.
-            self._playing[speaker].cut = True
+            self._playing[speaker].cut = cut_short()
             speaker.cancel()
             self._track(speaker)
         if cutting:

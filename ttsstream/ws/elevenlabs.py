@@ -126,7 +126,7 @@ class _Messages:
         self._end_ms = 0.0
 
     @property
-    def cut(self) -> bool:
+    def cut(self) -> ClientError | None:
         return self._utterance.cut
 
     @property

@@ -92,7 +92,7 @@ class _Frames:
         self._id = utterance.id
 
     @property
-    def cut(self) -> bool:
+    def cut(self) -> ClientError | None:
         return self._utterance.cut
 
     @property
