@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,54 @@ async def test_stats_count_what_happened(server: Server, fake: FakeEdge) -> None
         "auth_failures",
     }
     assert expected <= set(stats)
+
+
+async def test_stats_tell_the_loops_lag_and_the_process(server: Server, tmp_path: Path) -> None:
+    """/stats gives the event loop's lag (a loop blocked 300 ms shows a lag of at least
+    200 ms: its 100 ms timer was due inside the block), and the process's memory, open
+    files, tasks and threads; /metrics has the lag's histogram and the tasks."""
+    _, before = await get(server, "/stats")
+    process = before["process"]
+    assert process["rss_bytes"] > 10 * 2**20 and process["threads"] >= 1
+    assert before["loop_lag_ms"]["window_s"] == 60.0
+
+    # 40 files and 40 tasks opened now show in the next reading (give or take the
+    # few sockets and tasks of the requests themselves).
+    files = [(tmp_path / f"f{i}").open("w") for i in range(40)]
+    stop = asyncio.Event()
+    waiting = [asyncio.create_task(stop.wait()) for _ in range(40)]
+    try:
+        _, during = await get(server, "/stats")
+        assert during["process"]["open_files"] >= process["open_files"] + 35
+        assert during["process"]["tasks"] >= process["tasks"] + 35
+    finally:
+        stop.set()
+        await asyncio.gather(*waiting)
+        for file in files:
+            file.close()
+
+    # Block the loop: the lag sampler wakes at least 200 ms late.
+    time.sleep(0.3)
+
+    async def lagged() -> Any:
+        _, stats = await get(server, "/stats")
+        return stats["loop_lag_ms"]["max"] >= 200 and stats
+
+    stats = await eventually(lagged, what="a 300 ms block in the loop's lag")
+    assert stats["loop_lag_ms"]["samples"] >= 1
+    assert stats["loop_lag_ms"]["p50"] <= stats["loop_lag_ms"]["p99"] <= stats["loop_lag_ms"]["max"]
+    _, text = await get(server, "/metrics")
+    samples = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if not sample.labels
+    }
+    assert samples["ttsstream_event_loop_lag_seconds_count"] >= 1
+    assert samples["ttsstream_event_loop_lag_seconds_sum"] >= 0.2
+    assert samples["ttsstream_event_loop_tasks"] >= 1
+    assert samples["process_resident_memory_bytes"] > 10 * 2**20
+    assert samples["process_open_fds"] >= 1
 
 
 async def test_metrics_parse_and_match(server: Server, fake: FakeEdge) -> None:

@@ -129,6 +129,7 @@ class Server:
         self._keepers = [
             asyncio.create_task(self.services.keys.watch()),
             asyncio.create_task(self.services.usage.run()),
+            asyncio.create_task(self.services.stats.loop_lag.run()),
         ]
         self.state = "serving"
         logger.info(
