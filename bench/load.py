@@ -12,11 +12,14 @@ Modes:
             with "tokens_per_s", each text is streamed (speak with stream, one
             append per word at that rate, finish), as an LLM's reply; with "key",
             every client sends it as X-API-Key, with "keys", client n sends
-            keys[n % len(keys)] (clients spread over tenants)
+            keys[n % len(keys)] (clients spread over tenants); with "cancel" ([low,
+            high] audio bytes), each speak is cancelled (docs/protocol.md) once a
+            random number of audio bytes in that range has come
     edge    clients call edge_tts.Communicate directly (baseline a)
     idle    clients connect and stay idle until ``stop`` arrives on stdin
     http    clients POST /v1/audio/speech on kept-alive connections, reading the audio
-            (HTTP/1.1 written and read by hand: see _HttpConnection)
+            (HTTP/1.1 written and read by hand: see _HttpConnection); "requests" each,
+            or with "duration", for that many seconds
     agent   clients stream LLM-like replies, a word every 1/"tokens_per_s" s, through
             one of the voice-agent doors ("door": v1, elevenlabs or cartesia, see
             AGENT_DOORS; "url" is the server's ws://host:port), one context per reply
@@ -26,7 +29,9 @@ Modes:
             number of audio bytes in that range it drops its TCP connection
             (transport.abort(): no close frame, as when the network goes away); with
             "away" too, it connects again that many seconds later, resumes the
-            utterance (docs/protocol.md) and hears it to its end
+            utterance (docs/protocol.md) and hears it to its end; with "duration"
+            (and "cut", without "away"), each client drops, connects again, speaks a
+            new text, drops… for that many seconds (its think before each speak)
 """
 
 from __future__ import annotations
@@ -70,9 +75,16 @@ async def speak_once(
     index: int,
     words: str | None = None,
     audio_format: str | None = None,
+    cancel_at: int | None = None,
 ) -> dict[str, Any]:
-    """One request; time to first audio byte and to the end, as the client sees them."""
-    request = {"type": "speak", "id": f"b{index}", "text": text}
+    """One request; time to first audio byte and to the end, as the client sees them.
+
+    With ``cancel_at``, the utterance is cancelled once that many audio bytes have
+    come: the record says ``cancelled`` (the server's ``cancelled`` came), or
+    ``late_cancel`` (its ``end`` came first, and the cancel's ``not_found``).
+    """
+    uid = f"b{index}"
+    request = {"type": "speak", "id": uid, "text": text}
     if words is not None:
         request["words"] = words
     if audio_format is not None:
@@ -82,6 +94,7 @@ async def speak_once(
     first = None
     size = 0
     frames = 0
+    cancel_sent = False
     while True:
         frame = await ws.recv()
         frames += 1
@@ -89,9 +102,36 @@ async def speak_once(
             size += len(frame)
             if first is None:
                 first = time.perf_counter() - started
+            if cancel_at is not None and not cancel_sent and size >= cancel_at:
+                await ws.send(orjson.dumps({"type": "cancel", "id": uid}).decode())
+                cancel_sent = True
             continue
         message = orjson.loads(frame)
         kind = message.get("type")
+        if kind == "cancelled" and cancel_sent:
+            return {
+                "ttfb": first,
+                "ttlb": time.perf_counter() - started,
+                "bytes": size,
+                "frames": frames,
+                "index": index,
+                "cached": False,
+                "cancelled": True,
+            }
+        if kind == "end" and cancel_sent:  # too late: the cancel's not_found follows
+            while True:
+                late = await ws.recv()
+                if isinstance(late, str) and orjson.loads(late).get("type") == "error":
+                    break
+            return {
+                "ttfb": first,
+                "ttlb": time.perf_counter() - started,
+                "bytes": size,
+                "frames": frames,
+                "index": index,
+                "cached": message.get("cached", False),
+                "late_cancel": True,
+            }
         if kind == "end":
             return {
                 "ttfb": first,
@@ -222,8 +262,11 @@ async def speak_mode(spec: dict[str, Any]) -> dict[str, Any]:
                 if spec.get("tokens_per_s"):
                     results.append(await stream_once(ws, text, done, spec["tokens_per_s"]))
                 else:
+                    cancel_at = rng.randint(*spec["cancel"]) if spec.get("cancel") else None
                     results.append(
-                        await speak_once(ws, text, done, spec.get("words"), spec.get("format"))
+                        await speak_once(
+                            ws, text, done, spec.get("words"), spec.get("format"), cancel_at
+                        )
                     )
             except Exception as exc:
                 results.append({"error": type(exc).__name__})
@@ -622,10 +665,17 @@ async def drop_mode(spec: dict[str, Any]) -> dict[str, Any]:
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
     rng = random.Random(spec.get("seed", 0))
     results: list[dict[str, Any]] = []
+    duration = spec.get("duration", 0)
+    deadline = time.perf_counter() + duration
 
-    async def client(number: int, ws: ClientConnection, hello: dict[str, Any]) -> dict[str, Any]:
-        await _ramp(spec, rng)
+    async def client(
+        number: int, ws: ClientConnection, hello: dict[str, Any], first_round: bool = True
+    ) -> dict[str, Any] | None:
+        if first_round:
+            await _ramp(spec, rng)
         await _think(spec, rng)
+        if duration and time.perf_counter() >= deadline:
+            return None
         uid = f"d{number}"
         text = long_text(number, spec["sentences"])
         cut = rng.randint(*spec["cut"]) if spec.get("cut") else None
@@ -670,11 +720,26 @@ async def drop_mode(spec: dict[str, Any]) -> dict[str, Any]:
         return record
 
     async def guarded(number: int, ws: ClientConnection, hello: dict[str, Any]) -> None:
-        try:
-            async with asyncio.timeout(DROP_TIMEOUT):
-                results.append(await client(number, ws, hello))
-        except Exception as exc:
-            results.append({"error": type(exc).__name__ + (f" {exc}" if str(exc) else "")})
+        first_round = True
+        while True:
+            try:
+                async with asyncio.timeout(DROP_TIMEOUT):
+                    if not first_round:  # the last connection is gone: a new one
+                        await ws.close()
+                        ws = await connect(spec["url"], compression=None, max_size=None)
+                        hello = orjson.loads(await ws.recv())
+                    record = await client(number, ws, hello, first_round)
+            except Exception as exc:
+                results.append({"error": type(exc).__name__ + (f" {exc}" if str(exc) else "")})
+                return
+            if record is None:  # the duration is over
+                await ws.close()
+                return
+            results.append(record)
+            if not duration:
+                return
+            first_round = False
+            number += len(connections)  # a new text for each round
 
     started = time.perf_counter()
     await asyncio.gather(
@@ -754,11 +819,19 @@ async def http_mode(spec: dict[str, Any]) -> dict[str, Any]:
 
     rng = random.Random(spec.get("seed", 0))
 
+    deadline = time.perf_counter() + spec.get("duration", 0)
+
     async def client(connection: _HttpConnection) -> None:
         nonlocal counter
         await _ramp(spec, rng)
-        for index in range(spec["requests"]):
+        index = -1
+        while True:
+            index += 1
+            if not spec.get("duration") and index >= spec["requests"]:
+                return
             await _think(spec, rng)
+            if spec.get("duration") and time.perf_counter() >= deadline:
+                return
             counter += 1
             text = spec["texts"][0]
             if spec.get("unique"):
