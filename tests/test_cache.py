@@ -138,7 +138,7 @@ async def test_replay_is_written_corked_and_left_uncorked(
 
     monkeypatch.setattr(Session, "cork", spy)
     live = await speak_once(server)
-    assert seen and all(state == (False, 0) for state in seen)
+    assert all(state == (False, 0) for state in seen), "live audio is never corked"
     await wait_for_entries(server, 1)
     seen.clear()
     hit = await speak_once(server)

@@ -452,6 +452,9 @@ class _Collected:
     async def fail(self, exc: BaseException, *, partial: bool) -> None:
         self.failure = exc
 
+    def hold(self, on: bool) -> None:
+        pass
+
     def finished(self) -> None:
         pass
 

@@ -10,9 +10,10 @@ listener leaves, and one replayed from the cache.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,16 @@ from tests.fake_edge import FakeEdge, spoken_words
 from ttsstream.config import Config
 from ttsstream.core.context import ANONYMOUS, RequestContext
 from ttsstream.core.router import Started
-from ttsstream.core.utterance import ListenerGone, Sink, Summary, cut_short
+from ttsstream.core.utterance import REPLAY_BURST_BYTES, ListenerGone, Sink, Summary, cut_short
 from ttsstream.engines.base import WordEvent
 from ttsstream.exceptions import ClientError, ShuttingDown
 from ttsstream.services import Services, build_services
 
 TEXT = "The core speaks this sentence to a door it has never heard of."
+#: A text whose replay is many frames of REPLAY_CHUNK_BYTES (about 280 KiB of audio).
+LONG_TEXT = " ".join(["A rather long sentence that makes plenty of audio for chunking."] * 12)
+#: The order of every call on every sink, so that sinks' calls can be put in one order.
+_ORDER = itertools.count()
 #: MP3 bytes per millisecond of audio at 48 kbit/s.
 BYTES_PER_MS = 6
 
@@ -39,6 +44,8 @@ class Call:
 
     name: str
     value: Any = None
+    #: When it came among the calls of all sinks.
+    at: int = field(default_factory=lambda: next(_ORDER))
 
 
 class RecordingSink:
@@ -56,8 +63,14 @@ class RecordingSink:
         self.gone = gone
         self.leaves_at_audio = leaves_at_audio
         self.calls: list[Call] = []
+        #: What :meth:`hold` was told, in order (not in :attr:`calls`: doors that hold
+        #: nothing back ignore it).
+        self.holds: list[Call] = []
         #: Set once the first audio arrived.
         self.heard = asyncio.Event()
+
+    def hold(self, on: bool) -> None:
+        self.holds.append(Call("hold", on))
 
     async def start(self, started: Started) -> None:
         self.calls.append(Call("start", started))
@@ -288,3 +301,60 @@ async def test_the_same_request_again_is_a_cached_replay(
     ]
     assert len(fake.records) == 1
     assert (services.stats.cache_hits, services.stats.cache_misses) == (1, 1)
+
+
+async def test_replays_for_several_listeners_take_turns(services: Services, fake: FakeEdge) -> None:
+    """Three listeners asking at once for one long cached text: each one's first audio
+    comes before any one's end, and no replay writes more than REPLAY_BURST_BYTES before
+    the others' turn; each still gets all its audio in order, each word before the audio
+    it describes, and nothing is held back across a turn."""
+    live = RecordingSink()
+    assert await run(services, live, text=LONG_TEXT) == "ok"
+    assert len(live.audio_bytes) > 4 * REPLAY_BURST_BYTES
+    sinks = [RecordingSink() for _ in range(3)]
+    # Started together on one loop: each run is ready before any has written a frame.
+    outcomes = await asyncio.gather(*(run(services, sink, text=LONG_TEXT) for sink in sinks))
+    assert outcomes == ["ok"] * 3
+    firsts = [next(call.at for call in sink.calls if call.name == "audio") for sink in sinks]
+    ends = [next(call.at for call in sink.calls if call.name == "end") for sink in sinks]
+    assert max(firsts) < min(ends), "a replay ran to its end before another's first audio"
+    for sink in sinks:
+        assert sink.names == ["start", "stream", "end", "finished"]
+        assert sink.first("start").cached
+        assert sink.audio_bytes == live.audio_bytes
+        assert [(w.text, w.offset_ms) for w in sink.word_events] == [
+            (w.text, w.offset_ms) for w in live.word_events
+        ]
+        sent = 0
+        for call in sink.calls:
+            if call.name == "audio":
+                sent += len(call.value)
+            elif call.name == "word":
+                assert sent <= call.value.offset_ms * BYTES_PER_MS, (call.value, sent)
+    # Turns: runs of one sink's calls in the order of all of them.
+    calls = sorted(((call, n) for n, sink in enumerate(sinks) for call in sink.calls), key=_at)
+    turns = [list(turn) for _, turn in itertools.groupby(calls, key=lambda pair: pair[1])]
+    assert len(turns) > 2 * len(sinks)
+    for turn in turns[:-1]:  # the last may be the rest of the last replay, alone
+        audio = sum(len(call.value) for call, _ in turn if call.name == "audio")
+        assert audio <= REPLAY_BURST_BYTES, [call.name for call, _ in turn]
+    # What a sink was told to hold back it was told to release before another's turn.
+    for n, sink in enumerate(sinks):
+        assert [hold.value for hold in sink.holds] == [True, False] * (len(sink.holds) // 2)
+        others = [call.at for call, m in calls if m != n]
+        for on, off in zip(sink.holds[::2], sink.holds[1::2], strict=True):
+            assert not [at for at in others if on.at < at < off.at]
+
+
+async def test_a_live_utterance_holds_nothing_back(services: Services, fake: FakeEdge) -> None:
+    """Only a replay asks its sink to hold back partial writes: live audio is never held."""
+    live, replay = RecordingSink(), RecordingSink()
+    assert await run(services, live) == "ok"
+    assert await run(services, replay) == "ok"
+    assert live.holds == []
+    assert [hold.value for hold in replay.holds][:1] == [True]
+    assert replay.holds[-1].value is False
+
+
+def _at(pair: tuple[Call, int]) -> int:
+    return pair[0].at

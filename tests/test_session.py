@@ -342,6 +342,9 @@ class FaultySink:
     async def fail(self, exc: BaseException, *, partial: bool) -> None:
         raise RuntimeError("fail")
 
+    def hold(self, on: bool) -> None:
+        pass
+
     def finished(self) -> None:
         raise RuntimeError("finished")
 

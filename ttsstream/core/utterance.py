@@ -48,9 +48,25 @@ from ttsstream.exceptions import (
 from ttsstream.logs import access
 from ttsstream.stats import Stats
 
-__all__ = ["WORD_MODES", "ListenerGone", "Sink", "Summary", "Utterances", "cut_short"]
+__all__ = [
+    "REPLAY_BURST_BYTES",
+    "WORD_MODES",
+    "ListenerGone",
+    "Sink",
+    "Summary",
+    "Utterances",
+    "cut_short",
+]
 
 logger = logging.getLogger("ttsstream.core.utterance")
+
+#: Audio bytes a replay writes before it lets other clients' work run (four frames of
+#: REPLAY_CHUNK_BYTES); it lets them run after its first frame too. Nothing in a replay
+#: waits (its entry is in memory, every write goes to a buffer with room), so without
+#: these turns one replay runs to its end before the next client's speak is looked at:
+#: the last of 200 clients asking at once for a long cached text waited behind 199 whole
+#: utterances (bench/NOTES.md, "Fair bursts").
+REPLAY_BURST_BYTES = 64 * 2**10
 
 
 class ListenerGone(Exception):
@@ -105,6 +121,11 @@ class Sink(Protocol):
 
     async def fail(self, exc: BaseException, *, partial: bool) -> None:
         """The utterance failed (``partial``: some audio was sent); nothing else follows."""
+
+    def hold(self, on: bool) -> None:
+        """Hold back partial writes (``on``) while a burst of frames is written without a
+        wait (a replay), then send them (off) before the run lets other work run: a door
+        may cork its socket meanwhile, or ignore it. Always given in pairs, off last."""
 
     def finished(self) -> None:
         """Called last, whatever happened: release what :meth:`start` took."""
@@ -361,6 +382,9 @@ class Utterances:
         outcome = "ok"
         charged = False
         charge: Charge | None = None
+        # A replay's writes are held back in bursts (see REPLAY_BURST_BYTES).
+        held_back = False
+        burst = 0
         stats.active_utterances += 1
         try:
             try:
@@ -391,6 +415,9 @@ class Utterances:
                     started = event
                     if pipe.transcoding:
                         started = dataclasses.replace(event, audio_format=audio_format.audio_format)
+                    if started.cached:
+                        sink.hold(True)
+                        held_back = True
                     await sink.start(started)
                 elif isinstance(event, AudioChunk):
                     assert pipe is not None
@@ -407,6 +434,17 @@ class Utterances:
                     await sink.audio(data, end_ms=pipe.duration_ms(byte_count + len(data)))
                     byte_count += len(data)
                     stats.bytes_sent += len(data)
+                    if held_back:
+                        burst += len(data)
+                        if burst == byte_count or burst >= REPLAY_BURST_BYTES:
+                            # Other clients' turn: what is held back goes out first, or
+                            # it would wait for this replay's end.
+                            sink.hold(False)
+                            held_back = False
+                            await asyncio.sleep(0)
+                            sink.hold(True)
+                            held_back = True
+                            burst = 0
                 else:
                     if source is not None:
                         event = source.in_original(event)
@@ -442,6 +480,9 @@ class Utterances:
                     ),
                 )
             )
+            if held_back:
+                held_back = False
+                sink.hold(False)
         except asyncio.CancelledError as exc:
             if _cancelling():
                 outcome = "cancelled"
@@ -465,6 +506,8 @@ class Utterances:
             outcome = error_code(exc)
             await self._failed(sink, exc, utterance_id, partial=byte_count > 0)
         finally:
+            if held_back:
+                sink.hold(False)
             if pipe is not None:
                 pipe.close()
             stats.active_utterances -= 1

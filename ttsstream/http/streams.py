@@ -148,6 +148,9 @@ class StreamBody:
         # chunked body's end, so that the client sees a truncated transfer.
         self.abort()
 
+    def hold(self, on: bool) -> None:
+        pass  # a body's writes are not corked
+
     def finished(self) -> None:
         pass
 

@@ -131,9 +131,7 @@ class _Messages:
         return self._connection.closed
 
     async def start(self, started: Started) -> None:
-        # Cartesia has no start message.
-        if started.cached:
-            self._connection.cork(True)
+        pass  # Cartesia has no start message.
 
     async def audio(self, data: bytes | memoryview, *, end_ms: float) -> None:
         now = time.perf_counter()
@@ -171,8 +169,11 @@ class _Messages:
             )
         )
 
+    def hold(self, on: bool) -> None:
+        self._connection.cork(on)
+
     def finished(self) -> None:
-        self._connection.cork(False)
+        pass
 
     def _dropped(self) -> bool:
         """Whether the context's error was sent already (by a refused message of it)."""

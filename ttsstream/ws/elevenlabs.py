@@ -134,8 +134,7 @@ class _Messages:
         return self._connection.closed
 
     async def start(self, started: Started) -> None:
-        if started.cached:
-            self._connection.cork(True)
+        pass  # ElevenLabs has no start message.
 
     async def audio(self, data: bytes | memoryview, *, end_ms: float) -> None:
         frame = self._protocol.encode_audio(
@@ -163,5 +162,8 @@ class _Messages:
         # The context is over: isFinal frees it in Pipecat and LiveKit, which wait for it.
         await self._connection.send_for(self._protocol.encode_cancelled(self._id))
 
+    def hold(self, on: bool) -> None:
+        self._connection.cork(on)
+
     def finished(self) -> None:
-        self._connection.cork(False)
+        pass

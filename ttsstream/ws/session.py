@@ -100,9 +100,6 @@ class _Frames:
         return self._session.closed
 
     async def start(self, started: Started) -> None:
-        if started.cached:
-            # A replay is written in one burst, as a few full TCP segments.
-            self._session.cork(True)
         await self._session.send_utterance(
             self._id,
             encode_start(
@@ -148,5 +145,9 @@ class _Frames:
             self._id, encode_error(exc, utterance_id=self._id, partial=partial)
         )
 
+    def hold(self, on: bool) -> None:
+        # A replay's bursts are written as a few full TCP segments.
+        self._session.cork(on)
+
     def finished(self) -> None:
-        self._session.cork(False)
+        pass
