@@ -95,9 +95,12 @@ NOT_ERRORS = frozenset({"ok", "cancelled", "disconnected"})
 SHORT_RUN = 600.0
 SHORT_SETTINGS = {"RESUME_WINDOW": "5", "CACHE_MEMORY_MB": "4", "CACHE_MAX_SIZE_MB": "20"}
 LONG_SETTINGS = {"CACHE_MAX_SIZE_MB": "100"}
-#: Calibration: units of the first step, seconds of each step (short run, long run).
+#: Calibration: units of the first step, seconds of each step (short run, long run),
+#: and seconds of each step before its busy share is measured (the clients' first
+#: requests are spread over a think, then each thinks: the load is whole after that).
 CALIBRATION_UNITS = 3
-CALIBRATION_SECONDS = (8.0, 30.0)
+CALIBRATION_SECONDS = (12.0, 30.0)
+CALIBRATION_SETTLE = 2 * THINK
 #: Units at most (a bound on the calibration's guess).
 MAX_UNITS = 40
 #: Seconds of warm-up at least (else a fifth of the run): from a new server, RSS rises
@@ -226,14 +229,20 @@ async def mix(
         outputs = await results_of(workers)
     finally:
         await sampler.close()
-    first, last = samples[0], samples[-1]
-    wall = last["t"] - first["t"]
-    busy = (last["server_cpu"] - first["server_cpu"]) / wall
-    other = (last["other_cpu"] - first["other_cpu"]) / wall / max(1, len(OTHER_CPUS))
+    busy, other = _busy(samples)
     for output, spec in zip(outputs, specs, strict=True):
         output["part"] = spec["part"]
         output["clients"] = spec["clients"]
     return outputs, samples, busy, other
+
+
+def _busy(samples: list[dict[str, Any]]) -> tuple[float, float]:
+    """The server's busy share of its core between the first and last of ``samples``,
+    and the other core's (the fake's and the load processes' CPU)."""
+    first, last = samples[0], samples[-1]
+    wall = max(last["t"] - first["t"], 1e-9)
+    busy = (last["server_cpu"] - first["server_cpu"]) / wall
+    return busy, (last["other_cpu"] - first["other_cpu"]) / wall / max(1, len(OTHER_CPUS))
 
 
 def tally(outputs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -347,9 +356,10 @@ async def calibrate(
     steps: list[dict[str, Any]] = []
     units = CALIBRATION_UNITS
     for number in range(2):
-        outputs, _, busy, other = await mix(
-            bench, server, urls, units, step, offset=(number + 1) * 10**8
+        outputs, samples, _, _ = await mix(
+            bench, server, urls, units, step, offset=(number + 1) * 10**8, interval=1.0
         )
+        busy, other = _busy([s for s in samples if s["t"] >= CALIBRATION_SETTLE])
         steps.append(
             {"units": units, "busy": busy, "other_busy": other, "errors": tally(outputs)["errors"]}
         )
@@ -505,7 +515,7 @@ def markdown(out: dict[str, Any]) -> list[str]:
     for label, t in (
         ("start", 0.0),
         ("warm-up end", s["warmup"]),
-        ("middle", s["seconds"] / 2),
+        ("middle", (s["warmup"] + s["seconds"]) / 2),
         ("end", s["seconds"]),
     ):
         sample = _at(samples, t)
