@@ -222,7 +222,12 @@ class FakeEdge:
     Set the fault attributes before a request; they apply to every later connection.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, port: int = 0, reuse_port: bool = False) -> None:
+        #: Where to listen (0: any free port); with ``reuse_port``, SO_REUSEPORT, so
+        #: that several processes serve one port (the kernel spreads the connections
+        #: over them: benchmarks whose load one process cannot carry).
+        self._listen_port = port
+        self._reuse_port = reuse_port
         # Faults
         self.refuse_status: int | None = None
         #: Refuse only this many more handshakes (with refuse_status), then accept.
@@ -291,7 +296,11 @@ class FakeEdge:
 
     async def __aenter__(self) -> FakeEdge:
         self._server = await serve(
-            self._handle, "127.0.0.1", 0, process_request=self._process_request
+            self._handle,
+            "127.0.0.1",
+            self._listen_port,
+            process_request=self._process_request,
+            reuse_port=self._reuse_port or None,
         )
         return self
 
@@ -540,16 +549,26 @@ def _audio_message(request_id: str, audio: bytes) -> bytes:
     return len(encoded).to_bytes(2, "big") + encoded + audio
 
 
-def serve_forever(first_audio_delay: float = 0.0, realtime_factor: float | None = None) -> None:
+def serve_forever(
+    first_audio_delay: float = 0.0,
+    realtime_factor: float | None = None,
+    *,
+    port: int = 0,
+    reuse_port: bool = False,
+) -> None:
     """Run the fake on its own (benchmarks): print its two URLs, serve until killed.
 
     Args:
         first_audio_delay: Seconds before the first audio of each synthesis.
         realtime_factor: Pace the audio at this multiple of real time.
+        port: The port to listen on (0: any free one).
+        reuse_port: Listen with SO_REUSEPORT: start the first process with port 0,
+            the others with the port it printed, and the kernel spreads the
+            connections over all of them.
     """
 
     async def main() -> None:
-        async with FakeEdge() as fake:
+        async with FakeEdge(port=port, reuse_port=reuse_port) as fake:
             fake.first_audio_delay = first_audio_delay
             fake.realtime_factor = realtime_factor
             fake.keep_records = False
