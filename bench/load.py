@@ -15,7 +15,8 @@ Modes:
             keys[n % len(keys)] (clients spread over tenants); with "cancel" ([low,
             high] audio bytes), each speak is cancelled (docs/protocol.md) once a
             random number of audio bytes in that range has come
-    edge    clients call edge_tts.Communicate directly (baseline a)
+    edge    clients call edge_tts.Communicate directly (baseline a); "requests" each,
+            or with "duration", for that many seconds
     idle    clients connect and stay idle until ``stop`` arrives on stdin
     http    clients POST /v1/audio/speech on kept-alive connections, reading the audio
             (HTTP/1.1 written and read by hand: see _HttpConnection); "requests" each,
@@ -565,12 +566,20 @@ async def edge_mode(spec: dict[str, Any]) -> dict[str, Any]:
     counter = 0
 
     rng = random.Random(spec.get("seed", 0))
+    # With "duration", each client speaks until that many seconds after go.
+    deadline = time.perf_counter() + spec.get("duration", 0)
 
     async def client() -> None:
         nonlocal counter
         await _ramp(spec, rng)
-        for index in range(spec["requests"]):
+        index = -1
+        while True:
+            index += 1
+            if not spec.get("duration") and index >= spec["requests"]:
+                return
             await _think(spec, rng)
+            if spec.get("duration") and time.perf_counter() >= deadline:
+                return
             counter += 1
             text = f"{spec['texts'][0]} Number {spec['offset'] + counter}."
             started = time.perf_counter()
