@@ -1,8 +1,10 @@
 """One load-generating process of the benchmark (bench/run.py starts several).
 
 It reads a JSON spec from argv, opens its connections, prints ``ready``, waits for
-``go`` on stdin, runs, and prints one JSON line of results. Running the clients in
-their own processes keeps them off the server's event loop.
+``go`` on stdin, runs, writes its results to the spec's "out" file and prints
+``done``; with ``--pool`` instead of a spec, it does so for each spec file named on
+a line of stdin. Running the clients in their own processes keeps them off the
+server's event loop.
 
 Every mode but idle takes "think" (mean seconds a client waits before each
 request) and "ramp" (seconds over which the clients' first requests are spread).
@@ -906,8 +908,10 @@ async def idle_mode(spec: dict[str, Any]) -> dict[str, Any]:
     return {"connected": len(connections), "errors": errors, "dropped": dropped}
 
 
-def main() -> None:
-    with open(sys.argv[1]) as file:
+def run_spec(spec_file: str) -> None:
+    """Run the spec in ``spec_file``: ``ready``, ``go``, the load, its results written
+    to its "out" file, then ``done``."""
+    with open(spec_file) as file:
         spec = json.load(file)
     modes = {
         "speak": speak_mode,
@@ -918,17 +922,28 @@ def main() -> None:
         "drop": drop_mode,
     }
     mode = modes[spec["mode"]]
+    result = asyncio.run(mode(spec))
+    # Results can be large (one record per request): a file, not the pipe.
+    with open(spec["out"], "w") as file:
+        json.dump(result, file)
+    print("done", flush=True)
+
+
+def main() -> None:
+    """``load.py SPEC_FILE`` runs one spec; ``load.py --pool`` runs one spec per line of
+    its standard input until it ends (bench/run.py keeps such processes for the whole
+    run: a new process per load cost about a second, more than a quick run's loads)."""
     try:
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     except ImportError:
         pass
-    result = asyncio.run(mode(spec))
-    # Results can be large (one record per request): a file, not the pipe.
-    with open(spec["out"], "w") as file:
-        json.dump(result, file)
-    print("done", flush=True)
+    if sys.argv[1] != "--pool":
+        run_spec(sys.argv[1])
+        return
+    while line := sys.stdin.readline():
+        run_spec(line.strip())
 
 
 if __name__ == "__main__":

@@ -53,9 +53,22 @@ Scenarios:
              frame): the RSS their parked utterances add, against the same utterances
              heard whole on a server that keeps no log; the time a resume takes; and
              bench/resume_logs.py's micro-measure (what a log holds in memory)
+  13. scale   live streams at 100, 300 and 1,000 clients, paced like real use, through
+             the WebSocket and the OpenAI door against edge-tts alone, the fake at real
+             time in several processes: added first byte, CPU per stream-second, RSS
+             per stream, event-loop lag, and the fake's and clients' CPU (bench/scale.py)
+  14. burst   clients asking for the same cached text at once: the last one's first
+             byte against a bare websockets server's (bench/burst.py)
+  15. soak    mixed load at 70 % of the measured limit for 30 minutes: RSS, open files
+             and tasks after warm-up, errors (bench/soak.py; only with --only soak)
 
-    .venv/bin/python bench/run.py            # the full run, a few minutes
-    .venv/bin/python bench/run.py --quick    # seconds; CI runs it so it cannot rot
+    .venv/bin/python bench/run.py            # the full run (scenarios 1 to 14)
+    .venv/bin/python bench/run.py --only soak   # the 30-minute soak
+    .venv/bin/python bench/run.py --quick    # under a minute; CI runs it so it cannot rot
+
+A quick run runs every scenario at its smallest size, with the fake service 20×
+real time and its first audio after 50 ms: its figures only show that the code
+works. The load processes are kept for the whole run (load.py --pool).
 
 Closed-loop clients (each asks again as soon as its last request ended) spread their
 first requests over RAMP seconds, so that N clients are N clients at work and not a
@@ -68,6 +81,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import os
 import platform
@@ -99,8 +113,14 @@ REPEATS = 3
 #: Paired turns of scenario 7: closed loop (each with Redis beside, then apart), and
 #: paced (each paced turn is longer).
 CLUSTER_REPEATS, CLUSTER_PACED_REPEATS = 8, 8
-#: Mean seconds a paced client of scenario 7 thinks between two speaks.
+#: Mean seconds a paced client of scenario 7 thinks between two speaks (full run,
+#: quick run: Bench.think).
 PACED_THINK = 2.0
+QUICK_THINK = 0.2
+#: The fake service's first-audio delay (s) and pace (× real time) in a quick run,
+#: unless given: the same protocol and chunks as in a full run, sent faster, so that
+#: every scenario runs at its smallest size in a few seconds.
+QUICK_TTFA, QUICK_SPEED = 0.05, 20.0
 #: Seconds over which closed-loop clients' first requests are spread: about one
 #: request's length at the fake's pace (TEXT is about 5 s of audio, sent at 4x).
 #: Started together, they would stay a herd round after round (load.py's _ramp).
@@ -140,7 +160,8 @@ PROBES = ("live", "cached", "health")
 EXTRA_FORMATS = ("pcm_16000", "pcm_8000", "ulaw_8000")
 #: Scenario 10: the doors, in their first turn's order ((a) is the one compared with).
 AGENT_DOORS = ("v1", "elevenlabs", "cartesia")
-#: Scenario 10: words a second an agent's LLM writes its reply at.
+#: Scenario 10: words a second an agent's LLM writes its reply at (a quick run: ×5,
+#: as the fake's audio is faster too).
 AGENT_TOKENS_PER_S = 30
 #: Scenario 10: replies per client per turn at each level of a full run.
 AGENT_REQUESTS = {10: 4, 100: 2}
@@ -156,7 +177,7 @@ TENANT_COUNT = 4
 #: 5 speaks at 50 clients, 50 s for 10.
 TENANT_SETTINGS = ("paced", "closed")
 TENANT_REPEATS = {"paced": (4, 1), "closed": (4, 1)}
-TENANT_REQUESTS = {"paced": (5, 2), "closed": (10, 2)}
+TENANT_REQUESTS = {"paced": (5, 1), "closed": (10, 1)}
 #: Scenario 11's micro-measures (bench/usage_writes.py): tenants and doors of a batch,
 #: batches written, rounds of 10,000 records and of 10,000 charges (full run, quick).
 USAGE_WRITES = (
@@ -176,16 +197,26 @@ RESUME_REQUESTS = {"paced": (5, 1), "closed": (10, 1)}
 #: speaks are spread; seconds let pass before the server's memory is read.
 RESUME_PARKED = (200, 20)
 RESUME_SENTENCES = (13, 1)
-RESUME_PARK_WINDOW = (20.0, 2.0)
+RESUME_PARK_WINDOW = (20.0, 1.0)
 RESUME_CUT = (0.10, 0.25)
-RESUME_AWAY = (1.0, 0.5)
-RESUME_RAMP = (RAMP, 0.5)
+RESUME_AWAY = (1.0, 0.2)
+RESUME_RAMP = (RAMP, 0.2)
 RESUME_SETTLE = (1.0, 0.3)
+#: Scenarios in modules of their own, each with ``run(bench)`` and ``markdown(out)``:
+#: 13, live streams at scale; 14, fair bursts of replays; 15, the soak (not in the
+#: default run: 30 minutes).
+SCENARIO_MODULES = ("scale", "burst", "soak")
+#: The soak's seconds (full run, quick run: CI runs `bench/soak.py --seconds 60`).
+SOAK_SECONDS = (1800.0, 20.0)
 #: The two servers of a paired turn (scenarios 11 and 12).
 PAIR = ("a", "b")
 _DRAINS: set[asyncio.Future[Any]] = set()
 #: Load process id -> the file it writes its results to.
 worker_outputs: dict[int, str] = {}
+#: The pooled load processes waiting for a spec, by the cores they run on; and each
+#: one's cores, by process id.
+_idle_workers: dict[frozenset[int], list[asyncio.subprocess.Process]] = {}
+_worker_cpus: dict[int, frozenset[int]] = {}
 
 
 @dataclass
@@ -316,33 +347,43 @@ async def load(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 async def ready_workers(specs: list[dict[str, Any]]) -> list[asyncio.subprocess.Process]:
-    """Start one load process per spec and wait until each has connected its clients."""
-    arguments = []
+    """Give each spec to a load process and wait until each has connected its clients.
+
+    The processes are kept between loads (``load.py --pool``), one pool for each set
+    of cores: starting one for every load took about a second, as long as a quick
+    run's loads themselves.
+    """
+    workers = []
     for spec in specs:
         spec["out"] = tempfile.mkstemp(prefix="ttsstream-load-", suffix=".json")[1]
         spec_file = tempfile.mkstemp(prefix="ttsstream-spec-", suffix=".json")[1]
         Path(spec_file).write_text(json.dumps(spec))
-        arguments.append(spec_file)
-    workers = [
-        await asyncio.create_subprocess_exec(
-            PYTHON,
-            str(ROOT / "bench" / "load.py"),
-            spec_file,
-            cwd=ROOT,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            # Baseline (a) plays the server's part: it runs where the server runs.
-            preexec_fn=on_cpus(SERVER_CPUS if spec["mode"] == "edge" else OTHER_CPUS),
-        )
-        for spec_file, spec in zip(arguments, specs, strict=True)
-    ]
-    for worker, spec in zip(workers, specs, strict=True):
+        # Baseline (a) plays the server's part: it runs where the server runs.
+        cpus = frozenset(SERVER_CPUS if spec["mode"] == "edge" else OTHER_CPUS)
+        idle = _idle_workers.setdefault(cpus, [])
+        worker = idle.pop() if idle else await _new_worker(cpus)
         worker_outputs[worker.pid] = spec["out"]
+        _worker_cpus[worker.pid] = cpus
+        assert worker.stdin is not None
+        worker.stdin.write(f"{spec_file}\n".encode())
+        workers.append(worker)
     for worker in workers:
         assert worker.stdout is not None
         line = await asyncio.wait_for(worker.stdout.readline(), 300)
         assert line == b"ready\n", line
     return workers
+
+
+async def _new_worker(cpus: frozenset[int]) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        PYTHON,
+        str(ROOT / "bench" / "load.py"),
+        "--pool",
+        cwd=ROOT,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        preexec_fn=on_cpus(set(cpus)),
+    )
 
 
 async def signal_workers(workers: list[asyncio.subprocess.Process], line: bytes) -> None:
@@ -353,14 +394,34 @@ async def signal_workers(workers: list[asyncio.subprocess.Process], line: bytes)
 
 
 async def results_of(workers: list[asyncio.subprocess.Process]) -> list[dict[str, Any]]:
+    """Each worker's results once it says ``done``; a pooled one goes back to its
+    pool, any other (bench/hostile.py's) is waited for."""
     results = []
     for worker in workers:
-        await worker.communicate()
-        assert worker.returncode == 0, f"a load process failed ({worker.returncode})"
-        path = Path(worker_outputs[worker.pid])
+        assert worker.stdout is not None
+        line = await worker.stdout.readline()
+        if line != b"done\n":
+            await worker.wait()
+            raise RuntimeError(f"a load process failed ({worker.returncode}): {line!r}")
+        path = Path(worker_outputs.pop(worker.pid))
         results.append(json.loads(path.read_text()))
         path.unlink()
+        if worker.pid in _worker_cpus:
+            _idle_workers[_worker_cpus[worker.pid]].append(worker)
+        else:
+            await worker.wait()
+            assert worker.returncode == 0, f"a load process failed ({worker.returncode})"
     return results
+
+
+async def close_workers() -> None:
+    """End the pooled load processes (their stdin closed, each exits)."""
+    for idle in _idle_workers.values():
+        for worker in idle:
+            assert worker.stdin is not None
+            worker.stdin.close()
+            await worker.wait()
+        idle.clear()
 
 
 def free_port() -> int:
@@ -512,6 +573,16 @@ class Bench:
     #: The fake Edge service's process id, to measure its CPU (0: not measured).
     fake_pid: int = 0
 
+    @property
+    def gap(self) -> float:
+        """Seconds between two samples of scenario 9's victim."""
+        return 0.05 if self.quick else HOSTILE_GAP
+
+    @property
+    def think(self) -> float:
+        """Mean seconds a paced client thinks between two speaks."""
+        return QUICK_THINK if self.quick else PACED_THINK
+
     def server_env(self, cache: str, **extra: str) -> dict[str, str]:
         env = {
             key: value
@@ -637,8 +708,8 @@ class Bench:
         last request ended (closed loop).
         """
         if levels is None:
-            levels = (1, 10) if self.quick else (1, 10, 100)
-        requests = 2 if self.quick else 10
+            levels = (10,) if self.quick else (1, 10, 100)
+        requests = 1 if self.quick else 10
         # Closed loop, the clients' first requests are spread (see RAMP).
         ramp = 0.0 if think else RAMP
         rows = []
@@ -705,7 +776,7 @@ class Bench:
         The median over the rounds of each round's p50 and slowest.
         """
         clients = 10 if self.quick else 100
-        rounds = 2 if self.quick else HERD_ROUNDS
+        rounds = 1 if self.quick else HERD_ROUNDS
         times: dict[str, list[tuple[float, float]]] = {"edge": [], **{name: [] for name in doors}}
         for number in range(rounds):
             names = list(doors)
@@ -721,7 +792,8 @@ class Bench:
                 runs = await load(specs)
                 firsts = [r["ttfb"] * 1000 for run in runs for r in run["results"] if "ttfb" in r]
                 times[name].append((percentile(firsts, 0.5), max(firsts)))
-                await asyncio.sleep(0.5)  # the round's entries stored before the next turn
+                # The round's entries stored before the next turn.
+                await asyncio.sleep(0.1 if self.quick else 0.5)
         return {
             "clients": clients,
             "rounds": rounds,
@@ -745,7 +817,7 @@ class Bench:
                 await stop(server)
 
     async def http(self) -> None:
-        requests = 2 if self.quick else 10
+        requests = 1 if self.quick else 10
         cached_rows = []
         with tempfile.TemporaryDirectory() as cache:
             server, url = await self.server(cache)
@@ -756,24 +828,23 @@ class Bench:
                 ws = {"mode": "speak", "url": url, "words": "none"}
                 rows = await self.against_baseline(server, http, 5 * 10**7, beside=ws)
                 # The most clients again, each thinking between requests (as in
-                # scenario 7), so that the server's core is not kept busy.
-                paced = await self.against_baseline(
-                    server,
-                    http,
-                    6 * 10**7,
-                    beside=ws,
-                    think=PACED_THINK,
-                    levels=(10,) if self.quick else (100,),
-                )
-                rows += [{**row, "think_s": PACED_THINK} for row in paced]
+                # scenario 7), so that the server's core is not kept busy (the same
+                # code with a think: not in a quick run).
+                if not self.quick:
+                    paced = await self.against_baseline(
+                        server, http, 6 * 10**7, beside=ws, think=PACED_THINK, levels=(100,)
+                    )
+                    rows += [{**row, "think_s": PACED_THINK} for row in paced]
                 # A cold herd: every client's request at the same moment.
                 herd = await self.herd({"WebSocket": ws, "HTTP": http})
-                # Cached: one text, stored first, then asked by every client.
+                # Cached: one text, stored first, then asked by every client (the
+                # earlier turns' entries are stored once their load ends).
+                entries = (await side_stats(server))["cache_entries"]
                 await load(
                     [{"mode": "http", "url": base, "clients": 1, "requests": 1, "texts": [TEXT]}]
                 )
-                await asyncio.sleep(1.5)  # stored once no utterance waits (at most 1 s)
-                for clients in (1, 10) if self.quick else (1, 100):
+                await stored(server, entries + 1)
+                for clients in (10,) if self.quick else (1, 100):
                     parts = split(clients, min(self.workers, clients))
                     runs = await load(
                         [
@@ -813,8 +884,8 @@ class Bench:
 
         names = FORMAT_NAMES + EXTRA_FORMATS
 
-        clients = 4 if self.quick else 10
-        requests = 2 if self.quick else 10
+        clients = 2 if self.quick else 10
+        requests = 1 if self.quick else 10
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
         cpu = dict.fromkeys(names, 0.0)
         replays: dict[str, dict[str, Any]] = {}
@@ -849,10 +920,11 @@ class Bench:
                         cpu[name] += usage(server.process.pid)[0] - cpu0
                 # Replays: one text, stored once, then asked in each format by every
                 # client in turn (each request waits for the previous one's end).
+                entries = (await side_stats(server))["cache_entries"]
                 await load(
                     [{"mode": "speak", "url": url, "clients": 1, "requests": 1, "texts": [TEXT]}]
                 )
-                await asyncio.sleep(1.5)  # stored once no utterance waits (at most 1 s)
+                await stored(server, entries + 1)
                 for name in names:
                     parts = split(clients, min(self.workers, clients))
                     cpu0, _, _ = usage(server.process.pid)
@@ -906,8 +978,9 @@ class Bench:
                 }
             )
         # Each transcoder alone, on this process's thread: a minute of the fake's
-        # two-tone MP3 in the fake's 576-byte chunks.
-        source = tone_frames(60_000 // 24)
+        # two-tone MP3 (5 s in a quick run) in the fake's 576-byte chunks.
+        seconds = 5 if self.quick else 60
+        source = tone_frames(seconds * 1000 // 24)
         encoders = []
         for name in names:
             audio_format = format_named(name)
@@ -923,8 +996,8 @@ class Bench:
             encoders.append(
                 {
                     "format": name,
-                    "core_pct": (time.process_time() - cpu0) / 60 * 100,
-                    "kbit_s": size * 8 / 60 / 1000,
+                    "core_pct": (time.process_time() - cpu0) / seconds * 100,
+                    "kbit_s": size * 8 / seconds / 1000,
                 }
             )
         self.out["formats"] = {"clients": clients, "live": live, "encoders": encoders}
@@ -933,12 +1006,12 @@ class Bench:
         """Streaming input: words appended at 30 per second, as an LLM writes them."""
         first_sentence = "Streaming replies start to speak at the first full sentence."
         rest = "The next one follows without a gap. A third one ends the reply here."
-        requests = 2 if self.quick else 10
+        requests = 1 if self.quick else 10
         rows = []
         with tempfile.TemporaryDirectory() as cache:
             server, url = await self.server(cache)
             try:
-                for clients in (1, 10):
+                for clients in (2,) if self.quick else (1, 10):
                     base: list[dict[str, Any]] = []
                     streamed: list[dict[str, Any]] = []
                     for repeat in range(1 if self.quick else REPEATS):
@@ -997,6 +1070,7 @@ class Bench:
         from ttsstream.routes import websocket_route
 
         levels = (2,) if self.quick else (10, 100)
+        tokens_per_s = AGENT_TOKENS_PER_S * (5 if self.quick else 1)
         doors = [
             name
             for name in AGENT_DOORS
@@ -1030,7 +1104,7 @@ class Bench:
                                     "url": base,
                                     "clients": n,
                                     "requests": requests,
-                                    "tokens_per_s": AGENT_TOKENS_PER_S,
+                                    "tokens_per_s": tokens_per_s,
                                     "ramp": 0.0 if self.quick else AGENT_RAMP,
                                     "seed": part,
                                     "offset": offset + part * 10**3,
@@ -1053,7 +1127,7 @@ class Bench:
         self.out["agents"] = {
             # Its own date: a partial run keeps the other scenarios'.
             "date": time.strftime("%Y-%m-%d"),
-            "tokens_per_s": AGENT_TOKENS_PER_S,
+            "tokens_per_s": tokens_per_s,
             "format": "pcm_16000",
             "rows": rows,
         }
@@ -1092,7 +1166,7 @@ class Bench:
                 "characters": LONG_TEXT,
             },
         }
-        samples = 3 if self.quick else HOSTILE_SAMPLES
+        samples = 2 if self.quick else HOSTILE_SAMPLES
         rows = []
         for finding, attack in attacks.items():
             # The server stops before its cache directory goes.
@@ -1102,7 +1176,7 @@ class Bench:
                     rows.append(
                         {
                             "finding": finding,
-                            **await under_attack(server, url, finding, attack, samples),
+                            **await under_attack(server, url, finding, attack, samples, self.gap),
                         }
                     )
                 finally:
@@ -1130,8 +1204,8 @@ class Bench:
         )
         redis_url = f"redis://127.0.0.1:{port}/0"
         clients = 10 if self.quick else 100
-        requests = 2 if self.quick else 10
-        pairs = 3 if self.quick else 20
+        requests = 1 if self.quick else 10
+        pairs = 2 if self.quick else 20
         runs: dict[str, list[dict[str, Any]]] = {
             name: [] for names in CLUSTER_SETTINGS.values() for name in names
         }
@@ -1218,7 +1292,7 @@ class Bench:
                 # once: it is), then the closed loop with Redis moved to the other core.
                 base = 9 * 10**8
                 for repeat in range(1 if self.quick else CLUSTER_PACED_REPEATS):
-                    await paired_turn("paced", PACED_THINK, base + repeat * 10**7)
+                    await paired_turn("paced", self.think, base + repeat * 10**7)
                 for repeat in range(1 if self.quick else CLUSTER_REPEATS):
                     await paired_turn("closed", 0.0, base + (20 + repeat) * 10**7)
                 os.sched_setaffinity(redis.process.pid, OTHER_CPUS)
@@ -1285,7 +1359,7 @@ class Bench:
             "apart_added_p99": shared_apart["first_p99"] - alone_apart["first_p99"],
             "apart_turns_added_p50": turns["apart"],
             "apart_errors": alone_apart["errors"] + shared_apart["errors"],
-            "paced_think_s": PACED_THINK,
+            "paced_think_s": self.think,
             "paced_single_first_p50": alone_paced["first_p50"],
             "paced_cluster_first_p50": shared_paced["first_p50"],
             "paced_single_first_p99": alone_paced["first_p99"],
@@ -1336,6 +1410,18 @@ class Bench:
             "tier_first_p50": percentile([r["ttfb"] * 1000 for r in tier], 0.5),
         }
 
+    async def scale(self) -> None:
+        """Scenario 13: live streams at 100, 300 and 1,000 clients (bench/scale.py)."""
+        await importlib.import_module("scale").run(self)
+
+    async def burst(self) -> None:
+        """Scenario 14: clients asking for one cached text at once (bench/burst.py)."""
+        await importlib.import_module("burst").run(self)
+
+    async def soak(self) -> None:
+        """Scenario 15: mixed load at 70 % of the limit, flat or not (bench/soak.py)."""
+        await importlib.import_module("soak").run(self, SOAK_SECONDS[self.quick])
+
     async def tenants(self) -> None:
         """The cost of per-tenant accounting (scenario 11): (a) TTS_API_KEY only, per-IP
         limits, against (b) API_KEYS_FILE's tenants, in paired turns as scenario 7's."""
@@ -1343,7 +1429,7 @@ class Bench:
         import sqlite3
 
         clients = 10 if self.quick else 100
-        think = 0.5 if self.quick else PACED_THINK
+        think = self.think
         keys = [f"bench-tenant-key-{number}" for number in range(TENANT_COUNT)]
         # Limits no load of the bench reaches, and quotas it does not use up: every
         # speak is checked and charged, none refused.
@@ -1456,7 +1542,7 @@ class Bench:
         RESUME_WINDOW=0 (no log kept) against (b) the default, in paired turns as
         scenario 11's; then what a parked utterance holds, and how long a resume takes."""
         clients = 10 if self.quick else 100
-        think = 0.5 if self.quick else PACED_THINK
+        think = self.think
         servers: list[Process] = []
         # The servers stop before their cache directories go (they may still be storing).
         with tempfile.TemporaryDirectory() as directory:
@@ -1662,8 +1748,8 @@ class Bench:
         }
 
     async def replay(self) -> None:
-        levels = (1, 20) if self.quick else (1, 100, 1000)
-        duration = 2.0 if self.quick else 10.0
+        levels = (20,) if self.quick else (1, 100, 1000)
+        duration = 1.0 if self.quick else 10.0
         rows = []
         with tempfile.TemporaryDirectory() as cache:
             server, url = await self.server(cache)
@@ -1767,7 +1853,8 @@ class Bench:
                 ]
                 workers = await ready_workers(specs)
                 await signal_workers(workers, b"go\n")
-                await asyncio.sleep(1)  # let the server settle after the connection burst
+                # Let the server settle after the connection burst.
+                await asyncio.sleep(0.3 if self.quick else 1)
                 _, after, _ = usage(server.process.pid)
                 async with connect(url, additional_headers={"X-API-Key": KEY}) as ws:
                     await ws.recv()
@@ -1806,7 +1893,7 @@ class Bench:
         texts = [f"{TEXT} Catalogue entry {i}." for i in range(catalogue)]
         weights = [1 / (rank + 1) ** 1.1 for rank in range(catalogue)]
         clients = 20 if self.quick else 200
-        duration = 3.0 if self.quick else 20.0
+        duration = 1.5 if self.quick else 20.0
         with tempfile.TemporaryDirectory() as cache:
             server, url = await self.server(cache)
             try:
@@ -1915,7 +2002,7 @@ async def replayed_audio(url: str) -> bytes:
 
 
 async def under_attack(
-    server: Process, url: str, finding: int, attack: dict[str, Any], samples: int
+    server: Process, url: str, finding: int, attack: dict[str, Any], samples: int, gap: float
 ) -> dict[str, Any]:
     """The victim's samples without ``attack`` (a bench/hostile.py spec but for its
     addresses) and during it, and what the attacker got."""
@@ -1924,7 +2011,7 @@ async def under_attack(
     health_port = next(p for p in listening_ports(server.process.pid) if p != port)
     cached_text = f"{TEXT} Cached before attack {finding}."
     await load([{"mode": "speak", "url": url, "clients": 1, "requests": 1, "texts": [cached_text]}])
-    await asyncio.sleep(1.5)  # stored once no utterance waits (at most 1 s)
+    await stored(server, 1)  # a new server: its first entry
     victim = {
         "mode": "victim",
         "url": url,
@@ -1932,7 +2019,7 @@ async def under_attack(
         "health_port": health_port,
         "source": VICTIM_IP,
         "samples": samples,
-        "gap": HOSTILE_GAP,
+        "gap": gap,
         "timeout": PROBE_TIMEOUT,
         "live_text": f"Another client speaks during attack {finding}, sample",
         "cached_text": cached_text,
@@ -2075,6 +2162,16 @@ def attacker_summary(mode: str, run: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+async def stored(server: Process, count: int) -> None:
+    """Wait until ``server`` has ``count`` entries in its cache (a finished
+    synthesis is stored once no utterance waits for its first audio, within 1 s)."""
+    deadline = time.monotonic() + 30
+    while (await side_stats(server))["cache_entries"] < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the server did not store {count} entries within 30 s")
+        await asyncio.sleep(0.05)
+
+
 async def side_stats(server: Process) -> dict[str, Any]:
     """The server's /stats; its side port is read from /proc (it listens on two ports)."""
     import aiohttp
@@ -2092,11 +2189,15 @@ async def side_stats(server: Process) -> dict[str, Any]:
 
 
 def listening_ports(pid: int) -> list[int]:
-    inodes = {
-        os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1]
-        for fd in os.listdir(f"/proc/{pid}/fd")
-        if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
-    }
+    """The TCP ports process ``pid`` listens on (from /proc)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:  # closed meanwhile
+            continue
+        if target.startswith("socket:"):
+            inodes.add(target[8:-1])
     ports = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
@@ -2360,6 +2461,10 @@ def markdown(out: dict[str, Any]) -> str:
         lines += tenants_markdown(out["tenants"])
     if "resume" in out:
         lines += resume_markdown(out["resume"])
+    # Scenarios in modules of their own (bench/scale.py, burst.py, soak.py).
+    for name in SCENARIO_MODULES:
+        if name in out:
+            lines += ["", *importlib.import_module(name).markdown(out)]
     return "\n".join(lines) + "\n"
 
 
@@ -2660,8 +2765,12 @@ def _attacker_text(row: dict[str, Any]) -> str:
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--ttfa", type=float, default=0.15, help="fake first-audio delay, s")
-    parser.add_argument("--speed", type=float, default=4.0, help="fake audio pace × real time")
+    parser.add_argument(
+        "--ttfa", type=float, help=f"fake first-audio delay, s (0.15; quick: {QUICK_TTFA})"
+    )
+    parser.add_argument(
+        "--speed", type=float, help=f"fake audio pace × real time (4; quick: {QUICK_SPEED:g})"
+    )
     scenarios = [
         "live",
         "replay",
@@ -2675,10 +2784,18 @@ async def main() -> None:
         "agents",
         "tenants",
         "resume",
+        "scale",
+        "burst",
     ]
-    parser.add_argument("--only", nargs="*", default=scenarios)
+    parser.add_argument(
+        "--only", nargs="*", default=scenarios, choices=[*scenarios, "soak"], metavar="SCENARIO"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench")
     args = parser.parse_args()
+    if args.ttfa is None:
+        args.ttfa = QUICK_TTFA if args.quick else 0.15
+    if args.speed is None:
+        args.speed = QUICK_SPEED if args.quick else 4.0
     fake = await start(
         [
             PYTHON,
@@ -2694,12 +2811,23 @@ async def main() -> None:
     if set(args.only) != set(scenarios) and previous.exists():
         # A partial run updates the scenarios it ran and keeps the others.
         bench.out.update(json.loads(previous.read_text()))
+
+    async def scenario(name: str) -> None:
+        started = time.perf_counter()
+        await getattr(bench, name)()
+        print(f"{name}: {time.perf_counter() - started:.1f} s", file=sys.stderr)
+
     try:
-        for name in args.only:
-            started = time.perf_counter()
-            await getattr(bench, name)()
-            print(f"{name}: {time.perf_counter() - started:.1f} s", file=sys.stderr)
+        if args.quick:
+            # A quick run's figures only show that each scenario works (CI runs it so
+            # that none rots): the scenarios run at once, each with its own servers,
+            # and the run takes about as long as the longest one.
+            await asyncio.gather(*map(scenario, args.only))
+        else:
+            for name in args.only:
+                await scenario(name)
     finally:
+        await close_workers()
         await stop(fake)
 
     def version(name: str) -> str | None:
@@ -2728,4 +2856,7 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
+    # The scenario modules import this one as ``run``: the same module, not a copy
+    # (whose pool of load processes would be another).
+    sys.modules.setdefault("run", sys.modules["__main__"])
     asyncio.run(main())
