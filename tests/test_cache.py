@@ -124,6 +124,32 @@ async def test_batched_replay_sends_all_words_at_once(
     assert bytes(hit.audio) == bytes(live.audio)
 
 
+async def test_one_entry_replayed_in_every_words_mode_in_turn_is_each_mode_s(
+    start_server: ServerFactory, fake: FakeEdge
+) -> None:
+    """A replay's events are made once per entry and words mode, and kept with the entry:
+    replays of one entry in "batch", "each", "none" and "batch" again, in turns, are each
+    as their mode says, with the same audio."""
+    server = await start_server()
+    text = " ".join(["A rather long sentence that makes plenty of audio for chunking."] * 6)
+    live = await speak_once(server, text)
+    await wait_for_entries(server, 1)
+    frames = len(live.audio) // REPLAY_CHUNK_BYTES + 1
+    for _ in range(2):
+        for words in ("batch", "each", "none", "batch"):
+            hit = await speak_once(server, text, words=words)
+            kinds = ["audio" if isinstance(f, bytes) else f["type"] for f in hit.frames]
+            assert bytes(hit.audio) == bytes(live.audio)
+            assert kinds.count("audio") == frames and kinds[0] == "start" and kinds[-1] == "end"
+            if words == "batch":
+                assert kinds[1] == "words" and kinds.count("words") == 1
+            elif words == "each":
+                assert kinds.count("word") == len(live.words) and "words" not in kinds
+            else:
+                assert "word" not in kinds and "words" not in kinds
+    assert len(fake.records) == 1
+
+
 async def test_replay_is_written_corked_and_left_uncorked(
     server: Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:

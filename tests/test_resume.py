@@ -21,6 +21,7 @@ from tests.conftest import TIMEOUT, ServerFactory, eventually, url_of
 from tests.fake_edge import FakeEdge
 from tests.test_tenants import ALPHA, BETA, write_keys
 from ttsstream.server import Server
+from ttsstream.ws.resume import Buffers, Logs, UtteranceLog
 
 TEXT = "A sentence that keeps going while the phone changes networks, and then some more."
 
@@ -541,3 +542,63 @@ async def test_a_lost_utterance_stops_and_may_be_asked_again(
     again = listener.copies["u"]
     assert again.messages[0]["type"] == "start" and again.messages[-1]["type"] == "end"
     assert bytes(again.audio) == bytes(fake.records[-1].audio)
+
+
+# The logs' bookkeeping alone (ttsstream.ws.resume.Buffers), without a server.
+
+
+def _ended_log(buffers: Buffers, logs: Logs, uid: str, size: int) -> UtteranceLog:
+    log = logs.open(uid)
+    buffers.add(logs, log, b"x" * size, False)
+    buffers.ended(logs, log)
+    return log
+
+
+def test_a_connection_over_its_bound_drops_its_own_oldest_log_not_another_s() -> None:
+    buffers = Buffers(per_connection=100, total=10_000)
+    other, mine = Logs(), Logs()
+    theirs = _ended_log(buffers, other, "t", 50)  # the oldest of all: not mine to drop
+    first = _ended_log(buffers, mine, "a", 40)
+    second = _ended_log(buffers, mine, "b", 40)
+    growing = mine.open("c")
+    buffers.add(mine, growing, b"y" * 30, False)  # 110 > 100: my oldest goes
+    assert first.dropped and not second.dropped and not theirs.dropped
+    assert (mine.size, other.size, buffers.total) == (70, 50, 120)
+    buffers.pin(second)  # being caught up: not dropped to make room
+    buffers.add(mine, growing, b"y" * 40, False)  # nothing of mine to drop: the growing one
+    assert growing.dropped and not second.dropped and not theirs.dropped
+    buffers.unpin(mine, second)
+    assert buffers.total == mine.size + other.size == 90
+
+
+def test_over_the_total_the_oldest_ended_log_of_any_connection_goes() -> None:
+    buffers = Buffers(per_connection=1_000, total=100)
+    other, mine = Logs(), Logs()
+    theirs = _ended_log(buffers, other, "t", 60)
+    log = mine.open("a")
+    buffers.add(mine, log, b"x" * 50, False)
+    assert theirs.dropped and not log.dropped and buffers.total == 50
+
+
+def test_prune_forgets_what_ended_before_the_window_and_keeps_the_rest() -> None:
+    buffers = Buffers(per_connection=10**6, total=10**6)
+    logs = Logs()
+    old = [_ended_log(buffers, logs, f"old-{n}", 10) for n in range(50)]
+    kept = _ended_log(buffers, logs, "recent", 10)
+    playing = logs.open("playing")
+    buffers.add(logs, playing, b"x" * 10, False)
+    # A queued utterance cancelled while "recent" played: its log began later, ended
+    # earlier; it goes at a later prune.
+    cancelled = _ended_log(buffers, logs, "cancelled", 10)
+    for log in old:
+        log.ended_at = 1.0
+    kept.ended_at, cancelled.ended_at = 100.0, 2.0
+    buffers.prune(logs, 50.0)
+    assert list(logs.by_id) == ["recent", "playing", "cancelled"]
+    assert all(log.dropped for log in old) and not kept.dropped and not playing.dropped
+    assert buffers.total == logs.size == 30
+    kept.ended_at = 20.0
+    buffers.prune(logs, 50.0)
+    assert list(logs.by_id) == ["playing"] and cancelled.dropped
+    buffers.release(logs)
+    assert buffers.total == logs.size == 0 and not logs.by_id and not logs.kept

@@ -50,7 +50,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -152,6 +152,11 @@ class CacheEntry:
     #: Playing time of ``audio`` when its length does not tell (a format made from
     #: the MP3 and stored beside it); ``None`` for the MP3 itself.
     audio_ms: float | None = None
+    #: Its replays' events, made once per audio format and words mode by the speech
+    #: cache (an entry kept in memory is replayed again and again).
+    replays: dict[tuple[AudioFormat, bool], tuple[Any, ...]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
 
 class CorruptEntry(Exception):

@@ -27,7 +27,7 @@ import dataclasses
 import logging
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Protocol
+from typing import Protocol, cast
 
 from ttsstream.audio.formats import MP3, Format
 from ttsstream.audio.transcode import MadeChunk, Pipe
@@ -605,12 +605,28 @@ def _made_entry_of(events: list[Speech]) -> CacheEntry | None:
     )
 
 
-def _replay(entry: CacheEntry, audio_format: AudioFormat, *, words_ahead: bool) -> list[Speech]:
+def _replay(
+    entry: CacheEntry, audio_format: AudioFormat, *, words_ahead: bool
+) -> tuple[Speech, ...]:
     """The events of a stored utterance: each word before the audio it describes.
 
     Words come just before the audio frame they are in, or all before the first
-    frame with ``words_ahead``.
+    frame with ``words_ahead``. Made once per entry, format and words mode (kept in
+    :attr:`CacheEntry.replays`; the events are immutable, the audio slices of the
+    entry's bytes): about 20 µs of a cached replay's work before its first frame
+    otherwise (bench/NOTES.md, "the cost of one cached replay").
     """
+    made = entry.replays.get((audio_format, words_ahead))
+    if made is None:
+        made = entry.replays[audio_format, words_ahead] = tuple(
+            _replay_events(entry, audio_format, words_ahead=words_ahead)
+        )
+    return cast("tuple[Speech, ...]", made)
+
+
+def _replay_events(
+    entry: CacheEntry, audio_format: AudioFormat, *, words_ahead: bool
+) -> list[Speech]:
     events: list[Speech] = [
         Started(
             entry.engine,

@@ -165,6 +165,7 @@ class Utterances:
         volume: str = "+0%",
         pitch: str = "+0Hz",
         cleanup: str | None = None,
+        client: str = "",
     ) -> CleanedRequest:
         """What an utterance asks for (its fields already valid in form), with the
         default voice when it names none and a ``VOICE_MAP`` name mapped; :meth:`accept`
@@ -173,6 +174,8 @@ class Utterances:
         Its text is cleaned once, here (``cleanup``: one of
         :data:`~ttsstream.core.cleanup.CLEANUP_MODES`, ``None`` for ``TEXT_CLEANUP``):
         the request's text is what is spoken and what the cache key is made of.
+        ``client``: who asks (for its share of Edge), when the door knows it already
+        (:meth:`run` sets it otherwise).
         """
         mode = cleanup or self._default_cleanup
         spoken, source = clean(text, mode)
@@ -186,6 +189,7 @@ class Utterances:
             pitch=pitch,
             cleanup=mode,
             source=source,
+            client=client,
         )
 
     def ssml(
@@ -352,7 +356,8 @@ class Utterances:
                 :meth:`ssml`).
         """
         client_ip = context.client_ip
-        request = dataclasses.replace(request, client=client_ip)  # for its share of Edge
+        if request.client != client_ip:  # for its share of Edge
+            request = dataclasses.replace(request, client=client_ip)
         stats = self._stats
         batch = words == "batch"
         each = words == "each"

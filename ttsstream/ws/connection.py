@@ -630,6 +630,7 @@ class Connection:
                 volume=request.volume,
                 pitch=request.pitch,
                 cleanup=request.cleanup,
+                client=self.client_ip,
             )
         # A speak that plays at once is looked up in the cluster with its rate limit.
         lookahead = (
@@ -680,9 +681,9 @@ class Connection:
     ) -> None:
         """The speak policy and this connection's own checks; raise why not."""
         # The tenant's limits as the keys file says now (it may have been reloaded).
-        self.context = dataclasses.replace(
-            self.context, principal=self._admission.keys.current(self.context.principal)
-        )
+        principal = self._admission.keys.current(self.context.principal)
+        if principal is not self.context.principal:
+            self.context = dataclasses.replace(self.context, principal=principal)
         await self._admission.check_rate(
             self.client_ip, request.id, lookahead=lookahead, principal=self.context.principal
         )
