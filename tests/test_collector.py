@@ -8,6 +8,7 @@ import weakref
 
 import pytest
 
+from tests.conftest import TIMEOUT
 from ttsstream.collector import Freezer
 
 
@@ -28,14 +29,26 @@ def _unfrozen_after() -> object:
     gc.unfreeze()
 
 
+def _tracked(node: _Node) -> bool:
+    """Whether the collector walks ``node`` (a frozen object is in no generation)."""
+    return any(tracked is node for tracked in gc.get_objects())
+
+
+async def _next_tick(freezer: Freezer) -> None:
+    ticks = freezer.ticks
+    async with asyncio.timeout(TIMEOUT):
+        while freezer.ticks == ticks:
+            await asyncio.sleep(0.01)
+
+
 async def test_what_is_alive_is_frozen_at_every_tick() -> None:
     freezer = Freezer(every=0.01, sweep_every=3600)
     freezer.start()
     try:
-        made_later = [_Node() for _ in range(100)]
-        frozen = gc.get_freeze_count()
-        await asyncio.sleep(0.1)
-        assert gc.get_freeze_count() >= frozen + len(made_later)
+        made_later = _Node()
+        assert _tracked(made_later)  # made since the last freeze: walked
+        await _next_tick(freezer)
+        assert not _tracked(made_later)
     finally:
         freezer.stop()
 
@@ -46,7 +59,8 @@ async def test_a_frozen_object_is_still_freed_by_reference_counting() -> None:
     try:
         node = _Node()
         freed = weakref.ref(node)
-        await asyncio.sleep(0.05)  # frozen
+        await _next_tick(freezer)
+        assert not _tracked(node)  # frozen
         del node
         assert freed() is None
     finally:
@@ -61,11 +75,9 @@ async def test_a_cycle_frozen_before_it_became_garbage_is_collected_by_the_sweep
         gc.freeze()  # as a tick would, while it was alive
         gc.collect()
         assert freed() is not None  # frozen: the collector skips it
-        for _ in range(100):
-            await asyncio.sleep(0.02)
-            if freezer.sweeps:
-                break
-        assert freezer.sweeps >= 1
+        async with asyncio.timeout(TIMEOUT):
+            while not freezer.sweeps:
+                await asyncio.sleep(0.01)
         assert freed() is None
     finally:
         freezer.stop()
