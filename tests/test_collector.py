@@ -67,18 +67,42 @@ async def test_a_frozen_object_is_still_freed_by_reference_counting() -> None:
         freezer.stop()
 
 
+async def _sweeps(freezer: Freezer) -> None:
+    async with asyncio.timeout(TIMEOUT):
+        while not freezer.sweeps:
+            await asyncio.sleep(0.01)
+
+
 async def test_a_cycle_frozen_before_it_became_garbage_is_collected_by_the_sweep() -> None:
-    freezer = Freezer(every=0.01, sweep_every=0.3)
+    freezer = Freezer(every=0.01, sweep_every=0.3, sweep_growth=0)
     freezer.start()
     try:
-        freed = _cycle()
-        gc.freeze()  # as a tick would, while it was alive
+        first = _Node()
+        first.other = _Node()
+        first.other.other = first
+        freed = weakref.ref(first)
+        await _next_tick(freezer)  # frozen while alive
+        del first
         gc.collect()
         assert freed() is not None  # frozen: the collector skips it
-        async with asyncio.timeout(TIMEOUT):
-            while not freezer.sweeps:
-                await asyncio.sleep(0.01)
+        await _sweeps(freezer)
         assert freed() is None
+    finally:
+        freezer.stop()
+
+
+async def test_the_sweep_waits_for_the_frozen_objects_to_grow() -> None:
+    """Nothing grows: no sweep, however many ticks; a quarter more objects alive: a
+    sweep at the next tick past the period."""
+    freezer = Freezer(every=0.01, sweep_every=0.01, sweep_growth=0.25)
+    freezer.start()
+    try:
+        for _ in range(5):
+            await _next_tick(freezer)
+        assert freezer.sweeps == 0
+        grown = [_Node() for _ in range(gc.get_freeze_count() // 3 + 1)]
+        await _sweeps(freezer)
+        assert all(not _tracked(node) for node in grown[:10])  # frozen again after it
     finally:
         freezer.stop()
 
@@ -88,3 +112,5 @@ def test_periods_must_be_positive() -> None:
         Freezer(every=0)
     with pytest.raises(ValueError):
         Freezer(sweep_every=-1)
+    with pytest.raises(ValueError):
+        Freezer(sweep_growth=-0.1)

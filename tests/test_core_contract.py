@@ -346,6 +346,27 @@ async def test_replays_for_several_listeners_take_turns(services: Services, fake
             assert not [at for at in others if on.at < at < off.at]
 
 
+async def test_a_replay_that_ends_mid_burst_releases_what_it_held(
+    services: Services, fake: FakeEdge
+) -> None:
+    """A replay cancelled after its first frame, and one whose listener leaves at it:
+    each sink is told to release what it held (its last hold is off) before finished."""
+    assert await run(services, RecordingSink(), text=LONG_TEXT) == "ok"
+    cancelled, left = RecordingSink(), RecordingSink(leaves_at_audio=True)
+    task = asyncio.create_task(run(services, cancelled, text=LONG_TEXT))
+    await cancelled.heard.wait()  # its first frame written: its turn ended
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await run(services, left, text=LONG_TEXT) == "disconnected"
+    for sink in (cancelled, left):
+        assert sink.first("start").cached
+        assert sink.holds and sink.holds[0].value is True and sink.holds[-1].value is False
+        assert [hold.value for hold in sink.holds] == [True, False] * (len(sink.holds) // 2)
+        assert sink.holds[-1].at < sink.calls[-1].at and sink.calls[-1].name == "finished"
+    assert "end" not in cancelled.names
+
+
 async def test_a_live_utterance_holds_nothing_back(services: Services, fake: FakeEdge) -> None:
     """Only a replay asks its sink to hold back partial writes: live audio is never held."""
     live, replay = RecordingSink(), RecordingSink()

@@ -502,11 +502,11 @@ async def run(config: Config) -> None:
         await server.wait_closed()
         raise
     # What startup made (modules, the voice lists, the offline voice) lives as long as
-    # the process: the collector need not walk it again in every full collection,
-    # which stops the loop (bench/NOTES.md). What live streams hold is frozen every
-    # second after it (ttsstream/collector.py): at 300 and 1,000 clients the collector
-    # found nothing in it, but walked all of it, up to 400 ms at once. Freezer.start()
-    # freezes what startup made.
+    # the process, and what live streams hold dies by reference counting: the
+    # collector found nothing in either at 300 and 1,000 clients, but walked all of
+    # it, up to 400 ms at once (bench/NOTES.md). Freezer.start() freezes what startup
+    # made, then what is alive every second; everything is collected once only when
+    # the frozen objects grew by a quarter (ttsstream/collector.py).
     freezer = Freezer()
     freezer.start()
     signals = asyncio.Queue[int]()

@@ -78,6 +78,15 @@ class LoopLag:
         }
 
 
+def _tasks_alive() -> int:
+    """asyncio tasks alive on the running loop; 0 without one (a Stats made, and its
+    registry collected once, before the loop runs)."""
+    try:
+        return len(asyncio.all_tasks())
+    except RuntimeError:
+        return 0
+
+
 def process_figures() -> dict[str, int]:
     """This process's resident memory, open files, asyncio tasks and threads now.
 
@@ -92,14 +101,10 @@ def process_figures() -> dict[str, int]:
         open_files = len(os.listdir(proc / "fd"))
     except (OSError, ValueError, IndexError):
         pass
-    try:
-        tasks = len(asyncio.all_tasks())
-    except RuntimeError:  # no running loop
-        tasks = 0
     return {
         "rss_bytes": rss,
         "open_files": open_files,
-        "tasks": tasks,
+        "tasks": _tasks_alive(),
         "threads": threading.active_count(),
     }
 
@@ -327,7 +332,7 @@ class _StatsCollector(Collector):
             ("ttsstream_cache_entries", "Entries in the disk cache.", stats.cache_entries),
             ("ttsstream_cache_size_bytes", "Size of the disk cache.", stats.cache_bytes),
             ("ttsstream_uptime_seconds", "Seconds since start.", stats.uptime_seconds),
-            ("ttsstream_event_loop_tasks", "asyncio tasks alive.", len(asyncio.all_tasks())),
+            ("ttsstream_event_loop_tasks", "asyncio tasks alive.", _tasks_alive()),
         )
         for name, documentation, value in gauges:
             yield GaugeMetricFamily(name, documentation, value=value)

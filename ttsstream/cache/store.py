@@ -155,7 +155,7 @@ class CacheEntry:
     #: Its replays' events, made once per audio format and words mode by the speech
     #: cache (an entry kept in memory is replayed again and again).
     replays: dict[tuple[AudioFormat, bool], tuple[Any, ...]] = field(
-        default_factory=dict, compare=False, repr=False
+        default_factory=dict, init=False, compare=False, repr=False
     )
 
 

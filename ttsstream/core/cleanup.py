@@ -220,11 +220,16 @@ def clean(text: str, mode: str) -> tuple[str, CharMap | None]:
     where its characters came from; ``None`` when it is ``text`` itself."""
     if mode == "none":
         return text, None
+    if len(text) > CLEAN_MEMO_MAX_LENGTH:
+        return _markdown.__wrapped__(text)
     return _markdown(text)
 
 
-#: Texts whose cleanup :func:`clean` remembers (the most recently asked).
+#: Texts whose cleanup :func:`clean` remembers (the most recently asked), if no longer
+#: than CLEAN_MEMO_MAX_LENGTH characters: a 5,000-character text's map can hold 450 KB,
+#: and anyone connected can send 256 of them (the memo pays for sentences replayed).
 CLEAN_MEMO_TEXTS = 256
+CLEAN_MEMO_MAX_LENGTH = 1000
 
 
 @functools.lru_cache(maxsize=CLEAN_MEMO_TEXTS)

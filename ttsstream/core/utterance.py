@@ -420,7 +420,9 @@ class Utterances:
                     started = event
                     if pipe.transcoding:
                         started = dataclasses.replace(event, audio_format=audio_format.audio_format)
-                    if started.cached:
+                    if started.cached and not pipe.transcoding:
+                        # A replay's frames go out in bursts, without a wait between
+                        # them; one transcoded on each play waits for the encoder.
                         sink.hold(True)
                         held_back = True
                     await sink.start(started)
@@ -511,8 +513,6 @@ class Utterances:
             outcome = error_code(exc)
             await self._failed(sink, exc, utterance_id, partial=byte_count > 0)
         finally:
-            if held_back:
-                sink.hold(False)
             if pipe is not None:
                 pipe.close()
             stats.active_utterances -= 1
@@ -555,6 +555,8 @@ class Utterances:
             # The sink last, after the utterance's own cleanup: whatever it raises (a
             # bug, which propagates), the utterance is over and counted.
             try:
+                if held_back:
+                    sink.hold(False)
                 sink.finished()
             finally:
                 await events.aclose()
