@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import orjson
 from load import long_text
 from run import (
     PYTHON,
@@ -39,11 +38,12 @@ from run import (
     Process,
     load,
     percentile,
+    replayed_audio,
     split,
     start,
+    start_fake,
     stop,
 )
-from websockets.asyncio.client import connect
 
 #: Clients in a burst and rounds per text (full run, quick run).
 BURST_CLIENTS = (200, 50)
@@ -57,20 +57,6 @@ WORDS = "none"
 TARGET_RATIO = 1.5
 #: Seconds between two bursts, for the servers' writes and the clients' exits to settle.
 SETTLE_S = 0.3
-
-
-async def replayed(url: str, text: str) -> bytes:
-    """The audio the server replays for ``text`` (cached), for the bare server to send."""
-    async with connect(url, max_size=None) as ws:
-        await ws.recv()  # hello
-        await ws.send(orjson.dumps({"type": "speak", "id": "x", "text": text}).decode())
-        chunks = bytearray()
-        while True:
-            frame = await ws.recv()
-            if isinstance(frame, bytes):
-                chunks += frame
-            elif orjson.loads(frame)["type"] == "end":
-                return bytes(chunks)
 
 
 async def burst(url: str, text: str, clients: int) -> dict[str, Any]:
@@ -144,7 +130,7 @@ async def run(bench: Bench, *, clients: int | None = None, rounds: int | None = 
                 )
                 assert warm[0]["results"][0].get("bytes"), warm
                 await asyncio.sleep(SETTLE_S)  # let the entry reach the disk
-                audio = await replayed(url, text)
+                audio = await replayed_audio(url, text)
                 audio_path = Path(cache) / f"burst-{len(rows)}.mp3"
                 audio_path.write_bytes(audio)
                 bare, bare_url = await bare_server(audio_path)
@@ -225,11 +211,7 @@ async def main() -> None:
     parser.add_argument("--clients", type=int, help="clients per burst")
     parser.add_argument("--rounds", type=int, help="rounds per text")
     args = parser.parse_args()
-    fake = await start(
-        [PYTHON, "-c", "from tests.fake_edge import serve_forever; serve_forever()"],
-        dict(os.environ, PYTHONPATH=str(ROOT)),
-        r"^(\S+ \S+)$",
-    )
+    fake = await start_fake()
     wss, voices = fake.match.split()
     bench = Bench(quick=args.quick, fake_urls=(wss, voices), fake_pid=fake.process.pid)
     try:

@@ -17,7 +17,7 @@ import os
 import platform
 import tempfile
 
-from run import PYTHON, ROOT, TEXT, Bench, load, percentile, split, start, stop
+from run import TEXT, Bench, load, percentile, split, start_fake, stop
 
 
 async def main() -> None:
@@ -25,11 +25,7 @@ async def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small run for CI")
     args = parser.parse_args()
     levels, rounds = ((1, 10), 1) if args.quick else ((1, 50, 500), 5)
-    fake = await start(
-        [PYTHON, "-c", "from tests.fake_edge import serve_forever; serve_forever()"],
-        dict(os.environ, PYTHONPATH=str(ROOT)),
-        r"^(\S+ \S+)$",
-    )
+    fake = await start_fake()
     wss, voices = fake.match.split()
     bench = Bench(quick=args.quick, fake_urls=(wss, voices))
     with tempfile.TemporaryDirectory() as cache:

@@ -1987,11 +1987,25 @@ async def busy(server: Process, specs: list[dict[str, Any]]) -> dict[str, Any]:
     return result
 
 
-async def replayed_audio(url: str) -> bytes:
-    """The audio the server replays for TEXT, for the bare baseline to send."""
-    async with connect(url) as ws:
-        await ws.recv()
-        await ws.send(orjson.dumps({"type": "speak", "id": "x", "text": TEXT}).decode())
+async def start_fake(ttfa: float = 0.0, speed: float | None = None) -> Process:
+    """The fake Edge service in its own process (first audio after ``ttfa`` s, audio at
+    ``speed`` × real time); its match is its two URLs, separated by a space."""
+    return await start(
+        [
+            PYTHON,
+            "-c",
+            f"from tests.fake_edge import serve_forever; serve_forever({ttfa}, {speed})",
+        ],
+        dict(os.environ, PYTHONPATH=str(ROOT)),
+        r"^(\S+ \S+)$",
+    )
+
+
+async def replayed_audio(url: str, text: str = TEXT) -> bytes:
+    """The audio the server replays for ``text`` (cached), for the bare baseline to send."""
+    async with connect(url, max_size=None) as ws:
+        await ws.recv()  # hello
+        await ws.send(orjson.dumps({"type": "speak", "id": "x", "text": text}).decode())
         chunks = bytearray()
         while True:
             frame = await ws.recv()
@@ -2796,15 +2810,7 @@ async def main() -> None:
         args.ttfa = QUICK_TTFA if args.quick else 0.15
     if args.speed is None:
         args.speed = QUICK_SPEED if args.quick else 4.0
-    fake = await start(
-        [
-            PYTHON,
-            "-c",
-            f"from tests.fake_edge import serve_forever; serve_forever({args.ttfa}, {args.speed})",
-        ],
-        dict(os.environ, PYTHONPATH=str(ROOT)),
-        r"^(\S+ \S+)$",
-    )
+    fake = await start_fake(args.ttfa, args.speed)
     wss, voices = fake.match.split()
     bench = Bench(quick=args.quick, fake_urls=(wss, voices), fake_pid=fake.process.pid)
     previous = args.out / "results.json"

@@ -42,7 +42,6 @@ from typing import Any
 
 from run import (
     OTHER_CPUS,
-    PYTHON,
     ROOT,
     TEXT,
     Bench,
@@ -52,7 +51,7 @@ from run import (
     ready_workers,
     results_of,
     signal_workers,
-    start,
+    start_fake,
     stop,
     usage,
 )
@@ -538,15 +537,7 @@ async def main() -> None:
     parser.add_argument("--speed", type=float, default=4.0, help="fake audio pace × real time")
     parser.add_argument("--out", type=Path, default=ROOT / "bench")
     args = parser.parse_args()
-    fake = await start(
-        [
-            PYTHON,
-            "-c",
-            f"from tests.fake_edge import serve_forever; serve_forever({args.ttfa}, {args.speed})",
-        ],
-        dict(os.environ, PYTHONPATH=str(ROOT)),
-        r"^(\S+ \S+)$",
-    )
+    fake = await start_fake(args.ttfa, args.speed)
     wss, voices = fake.match.split()
     bench = Bench(quick=False, fake_urls=(wss, voices), fake_pid=fake.process.pid)
     try:
