@@ -4,7 +4,8 @@ N clients, connected in advance from two load processes (bench/load.py's speak m
 each send a ``speak`` of the same cached text at ``go``. Per round: the slowest
 client's first audio byte (the last one served) and the round's p50, for ttsstream
 and for the bare websockets server (baseline b, bench/bare_server.py) sending the
-same audio in the same 16 KiB frames, taking turns (which goes first alternates from
+same frames (ttsstream's own ``start`` message, the same audio in the same 16 KiB
+frames, its ``end`` message: the clients' work is the same), taking turns (which goes first alternates from
 round to round). The ratio of the slowest first bytes, round by round, is what
 issue 37 asks to keep under 1.5×: a replay written whole before the next client's is
 looked at makes the last client wait behind every other client's whole utterance.
@@ -38,7 +39,7 @@ from run import (
     Process,
     load,
     percentile,
-    replayed_audio,
+    replayed_frames,
     split,
     start,
     start_fake,
@@ -101,10 +102,11 @@ async def rounds_of(
     return done
 
 
-async def bare_server(audio_path: Path) -> tuple[Process, str]:
-    """Baseline (b) replaying ``audio_path``, on the server's core as the server is."""
+async def bare_server(audio_path: Path, start_end: tuple[str, str]) -> tuple[Process, str]:
+    """Baseline (b) replaying ``audio_path`` between ttsstream's own ``start`` and
+    ``end`` messages (``start_end``), on the server's core as the server is."""
     bare = await start(
-        [PYTHON, str(ROOT / "bench" / "bare_server.py"), str(audio_path)],
+        [PYTHON, str(ROOT / "bench" / "bare_server.py"), str(audio_path), *start_end],
         dict(os.environ),
         r"listening on (127\.0\.0\.1:\d+)",
         cpus=SERVER_CPUS,
@@ -130,10 +132,10 @@ async def run(bench: Bench, *, clients: int | None = None, rounds: int | None = 
                 )
                 assert warm[0]["results"][0].get("bytes"), warm
                 await asyncio.sleep(SETTLE_S)  # let the entry reach the disk
-                audio = await replayed_audio(url, text)
+                started, audio, ended = await replayed_frames(url, text, WORDS)
                 audio_path = Path(cache) / f"burst-{len(rows)}.mp3"
                 audio_path.write_bytes(audio)
-                bare, bare_url = await bare_server(audio_path)
+                bare, bare_url = await bare_server(audio_path, (started, ended))
                 try:
                     done = await rounds_of(url, bare_url, text, clients, rounds)
                 finally:
@@ -182,7 +184,8 @@ def markdown(out: dict[str, Any]) -> list[str]:
         f"**14. Burst** (run {b['date']}): {clients} clients, connected beforehand, ask for "
         'the same cached text at the same moment (`"words": "' + b["words"] + '"`: the '
         "same audio frames as baseline b's), against the bare websockets server (baseline b) "
-        "sending that audio in the same 16 KiB frames, the two taking turns round after "
+        "sending the same frames (ttsstream's own start message, that audio in the same "
+        "16 KiB frames, its end message), the two taking turns round after "
         "round. The last client's first audio byte (the round's slowest) and the round's "
         "p50, ms, the medians of the rounds; the ratio of the last first bytes (ttsstream / "
         f"bare) round by round, issue 37's target under {b['target']:g}× in every round:",

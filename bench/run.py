@@ -2003,16 +2003,32 @@ async def start_fake(ttfa: float = 0.0, speed: float | None = None) -> Process:
 
 async def replayed_audio(url: str, text: str = TEXT) -> bytes:
     """The audio the server replays for ``text`` (cached), for the bare baseline to send."""
+    return (await replayed_frames(url, text))[1]
+
+
+async def replayed_frames(
+    url: str, text: str = TEXT, words: str | None = None
+) -> tuple[str, bytes, str]:
+    """What the server sends for a speak of ``text`` (cached) in ``words`` mode: its
+    ``start`` message, the audio, its ``end`` message (for the bare baseline to send)."""
     async with connect(url, max_size=None) as ws:
         await ws.recv()  # hello
-        await ws.send(orjson.dumps({"type": "speak", "id": "x", "text": text}).decode())
+        speak = {"type": "speak", "id": "b0", "text": text}
+        if words is not None:
+            speak["words"] = words
+        await ws.send(orjson.dumps(speak).decode())
+        start = ""
         chunks = bytearray()
         while True:
             frame = await ws.recv()
             if isinstance(frame, bytes):
                 chunks += frame
-            elif orjson.loads(frame)["type"] == "end":
-                return bytes(chunks)
+                continue
+            kind = orjson.loads(frame)["type"]
+            if kind == "start":
+                start = frame
+            elif kind == "end":
+                return start, bytes(chunks), frame
 
 
 async def under_attack(

@@ -114,3 +114,28 @@ def test_periods_must_be_positive() -> None:
         Freezer(sweep_every=-1)
     with pytest.raises(ValueError):
         Freezer(sweep_growth=-0.1)
+
+
+async def test_a_tick_counts_the_frozen_objects_only_when_a_sweep_is_due(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Counting the frozen objects walks them all (at 1,000 clients, milliseconds a
+    second): a tick that is not due to sweep only freezes."""
+    counted = 0
+    count = gc.get_freeze_count
+
+    def counting() -> int:
+        nonlocal counted
+        counted += 1
+        return count()
+
+    monkeypatch.setattr(gc, "get_freeze_count", counting)
+    freezer = Freezer(every=0.01, sweep_every=3600)
+    freezer.start()
+    try:
+        at_start = counted
+        for _ in range(3):
+            await _next_tick(freezer)
+        assert counted == at_start
+    finally:
+        freezer.stop()

@@ -346,6 +346,32 @@ async def test_replays_for_several_listeners_take_turns(services: Services, fake
             assert not [at for at in others if on.at < at < off.at]
 
 
+async def test_replays_asked_for_over_several_passes_give_first_frames_first(
+    services: Services, fake: FakeEdge
+) -> None:
+    """Replays that start a few passes of the loop apart (as speaks read one after
+    another do): every one's first audio comes before any one's second frame, and each
+    still gets all its audio and its end."""
+    live = RecordingSink()
+    assert await run(services, live, text=LONG_TEXT) == "ok"
+    sinks = [RecordingSink() for _ in range(4)]
+
+    async def later(passes: int, sink: RecordingSink) -> str:
+        for _ in range(passes):  # a reader's task, then a speaker's
+            await asyncio.sleep(0)
+        return await run(services, sink, text=LONG_TEXT)
+
+    outcomes = await asyncio.gather(*(later(2 * n, sink) for n, sink in enumerate(sinks)))
+    assert outcomes == ["ok"] * len(sinks)
+    audio = [[call.at for call in sink.calls if call.name == "audio"] for sink in sinks]
+    assert all(len(ats) > 2 for ats in audio)
+    assert max(ats[0] for ats in audio) < min(ats[1] for ats in audio)
+    for sink in sinks:
+        assert sink.names == ["start", "stream", "end", "finished"]
+        assert sink.audio_bytes == live.audio_bytes
+    assert services.utterances.turns.pending == 0
+
+
 async def test_a_replay_that_ends_mid_burst_releases_what_it_held(
     services: Services, fake: FakeEdge
 ) -> None:

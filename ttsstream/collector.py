@@ -81,8 +81,11 @@ class Freezer:
     def _tick(self) -> None:
         assert self._loop is not None
         now = self._loop.time()
-        grown = gc.get_freeze_count() > self._frozen_after_sweep * (1 + self.sweep_growth)
-        if now >= self._sweep_at and grown:
+        # Counting the frozen objects walks them all (gc.get_freeze_count() is a list's
+        # length, counted): only when a sweep is due. A freeze is a list splice.
+        if now >= self._sweep_at and gc.get_freeze_count() > self._frozen_after_sweep * (
+            1 + self.sweep_growth
+        ):
             self._sweep_at = now + self.sweep_every
             self.sweeps += 1
             gc.unfreeze()

@@ -35,6 +35,7 @@ from ttsstream.core.spans import speak_spans
 from ttsstream.core.speech_cache import Lookahead, SpeechCache
 from ttsstream.core.ssml import Spoken, SsmlDocument, parse_ssml
 from ttsstream.core.streaming import StreamingText, speak_stream
+from ttsstream.core.turns import Turns
 from ttsstream.core.usage import Charge, Usage
 from ttsstream.engines.base import AudioChunk, SynthesisRequest, WordEvent
 from ttsstream.exceptions import (
@@ -155,6 +156,8 @@ class Utterances:
         self._stats = stats
         #: The server is shutting down: no new utterance is accepted.
         self.draining = False
+        #: Replays' first frames before their second halves (see :mod:`ttsstream.core.turns`).
+        self.turns = Turns()
 
     def request(
         self,
@@ -390,6 +393,8 @@ class Utterances:
         # A replay's writes are held back in bursts (see REPLAY_BURST_BYTES).
         held_back = False
         burst = 0
+        # A replay counted in self.turns whose first frame is not written yet.
+        first_due = False
         stats.active_utterances += 1
         try:
             try:
@@ -425,6 +430,8 @@ class Utterances:
                         # them; one transcoded on each play waits for the encoder.
                         sink.hold(True)
                         held_back = True
+                        self.turns.started()
+                        first_due = True
                     await sink.start(started)
                 elif isinstance(event, AudioChunk):
                     assert pipe is not None
@@ -448,7 +455,13 @@ class Utterances:
                             # it would wait for this replay's end.
                             sink.hold(False)
                             held_back = False
-                            await asyncio.sleep(0)
+                            if first_due:
+                                # The other replays' first frames before this one's rest.
+                                first_due = False
+                                self.turns.first_sent()
+                                await self.turns.second_turn()
+                            else:
+                                await asyncio.sleep(0)
                             sink.hold(True)
                             held_back = True
                             burst = 0
@@ -513,6 +526,8 @@ class Utterances:
             outcome = error_code(exc)
             await self._failed(sink, exc, utterance_id, partial=byte_count > 0)
         finally:
+            if first_due:
+                self.turns.first_sent()
             if pipe is not None:
                 pipe.close()
             stats.active_utterances -= 1

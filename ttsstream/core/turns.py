@@ -1,0 +1,122 @@
+"""First frames first: cached replays asked for at once reach every client's ear early.
+
+A replay waits for nothing (its entry is in memory, each write goes to a buffer with
+room), so 200 clients asking at once for the same cached sentence were served one
+whole utterance after another: the speaks are read over several passes of the
+event loop, and the replays started in one pass wrote their second halves before
+the next pass's readers had run. The last client's first byte came after about 200
+whole replays, about 2× to 3× what a bare websockets server gives it
+(bench/NOTES.md, "First frames first").
+
+:class:`Turns` lets a replay that has written its first frame wait for its second
+turn until every replay started meanwhile has written its own first frame and the
+loop has gone :data:`QUIET_PASSES` passes without starting another one (a speak
+read in one pass starts its replay two passes later: the reader's task, then the
+speaker's), or at most :data:`LONGEST_WAIT` s, so that replays arriving without a
+pause cannot hold the early ones back for long. The waiters of a turn go on
+together. Written by hand: it is a counter and a list of futures on the running
+loop; asyncio has no barrier of this kind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+__all__ = ["LONGEST_WAIT", "QUIET_PASSES", "QUIET_S", "Turns"]
+
+#: Passes of the event loop without a replay started, and none waiting for its first
+#: frame, before the replays waiting for their second turn go on.
+QUIET_PASSES = 3
+#: Seconds without a replay started, too: when the loop has nothing else to do its
+#: passes take microseconds, and a speak still on its way from a client would miss them.
+QUIET_S = 0.001
+#: Seconds at most a replay waits for its second turn (the first frame of a 24 kHz
+#: MP3 is about 2.7 s of audio: the client plays meanwhile).
+LONGEST_WAIT = 0.05
+
+
+class Turns:
+    """The replays waiting for their second turn; one per server (see the module)."""
+
+    def __init__(
+        self,
+        quiet_passes: int = QUIET_PASSES,
+        quiet_s: float = QUIET_S,
+        longest: float = LONGEST_WAIT,
+    ) -> None:
+        self.quiet_passes = quiet_passes
+        self.quiet_s = quiet_s
+        self.longest = longest
+        #: Replays started whose first frame is not written yet.
+        self.pending = 0
+        #: Replays started so far (a pass that saw none start is quiet).
+        self._starts = 0
+        #: When the last one started (time.perf_counter()).
+        self._last_start = 0.0
+        self._seen = 0
+        self._quiet = 0
+        self._waiters: list[asyncio.Future[None]] = []
+        #: The next pass's check, while one is due.
+        self._checking = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    def started(self) -> None:
+        """A replay is about to write its first frame."""
+        self.pending += 1
+        self._starts += 1
+        self._last_start = time.perf_counter()
+
+    def first_sent(self) -> None:
+        """A replay :meth:`started` wrote its first frame (or ended without one)."""
+        self.pending -= 1
+        if not self.pending and self._waiters and not self._checking:
+            self._check_soon()
+
+    async def second_turn(self) -> None:
+        """Wait, after the first frame, until the replays started meanwhile have written
+        theirs and the loop is quiet (at most :attr:`longest` s)."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        if not self._waiters:
+            self._timer = loop.call_later(self.longest, self._release)
+            self._seen = self._starts
+            self._quiet = 0
+        self._waiters.append(waiter)
+        if not self.pending and not self._checking:
+            self._check_soon()
+        await waiter
+
+    def _check_soon(self) -> None:
+        self._checking = True
+        asyncio.get_running_loop().call_soon(self._check)
+
+    def _check(self) -> None:
+        """Once per pass while replays wait and none waits for its first frame."""
+        self._checking = False
+        if not self._waiters or self.pending:
+            return  # released already; or first_sent() checks again
+        if self._starts != self._seen:
+            self._seen = self._starts
+            self._quiet = 0
+        else:
+            self._quiet += 1
+            if self._quiet >= self.quiet_passes:
+                left = self._last_start + self.quiet_s - time.perf_counter()
+                if left <= 0:
+                    self._release()
+                else:  # no pass to wait for: the loop may sleep meanwhile
+                    self._checking = True
+                    asyncio.get_running_loop().call_later(left, self._check)
+                return
+        self._check_soon()
+
+    def _release(self) -> None:
+        """The waiting replays' second turn."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
