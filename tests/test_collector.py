@@ -107,33 +107,6 @@ async def test_the_sweep_waits_for_the_frozen_objects_to_grow() -> None:
         freezer.stop()
 
 
-async def test_the_automatic_collections_are_off_while_it_runs() -> None:
-    """A young cycle that becomes garbage waits for the sweep, not for a generation's
-    threshold; stop() turns the collections back on (only if they were on)."""
-    assert gc.isenabled()
-    freezer = Freezer(every=0.01, sweep_every=0.3, sweep_growth=0)
-    freezer.start()
-    try:
-        assert not gc.isenabled()
-        freed = _cycle()
-        kept = [_Node() for _ in range(gc.get_threshold()[0] * 3)]  # past gen 0's threshold
-        assert freed() is not None
-        del kept
-        await _sweeps(freezer)
-        assert freed() is None
-    finally:
-        freezer.stop()
-    assert gc.isenabled()
-    gc.disable()
-    try:
-        again = Freezer(every=0.01, sweep_every=3600)
-        again.start()
-        again.stop()
-        assert not gc.isenabled()
-    finally:
-        gc.enable()
-
-
 def test_periods_must_be_positive() -> None:
     with pytest.raises(ValueError):
         Freezer(every=0)

@@ -184,16 +184,6 @@ async def test_prosody_and_voice_reach_the_upstream(client: Client, fake: FakeEd
     assert [w["text"] for w in result.words] == spoken_words("Tom & Jerry <b>bold</b>")
 
 
-async def test_upstream_messages_are_not_compressed(client: Client, fake: FakeEdge) -> None:
-    """The upstream WebSocket asks for no permessage-deflate (edge-tts asks for it): the
-    audio is MP3, which deflate cannot shrink, inflated on the event loop for nothing."""
-    await client.speak("Plain frames, please.")
-    result = await client.until_final("u1")
-    assert result.final["type"] == "end" and result.audio and result.words
-    (record,) = fake.records
-    assert "Sec-WebSocket-Extensions" not in record.headers
-
-
 async def test_logs_never_hold_the_text(client: Client, caplog: pytest.LogCaptureFixture) -> None:
     """The utterance log line has its length, not its words."""
     caplog.set_level(logging.DEBUG, logger="ttsstream")

@@ -15,17 +15,6 @@ leaves as any other. What would stay is garbage in a cycle formed after its
 objects were frozen: everything is unfrozen and collected once (one full
 collection's pause, instead of one every few seconds) when the frozen objects grew
 by a quarter since the last time, at most every ``SWEEP_EVERY`` s.
-
-While it runs, the collector's own collections are off (``gc.disable()``): the
-young generations' collections found nothing either, yet with a second of live
-streams' objects in them they still stopped the loop, 5 to 50 ms each, some 300
-times a minute at 1,000 clients. A cycle that becomes garbage is then collected by
-the sweep, like one frozen while alive. bench/scale.py, A/B in one lock hold each:
-at 600 clients loop lag p99 26 -> 9 ms (WebSocket door), 19 -> 7 ms (HTTP), added
-first byte p99 +213 -> +139 ms, +102 -> +67 ms; at 1,000, lag p99 197 -> 122 ms,
-108 -> 86 ms; RSS unchanged. What it costs: garbage cycles (cancels, dropped
-connections) wait for the sweep; bench/soak.py --seconds 60 grew 14.7 MB a minute
-after its warm-up instead of 7.2 (allowed 15.4; passed).
 """
 
 from __future__ import annotations
@@ -51,8 +40,7 @@ SWEEP_GROWTH = 0.25
 class Freezer:
     """Freeze what is alive every ``every`` s, and collect everything at most every
     ``sweep_every`` s once the frozen objects grew by ``sweep_growth`` (a share), on
-    the running loop from :meth:`start` to :meth:`stop`, the collector's automatic
-    collections off meanwhile."""
+    the running loop from :meth:`start` to :meth:`stop`."""
 
     def __init__(
         self,
@@ -73,29 +61,22 @@ class Freezer:
         self._sweep_at = 0.0
         #: Objects frozen just after the last sweep (or the start).
         self._frozen_after_sweep = 0
-        #: Whether the automatic collections were on at :meth:`start`.
-        self._was_enabled = True
 
     def start(self) -> None:
         if self._handle is not None:
             return
         self._loop = asyncio.get_running_loop()
         self._sweep_at = self._loop.time() + self.sweep_every
-        self._was_enabled = gc.isenabled()
-        gc.disable()
         gc.freeze()
         self._frozen_after_sweep = gc.get_freeze_count()
         self._handle = self._loop.call_later(self.every, self._tick)
 
     def stop(self) -> None:
-        """Stop freezing, give what is frozen back to the collector, and its automatic
-        collections if they were on at :meth:`start`."""
+        """Stop freezing, and give what is frozen back to the collector."""
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
             gc.unfreeze()
-            if self._was_enabled:
-                gc.enable()
 
     def _tick(self) -> None:
         assert self._loop is not None

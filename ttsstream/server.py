@@ -505,9 +505,8 @@ async def run(config: Config) -> None:
     # the process, and what live streams hold dies by reference counting: the
     # collector found nothing in either at 300 and 1,000 clients, but walked all of
     # it, up to 400 ms at once (bench/NOTES.md). Freezer.start() freezes what startup
-    # made, then what is alive every second, the automatic collections off;
-    # everything is collected once only when the frozen objects grew by a quarter
-    # (ttsstream/collector.py).
+    # made, then what is alive every second; everything is collected once only when
+    # the frozen objects grew by a quarter (ttsstream/collector.py).
     freezer = Freezer()
     freezer.start()
     signals = asyncio.Queue[int]()

@@ -81,24 +81,20 @@ class UpstreamSessions:
 
     def ClientSession(
         self, *, connector: aiohttp.BaseConnector | None = None, **options: Any
-    ) -> _Session:
+    ) -> aiohttp.ClientSession:
         """A session for one request of edge-tts, taking the options it passes."""
         options["trust_env"] = False
         options["connector_owner"] = connector is not None
         if connector is None:
             connector = self._shared_connector()
         if self._proxy_auth is None:
-            return _Session(
-                aiohttp.ClientSession(connector=connector, proxy=self._proxy, **options)
-            )
+            return aiohttp.ClientSession(connector=connector, proxy=self._proxy, **options)
         # aiohttp deprecates the session's proxy_auth for a proxy_headers argument of
         # each request, which edge-tts does not pass: the session's is the only way in.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            return _Session(
-                aiohttp.ClientSession(
-                    connector=connector, proxy=self._proxy, proxy_auth=self._proxy_auth, **options
-                )
+            return aiohttp.ClientSession(
+                connector=connector, proxy=self._proxy, proxy_auth=self._proxy_auth, **options
             )
 
     def _shared_connector(self) -> aiohttp.TCPConnector:
@@ -123,39 +119,6 @@ class UpstreamSessions:
         connector, self._connector = self._connector, None
         if connector is not None and self._loop is asyncio.get_running_loop():
             await connector.close()
-
-
-class _Session:
-    """An aiohttp session whose WebSocket connections ask for no compression.
-
-    edge-tts asks for permessage-deflate (``compress=15``), and a service that grants
-    it deflates every message: mostly MP3, which deflate cannot shrink, inflated here
-    on the event loop (6 % of its busy time at 1,000 live streams, py-spy), with an
-    inflater and its window per utterance. Without it, bench/scale.py at 1,000
-    clients: server CPU per second of audio 1.9 -> 1.6 ms (WebSocket door), 1.7 ->
-    1.4 (HTTP); RSS per live stream 562 -> 433 KB, 497 -> 223 KB. The handshake then
-    offers no extension, as many WebSocket clients do. Everything else is the
-    session's own.
-    """
-
-    __slots__ = ("_session",)
-
-    def __init__(self, session: aiohttp.ClientSession) -> None:
-        self._session = session
-
-    async def __aenter__(self) -> _Session:
-        await self._session.__aenter__()
-        return self
-
-    async def __aexit__(self, *exc_info: Any) -> None:
-        await self._session.__aexit__(*exc_info)
-
-    def ws_connect(self, url: Any, **options: Any) -> Any:
-        options["compress"] = 0
-        return self._session.ws_connect(url, **options)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._session, name)
 
 
 class EdgeEngine:
