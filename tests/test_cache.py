@@ -150,28 +150,34 @@ async def test_one_entry_replayed_in_every_words_mode_in_turn_is_each_mode_s(
     assert len(fake.records) == 1
 
 
-async def test_replay_is_written_corked_and_left_uncorked(
+async def test_replay_is_written_in_held_back_bursts_and_left_released(
     server: Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A hit goes out under TCP_CORK, released after its end; live audio is never corked."""
+    """A hit's frames are held back in websockets' outgoing data during a burst and
+    written together at its release (the start message and the first audio frame,
+    then the rest); nothing is left held after its end; live audio is never held."""
     seen: list[tuple[bool, int]] = []
     cork = Session.cork
 
     def spy(session: Session, on: bool) -> None:
+        # The frames the protocol holds to send when the release comes.
+        held = len(session._ws.protocol.writes)
         cork(session, on)
-        sock = session._ws.transport.get_extra_info("socket")
-        seen.append((on, sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK)))
+        seen.append((on, held if not on else 0))
+        if not on:
+            assert not session._ws.protocol.writes, "the release wrote what was held"
 
     monkeypatch.setattr(Session, "cork", spy)
     live = await speak_once(server)
-    assert all(state == (False, 0) for state in seen), "live audio is never corked"
+    assert all(on is False and held == 0 for on, held in seen), "live audio is never held"
     await wait_for_entries(server, 1)
     seen.clear()
     hit = await speak_once(server)
     assert hit.messages[0]["cached"] is True
     assert bytes(hit.audio) == bytes(live.audio)
-    assert seen[0] == (True, 1), "corked before the first frame"
-    assert seen[-1] == (False, 0), "released once the utterance ended"
+    assert seen[0] == (True, 0), "held before the start message"
+    assert seen[1][0] is False and seen[1][1] >= 2, "start and first audio written together"
+    assert seen[-1][0] is False, "released once the utterance ended"
 
 
 async def held_before_first_audio(fake: FakeEdge, client: Client) -> None:

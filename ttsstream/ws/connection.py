@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import socket
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
@@ -73,7 +72,6 @@ logger = logging.getLogger("ttsstream.ws")
 #: without waiting for a drain (websockets waits only above its 32 KiB write limit).
 SEND_BUFFER_LOW = 16 * 2**10
 #: Linux's socket option to hold back partial segments; None elsewhere.
-_TCP_CORK: int | None = getattr(socket, "TCP_CORK", None)
 #: Seconds a client closed for not reading has to read what is queued and the close frame.
 SLOW_CLIENT_CLOSE_TIMEOUT = 10.0
 #: Voice-list requests of one connection waiting for their reply; more are refused
@@ -168,7 +166,8 @@ class Connection:
         self._playing: dict[asyncio.Task[None], Utterance] = {}
         #: The tasks that speak the queue (``parallel`` of them).
         self._speakers: set[asyncio.Task[None]] = set()
-        #: TCP_CORK is on: a cached utterance is being written in one burst.
+        #: Frames are held back in websockets' outgoing data: a cached utterance is
+        #: being written in a burst (see :meth:`cork`).
         self._corked = False
         self._ids: set[str] = set()
         #: Voice-list requests not answered yet: the locale each asks for.
@@ -916,6 +915,14 @@ class Connection:
         """
         ws = self._ws
         if ws.transport.get_write_buffer_size() < SEND_BUFFER_LOW and ws.state is State.OPEN:
+            if self._corked:
+                # Held back: framed into websockets' outgoing data (its Sans-I/O
+                # protocol), written with the rest of the burst by cork(False).
+                if text:
+                    ws.protocol.send_text(message)
+                else:
+                    ws.protocol.send_binary(message)
+                return
             # The common case, with room in the buffer: write the frame now.
             # broadcast() is websockets' synchronous send, without send()'s await
             # and drain, which cost more than the write itself for small frames;
@@ -949,25 +956,36 @@ class Connection:
             raise ListenerGone() from None
 
     def cork(self, on: bool) -> None:
-        """Hold back partial TCP segments (Linux TCP_CORK) while frames go out in a burst.
+        """Hold back the frames of a burst (``on``), then write them at once (off).
 
-        Each frame is a write; corked, the frames of a cached utterance leave as a
-        few full segments when uncorked instead of one or more segments each, which
-        costs the kernel (and the client) less. Only around writes that do not
-        wait: corked data is otherwise held for up to 200 ms.
+        Each frame is otherwise a write (a system call, and one or more TCP segments);
+        held back, the frames of a cached utterance's burst leave in one write (one
+        ``writev``) when released. Only around writes that do not wait. (It used
+        Linux's TCP_CORK: two ``setsockopt`` calls per burst besides a write per
+        frame, a quarter of a replay's time in a burst of 200 at once; bench/NOTES.md,
+        "First frames first".)
         """
-        if on == self._corked or _TCP_CORK is None or (on and len(self._playing) > 1):
+        if on == self._corked or (on and len(self._playing) > 1):
             # Never while another utterance streams beside the burst: its frames
-            # would wait for the uncork.
+            # would wait for the release.
             return
-        sock = self._ws.transport.get_extra_info("socket")
-        if sock is None:
+        self._corked = on
+        if not on:
+            self._write_held()
+
+    def _write_held(self) -> None:
+        """Write what websockets' protocol holds to send (as its ``send_data`` does, in
+        one ``writelines``)."""
+        ws = self._ws
+        data = ws.protocol.data_to_send()
+        if not data or ws.transport.is_closing():
             return
-        # Not TCP, or already closed (asyncio's socket then raises OSError, uvloop's
-        # ValueError).
-        with contextlib.suppress(OSError, ValueError):
-            sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, int(on))
-            self._corked = on
+        try:
+            ws.transport.writelines([chunk for chunk in data if chunk])
+            if not all(data):  # the protocol half-closes the connection
+                ws.transport.write_eof()
+        except Exception:  # a broken connection: the reader sees it closed
+            ws.transport.abort()
 
     async def _close_slow_client(self) -> None:
         """Close with 1008; if the client does not even read that, drop the TCP connection."""
