@@ -98,14 +98,28 @@ async def test_a_cancelled_waiter_leaves_the_others_waiting_for_their_turn() -> 
 
 
 async def test_the_quiet_time_is_waited_for_on_an_idle_loop() -> None:
-    """On a loop with nothing else to do, the second turn waits for ``quiet_s`` after
-    the last replay started, so a speak still on its way is not missed."""
-    turns = Turns(quiet_passes=1, quiet_s=0.05, longest=TIMEOUT * 10)
-    turns.started()
-    turns.first_sent()
+    """On a loop with nothing else to do, replays that come together wait for
+    ``quiet_s`` after the last one started, so a speak still on its way is not missed."""
+    turns = Turns(quiet_passes=1, quiet_s=TIMEOUT, longest=TIMEOUT * 10)
+    for _ in range(2):  # two at once
+        turns.started()
+        turns.first_sent()
     waiting = asyncio.create_task(turns.second_turn())
     await _passes(5)
     assert not waiting.done()
     turns.started()  # one more arrives: it writes its first frame before the turn
     turns.first_sent()
-    await asyncio.wait_for(waiting, TIMEOUT)
+    await _passes(5)
+    assert not waiting.done()
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+
+
+async def test_a_lone_replay_does_not_wait_for_the_quiet_time() -> None:
+    """A replay with no other started just before or while it waits goes on after the
+    quiet passes (its client's last byte is not delayed by ``quiet_s``)."""
+    turns = Turns(quiet_passes=2, quiet_s=TIMEOUT * 10, longest=TIMEOUT * 10)
+    turns.started()
+    turns.first_sent()
+    await asyncio.wait_for(turns.second_turn(), TIMEOUT)

@@ -28,8 +28,10 @@ __all__ = ["LONGEST_WAIT", "QUIET_PASSES", "QUIET_S", "Turns"]
 #: Passes of the event loop without a replay started, and none waiting for its first
 #: frame, before the replays waiting for their second turn go on.
 QUIET_PASSES = 3
-#: Seconds without a replay started, too: when the loop has nothing else to do its
-#: passes take microseconds, and a speak still on its way from a client would miss them.
+#: Seconds without a replay started, too, once replays come together (another began
+#: within this time before, or while one waits): when the loop has nothing else to do
+#: its passes take microseconds, and a speak still on its way would miss them. A lone
+#: replay waits for the passes alone.
 QUIET_S = 0.001
 #: Seconds at most a replay waits for its second turn (the first frame of a 24 kHz
 #: MP3 is about 2.7 s of audio: the client plays meanwhile).
@@ -52,8 +54,11 @@ class Turns:
         self.pending = 0
         #: Replays started so far (a pass that saw none start is quiet).
         self._starts = 0
-        #: When the last one started (time.perf_counter()).
+        #: When the last one started, and the one before (time.perf_counter()).
         self._last_start = 0.0
+        self._previous_start = -1.0
+        #: Replays come together: the waiters wait for QUIET_S too.
+        self._together = False
         self._seen = 0
         self._quiet = 0
         self._waiters: list[asyncio.Future[None]] = []
@@ -65,7 +70,7 @@ class Turns:
         """A replay is about to write its first frame."""
         self.pending += 1
         self._starts += 1
-        self._last_start = time.perf_counter()
+        self._previous_start, self._last_start = self._last_start, time.perf_counter()
 
     def first_sent(self) -> None:
         """A replay :meth:`started` wrote its first frame (or ended without one)."""
@@ -82,6 +87,7 @@ class Turns:
             self._timer = loop.call_later(self.longest, self._release)
             self._seen = self._starts
             self._quiet = 0
+            self._together = self._last_start - self._previous_start < self.quiet_s
         self._waiters.append(waiter)
         if not self.pending and not self._checking:
             self._check_soon()
@@ -99,11 +105,12 @@ class Turns:
         if self._starts != self._seen:
             self._seen = self._starts
             self._quiet = 0
+            self._together = True
         else:
             self._quiet += 1
             if self._quiet >= self.quiet_passes:
                 left = self._last_start + self.quiet_s - time.perf_counter()
-                if left <= 0:
+                if left <= 0 or not self._together:
                     self._release()
                 else:  # no pass to wait for: the loop may sleep meanwhile
                     self._checking = True
