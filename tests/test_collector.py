@@ -139,3 +139,30 @@ async def test_a_tick_counts_the_frozen_objects_only_when_a_sweep_is_due(
         assert counted == at_start
     finally:
         freezer.stop()
+
+
+async def test_a_sweep_due_without_growth_counts_once_a_period(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """When a sweep is due but the frozen objects did not grow enough, they are counted
+    again only a period later, not at every tick."""
+    counted = 0
+    count = gc.get_freeze_count
+
+    def counting() -> int:
+        nonlocal counted
+        counted += 1
+        return count()
+
+    monkeypatch.setattr(gc, "get_freeze_count", counting)
+    freezer = Freezer(every=0.01, sweep_every=3600, sweep_growth=1000)
+    freezer.start()
+    try:
+        freezer._sweep_at = 0.0  # due now
+        at_start = counted
+        for _ in range(3):
+            await _next_tick(freezer)
+        assert counted == at_start + 1
+        assert freezer.sweeps == 0
+    finally:
+        freezer.stop()

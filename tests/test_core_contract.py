@@ -24,6 +24,7 @@ from tests.fake_edge import FakeEdge, spoken_words
 from ttsstream.config import Config
 from ttsstream.core.context import ANONYMOUS, RequestContext
 from ttsstream.core.router import Started
+from ttsstream.core.turns import Turns
 from ttsstream.core.utterance import REPLAY_BURST_BYTES, ListenerGone, Sink, Summary, cut_short
 from ttsstream.engines.base import WordEvent
 from ttsstream.exceptions import ClientError, ShuttingDown
@@ -354,6 +355,8 @@ async def test_replays_asked_for_over_several_passes_give_first_frames_first(
     still gets all its audio and its end."""
     live = RecordingSink()
     assert await run(services, live, text=LONG_TEXT) == "ok"
+    # No bound by the clock: a stalled machine must not release the first replay early.
+    services.utterances.turns = Turns(longest=TIMEOUT)
     sinks = [RecordingSink() for _ in range(4)]
 
     async def later(passes: int, sink: RecordingSink) -> str:

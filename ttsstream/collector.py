@@ -83,10 +83,10 @@ class Freezer:
         now = self._loop.time()
         # Counting the frozen objects walks them all (gc.get_freeze_count() is a list's
         # length, counted): only when a sweep is due. A freeze is a list splice.
-        if now >= self._sweep_at and gc.get_freeze_count() > self._frozen_after_sweep * (
-            1 + self.sweep_growth
-        ):
-            self._sweep_at = now + self.sweep_every
+        due = now >= self._sweep_at
+        if due:
+            self._sweep_at = now + self.sweep_every  # counted again a period later
+        if due and gc.get_freeze_count() > self._frozen_after_sweep * (1 + self.sweep_growth):
             self.sweeps += 1
             gc.unfreeze()
             gc.collect()

@@ -13,9 +13,10 @@ turn until every replay started meanwhile has written its own first frame and th
 loop has gone :data:`QUIET_PASSES` passes without starting another one (a speak
 read in one pass starts its replay two passes later: the reader's task, then the
 speaker's), or at most :data:`LONGEST_WAIT` s, so that replays arriving without a
-pause cannot hold the early ones back for long. The waiters of a turn go on
-together. Written by hand: it is a counter and a list of futures on the running
-loop; asyncio has no barrier of this kind.
+pause cannot hold the early ones back for long. A replay whose first frame has
+waited longer than that (its client has audio unread: the write waits for it) holds
+no one back. The waiters of a turn go on together. Written by hand: it is a count
+and a list of futures on the running loop; asyncio has no barrier of this kind.
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ class Turns:
         self.quiet_passes = quiet_passes
         self.quiet_s = quiet_s
         self.longest = longest
-        #: Replays started whose first frame is not written yet.
-        self.pending = 0
+        #: Replays started whose first frame is not written yet: when each started
+        #: (time.perf_counter()), by the token :meth:`started` gave it, oldest first.
+        self._pending: dict[int, float] = {}
         #: Replays started so far (a pass that saw none start is quiet).
         self._starts = 0
         #: When the last one started, and the one before (time.perf_counter()).
@@ -66,30 +68,48 @@ class Turns:
         self._checking = False
         self._timer: asyncio.TimerHandle | None = None
 
-    def started(self) -> None:
-        """A replay is about to write its first frame."""
-        self.pending += 1
-        self._starts += 1
-        self._previous_start, self._last_start = self._last_start, time.perf_counter()
+    @property
+    def pending(self) -> int:
+        """Replays started whose first frame is not written yet."""
+        return len(self._pending)
 
-    def first_sent(self) -> None:
-        """A replay :meth:`started` wrote its first frame (or ended without one)."""
-        self.pending -= 1
-        if not self.pending and self._waiters and not self._checking:
+    def started(self) -> int:
+        """A replay is about to write its first frame; the token for :meth:`first_sent`."""
+        self._starts += 1
+        now = time.perf_counter()
+        self._previous_start, self._last_start = self._last_start, now
+        self._pending[self._starts] = now
+        return self._starts
+
+    def first_sent(self, token: int) -> None:
+        """The replay :meth:`started` gave ``token`` wrote its first frame (or ended
+        without one)."""
+        del self._pending[token]
+        if self._waiters and not self._checking and not self._first_awaited():
             self._check_soon()
+
+    def _first_awaited(self) -> bool:
+        """Whether a replay started less than :attr:`longest` ago waits for its first
+        frame (one waiting longer holds no one back)."""
+        if not self._pending:
+            return False
+        newest = next(reversed(self._pending.values()))
+        return time.perf_counter() - newest < self.longest
 
     async def second_turn(self) -> None:
         """Wait, after the first frame, until the replays started meanwhile have written
         theirs and the loop is quiet (at most :attr:`longest` s)."""
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
+        if self._waiters and all(waiting.done() for waiting in self._waiters):
+            self._release()  # its waiters were all cancelled: a turn of its own
         if not self._waiters:
             self._timer = loop.call_later(self.longest, self._release)
             self._seen = self._starts
             self._quiet = 0
             self._together = self._last_start - self._previous_start < self.quiet_s
         self._waiters.append(waiter)
-        if not self.pending and not self._checking:
+        if not self._checking and not self._first_awaited():
             self._check_soon()
         await waiter
 
@@ -100,8 +120,8 @@ class Turns:
     def _check(self) -> None:
         """Once per pass while replays wait and none waits for its first frame."""
         self._checking = False
-        if not self._waiters or self.pending:
-            return  # released already; or first_sent() checks again
+        if all(waiter.done() for waiter in self._waiters) or self._first_awaited():
+            return  # released (or all cancelled) already; or first_sent() checks again
         if self._starts != self._seen:
             self._seen = self._starts
             self._quiet = 0

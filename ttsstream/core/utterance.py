@@ -393,8 +393,8 @@ class Utterances:
         # A replay's writes are held back in bursts (see REPLAY_BURST_BYTES).
         held_back = False
         burst = 0
-        # A replay counted in self.turns whose first frame is not written yet.
-        first_due = False
+        # A replay's token in self.turns until its first frame is written.
+        turn: int | None = None
         stats.active_utterances += 1
         try:
             try:
@@ -430,8 +430,8 @@ class Utterances:
                         # them; one transcoded on each play waits for the encoder.
                         sink.hold(True)
                         held_back = True
-                        self.turns.started()
-                        first_due = True
+                        if turn is None:
+                            turn = self.turns.started()
                     await sink.start(started)
                 elif isinstance(event, AudioChunk):
                     assert pipe is not None
@@ -455,10 +455,10 @@ class Utterances:
                             # it would wait for this replay's end.
                             sink.hold(False)
                             held_back = False
-                            if first_due:
+                            if turn is not None:
                                 # The other replays' first frames before this one's rest.
-                                first_due = False
-                                self.turns.first_sent()
+                                self.turns.first_sent(turn)
+                                turn = None
                                 await self.turns.second_turn()
                             else:
                                 await asyncio.sleep(0)
@@ -526,8 +526,8 @@ class Utterances:
             outcome = error_code(exc)
             await self._failed(sink, exc, utterance_id, partial=byte_count > 0)
         finally:
-            if first_due:
-                self.turns.first_sent()
+            if turn is not None:
+                self.turns.first_sent(turn)
             if pipe is not None:
                 pipe.close()
             stats.active_utterances -= 1

@@ -918,11 +918,15 @@ class Connection:
             if self._corked:
                 # Held back: framed into websockets' outgoing data (its Sans-I/O
                 # protocol), written with the rest of the burst by cork(False).
-                if text:
-                    ws.protocol.send_text(message)
-                else:
-                    ws.protocol.send_binary(message)
-                return
+                try:
+                    if text:
+                        ws.protocol.send_text(message)
+                    else:
+                        ws.protocol.send_binary(message)
+                    return
+                except Exception:
+                    # As broadcast() below: once aborted, send() raises ConnectionClosed.
+                    ws.transport.abort()
             # The common case, with room in the buffer: write the frame now.
             # broadcast() is websockets' synchronous send, without send()'s await
             # and drain, which cost more than the write itself for small frames;
@@ -982,8 +986,11 @@ class Connection:
             return
         try:
             ws.transport.writelines([chunk for chunk in data if chunk])
-            if not all(data):  # the protocol half-closes the connection
-                ws.transport.write_eof()
+            if not all(data):  # the protocol half-closes the connection, or closes it
+                if ws.transport.can_write_eof():
+                    ws.transport.write_eof()
+                else:
+                    ws.transport.close()
         except Exception:  # a broken connection: the reader sees it closed
             ws.transport.abort()
 
