@@ -328,6 +328,30 @@ async def test_a_resume_flood_leaks_nothing(start_server: ServerFactory) -> None
     assert len(server.services.parking) == 0 and server.services.parking.buffers.total == 0
 
 
+async def test_a_connection_replaying_a_cached_text_keeps_its_audio_once(
+    start_server: ServerFactory,
+) -> None:
+    """Twenty replays of one cached text on a connection: its resume logs count the
+    entry's audio once (the replays' frames are views of it), not twenty times, beside
+    the replays' start and end messages."""
+    server = await start_server(rate_limit_requests=0)
+    text = "One cached sentence, replayed over and over on one connection."
+    first = await whole(server, text)  # spoken live, then cached
+    audio = len(first.audio)
+    await eventually(lambda: server.services.stats.cache_entries >= 1)
+    listener = Listener(url_of(server))
+    await listener.connect()
+    for n in range(20):
+        await listener.send({"type": "speak", "id": f"r{n}", "text": text, "words": "none"})
+        await listener.until(
+            lambda n=n: f"r{n}" in listener.copies and listener.copies[f"r{n}"].ended
+        )
+        assert listener.copies[f"r{n}"].messages[0]["cached"] is True
+    total = server.services.parking.buffers.total
+    assert audio <= total < 2 * audio, (total, audio)
+    await listener.close()
+
+
 async def test_a_parked_connection_counts_toward_the_caps(
     start_server: ServerFactory, fake: FakeEdge
 ) -> None:
@@ -602,3 +626,51 @@ def test_prune_forgets_what_ended_before_the_window_and_keeps_the_rest() -> None
     assert list(logs.by_id) == ["playing"] and cancelled.dropped
     buffers.release(logs)
     assert buffers.total == logs.size == 0 and not logs.by_id and not logs.kept
+
+
+def _replay_log(buffers: Buffers, logs: Logs, uid: str, entry: bytes, frame: int) -> UtteranceLog:
+    """An ended log of a cached replay: its audio frames are views of the entry's bytes."""
+    log = logs.open(uid)
+    buffers.add(logs, log, b'{"type":"start"}', True)
+    view = memoryview(entry)
+    for start in range(0, len(entry), frame):
+        buffers.add(logs, log, view[start : start + frame], False)
+    buffers.add(logs, log, b'{"type":"end"}', True)
+    buffers.ended(logs, log)
+    return log
+
+
+def test_replays_of_one_cached_entry_count_its_bytes_once() -> None:
+    """Logs of many replays of one cached entry count its audio once per connection
+    and once in all (the bytes are the entry's, shared), beside their messages; the
+    count goes back to nothing as they are forgotten."""
+    entry = bytes(range(256)) * 40  # 10 KiB
+    messages = len(b'{"type":"start"}') + len(b'{"type":"end"}')
+    buffers = Buffers(per_connection=10**6, total=10**6)
+    mine, other = Logs(), Logs()
+    for n in range(50):
+        _replay_log(buffers, mine, f"m{n}", entry, 4096)
+    _replay_log(buffers, other, "o", entry, 4096)
+    assert mine.size == len(entry) + 50 * messages
+    assert other.size == len(entry) + messages
+    assert buffers.total == len(entry) + 51 * messages
+    buffers.discard(mine, "m0")
+    assert mine.size == len(entry) + 49 * messages  # the others still hold the entry
+    buffers.release(mine)
+    assert mine.size == 0 and buffers.total == other.size
+    buffers.release(other)
+    assert buffers.total == 0 and not mine.shared and not other.shared
+
+
+def test_replays_of_a_cached_entry_do_not_push_out_a_live_utterance_s_log() -> None:
+    """A connection replaying one cached sentence over and over (a closed loop) keeps
+    another's live utterance resumable: counted as sent, the replays passed the bound
+    at once and dropped the oldest ended logs of every connection."""
+    buffers = Buffers(per_connection=100_000, total=100_000)
+    listener, looping = Logs(), Logs()
+    live = _ended_log(buffers, listener, "live", 40_000)
+    entry = b"\xff" * 30_000
+    for n in range(200):  # 6 MB of audio sent, one entry of 30 KB kept
+        _replay_log(buffers, looping, f"r{n}", entry, 16_384)
+    assert not live.dropped
+    assert buffers.total == listener.size + looping.size < 100_000

@@ -11,6 +11,10 @@ spoken into their logs; a new connection's ``resume`` with that token (from the
 same key's tenant) takes them over. What the logs hold is bounded per connection
 (``RESUME_BUFFER_MB``) and in all (``RESUME_TOTAL_MB``): past it, the oldest ended
 utterances' frames are dropped first, then the growing one's (it cannot be resumed).
+A cached replay's audio frames are views of its entry's bytes, shared by every
+replay of it: they count as the entry's bytes once per connection and once in all,
+however many logs hold them (counted as sent, a closed loop of replays of one
+sentence filled the 256 MB in about 3 s and pushed out the logs of live utterances).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ttsstream.core.context import Principal
 from ttsstream.exceptions import ResumeFailed
@@ -29,6 +33,25 @@ if TYPE_CHECKING:
     from ttsstream.ws.connection import Connection
 
 __all__ = ["Buffers", "Logs", "Parking", "UtteranceLog", "new_token"]
+
+
+def _shared(frame: bytes | memoryview) -> bytes | None:
+    """The immutable bytes ``frame`` is a view of (a cached entry's audio), if it is one."""
+    if isinstance(frame, memoryview):
+        owner: Any = frame.obj
+        if type(owner) is bytes:
+            return owner
+    return None
+
+
+def _unref(counts: dict[int, int], key: int) -> bool:
+    """One reference less to ``key`` in ``counts``; whether it was the last."""
+    left = counts[key] - 1
+    if left:
+        counts[key] = left
+        return False
+    del counts[key]
+    return True
 
 
 def new_token() -> str:
@@ -102,6 +125,8 @@ class Logs:
     #: Its share of :attr:`Buffers._ended` (ended, kept, not being caught up), oldest
     #: end first: the connection's own first to go when it is over its bound.
     kept: dict[int, UtteranceLog] = field(default_factory=dict)
+    #: Frames of its logs viewing each shared bytes object (by id): counted once.
+    shared: dict[int, int] = field(default_factory=dict)
 
     def open(self, utterance_id: str) -> UtteranceLog:
         log = self.by_id.get(utterance_id)
@@ -119,6 +144,8 @@ class Buffers:
         self.total = 0
         #: Ended logs, oldest first, with their connection's logs: dropped first.
         self._ended: OrderedDict[int, tuple[UtteranceLog, Logs]] = OrderedDict()
+        #: Frames of all logs viewing each shared bytes object (by id): counted once.
+        self._shared: dict[int, int] = {}
 
     def add(self, logs: Logs, log: UtteranceLog, frame: bytes | memoryview, text: bool) -> None:
         """Keep ``frame`` in ``log`` (one of a connection's ``logs``), making room by
@@ -126,10 +153,16 @@ class Buffers:
         is dropped."""
         if log.dropped:
             return
-        size = len(frame)
+        owner = None if text else _shared(frame)
+        key = id(owner)
         while True:
+            if owner is None:
+                size = total_size = len(frame)
+            else:  # counted with the first frame that views it (dropping may change that)
+                size = 0 if key in logs.shared else len(owner)
+                total_size = 0 if key in self._shared else len(owner)
             mine = logs.size + size > self.per_connection
-            if not mine and self.total + size <= self.total_cap:
+            if not mine and self.total + total_size <= self.total_cap:
                 break
             # The oldest ended log: the connection's own when it is over its bound (not
             # a search of every connection's: bench/NOTES.md, "cost of one cached replay").
@@ -148,7 +181,10 @@ class Buffers:
             frame = bytes(memoryview(frame))
         log.add(frame, text)
         logs.size += size
-        self.total += size
+        self.total += total_size
+        if owner is not None:
+            logs.shared[key] = logs.shared.get(key, 0) + 1
+            self._shared[key] = self._shared.get(key, 0) + 1
 
     def ended(self, logs: Logs, log: UtteranceLog) -> None:
         """``log``'s utterance is over: its frames are the first to go."""
@@ -201,9 +237,20 @@ class Buffers:
         logs.by_id.clear()
 
     def _forget(self, log: UtteranceLog, logs: Logs) -> None:
-        freed = log.drop()
+        freed = freed_total = 0
+        for frame, text, _ in log.frames:
+            owner = None if text else _shared(frame)
+            if owner is None:
+                freed += len(frame)
+                freed_total += len(frame)
+                continue
+            if _unref(logs.shared, id(owner)):
+                freed += len(owner)
+            if _unref(self._shared, id(owner)):
+                freed_total += len(owner)
+        log.drop()
         logs.size -= freed
-        self.total -= freed
+        self.total -= freed_total
         self._ended.pop(id(log), None)
         logs.kept.pop(id(log), None)
 
