@@ -352,6 +352,28 @@ async def test_a_connection_replaying_a_cached_text_keeps_its_audio_once(
     await listener.close()
 
 
+async def test_a_resumed_connection_is_one_open_connection(start_server: ServerFactory) -> None:
+    """Parked, resumed, closed: the stats count one open WebSocket connection while the
+    client is away and after it came back (not the new socket and the parked
+    connection both), and none once it closed."""
+    server = await start_server(rate_limit_requests=0)
+    stats = server.services.stats
+    listener = Listener(url_of(server))
+    await listener.connect()
+    await listener.send({"type": "speak", "id": "u", "text": "Counted once, away or back."})
+    await listener.read()
+    listener.cut()
+    await eventually(lambda: len(server.services.parking) == 1, what="parked")
+    assert stats.connections == 1
+    answer = await listener.resume()
+    assert answer["type"] == "resumed", answer
+    assert stats.connections == 1
+    await listener.until(lambda: listener.copies["u"].ended)
+    assert stats.connections == 1
+    await listener.close()
+    await eventually(lambda: stats.connections == 0, what="closed")
+
+
 async def test_a_parked_connection_counts_toward_the_caps(
     start_server: ServerFactory, fake: FakeEdge
 ) -> None:

@@ -450,10 +450,15 @@ class Connection:
         parked = parking.claim(resume.session, self.context.principal)
         if self._watchdog is not None:
             self._watchdog.cancel()  # the parked connection watches the socket now
-        lost = await parked.attach(self._ws, self.context, resume)
-        self._attached = False  # a shell: nothing of its own is sent any more
-        self._parking = None
-        await asyncio.shield(lost)
+        # One socket, one open connection: the parked one counts it while it uses it.
+        self._stats.connections -= 1
+        try:
+            lost = await parked.attach(self._ws, self.context, resume)
+            self._attached = False  # a shell: nothing of its own is sent any more
+            self._parking = None
+            await asyncio.shield(lost)
+        finally:
+            self._stats.connections += 1
 
     async def attach(
         self, websocket: ServerConnection, context: RequestContext, resume: Resume
