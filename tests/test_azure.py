@@ -63,6 +63,7 @@ async def test_the_reference_request_speaks_in_each_output_format(
         ("raw-16khz-16bit-mono-pcm", "audio/pcm"),
         ("raw-8khz-8bit-mono-mulaw", "audio/PCMU"),
         ("ogg-48khz-16bit-mono-opus", "audio/ogg; codecs=opus"),
+        ("webm-24khz-16bit-24kbps-mono-opus", "audio/webm; codecs=opus"),
         ("Audio-24Khz-48Kbitrate-Mono-Mp3", "audio/mpeg"),
     ):
         status, headers, body = await post(server, azure_headers(output))

@@ -50,6 +50,7 @@ OUTPUT_FORMATS = {
     "ogg-48khz-16bit-mono-opus": "opus",
     "webm-16khz-16bit-mono-opus": "webm",
     "webm-24khz-16bit-mono-opus": "webm",
+    "webm-24khz-16bit-24kbps-mono-opus": "webm",
 }
 #: What a request without ``X-Microsoft-OutputFormat`` gets: Edge's own MP3.
 DEFAULT_OUTPUT_FORMAT = "audio-24khz-48kbitrate-mono-mp3"
