@@ -62,6 +62,7 @@ async def test_the_reference_request_speaks_in_each_output_format(
         ("audio-24khz-48kbitrate-mono-mp3", "audio/mpeg"),
         ("raw-16khz-16bit-mono-pcm", "audio/pcm"),
         ("raw-8khz-8bit-mono-mulaw", "audio/PCMU"),
+        ("riff-8khz-8bit-mono-alaw", "audio/wav"),
         ("ogg-48khz-16bit-mono-opus", "audio/ogg; codecs=opus"),
         ("webm-24khz-16bit-24kbps-mono-opus", "audio/webm; codecs=opus"),
         ("Audio-24Khz-48Kbitrate-Mono-Mp3", "audio/mpeg"),

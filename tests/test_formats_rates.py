@@ -12,6 +12,7 @@ from __future__ import annotations
 import array
 import io
 import math
+import struct
 from typing import Any
 
 import aiohttp
@@ -30,6 +31,7 @@ from ttsstream.audio.formats import (
     SAMPLE_RATE,
     Format,
     format_named,
+    wav_header,
 )
 from ttsstream.audio.transcode import Pipe, Transcoder
 from ttsstream.core.fields import format_field
@@ -45,6 +47,8 @@ FAMILY_NAMES = [
     *(f"wav_{rate}" for rate in PCM_RATES),
     "ulaw_8000",
     "alaw_8000",
+    "wav_ulaw_8000",
+    "wav_alaw_8000",
     "mp3_22050_32",
     "mp3_24000_48",
     *(f"mp3_44100_{kbps}" for kbps in ENCODED_KBPS),
@@ -58,6 +62,8 @@ SERVED = [
     *(f"wav_{rate}" for rate in (8000, 22050, 48000)),
     "ulaw_8000",
     "alaw_8000",
+    "wav_ulaw_8000",
+    "wav_alaw_8000",
     "mp3_22050_32",
     "mp3_44100_32",
     "mp3_44100_192",
@@ -86,7 +92,7 @@ def decode_as(target: Format, data: bytes) -> tuple[array.array[int], int]:
         floats = array.array("f", data)
         samples.extend(round(max(-1.0, min(1.0, f)) * 32767) for f in floats)
         return samples, target.sample_rate
-    if target.sample in ("mulaw", "alaw"):
+    if target.sample in ("mulaw", "alaw") and not target.riff:
         decoder: Any = av.CodecContext.create(f"pcm_{target.sample}", "r")
         decoder.sample_rate = target.sample_rate
         decoder.layout = "mono"
@@ -149,6 +155,7 @@ def http_of(server: Server) -> str:
         ("wav_22050", 22050, "s16le", "audio/wav", False),
         ("ulaw_8000", 8000, "mulaw", "audio/PCMU;rate=8000", False),
         ("alaw_8000", 8000, "alaw", "audio/PCMA;rate=8000", False),
+        ("wav_ulaw_8000", 8000, "mulaw", "audio/wav", False),
         ("mp3_22050_32", 22050, None, "audio/mpeg", True),
         ("mp3_44100_128", 44100, None, "audio/mpeg", True),
         ("opus_48000_64", 48000, None, "audio/ogg; codecs=opus", True),
@@ -281,6 +288,23 @@ def test_g711_is_the_pcm_of_its_rate_companded() -> None:
         assert rate == 8000 and len(samples) == len(pcm)
         error = array.array("h", (a - b for a, b in zip(samples, pcm, strict=True)))
         assert rms(error) < 0.05 * rms(pcm), law
+    # In WAVE (Azure's riff-8khz-8bit-mono-mulaw): a header saying so, then those bytes.
+    for law in ("ulaw", "alaw"):
+        raw = transcode_whole(f"{law}_8000", mp3)
+        made = transcode_whole(f"wav_{law}_8000", mp3)
+        assert made[:4] == b"RIFF" and made[8:16] == b"WAVEfmt "
+        tag, channels, rate, byte_rate, align, bits = struct.unpack("<HHIIHH", made[20:36])
+        assert (tag, channels, rate, byte_rate, align, bits) == (
+            7 if law == "ulaw" else 6,
+            1,
+            8000,
+            8000,
+            1,
+            8,
+        )
+        assert made.endswith(raw) and made[-len(raw) - 8 : -len(raw) - 4] == b"data"
+        samples, rate = decode_as(named(f"wav_{law}_8000"), made)
+        assert rate == 8000 and len(samples) == len(pcm)
     # Read with the other law's decoder, the bytes are not that audio.
     wrong, _ = decode_as(named("alaw_8000"), transcode_whole("ulaw_8000", mp3))
     error = array.array("h", (a - b for a, b in zip(wrong, pcm, strict=True)))
@@ -333,7 +357,7 @@ async def test_a_pipe_knows_the_playing_time_of_what_it_sent(name: str) -> None:
     samples, rate = decode_as(target, sent)
     assert abs(pipe.duration_ms(len(sent)) - len(samples) * 1000 / rate) < 1, name
     if target.sample is not None:
-        header = 44 if target.riff else 0
+        header = len(wav_header(target.sample_rate, target.sample)) if target.riff else 0
         assert target.bytes_per_sample is not None
         played_ms = (len(sent) - header) / target.bytes_per_sample * 1000 / target.sample_rate
         assert pipe.duration_ms(len(sent)) == pytest.approx(played_ms)
@@ -402,7 +426,14 @@ async def test_rates_on_http(server: Server, fake: FakeEdge) -> None:
         async with session.get(url, params={"text": TEXT}) as response:
             mp3_samples, _ = decode_as(MP3, await response.read())
         mp3_ms = len(mp3_samples) * 1000 / SAMPLE_RATE
-        for name in ("ulaw_8000", "alaw_8000", "wav_16000", "pcm_16000", "mp3_44100_64"):
+        for name in (
+            "ulaw_8000",
+            "alaw_8000",
+            "wav_ulaw_8000",
+            "wav_16000",
+            "pcm_16000",
+            "mp3_44100_64",
+        ):
             target = named(name)
             async with session.get(url, params={"text": TEXT, "format": name}) as response:
                 assert response.status == 200, name

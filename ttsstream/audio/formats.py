@@ -261,6 +261,8 @@ FORMAT_FAMILIES = (
     "wav_<rate>",
     "ulaw_8000",
     "alaw_8000",
+    "wav_ulaw_8000",
+    "wav_alaw_8000",
     "mp3_22050_32",
     "mp3_24000_48",
     "mp3_44100_<kbps>",
@@ -273,7 +275,7 @@ FORMAT_CHOICES = (
 )
 
 _FAMILY_NAME = re.compile(
-    r"(?P<family>pcm_f32le|pcm|wav|ulaw|alaw)_(?P<rate>[1-9][0-9]{3,4})"
+    r"(?P<family>pcm_f32le|pcm|wav_ulaw|wav_alaw|wav|ulaw|alaw)_(?P<rate>[1-9][0-9]{3,4})"
     r"|(?P<codec>mp3|opus)_(?P<codec_rate>[1-9][0-9]{3,4})_(?P<kbps>[1-9][0-9]{1,2})",
     re.ASCII,
 )
@@ -299,6 +301,8 @@ def format_named(name: str) -> Format | None:
         family, rate = match["family"], int(match["rate"])
         if family in ("ulaw", "alaw"):
             return _g711(family) if rate == G711_RATE else None
+        if family in ("wav_ulaw", "wav_alaw"):
+            return _g711(family.removeprefix("wav_"), riff=True) if rate == G711_RATE else None
         return _sampled(family, rate) if rate in PCM_RATES else None
     codec, rate, kbps = match["codec"], int(match["codec_rate"]), int(match["kbps"])
     if codec == "opus":
@@ -340,13 +344,15 @@ def _sampled(family: str, rate: int) -> Format:
 
 
 @functools.cache
-def _g711(law: str) -> Format:
-    """``ulaw_8000`` or ``alaw_8000``: G.711's bytes, no header (RFC 4856's types)."""
+def _g711(law: str, *, riff: bool = False) -> Format:
+    """``ulaw_8000`` or ``alaw_8000``: G.711's bytes, no header (RFC 4856's types);
+    ``riff``: ``wav_ulaw_8000`` or ``wav_alaw_8000``, after a WAVE header saying so."""
     mulaw = law == "ulaw"
     return Format(
-        name=f"{law}_{G711_RATE}",
-        mime_type=f"audio/{'PCMU' if mulaw else 'PCMA'};rate={G711_RATE}",
-        extension="ul" if mulaw else "al",
+        name=f"wav_{law}_{G711_RATE}" if riff else f"{law}_{G711_RATE}",
+        mime_type="audio/wav" if riff else f"audio/{'PCMU' if mulaw else 'PCMA'};rate={G711_RATE}",
+        extension="wav" if riff else "ul" if mulaw else "al",
+        riff=riff,
         sample_rate=G711_RATE,
         sample="mulaw" if mulaw else "alaw",
         codec="pcm_mulaw" if mulaw else "pcm_alaw",
@@ -398,23 +404,33 @@ def format_for_path(path: str) -> Format | None:
     return FORMATS.get(suffix)
 
 
-def wav_header(sample_rate: int = SAMPLE_RATE) -> bytes:
-    """A RIFF WAVE header for 16-bit mono PCM of unknown length, so it can stream.
+def wav_header(sample_rate: int = SAMPLE_RATE, sample: SampleEncoding = "s16le") -> bytes:
+    """A RIFF WAVE header for mono samples of unknown length, so it can stream.
 
     Both sizes are 0xFFFFFFFF, which players read as "until the end of the file".
 
     Args:
         sample_rate: The samples' rate, Hz.
+        sample: What a sample is: 16-bit PCM (the 44-byte header), or G.711 μ-law or
+            A-law (WAVE_FORMAT_MULAW 7, WAVE_FORMAT_ALAW 6: 8 bits, with the 18-byte
+            ``fmt`` chunk a format other than PCM has, as FFmpeg writes it).
 
     Returns:
-        The 44 bytes that come before the samples.
+        The bytes that come before the samples.
     """
     unknown = 0xFFFFFFFF
+    if sample in ("mulaw", "alaw"):
+        tag = 7 if sample == "mulaw" else 6
+        fmt = struct.pack("<IHHIIHHH", 18, tag, 1, sample_rate, sample_rate, 1, 8, 0)
+    else:
+        size = _SAMPLE_BYTES[sample]
+        tag = 3 if sample == "f32le" else 1
+        fmt = struct.pack("<IHHIIHH", 16, tag, 1, sample_rate, sample_rate * size, size, size * 8)
     return (
         b"RIFF"
         + struct.pack("<I", unknown)
         + b"WAVEfmt "
-        + struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, sample_rate * 2, 2, 16)
+        + fmt
         + b"data"
         + struct.pack("<I", unknown)
     )

@@ -360,7 +360,7 @@ class Transcoder:
         self._pcm_resampler: Any = None
         #: Samples given to the encoder (or sent as samples) so far, at the target's rate.
         self.samples = 0
-        self._header = wav_header(self._rate) if target.riff else b""
+        self._header = wav_header(self._rate, target.sample or "s16le") if target.riff else b""
         self._priming = target.priming_samples
         #: For AAC (priming the container cannot signal, with a muxer): whole encoder
         #: frames only, so that the last partial one is dropped (under 43 ms of the

@@ -45,6 +45,8 @@ OUTPUT_FORMATS = {
     "riff-24khz-16bit-mono-pcm": "wav_24000",
     "riff-44100hz-16bit-mono-pcm": "wav_44100",
     "riff-48khz-16bit-mono-pcm": "wav_48000",
+    "riff-8khz-8bit-mono-mulaw": "wav_ulaw_8000",
+    "riff-8khz-8bit-mono-alaw": "wav_alaw_8000",
     "ogg-16khz-16bit-mono-opus": "opus",
     "ogg-24khz-16bit-mono-opus": "opus",
     "ogg-48khz-16bit-mono-opus": "opus",
