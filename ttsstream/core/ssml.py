@@ -509,9 +509,13 @@ _MONTHS_EN = (
 
 
 def _language(voice: str) -> str | None:
-    """The language of a voice name (``en-US-AriaNeural``, ``espeak:de``), if say-as
+    """The language of a voice name (``en-US-AriaNeural``, ``espeak:de``, Azure's long
+    ``Microsoft Server Speech Text to Speech Voice (de-DE, KatjaNeural)``), if say-as
     expands in it."""
-    name = voice.removeprefix("espeak:").split("-", 1)[0].lower()
+    _, paren, inside = voice.partition("(")
+    if paren:
+        voice = inside
+    name = voice.removeprefix("espeak:").split("-", 1)[0].strip().lower()
     return name if name in _LANGUAGES else None
 
 
