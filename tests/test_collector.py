@@ -116,53 +116,48 @@ def test_periods_must_be_positive() -> None:
         Freezer(sweep_growth=-0.1)
 
 
-async def test_a_tick_counts_the_frozen_objects_only_when_a_sweep_is_due(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Counting the frozen objects walks them all (at 1,000 clients, milliseconds a
-    second): a tick that is not due to sweep only freezes."""
-    counted = 0
+@pytest.fixture
+def counts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How often the frozen objects are counted (``gc.get_freeze_count()``): one item
+    per count."""
+    made: list[int] = []
     count = gc.get_freeze_count
 
     def counting() -> int:
-        nonlocal counted
-        counted += 1
-        return count()
+        made.append(count())
+        return made[-1]
 
     monkeypatch.setattr(gc, "get_freeze_count", counting)
+    return made
+
+
+async def test_a_tick_counts_the_frozen_objects_only_when_a_sweep_is_due(
+    counts: list[int],
+) -> None:
+    """Counting the frozen objects walks them all (at 1,000 clients, milliseconds a
+    second): a tick that is not due to sweep only freezes."""
     freezer = Freezer(every=0.01, sweep_every=3600)
     freezer.start()
     try:
-        at_start = counted
+        at_start = len(counts)
         for _ in range(3):
             await _next_tick(freezer)
-        assert counted == at_start
+        assert len(counts) == at_start
     finally:
         freezer.stop()
 
 
-async def test_a_sweep_due_without_growth_counts_once_a_period(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+async def test_a_sweep_due_without_growth_counts_once_a_period(counts: list[int]) -> None:
     """When a sweep is due but the frozen objects did not grow enough, they are counted
     again only a period later, not at every tick."""
-    counted = 0
-    count = gc.get_freeze_count
-
-    def counting() -> int:
-        nonlocal counted
-        counted += 1
-        return count()
-
-    monkeypatch.setattr(gc, "get_freeze_count", counting)
     freezer = Freezer(every=0.01, sweep_every=3600, sweep_growth=1000)
     freezer.start()
     try:
         freezer._sweep_at = 0.0  # due now
-        at_start = counted
+        at_start = len(counts)
         for _ in range(3):
             await _next_tick(freezer)
-        assert counted == at_start + 1
+        assert len(counts) == at_start + 1
         assert freezer.sweeps == 0
     finally:
         freezer.stop()

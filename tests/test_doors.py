@@ -21,7 +21,7 @@ import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tests.conftest import TIMEOUT, ServerFactory, eventually
+from tests.conftest import TIMEOUT, ServerFactory, eventually, wait_for_entries
 from tests.fake_edge import FakeEdge
 from tests.redis_server import RedisServer
 from ttsstream.routes import HTTP_DOORS, WEBSOCKET_ROUTES
@@ -415,3 +415,27 @@ async def test_the_cluster_rate_limit_holds_on_every_door(
     outcomes = [await DOORS[door](servers[turn % 2], {}) for turn in range(turns)]
     assert all(outcome.spoke for outcome in outcomes[:-1])
     assert outcomes[-1].status == 429 or outcomes[-1].code == "rate_limited", outcomes[-1]
+
+
+#: The doors whose adapter's request is one cached utterance replayed as it was stored,
+#: which the core's turns order (first frames first: ttsstream/core/turns.py). The
+#: others' are not: ElevenLabs' stream-input is streamed text (its segments are spoken
+#: on one timeline), Cartesia's adapters ask for PCM (made again on each play, so each
+#: waits for its encoder), Azure's is SSML (its spans).
+TAKE_TURNS = {"v1", "tts", "openai", "elevenlabs-http"}
+
+
+@doors
+async def test_cached_replays_take_their_turns_on_every_door(door: str, server: Server) -> None:
+    """Clients asking at once for a text a door has cached each hear it whole; a whole
+    cached utterance is replayed through the core's turns, whichever door asked, and
+    none is left waiting for its first frame."""
+    first = await DOORS[door](server, {})
+    assert first.spoke, first
+    await wait_for_entries(server, 1)
+    turns = server.services.utterances.turns
+    before = turns.starts
+    outcomes = await asyncio.gather(*(DOORS[door](server, {}) for _ in range(3)))
+    assert all(outcome.audio == first.audio for outcome in outcomes), door
+    assert turns.starts - before == (3 if door in TAKE_TURNS else 0)
+    assert turns.pending == 0

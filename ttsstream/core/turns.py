@@ -55,7 +55,7 @@ class Turns:
         #: (time.perf_counter()), by the token :meth:`started` gave it, oldest first.
         self._pending: dict[int, float] = {}
         #: Replays started so far (a pass that saw none start is quiet).
-        self._starts = 0
+        self._started = 0
         #: When the last one started, and the one before (time.perf_counter()).
         self._last_start = 0.0
         self._previous_start = -1.0
@@ -69,17 +69,22 @@ class Turns:
         self._timer: asyncio.TimerHandle | None = None
 
     @property
+    def starts(self) -> int:
+        """Replays started so far."""
+        return self._started
+
+    @property
     def pending(self) -> int:
         """Replays started whose first frame is not written yet."""
         return len(self._pending)
 
     def started(self) -> int:
         """A replay is about to write its first frame; the token for :meth:`first_sent`."""
-        self._starts += 1
+        self._started += 1
         now = time.perf_counter()
         self._previous_start, self._last_start = self._last_start, now
-        self._pending[self._starts] = now
-        return self._starts
+        self._pending[self._started] = now
+        return self._started
 
     def first_sent(self, token: int) -> None:
         """The replay :meth:`started` gave ``token`` wrote its first frame (or ended
@@ -105,7 +110,7 @@ class Turns:
             self._release()  # its waiters were all cancelled: a turn of its own
         if not self._waiters:
             self._timer = loop.call_later(self.longest, self._release)
-            self._seen = self._starts
+            self._seen = self._started
             self._quiet = 0
             self._together = self._last_start - self._previous_start < self.quiet_s
         self._waiters.append(waiter)
@@ -122,8 +127,8 @@ class Turns:
         self._checking = False
         if all(waiter.done() for waiter in self._waiters) or self._first_awaited():
             return  # released (or all cancelled) already; or first_sent() checks again
-        if self._starts != self._seen:
-            self._seen = self._starts
+        if self._started != self._seen:
+            self._seen = self._started
             self._quiet = 0
             self._together = True
         else:

@@ -71,7 +71,6 @@ logger = logging.getLogger("ttsstream.ws")
 #: Below this many bytes waiting in the write buffer, a frame is written at once,
 #: without waiting for a drain (websockets waits only above its 32 KiB write limit).
 SEND_BUFFER_LOW = 16 * 2**10
-#: Linux's socket option to hold back partial segments; None elsewhere.
 #: Seconds a client closed for not reading has to read what is queued and the close frame.
 SLOW_CLIENT_CLOSE_TIMEOUT = 10.0
 #: Voice-list requests of one connection waiting for their reply; more are refused
@@ -920,26 +919,21 @@ class Connection:
         """
         ws = self._ws
         if ws.transport.get_write_buffer_size() < SEND_BUFFER_LOW and ws.state is State.OPEN:
-            if self._corked:
-                # Held back: framed into websockets' outgoing data (its Sans-I/O
-                # protocol), written with the rest of the burst by cork(False).
-                try:
-                    if text:
-                        ws.protocol.send_text(message)
-                    else:
-                        ws.protocol.send_binary(message)
-                    return
-                except Exception:
-                    # As broadcast() below: once aborted, send() raises ConnectionClosed.
-                    ws.transport.abort()
-            # The common case, with room in the buffer: write the frame now.
-            # broadcast() is websockets' synchronous send, without send()'s await
-            # and drain, which cost more than the write itself for small frames;
-            # the buffer check above is the backpressure it lacks.
+            # The common case, with room in the buffer: write the frame now, or, held
+            # back, frame it into websockets' outgoing data (its Sans-I/O protocol),
+            # written with the rest of the burst by cork(False). broadcast() is
+            # websockets' synchronous send, without send()'s await and drain, which
+            # cost more than the write itself for small frames; the buffer check
+            # above is the backpressure it lacks.
             try:
-                broadcast((ws,), message, text=text, raise_exceptions=True)
+                if not self._corked:
+                    broadcast((ws,), message, text=text, raise_exceptions=True)
+                elif text:
+                    ws.protocol.send_text(message)
+                else:
+                    ws.protocol.send_binary(message)
                 return
-            except ExceptionGroup:
+            except Exception:
                 # The write failed: the connection is broken. Once aborted,
                 # send() below raises ConnectionClosed as for any closed connection.
                 ws.transport.abort()
